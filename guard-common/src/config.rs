@@ -1,0 +1,184 @@
+//! The live configuration: one entry of the `CONFIG` array map. The agent
+//! rewrites it whole to tune limits without re-attaching; the program reads
+//! it once per packet.
+
+/// Drop verdicts are counted as "would drop" and the packet passes.
+pub const FLAG_DRY_RUN: u32 = 1 << 0;
+/// Blocked sources lose all their traffic, not only what goes to the
+/// protected ports.
+pub const FLAG_BLOCK_ALL_TRAFFIC: u32 = 1 << 1;
+/// Every flag this build understands; the agent refuses others.
+pub const KNOWN_FLAGS: u32 = FLAG_DRY_RUN | FLAG_BLOCK_ALL_TRAFFIC;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveConfig {
+    pub flags: u32,
+    /// What one "source" is: IPv4 /32 and IPv6 /64 by default.
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+    /// The wider prefix the aggregate cap applies to (/24, /48 by default).
+    pub aggregate_prefix_v4: u8,
+    pub aggregate_prefix_v6: u8,
+    /// New connections (SYN without ACK) per second per source, and how many
+    /// may come at once. `syn_burst == 0` turns the per-source cap off;
+    /// `syn_rate == 0` with a burst is a budget that never refills.
+    pub syn_rate: u32,
+    pub syn_burst: u32,
+    /// The same per aggregate prefix; off while `aggregate_burst == 0`.
+    pub aggregate_rate: u32,
+    pub aggregate_burst: u32,
+    /// A source over its cap raises at most one event per interval.
+    pub event_interval_ms: u32,
+    /// Concurrent established connections per source; 0 = off.
+    pub conn_limit: u32,
+    /// New connections per second toward the protected ports from all
+    /// sources together before unknown sources are squeezed; 0 burst = off.
+    pub global_syn_rate: u32,
+    pub global_syn_burst: u32,
+    /// How long a source that completed a connection stays "known good".
+    pub known_good_ttl_s: u32,
+    pub _reserved: [u32; 5],
+}
+
+const _: () = assert!(core::mem::size_of::<LiveConfig>() == 64);
+
+impl LiveConfig {
+    pub const DEFAULT: Self = Self {
+        flags: 0,
+        source_prefix_v4: 32,
+        source_prefix_v6: 64,
+        aggregate_prefix_v4: 24,
+        aggregate_prefix_v6: 48,
+        syn_rate: 20,
+        syn_burst: 40,
+        aggregate_rate: 0,
+        aggregate_burst: 0,
+        event_interval_ms: 1000,
+        conn_limit: 0,
+        global_syn_rate: 0,
+        global_syn_burst: 0,
+        known_good_ttl_s: 600,
+        _reserved: [0; 5],
+    };
+
+    #[inline(always)]
+    pub const fn dry_run(&self) -> bool {
+        self.flags & FLAG_DRY_RUN != 0
+    }
+
+    #[inline(always)]
+    pub const fn block_all_traffic(&self) -> bool {
+        self.flags & FLAG_BLOCK_ALL_TRAFFIC != 0
+    }
+
+    #[inline(always)]
+    pub const fn source_cap_enabled(&self) -> bool {
+        self.syn_burst != 0
+    }
+
+    #[inline(always)]
+    pub const fn aggregate_cap_enabled(&self) -> bool {
+        self.aggregate_burst != 0
+    }
+
+    #[inline(always)]
+    pub const fn event_interval_ns(&self) -> u64 {
+        self.event_interval_ms as u64 * 1_000_000
+    }
+
+    /// Checks what the kernel would otherwise silently clamp.
+    pub const fn validate(&self) -> Result<(), ConfigError> {
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return Err(ConfigError::UnknownFlags(self.flags & !KNOWN_FLAGS));
+        }
+        if self.source_prefix_v4 == 0 || self.source_prefix_v4 > 32 {
+            return Err(ConfigError::PrefixV4(self.source_prefix_v4));
+        }
+        if self.aggregate_prefix_v4 == 0 || self.aggregate_prefix_v4 > 32 {
+            return Err(ConfigError::PrefixV4(self.aggregate_prefix_v4));
+        }
+        if self.source_prefix_v6 == 0 || self.source_prefix_v6 > 128 {
+            return Err(ConfigError::PrefixV6(self.source_prefix_v6));
+        }
+        if self.aggregate_prefix_v6 == 0 || self.aggregate_prefix_v6 > 128 {
+            return Err(ConfigError::PrefixV6(self.aggregate_prefix_v6));
+        }
+        if self.aggregate_prefix_v4 > self.source_prefix_v4
+            || self.aggregate_prefix_v6 > self.source_prefix_v6
+        {
+            return Err(ConfigError::AggregateNarrowerThanSource);
+        }
+        if self.event_interval_ms == 0 {
+            return Err(ConfigError::EventInterval);
+        }
+        Ok(())
+    }
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    UnknownFlags(u32),
+    PrefixV4(u8),
+    PrefixV6(u8),
+    AggregateNarrowerThanSource,
+    EventInterval,
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::UnknownFlags(bits) => write!(f, "unknown config flags {bits:#x}"),
+            Self::PrefixV4(len) => write!(f, "IPv4 prefix length {len} must be 1..=32"),
+            Self::PrefixV6(len) => write!(f, "IPv6 prefix length {len} must be 1..=128"),
+            Self::AggregateNarrowerThanSource => f.write_str(
+                "the aggregate prefix must be as wide as or wider than the source prefix",
+            ),
+            Self::EventInterval => f.write_str("event_interval_ms must be at least 1"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_caps_sources_only() {
+        let c = LiveConfig::default();
+        assert!(c.validate().is_ok());
+        assert!(c.source_cap_enabled());
+        assert!(!c.aggregate_cap_enabled());
+        assert!(!c.dry_run());
+        assert!(!c.block_all_traffic());
+    }
+
+    #[test]
+    fn validation_rejects_what_the_kernel_would_clamp() {
+        let bad = |f: fn(&mut LiveConfig)| {
+            let mut c = LiveConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(bad(|c| c.flags = 1 << 9), ConfigError::UnknownFlags(1 << 9));
+        assert_eq!(bad(|c| c.source_prefix_v4 = 33), ConfigError::PrefixV4(33));
+        assert_eq!(bad(|c| c.aggregate_prefix_v6 = 0), ConfigError::PrefixV6(0));
+        assert_eq!(
+            bad(|c| {
+                c.source_prefix_v4 = 24;
+                c.aggregate_prefix_v4 = 32;
+            }),
+            ConfigError::AggregateNarrowerThanSource
+        );
+        assert_eq!(bad(|c| c.event_interval_ms = 0), ConfigError::EventInterval);
+    }
+}

@@ -1,0 +1,33 @@
+//! guard's shared crate.
+//!
+//! The core (no features) is `no_std` and holds the ABI that the XDP/tc
+//! program and the agent share through BPF maps, plus the pure functions both
+//! sides call: the token bucket, prefix masking, IPv4-mapped normalisation and
+//! expiry checks. Features add the std sides:
+//!
+//! * `user`: `aya::Pod` impls for the map types (the agent).
+//! * `proto`: the control-socket protocol codec (no aya).
+//! * `client`: the async control-socket client (reconnects, never blocks).
+//! * `warp`: admission control and WebSocket/SSE guards for warp apps.
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod addr;
+pub mod bucket;
+pub mod config;
+pub mod event;
+pub mod maps;
+pub mod state;
+pub mod stats;
+
+#[cfg(feature = "user")]
+mod pod;
+
+pub use addr::Addr;
+pub use bucket::TokenBucket;
+pub use config::LiveConfig;
+pub use event::OverCapEvent;
+pub use state::{BlockEntry, SourceState};

@@ -1,0 +1,28 @@
+//! Map and program names shared by the kernel object and the agent, and
+//! their default sizes. Names stay under 16 bytes (the kernel's object name
+//! limit) so what `bpftool` shows is what the code says.
+
+pub const CONFIG: &str = "CONFIG";
+pub const STATS: &str = "STATS";
+pub const PORTS: &str = "PORTS";
+pub const SOURCES: &str = "SOURCES";
+pub const AGGREGATES: &str = "AGGREGATES";
+pub const ALLOW: &str = "ALLOW";
+pub const BLOCK: &str = "BLOCK";
+pub const EVENTS: &str = "EVENTS";
+
+pub const PROG_XDP: &str = "guard_xdp";
+pub const PROG_TC: &str = "guard_tc";
+
+/// Every map the agent pins, in the order `guard status` shows them.
+pub const PINNED_MAPS: [&str; 8] = [
+    CONFIG, STATS, PORTS, SOURCES, AGGREGATES, ALLOW, BLOCK, EVENTS,
+];
+
+/// One bit per TCP port, as bytes: `PORTS[port] != 0` means protected.
+pub const PORT_SLOTS: u32 = 65536;
+pub const DEFAULT_SOURCES: u32 = 1 << 20;
+pub const DEFAULT_AGGREGATES: u32 = 1 << 16;
+pub const DEFAULT_ALLOW: u32 = 4096;
+pub const DEFAULT_BLOCK: u32 = 1 << 20;
+pub const EVENTS_BYTES: u32 = 1 << 18;

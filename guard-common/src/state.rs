@@ -1,0 +1,168 @@
+//! Map values the kernel writes and the agent reads (or the reverse).
+
+use crate::bucket::TokenBucket;
+
+/// Per-source (and per-aggregate-prefix) state in the `SOURCES` and
+/// `AGGREGATES` LRU hashes, keyed by the masked [`crate::Addr`].
+///
+/// Updates are plain read-modify-writes on the shared value, not atomic
+/// across CPUs: two CPUs charging the same source in the same instant can
+/// each take the same token. The cap is therefore exact per CPU and, per
+/// contended instant, lenient by at most one SYN per extra CPU handling that
+/// source; a NIC steers one flow to one queue, so only a source spraying
+/// many ports across queues sees the slack (at most `ncpus - 1` extra per
+/// burst window on this design).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub bucket: TokenBucket,
+    /// When the kernel first tracked this source.
+    pub first_seen_ns: u64,
+    /// Connection-opening SYNs seen (admitted or not); the tuner reads
+    /// deltas of this to learn real per-source rates without touching them.
+    pub syns: u64,
+    /// SYNs over the cap (dropped, or would-drop in dry-run).
+    pub over_cap: u64,
+    /// Start of the current event window; an over-cap source raises one
+    /// event per window.
+    pub window_start_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SourceState>() == 48);
+
+impl SourceState {
+    #[inline(always)]
+    pub const fn new(burst: u32, now_ns: u64) -> Self {
+        Self {
+            bucket: TokenBucket::full(burst, now_ns),
+            first_seen_ns: now_ns,
+            syns: 0,
+            over_cap: 0,
+            window_start_ns: 0,
+        }
+    }
+
+    /// Whether an over-cap SYN at `now_ns` opens a new event window (and so
+    /// should raise an event). Updates the window when it does.
+    #[inline(always)]
+    pub fn open_event_window(&mut self, now_ns: u64, interval_ns: u64) -> bool {
+        if self.window_start_ns == 0
+            || now_ns < self.window_start_ns
+            || now_ns - self.window_start_ns >= interval_ns
+        {
+            self.window_start_ns = if now_ns == 0 { 1 } else { now_ns };
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a prefix is blocked. Stored as a `u32` in [`BlockEntry::reason`].
+pub mod reason {
+    pub const OPERATOR: u32 = 1;
+    pub const MESSAGE_FLOOD: u32 = 2;
+    pub const CONNECTION_FLOOD: u32 = 3;
+    pub const INVALID_MESSAGES: u32 = 4;
+    pub const RECONNECT_STORM: u32 = 5;
+    pub const ESCALATED_OVER_CAP: u32 = 6;
+    pub const SLOW_CONNECTIONS: u32 = 7;
+    pub const OTHER: u32 = 255;
+
+    pub const fn name(code: u32) -> &'static str {
+        match code {
+            OPERATOR => "operator",
+            MESSAGE_FLOOD => "message_flood",
+            CONNECTION_FLOOD => "connection_flood",
+            INVALID_MESSAGES => "invalid_messages",
+            RECONNECT_STORM => "reconnect_storm",
+            ESCALATED_OVER_CAP => "escalated_over_cap",
+            SLOW_CONNECTIONS => "slow_connections",
+            _ => "other",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<u32> {
+        [
+            OPERATOR,
+            MESSAGE_FLOOD,
+            CONNECTION_FLOOD,
+            INVALID_MESSAGES,
+            RECONNECT_STORM,
+            ESCALATED_OVER_CAP,
+            SLOW_CONNECTIONS,
+            OTHER,
+        ]
+        .into_iter()
+        .find(|code| self::name(*code) == name)
+    }
+}
+
+/// A blocklist entry (value of the `BLOCK` LPM trie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the block no
+    /// longer applies; 0 never expires.
+    pub expires_ns: u64,
+    /// A [`reason`] code.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<BlockEntry>() == 16);
+
+impl BlockEntry {
+    #[inline(always)]
+    pub const fn is_active(&self, now_ns: u64) -> bool {
+        self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+}
+
+/// Allowlist values carry nothing; a u32 keeps the value aligned.
+pub type AllowEntry = u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_expiry_edges() {
+        let forever = BlockEntry {
+            expires_ns: 0,
+            ..Default::default()
+        };
+        assert!(forever.is_active(0));
+        assert!(forever.is_active(u64::MAX));
+        let e = BlockEntry {
+            expires_ns: 100,
+            ..Default::default()
+        };
+        assert!(e.is_active(0));
+        assert!(e.is_active(99));
+        assert!(!e.is_active(100));
+        assert!(!e.is_active(u64::MAX));
+    }
+
+    #[test]
+    fn one_event_per_window() {
+        let mut s = SourceState::new(1, 0);
+        assert!(s.open_event_window(5000, 1000), "the first over-cap opens a window");
+        assert!(!s.open_event_window(5500, 1000));
+        assert!(!s.open_event_window(5999, 1000));
+        assert!(s.open_event_window(6000, 1000));
+        assert!(!s.open_event_window(6500, 1000));
+        assert!(s.open_event_window(10, 1000), "a clock that went back reopens");
+        let mut z = SourceState::new(1, 0);
+        assert!(z.open_event_window(0, 1000), "t=0 still opens a window");
+        assert!(!z.open_event_window(1, 1000), "and it is remembered");
+    }
+
+    #[test]
+    fn reason_names_round_trip() {
+        for code in [1, 2, 3, 4, 5, 6, 7, 255] {
+            assert_eq!(reason::from_name(reason::name(code)), Some(code));
+        }
+        assert_eq!(reason::from_name("nope"), None);
+    }
+}

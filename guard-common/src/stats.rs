@@ -1,0 +1,128 @@
+//! Indices of the per-CPU verdict counters (`STATS`).
+
+/// Each packet the program looks at increments `PACKETS` and exactly one
+/// verdict counter; SYN accounting (`SYN_SEEN`) and `EVENTS_LOST` are extra.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    Packets = 0,
+    /// Not TCP toward a protected port (and no block-all rule applied).
+    PassUnprotected,
+    PassAllowlisted,
+    /// TCP toward a protected port that does not open a connection.
+    PassNotSyn,
+    PassSyn,
+    DropBlocked,
+    DropSourceRate,
+    DropAggregateRate,
+    WouldDropBlocked,
+    WouldDropSourceRate,
+    WouldDropAggregateRate,
+    /// Frame too short or inconsistent to parse: passed (fail-open).
+    PassMalformed,
+    /// IP fragment without a TCP header: passed.
+    PassFragment,
+    SynSeen,
+    EventsLost,
+    DropConnLimit,
+    WouldDropConnLimit,
+    DropGlobalBudget,
+    WouldDropGlobalBudget,
+    PassKnownGood,
+}
+
+pub const STAT_SLOTS: u32 = 32;
+
+impl Stat {
+    pub const ALL: [Stat; 20] = [
+        Stat::Packets,
+        Stat::PassUnprotected,
+        Stat::PassAllowlisted,
+        Stat::PassNotSyn,
+        Stat::PassSyn,
+        Stat::DropBlocked,
+        Stat::DropSourceRate,
+        Stat::DropAggregateRate,
+        Stat::WouldDropBlocked,
+        Stat::WouldDropSourceRate,
+        Stat::WouldDropAggregateRate,
+        Stat::PassMalformed,
+        Stat::PassFragment,
+        Stat::SynSeen,
+        Stat::EventsLost,
+        Stat::DropConnLimit,
+        Stat::WouldDropConnLimit,
+        Stat::DropGlobalBudget,
+        Stat::WouldDropGlobalBudget,
+        Stat::PassKnownGood,
+    ];
+
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// `(verdict, reason)` labels for metrics; `None` for counters that are
+    /// not verdicts.
+    pub const fn labels(self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            Stat::PassUnprotected => ("pass", "unprotected"),
+            Stat::PassAllowlisted => ("pass", "allowlisted"),
+            Stat::PassNotSyn => ("pass", "not_syn"),
+            Stat::PassSyn => ("pass", "syn_admitted"),
+            Stat::PassMalformed => ("pass", "malformed"),
+            Stat::PassFragment => ("pass", "fragment"),
+            Stat::PassKnownGood => ("pass", "known_good"),
+            Stat::DropBlocked => ("drop", "blocked"),
+            Stat::DropSourceRate => ("drop", "source_rate"),
+            Stat::DropAggregateRate => ("drop", "aggregate_rate"),
+            Stat::DropConnLimit => ("drop", "conn_limit"),
+            Stat::DropGlobalBudget => ("drop", "global_budget"),
+            Stat::WouldDropBlocked => ("would_drop", "blocked"),
+            Stat::WouldDropSourceRate => ("would_drop", "source_rate"),
+            Stat::WouldDropAggregateRate => ("would_drop", "aggregate_rate"),
+            Stat::WouldDropConnLimit => ("would_drop", "conn_limit"),
+            Stat::WouldDropGlobalBudget => ("would_drop", "global_budget"),
+            Stat::Packets | Stat::SynSeen | Stat::EventsLost => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Packets => "packets",
+            Stat::PassUnprotected => "pass_unprotected",
+            Stat::PassAllowlisted => "pass_allowlisted",
+            Stat::PassNotSyn => "pass_not_syn",
+            Stat::PassSyn => "pass_syn",
+            Stat::DropBlocked => "drop_blocked",
+            Stat::DropSourceRate => "drop_source_rate",
+            Stat::DropAggregateRate => "drop_aggregate_rate",
+            Stat::WouldDropBlocked => "would_drop_blocked",
+            Stat::WouldDropSourceRate => "would_drop_source_rate",
+            Stat::WouldDropAggregateRate => "would_drop_aggregate_rate",
+            Stat::PassMalformed => "pass_malformed",
+            Stat::PassFragment => "pass_fragment",
+            Stat::SynSeen => "syn_seen",
+            Stat::EventsLost => "events_lost",
+            Stat::DropConnLimit => "drop_conn_limit",
+            Stat::WouldDropConnLimit => "would_drop_conn_limit",
+            Stat::DropGlobalBudget => "drop_global_budget",
+            Stat::WouldDropGlobalBudget => "would_drop_global_budget",
+            Stat::PassKnownGood => "pass_known_good",
+        }
+    }
+}
+
+const _: () = assert!((Stat::PassKnownGood as u32) < STAT_SLOTS);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_stat_once_in_index_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(s.index() as usize, i);
+        }
+    }
+}
