@@ -23,6 +23,9 @@ pub mod maps;
 pub mod state;
 pub mod stats;
 
+#[cfg(feature = "proto")]
+pub mod proto;
+
 #[cfg(feature = "user")]
 mod pod;
 
