@@ -172,7 +172,7 @@ mod std_conv {
         }
 
         /// Length in the unified (128-bit) space.
-        pub fn len(&self) -> u32 {
+        pub fn prefix_len(&self) -> u32 {
             self.len
         }
 

@@ -21,7 +21,8 @@ pub const PINNED_MAPS: [&str; 8] = [
 
 /// One bit per TCP port, as bytes: `PORTS[port] != 0` means protected.
 pub const PORT_SLOTS: u32 = 65536;
-pub const DEFAULT_SOURCES: u32 = 1 << 20;
+/// LRU hashes are preallocated: ~150 bytes of kernel memory per slot.
+pub const DEFAULT_SOURCES: u32 = 1 << 18;
 pub const DEFAULT_AGGREGATES: u32 = 1 << 16;
 pub const DEFAULT_ALLOW: u32 = 4096;
 pub const DEFAULT_BLOCK: u32 = 1 << 20;

@@ -29,12 +29,20 @@ pub enum Stat {
     DropGlobalBudget,
     WouldDropGlobalBudget,
     PassKnownGood,
+    /// IPv6 whose extension-header chain is longer than the program walks.
+    /// The kernel would still deliver a SYN hidden behind it, so this is
+    /// treated as a drop verdict, not as malformed.
+    DropExtHeaderChain,
+    WouldDropExtHeaderChain,
+    /// Per-source entries created (the LRU evicts silently, so this bounds
+    /// the tracked-source count from above).
+    SourcesCreated,
 }
 
 pub const STAT_SLOTS: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 20] = [
+    pub const ALL: [Stat; 23] = [
         Stat::Packets,
         Stat::PassUnprotected,
         Stat::PassAllowlisted,
@@ -55,6 +63,9 @@ impl Stat {
         Stat::DropGlobalBudget,
         Stat::WouldDropGlobalBudget,
         Stat::PassKnownGood,
+        Stat::DropExtHeaderChain,
+        Stat::WouldDropExtHeaderChain,
+        Stat::SourcesCreated,
     ];
 
     #[inline(always)]
@@ -83,7 +94,9 @@ impl Stat {
             Stat::WouldDropAggregateRate => ("would_drop", "aggregate_rate"),
             Stat::WouldDropConnLimit => ("would_drop", "conn_limit"),
             Stat::WouldDropGlobalBudget => ("would_drop", "global_budget"),
-            Stat::Packets | Stat::SynSeen | Stat::EventsLost => return None,
+            Stat::DropExtHeaderChain => ("drop", "ext_header_chain"),
+            Stat::WouldDropExtHeaderChain => ("would_drop", "ext_header_chain"),
+            Stat::Packets | Stat::SynSeen | Stat::EventsLost | Stat::SourcesCreated => return None,
         })
     }
 
@@ -109,11 +122,14 @@ impl Stat {
             Stat::DropGlobalBudget => "drop_global_budget",
             Stat::WouldDropGlobalBudget => "would_drop_global_budget",
             Stat::PassKnownGood => "pass_known_good",
+            Stat::DropExtHeaderChain => "drop_ext_header_chain",
+            Stat::WouldDropExtHeaderChain => "would_drop_ext_header_chain",
+            Stat::SourcesCreated => "sources_created",
         }
     }
 }
 
-const _: () = assert!((Stat::PassKnownGood as u32) < STAT_SLOTS);
+const _: () = assert!((Stat::SourcesCreated as u32) < STAT_SLOTS);
 
 #[cfg(test)]
 mod tests {

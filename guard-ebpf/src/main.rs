@@ -1,7 +1,277 @@
+//! guard's datapath: caps new TCP connections per source toward the
+//! protected ports, drops blocked sources, lets allow-listed prefixes
+//! through, and counts every verdict.
+//!
+//! One decision function serves both attach points (XDP and tc ingress), so
+//! the two can never disagree.
 #![no_std]
 #![no_main]
+
+mod packet;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use aya_log_ebpf::warn;
+use guard_common::{
+    addr::{prefix_key, Addr, MAX_PREFIX_LEN},
+    event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
+    maps as names,
+    state::AllowEntry,
+    stats::{Stat, STAT_SLOTS},
+    BlockEntry, LiveConfig, OverCapEvent, SourceState,
+};
+use packet::{parse, Malformed, Packet, Parsed, Transport, TCP_ACK, TCP_SYN};
+
+// Sizes here are defaults; the agent sets the real ones at load time.
+#[map(name = "CONFIG")]
+static CONFIG: Array<LiveConfig> = Array::with_max_entries(1, 0);
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+#[map(name = "PORTS")]
+static PORTS: Array<u8> = Array::with_max_entries(names::PORT_SLOTS, 0);
+#[map(name = "SOURCES")]
+static SOURCES: LruHashMap<Addr, SourceState> =
+    LruHashMap::with_max_entries(names::DEFAULT_SOURCES, 0);
+#[map(name = "AGGREGATES")]
+static AGGREGATES: LruHashMap<Addr, SourceState> =
+    LruHashMap::with_max_entries(names::DEFAULT_AGGREGATES, 0);
+#[map(name = "ALLOW")]
+static ALLOW: LpmTrie<Addr, AllowEntry> = LpmTrie::with_max_entries(names::DEFAULT_ALLOW, 0);
+#[map(name = "BLOCK")]
+static BLOCK: LpmTrie<Addr, BlockEntry> = LpmTrie::with_max_entries(names::DEFAULT_BLOCK, 0);
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(names::EVENTS_BYTES, 0);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[xdp]
+pub fn guard_xdp(ctx: XdpContext) -> u32 {
+    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Headers we may need: two VLAN tags, IPv6 with a chain of extension
+/// headers, and TCP. Pulled into the linear area only when they are not
+/// there already.
+const TC_PULL_LEN: u32 = 256;
+
+#[classifier]
+pub fn guard_tc(ctx: TcContext) -> i32 {
+    let linear = ctx.data_end() - ctx.data();
+    if (linear as u32) < TC_PULL_LEN && ctx.len() > linear as u32 {
+        // A failed pull leaves the linear part as it was; parsing then sees
+        // a short frame and fails open like any truncated one.
+        let _ = ctx.pull_data(ctx.len().min(TC_PULL_LEN));
+    }
+    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat.index()) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// A drop verdict, or in dry-run mode the matching "would drop" and a pass.
+#[inline(always)]
+fn drop_or_dry_run(cfg: &LiveConfig, drop: Stat, would_drop: Stat) -> Verdict {
+    if cfg.dry_run() {
+        count(would_drop);
+        Verdict::Pass
+    } else {
+        count(drop);
+        Verdict::Drop
+    }
+}
+
+#[inline(always)]
+fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
+    count(Stat::Packets);
+    let Some(cfg) = CONFIG.get(0) else {
+        // Unreachable once loaded (array slots always exist); fail open.
+        count(Stat::PassMalformed);
+        return Verdict::Pass;
+    };
+    let (src, transport) = match parse(&pkt) {
+        Err(Malformed) => {
+            count(Stat::PassMalformed);
+            return Verdict::Pass;
+        }
+        Ok(Parsed::NotIp) => {
+            count(Stat::PassUnprotected);
+            return Verdict::Pass;
+        }
+        Ok(Parsed::ExtChainTooLong { src }) => {
+            if is_allowed(&src) {
+                count(Stat::PassAllowlisted);
+                return Verdict::Pass;
+            }
+            return drop_or_dry_run(cfg, Stat::DropExtHeaderChain, Stat::WouldDropExtHeaderChain);
+        }
+        Ok(Parsed::Ip { src, transport }) => (src, transport),
+    };
+
+    let protected_syn_flags = match transport {
+        Transport::Tcp { dst_port, flags } if is_protected(dst_port) => Some(flags),
+        _ => None,
+    };
+    let unprotected_stat = match transport {
+        Transport::LaterFragment => Stat::PassFragment,
+        _ => Stat::PassUnprotected,
+    };
+    if protected_syn_flags.is_none() && !cfg.block_all_traffic() {
+        count(unprotected_stat);
+        return Verdict::Pass;
+    }
+
+    if is_allowed(&src) {
+        count(Stat::PassAllowlisted);
+        return Verdict::Pass;
+    }
+    // One clock read per packet, and only for packets that get this far.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = BLOCK.get(Key::new(MAX_PREFIX_LEN, src)) {
+        if entry.is_active(now) {
+            return drop_or_dry_run(cfg, Stat::DropBlocked, Stat::WouldDropBlocked);
+        }
+    }
+    let Some(flags) = protected_syn_flags else {
+        count(unprotected_stat);
+        return Verdict::Pass;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count(Stat::PassNotSyn);
+        return Verdict::Pass;
+    }
+
+    count(Stat::SynSeen);
+    if cfg.source_cap_enabled() {
+        let key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
+        let len = guard_common::addr::unified_prefix_len(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
+        if !charge(ctx, &SOURCES, &key, len, now, cfg.syn_rate, cfg.syn_burst, cfg, EVENT_SOURCE_OVER_CAP) {
+            return drop_or_dry_run(cfg, Stat::DropSourceRate, Stat::WouldDropSourceRate);
+        }
+    }
+    if cfg.aggregate_cap_enabled() {
+        let key = prefix_key(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        let len = guard_common::addr::unified_prefix_len(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        if !charge(ctx, &AGGREGATES, &key, len, now, cfg.aggregate_rate, cfg.aggregate_burst, cfg, EVENT_AGGREGATE_OVER_CAP) {
+            return drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
+        }
+    }
+    count(Stat::PassSyn);
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn is_protected(port: u16) -> bool {
+    matches!(PORTS.get(port as u32), Some(v) if *v != 0)
+}
+
+#[inline(always)]
+fn is_allowed(src: &Addr) -> bool {
+    ALLOW.get(Key::new(MAX_PREFIX_LEN, *src)).is_some()
+}
+
+/// Charges one SYN to `key`'s bucket; false when it is over its cap. The
+/// first over-cap SYN of an event window raises one event.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn charge<C: EbpfContext>(
+    ctx: &C,
+    map: &LruHashMap<Addr, SourceState>,
+    key: &Addr,
+    prefix_len: u32,
+    now: u64,
+    rate: u32,
+    burst: u32,
+    cfg: &LiveConfig,
+    kind: u8,
+) -> bool {
+    let state = match map.get_ptr_mut(key) {
+        Some(state) => state,
+        None => {
+            // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
+            if map.insert(key, SourceState::new(burst, now), 1).is_ok() && kind == EVENT_SOURCE_OVER_CAP {
+                count(Stat::SourcesCreated);
+            }
+            match map.get_ptr_mut(key) {
+                Some(state) => state,
+                // Evicted in between under extreme churn: admit, since a
+                // source we cannot track is not one we can judge.
+                None => return true,
+            }
+        }
+    };
+    // SAFETY: a live LRU value; concurrent CPUs may interleave (documented
+    // on SourceState), which can only lose a charge, never corrupt memory.
+    let state = unsafe { &mut *state };
+    state.syns += 1;
+    if state.bucket.try_take(now, rate, burst) {
+        return true;
+    }
+    state.over_cap += 1;
+    if state.open_event_window(now, cfg.event_interval_ns()) {
+        raise_event(ctx, key, prefix_len, now, state, kind, cfg.dry_run());
+    }
+    false
+}
+
+#[inline(always)]
+fn raise_event<C: EbpfContext>(
+    ctx: &C,
+    key: &Addr,
+    prefix_len: u32,
+    now: u64,
+    state: &SourceState,
+    kind: u8,
+    dry_run: bool,
+) {
+    match EVENTS.reserve::<OverCapEvent>(0) {
+        Some(mut slot) => {
+            slot.write(OverCapEvent {
+                addr: *key,
+                ts_ns: now,
+                syns: state.syns,
+                over_cap: state.over_cap,
+                prefix_len: prefix_len as u8,
+                kind,
+                dry_run: dry_run as u8,
+                _pad: [0; 5],
+            });
+            slot.submit(0);
+        }
+        None => {
+            count(Stat::EventsLost);
+            // Slow path only: at most once per source per event window.
+            warn!(ctx, "event ring full: the agent is not draining events");
+        }
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -186,7 +186,7 @@ fn finish_frame(dst: &mut BytesMut, start: usize) -> Result<(), ProtoError> {
 fn put_prefix(dst: &mut BytesMut, p: &Prefix) {
     dst.put_slice(&p.addr());
     // Prefix keeps its length within 0..=128.
-    dst.put_u8(p.len() as u8);
+    dst.put_u8(p.prefix_len() as u8);
 }
 
 fn put_str(dst: &mut BytesMut, field: &'static str, s: &str, max: usize) -> Result<(), ProtoError> {

@@ -1,0 +1,219 @@
+//! Bounds-checked reads from the packet, parsed by layer.
+//!
+//! Every read goes through [`Packet::load`], which checks
+//! `start + offset + size <= end` right before the access so the verifier can
+//! see the bound. Multi-byte fields are read as bytes and assembled in network
+//! order.
+
+use guard_common::addr::{v4_mapped, Addr};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+/// Up to two tags: 802.1ad outer (or 802.1Q) and 802.1Q inner.
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up. Real traffic carries one or
+/// two; a longer chain is treated as hostile (see `Parsed::ExtChainTooLong`).
+pub const MAX_EXT_HEADERS: usize = 6;
+
+const TCP_MIN_HLEN: usize = 20;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+#[derive(Clone, Copy)]
+pub struct Packet {
+    start: usize,
+    end: usize,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        let size = core::mem::size_of::<T>();
+        if self.start + offset + size > self.end {
+            return None;
+        }
+        // SAFETY: the range [start + offset, start + offset + size) lies
+        // inside the packet, checked just above.
+        Some(unsafe { core::ptr::read_unaligned((self.start + offset) as *const T) })
+    }
+
+    #[inline(always)]
+    fn u8_at(&self, offset: usize) -> Option<u8> {
+        self.load::<u8>(offset)
+    }
+
+    #[inline(always)]
+    fn be16_at(&self, offset: usize) -> Option<u16> {
+        self.load::<[u8; 2]>(offset).map(u16::from_be_bytes)
+    }
+}
+
+/// What the transport layer turned out to be.
+#[derive(Clone, Copy)]
+pub enum Transport {
+    /// A complete TCP header (at least 20 bytes, data offset sane).
+    Tcp { dst_port: u16, flags: u8 },
+    /// A fragment that does not start the datagram: no TCP header in it.
+    LaterFragment,
+    /// Any other protocol, or TCP that is truncated/inconsistent (the
+    /// kernel's own checks discard the latter).
+    Other,
+}
+
+pub enum Parsed {
+    NotIp,
+    Ip { src: Addr, transport: Transport },
+    /// IPv6 with more extension headers than we walk. Not malformed: the
+    /// kernel would still deliver what is behind them.
+    ExtChainTooLong { src: Addr },
+}
+
+/// Frames we cannot parse are passed: a frame too short or inconsistent to
+/// parse cannot open a connection, because the kernel's IP and TCP input
+/// paths validate the same lengths and discard it.
+pub struct Malformed;
+
+#[inline(always)]
+pub fn parse(pkt: &Packet) -> Result<Parsed, Malformed> {
+    let mut ethertype = pkt.be16_at(12).ok_or(Malformed)?;
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        ethertype = pkt.be16_at(offset + 2).ok_or(Malformed)?;
+        offset += VLAN_HLEN;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(pkt, offset),
+        ETH_P_IPV6 => parse_ipv6(pkt, offset),
+        _ => Ok(Parsed::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
+    let ver_ihl = pkt.u8_at(l3).ok_or(Malformed)?;
+    if ver_ihl >> 4 != 4 {
+        return Err(Malformed);
+    }
+    // Masked before multiplying so the verifier knows the range (20..=60).
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(Malformed);
+    }
+    let frag = pkt.be16_at(l3 + 6).ok_or(Malformed)?;
+    let proto = pkt.u8_at(l3 + 9).ok_or(Malformed)?;
+    let src = pkt.load::<[u8; 4]>(l3 + 12).ok_or(Malformed)?;
+    // The destination is read too so a header cut short is malformed.
+    let _dst = pkt.load::<[u8; 4]>(l3 + 16).ok_or(Malformed)?;
+    let src = v4_mapped(src);
+    let transport = if frag & 0x1fff != 0 {
+        Transport::LaterFragment
+    } else if proto == IPPROTO_TCP {
+        parse_tcp(pkt, l3 + ihl)
+    } else {
+        Transport::Other
+    };
+    Ok(Parsed::Ip { src, transport })
+}
+
+#[inline(always)]
+fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
+    let ver = pkt.u8_at(l3).ok_or(Malformed)?;
+    if ver >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let mut next = pkt.u8_at(l3 + 6).ok_or(Malformed)?;
+    let src = pkt.load::<Addr>(l3 + 8).ok_or(Malformed)?;
+    let _dst = pkt.load::<Addr>(l3 + 24).ok_or(Malformed)?;
+    // IPv4-mapped sources are their IPv4 address, which is exactly how the
+    // unified key space stores IPv4: nothing to convert.
+    let mut offset = l3 + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let nh = pkt.u8_at(offset).ok_or(Malformed)?;
+                let len = pkt.u8_at(offset + 1).ok_or(Malformed)?;
+                next = nh;
+                offset += (len as usize + 1) * 8;
+            }
+            NEXTHDR_AUTH => {
+                let nh = pkt.u8_at(offset).ok_or(Malformed)?;
+                let len = pkt.u8_at(offset + 1).ok_or(Malformed)?;
+                next = nh;
+                offset += (len as usize + 2) * 4;
+            }
+            NEXTHDR_FRAGMENT => {
+                let nh = pkt.u8_at(offset).ok_or(Malformed)?;
+                let frag = pkt.be16_at(offset + 2).ok_or(Malformed)?;
+                if frag >> 3 != 0 {
+                    return Ok(Parsed::Ip {
+                        src,
+                        transport: Transport::LaterFragment,
+                    });
+                }
+                next = nh;
+                offset += 8;
+            }
+            IPPROTO_TCP => {
+                return Ok(Parsed::Ip {
+                    src,
+                    transport: parse_tcp(pkt, offset),
+                })
+            }
+            _ => {
+                return Ok(Parsed::Ip {
+                    src,
+                    transport: Transport::Other,
+                })
+            }
+        }
+    }
+    match next {
+        IPPROTO_TCP => Ok(Parsed::Ip {
+            src,
+            transport: parse_tcp(pkt, offset),
+        }),
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
+            Ok(Parsed::ExtChainTooLong { src })
+        }
+        _ => Ok(Parsed::Ip {
+            src,
+            transport: Transport::Other,
+        }),
+    }
+}
+
+#[inline(always)]
+fn parse_tcp(pkt: &Packet, l4: usize) -> Transport {
+    // Only a whole 20-byte header counts: a truncated one is not a SYN.
+    let Some(hdr) = pkt.load::<[u8; TCP_MIN_HLEN]>(l4) else {
+        return Transport::Other;
+    };
+    let data_offset = (hdr[12] >> 4) as usize * 4;
+    if data_offset < TCP_MIN_HLEN {
+        return Transport::Other;
+    }
+    Transport::Tcp {
+        dst_port: u16::from_be_bytes([hdr[2], hdr[3]]),
+        flags: hdr[13],
+    }
+}
