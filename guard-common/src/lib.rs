@@ -26,6 +26,9 @@ pub mod stats;
 #[cfg(feature = "proto")]
 pub mod proto;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 #[cfg(feature = "user")]
 mod pod;
 

@@ -31,6 +31,9 @@ mod tests;
 pub use codec::{decode_frame, encode, FrameDecoder};
 pub use message::{BlockInfo, BlockOutcome, ErrorCode, Message, Request, Response};
 
+/// Where the agent listens unless configured otherwise.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/guard/control.sock";
+
 /// The protocol version this build speaks; exchanged in the handshake.
 pub const PROTO_VERSION: u16 = 1;
 

@@ -1,0 +1,670 @@
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::string::String;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::vec::Vec;
+use std::{format, vec};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::*;
+use crate::proto::{BlockOutcome, ErrorCode, FrameDecoder, Message, Request, Response};
+use crate::state::reason;
+
+/// Generous bound on waits for things that should happen within
+/// milliseconds; only a broken client runs into it.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "guard-client-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Answers every request.
+    Answer,
+    /// Accepts connections and holds them without reading a byte.
+    NeverRead,
+    /// Closes every connection as soon as it is accepted.
+    CloseAtOnce,
+    /// Answers the handshake, then reads requests but never answers.
+    StallAfterHello,
+    /// Answers the handshake with another protocol version.
+    WrongVersion,
+}
+
+#[derive(Debug, PartialEq)]
+enum Event {
+    Hello(String),
+    Request(Request),
+    Closed,
+}
+
+/// An agent stand-in speaking the real codec over a real Unix socket.
+struct FakeAgent {
+    task: JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<Event>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl FakeAgent {
+    fn start(path: &Path, mode: Mode) -> Self {
+        // A previous fake at this path leaves its socket file behind.
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        let (tx, events) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) closes every
+            // connection, as an agent exiting would.
+            let mut conns = JoinSet::new();
+            let mut held = Vec::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::Relaxed);
+                match mode {
+                    Mode::NeverRead => held.push(stream),
+                    Mode::CloseAtOnce => drop(stream),
+                    _ => {
+                        conns.spawn(serve_fake(stream, mode, tx.clone()));
+                    }
+                }
+            }
+        });
+        Self {
+            task,
+            events,
+            accepted,
+        }
+    }
+
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    async fn next_event(&mut self) -> Event {
+        match tokio::time::timeout(PATIENCE, self.events.recv()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => panic!("the fake agent stopped"),
+            Err(_) => panic!("the fake agent saw nothing within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next request, skipping handshakes.
+    async fn next_request(&mut self) -> Request {
+        loop {
+            match self.next_event().await {
+                Event::Request(r) => return r,
+                Event::Hello(_) | Event::Closed => {}
+            }
+        }
+    }
+}
+
+async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSender<Event>) {
+    let mut dec = FrameDecoder::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let msg = match dec.decode() {
+            Ok(Some(Message::Request(r))) => r,
+            Ok(Some(Message::Response(_))) | Err(_) => break,
+            Ok(None) => match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    dec.feed(&buf[..n]);
+                    continue;
+                }
+            },
+        };
+        let answer = match msg {
+            Request::Hello { client_name, .. } => {
+                let _ = tx.send(Event::Hello(client_name));
+                Some(Response::HelloOk {
+                    version: if mode == Mode::WrongVersion {
+                        PROTO_VERSION + 1
+                    } else {
+                        PROTO_VERSION
+                    },
+                    agent_version: "fake-1".into(),
+                })
+            }
+            other => {
+                let answer = match &other {
+                    _ if mode == Mode::StallAfterHello => None,
+                    Request::Block { ttl_secs, .. } => Some(Response::BlockResult {
+                        outcome: BlockOutcome::Added,
+                        reason_text: "blocked".into(),
+                        expires_in_secs: *ttl_secs,
+                    }),
+                    Request::Stats => Some(Response::Stats {
+                        counters: vec![("packets".into(), 7)],
+                    }),
+                    Request::Unblock { .. } => {
+                        Some(Response::error(ErrorCode::NotFound, "not blocked"))
+                    }
+                    Request::ListAllows => None,
+                    _ => Some(Response::Ok),
+                };
+                let _ = tx.send(Event::Request(other));
+                answer
+            }
+        };
+        if let Some(answer) = answer {
+            let mut out = BytesMut::new();
+            answer.encode(&mut out).unwrap();
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = tx.send(Event::Closed);
+}
+
+fn fast_cfg(path: &Path) -> ClientConfig {
+    let mut cfg = ClientConfig::new(path, "test-app");
+    cfg.backoff_min = Duration::from_millis(5);
+    cfg.backoff_max = Duration::from_millis(40);
+    cfg.request_timeout = Duration::from_millis(500);
+    cfg
+}
+
+fn report(prefix: &str, ttl_secs: u64) -> BlockReport {
+    BlockReport::new(
+        prefix.parse().unwrap(),
+        Duration::from_secs(ttl_secs),
+        reason::MESSAGE_FLOOD,
+        format!("flood from {prefix}"),
+    )
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    if tokio::time::timeout(PATIENCE, poll).await.is_err() {
+        panic!("still waiting for {what} after {PATIENCE:?}");
+    }
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took longer than {PATIENCE:?}"))
+}
+
+fn block_prefix(r: &Request) -> Prefix {
+    match r {
+        Request::Block { prefix, .. } => *prefix,
+        other => panic!("expected a block request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reports_arrive_with_their_fields() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+
+    let detected = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_123);
+    let mut first = report("198.18.0.1", 0);
+    first.ttl = Duration::from_millis(1500);
+    first.detected_at = detected;
+    client.report(first).unwrap();
+    client.report(report("198.18.0.2", 60)).unwrap();
+    client.report(report("2001:2::/64", 60)).unwrap();
+
+    assert_eq!(agent.next_event().await, Event::Hello("test-app".into()));
+    assert_eq!(
+        agent.next_request().await,
+        Request::Block {
+            prefix: "198.18.0.1".parse().unwrap(),
+            ttl_secs: 2,
+            reason: reason::MESSAGE_FLOOD,
+            detected_at_unix_ns: 1_700_000_000_000_000_123,
+            detail: "flood from 198.18.0.1".into(),
+        }
+    );
+    assert_eq!(
+        block_prefix(&agent.next_request().await),
+        "198.18.0.2".parse().unwrap()
+    );
+    assert_eq!(
+        block_prefix(&agent.next_request().await),
+        "2001:2::/64".parse().unwrap()
+    );
+    wait_until("3 reports acknowledged", || client.stats().sent == 3).await;
+    let stats = client.stats();
+    assert!(stats.connected);
+    assert_eq!((stats.failed, stats.dropped, stats.queued), (0, 0, 0));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_agent_reports_queue_then_count_as_dropped() {
+    let dir = TestDir::new();
+    let mut cfg = fast_cfg(&dir.sock());
+    cfg.queue_capacity = 4;
+    let client = AgentClient::spawn(cfg);
+    for i in 0..4 {
+        client.report(report(&format!("198.18.0.{i}"), 60)).unwrap();
+    }
+    assert_eq!(
+        client.report(report("198.18.1.1", 60)),
+        Err(ReportError::QueueFull)
+    );
+    // Let the background task fail to connect a few times; the client keeps
+    // answering and counting.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        client.report(report("198.18.1.2", 60)),
+        Err(ReportError::QueueFull)
+    );
+    let stats = client.stats();
+    assert_eq!(stats.dropped, 2);
+    assert_eq!(stats.queued, 4);
+    assert_eq!(stats.sent, 0);
+    assert!(!stats.connected);
+}
+
+#[tokio::test]
+async fn queued_reports_are_delivered_once_the_agent_appears() {
+    let dir = TestDir::new();
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+    for i in 0..5 {
+        client.report(report(&format!("198.18.0.{i}"), 60)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(client.stats().sent, 0);
+
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    for i in 0..5 {
+        assert_eq!(
+            block_prefix(&agent.next_request().await),
+            format!("198.18.0.{i}").parse().unwrap(),
+            "reports arrive in the order they were made"
+        );
+    }
+    wait_until("5 reports acknowledged", || client.stats().sent == 5).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_client_reconnects_when_the_agent_restarts() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+    client.report(report("198.18.0.1", 60)).unwrap();
+    agent.next_request().await;
+    // Stopping before the answer is read would have the report resent.
+    wait_until("the first report acknowledged", || client.stats().sent == 1).await;
+
+    agent.stop().await;
+    wait_until("disconnect noticed", || !client.stats().connected).await;
+    client.report(report("198.18.0.2", 60)).unwrap();
+
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    assert_eq!(agent.next_event().await, Event::Hello("test-app".into()));
+    assert_eq!(
+        block_prefix(&agent.next_request().await),
+        "198.18.0.2".parse().unwrap()
+    );
+    wait_until("both acknowledged", || client.stats().sent == 2).await;
+    assert!(client.stats().connected);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_never_reads_cannot_block_report() {
+    let dir = TestDir::new();
+    let agent = FakeAgent::start(&dir.sock(), Mode::NeverRead);
+    let mut cfg = fast_cfg(&dir.sock());
+    cfg.queue_capacity = 4;
+    cfg.request_timeout = Duration::from_millis(20);
+    let client = AgentClient::spawn(cfg);
+    let results: Vec<_> = (0..10)
+        .map(|i| client.report(report(&format!("198.18.0.{i}"), 60)))
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
+    assert!(results[4..]
+        .iter()
+        .all(|r| *r == Err(ReportError::QueueFull)));
+
+    // The client gives up on each stuck handshake and tries again.
+    let accepted = agent.accepted.clone();
+    wait_until("a second connection attempt", || {
+        accepted.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(
+        client.report(report("198.18.1.1", 60)),
+        Err(ReportError::QueueFull)
+    );
+    let stats = client.stats();
+    assert_eq!((stats.sent, stats.dropped, stats.queued), (0, 7, 4));
+    assert!(!stats.connected);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_report_the_agent_never_answers_is_retried_then_counted_failed() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::StallAfterHello);
+    let mut cfg = fast_cfg(&dir.sock());
+    cfg.request_timeout = Duration::from_millis(20);
+    let client = AgentClient::spawn(cfg);
+    client.report(report("198.18.0.1", 60)).unwrap();
+    for _ in 0..MAX_ATTEMPTS {
+        assert_eq!(
+            block_prefix(&agent.next_request().await),
+            "198.18.0.1".parse().unwrap()
+        );
+    }
+    wait_until("the report counted as failed", || {
+        client.stats().failed == 1
+    })
+    .await;
+    let stats = client.stats();
+    assert_eq!((stats.sent, stats.queued), (0, 0));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn duplicates_merge_while_queued() {
+    let dir = TestDir::new();
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut a = report("198.18.0.9", 10);
+    a.detected_at = t0 + Duration::from_secs(5);
+    let mut b = report("198.18.0.9", 60);
+    b.detected_at = t0 + Duration::from_secs(10);
+    b.detail = "second".into();
+    let mut c = report("198.18.0.9", 30);
+    c.detected_at = t0;
+    for r in [a, b, c] {
+        client.report(r).unwrap();
+    }
+    let stats = client.stats();
+    assert_eq!((stats.merged, stats.queued), (2, 1));
+
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    match agent.next_request().await {
+        Request::Block {
+            ttl_secs,
+            detected_at_unix_ns,
+            detail,
+            ..
+        } => {
+            assert_eq!(ttl_secs, 60, "the longest TTL wins");
+            assert_eq!(detected_at_unix_ns, 1_700_000_000 * 1_000_000_000);
+            assert_eq!(detail, "flood from 198.18.0.9", "the first detail stays");
+        }
+        other => panic!("expected a block, got {other:?}"),
+    }
+    // Nothing else was queued for that prefix: the next request is the next
+    // report.
+    client.report(report("198.18.0.10", 60)).unwrap();
+    assert_eq!(
+        block_prefix(&agent.next_request().await),
+        "198.18.0.10".parse().unwrap()
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_detail_is_cut_to_the_protocol_limit() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+    let mut r = report("198.18.0.1", 60);
+    r.detail = "ü".repeat(MAX_DETAIL_LEN);
+    client.report(r).unwrap();
+    match agent.next_request().await {
+        Request::Block { detail, .. } => {
+            assert_eq!(detail.len(), MAX_DETAIL_LEN);
+            assert!(detail.chars().all(|c| c == 'ü'));
+        }
+        other => panic!("expected a block, got {other:?}"),
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_every_handle_ends_the_session() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let client = AgentClient::spawn(fast_cfg(&dir.sock()));
+    let clone = client.clone();
+    client.report(report("198.18.0.1", 60)).unwrap();
+    agent.next_request().await;
+    drop(client);
+    clone.report(report("198.18.0.2", 60)).unwrap();
+    agent.next_request().await;
+    drop(clone);
+    within("the session to close", async {
+        while agent.next_event().await != Event::Closed {}
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[test]
+fn a_client_whose_runtime_is_gone_reports_closed() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = TestDir::new();
+    let client = rt.block_on(async { AgentClient::spawn(fast_cfg(&dir.sock())) });
+    client.report(report("198.18.0.1", 60)).unwrap();
+    drop(rt);
+    assert_eq!(
+        client.report(report("198.18.0.2", 60)),
+        Err(ReportError::Closed)
+    );
+    let stats = client.stats();
+    assert_eq!(stats.dropped, 1);
+    assert!(!stats.connected);
+}
+
+#[test]
+fn spawning_outside_a_runtime_is_an_error() {
+    let err = AgentClient::try_spawn(ClientConfig::new("/nonexistent", "x")).unwrap_err();
+    assert!(matches!(err, ClientError::NoRuntime), "{err}");
+}
+
+#[test]
+fn report_to_request_rounds_and_clamps() {
+    let p: Prefix = "198.18.0.1".parse().unwrap();
+    let secs = |ttl: Duration| {
+        let mut r = BlockReport::new(p, ttl, reason::OPERATOR, "");
+        r.detected_at = UNIX_EPOCH - Duration::from_secs(1);
+        match r.to_request() {
+            Request::Block {
+                ttl_secs,
+                detected_at_unix_ns,
+                ..
+            } => {
+                assert_eq!(detected_at_unix_ns, 0, "before the epoch reads as unknown");
+                ttl_secs
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(secs(Duration::ZERO), 0);
+    assert_eq!(secs(Duration::from_nanos(1)), 1);
+    assert_eq!(secs(Duration::from_secs(59)), 59);
+    assert_eq!(secs(Duration::from_secs(u64::MAX)), u32::MAX);
+}
+
+#[tokio::test]
+async fn a_connection_calls_and_maps_error_replies() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let mut conn = Connection::connect(dir.sock(), "guard-cli").await.unwrap();
+    assert_eq!(conn.agent_version(), "fake-1");
+    assert_eq!(agent.next_event().await, Event::Hello("guard-cli".into()));
+    assert_eq!(
+        conn.call(Request::Stats).await.unwrap(),
+        Response::Stats {
+            counters: vec![("packets".into(), 7)]
+        }
+    );
+    let err = conn
+        .call(Request::Unblock {
+            prefix: "198.18.0.1".parse().unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Agent {
+                code: ErrorCode::NotFound,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // An error reply leaves the session usable.
+    assert_eq!(conn.call(Request::GetConfig).await.unwrap(), Response::Ok);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_agent_says_what_to_check() {
+    let dir = TestDir::new();
+    let err = Connection::connect(dir.sock(), "guard-cli")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::NoAgent { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&dir.sock().display().to_string()), "{text}");
+    assert!(text.contains("is `guard run` running?"), "{text}");
+}
+
+#[tokio::test]
+async fn an_agent_closing_at_the_handshake_hints_at_permissions() {
+    let dir = TestDir::new();
+    let agent = FakeAgent::start(&dir.sock(), Mode::CloseAtOnce);
+    let err = Connection::connect(dir.sock(), "guard-cli")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            ClientError::Closed {
+                during_handshake: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("uid/gid"), "{err}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_version_mismatch_is_refused() {
+    let dir = TestDir::new();
+    let agent = FakeAgent::start(&dir.sock(), Mode::WrongVersion);
+    let err = Connection::connect(dir.sock(), "guard-cli")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ClientError::VersionMismatch { agent: v, .. } if v == PROTO_VERSION + 1),
+        "{err}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_call_breaks_the_connection() {
+    let dir = TestDir::new();
+    let agent = FakeAgent::start(&dir.sock(), Mode::Answer);
+    let mut conn = Connection::connect(dir.sock(), "guard-cli").await.unwrap();
+    conn.set_timeout(Duration::from_millis(20));
+    // The fake never answers ListAllows.
+    let err = conn.call(Request::ListAllows).await.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    let err = conn.call(Request::Stats).await.unwrap_err();
+    assert!(matches!(err, ClientError::Broken { .. }), "{err}");
+    agent.stop().await;
+}
+
+#[test]
+fn backoff_doubles_with_jitter_up_to_the_cap() {
+    let min = Duration::from_millis(100);
+    let max = Duration::from_secs(5);
+    for seed in [0, 1, 42, u64::MAX] {
+        let mut b = Backoff::new(min, max, seed);
+        let mut step = min;
+        for _ in 0..12 {
+            let d = b.next_delay();
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+            step = (step * 2).min(max);
+        }
+        b.reset();
+        let d = b.next_delay();
+        assert!(d >= min / 2 && d <= min, "{d:?} after reset");
+    }
+    // Jitter actually varies.
+    let mut b = Backoff::new(max, max, 7);
+    let delays: std::collections::BTreeSet<_> = (0..8).map(|_| b.next_delay()).collect();
+    assert!(delays.len() > 1);
+}
+
+#[test]
+fn an_outage_is_logged_once_however_many_attempts() {
+    let mut o = Outage::default();
+    assert_eq!(o.recovered(), None, "no outage yet");
+    assert!(o.failed(), "the first failure starts an outage");
+    assert!(!o.failed());
+    assert!(!o.failed());
+    let (_, attempts) = o.recovered().unwrap();
+    assert_eq!(attempts, 3);
+    assert_eq!(o.recovered(), None);
+    assert!(o.failed(), "a new outage after recovering");
+}
