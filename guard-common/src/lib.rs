@@ -23,6 +23,9 @@ pub mod maps;
 pub mod state;
 pub mod stats;
 
+#[cfg(feature = "std")]
+pub mod config_kv;
+
 #[cfg(feature = "proto")]
 pub mod proto;
 
