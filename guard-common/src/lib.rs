@@ -32,6 +32,9 @@ pub mod proto;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(feature = "warp")]
+pub mod app;
+
 #[cfg(feature = "user")]
 mod pod;
 

@@ -1,0 +1,499 @@
+//! Admission: who may open a WebSocket or an SSE subscription, and the
+//! permits that hold their slots.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::prelude::rust_2021::*;
+use std::time::Duration;
+
+use warp::http::{header, HeaderValue, StatusCode};
+use warp::reject::{Reject, Rejection};
+use warp::reply::{Reply, Response};
+
+use super::metrics::{ConnKind, RejectReason};
+use super::{Guard, Limits, Peer};
+use crate::addr::Prefix;
+use crate::bucket::{TokenBucket, NANO_TOKENS};
+use crate::state::reason;
+
+/// A refused WebSocket upgrade or SSE subscription; a
+/// [`warp::reject::Reject`], turned into a response by [`recover`] or by
+/// [`Rejected::into_response`] in the app's own recover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub kind: ConnKind,
+    pub reason: RejectReason,
+    /// What the response's `Retry-After` says (whole seconds, at least 1).
+    pub retry_after: Duration,
+}
+
+impl Reject for Rejected {}
+
+impl Rejected {
+    /// 503 when the whole service is full, 429 when it is this client.
+    pub fn status(&self) -> StatusCode {
+        match self.reason {
+            RejectReason::GlobalCap => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    pub fn retry_after_secs(&self) -> u64 {
+        let d = self.retry_after;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    }
+}
+
+impl Reply for Rejected {
+    fn into_response(self) -> Response {
+        let body = match self.reason {
+            RejectReason::GlobalCap => "server busy, retry later\n",
+            _ => "too many connections, retry later\n",
+        };
+        let mut res = Response::new(body.into());
+        *res.status_mut() = self.status();
+        res.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(self.retry_after_secs()),
+        );
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+}
+
+/// The guard's part of a `.recover(...)`: answers [`Rejected`] with 429 or
+/// 503 and `Retry-After`, and hands every other rejection on, so it chains
+/// with the app's own: `.recover(guard_common::app::recover).recover(mine)`.
+pub async fn recover(err: Rejection) -> Result<Response, Rejection> {
+    match err.find::<Rejected>() {
+        Some(r) => Ok(r.clone().into_response()),
+        None => Err(err),
+    }
+}
+
+/// A peer's address could not be found (the server is not on TCP); 500.
+#[derive(Debug)]
+pub struct UnknownPeer;
+
+impl Reject for UnknownPeer {}
+
+/// One admitted connection's slot. Dropping it, however the connection
+/// ended (close, error, a panic in the handler, the client vanishing before
+/// the upgrade finished), gives the slot back.
+#[derive(Debug)]
+pub struct Permit {
+    guard: Guard,
+    kind: ConnKind,
+    peer: Peer,
+    source: Prefix,
+    identity: Option<u64>,
+}
+
+impl Permit {
+    pub fn kind(&self) -> ConnKind {
+        self.kind
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let inner = &self.guard.inner;
+        let mut t = inner.lock_tables();
+        t.open_total = t.open_total.saturating_sub(1);
+        if let Some(s) = t.sources.get_mut(&self.source) {
+            s.open = s.open.saturating_sub(1);
+        }
+        if let Some(id) = self.identity {
+            if let Some(e) = t.identities.get_mut(&id) {
+                e.open = e.open.saturating_sub(1);
+            }
+        }
+        drop(t);
+        inner.metrics.open(self.kind).dec();
+    }
+}
+
+/// Per-source state: concurrency, connect rate, storm and offender windows.
+#[derive(Debug)]
+pub(crate) struct SourceEntry {
+    pub open: u32,
+    pub bucket: TokenBucket,
+    pub last_seen_ns: u64,
+    pub storm_start_ns: u64,
+    pub storm_attempts: u32,
+    /// Distinct identities from this source that misbehaved in the current
+    /// offender window (at most `identity_offenders_to_report`).
+    pub offenders: Vec<u64>,
+    pub offenders_start_ns: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct IdentityEntry {
+    pub open: u32,
+    pub bucket: TokenBucket,
+    pub last_seen_ns: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Tables {
+    pub open_total: u32,
+    pub sources: HashMap<Prefix, SourceEntry>,
+    pub identities: HashMap<u64, IdentityEntry>,
+    pub last_retain_ns: u64,
+}
+
+impl Tables {
+    pub fn source(&mut self, key: Prefix, limits: &Limits, now: u64) -> &mut SourceEntry {
+        let e = self.sources.entry(key).or_insert_with(|| SourceEntry {
+            open: 0,
+            bucket: TokenBucket::full(limits.per_ip_connect_burst, now),
+            last_seen_ns: now,
+            storm_start_ns: now,
+            storm_attempts: 0,
+            offenders: Vec::new(),
+            offenders_start_ns: now,
+        });
+        e.last_seen_ns = now;
+        e
+    }
+
+    /// Forgets sources and identities with nothing open that were last
+    /// seen over `idle_ns` ago (governor's `retain_recent`). Past
+    /// `max_entries`, every one with nothing open goes, which bounds the
+    /// tables by the connections open (at most `max_connections`).
+    pub fn retain(&mut self, now: u64, idle_ns: u64, max_entries: usize) {
+        let recent = |open: u32, last: u64| open > 0 || now.saturating_sub(last) < idle_ns;
+        self.sources.retain(|_, e| recent(e.open, e.last_seen_ns));
+        self.identities
+            .retain(|_, e| recent(e.open, e.last_seen_ns));
+        if self.sources.len() >= max_entries {
+            self.sources.retain(|_, e| e.open > 0);
+        }
+        if self.identities.len() >= max_entries {
+            self.identities.retain(|_, e| e.open > 0);
+        }
+        self.last_retain_ns = now;
+    }
+}
+
+/// How long until `bucket` has a whole token again at `rate`/s.
+fn until_next_token(bucket: &TokenBucket, rate: u32, fallback: Duration) -> Duration {
+    if rate == 0 {
+        return fallback;
+    }
+    let missing = NANO_TOKENS.saturating_sub(bucket.tokens);
+    // `rate` tokens/s is `rate` nano-tokens per ns.
+    Duration::from_nanos(missing.div_ceil(u64::from(rate)))
+}
+
+pub(crate) fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What admission noticed besides its verdict, acted on after the lock.
+pub(crate) struct StormSeen {
+    pub attempts: u32,
+}
+
+impl Guard {
+    /// Admits one connection of `kind` from `peer`, or says why not. The
+    /// [`Permit`] holds the slot until it is dropped.
+    ///
+    /// [`Guard::websocket`] and [`Guard::sse`] call this; call it directly
+    /// for a connection type of your own.
+    pub fn admit(&self, kind: ConnKind, peer: &Peer) -> Result<Permit, Rejected> {
+        let inner = &self.inner;
+        let limits = &inner.limits;
+        let now = self.now_ns();
+        let source = Prefix::of(peer.ip(), limits.source_prefix_v4, limits.source_prefix_v6);
+        let identity = peer.identity().map(|id| inner.hasher.hash_one(id));
+        let reject = |reason: RejectReason, retry_after: Duration| {
+            inner.metrics.rejected(kind, reason).inc();
+            Rejected {
+                kind,
+                reason,
+                retry_after,
+            }
+        };
+
+        let mut storm = None;
+        let verdict = {
+            let mut t = inner.lock_tables();
+            let idle_ns = duration_ns(limits.source_idle_ttl);
+            if now.saturating_sub(t.last_retain_ns) >= idle_ns / 4
+                || t.sources.len() >= limits.max_tracked_sources
+                || t.identities.len() >= limits.max_tracked_sources
+            {
+                t.retain(now, idle_ns, limits.max_tracked_sources);
+            }
+            let open_total = t.open_total;
+            let s = t.source(source, limits, now);
+
+            // Every attempt counts toward a storm, refused ones included:
+            // a client hammering on its 429s is the storm.
+            let window = duration_ns(limits.storm_window);
+            if now.saturating_sub(s.storm_start_ns) >= window {
+                s.storm_start_ns = now;
+                s.storm_attempts = 0;
+            }
+            s.storm_attempts = s.storm_attempts.saturating_add(1);
+            if s.storm_attempts == limits.storm_threshold {
+                storm = Some(StormSeen {
+                    attempts: s.storm_attempts,
+                });
+            }
+
+            if s.open >= limits.per_ip_max_connections {
+                Err(reject(RejectReason::PerIpCap, limits.retry_after_cap))
+            } else if identity.is_some_and(|id| {
+                t.identities
+                    .get(&id)
+                    .is_some_and(|e| e.open >= limits.per_identity_max_connections)
+            }) {
+                Err(reject(RejectReason::PerIdentityCap, limits.retry_after_cap))
+            } else if open_total >= limits.max_connections {
+                let base = limits.retry_after_global;
+                Err(reject(RejectReason::GlobalCap, base + super::jitter(base)))
+            } else {
+                // Rates are charged last so that refused attempts do not
+                // also use up the budget of the next, admissible one.
+                let s = t.source(source, limits, now);
+                let (rate, burst) = (limits.per_ip_connect_rate, limits.per_ip_connect_burst);
+                if !s.bucket.try_take(now, rate, burst) {
+                    let wait = until_next_token(&s.bucket, rate, limits.retry_after_cap);
+                    Err(reject(RejectReason::PerIpRate, wait))
+                } else if let Some(id) = identity {
+                    let (rate, burst) = (
+                        limits.per_identity_connect_rate,
+                        limits.per_identity_connect_burst,
+                    );
+                    let e = t.identities.entry(id).or_insert_with(|| IdentityEntry {
+                        open: 0,
+                        bucket: TokenBucket::full(burst, now),
+                        last_seen_ns: now,
+                    });
+                    e.last_seen_ns = now;
+                    if e.bucket.try_take(now, rate, burst) {
+                        e.open += 1;
+                        Ok(())
+                    } else {
+                        let wait = until_next_token(&e.bucket, rate, limits.retry_after_cap);
+                        // The source's token was spent on an attempt that
+                        // failed for the identity's sake; give it back.
+                        let s = t.source(source, limits, now);
+                        s.bucket.tokens = s.bucket.tokens.saturating_add(NANO_TOKENS);
+                        Err(reject(RejectReason::PerIdentityRate, wait))
+                    }
+                } else {
+                    Ok(())
+                }
+                .map(|()| {
+                    let s = t.source(source, limits, now);
+                    s.open += 1;
+                    t.open_total += 1;
+                })
+            }
+        };
+
+        if let Some(storm) = storm {
+            inner.metrics.storms.inc();
+            let (code, what) = match kind {
+                ConnKind::Sse => (reason::RECONNECT_STORM, "reconnect storm"),
+                ConnKind::WebSocket => (reason::CONNECTION_FLOOD, "connection flood"),
+            };
+            log::warn!(
+                "{what} from {peer}: {} {} attempts within {:?}",
+                storm.attempts,
+                kind.label(),
+                limits.storm_window
+            );
+            self.report_source(
+                peer.ip(),
+                code,
+                format!(
+                    "{} {} connection attempts within {:?}",
+                    storm.attempts,
+                    kind.label(),
+                    limits.storm_window
+                ),
+            );
+        }
+
+        verdict?;
+        inner.metrics.admitted(kind).inc();
+        inner.metrics.open(kind).inc();
+        Ok(Permit {
+            guard: self.clone(),
+            kind,
+            peer: peer.clone(),
+            source,
+            identity,
+        })
+    }
+
+    /// Records that `peer` misbehaved badly enough to be closed, and reports
+    /// its address when the abuse is the address's: always without an
+    /// identity, and with identities once enough distinct ones from the same
+    /// source misbehaved.
+    pub(crate) fn offense(&self, peer: &Peer, code: u32, detail: String) {
+        let Some(id) = peer.identity() else {
+            self.report_source(peer.ip(), code, detail);
+            return;
+        };
+        let inner = &self.inner;
+        let limits = &inner.limits;
+        let id = inner.hasher.hash_one(id);
+        let now = self.now_ns();
+        let source = Prefix::of(peer.ip(), limits.source_prefix_v4, limits.source_prefix_v6);
+        let offenders = {
+            let mut t = inner.lock_tables();
+            let s = t.source(source, limits, now);
+            if now.saturating_sub(s.offenders_start_ns) >= duration_ns(limits.source_idle_ttl) {
+                s.offenders.clear();
+                s.offenders_start_ns = now;
+            }
+            if !s.offenders.contains(&id) {
+                s.offenders.push(id);
+            }
+            let n = s.offenders.len();
+            if n >= limits.identity_offenders_to_report as usize {
+                s.offenders.clear();
+                s.offenders_start_ns = now;
+            }
+            n
+        };
+        if offenders >= limits.identity_offenders_to_report as usize {
+            self.report_source(
+                peer.ip(),
+                code,
+                format!("{offenders} distinct identities misbehaved; last: {detail}"),
+            );
+        } else {
+            log::info!(
+                "not reporting {}: only identity {:?} misbehaved ({offenders} of {} needed)",
+                peer.ip(),
+                peer.identity().unwrap_or_default(),
+                limits.identity_offenders_to_report
+            );
+        }
+    }
+
+    /// Sources and identities currently tracked (bounded; see
+    /// [`Limits::max_tracked_sources`]).
+    pub fn tracked_sources(&self) -> usize {
+        let t = self.inner.lock_tables();
+        t.sources.len() + t.identities.len()
+    }
+
+    /// Open guarded connections, all kinds.
+    pub fn open_connections(&self) -> u32 {
+        self.inner.lock_tables().open_total
+    }
+
+    /// Open guarded connections of one source address.
+    pub fn open_connections_from(&self, ip: IpAddr) -> u32 {
+        let limits = &self.inner.limits;
+        let key = Prefix::of(ip, limits.source_prefix_v4, limits.source_prefix_v6);
+        self.inner
+            .lock_tables()
+            .sources
+            .get(&key)
+            .map_or(0, |s| s.open)
+    }
+
+    /// Forgets idle sources now instead of at the next admission.
+    pub fn retain_recent(&self) {
+        let limits = &self.inner.limits;
+        let now = self.now_ns();
+        self.inner.lock_tables().retain(
+            now,
+            duration_ns(limits.source_idle_ttl),
+            limits.max_tracked_sources,
+        );
+    }
+}
+
+/// The socket address of a request, or a rejection with [`UnknownPeer`].
+pub(crate) fn require_remote(
+    remote: Option<std::net::SocketAddr>,
+) -> Result<std::net::SocketAddr, Rejection> {
+    remote.ok_or_else(|| {
+        log::error!("guard: request without a remote address; serve the app over TCP");
+        warp::reject::custom(UnknownPeer)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r = |ms| Rejected {
+            kind: ConnKind::Sse,
+            reason: RejectReason::PerIpRate,
+            retry_after: Duration::from_millis(ms),
+        };
+        assert_eq!(r(0).retry_after_secs(), 1);
+        assert_eq!(r(200).retry_after_secs(), 1);
+        assert_eq!(r(1000).retry_after_secs(), 1);
+        assert_eq!(r(1001).retry_after_secs(), 2);
+    }
+
+    #[test]
+    fn time_to_next_token() {
+        let empty = TokenBucket {
+            tokens: 0,
+            last_ns: 0,
+        };
+        let fallback = Duration::from_secs(9);
+        assert_eq!(
+            until_next_token(&empty, 5, fallback),
+            Duration::from_millis(200)
+        );
+        assert_eq!(until_next_token(&empty, 0, fallback), fallback);
+        let half = TokenBucket {
+            tokens: NANO_TOKENS / 2,
+            last_ns: 0,
+        };
+        assert_eq!(
+            until_next_token(&half, 1, fallback),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn retain_bounds_the_tables() {
+        let limits = Limits::default();
+        let mut t = Tables::default();
+        for i in 0..100u8 {
+            let p = Prefix::host(IpAddr::from([198, 18, 0, i]));
+            t.source(p, &limits, u64::from(i)).open = u32::from(i % 10 == 0);
+        }
+        // Nothing is old enough yet.
+        t.retain(100, 1_000, 1_000);
+        assert_eq!(t.sources.len(), 100);
+        // Old and closed goes, open stays however old.
+        t.retain(10_000, 1_000, 1_000);
+        assert_eq!(t.sources.len(), 10);
+        // Over the cap, everything closed goes at once.
+        for i in 100..200u8 {
+            let p = Prefix::host(IpAddr::from([198, 18, 0, i]));
+            t.source(p, &limits, 10_000);
+        }
+        t.retain(10_001, 1_000, 50);
+        assert_eq!(t.sources.len(), 10);
+    }
+}

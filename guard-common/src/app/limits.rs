@@ -1,0 +1,279 @@
+//! Every limit of the warp side, with its default, in one place.
+
+use std::prelude::rust_2021::*;
+use std::time::Duration;
+
+use super::GuardError;
+
+/// What happens to a message that breaks a limit (rate, size, validation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationPolicy {
+    /// Deliver it anyway; count and log. Nothing is closed or reported, so
+    /// the metrics show what `Close` would do before it is switched on.
+    Warn,
+    /// Discard it and count it; the connection stays open.
+    Drop,
+    /// Discard it, and close the connection (1008) once it reaches
+    /// [`Limits::violation_threshold`] violations within
+    /// [`Limits::violation_window`]; the source is then reported.
+    Close,
+}
+
+/// What happens when a client does not read what the server sends fast
+/// enough and its bounded outbound queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowConsumerPolicy {
+    /// Drop the oldest queued message to make room: for feeds where only
+    /// recent data matters.
+    DropOldest,
+    /// Close the connection: WebSockets with 1008, SSE subscribers with an
+    /// eviction event that tells the client when to come back.
+    Close,
+}
+
+/// The limits a [`super::Guard`] enforces.
+///
+/// Start from `Limits::default()` and override fields:
+/// `Limits { per_ip_max_connections: 4, ..Limits::default() }`. The
+/// defaults suit a chat-like service where one browser tab holds one or two
+/// connections and sends a few messages a second; raise the per-IP limits
+/// for clients behind large NATs, or key limits by identity instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    // --- Admission (WebSocket upgrades and SSE subscriptions together) ---
+    /// Open connections of all kinds from all sources. Default 10 000.
+    pub max_connections: u32,
+    /// Open connections per source address. Default 32.
+    pub per_ip_max_connections: u32,
+    /// New connections per second per source address, refilling a bucket of
+    /// `per_ip_connect_burst`. Defaults 5/s, burst 20.
+    pub per_ip_connect_rate: u32,
+    pub per_ip_connect_burst: u32,
+    /// The same per app-supplied identity, when there is one. Defaults 8
+    /// open, 2/s, burst 10.
+    pub per_identity_max_connections: u32,
+    pub per_identity_connect_rate: u32,
+    pub per_identity_connect_burst: u32,
+    /// `Retry-After` for a source at its concurrency cap. Default 10 s.
+    pub retry_after_cap: Duration,
+    /// `Retry-After` when the whole service is full, before jitter (up to
+    /// as much again is added so clients do not return together). Default
+    /// 15 s.
+    pub retry_after_global: Duration,
+    /// What one "source" is: an IPv4 /32 and an IPv6 /64 by default, as in
+    /// the kernel's cap, so one host cannot spread over its /64.
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+    /// Most sources (and identities) tracked; past it, idle ones are
+    /// forgotten early. Must be at least `max_connections`. Default 65 536.
+    pub max_tracked_sources: usize,
+    /// How long an idle source's state (rate bucket, storm window) is kept.
+    /// Default 120 s.
+    pub source_idle_ttl: Duration,
+
+    // --- WebSocket messages ---
+    /// Largest message and frame, enforced by the WebSocket codec itself so
+    /// nothing bigger is ever buffered; a bigger one closes the connection
+    /// with 1009. Defaults 64 KiB each.
+    pub max_message_size: usize,
+    pub max_frame_size: usize,
+    /// Messages per second per connection (control frames included), and
+    /// the burst. Defaults 50/s, burst 100.
+    pub message_rate: u32,
+    pub message_burst: u32,
+    /// Bytes per second per connection, and the burst (at least
+    /// `max_message_size`). Defaults 256 KiB/s, burst 1 MiB.
+    pub byte_rate: u32,
+    pub byte_burst: u32,
+    /// Default [`ViolationPolicy::Close`].
+    pub violation_policy: ViolationPolicy,
+    /// Violations within `violation_window` that make a connection abusive.
+    /// When most of them are rate violations it is a flood. Defaults 20 in
+    /// 10 s.
+    pub violation_threshold: u32,
+    pub violation_window: Duration,
+    /// Close a connection the peer has sent nothing on (pongs count) for
+    /// this long. Default 60 s; `None` never.
+    pub idle_timeout: Option<Duration>,
+    /// Ping the peer this often so that a quiet but live client answers
+    /// with pongs and a dead one is found. Default 20 s; `None` never.
+    pub ping_interval: Option<Duration>,
+    /// How long a close frame may take to go out before the socket is just
+    /// dropped (a slow consumer may never read it). Default 2 s.
+    pub close_timeout: Duration,
+
+    // --- Outbound (both kinds) ---
+    /// Messages queued toward one WebSocket client. Default 256.
+    pub outbound_queue: usize,
+    /// Events queued toward one SSE subscriber. Default 64.
+    pub sse_buffer: usize,
+    /// Default [`SlowConsumerPolicy::Close`].
+    pub slow_consumer_policy: SlowConsumerPolicy,
+
+    // --- SSE ---
+    /// A comment line is sent after this much silence. Default 15 s.
+    pub sse_keep_alive: Duration,
+    /// The `retry:` a subscriber is given (first event and eviction): the
+    /// base plus up to `sse_retry_jitter`, so reconnects spread out.
+    /// Defaults 3 s + up to 7 s.
+    pub sse_retry_base: Duration,
+    pub sse_retry_jitter: Duration,
+
+    // --- Abuse detection and reporting ---
+    /// Connection attempts (admitted or not) from one source within
+    /// `storm_window` that make a reconnect storm. Defaults 60 in 10 s.
+    pub storm_threshold: u32,
+    pub storm_window: Duration,
+    /// With identities: distinct identities from one source that must
+    /// misbehave within `violation_window` before the source itself is
+    /// reported (one bad user behind a NAT is not the NAT's fault).
+    /// Default 3.
+    pub identity_offenders_to_report: u32,
+    /// How long the agent should block a reported source. Default 10 min.
+    pub report_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        const KIB: usize = 1024;
+        Self {
+            max_connections: 10_000,
+            per_ip_max_connections: 32,
+            per_ip_connect_rate: 5,
+            per_ip_connect_burst: 20,
+            per_identity_max_connections: 8,
+            per_identity_connect_rate: 2,
+            per_identity_connect_burst: 10,
+            retry_after_cap: Duration::from_secs(10),
+            retry_after_global: Duration::from_secs(15),
+            source_prefix_v4: 32,
+            source_prefix_v6: 64,
+            max_tracked_sources: 65_536,
+            source_idle_ttl: Duration::from_secs(120),
+
+            max_message_size: 64 * KIB,
+            max_frame_size: 64 * KIB,
+            message_rate: 50,
+            message_burst: 100,
+            byte_rate: 256 * KIB as u32,
+            byte_burst: 1024 * KIB as u32,
+            violation_policy: ViolationPolicy::Close,
+            violation_threshold: 20,
+            violation_window: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(60)),
+            ping_interval: Some(Duration::from_secs(20)),
+            close_timeout: Duration::from_secs(2),
+
+            outbound_queue: 256,
+            sse_buffer: 64,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
+
+            sse_keep_alive: Duration::from_secs(15),
+            sse_retry_base: Duration::from_secs(3),
+            sse_retry_jitter: Duration::from_secs(7),
+
+            storm_threshold: 60,
+            storm_window: Duration::from_secs(10),
+            identity_offenders_to_report: 3,
+            report_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Limits {
+    /// Rejects combinations that could never work, with what to change.
+    pub fn validate(&self) -> Result<(), GuardError> {
+        let bad = |what: &str| Err(GuardError::Limits(what.to_owned()));
+        if self.max_connections == 0 {
+            return bad("max_connections must be at least 1");
+        }
+        if self.max_tracked_sources < self.max_connections as usize {
+            return bad("max_tracked_sources must be at least max_connections, or open connections could not all be tracked");
+        }
+        if self.source_prefix_v4 == 0 || self.source_prefix_v4 > 32 {
+            return bad("source_prefix_v4 must be 1..=32");
+        }
+        if self.source_prefix_v6 == 0 || self.source_prefix_v6 > 128 {
+            return bad("source_prefix_v6 must be 1..=128");
+        }
+        if self.max_message_size == 0 || self.max_frame_size == 0 {
+            return bad("max_message_size and max_frame_size must be at least 1");
+        }
+        if self.max_frame_size > self.max_message_size {
+            return bad("max_frame_size must not exceed max_message_size");
+        }
+        if (self.byte_burst as usize) < self.max_message_size {
+            return bad("byte_burst must be at least max_message_size, or the largest allowed message could never pass");
+        }
+        if self.message_burst == 0 {
+            return bad("message_burst must be at least 1");
+        }
+        if self.violation_threshold == 0 {
+            return bad("violation_threshold must be at least 1");
+        }
+        if self.violation_window.is_zero() || self.storm_window.is_zero() {
+            return bad("violation_window and storm_window must be longer than zero");
+        }
+        if self.outbound_queue == 0 || self.sse_buffer == 0 {
+            return bad("outbound_queue and sse_buffer must be at least 1");
+        }
+        if self.idle_timeout.is_some_and(|d| d.is_zero())
+            || self.ping_interval.is_some_and(|d| d.is_zero())
+        {
+            return bad(
+                "idle_timeout and ping_interval must be longer than zero (None turns them off)",
+            );
+        }
+        if self.sse_keep_alive.is_zero() {
+            return bad("sse_keep_alive must be longer than zero");
+        }
+        if self.storm_threshold == 0 || self.identity_offenders_to_report == 0 {
+            return bad("storm_threshold and identity_offenders_to_report must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Limits::default().validate().unwrap();
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused() {
+        let cases = [
+            Limits {
+                max_frame_size: 2,
+                max_message_size: 1,
+                ..Limits::default()
+            },
+            Limits {
+                byte_burst: 10,
+                ..Limits::default()
+            },
+            Limits {
+                max_tracked_sources: 5,
+                ..Limits::default()
+            },
+            Limits {
+                source_prefix_v4: 33,
+                ..Limits::default()
+            },
+            Limits {
+                idle_timeout: Some(Duration::ZERO),
+                ..Limits::default()
+            },
+            Limits {
+                outbound_queue: 0,
+                ..Limits::default()
+            },
+        ];
+        for limits in cases {
+            assert!(limits.validate().is_err(), "{limits:?}");
+        }
+    }
+}

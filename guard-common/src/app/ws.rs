@@ -1,0 +1,730 @@
+//! A WebSocket under guard: inbound limits, validation, idle timeout and a
+//! bounded outbound queue, all driven from the one task that owns the
+//! socket (no extra task or channel hop per message).
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::error::Error as _;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::prelude::rust_2021::*;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use futures_util::{Sink, Stream};
+use tokio::time::{Interval, MissedTickBehavior, Sleep};
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use warp::filters::ws::{Message, WebSocket, Ws};
+use warp::reply::Reply;
+
+use super::admission::{duration_ns, Permit};
+use super::metrics::{CloseReason, DropReason, Violation};
+use super::{Guard, Peer, SlowConsumerPolicy, ViolationPolicy};
+use crate::bucket::{TokenBucket, NANO_TOKENS};
+use crate::state::reason;
+
+/// Close codes (RFC 6455, 7.4.1).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_INVALID_PAYLOAD: u16 = 1007;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Inbound messages handled in one poll before yielding, so a client
+/// whose messages are all being dropped cannot hog its worker thread.
+const DROPS_PER_POLL: u32 = 64;
+
+/// Why the app's check refused a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid(pub Cow<'static, str>);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&'static str> for Invalid {
+    fn from(s: &'static str) -> Self {
+        Self(Cow::Borrowed(s))
+    }
+}
+
+impl From<String> for Invalid {
+    fn from(s: String) -> Self {
+        Self(Cow::Owned(s))
+    }
+}
+
+type Validator = Arc<dyn Fn(&Message) -> Result<(), Invalid> + Send + Sync>;
+
+/// Why a message could not be queued toward the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the connection is closed")]
+    Closed,
+    #[error("the client is not reading fast enough; the connection is being closed")]
+    SlowConsumer,
+}
+
+/// An admitted WebSocket upgrade, from [`Guard::websocket`].
+pub struct WsUpgrade {
+    ws: Ws,
+    permit: Permit,
+    validator: Option<Validator>,
+}
+
+impl fmt::Debug for WsUpgrade {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsUpgrade")
+            .field("peer", self.permit.peer())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WsUpgrade {
+    pub(crate) fn new(ws: Ws, permit: Permit) -> Self {
+        Self {
+            ws,
+            permit,
+            validator: None,
+        }
+    }
+
+    pub fn peer(&self) -> &Peer {
+        self.permit.peer()
+    }
+
+    /// Checks every text and binary message (after UTF-8 and size, which
+    /// the codec enforces); a refused one is an invalid-message violation.
+    pub fn validate<F>(mut self, check: F) -> Self
+    where
+        F: Fn(&Message) -> Result<(), Invalid> + Send + Sync + 'static,
+    {
+        self.validator = Some(Arc::new(check));
+        self
+    }
+
+    /// Finishes the upgrade and runs `handler` on the guarded socket. The
+    /// slot is held until the socket is dropped (or the upgrade fails).
+    pub fn on_upgrade<F, U>(self, handler: F) -> impl Reply
+    where
+        F: FnOnce(GuardedWebSocket) -> U + Send + 'static,
+        U: Future<Output = ()> + Send + 'static,
+    {
+        let limits = self.permit.guard().limits();
+        // The codec refuses bigger messages before buffering them.
+        let ws = self
+            .ws
+            .max_message_size(limits.max_message_size)
+            .max_frame_size(limits.max_frame_size);
+        let (permit, validator) = (self.permit, self.validator);
+        ws.on_upgrade(move |socket| handler(GuardedWebSocket::new(socket, permit, validator)))
+    }
+}
+
+/// The bounded queue toward one client.
+struct Outbound {
+    state: Mutex<OutState>,
+    /// The socket's task, to wake when something is queued from elsewhere.
+    waker: AtomicWaker,
+    capacity: usize,
+    policy: SlowConsumerPolicy,
+    guard: Guard,
+}
+
+struct OutState {
+    items: VecDeque<Message>,
+    closed: bool,
+    /// Full under [`SlowConsumerPolicy::Close`]: the socket closes itself.
+    overflowed: bool,
+}
+
+impl Outbound {
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, msg: Message, wake: bool) -> Result<(), SendError> {
+        let dropped = self.guard.inner.metrics.dropped(DropReason::SlowConsumer);
+        let mut s = self.lock();
+        if s.closed {
+            return Err(SendError::Closed);
+        }
+        if s.overflowed {
+            return Err(SendError::SlowConsumer);
+        }
+        if s.items.len() >= self.capacity {
+            dropped.inc();
+            match self.policy {
+                SlowConsumerPolicy::DropOldest => {
+                    s.items.pop_front();
+                }
+                SlowConsumerPolicy::Close => {
+                    s.overflowed = true;
+                    s.items.clear();
+                    drop(s);
+                    self.waker.wake();
+                    return Err(SendError::SlowConsumer);
+                }
+            }
+        }
+        s.items.push_back(msg);
+        drop(s);
+        if wake {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        s.items.clear();
+    }
+}
+
+/// A cloneable handle that queues messages toward one client, from any
+/// task, without waiting. Keep it in a broadcast hub; drop it when
+/// [`WsSender::send`] says the connection is closed.
+#[derive(Clone)]
+pub struct WsSender {
+    out: Arc<Outbound>,
+}
+
+impl fmt::Debug for WsSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsSender")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl WsSender {
+    /// Queues `msg`. When the queue is full the slow-consumer policy
+    /// applies: the oldest message is dropped, or the connection is closed.
+    pub fn send(&self, msg: Message) -> Result<(), SendError> {
+        self.out.push(msg, true)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        let s = self.out.lock();
+        s.closed || s.overflowed
+    }
+}
+
+enum Phase {
+    Open,
+    /// Our close frame (if any) still to go out, then the peer's reply or
+    /// EOF awaited, all within `close_timeout`.
+    Closing {
+        frame: Option<Message>,
+        sent: bool,
+        deadline: Pin<Box<Sleep>>,
+    },
+    Done,
+}
+
+/// Charges `len` bytes to a byte bucket (the shared bucket takes one
+/// token at a time).
+fn take_bytes(bucket: &mut TokenBucket, now: u64, len: usize, rate: u32, burst: u32) -> bool {
+    bucket.refill(now, rate, burst);
+    let need = u64::try_from(len)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(NANO_TOKENS);
+    if bucket.tokens >= need {
+        bucket.tokens -= need;
+        true
+    } else {
+        false
+    }
+}
+
+/// Violations in the current window.
+#[derive(Default)]
+struct Violations {
+    start_ns: u64,
+    total: u32,
+    rate: u32,
+    /// The threshold was crossed in this window (acted on once).
+    crossed: bool,
+    /// One log line per connection is enough to see what happens.
+    logged: bool,
+}
+
+/// An admitted, upgraded WebSocket.
+///
+/// Read it as a [`Stream`] of text and binary messages that passed every
+/// limit (pings, pongs and close frames are handled inside); it ends when
+/// the connection does, for whatever reason ([`GuardedWebSocket::close_reason`]).
+/// Write with [`GuardedWebSocket::send`] or a [`WsSender`]: messages go to a
+/// bounded queue that is written out **while the stream is being polled**,
+/// so keep awaiting `next()` (a `select!` with other work is fine).
+pub struct GuardedWebSocket {
+    socket: WebSocket,
+    out: Arc<Outbound>,
+    permit: Permit,
+    validator: Option<Validator>,
+    messages: TokenBucket,
+    bytes: TokenBucket,
+    violations: Violations,
+    last_activity_ns: u64,
+    idle: Option<Pin<Box<Sleep>>>,
+    ping: Option<Interval>,
+    ping_due: bool,
+    /// Taken from the queue, waiting for the socket to accept it.
+    pending: Option<Message>,
+    unflushed: bool,
+    phase: Phase,
+    close_reason: CloseReason,
+}
+
+impl fmt::Debug for GuardedWebSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedWebSocket")
+            .field("peer", self.permit.peer())
+            .field("close_reason", &self.close_reason)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedWebSocket {
+    fn new(socket: WebSocket, permit: Permit, validator: Option<Validator>) -> Self {
+        let guard = permit.guard().clone();
+        let limits = guard.limits();
+        let now = guard.now_ns();
+        let idle = limits
+            .idle_timeout
+            .map(|d| Box::pin(tokio::time::sleep_until(guard.instant_at(now) + d)));
+        let ping = limits.ping_interval.map(|period| {
+            let mut i = tokio::time::interval_at(guard.instant_at(now) + period, period);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        let out = Arc::new(Outbound {
+            state: Mutex::new(OutState {
+                items: VecDeque::new(),
+                closed: false,
+                overflowed: false,
+            }),
+            waker: AtomicWaker::new(),
+            capacity: limits.outbound_queue,
+            policy: limits.slow_consumer_policy,
+            guard: guard.clone(),
+        });
+        Self {
+            messages: TokenBucket::full(limits.message_burst, now),
+            bytes: TokenBucket::full(limits.byte_burst, now),
+            socket,
+            out,
+            permit,
+            validator,
+            violations: Violations {
+                start_ns: now,
+                ..Violations::default()
+            },
+            last_activity_ns: now,
+            idle,
+            ping,
+            ping_due: false,
+            pending: None,
+            unflushed: false,
+            phase: Phase::Open,
+            close_reason: CloseReason::Normal,
+        }
+    }
+
+    pub fn peer(&self) -> &Peer {
+        self.permit.peer()
+    }
+
+    /// A handle for other tasks to send to this client.
+    pub fn sender(&self) -> WsSender {
+        WsSender {
+            out: self.out.clone(),
+        }
+    }
+
+    /// Queues `msg` toward the client (see [`WsSender::send`]); it is
+    /// written the next time the stream is polled.
+    pub fn send(&self, msg: Message) -> Result<(), SendError> {
+        // The owner is about to poll again anyway; waking it would only
+        // cost a spurious poll.
+        self.out.push(msg, false)
+    }
+
+    /// Why the connection ended (or is ending); `Normal` while it is open.
+    pub fn close_reason(&self) -> CloseReason {
+        self.close_reason
+    }
+
+    /// Closes with `code` and `reason`, waiting (at most `close_timeout`)
+    /// for the close handshake. Messages still arriving are discarded.
+    pub async fn close_with(mut self, code: u16, reason: &'static str) {
+        self.start_close(CloseReason::Normal, code, reason);
+        while futures_util::StreamExt::next(&mut self).await.is_some() {}
+    }
+
+    /// Closes normally (1000).
+    pub async fn close(self) {
+        self.close_with(CLOSE_NORMAL, "").await;
+    }
+
+    fn guard(&self) -> &Guard {
+        self.permit.guard()
+    }
+
+    fn start_close(&mut self, why: CloseReason, code: u16, text: &'static str) {
+        if !matches!(self.phase, Phase::Open) {
+            return;
+        }
+        self.close_reason = why;
+        self.out.close();
+        self.pending = None;
+        self.phase = Phase::Closing {
+            frame: Some(Message::close_with(code, text)),
+            sent: false,
+            deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
+        };
+    }
+
+    /// The peer closed: its close reply is queued by the codec; flush it.
+    fn peer_closed(&mut self) {
+        if matches!(self.phase, Phase::Open) {
+            self.out.close();
+            self.pending = None;
+            self.phase = Phase::Closing {
+                frame: None,
+                sent: false,
+                deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
+            };
+        }
+    }
+
+    /// Writes what is queued and flushes. Pending means the socket is not
+    /// taking more right now; reading goes on regardless.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), warp::Error>> {
+        loop {
+            if self.pending.is_none() {
+                self.pending = if std::mem::take(&mut self.ping_due) {
+                    Some(Message::ping(Vec::new()))
+                } else {
+                    self.out.lock().items.pop_front()
+                };
+            }
+            if self.pending.is_none() {
+                break;
+            }
+            match Pin::new(&mut self.socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            if let Some(msg) = self.pending.take() {
+                Pin::new(&mut self.socket).start_send(msg)?;
+                self.unflushed = true;
+            }
+        }
+        if self.unflushed {
+            match Pin::new(&mut self.socket).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Drives the close: our frame out, then the peer's reply or EOF.
+    /// Ready when the connection is over.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Phase::Closing {
+            frame,
+            sent,
+            deadline,
+        } = &mut self.phase
+        else {
+            return Poll::Ready(());
+        };
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if let Some(msg) = frame.take() {
+            let mut socket = Pin::new(&mut self.socket);
+            match socket.as_mut().poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if socket.start_send(msg).is_err() {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {
+                    *frame = Some(msg);
+                    return Poll::Pending;
+                }
+            }
+        }
+        if !*sent {
+            match Pin::new(&mut self.socket).poll_close(cx) {
+                Poll::Ready(Ok(())) => *sent = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Read until the peer's close reply (the codec then ends the
+        // stream) so that dropping the socket is a clean FIN: closing with
+        // unread data would send a RST that can destroy our close frame
+        // before the client reads it.
+        for _ in 0..DROPS_PER_POLL {
+            match Pin::new(&mut self.socket).poll_next(cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Applies every inbound limit; `Some` is a message for the app.
+    fn inspect(&mut self, msg: Message, now: u64) -> Option<Message> {
+        let guard = self.permit.guard();
+        let limits = guard.limits();
+        let metrics = &guard.inner.metrics;
+        self.last_activity_ns = now;
+        let len = msg.as_bytes().len();
+        metrics.received.inc();
+        metrics.received_bytes.inc_by(len as u64);
+        if msg.is_close() {
+            self.peer_closed();
+            return None;
+        }
+        let data = msg.is_text() || msg.is_binary();
+        let violation = if len > limits.max_message_size {
+            Some((Violation::Size, Cow::Borrowed("message too big")))
+        } else if !self
+            .messages
+            .try_take(now, limits.message_rate, limits.message_burst)
+        {
+            Some((Violation::Rate, Cow::Borrowed("over the message rate")))
+        } else if !take_bytes(
+            &mut self.bytes,
+            now,
+            len,
+            limits.byte_rate,
+            limits.byte_burst,
+        ) {
+            Some((Violation::Rate, Cow::Borrowed("over the byte rate")))
+        } else {
+            match (&self.validator, data) {
+                (Some(check), true) => check(&msg).err().map(|e| (Violation::Invalid, e.0)),
+                _ => None,
+            }
+        };
+        if let Some((v, why)) = violation {
+            if !self.violate(v, &why, now) {
+                return None;
+            }
+        }
+        data.then_some(msg)
+    }
+
+    /// Counts a violation and applies the policy; true when the message is
+    /// still delivered.
+    fn violate(&mut self, v: Violation, why: &str, now: u64) -> bool {
+        let guard = self.permit.guard().clone();
+        let limits = guard.limits();
+        let metrics = &guard.inner.metrics;
+        metrics.violation(v).inc();
+        let policy = limits.violation_policy;
+        let deliver = policy == ViolationPolicy::Warn;
+        if !deliver {
+            metrics.dropped(v.dropped()).inc();
+        }
+        let w = &mut self.violations;
+        if now.saturating_sub(w.start_ns) >= duration_ns(limits.violation_window) {
+            *w = Violations {
+                start_ns: now,
+                logged: w.logged,
+                ..Violations::default()
+            };
+        }
+        w.total += 1;
+        if v == Violation::Rate {
+            w.rate += 1;
+        }
+        if !w.logged {
+            w.logged = true;
+            log::info!(
+                "{}: {why} ({policy:?} policy; further violations are only counted)",
+                self.permit.peer()
+            );
+        }
+        if w.total < limits.violation_threshold || w.crossed {
+            return deliver;
+        }
+        w.crossed = true;
+        let flood = w.rate * 2 > w.total;
+        let detail = format!(
+            "{} violations ({} rate) within {:?}; last: {why}",
+            w.total, w.rate, limits.violation_window
+        );
+        if flood {
+            metrics.floods.inc();
+        }
+        let peer = self.permit.peer().clone();
+        if policy != ViolationPolicy::Close {
+            log::warn!("{peer}: {detail}; left open ({policy:?} policy)");
+            return deliver;
+        }
+        let (close, code, text) = if flood {
+            (CloseReason::Flood, reason::MESSAGE_FLOOD, "message flood")
+        } else {
+            (
+                CloseReason::Violations,
+                reason::INVALID_MESSAGES,
+                "too many invalid messages",
+            )
+        };
+        log::warn!("{peer}: {detail}; closing");
+        self.start_close(close, CLOSE_POLICY, text);
+        guard.offense(&peer, code, detail);
+        false
+    }
+
+    /// A read error: the codec has ended the stream. Oversized and invalid
+    /// messages still get a close frame saying why.
+    fn read_failed(&mut self, e: &warp::Error) {
+        let cause = e.source().and_then(|s| s.downcast_ref::<WsError>());
+        let (v, code, text) = match cause {
+            Some(WsError::Capacity(_)) => (Violation::Size, CLOSE_TOO_BIG, "message too big"),
+            Some(WsError::Utf8(_)) => (Violation::Invalid, CLOSE_INVALID_PAYLOAD, "invalid UTF-8"),
+            Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) | None => {
+                // The client just went away.
+                self.phase = Phase::Done;
+                return;
+            }
+            Some(WsError::Protocol(_)) => (Violation::Invalid, CLOSE_PROTOCOL, "protocol error"),
+            Some(_) => {
+                self.phase = Phase::Done;
+                return;
+            }
+        };
+        let metrics = &self.permit.guard().inner.metrics;
+        metrics.violation(v).inc();
+        metrics.dropped(v.dropped()).inc();
+        log::info!("{}: {text} ({e}); closing with {code}", self.permit.peer());
+        self.start_close(CloseReason::Violations, code, text);
+    }
+
+    /// Whether the idle timer says the connection is idle; re-arms it when
+    /// there was activity since it was set (cheaper than resetting a timer
+    /// on every message).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.guard().limits().idle_timeout else {
+            return false;
+        };
+        let deadline = self.guard().instant_at(self.last_activity_ns) + timeout;
+        let Some(idle) = &mut self.idle else {
+            return false;
+        };
+        loop {
+            if idle.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if idle.deadline() >= deadline {
+                return true;
+            }
+            idle.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Stream for GuardedWebSocket {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let this = &mut *self;
+        let mut handled = 0;
+        loop {
+            match this.phase {
+                Phase::Open => {}
+                Phase::Closing { .. } => {
+                    return match this.poll_closing(cx) {
+                        Poll::Ready(()) => {
+                            this.phase = Phase::Done;
+                            Poll::Ready(None)
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Phase::Done => return Poll::Ready(None),
+            }
+
+            this.out.waker.register(cx.waker());
+            if this.out.lock().overflowed {
+                log::info!("{}: not reading fast enough; closing", this.permit.peer());
+                this.start_close(CloseReason::SlowConsumer, CLOSE_POLICY, "slow consumer");
+                continue;
+            }
+            if let Some(ping) = &mut this.ping {
+                while ping.poll_tick(cx).is_ready() {
+                    this.ping_due = true;
+                }
+            }
+            if let Poll::Ready(Err(_)) = this.poll_write(cx) {
+                // The socket is broken; nothing more will go through it.
+                this.phase = Phase::Done;
+                continue;
+            }
+
+            match Pin::new(&mut this.socket).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    let now = this.guard().now_ns();
+                    if let Some(msg) = this.inspect(msg, now) {
+                        return Poll::Ready(Some(msg));
+                    }
+                    handled += 1;
+                    if handled >= DROPS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.read_failed(&e);
+                    continue;
+                }
+                Poll::Ready(None) => {
+                    this.phase = Phase::Done;
+                    continue;
+                }
+                Poll::Pending => {}
+            }
+
+            if this.poll_idle(cx) {
+                log::info!("{}: idle; closing", this.permit.peer());
+                this.start_close(CloseReason::Idle, CLOSE_NORMAL, "idle timeout");
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl Drop for GuardedWebSocket {
+    fn drop(&mut self) {
+        self.out.close();
+        let metrics = &self.permit.guard().inner.metrics;
+        metrics.closed(self.close_reason).inc();
+    }
+}
+
+// Warp runs the handler on a spawned task, so the socket must be Send.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<GuardedWebSocket>();
+    assert_send::<WsSender>();
+};
