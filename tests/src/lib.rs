@@ -1,1 +1,25 @@
-//! Helpers for the privileged tests.
+//! guard's lab toolkit: network namespaces, the lab topology, guarded child processes, attack
+//! tool wrappers and measurements, shared by the privileged end-to-end tests
+//! (`tests/tests/*.rs`) and by `cargo xtask demo`/`bench`.
+//!
+//! Everything here follows shared/LAB.md: traffic only to loopback or lab addresses
+//! (198.18.0.0/15, 2001:2::/48) inside namespaces this process created, every flood bounded in
+//! count and time, and cleanup by RAII guards so a failing test leaves nothing behind.
+//!
+//! Errors are `anyhow` with context: every caller is a test or a developer command that
+//! prints them, and the context (which command, which namespace) is what a reader needs.
+
+pub mod lab;
+pub mod measure;
+pub mod netns;
+pub mod process;
+pub mod report;
+pub mod tools;
+pub mod wire;
+
+pub use lab::Lab;
+pub use measure::{syn_loss_probe, syn_loss_probe_with, ClientRun, CpuSampler, LabClient};
+pub use netns::Netns;
+pub use process::{is_root, require_root, ChildGuard, Finished};
+pub use report::ProbeResult;
+pub use tools::{hping3_syn_flood, slowhttptest, trafgen_random_sources, Flood, FloodReport};

@@ -1,0 +1,215 @@
+//! The lab topology of shared/LAB.md: a bridge in a "switch" namespace and one namespace per
+//! role, each joined to the bridge by a veth pair.
+//!
+//! ```text
+//!   server  198.18.0.1/24  2001:2::1/64   eth0 ──┐
+//!   legit   198.18.0.2/24 (+ .10–.17)     eth0 ──┼── br0 (switch netns)
+//!           2001:2::2/64                         │
+//!   attacker 198.18.0.3/24 2001:2::3/64   eth0 ──┘
+//! ```
+//!
+//! Every interface is created directly inside its namespace (`ip -n NS link add ... peer ...
+//! netns SWITCH`), so nothing ever appears in the host's namespace and two labs never clash on
+//! interface names. No namespace has a default route: the only reachable addresses are the
+//! lab's own.
+//!
+//! XDP on the server's `eth0`: a veth runs native (driver-mode) XDP on the packets its peer
+//! transmits, so an XDP program attached to the server's `eth0` sees everything the legit and
+//! attacker namespaces send through the bridge, with nothing to set up on the other side.
+//! The peer (`p-srv` in the switch) only needs an XDP program or GRO of its own when the
+//! server-side program returns `XDP_TX`/`XDP_REDIRECT` towards it; guard only passes and drops.
+//! Native XDP on veth also requires an MTU that fits one page, which the default 1500 does, so
+//! no offload is turned off here.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+/// The server's address.
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// The legit clients' main address.
+pub const LEGIT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const LEGIT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+/// The attacker's own address; spoofed floods use `SPOOF_NET` instead.
+pub const ATTACKER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+pub const ATTACKER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
+/// The range spoofed floods draw sources from. The server routes it to the attacker, whose
+/// namespace does not forward, so SYN-ACKs to spoofed sources die there instead of leaving.
+pub const SPOOF_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
+/// Prefix lengths on the lab's segment.
+pub const LAB_V4_PREFIX: u8 = 24;
+pub const LAB_V6_PREFIX: u8 = 64;
+
+/// Interface name of every role's end of its veth, inside its own namespace.
+pub const ROLE_IF: &str = "eth0";
+const BRIDGE: &str = "br0";
+
+/// Fixed, locally administered MACs ("gd" in bytes 2–3): each lab has its own bridge, so
+/// equal MACs in two labs never meet, and trafgen configs can be written without a look-up.
+pub const SERVER_MAC: [u8; 6] = [0x02, 0x67, 0x64, 0, 0, 1];
+pub const LEGIT_MAC: [u8; 6] = [0x02, 0x67, 0x64, 0, 0, 2];
+pub const ATTACKER_MAC: [u8; 6] = [0x02, 0x67, 0x64, 0, 0, 3];
+
+/// The extra legit addresses 198.18.0.10–17 (several "users" behind one namespace).
+pub fn legit_extra_v4() -> Vec<Ipv4Addr> {
+    (10..=17).map(|n| Ipv4Addr::new(198, 18, 0, n)).collect()
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// The whole lab; dropping it deletes all four namespaces (and with them every veth and the
+/// bridge). Built step by step from guards, so a failure half-way cleans up too.
+#[derive(Debug)]
+pub struct Lab {
+    pub server: Netns,
+    pub legit: Netns,
+    pub attacker: Netns,
+    pub switch: Netns,
+}
+
+impl Lab {
+    /// Builds the topology and checks that the server answers pings from both clients over
+    /// IPv4 and IPv6 (bounded: one echo each, 2 s timeout).
+    pub fn new() -> Result<Self> {
+        let switch = Netns::new("sw")?;
+        // The switch only bridges frames; without IPv6 on its ports it stays silent (no
+        // router solicitations or MLD reports mixed into captures).
+        switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        switch.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        switch.ip(&["link", "set", BRIDGE, "up"])?;
+
+        let server = Netns::new("srv")?;
+        let legit = Netns::new("leg")?;
+        let attacker = Netns::new("atk")?;
+        let roles = [
+            (&server, "p-srv", SERVER_MAC, SERVER_V4, SERVER_V6),
+            (&legit, "p-leg", LEGIT_MAC, LEGIT_V4, LEGIT_V6),
+            (&attacker, "p-atk", ATTACKER_MAC, ATTACKER_V4, ATTACKER_V6),
+        ];
+        for (ns, port, mac, v4, v6) in roles {
+            let mac = fmt_mac(mac);
+            ns.ip(&[
+                "link",
+                "add",
+                ROLE_IF,
+                "address",
+                &mac,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                switch.name(),
+            ])
+            .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
+            switch.ip(&["link", "set", port, "master", BRIDGE, "up"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{v4}/{LAB_V4_PREFIX}"),
+                "dev",
+                ROLE_IF,
+            ])?;
+            // nodad: the address is usable at once instead of after ~1 s of duplicate
+            // detection, and the lab owns the whole segment anyway.
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{v6}/{LAB_V6_PREFIX}"),
+                "dev",
+                ROLE_IF,
+                "nodad",
+            ])?;
+            ns.ip(&["link", "set", ROLE_IF, "up"])?;
+        }
+        for extra in legit_extra_v4() {
+            legit.ip(&[
+                "addr",
+                "add",
+                &format!("{extra}/{LAB_V4_PREFIX}"),
+                "dev",
+                ROLE_IF,
+            ])?;
+        }
+        server.ip(&[
+            "route",
+            "add",
+            &format!("{}/{}", SPOOF_NET.0, SPOOF_NET.1),
+            "via",
+            &ATTACKER_V4.to_string(),
+            "dev",
+            ROLE_IF,
+        ])?;
+
+        let lab = Self {
+            server,
+            legit,
+            attacker,
+            switch,
+        };
+        lab.check_connectivity()?;
+        Ok(lab)
+    }
+
+    /// The server's interface (inside `server`) that guard's XDP program attaches to.
+    pub fn server_if() -> &'static str {
+        ROLE_IF
+    }
+
+    /// The attacker's interface (inside `attacker`), for trafgen.
+    pub fn attacker_if() -> &'static str {
+        ROLE_IF
+    }
+
+    /// Every namespace of this lab.
+    pub fn namespaces(&self) -> [&Netns; 4] {
+        [&self.server, &self.legit, &self.attacker, &self.switch]
+    }
+
+    /// One bounded ping per path; an error names the path that does not work.
+    pub fn check_connectivity(&self) -> Result<()> {
+        let paths: [(&Netns, IpAddr); 4] = [
+            (&self.legit, SERVER_V4.into()),
+            (&self.legit, SERVER_V6.into()),
+            (&self.attacker, SERVER_V4.into()),
+            (&self.server, LEGIT_V4.into()),
+        ];
+        for (ns, dst) in paths {
+            ns.exec(&["ping", "-c", "1", "-W", "2", "-q", &dst.to_string()])
+                .with_context(|| format!("lab check: {} cannot ping {dst}", ns.name()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_stay_in_the_lab_ranges() {
+        let mut all: Vec<IpAddr> = vec![
+            SERVER_V4.into(),
+            SERVER_V6.into(),
+            LEGIT_V4.into(),
+            LEGIT_V6.into(),
+            ATTACKER_V4.into(),
+            ATTACKER_V6.into(),
+            SPOOF_NET.0.into(),
+        ];
+        all.extend(legit_extra_v4().into_iter().map(IpAddr::from));
+        for ip in all {
+            crate::wire::ensure_lab_ip(ip).unwrap();
+        }
+        assert_eq!(legit_extra_v4().len(), 8);
+        assert_eq!(fmt_mac(SERVER_MAC), "02:67:64:00:00:01");
+    }
+}

@@ -1,0 +1,190 @@
+//! Named network namespaces as RAII guards.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{ensure, Context, Result};
+
+use crate::process::run_checked;
+
+/// Every namespace this toolkit creates starts with this, so leftovers are easy to find.
+pub const NETNS_PREFIX: &str = "gd-";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace (`/run/netns/gd-<role>-<pid>-<n>`), deleted on drop.
+///
+/// The PID and a per-process counter make names unique across concurrent runs and within one.
+/// Deleting the namespace removes its interfaces (and so the peers of its veths); processes
+/// still inside keep it alive anonymously, which is why they are guarded by `ChildGuard`.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Creates `gd-<role>-<pid>-<n>`. `role` is 1–4 characters of `[a-z0-9]`, keeping names
+    /// short and unambiguous to parse.
+    pub fn new(role: &str) -> Result<Self> {
+        ensure!(
+            (1..=4).contains(&role.len())
+                && role
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "netns role {role:?} must be 1-4 characters of [a-z0-9]"
+        );
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{NETNS_PREFIX}{role}-{}-{n}", std::process::id());
+        run_checked(Command::new("ip").args(["netns", "add", &name]))
+            .with_context(|| format!("cannot create network namespace {name} (root needed)"))?;
+        let ns = Self {
+            path: Path::new("/run/netns").join(&name),
+            name,
+        };
+        // Loopback is down in a fresh namespace; local tools (and the agent's control socket
+        // tests) expect it up.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bind-mounted namespace file, for `nsenter --net=` or `setns(2)`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command that runs `program` inside this namespace.
+    ///
+    /// It goes through `nsenter --net=...`, not `ip netns exec`: the latter also remounts
+    /// /sys, which hides bpffs pins from a loader. Only the network namespace changes; the
+    /// program keeps the host's mounts (so /sys shows the host's devices, not the namespace's:
+    /// use `ip`/`ethtool`, which ask the kernel over netlink, to inspect interfaces).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path.display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `argv` inside the namespace; errors on non-zero exit; returns stdout.
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let (program, args) = argv.split_first().context("exec needs a program")?;
+        run_checked(self.command(program).args(args))
+            .with_context(|| format!("in netns {}", self.name))
+    }
+
+    /// Runs a shell script inside the namespace; errors on non-zero exit; returns stdout.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        run_checked(self.command("sh").args(["-c", script]))
+            .with_context(|| format!("in netns {}", self.name))
+    }
+
+    /// `ip -n NAME args...` (netlink into the namespace without entering it).
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run_checked(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Sets a sysctl for this namespace only. Only `net.*` keys are per-namespace, so anything
+    /// else is refused: it would change the host.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        ensure!(
+            key.starts_with("net."),
+            "sysctl {key} is not per-namespace; refusing to change the host"
+        );
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Reads a sysctl as this namespace sees it.
+    pub fn sysctl_get(&self, key: &str) -> Result<String> {
+        Ok(self.exec(&["sysctl", "-n", key])?.trim().to_string())
+    }
+
+    /// The MAC address of `iface` inside this namespace.
+    pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
+        let out = self.ip(&["-o", "link", "show", "dev", iface])?;
+        let text = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .with_context(|| format!("{iface} in {} has no Ethernet address", self.name))?;
+        parse_mac(text)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run_checked(Command::new("ip").args(["netns", "del", &self.name])) {
+            eprintln!("warning: cannot delete netns {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .with_context(|| format!("{text:?} is not a MAC address"))?;
+        *byte = u8::from_str_radix(part, 16)
+            .with_context(|| format!("{text:?} is not a MAC address"))?;
+    }
+    ensure!(parts.next().is_none(), "{text:?} is not a MAC address");
+    Ok(mac)
+}
+
+/// Namespaces and host-side links whose names start with `gd-`: what a clean run leaves none
+/// of. (Links inside a deleted namespace die with it; this looks at the host's.)
+pub fn leftovers() -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for line in run_checked(Command::new("ip").args(["netns", "list"]))?.lines() {
+        if let Some(name) = line.split_whitespace().next() {
+            if name.starts_with(NETNS_PREFIX) {
+                found.push(format!("netns {name}"));
+            }
+        }
+    }
+    for line in run_checked(Command::new("ip").args(["-o", "link", "show"]))?.lines() {
+        // "7: name@peer: <FLAGS> ..."
+        if let Some(name) = line.split(": ").nth(1) {
+            let name = name.split('@').next().unwrap_or(name);
+            if name.starts_with(NETNS_PREFIX) {
+                found.push(format!("link {name}"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("02:67:64:00:00:0a").unwrap(),
+            [2, 0x67, 0x64, 0, 0, 10]
+        );
+        assert!(parse_mac("02:67:64:00:00").is_err());
+        assert!(parse_mac("02:67:64:00:00:00:01").is_err());
+        assert!(parse_mac("zz:67:64:00:00:00").is_err());
+    }
+
+    #[test]
+    fn bad_roles_are_refused_before_touching_the_system() {
+        for role in ["", "toolong", "Srv", "a-b"] {
+            let err = Netns::new(role).unwrap_err().to_string();
+            assert!(err.contains("must be 1-4"), "{err}");
+        }
+    }
+}
