@@ -86,17 +86,16 @@ pub enum DatapathError {
     Config(#[from] guard_common::config::ConfigError),
 }
 
+/// Only EPERM means "not privileged": the verifier rejects programs with
+/// EACCES, and that must surface as the verifier's log, not as a hint to
+/// run as root.
 fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+            if io.raw_os_error() == Some(libc::EPERM) {
                 return true;
             }
-        }
-        let text = e.to_string();
-        if text.contains("Operation not permitted") || text.contains("Permission denied") {
-            return true;
         }
         cur = e.source();
     }
@@ -106,7 +105,7 @@ fn is_eperm(err: &(dyn std::error::Error + 'static)) -> bool {
 fn io_err(action: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
     let action = action.into();
     move |source| {
-        if matches!(source.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+        if source.raw_os_error() == Some(libc::EPERM) {
             DatapathError::NotPermitted { action }
         } else {
             DatapathError::Io { action, source }

@@ -9,6 +9,7 @@
 //! Errors are `anyhow` with context: every caller is a test or a developer command that
 //! prints them, and the context (which command, which namespace) is what a reader needs.
 
+pub mod frames;
 pub mod lab;
 pub mod measure;
 pub mod netns;
