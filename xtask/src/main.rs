@@ -1,1 +1,89 @@
-fn main() {}
+//! `cargo xtask`: what a build script should not do — machine setup, the
+//! privileged test run, the lab demo, benchmarks and live tuning.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "guard's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build, tests and lab need (idempotent).
+    Setup,
+    /// Run every test: host unit tests, then the privileged tests (root,
+    /// serially), then the deploy checks.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: {shown}");
+    let status = cmd.status().with_context(|| format!("spawn {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    if !is_root() {
+        bail!("the privileged tests load BPF programs and build network namespaces: run `sudo -E cargo xtask test`");
+    }
+    setup::setup()?;
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    let filter: Vec<String> = filter.into_iter().collect();
+    // Host tests: pure logic, parallel.
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--exclude", "guard-tests", "--all-features", "--"])
+        .args(&filter))?;
+    // Privileged tests share kernel state (namespaces, bpffs, interfaces):
+    // one at a time.
+    run(cargo()
+        .args(["test", "-p", "guard-tests", "--", "--test-threads=1"])
+        .args(&filter))?;
+    if filter.is_empty() {
+        run(Command::new("bash").arg(root.join("guard-user/deploy/check.sh")))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { filter } => test(filter),
+    }
+}
