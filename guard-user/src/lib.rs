@@ -4,3 +4,4 @@
 pub mod datapath;
 pub mod paths;
 pub mod testrun;
+pub mod control;

@@ -28,6 +28,9 @@ mod message;
 #[cfg(test)]
 mod tests;
 
+// `encode` writes into a `BytesMut`; re-exported so users need not pin their
+// own `bytes` to the same version.
+pub use bytes::BytesMut;
 pub use codec::{decode_frame, encode, FrameDecoder};
 pub use message::{BlockInfo, BlockOutcome, ErrorCode, Message, Request, Response};
 
