@@ -363,7 +363,7 @@ impl Backoff {
 
     fn next_delay(&mut self) -> Duration {
         let step = self.step;
-        self.step = (step * 2).min(self.max);
+        self.step = step.saturating_mul(2).min(self.max);
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;

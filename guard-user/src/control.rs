@@ -262,6 +262,9 @@ impl ControlServer {
     /// non-socket), binds, and applies mode and group.
     pub fn bind(cfg: ControlServerConfig) -> Result<Self, ControlError> {
         let path = cfg.path.clone();
+        // Before anything touches the file system, so a typo leaves nothing
+        // behind.
+        let gid = cfg.group.as_deref().map(resolve_group).transpose()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -278,30 +281,15 @@ impl ControlServer {
                 path: path.clone(),
                 source,
             })?;
-        let gid = cfg.group.as_deref().map(resolve_group).transpose()?;
-        if let Some(gid) = gid {
-            std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|source| {
-                ControlError::Chown {
-                    path: path.clone(),
-                    gid,
-                    source,
-                }
-            })?;
-        }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(cfg.mode)).map_err(
-            |source| ControlError::Chmod {
-                path: path.clone(),
-                mode: cfg.mode,
-                source,
-            },
-        )?;
-        let meta = std::fs::metadata(&path).map_err(|source| ControlError::Stale {
-            path: path.clone(),
-            source,
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(ControlError::Runtime)?;
+        let meta = match restrict(&path, cfg.mode, gid, &listener) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // A socket with the wrong owner or mode must not stay behind
+                // for someone else to find.
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let policy = Policy {
             // SAFETY: geteuid has no preconditions and cannot fail.
             agent_uid: unsafe { libc::geteuid() },
@@ -406,6 +394,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ControlError> {
     ControlServer::bind(cfg)?.serve(handler, shutdown).await
+}
+
+/// Applies group and mode to a freshly bound socket; returns its metadata.
+fn restrict(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+    listener: &std::os::unix::net::UnixListener,
+) -> Result<std::fs::Metadata, ControlError> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ControlError::Chown {
+            path: path.to_path_buf(),
+            gid,
+            source,
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ControlError::Chmod {
+            path: path.to_path_buf(),
+            mode,
+            source,
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ControlError::Runtime)?;
+    std::fs::metadata(path).map_err(|source| ControlError::Stale {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {

@@ -650,6 +650,11 @@ fn backoff_doubles_with_jitter_up_to_the_cap() {
         let d = b.next_delay();
         assert!(d >= min / 2 && d <= min, "{d:?} after reset");
     }
+    // Absurd settings saturate instead of overflowing.
+    let mut b = Backoff::new(Duration::MAX, Duration::MAX, 3);
+    for _ in 0..3 {
+        assert!(b.next_delay() >= Duration::MAX / 2);
+    }
     // Jitter actually varies.
     let mut b = Backoff::new(max, max, 7);
     let delays: std::collections::BTreeSet<_> = (0..8).map(|_| b.next_delay()).collect();

@@ -518,6 +518,7 @@ async fn an_unknown_group_fails_bind_with_a_hint() {
     cfg.group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
     assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
+    assert!(!dir.sock().exists(), "no socket is left behind");
 }
 
 #[tokio::test]
