@@ -11,7 +11,7 @@ use warp::http::{header, HeaderValue, StatusCode};
 use warp::reject::{Reject, Rejection};
 use warp::reply::{Reply, Response};
 
-use super::metrics::{ConnKind, RejectReason};
+use super::metrics::{CloseReason, ConnKind, RejectReason};
 use super::{Guard, Limits, Peer};
 use crate::addr::Prefix;
 use crate::bucket::{TokenBucket, NANO_TOKENS};
@@ -91,6 +91,9 @@ pub struct Permit {
     peer: Peer,
     source: Prefix,
     identity: Option<u64>,
+    /// Counted when the permit goes, so every admitted connection is
+    /// counted closed exactly once, including ones that never started.
+    pub(crate) close_reason: CloseReason,
 }
 
 impl Permit {
@@ -122,6 +125,7 @@ impl Drop for Permit {
         }
         drop(t);
         inner.metrics.open(self.kind).dec();
+        inner.metrics.closed(self.close_reason).inc();
     }
 }
 
@@ -340,6 +344,7 @@ impl Guard {
             peer: peer.clone(),
             source,
             identity,
+            close_reason: CloseReason::Normal,
         })
     }
 

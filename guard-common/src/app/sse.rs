@@ -238,7 +238,6 @@ impl Drop for Subscriber {
             s.closed = true;
             s.items.clear();
         }
-        let metrics = &self.permit.guard().inner.metrics;
-        metrics.closed(self.close_reason).inc();
+        self.permit.close_reason = self.close_reason;
     }
 }

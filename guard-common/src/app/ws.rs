@@ -717,8 +717,7 @@ impl Stream for GuardedWebSocket {
 impl Drop for GuardedWebSocket {
     fn drop(&mut self) {
         self.out.close();
-        let metrics = &self.permit.guard().inner.metrics;
-        metrics.closed(self.close_reason).inc();
+        self.permit.close_reason = self.close_reason;
     }
 }
 
