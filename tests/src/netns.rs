@@ -1,6 +1,7 @@
 //! Named network namespaces as RAII guards.
 
 use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -105,6 +106,27 @@ impl Netns {
     /// Reads a sysctl as this namespace sees it.
     pub fn sysctl_get(&self, key: &str) -> Result<String> {
         Ok(self.exec(&["sysctl", "-n", key])?.trim().to_string())
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (`setns(2)`), so sockets it opens
+    /// live there. Only that thread moves; the caller's thread stays where it was.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = std::fs::File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a valid namespace fd; it changes only this thread, which
+                // ends when `f` returns.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("cannot enter netns {}", self.name));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("a thread inside netns {} panicked", self.name))?
+        })
     }
 
     /// The MAC address of `iface` inside this namespace.

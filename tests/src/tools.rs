@@ -67,17 +67,18 @@ pub struct Flood {
     child: ChildGuard,
     /// How long `wait` lets it run before stopping it: its own bound plus slack.
     budget: Duration,
-    _dir: Option<TempDir>,
+    /// Config and statistics files; removed with the handle.
+    dir: Option<TempDir>,
 }
 
 /// What a finished attack reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FloodReport {
     pub tool: Tool,
-    /// Packets sent (hping3, trafgen) or connections opened (slowhttptest's last `connected`
-    /// count), when the tool printed it.
+    /// Packets sent (hping3, trafgen) or the most connections slowhttptest held open at
+    /// once, when the tool reported it.
     pub sent: Option<u64>,
-    /// slowhttptest's verdict from its last status block.
+    /// slowhttptest's last verdict on whether its probe connection still got an answer.
     pub service_available: Option<bool>,
     /// Everything it printed, for diagnostics.
     pub output: String,
@@ -96,25 +97,32 @@ impl Flood {
     /// printed. Fails if the tool failed before sending anything.
     pub fn wait(self) -> Result<FloodReport> {
         let done = self.child.wait_timeout(self.budget)?;
-        parse_report(self.tool, &done)
+        parse_report(self.tool, &done, self.dir.as_ref())
     }
 
     /// Stops it early (SIGINT: the tools still print their statistics).
     pub fn stop(self) -> Result<FloodReport> {
         let done = self.child.stop()?;
-        parse_report(self.tool, &done)
+        parse_report(self.tool, &done, self.dir.as_ref())
     }
 }
 
-fn parse_report(tool: Tool, done: &Finished) -> Result<FloodReport> {
+fn parse_report(tool: Tool, done: &Finished, dir: Option<&TempDir>) -> Result<FloodReport> {
     let output = format!("{}{}", done.stdout, done.stderr);
     let (sent, service_available) = match tool {
         Tool::Hping3 => (parse_hping3_sent(&output), None),
         Tool::Trafgen => (parse_trafgen_sent(&output), None),
-        Tool::Slowhttptest => match parse_slowhttptest(&output) {
-            Some(s) => (Some(s.connected), Some(s.service_available)),
-            None => (None, None),
-        },
+        Tool::Slowhttptest => {
+            // Its terminal output only has a status every 5 s; the per-second CSV is complete.
+            let csv = dir
+                .map(|d| d.path().join(format!("{SLOW_STATS}.csv")))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            match parse_slowhttptest_csv(&csv) {
+                Some(s) => (Some(s.peak_connected), Some(s.service_available)),
+                None => (None, None),
+            }
+        }
     };
     // A tool that exited non-zero without its statistics never ran its attack (bad option,
     // no permission, missing interface): that must fail the caller, not read as "0 sent".
@@ -208,7 +216,7 @@ pub fn hping3_syn_flood(
         tool: Tool::Hping3,
         child: ChildGuard::spawn("hping3", &mut cmd)?,
         budget: Duration::from_secs(u64::from(secs) + 5),
-        _dir: None,
+        dir: None,
     })
 }
 
@@ -322,7 +330,7 @@ pub fn trafgen_random_sources(
         tool: Tool::Trafgen,
         child: ChildGuard::spawn("trafgen", &mut cmd)?,
         budget: Duration::from_secs(u64::from(secs) + 5),
-        _dir: Some(dir),
+        dir: Some(dir),
     })
 }
 
@@ -336,6 +344,9 @@ pub fn parse_trafgen_sent(output: &str) -> Option<u64> {
     })
 }
 
+/// File prefix of slowhttptest's statistics in the flood's temp dir.
+const SLOW_STATS: &str = "slow";
+
 /// A slowloris attack (slow headers) with slowhttptest from `ns` against `url`: `conns`
 /// connections opened at up to 200/s, each trickling a header every 10 s, for `secs` seconds.
 pub fn slowhttptest(ns: &Netns, url: &str, conns: u32, secs: u32) -> Result<Flood> {
@@ -345,62 +356,64 @@ pub fn slowhttptest(ns: &Netns, url: &str, conns: u32, secs: u32) -> Result<Floo
         (1..=65_000).contains(&conns),
         "{conns} connections must be 1..=65000"
     );
+    let dir = TempDir::new("slow")?;
     let mut cmd = bounded(ns, secs + 3, None);
     cmd.args(["slowhttptest", "-H", "-c", &conns.to_string()])
         .args(["-r", &conns.min(200).to_string()])
         .args(["-i", "10", "-x", "24", "-p", "3"])
-        .args(["-l", &secs.to_string(), "-u", url]);
+        .args(["-l", &secs.to_string(), "-u", url, "-g", "-o"])
+        .arg(dir.path().join(SLOW_STATS));
     Ok(Flood {
         tool: Tool::Slowhttptest,
         child: ChildGuard::spawn("slowhttptest", &mut cmd)?,
         budget: Duration::from_secs(u64::from(secs) + 8),
-        _dir: None,
+        dir: Some(dir),
     })
 }
 
-/// One of slowhttptest's status blocks.
+/// What slowhttptest's per-second statistics say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlowStatus {
-    pub pending: u64,
+    /// Most connections open at once.
+    pub peak_connected: u64,
+    /// The last second's counts.
     pub connected: u64,
-    pub error: u64,
+    pub pending: u64,
     pub closed: u64,
+    /// Whether its probe connection still got an answer in the last second.
     pub service_available: bool,
 }
 
-/// The last complete status block slowhttptest printed ("pending: N", "connected: N", ...,
-/// "service available: YES|NO").
-pub fn parse_slowhttptest(output: &str) -> Option<SlowStatus> {
-    let mut last = None;
-    let mut cur: [Option<u64>; 4] = [None; 4];
-    for line in output.lines() {
-        let Some((key, value)) = line.trim().split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        let slot = match key.trim() {
-            "pending" => 0,
-            "connected" => 1,
-            "error" => 2,
-            "closed" => 3,
-            "service available" => {
-                if let [Some(p), Some(c), Some(e), Some(cl)] = cur {
-                    last = Some(SlowStatus {
-                        pending: p,
-                        connected: c,
-                        error: e,
-                        closed: cl,
-                        service_available: value.eq_ignore_ascii_case("yes"),
-                    });
-                }
-                cur = [None; 4];
-                continue;
-            }
-            _ => continue,
-        };
-        cur[slot] = value.parse().ok();
+/// Parses slowhttptest's `-g` CSV: "Seconds,Closed,Pending,Connected,Service Available", one
+/// row per second; "Service Available" is 0 when its probe got no answer.
+pub fn parse_slowhttptest_csv(csv: &str) -> Option<SlowStatus> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.split(',').map(str::trim).collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (closed, pending, connected, avail) = (
+        col("Closed")?,
+        col("Pending")?,
+        col("Connected")?,
+        col("Service Available")?,
+    );
+    let mut out: Option<SlowStatus> = None;
+    for line in lines {
+        let row: Vec<u64> = line
+            .split(',')
+            .map(|v| v.trim().parse())
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let get = |i: usize| row.get(i).copied();
+        let now = get(connected)?;
+        out = Some(SlowStatus {
+            peak_connected: out.map_or(now, |o| o.peak_connected.max(now)),
+            connected: now,
+            pending: get(pending)?,
+            closed: get(closed)?,
+            service_available: get(avail)? > 0,
+        });
     }
-    last
+    out
 }
 
 #[cfg(test)]
@@ -428,20 +441,31 @@ mod tests {
     }
 
     #[test]
-    fn slowhttptest_last_block_wins() {
-        let out = "slow HTTP test status on 5th second:\n\ninitializing:        0\npending:             3\nconnected:           40\nerror:               0\nclosed:              7\nservice available:   YES\n\
-                   slow HTTP test status on 10th second:\n\ninitializing:        0\npending:             0\nconnected:           50\nerror:               1\nclosed:              9\nservice available:   NO\n";
+    fn slowhttptest_csv() {
+        let csv = "Seconds,Closed,Pending,Connected,Service Available\n\
+                   0,0,1,0,20\n1,0,0,20,20\n2,3,0,17,0\n";
         assert_eq!(
-            parse_slowhttptest(out),
+            parse_slowhttptest_csv(csv),
             Some(SlowStatus {
+                peak_connected: 20,
+                connected: 17,
                 pending: 0,
-                connected: 50,
-                error: 1,
-                closed: 9,
+                closed: 3,
                 service_available: false
             })
         );
-        assert_eq!(parse_slowhttptest("nothing here"), None);
+        assert_eq!(parse_slowhttptest_csv(""), None);
+        assert_eq!(
+            parse_slowhttptest_csv("Seconds,Closed,Pending,Connected,Service Available\n"),
+            None
+        );
+        assert_eq!(parse_slowhttptest_csv("a,b\n1,2\n"), None);
+        assert_eq!(
+            parse_slowhttptest_csv(
+                "Seconds,Closed,Pending,Connected,Service Available\n1,x,0,0,0\n"
+            ),
+            None
+        );
     }
 
     #[test]

@@ -639,9 +639,14 @@ async fn chat_session(
                     reason: "lab-client done".into(),
                 }));
                 if tx.send(bye).await.is_ok() {
-                    // Wait (bounded) for the server's close reply so it sees a clean close.
+                    // Wait (bounded) for the server's close reply so it sees a clean close;
+                    // replies to messages sent just before still count.
                     let _ = timeout(Duration::from_secs(1), async {
-                        while let Some(Ok(_)) = rx.next().await {}
+                        while let Some(Ok(msg)) = rx.next().await {
+                            if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+                                r.borrow_mut().received += 1;
+                            }
+                        }
                     })
                     .await;
                 }
