@@ -209,15 +209,21 @@ pub fn app(guard: &Guard, feed: SseHub) -> BoxedFilter<(HttpResponse,)> {
         });
     let echo = warp::path("echo")
         .and(guard.websocket())
+        .map(|up: WsUpgrade| up.on_upgrade(echo_loop));
+    // Echo of JSON-looking messages only.
+    let json = warp::path("json")
+        .and(guard.websocket())
         .map(|up: WsUpgrade| {
-            up.on_upgrade(|mut ws: GuardedWebSocket| async move {
-                while let Some(msg) = ws.next().await {
-                    if ws.send(msg).is_err() {
-                        break;
-                    }
-                }
+            up.validate(|m| match m.as_bytes().first() {
+                Some(b'{') => Ok(()),
+                _ => Err("not a JSON object".into()),
             })
+            .on_upgrade(echo_loop)
         });
+    // Echo, with limits keyed by the `x-user` header as well.
+    let ident = warp::path("ident")
+        .and(guard.websocket_with_identity(warp::header::optional::<String>("x-user")))
+        .map(|up: WsUpgrade| up.on_upgrade(echo_loop));
     let events = warp::path("events")
         .and(guard.sse())
         .map(move |sub: SseSubscription| {
@@ -228,11 +234,40 @@ pub fn app(guard: &Guard, feed: SseHub) -> BoxedFilter<(HttpResponse,)> {
     chat.map(Reply::into_response)
         .or(echo.map(Reply::into_response))
         .unify()
+        .or(json.map(Reply::into_response))
+        .unify()
+        .or(ident.map(Reply::into_response))
+        .unify()
         .or(events.map(Reply::into_response))
         .unify()
         .recover(guard_common::app::recover)
         .unify()
         .boxed()
+}
+
+pub async fn echo_loop(mut ws: GuardedWebSocket) {
+    while let Some(msg) = ws.next().await {
+        if ws.send(msg).is_err() {
+            break;
+        }
+    }
+}
+
+/// A guard for tests: loopback is the trusted proxy (clients name their
+/// address in `X-Forwarded-For`), with an agent client if `agent` is set.
+pub fn guard(
+    limits: guard_common::app::Limits,
+    registry: &prometheus::Registry,
+    agent: Option<guard_common::client::ClientConfig>,
+) -> Guard {
+    let mut b = Guard::builder()
+        .limits(limits)
+        .registry(registry)
+        .trusted_proxies(["127.0.0.1".parse().unwrap()]);
+    if let Some(cfg) = agent {
+        b = b.agent(guard_common::client::AgentClient::spawn(cfg));
+    }
+    b.build().unwrap()
 }
 
 /// SSE subscribers of the test app.
@@ -276,13 +311,15 @@ pub async fn ws_connect(addr: SocketAddr, path: &str, ip: &str, user: Option<&st
     ws
 }
 
-/// Reads until the server's close frame; its code (None if the
+/// Reads until the server's close frame; its code and reason (None if the
 /// connection ended without one).
-pub async fn close_code(ws: &mut Client) -> Option<CloseCode> {
+pub async fn close_frame(ws: &mut Client) -> Option<(CloseCode, String)> {
     within("the close frame", async {
         while let Some(msg) = ws.next().await {
             match msg {
-                Ok(WsMessage::Close(frame)) => return frame.map(|f| f.code),
+                Ok(WsMessage::Close(frame)) => {
+                    return frame.map(|f| (f.code, f.reason.as_str().to_owned()))
+                }
                 Ok(_) => {}
                 Err(_) => return None,
             }
