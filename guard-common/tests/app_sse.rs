@@ -1,0 +1,234 @@
+//! Guarded SSE against real HTTP clients (raw sockets reading the event
+//! stream).
+#![cfg(feature = "warp")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    contains, eventually, head, metric, read_until, serve, sse_connect, FakeAgent, SseHub, TestDir,
+};
+use guard_common::addr::Prefix;
+use guard_common::app::{Limits, SlowConsumerPolicy};
+use guard_common::client::ClientConfig;
+use guard_common::state::reason;
+use prometheus::Registry;
+
+/// Every `retry:` value (ms) in `buf`.
+fn retries(buf: &[u8]) -> Vec<u64> {
+    let text = String::from_utf8_lossy(buf);
+    text.match_indices("retry:")
+        .map(|(i, _)| {
+            let digits: String = text[i + 6..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_gets_a_jittered_retry_events_and_keep_alives() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            sse_retry_base: Duration::from_secs(1),
+            sse_retry_jitter: Duration::from_secs(2),
+            sse_keep_alive: Duration::from_millis(50),
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let hub = SseHub::default();
+    let addr = serve(common::app(&guard, hub.clone())).await;
+    let mut s = sse_connect(addr, "198.18.20.1").await;
+    let mut buf = Vec::new();
+    assert!(read_until(&mut s, &mut buf, "retry:").await);
+    let h = head(&buf).to_ascii_lowercase();
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    assert!(h.contains("content-type: text/event-stream"), "{h}");
+    eventually("the subscriber to join", || hub.len() == 1).await;
+    assert_eq!(hub.send("hello"), 1);
+    assert!(read_until(&mut s, &mut buf, "data:hello\n").await);
+    // An empty comment after 50 ms of silence.
+    assert!(read_until(&mut s, &mut buf, "\r\n:\n\n\r\n").await);
+    let r = retries(&buf);
+    assert_eq!(r.len(), 1, "one greeting");
+    assert!((1000..=3000).contains(&r[0]), "retry {}", r[0]);
+    assert_eq!(
+        metric(&registry, r#"guard_app_connections_open{kind="sse"}"#),
+        1.0
+    );
+
+    // Gone clients are found (at the latest by the next keep-alive) and
+    // their slots freed.
+    drop(s);
+    eventually("the slot of a gone subscriber", || {
+        guard.open_connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_service_or_source_is_refused_over_http() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            per_ip_max_connections: 1,
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let addr = serve(common::app(&guard, SseHub::default())).await;
+    let mut first = sse_connect(addr, "198.18.21.1").await;
+    let mut buf = Vec::new();
+    assert!(read_until(&mut first, &mut buf, "retry:").await);
+    let mut second = sse_connect(addr, "198.18.21.1").await;
+    let mut buf = Vec::new();
+    assert!(read_until(&mut second, &mut buf, "\r\n\r\n").await);
+    let h = head(&buf).to_ascii_lowercase();
+    assert!(h.starts_with("http/1.1 429"), "{h}");
+    assert!(h.contains("retry-after: 10"), "{h}");
+}
+
+/// Pushes numbered 16 KiB events until the hub has no subscriber left or
+/// `count` went out; then "last" if anyone is still there.
+async fn firehose(hub: &SseHub, count: usize) {
+    let pad = "x".repeat(16 * 1024);
+    for i in 0..count {
+        if hub.send(&format!("{i:08} {pad}")) == 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    hub.send("last");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_is_evicted_and_told_when_to_come_back() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            sse_buffer: 4,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
+            sse_retry_base: Duration::from_secs(5),
+            sse_retry_jitter: Duration::from_secs(5),
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let hub = SseHub::default();
+    let addr = serve(common::app(&guard, hub.clone())).await;
+    // Subscribes and does not read.
+    let mut s = sse_connect(addr, "198.18.22.1").await;
+    eventually("the subscriber to join", || hub.len() == 1).await;
+    firehose(&hub, 100_000).await;
+    assert_eq!(hub.len(), 0, "the evicted subscriber refuses events");
+    eventually("the eviction to be counted", || {
+        metric(&registry, "guard_app_sse_evictions_total") == 1.0
+    })
+    .await;
+    eventually("the evicted subscriber's slot", || {
+        guard.open_connections() == 0
+    })
+    .await;
+
+    // What the client finally reads ends with the eviction and the end of
+    // the response.
+    let mut buf = Vec::new();
+    assert!(read_until(&mut s, &mut buf, "event:evicted\n").await);
+    assert!(read_until(&mut s, &mut buf, "\r\n0\r\n\r\n").await);
+    let tail = &buf[buf.len() - 200..];
+    assert!(contains(tail, "event:evicted"));
+    let r = retries(&buf);
+    assert_eq!(r.len(), 2, "greeting and eviction");
+    assert!(r.iter().all(|ms| (5000..=10_000).contains(ms)), "{r:?}");
+    assert_eq!(
+        metric(
+            &registry,
+            r#"guard_app_connections_closed_total{reason="slow_consumer"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"guard_app_messages_dropped_total{reason="slow_consumer"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_can_lose_old_events_instead() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            sse_buffer: 4,
+            slow_consumer_policy: SlowConsumerPolicy::DropOldest,
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let hub = SseHub::default();
+    let addr = serve(common::app(&guard, hub.clone())).await;
+    let mut s = sse_connect(addr, "198.18.23.1").await;
+    eventually("the subscriber to join", || hub.len() == 1).await;
+    let count = 3000;
+    firehose(&hub, count).await;
+    assert_eq!(hub.len(), 1, "still subscribed");
+
+    let mut buf = Vec::new();
+    assert!(read_until(&mut s, &mut buf, "data:last\n").await);
+    let text = String::from_utf8_lossy(&buf);
+    let numbers: Vec<usize> = text
+        .match_indices("data:")
+        .filter_map(|(i, _)| text.get(i + 5..i + 13)?.parse().ok())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "in order");
+    let dropped = metric(
+        &registry,
+        r#"guard_app_messages_dropped_total{reason="slow_consumer"}"#,
+    );
+    assert!(dropped > 0.0);
+    assert_eq!(numbers.len() + dropped as usize, count);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_counted_and_reported_once() {
+    let dir = TestDir::new("storm");
+    let mut agent = FakeAgent::start(&dir.sock());
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            storm_threshold: 5,
+            storm_window: Duration::from_secs(3600),
+            per_ip_connect_burst: 1000,
+            ..Limits::default()
+        },
+        &registry,
+        Some(ClientConfig::new(dir.sock(), "test-app")),
+    );
+    let addr = serve(common::app(&guard, SseHub::default())).await;
+    let before = common::unix_ns_now();
+    for _ in 0..12 {
+        let mut s = sse_connect(addr, "198.18.24.7").await;
+        let mut buf = Vec::new();
+        assert!(read_until(&mut s, &mut buf, "retry:").await);
+    }
+    let block = agent.next_block().await;
+    assert_eq!(block.prefix, "198.18.24.7/32".parse::<Prefix>().unwrap());
+    assert_eq!(block.reason, reason::RECONNECT_STORM);
+    assert!(block.detected_at_unix_ns >= before);
+    assert_eq!(metric(&registry, "guard_app_reconnect_storms_total"), 1.0);
+    eventually("the report to be acknowledged", || {
+        guard.reports_sent() == 1
+    })
+    .await;
+}
