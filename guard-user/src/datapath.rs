@@ -14,19 +14,19 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
+    programs::xdp::XdpLink,
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
-    programs::xdp::XdpLink,
     Ebpf, EbpfLoader,
 };
 use guard_common::{
     addr::Prefix,
     maps as names,
-    stats::{Stat, STAT_SLOTS},
     state::AllowEntry,
+    stats::{Stat, STAT_SLOTS},
     Addr, BlockEntry, LiveConfig, SourceState,
 };
 use log::{info, warn};
@@ -48,7 +48,9 @@ pub enum DatapathError {
     NoSuchInterface(String),
     #[error("interface `{0}` already has an XDP program that guard did not attach (see `ip link show {0}`): remove it, or run guard with `--attach tc`")]
     ForeignProgram(String),
-    #[error("interface `{iface}` supports neither native nor generic XDP ({source}); try `--attach tc`")]
+    #[error(
+        "interface `{iface}` supports neither native nor generic XDP ({source}); try `--attach tc`"
+    )]
     XdpUnsupported {
         iface: String,
         #[source]
@@ -144,9 +146,7 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
         names::CONFIG => (T::Array, 4, size_of::<LiveConfig>() as u32),
         names::STATS => (T::PerCpuArray, 4, 8),
         names::PORTS => (T::Array, 4, 1),
-        names::SOURCES | names::AGGREGATES => {
-            (T::LruHash, 16, size_of::<SourceState>() as u32)
-        }
+        names::SOURCES | names::AGGREGATES => (T::LruHash, 16, size_of::<SourceState>() as u32),
         names::ALLOW => (T::LpmTrie, lpm_key, size_of::<AllowEntry>() as u32),
         names::BLOCK => (T::LpmTrie, lpm_key, size_of::<BlockEntry>() as u32),
         names::EVENTS => (T::RingBuf, 0, 0),
@@ -169,7 +169,9 @@ pub fn check_bpffs(path: &Path) -> Result<(), DatapathError> {
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
         return Err(DatapathError::BpffsMissing(
-            if probe.as_os_str().is_empty() || probe == Path::new("/") || probe == Path::new("/sys/fs")
+            if probe.as_os_str().is_empty()
+                || probe == Path::new("/")
+                || probe == Path::new("/sys/fs")
             {
                 PathBuf::from(BPFFS_ROOT)
             } else {
@@ -195,11 +197,19 @@ pub fn check_layout(layout: &PinLayout) -> Result<(), DatapathError> {
         if !path.exists() {
             continue;
         }
-        let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map { name, source })?;
-        let info = data.info().map_err(|source| DatapathError::Map { name, source })?;
+        let data =
+            MapData::from_pin(&path).map_err(|source| DatapathError::Map { name, source })?;
+        let info = data
+            .info()
+            .map_err(|source| DatapathError::Map { name, source })?;
         let (ty, key, value) = expected_shape(name).expect("every pinned map has a shape");
-        let actual_ty = info.map_type().map_err(|source| DatapathError::Map { name, source })?;
-        if actual_ty != ty || (ty != aya::maps::MapType::RingBuf && (info.key_size() != key || info.value_size() != value)) {
+        let actual_ty = info
+            .map_type()
+            .map_err(|source| DatapathError::Map { name, source })?;
+        if actual_ty != ty
+            || (ty != aya::maps::MapType::RingBuf
+                && (info.key_size() != key || info.value_size() != value))
+        {
             return Err(DatapathError::IncompatiblePin {
                 path,
                 root: layout.root().to_path_buf(),
@@ -233,7 +243,8 @@ fn open_pinned<T>(layout: &PinLayout, name: &'static str) -> Result<T, DatapathE
 where
     T: TryFrom<Map, Error = MapError>,
 {
-    let data = MapData::from_pin(layout.map(name)).map_err(|source| DatapathError::Map { name, source })?;
+    let data = MapData::from_pin(layout.map(name))
+        .map_err(|source| DatapathError::Map { name, source })?;
     let map = Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -295,14 +306,20 @@ impl GuardMaps {
     pub fn stat_totals(&self) -> Result<[u64; STAT_SLOTS as usize], DatapathError> {
         let mut out = [0u64; STAT_SLOTS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let values = self.stats.get(&(i as u32), 0).map_err(map_err(names::STATS))?;
+            let values = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(names::STATS))?;
             *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
         }
         Ok(out)
     }
 
     pub fn stat(&self, stat: Stat) -> Result<u64, DatapathError> {
-        let values = self.stats.get(&stat.index(), 0).map_err(map_err(names::STATS))?;
+        let values = self
+            .stats
+            .get(&stat.index(), 0)
+            .map_err(map_err(names::STATS))?;
         Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
     }
 
@@ -311,7 +328,10 @@ impl GuardMaps {
         let want: std::collections::HashSet<u16> = ports.iter().copied().collect();
         for port in 0..=u16::MAX {
             let wanted = want.contains(&port) as u8;
-            let current = self.ports.get(&(port as u32), 0).map_err(map_err(names::PORTS))?;
+            let current = self
+                .ports
+                .get(&(port as u32), 0)
+                .map_err(map_err(names::PORTS))?;
             if current != wanted {
                 self.ports
                     .set(port as u32, wanted, 0)
@@ -331,7 +351,11 @@ impl GuardMaps {
         Ok(out)
     }
 
-    pub fn insert_block(&mut self, prefix: &Prefix, entry: &BlockEntry) -> Result<(), DatapathError> {
+    pub fn insert_block(
+        &mut self,
+        prefix: &Prefix,
+        entry: &BlockEntry,
+    ) -> Result<(), DatapathError> {
         self.block
             .insert(&key_of(prefix), entry, 0)
             .map_err(map_err(names::BLOCK))
@@ -355,13 +379,20 @@ impl GuardMaps {
     pub fn get_block(&self, prefix: &Prefix) -> Option<BlockEntry> {
         // LPM lookups return the longest match; we want this exact prefix.
         let entry = self.block.get(&key_of(prefix), 0).ok()?;
-        self.blocks().ok()?.into_iter().find(|(p, _)| p == prefix).map(|_| entry)
+        self.blocks()
+            .ok()?
+            .into_iter()
+            .find(|(p, _)| p == prefix)
+            .map(|_| entry)
     }
 
     pub fn blocks(&self) -> Result<Vec<(Prefix, BlockEntry)>, DatapathError> {
         self.block
             .iter()
-            .map(|r| r.map(|(k, v)| (prefix_of(&k), v)).map_err(map_err(names::BLOCK)))
+            .map(|r| {
+                r.map(|(k, v)| (prefix_of(&k), v))
+                    .map_err(map_err(names::BLOCK))
+            })
             .collect()
     }
 
@@ -588,7 +619,11 @@ impl Datapath {
 
     /// Attaches to `iface`; with a pin layout the link is pinned, and a link
     /// pinned by an earlier run is updated in place instead.
-    pub fn attach(&mut self, iface: &str, request: AttachRequest) -> Result<AttachKind, DatapathError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        request: AttachRequest,
+    ) -> Result<AttachKind, DatapathError> {
         if nix_if_index(iface).is_none() {
             return Err(DatapathError::NoSuchInterface(iface.to_string()));
         }
@@ -603,8 +638,12 @@ impl Datapath {
             None => Vec::new(),
         };
         let kind = match request {
-            AttachRequest::XdpNative => self.attach_kind(iface, AttachKind::XdpNative, &existing)?,
-            AttachRequest::XdpGeneric => self.attach_kind(iface, AttachKind::XdpGeneric, &existing)?,
+            AttachRequest::XdpNative => {
+                self.attach_kind(iface, AttachKind::XdpNative, &existing)?
+            }
+            AttachRequest::XdpGeneric => {
+                self.attach_kind(iface, AttachKind::XdpGeneric, &existing)?
+            }
             AttachRequest::Tc => self.attach_kind(iface, AttachKind::Tc, &existing)?,
             AttachRequest::Xdp => match self.attach_kind(iface, AttachKind::XdpNative, &existing) {
                 Ok(kind) => kind,
@@ -627,7 +666,11 @@ impl Datapath {
         // leaves no gap.
         for (other, path) in &existing {
             if *other != kind && !(other.is_xdp() && kind.is_xdp()) {
-                info!("removing the {} link on {iface}: replaced by {}", other.pin_tag(), kind.pin_tag());
+                info!(
+                    "removing the {} link on {iface}: replaced by {}",
+                    other.pin_tag(),
+                    kind.pin_tag()
+                );
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -649,11 +692,13 @@ impl Datapath {
                     let fd_link: FdLink = pinned.into();
                     match kind {
                         AttachKind::XdpNative | AttachKind::XdpGeneric => {
-                            let link = XdpLink::try_from(fd_link).map_err(|e| DatapathError::Io {
-                                action: format!("adopt link {}", path.display()),
-                                source: io::Error::other(e.to_string()),
-                            })?;
-                            let prog: &mut Xdp = self.program_mut(kind).try_into().map_err(attach_err)?;
+                            let link =
+                                XdpLink::try_from(fd_link).map_err(|e| DatapathError::Io {
+                                    action: format!("adopt link {}", path.display()),
+                                    source: io::Error::other(e.to_string()),
+                                })?;
+                            let prog: &mut Xdp =
+                                self.program_mut(kind).try_into().map_err(attach_err)?;
                             let id = prog.attach_to_link(link).map_err(attach_err)?;
                             // Keep the link alive past this program object:
                             // the pin holds it.
@@ -661,9 +706,11 @@ impl Datapath {
                             drop(link);
                         }
                         AttachKind::Tc => {
-                            let link = SchedClassifierLink::try_from(fd_link).map_err(|e| DatapathError::Io {
-                                action: format!("adopt link {}", path.display()),
-                                source: io::Error::other(e.to_string()),
+                            let link = SchedClassifierLink::try_from(fd_link).map_err(|e| {
+                                DatapathError::Io {
+                                    action: format!("adopt link {}", path.display()),
+                                    source: io::Error::other(e.to_string()),
+                                }
                             })?;
                             let prog: &mut SchedClassifier =
                                 self.program_mut(kind).try_into().map_err(attach_err)?;
@@ -672,11 +719,17 @@ impl Datapath {
                             drop(link);
                         }
                     }
-                    info!("{iface}: updated the pinned {} link to the new program (no detach)", kind.pin_tag());
+                    info!(
+                        "{iface}: updated the pinned {} link to the new program (no detach)",
+                        kind.pin_tag()
+                    );
                     return Ok(kind);
                 }
                 Err(e) => {
-                    warn!("{iface}: pinned link {} is unusable ({e}); attaching anew", path.display());
+                    warn!(
+                        "{iface}: pinned link {} is unusable ({e}); attaching anew",
+                        path.display()
+                    );
                     let _ = std::fs::remove_file(path);
                 }
             }
@@ -711,17 +764,18 @@ impl Datapath {
             AttachKind::Tc => {
                 let prog: &mut SchedClassifier =
                     self.program_mut(kind).try_into().map_err(attach_err)?;
-                let id = prog.attach(iface, TcAttachType::Ingress).map_err(attach_err)?;
+                let id = prog
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
                 if layout.is_none() {
                     return Ok(kind);
                 }
-                prog.take_link(id)
-                    .map_err(attach_err)?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
+                prog.take_link(id).map_err(attach_err)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| DatapathError::Io {
                         action: format!("pin the tc link on {iface} (needs tcx, Linux >= 6.6)"),
                         source: io::Error::other(e.to_string()),
-                    })?
+                    },
+                )?
             }
         };
         if let Some(layout) = layout {
@@ -741,7 +795,12 @@ fn classify_attach_error(iface: &str, source: ProgramError) -> DatapathError {
         return DatapathError::NoSuchInterface(name.clone());
     }
     let text = format!("{source:?}");
-    if text.contains("EBUSY") || text.contains("Device or resource busy") || text.contains("File exists") || text.contains("code: 16") || text.contains("code: 17") {
+    if text.contains("EBUSY")
+        || text.contains("Device or resource busy")
+        || text.contains("File exists")
+        || text.contains("code: 16")
+        || text.contains("code: 17")
+    {
         return DatapathError::ForeignProgram(iface.to_string());
     }
     if is_eperm(&source) {
@@ -810,12 +869,16 @@ pub fn unload(layout: &PinLayout) -> Result<UnloadReport, DatapathError> {
         report.links.push(format!("{iface} ({})", kind.pin_tag()));
     }
     if layout.dir().exists() {
-        for entry in std::fs::read_dir(layout.dir()).map_err(io_err(format!("read {}", layout.dir().display())))? {
+        for entry in std::fs::read_dir(layout.dir())
+            .map_err(io_err(format!("read {}", layout.dir().display())))?
+        {
             let entry = entry.map_err(io_err("read pin folder"))?;
-            std::fs::remove_file(entry.path()).map_err(io_err(format!("remove {}", entry.path().display())))?;
+            std::fs::remove_file(entry.path())
+                .map_err(io_err(format!("remove {}", entry.path().display())))?;
             report.pins += 1;
         }
-        std::fs::remove_dir(layout.dir()).map_err(io_err(format!("remove {}", layout.dir().display())))?;
+        std::fs::remove_dir(layout.dir())
+            .map_err(io_err(format!("remove {}", layout.dir().display())))?;
     }
     let _ = std::fs::remove_dir(layout.root());
     Ok(report)

@@ -1,7 +1,12 @@
 //! guard's agent as a library: the binary `guard` is a thin CLI over it, and
 //! the privileged tests and `cargo xtask` drive the same code.
 
-pub mod datapath;
-pub mod paths;
-pub mod testrun;
+pub mod agent;
+pub mod audit;
 pub mod control;
+pub mod datapath;
+pub mod metrics;
+pub mod paths;
+pub mod settings;
+pub mod testrun;
+pub mod tune;

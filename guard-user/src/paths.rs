@@ -98,7 +98,11 @@ pub enum AttachKind {
 }
 
 impl AttachKind {
-    pub const ALL: [AttachKind; 3] = [AttachKind::XdpNative, AttachKind::XdpGeneric, AttachKind::Tc];
+    pub const ALL: [AttachKind; 3] = [
+        AttachKind::XdpNative,
+        AttachKind::XdpGeneric,
+        AttachKind::Tc,
+    ];
 
     pub const fn pin_tag(self) -> &'static str {
         match self {

@@ -68,7 +68,16 @@ fn test(filter: Option<String>) -> Result<()> {
     let filter: Vec<String> = filter.into_iter().collect();
     // Host tests: pure logic, parallel.
     run(cargo()
-        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--exclude", "guard-tests", "--all-features", "--"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "guard-ebpf",
+            "--exclude",
+            "guard-tests",
+            "--all-features",
+            "--",
+        ])
         .args(&filter))?;
     // Privileged tests share kernel state (namespaces, bpffs, interfaces):
     // one at a time.

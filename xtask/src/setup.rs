@@ -87,8 +87,14 @@ pub fn setup() -> Result<()> {
 fn nightly(did: &mut Vec<String>) -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
-            .context("install the nightly toolchain (the eBPF crate needs -Z build-std)")?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("install the nightly toolchain (the eBPF crate needs -Z build-std)")?;
         did.push("installed the nightly toolchain".into());
     }
     let components = output(Command::new("rustup").args([
@@ -99,7 +105,13 @@ fn nightly(did: &mut Vec<String>) -> Result<()> {
         "nightly",
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
         did.push("added rust-src to nightly".into());
     }
     Ok(())
@@ -110,12 +122,21 @@ fn nightly_libllvm() -> Result<PathBuf> {
     let lib = Path::new(sysroot.trim()).join("lib");
     for entry in std::fs::read_dir(&lib).with_context(|| format!("read {}", lib.display()))? {
         let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        if name.starts_with("libLLVM.so.") || (name.starts_with("libLLVM-") && name.ends_with(".so")) {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if name.starts_with("libLLVM.so.")
+            || (name.starts_with("libLLVM-") && name.ends_with(".so"))
+        {
             return Ok(path);
         }
     }
-    bail!("the nightly toolchain in {} ships no libLLVM", lib.display())
+    bail!(
+        "the nightly toolchain in {} ships no libLLVM",
+        lib.display()
+    )
 }
 
 fn bpf_linker_works() -> bool {
@@ -141,7 +162,11 @@ fn bpf_linker(did: &mut Vec<String>) -> Result<()> {
     std::fs::create_dir_all(prefix.join("lib"))?;
     for name in [
         "libLLVM.so".to_string(),
-        libllvm.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        libllvm
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned(),
     ] {
         let link = prefix.join("lib").join(name);
         let _ = std::fs::remove_file(&link);

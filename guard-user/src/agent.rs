@@ -1,0 +1,844 @@
+//! The running agent: owns the maps, answers the control socket, turns
+//! reports and over-cap events into expiring kernel blocks, sweeps expiries,
+//! serves metrics, and reloads on SIGHUP.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use guard_common::{
+    addr::{Prefix, MAX_PREFIX_LEN},
+    config_kv,
+    event::{EVENT_AGGREGATE_OVER_CAP, EVENT_CONN_LIMIT, EVENT_SOURCE_OVER_CAP},
+    proto::{
+        cap_str, BlockInfo, BlockOutcome, ErrorCode, Request, Response, MAX_LIST_ENTRIES,
+        MAX_ORIGIN_LEN,
+    },
+    state::reason,
+    BlockEntry, LiveConfig, OverCapEvent,
+};
+use log::{error, info, warn};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    audit::AuditLog,
+    control::{ControlHandler, ControlServer, ControlServerConfig, ControlStats, PeerInfo},
+    datapath::{monotonic_ns, Datapath, GuardMaps},
+    metrics::Metrics,
+    paths::PinLayout,
+    settings::{RunArgs, Settings},
+};
+
+/// What the agent remembers about a block beyond the kernel entry.
+#[derive(Clone, Debug)]
+struct BlockMeta {
+    expires_ns: u64,
+    reason: u32,
+    origin: String,
+}
+
+#[derive(Default, Debug)]
+struct Offender {
+    streak_start_ns: u64,
+    last_event_ns: u64,
+    strikes: u32,
+}
+
+pub struct Agent {
+    maps: Mutex<GuardMaps>,
+    settings: Mutex<Settings>,
+    blocks: Mutex<HashMap<Prefix, BlockMeta>>,
+    offenders: Mutex<HashMap<Prefix, Offender>>,
+    pub metrics: Metrics,
+    audit: AuditLog,
+    control_stats: Mutex<Option<Arc<ControlStats>>>,
+}
+
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+fn origin_of(peer: &PeerInfo) -> String {
+    let name = if peer.client_name.is_empty() {
+        "client"
+    } else {
+        peer.client_name.as_str()
+    };
+    let pid = peer.pid.map(|p| format!(",pid={p}")).unwrap_or_default();
+    let text = format!("{}:uid={}{pid}", cap_str(name, 24), peer.uid);
+    cap_str(&text, MAX_ORIGIN_LEN).to_string()
+}
+
+impl Agent {
+    fn new(maps: GuardMaps, settings: Settings, audit: AuditLog) -> Self {
+        let metrics = Metrics::new();
+        metrics
+            .blocklist_capacity
+            .set(settings.blocks.capacity as i64);
+        Self {
+            maps: Mutex::new(maps),
+            settings: Mutex::new(settings),
+            blocks: Mutex::new(HashMap::new()),
+            offenders: Mutex::new(HashMap::new()),
+            metrics,
+            audit,
+            control_stats: Mutex::new(None),
+        }
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, GuardMaps> {
+        self.maps.lock().expect("maps lock")
+    }
+
+    /// Puts settings into the kernel: live config, ports, allow-list.
+    fn apply(&self, s: &Settings) -> Result<()> {
+        let mut maps = self.maps();
+        maps.set_config(&s.live).context("write the live config")?;
+        maps.set_ports(&s.ports)
+            .context("write the protected ports")?;
+        let current = maps.allows().context("read the allow-list")?;
+        for p in &s.allow {
+            if !current.contains(p) {
+                maps.insert_allow(p).with_context(|| format!("allow {p}"))?;
+            }
+        }
+        for p in current.iter().filter(|p| !s.allow.contains(p)) {
+            maps.remove_allow(p)
+                .with_context(|| format!("disallow {p}"))?;
+        }
+        self.metrics.allowlist_entries.set(s.allow.len() as i64);
+        self.metrics.sync_config(&s.live);
+        Ok(())
+    }
+
+    /// Loads the blocks an earlier run left in the kernel.
+    fn adopt_blocks(&self) -> Result<()> {
+        let entries = self.maps().blocks().context("read pinned blocks")?;
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        for (prefix, entry) in entries {
+            blocks.insert(
+                prefix,
+                BlockMeta {
+                    expires_ns: entry.expires_ns,
+                    reason: entry.reason,
+                    origin: "adopted".into(),
+                },
+            );
+        }
+        self.metrics.blocklist_entries.set(blocks.len() as i64);
+        if !blocks.is_empty() {
+            info!("adopted {} blocks from the pinned blocklist", blocks.len());
+        }
+        Ok(())
+    }
+
+    /// Refuses what must never be blocked: anything overlapping the
+    /// allow-list (loopback and trusted proxies are on it).
+    fn protected_overlap(&self, prefix: &Prefix) -> Option<Prefix> {
+        let s = self.settings.lock().expect("settings lock");
+        s.allow
+            .iter()
+            .find(|a| a.contains_prefix(prefix) || prefix.contains_prefix(a))
+            .copied()
+    }
+
+    /// Adds or extends a block. `detected_at_unix_ns` feeds the latency
+    /// histogram.
+    pub fn block(
+        &self,
+        prefix: Prefix,
+        ttl: Option<Duration>,
+        reason_code: u32,
+        origin: &str,
+        detected_at_unix_ns: u64,
+        detail: &str,
+    ) -> Response {
+        let result = |outcome: BlockOutcome, text: String, expires: u32| Response::BlockResult {
+            outcome,
+            reason_text: text,
+            expires_in_secs: expires,
+        };
+        if let Some(allowed) = self.protected_overlap(&prefix) {
+            self.metrics
+                .block_reports
+                .with_label_values(&["refused"])
+                .inc();
+            return result(
+                BlockOutcome::Refused,
+                format!("{prefix} overlaps allow-listed {allowed} (loopback, trusted proxy or operator allow-list)"),
+                0,
+            );
+        }
+        let (default_ttl, max_ttl, capacity) = {
+            let s = self.settings.lock().expect("settings lock");
+            (s.blocks.default_ttl, s.blocks.max_ttl, s.blocks.capacity)
+        };
+        let ttl = ttl
+            .filter(|t| !t.is_zero())
+            .unwrap_or(default_ttl)
+            .min(max_ttl);
+        let now = monotonic_ns();
+        let expires_ns = now + ttl.as_nanos() as u64;
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        let merged = blocks.get(&prefix).cloned();
+        if merged.is_none() && blocks.len() as u32 >= capacity {
+            self.metrics
+                .block_reports
+                .with_label_values(&["refused"])
+                .inc();
+            return result(
+                BlockOutcome::Refused,
+                format!("blocklist full ({capacity} entries)"),
+                0,
+            );
+        }
+        let expires_ns = match &merged {
+            // Never shorten a block, never make a permanent one expire.
+            Some(old) if old.expires_ns == 0 => 0,
+            Some(old) => old.expires_ns.max(expires_ns),
+            None => expires_ns,
+        };
+        let entry = BlockEntry {
+            expires_ns,
+            reason: merged.as_ref().map_or(reason_code, |m| m.reason),
+            _pad: 0,
+        };
+        if let Err(e) = self.maps().insert_block(&prefix, &entry) {
+            error!("block {prefix}: {e}");
+            return Response::error(
+                ErrorCode::Internal,
+                format!("kernel map update failed: {e}"),
+            );
+        }
+        if detected_at_unix_ns != 0 {
+            let latency = unix_now_ns().saturating_sub(detected_at_unix_ns);
+            self.metrics.block_latency.observe(latency as f64 / 1e9);
+        }
+        let remaining = if expires_ns == 0 {
+            0
+        } else {
+            ((expires_ns - now) / 1_000_000_000).max(1) as u32
+        };
+        let detected = (detected_at_unix_ns != 0)
+            .then(|| UNIX_EPOCH + Duration::from_nanos(detected_at_unix_ns));
+        match merged {
+            Some(_) => {
+                blocks.get_mut(&prefix).expect("present").expires_ns = expires_ns;
+                self.metrics
+                    .block_reports
+                    .with_label_values(&["merged"])
+                    .inc();
+                result(
+                    BlockOutcome::Merged,
+                    format!("{prefix} was already blocked; expiry extended"),
+                    remaining,
+                )
+            }
+            None => {
+                blocks.insert(
+                    prefix,
+                    BlockMeta {
+                        expires_ns,
+                        reason: reason_code,
+                        origin: origin.to_string(),
+                    },
+                );
+                self.metrics.blocklist_entries.set(blocks.len() as i64);
+                self.metrics
+                    .block_reports
+                    .with_label_values(&["added"])
+                    .inc();
+                drop(blocks);
+                self.audit.record(
+                    if reason_code == reason::ESCALATED_OVER_CAP {
+                        "escalate"
+                    } else {
+                        "block"
+                    },
+                    Some(&prefix),
+                    Some(ttl.as_secs()),
+                    Some(reason::name(reason_code)),
+                    origin,
+                    detected,
+                    detail,
+                );
+                result(BlockOutcome::Added, format!("{prefix} blocked"), remaining)
+            }
+        }
+    }
+
+    pub fn unblock(&self, prefix: &Prefix, origin: &str) -> Response {
+        let existed = match self.maps().remove_block(prefix) {
+            Ok(existed) => existed,
+            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+        };
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        let known = blocks.remove(prefix).is_some();
+        self.metrics.blocklist_entries.set(blocks.len() as i64);
+        drop(blocks);
+        if existed || known {
+            self.metrics.unblocks.inc();
+            self.audit
+                .record("unblock", Some(prefix), None, None, origin, None, "");
+            Response::Ok
+        } else {
+            Response::error(ErrorCode::NotFound, format!("{prefix} is not blocked"))
+        }
+    }
+
+    /// Removes blocks whose time is up. The kernel already ignores them;
+    /// this keeps the map and the counts honest.
+    pub fn sweep_expired(&self) {
+        let now = monotonic_ns();
+        let expired: Vec<(Prefix, BlockMeta)> = {
+            let blocks = self.blocks.lock().expect("blocks lock");
+            blocks
+                .iter()
+                .filter(|(_, m)| m.expires_ns != 0 && m.expires_ns <= now)
+                .map(|(p, m)| (*p, m.clone()))
+                .collect()
+        };
+        for (prefix, meta) in expired {
+            if let Err(e) = self.maps().remove_block(&prefix) {
+                warn!("expire {prefix}: {e}");
+                continue;
+            }
+            let mut blocks = self.blocks.lock().expect("blocks lock");
+            blocks.remove(&prefix);
+            self.metrics.blocklist_entries.set(blocks.len() as i64);
+            drop(blocks);
+            self.metrics.blocks_expired.inc();
+            self.audit.record(
+                "expire",
+                Some(&prefix),
+                None,
+                Some(reason::name(meta.reason)),
+                &meta.origin,
+                None,
+                "",
+            );
+        }
+        // Offenders that went quiet long ago are forgotten, keeping the
+        // table bounded by the sources actually over their cap.
+        let mut offenders = self.offenders.lock().expect("offenders lock");
+        offenders.retain(|_, o| now.saturating_sub(o.last_event_ns) < 3600 * 1_000_000_000);
+    }
+
+    /// One over-cap event from the kernel.
+    pub fn on_event(&self, ev: &OverCapEvent) {
+        let kind = match ev.kind {
+            EVENT_SOURCE_OVER_CAP => "source",
+            EVENT_AGGREGATE_OVER_CAP => "aggregate",
+            EVENT_CONN_LIMIT => "conn_limit",
+            _ => "other",
+        };
+        self.metrics
+            .over_cap_events
+            .with_label_values(&[kind])
+            .inc();
+        let prefix = Prefix::new(ev.addr, (ev.prefix_len as u32).min(MAX_PREFIX_LEN));
+        // Escalation only ever blocks a single source: an aggregate prefix
+        // holds legitimate neighbours too.
+        if ev.kind != EVENT_SOURCE_OVER_CAP || ev.dry_run != 0 {
+            return;
+        }
+        let (esc, interval_ns) = {
+            let s = self.settings.lock().expect("settings lock");
+            (s.escalation.clone(), s.live.event_interval_ns())
+        };
+        if !esc.enabled {
+            return;
+        }
+        let now = ev.ts_ns;
+        let ttl = {
+            let mut offenders = self.offenders.lock().expect("offenders lock");
+            let o = offenders.entry(prefix).or_default();
+            // Events come once per window while the source stays over:
+            // a gap longer than two windows ends the streak.
+            if o.last_event_ns == 0
+                || now.saturating_sub(o.last_event_ns) > 2 * interval_ns + 1_000_000_000
+            {
+                o.streak_start_ns = now;
+            }
+            o.last_event_ns = now;
+            if now.saturating_sub(o.streak_start_ns) < esc.over_cap_for.as_nanos() as u64 {
+                return;
+            }
+            let factor = 1u32.checked_shl(o.strikes).unwrap_or(u32::MAX);
+            let ttl = esc.ttl.saturating_mul(factor).min(esc.max_ttl);
+            o.strikes = o.strikes.saturating_add(1);
+            o.streak_start_ns = now;
+            ttl
+        };
+        let resp = self.block(
+            prefix,
+            Some(ttl),
+            reason::ESCALATED_OVER_CAP,
+            "kernel:over_cap",
+            0,
+            &format!(
+                "over its SYN cap for {}s ({} SYNs, {} over)",
+                esc.over_cap_for.as_secs(),
+                ev.syns,
+                ev.over_cap
+            ),
+        );
+        if matches!(
+            resp,
+            Response::BlockResult {
+                outcome: BlockOutcome::Added,
+                ..
+            }
+        ) {
+            self.metrics.escalations.inc();
+            warn!(
+                "escalated {prefix} to the blocklist for {}s: over its SYN cap for {}s",
+                ttl.as_secs(),
+                esc.over_cap_for.as_secs()
+            );
+        }
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let sizes = self.settings.lock().expect("settings lock").map_sizes;
+        match self.maps().stat_totals() {
+            Ok(totals) => self.metrics.sync_stats(&totals, sizes.sources),
+            Err(e) => warn!("read kernel counters: {e}"),
+        }
+        if let Some(stats) = self.control_stats.lock().expect("stats lock").as_ref() {
+            self.metrics.sync_control(&stats.snapshot());
+        }
+        self.metrics.render()
+    }
+
+    fn set_config(&self, changes: &[(String, String)], origin: &str) -> Response {
+        let mut s = self.settings.lock().expect("settings lock");
+        let new = match config_kv::apply_config_changes(&s.live, changes) {
+            Ok(c) => c,
+            Err(e) => return Response::error(ErrorCode::Invalid, e.to_string()),
+        };
+        if let Err(e) = self.maps().set_config(&new) {
+            return Response::error(ErrorCode::Invalid, e.to_string());
+        }
+        s.live = new;
+        self.metrics.sync_config(&new);
+        drop(s);
+        let detail: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.audit
+            .record("config", None, None, None, origin, None, &detail.join(" "));
+        Response::Config {
+            entries: config_entries(&new),
+        }
+    }
+
+    fn set_allow(&self, prefix: Prefix, allow: bool, origin: &str) -> Response {
+        let mut s = self.settings.lock().expect("settings lock");
+        if allow {
+            if let Err(e) = self.maps().insert_allow(&prefix) {
+                return Response::error(ErrorCode::Internal, e.to_string());
+            }
+            if !s.allow.contains(&prefix) {
+                s.allow.push(prefix);
+            }
+        } else {
+            if crate::settings::loopback().contains(&prefix) || s.trusted_proxies.contains(&prefix)
+            {
+                return Response::error(
+                    ErrorCode::Invalid,
+                    format!("{prefix} is loopback or a trusted proxy and stays allowed"),
+                );
+            }
+            match self.maps().remove_allow(&prefix) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Response::error(
+                        ErrorCode::NotFound,
+                        format!("{prefix} is not allow-listed"),
+                    )
+                }
+                Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+            }
+            s.allow.retain(|p| *p != prefix);
+        }
+        self.metrics.allowlist_entries.set(s.allow.len() as i64);
+        drop(s);
+        self.audit.record(
+            if allow { "allow" } else { "disallow" },
+            Some(&prefix),
+            None,
+            None,
+            origin,
+            None,
+            "",
+        );
+        Response::Ok
+    }
+
+    fn stats_counters(&self) -> Response {
+        let totals = match self.maps().stat_totals() {
+            Ok(t) => t,
+            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+        };
+        let mut counters: Vec<(String, u64)> = guard_common::stats::Stat::ALL
+            .iter()
+            .map(|s| (s.name().to_string(), totals[s.index() as usize]))
+            .collect();
+        counters.push((
+            "blocklist_entries".into(),
+            self.blocks.lock().expect("blocks lock").len() as u64,
+        ));
+        Response::Stats { counters }
+    }
+
+    fn list_blocks(&self, offset: u32, limit: u32) -> Response {
+        let now = monotonic_ns();
+        let blocks = self.blocks.lock().expect("blocks lock");
+        let mut all: Vec<(&Prefix, &BlockMeta)> = blocks.iter().collect();
+        all.sort_by_key(|(p, _)| **p);
+        let entries = all
+            .iter()
+            .skip(offset as usize)
+            .take(limit.min(MAX_LIST_ENTRIES) as usize)
+            .map(|(p, m)| BlockInfo {
+                prefix: **p,
+                reason: m.reason,
+                expires_in_secs: if m.expires_ns == 0 {
+                    0
+                } else {
+                    (m.expires_ns.saturating_sub(now) / 1_000_000_000).max(1) as u32
+                },
+                origin: cap_str(&m.origin, MAX_ORIGIN_LEN).to_string(),
+            })
+            .collect();
+        Response::Blocks {
+            total: all.len() as u64,
+            entries,
+        }
+    }
+
+    /// SIGHUP: re-read the config file, apply it live, reopen the audit log.
+    pub fn reload(&self, args: &RunArgs) {
+        if let Err(e) = self.audit.reopen() {
+            error!("reopen the audit log: {e}");
+        }
+        let new = match Settings::load(args) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("reload refused, keeping the running config: {e:#}");
+                return;
+            }
+        };
+        let old_ifaces = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .interfaces
+            .clone();
+        if new.interfaces != old_ifaces {
+            warn!("interfaces changed in the config file; restart the agent to attach elsewhere (keeping {old_ifaces:?})");
+        }
+        match self.apply(&new) {
+            Ok(()) => {
+                self.metrics
+                    .blocklist_capacity
+                    .set(new.blocks.capacity as i64);
+                let detail = format!(
+                    "reloaded {}",
+                    new.config_file
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+                *self.settings.lock().expect("settings lock") = Settings {
+                    interfaces: old_ifaces,
+                    ..new
+                };
+                self.audit
+                    .record("config", None, None, None, "operator:sighup", None, &detail);
+                info!("configuration reloaded");
+            }
+            Err(e) => error!("reload failed half-way: {e:#}"),
+        }
+    }
+}
+
+fn config_entries(c: &LiveConfig) -> Vec<(String, String)> {
+    config_kv::config_entries(c)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+impl ControlHandler for Agent {
+    fn handle(&self, peer: &PeerInfo, req: Request) -> Response {
+        let origin = origin_of(peer);
+        match req {
+            Request::Hello { .. } => Response::error(ErrorCode::Unexpected, "already greeted"),
+            Request::Block {
+                prefix,
+                ttl_secs,
+                reason,
+                detected_at_unix_ns,
+                detail,
+            } => self.block(
+                prefix,
+                (ttl_secs != 0).then(|| Duration::from_secs(ttl_secs as u64)),
+                reason,
+                &origin,
+                detected_at_unix_ns,
+                &detail,
+            ),
+            Request::Unblock { prefix } => self.unblock(&prefix, &origin),
+            Request::ListBlocks { offset, limit } => self.list_blocks(offset, limit),
+            Request::Allow { prefix } => self.set_allow(prefix, true, &origin),
+            Request::Disallow { prefix } => self.set_allow(prefix, false, &origin),
+            Request::ListAllows => {
+                let s = self.settings.lock().expect("settings lock");
+                Response::Allows {
+                    entries: s
+                        .allow
+                        .iter()
+                        .take(MAX_LIST_ENTRIES as usize)
+                        .copied()
+                        .collect(),
+                }
+            }
+            Request::Stats => self.stats_counters(),
+            Request::GetConfig => Response::Config {
+                entries: config_entries(&self.settings.lock().expect("settings lock").live),
+            },
+            Request::SetConfig { changes } => self.set_config(&changes, &origin),
+            Request::History {
+                since_unix_secs,
+                prefix,
+                limit,
+            } => match self.audit.history(
+                since_unix_secs,
+                prefix.as_ref(),
+                limit.min(MAX_LIST_ENTRIES) as usize,
+            ) {
+                Ok(lines) => Response::History { lines },
+                Err(e) => Response::error(ErrorCode::Internal, format!("read the audit log: {e}")),
+            },
+        }
+    }
+}
+
+/// `guard run`.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let settings = Settings::load(&args)?;
+    let layout = PinLayout::new(&settings.pin_root);
+    let mut dp = Datapath::load(&settings.map_sizes, Some(&layout))?;
+    let fresh = dp.is_fresh();
+    info!(
+        "guard program loaded ({}) with pins under {}",
+        if fresh {
+            "new maps"
+        } else {
+            "adopting pinned maps: counters and blocks carry over"
+        },
+        layout.dir().display()
+    );
+    let logger = match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("kernel-side logging unavailable: {e}");
+            None
+        }
+    };
+    let events = dp.take_events().context("the events ring buffer")?;
+    let mut attached = Vec::new();
+    for iface in &settings.interfaces {
+        let kind = dp.attach(iface, settings.attach)?;
+        attached.push((iface.clone(), kind));
+    }
+    // The agent works on its own handles of the pinned maps; `dp` stays
+    // alive for the run so its program objects outlive every attach.
+    let maps = GuardMaps::open_pinned(&layout)?;
+    let audit = AuditLog::open(settings.audit_log.as_deref())
+        .with_context(|| format!("open the audit log {:?}", settings.audit_log))?;
+    let agent = Arc::new(Agent::new(maps, settings.clone(), audit));
+    agent.apply(&settings)?;
+    agent.adopt_blocks()?;
+    for (iface, kind) in &attached {
+        agent
+            .metrics
+            .attach_info
+            .with_label_values(&[iface, kind.metric_label()])
+            .set(1);
+    }
+
+    let mut control_cfg = ControlServerConfig::new(&settings.control_socket);
+    control_cfg.group = settings.control_group.clone();
+    control_cfg.allowed_uids = settings.allowed_uids.clone();
+    control_cfg.allowed_gids = settings.allowed_gids.clone();
+    let control = ControlServer::bind(control_cfg)?;
+    *agent.control_stats.lock().expect("stats lock") = Some(control.stats());
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let control_task = tokio::spawn(control.serve(agent.clone(), wait(shutdown_rx.clone())));
+    let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "listen for metrics on {} (set --metrics-addr)",
+                settings.metrics_addr
+            )
+        })?;
+    let metrics_task = tokio::spawn(serve_metrics(
+        metrics_routes(agent.clone()),
+        metrics_listener,
+        wait(shutdown_rx.clone()),
+    ));
+    let events_task = tokio::spawn(consume_events(
+        agent.clone(),
+        events,
+        wait(shutdown_rx.clone()),
+    ));
+    let log_task = logger.map(|l| tokio::spawn(pump_kernel_log(l, wait(shutdown_rx.clone()))));
+
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    info!(
+        "guard running on {:?} protecting ports {:?}; metrics on http://{}/metrics, control socket {}",
+        settings.interfaces,
+        settings.ports,
+        settings.metrics_addr,
+        settings.control_socket.display()
+    );
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => agent.sweep_expired(),
+            _ = hup.recv() => agent.reload(&args),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!(
+        "stopping: the program stays attached and pinned under {} (`guard unload` removes it)",
+        layout.dir().display()
+    );
+    let _ = shutdown_tx.send(true);
+    let _ = control_task.await;
+    let _ = metrics_task.await;
+    let _ = events_task.await;
+    if let Some(t) = log_task {
+        let _ = t.await;
+    }
+    drop(dp);
+    Ok(())
+}
+
+fn metrics_routes(
+    agent: Arc<Agent>,
+) -> warp::filters::BoxedFilter<(warp::http::Response<String>,)> {
+    use warp::Filter as _;
+    let metrics = warp::path("metrics").and(warp::path::end()).map(move || {
+        warp::http::Response::builder()
+            .header(
+                warp::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )
+            .body(agent.render_metrics())
+            .expect("static header")
+    });
+    let health = warp::path("healthz")
+        .and(warp::path::end())
+        .map(|| warp::http::Response::new(String::from("ok\n")));
+    metrics.or(health).unify().boxed()
+}
+
+async fn serve_metrics(
+    routes: warp::filters::BoxedFilter<(warp::http::Response<String>,)>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}
+
+async fn consume_events(
+    agent: Arc<Agent>,
+    ring: RingBuf<MapData>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    // SAFETY: the AsyncFd owns the ring buffer, so the fd it polls lives
+    // exactly as long as the registration.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!("events: cannot poll the ring buffer: {}", e);
+            return;
+        }
+    };
+    tokio::pin!(shutdown);
+    let mut logged = Instant::now() - Duration::from_secs(10);
+    let mut since_log = 0u64;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            guard = fd.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() < std::mem::size_of::<OverCapEvent>() {
+                        continue;
+                    }
+                    // SAFETY: the program writes whole OverCapEvent records.
+                    let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const OverCapEvent) };
+                    drop(item);
+                    since_log += 1;
+                    if logged.elapsed() >= Duration::from_secs(5) {
+                        let p = Prefix::new(ev.addr, ev.prefix_len as u32);
+                        info!("{since_log} over-cap event(s) in the last {}s, latest: {p} ({} SYNs, {} over cap{})",
+                            logged.elapsed().as_secs().min(99), ev.syns, ev.over_cap, if ev.dry_run != 0 { ", dry-run" } else { "" });
+                        logged = Instant::now();
+                        since_log = 0;
+                    }
+                    agent.on_event(&ev);
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+async fn pump_kernel_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    // SAFETY: as for the events ring: the AsyncFd owns the logger's fd.
+    let mut fd = match unsafe { AsyncFd::register(logger) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel log: {}", e);
+            return;
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            guard = fd.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }
+    }
+}

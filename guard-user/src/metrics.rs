@@ -1,0 +1,208 @@
+//! The agent's Prometheus metrics. A scrape reads the per-CPU counters (a
+//! few dozen syscalls) and maintained gauges: never a walk of a large map.
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use guard_common::stats::{Stat, STAT_SLOTS};
+
+pub struct Metrics {
+    pub registry: Registry,
+    packets: IntCounterVec,
+    syn_seen: IntCounter,
+    events_lost: IntCounter,
+    pub over_cap_events: IntCounterVec,
+    pub blocklist_entries: IntGauge,
+    pub blocklist_capacity: IntGauge,
+    pub allowlist_entries: IntGauge,
+    tracked_sources: IntGauge,
+    pub block_reports: IntCounterVec,
+    pub escalations: IntCounter,
+    pub blocks_expired: IntCounter,
+    pub unblocks: IntCounter,
+    pub block_latency: Histogram,
+    pub attach_info: IntGaugeVec,
+    dry_run: IntGauge,
+    config: IntGaugeVec,
+    control_requests: IntCounterVec,
+    control_refused: IntCounter,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+/// Brings a counter up to a total read elsewhere (kernel counters only
+/// grow; if they went back, the maps were recreated and we start over).
+fn sync_counter(c: &IntCounter, total: u64) {
+    let cur = c.get();
+    if total >= cur {
+        c.inc_by(total - cur);
+    } else {
+        c.reset();
+        c.inc_by(total);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "guard_block_latency_seconds",
+                "From the app's detection of abuse to the kernel block being in place.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(latency.clone()))
+            .expect("unique metric");
+        let build = gauge_vec(
+            &r,
+            "guard_build_info",
+            "The running agent's version.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Self {
+            packets: counter_vec(
+                &r,
+                "guard_packets_total",
+                "Packets the guard program judged, by verdict and reason.",
+                &["verdict", "reason"],
+            ),
+            syn_seen: counter(&r, "guard_syn_seen_total", "Connection-opening SYNs toward protected ports."),
+            events_lost: counter(&r, "guard_events_lost_total", "Over-cap events the program could not queue."),
+            over_cap_events: counter_vec(
+                &r,
+                "guard_over_cap_events_total",
+                "Over-cap events received from the kernel (one per source per window).",
+                &["kind"],
+            ),
+            blocklist_entries: gauge(&r, "guard_blocklist_entries", "Prefixes blocked in the kernel."),
+            blocklist_capacity: gauge(&r, "guard_blocklist_capacity", "Most prefixes the blocklist holds."),
+            allowlist_entries: gauge(&r, "guard_allowlist_entries", "Allow-listed prefixes (incl. loopback and trusted proxies)."),
+            tracked_sources: gauge(
+                &r,
+                "guard_tracked_sources",
+                "Sources with per-source state in the kernel (upper bound: the LRU evicts silently).",
+            ),
+            block_reports: counter_vec(
+                &r,
+                "guard_block_reports_total",
+                "Block requests received, by result.",
+                &["result"],
+            ),
+            escalations: counter(&r, "guard_escalations_total", "Sources blocked for staying over their cap."),
+            blocks_expired: counter(&r, "guard_blocks_expired_total", "Blocks removed when their TTL ran out."),
+            unblocks: counter(&r, "guard_unblocks_total", "Blocks removed on request."),
+            block_latency: latency,
+            attach_info: gauge_vec(
+                &r,
+                "guard_attach_info",
+                "Where the guard program is attached (1 per interface).",
+                &["interface", "mode"],
+            ),
+            dry_run: gauge(&r, "guard_dry_run", "1 while drops are only counted (dry-run mode)."),
+            config: gauge_vec(&r, "guard_config", "Live config values.", &["key"]),
+            control_requests: counter_vec(
+                &r,
+                "guard_control_requests_total",
+                "Control-socket requests, by request and result.",
+                &["request", "result"],
+            ),
+            control_refused: counter(
+                &r,
+                "guard_control_refused_total",
+                "Control-socket connections refused by the peer-credential check.",
+            ),
+            registry: r,
+        }
+    }
+
+    /// Folds the kernel's per-CPU counter totals in.
+    pub fn sync_stats(&self, totals: &[u64; STAT_SLOTS as usize], sources_capacity: u32) {
+        for stat in Stat::ALL {
+            let total = totals[stat.index() as usize];
+            if let Some((verdict, reason)) = stat.labels() {
+                sync_counter(&self.packets.with_label_values(&[verdict, reason]), total);
+            }
+        }
+        sync_counter(&self.syn_seen, totals[Stat::SynSeen.index() as usize]);
+        sync_counter(&self.events_lost, totals[Stat::EventsLost.index() as usize]);
+        self.tracked_sources
+            .set(totals[Stat::SourcesCreated.index() as usize].min(sources_capacity as u64) as i64);
+    }
+
+    pub fn sync_config(&self, cfg: &guard_common::LiveConfig) {
+        self.dry_run.set(cfg.dry_run() as i64);
+        for (key, value) in guard_common::config_kv::config_entries(cfg) {
+            let numeric = match value.as_str() {
+                "true" => 1,
+                "false" => 0,
+                v => v.parse().unwrap_or(0),
+            };
+            self.config.with_label_values(&[key]).set(numeric);
+        }
+    }
+
+    pub fn sync_control(&self, snap: &crate::control::ControlStatsSnapshot) {
+        sync_counter(&self.control_refused, snap.refused_peer);
+        for rc in &snap.requests {
+            sync_counter(
+                &self.control_requests.with_label_values(&[rc.kind, "ok"]),
+                rc.ok,
+            );
+            sync_counter(
+                &self.control_requests.with_label_values(&[rc.kind, "error"]),
+                rc.error,
+            );
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,405 @@
+//! The agent's settings: a TOML file (`--config`), overridden by command-line
+//! options, which clap also reads from `GUARD_*` environment variables.
+//! guard-user/deploy/guard.toml documents every key.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use guard_common::{addr::Prefix, config_kv, LiveConfig};
+use serde::Deserialize;
+
+use crate::{
+    datapath::{AttachRequest, MapSizes},
+    paths,
+};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub interfaces: Vec<String>,
+    pub ports: Vec<u16>,
+    pub attach: Option<String>,
+    pub dry_run: Option<bool>,
+    pub block_all_traffic: Option<bool>,
+    pub allow: Vec<String>,
+    pub trusted_proxies: Vec<String>,
+    pub metrics_addr: Option<String>,
+    pub control_socket: Option<PathBuf>,
+    pub control_group: Option<String>,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub pin_dir: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub log_level: Option<String>,
+    /// Keys of guard_common::config_kv (the live config).
+    pub limits: toml::Table,
+    pub blocks: BlocksFile,
+    pub escalation: EscalationFile,
+    pub adaptive: toml::Table,
+    pub maps: MapsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlocksFile {
+    pub default_ttl_secs: Option<u64>,
+    pub max_ttl_secs: Option<u64>,
+    pub capacity: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EscalationFile {
+    pub enabled: Option<bool>,
+    pub over_cap_secs: Option<u64>,
+    pub ttl_secs: Option<u64>,
+    pub max_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapsFile {
+    pub sources: Option<u32>,
+    pub aggregates: Option<u32>,
+    pub allow: Option<u32>,
+}
+
+/// Command-line options of `guard run` (each also from `GUARD_<NAME>`).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file; options given here override it.
+    #[arg(long, env = "GUARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Interface to protect (repeat, or comma-separate in the env var).
+    #[arg(
+        long = "interface",
+        short = 'i',
+        env = "GUARD_INTERFACE",
+        value_delimiter = ','
+    )]
+    pub interfaces: Vec<String>,
+    /// TCP port to protect (repeat, or comma-separate).
+    #[arg(long = "port", short = 'p', env = "GUARD_PORT", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    /// xdp (native, falls back to generic), xdp-native, xdp-generic or tc.
+    #[arg(long, env = "GUARD_ATTACH")]
+    pub attach: Option<String>,
+    /// Count what would be dropped, drop nothing.
+    #[arg(long, env = "GUARD_DRY_RUN")]
+    pub dry_run: bool,
+    /// Prefix that is never capped or blocked (repeat).
+    #[arg(long = "allow", env = "GUARD_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// A reverse proxy in front of the app: always allowed, never blocked.
+    #[arg(
+        long = "trusted-proxy",
+        env = "GUARD_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
+    #[arg(long, env = "GUARD_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    #[arg(long, env = "GUARD_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+    #[arg(long, env = "GUARD_CONTROL_GROUP")]
+    pub control_group: Option<String>,
+    #[arg(long, env = "GUARD_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    #[arg(long, env = "GUARD_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// A live-config change, e.g. `--set syn_rate=50` (repeat).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlockSettings {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub capacity: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct EscalationSettings {
+    pub enabled: bool,
+    pub over_cap_for: Duration,
+    pub ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+/// Everything the agent runs with, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_file: Option<PathBuf>,
+    pub interfaces: Vec<String>,
+    pub ports: Vec<u16>,
+    pub attach: AttachRequest,
+    pub live: LiveConfig,
+    /// Operator allow-list plus loopback and trusted proxies.
+    pub allow: Vec<Prefix>,
+    pub trusted_proxies: Vec<Prefix>,
+    pub metrics_addr: SocketAddr,
+    pub control_socket: PathBuf,
+    pub control_group: Option<String>,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub pin_root: PathBuf,
+    pub audit_log: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub blocks: BlockSettings,
+    pub escalation: EscalationSettings,
+    pub map_sizes: MapSizes,
+}
+
+fn parse_prefixes(what: &str, items: &[String]) -> Result<Vec<Prefix>> {
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<Prefix>()
+                .with_context(|| format!("{what}: bad prefix"))
+        })
+        .collect()
+}
+
+/// Loopback can never be blocked: the agent's own health checks and local
+/// sidecars talk over it.
+pub fn loopback() -> [Prefix; 2] {
+    [
+        "127.0.0.0/8".parse().expect("literal"),
+        "::1/128".parse().expect("literal"),
+    ]
+}
+
+impl Settings {
+    pub fn load(args: &RunArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(args: &RunArgs, file: FileConfig) -> Result<Self> {
+        let interfaces = if args.interfaces.is_empty() {
+            file.interfaces
+        } else {
+            args.interfaces.clone()
+        };
+        if interfaces.is_empty() {
+            bail!("no interface to protect: pass --interface IF (or set `interfaces` in the config file)");
+        }
+        let ports = if args.ports.is_empty() {
+            file.ports
+        } else {
+            args.ports.clone()
+        };
+        if ports.is_empty() {
+            bail!("no port to protect: pass --port N (or set `ports` in the config file)");
+        }
+        if ports.contains(&0) {
+            bail!("port 0 cannot be protected: give the TCP ports your WebSocket/SSE service listens on");
+        }
+        let attach: AttachRequest = args
+            .attach
+            .clone()
+            .or(file.attach)
+            .unwrap_or_else(|| "xdp".into())
+            .parse()
+            .map_err(anyhow::Error::msg)?;
+
+        let mut live = LiveConfig::DEFAULT;
+        let mut changes: Vec<(String, String)> = Vec::new();
+        for (key, value) in &file.limits {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            changes.push((key.clone(), text));
+        }
+        if file.dry_run == Some(true) || args.dry_run {
+            changes.push(("dry_run".into(), "true".into()));
+        }
+        if let Some(b) = file.block_all_traffic {
+            changes.push(("block_all_traffic".into(), b.to_string()));
+        }
+        if !changes.is_empty() {
+            live = config_kv::apply_config_changes(&live, &changes)
+                .map_err(|e| anyhow::anyhow!("limits: {e}"))?;
+        }
+        // The command line applies after the file, so it may repeat a key.
+        let mut overrides = Vec::new();
+        for item in &args.set {
+            overrides.push(
+                config_kv::parse_assignment(item)
+                    .map_err(|e| anyhow::anyhow!("--set {item}: {e}"))?,
+            );
+        }
+        if !overrides.is_empty() {
+            live = config_kv::apply_config_changes(&live, &overrides)
+                .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+        }
+
+        let trusted_items = if args.trusted_proxies.is_empty() {
+            file.trusted_proxies
+        } else {
+            args.trusted_proxies.clone()
+        };
+        let trusted_proxies = parse_prefixes("trusted_proxies", &trusted_items)?;
+        let allow_items = if args.allow.is_empty() {
+            file.allow
+        } else {
+            args.allow.clone()
+        };
+        let mut allow = parse_prefixes("allow", &allow_items)?;
+        allow.extend(loopback());
+        allow.extend(trusted_proxies.iter().copied());
+        allow.sort();
+        allow.dedup();
+
+        let metrics_addr = args
+            .metrics_addr
+            .clone()
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| paths::DEFAULT_METRICS_ADDR.into());
+        let metrics_addr: SocketAddr = metrics_addr
+            .parse()
+            .with_context(|| format!("metrics_addr `{metrics_addr}` is not HOST:PORT"))?;
+
+        let blocks = BlockSettings {
+            default_ttl: Duration::from_secs(file.blocks.default_ttl_secs.unwrap_or(300)),
+            max_ttl: Duration::from_secs(file.blocks.max_ttl_secs.unwrap_or(86_400)),
+            capacity: file
+                .blocks
+                .capacity
+                .unwrap_or(guard_common::maps::DEFAULT_BLOCK),
+        };
+        if blocks.default_ttl.is_zero() || blocks.default_ttl > blocks.max_ttl {
+            bail!("blocks: default_ttl_secs must be between 1 and max_ttl_secs");
+        }
+        let escalation = EscalationSettings {
+            enabled: file.escalation.enabled.unwrap_or(true),
+            over_cap_for: Duration::from_secs(file.escalation.over_cap_secs.unwrap_or(10)),
+            ttl: Duration::from_secs(file.escalation.ttl_secs.unwrap_or(60)),
+            max_ttl: Duration::from_secs(file.escalation.max_ttl_secs.unwrap_or(3600)),
+        };
+        if file.adaptive.get("enabled").and_then(toml::Value::as_bool) == Some(true) {
+            bail!(
+                "adaptive limits are not available in this build: remove [adaptive] enabled = true"
+            );
+        }
+        let defaults = MapSizes::default();
+        let map_sizes = MapSizes {
+            sources: file.maps.sources.unwrap_or(defaults.sources),
+            aggregates: file.maps.aggregates.unwrap_or(defaults.aggregates),
+            allow: file.maps.allow.unwrap_or(defaults.allow),
+            block: blocks.capacity,
+        };
+        Ok(Self {
+            config_file: args.config.clone(),
+            interfaces,
+            ports,
+            attach,
+            live,
+            allow,
+            trusted_proxies,
+            metrics_addr,
+            control_socket: args
+                .control_socket
+                .clone()
+                .or(file.control_socket)
+                .unwrap_or_else(|| paths::DEFAULT_CONTROL_SOCKET.into()),
+            control_group: args.control_group.clone().or(file.control_group),
+            allowed_uids: file.allowed_uids,
+            allowed_gids: file.allowed_gids,
+            pin_root: args
+                .pin_dir
+                .clone()
+                .or(file.pin_dir)
+                .unwrap_or_else(|| paths::DEFAULT_PIN_ROOT.into()),
+            audit_log: args.audit_log.clone().or(file.audit_log),
+            log_level: file.log_level,
+            blocks,
+            escalation,
+            map_sizes,
+        })
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(interfaces: &[&str], ports: &[u16]) -> RunArgs {
+        RunArgs {
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+            ports: ports.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_shipped_sample_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/guard.toml");
+        let file = read_file(&path).expect("deploy/guard.toml parses");
+        let s = Settings::merge(&RunArgs::default(), file).expect("and validates");
+        assert_eq!(s.live, LiveConfig::DEFAULT);
+        assert_eq!(s.ports, vec![8080]);
+    }
+
+    #[test]
+    fn command_line_overrides_the_file_and_loopback_is_always_allowed() {
+        let file: FileConfig = toml::from_str(
+            "interfaces = [\"eth0\"]\nports = [80]\n[limits]\nsyn_rate = 5\nsyn_burst = 7\n",
+        )
+        .unwrap();
+        let mut a = args(&["veth1"], &[8080]);
+        a.set = vec!["syn_rate=50".into()];
+        a.trusted_proxies = vec!["198.18.0.254".into()];
+        let s = Settings::merge(&a, file).unwrap();
+        assert_eq!(s.interfaces, vec!["veth1"]);
+        assert_eq!(s.ports, vec![8080]);
+        assert_eq!((s.live.syn_rate, s.live.syn_burst), (50, 7));
+        let lo: Prefix = "127.0.0.0/8".parse().unwrap();
+        let proxy: Prefix = "198.18.0.254/32".parse().unwrap();
+        assert!(s.allow.contains(&lo) && s.allow.contains(&proxy));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let e = |a: RunArgs, f: &str| {
+            Settings::merge(&a, toml::from_str(f).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e(args(&[], &[8080]), "").contains("--interface"));
+        assert!(e(args(&["eth0"], &[]), "").contains("--port"));
+        let mut a = args(&["eth0"], &[8080]);
+        a.allow = vec!["198.18.0.0/33".into()];
+        assert!(format!(
+            "{:#}",
+            Settings::merge(&a, FileConfig::default()).unwrap_err()
+        )
+        .contains("198.18.0.0/33"));
+        assert!(e(args(&["eth0"], &[8080]), "[limits]\nsyn_ratee = 3\n").contains("syn_ratee"));
+        let mut a = args(&["eth0"], &[8080]);
+        a.attach = Some("ebpf".into());
+        assert!(Settings::merge(&a, FileConfig::default())
+            .unwrap_err()
+            .to_string()
+            .contains("attach mode"));
+        assert!(
+            toml::from_str::<FileConfig>("bogus = 1").is_err(),
+            "unknown keys are refused"
+        );
+    }
+}
