@@ -13,13 +13,19 @@
 //! interface names. No namespace has a default route: the only reachable addresses are the
 //! lab's own.
 //!
-//! XDP on the server's `eth0`: a veth runs native (driver-mode) XDP on the packets its peer
-//! transmits, so an XDP program attached to the server's `eth0` sees everything the legit and
-//! attacker namespaces send through the bridge, with nothing to set up on the other side.
-//! The peer (`p-srv` in the switch) only needs an XDP program or GRO of its own when the
-//! server-side program returns `XDP_TX`/`XDP_REDIRECT` towards it; guard only passes and drops.
-//! Native XDP on veth also requires an MTU that fits one page, which the default 1500 does, so
-//! no offload is turned off here.
+//! XDP on the server's `eth0`: a veth runs native (driver-mode) XDP on the frames its peer
+//! transmits, so a program attached to the server's `eth0` (`XdpMode::Driver`) sees everything
+//! the legit and attacker namespaces send through the bridge, with nothing set up on the other
+//! side. Checked on this kernel with a pass-all and a drop-all program attached by
+//! `ip link set dev eth0 xdpdrv`: drop-all cuts the server off from both clients; pass-all
+//! carries connects over IPv4 and IPv6, a 5 MB echo (GSO-sized frames) and floods. So no offload
+//! is turned off here. The peer (`p-srv`) would need an XDP program or GRO of its own only if
+//! the server-side program returned `XDP_TX`/`XDP_REDIRECT`; guard only passes and drops.
+//!
+//! The server namespace keeps the kernel's per-namespace defaults: `tcp_syncookies = 1`
+//! (cookies when the SYN queue overflows; a flood shows as `TcpExt:SyncookiesSent`) and
+//! `somaxconn = 4096`. A bench that wants a different baseline sets it with `Netns::sysctl`,
+//! which only accepts per-namespace `net.*` keys.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};

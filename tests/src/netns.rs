@@ -129,6 +129,20 @@ impl Netns {
         })
     }
 
+    /// A kernel network counter as this namespace counts it, e.g. `("Tcp", "InSegs")` or
+    /// `("TcpExt", "SyncookiesSent")`: the per-namespace /proc/net/snmp and /proc/net/netstat,
+    /// read from a thread inside the namespace (`/proc/thread-self`, since `/proc/self` would
+    /// follow the main thread, which stays outside).
+    pub fn counter(&self, group: &str, field: &str) -> Result<u64> {
+        let texts = self.run_in(|| -> std::io::Result<String> {
+            let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let netstat = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+            Ok(snmp + &netstat)
+        })?;
+        let text = texts.context("cannot read /proc/thread-self/net counters")?;
+        parse_counter(&text, group, field).with_context(|| format!("in netns {}", self.name))
+    }
+
     /// The MAC address of `iface` inside this namespace.
     pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
         let out = self.ip(&["-o", "link", "show", "dev", iface])?;
@@ -164,6 +178,26 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// Finds `group:field` in /proc/net/snmp-style text: for each group a line of names followed
+/// by a line of values.
+pub fn parse_counter(text: &str, group: &str, field: &str) -> Result<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some(i) = names.split_whitespace().position(|n| n == field) {
+            let value = values
+                .split_whitespace()
+                .nth(i)
+                .with_context(|| format!("{group}:{field} has no value"))?;
+            // Some counters (Tcp MaxConn) are signed; none that we read goes negative.
+            return value
+                .parse()
+                .with_context(|| format!("{group}:{field} = {value:?} is not a count"));
+        }
+    }
+    anyhow::bail!("no counter {group}:{field}")
+}
+
 /// Namespaces and host-side links whose names start with `gd-`: what a clean run leaves none
 /// of. (Links inside a deleted namespace die with it; this looks at the host's.)
 pub fn leftovers() -> Result<Vec<String>> {
@@ -190,6 +224,19 @@ pub fn leftovers() -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_parse() {
+        let text = "Ip: Forwarding DefaultTTL InReceives\nIp: 2 64 1234\n\
+                    Tcp: RtoAlgorithm InSegs\nTcp: 1 99\n\
+                    TcpExt: SyncookiesSent ListenDrops\nTcpExt: 7 0\n";
+        assert_eq!(parse_counter(text, "Ip", "InReceives").unwrap(), 1234);
+        assert_eq!(parse_counter(text, "Tcp", "InSegs").unwrap(), 99);
+        assert_eq!(parse_counter(text, "TcpExt", "SyncookiesSent").unwrap(), 7);
+        assert!(parse_counter(text, "Tcp", "Nope").is_err());
+        assert!(parse_counter(text, "Udp", "InDatagrams").is_err());
+        assert!(parse_counter("Ip: A\nIp: x\n", "Ip", "A").is_err());
+    }
 
     #[test]
     fn macs_parse() {

@@ -43,18 +43,9 @@ fn serve_echo(lab: &Lab, secs: u32) -> ClientRun<EchoReport> {
     server
 }
 
-/// A per-namespace SNMP counter, e.g. ("Ip", "InReceives"). /proc/net is the reader's own
-/// network namespace, so reading it through nsenter gives the namespace's counters.
 fn snmp(ns: &Netns, group: &str, field: &str) -> u64 {
-    let text = ns.exec(&["cat", "/proc/net/snmp"]).expect("read snmp");
-    let prefix = format!("{group}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-    let idx = names
-        .split_whitespace()
-        .position(|n| n == field)
-        .unwrap_or_else(|| panic!("no {group}:{field}"));
-    values.split_whitespace().nth(idx).unwrap().parse().unwrap()
+    ns.counter(group, field)
+        .unwrap_or_else(|e| panic!("{group}:{field}: {e:#}"))
 }
 
 fn netns_exists(name: &str) -> bool {
@@ -150,6 +141,11 @@ fn lab_carries_tcp_both_families_and_cleans_up() {
             .run(&lab.attacker, &args, Duration::from_secs(30))
             .unwrap();
         assert_eq!((f.attempted, f.connected), (300, 300), "{f:?}");
+
+        // Counters are per namespace: the server counted the traffic, the bridge-only switch
+        // namespace saw no TCP at all (the host's own counters would not be zero).
+        assert!(snmp(&lab.server, "Tcp", "InSegs") > 450);
+        assert_eq!(snmp(&lab.switch, "Tcp", "InSegs"), 0);
 
         let echo = server.stop().unwrap();
         // 3 probes of 50 plus the flood's 300.
