@@ -179,6 +179,42 @@ impl Lab {
         ROLE_IF
     }
 
+    /// Gives the server's `eth0` its own NAPI kernel thread(s) and returns their PIDs, so a
+    /// bench can pin receive processing next to the server (`process::pin_to_cpu`).
+    ///
+    /// A veth only runs NAPI when XDP is attached or GRO is on; GRO is turned on so every
+    /// protection mode (none, nftables, XDP) gets the same receive path. Without NAPI, the
+    /// server's receive work runs on the *sender's* core and a bench would charge it to the
+    /// attacker. `threaded` is only writable through the namespace's own sysfs, hence
+    /// `ip netns exec` (which mounts it) rather than `nsenter`.
+    ///
+    /// The threads are told apart from other labs' `napi/eth0-*` threads by appearing between
+    /// two listings around the switch; a lab started at the same instant could blur that.
+    pub fn thread_server_napi(&self) -> Result<Vec<u32>> {
+        let before = napi_threads(ROLE_IF)?;
+        self.server
+            .exec(&["ethtool", "-K", ROLE_IF, "gro", "on"])
+            .context("enable GRO (NAPI) on the server veth")?;
+        crate::process::run_checked(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            self.server.name(),
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{ROLE_IF}/threaded"),
+        ]))
+        .context("enable threaded NAPI on the server veth")?;
+        let new: Vec<u32> = napi_threads(ROLE_IF)?
+            .into_iter()
+            .filter(|pid| !before.contains(pid))
+            .collect();
+        anyhow::ensure!(
+            !new.is_empty(),
+            "no napi/{ROLE_IF}-* thread appeared after enabling threaded NAPI"
+        );
+        Ok(new)
+    }
+
     /// Every namespace of this lab.
     pub fn namespaces(&self) -> [&Netns; 4] {
         [&self.server, &self.legit, &self.attacker, &self.switch]
@@ -204,6 +240,29 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// PIDs of the kernel threads named `napi/<iface>-<id>`.
+fn napi_threads(iface: &str) -> Result<Vec<u32>> {
+    let prefix = format!("napi/{iface}-");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go while we look; a vanished one is simply not ours.
+        if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
+            if comm.trim_end().starts_with(&prefix) {
+                pids.push(pid);
+            }
+        }
+    }
+    Ok(pids)
 }
 
 #[cfg(test)]

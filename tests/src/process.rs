@@ -52,6 +52,27 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// Pins a thread or process (by its PID/TID) to one CPU: benches put the server, its NAPI
+/// thread and the probe on one core and the attacker on the other (shared/LAB.md).
+pub fn pin_to_cpu(pid: u32, cpu: usize) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    anyhow::ensure!(
+        cpu < libc::CPU_SETSIZE as usize,
+        "cpu {cpu} is beyond CPU_SETSIZE"
+    );
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set, and CPU_SET stays in
+    // bounds because cpu < CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from a valid local set.
+    let rc = unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot pin pid {pid} to cpu {cpu}"));
+    }
+    Ok(())
+}
+
 /// What a finished child left behind.
 #[derive(Debug)]
 pub struct Finished {
@@ -268,6 +289,20 @@ fn drain(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> Joi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinning_a_child() {
+        let child = ChildGuard::spawn("sleeper", Command::new("sleep").arg("30")).unwrap();
+        pin_to_cpu(child.pid(), 0).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid())).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Cpus_allowed_list:", "0"]),
+            "{status}"
+        );
+        assert!(pin_to_cpu(child.pid(), 100_000).is_err());
+    }
 
     #[test]
     fn run_checked_reports_failures_with_stderr() {
