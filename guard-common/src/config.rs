@@ -38,7 +38,12 @@ pub struct LiveConfig {
     pub global_syn_burst: u32,
     /// How long a source that completed a connection stays "known good".
     pub known_good_ttl_s: u32,
-    pub _reserved: [u32; 5],
+    pub _pad: u32,
+    /// Connection tracking (the sockops program) counts only sockets of
+    /// this network namespace (`SO_NETNS_COOKIE`); 0 counts every one. A
+    /// cgroup can span namespaces; the XDP program sees one interface's.
+    pub conn_netns_cookie: u64,
+    pub _reserved: [u32; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<LiveConfig>() == 64);
@@ -59,7 +64,9 @@ impl LiveConfig {
         global_syn_rate: 0,
         global_syn_burst: 0,
         known_good_ttl_s: 600,
-        _reserved: [0; 5],
+        _pad: 0,
+        conn_netns_cookie: 0,
+        _reserved: [0; 2],
     };
 
     #[inline(always)]
@@ -80,6 +87,21 @@ impl LiveConfig {
     #[inline(always)]
     pub const fn aggregate_cap_enabled(&self) -> bool {
         self.aggregate_burst != 0
+    }
+
+    #[inline(always)]
+    pub const fn conn_limit_enabled(&self) -> bool {
+        self.conn_limit != 0
+    }
+
+    #[inline(always)]
+    pub const fn global_budget_enabled(&self) -> bool {
+        self.global_syn_burst != 0
+    }
+
+    #[inline(always)]
+    pub const fn known_good_ttl_ns(&self) -> u64 {
+        self.known_good_ttl_s as u64 * 1_000_000_000
     }
 
     #[inline(always)]

@@ -10,13 +10,25 @@ pub const AGGREGATES: &str = "AGGREGATES";
 pub const ALLOW: &str = "ALLOW";
 pub const BLOCK: &str = "BLOCK";
 pub const EVENTS: &str = "EVENTS";
+/// Established connections per source key (sockops keeps it exact).
+pub const CONNS: &str = "CONNS";
+/// Socket cookie -> the source key it was counted under, so a close always
+/// decrements what its establishment incremented, whatever the config says
+/// by then.
+pub const CONN_SOCKS: &str = "CONN_SOCKS";
+/// Source key -> last time it completed a handshake (ns, monotonic).
+pub const KNOWN_GOOD: &str = "KNOWN_GOOD";
+/// The global new-connection budget's bucket (one entry).
+pub const GLOBAL: &str = "GLOBAL";
 
 pub const PROG_XDP: &str = "guard_xdp";
 pub const PROG_TC: &str = "guard_tc";
+pub const PROG_SOCKOPS: &str = "guard_sockops";
 
 /// Every map the agent pins, in the order `guard status` shows them.
-pub const PINNED_MAPS: [&str; 8] = [
-    CONFIG, STATS, PORTS, SOURCES, AGGREGATES, ALLOW, BLOCK, EVENTS,
+pub const PINNED_MAPS: [&str; 12] = [
+    CONFIG, STATS, PORTS, SOURCES, AGGREGATES, ALLOW, BLOCK, EVENTS, CONNS, CONN_SOCKS, KNOWN_GOOD,
+    GLOBAL,
 ];
 
 /// One bit per TCP port, as bytes: `PORTS[port] != 0` means protected.
@@ -27,3 +39,6 @@ pub const DEFAULT_AGGREGATES: u32 = 1 << 16;
 pub const DEFAULT_ALLOW: u32 = 4096;
 pub const DEFAULT_BLOCK: u32 = 1 << 20;
 pub const EVENTS_BYTES: u32 = 1 << 18;
+pub const DEFAULT_CONNS: u32 = 1 << 16;
+pub const DEFAULT_CONN_SOCKS: u32 = 1 << 18;
+pub const DEFAULT_KNOWN_GOOD: u32 = 1 << 16;

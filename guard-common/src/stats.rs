@@ -37,12 +37,18 @@ pub enum Stat {
     /// Per-source entries created (the LRU evicts silently, so this bounds
     /// the tracked-source count from above).
     SourcesCreated,
+    /// Established connections toward protected ports counted / uncounted
+    /// at close; their difference is how many are open.
+    ConnOpened,
+    ConnClosed,
+    /// Established but not counted: the socket table was full.
+    ConnUntracked,
 }
 
 pub const STAT_SLOTS: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 23] = [
+    pub const ALL: [Stat; 26] = [
         Stat::Packets,
         Stat::PassUnprotected,
         Stat::PassAllowlisted,
@@ -66,6 +72,9 @@ impl Stat {
         Stat::DropExtHeaderChain,
         Stat::WouldDropExtHeaderChain,
         Stat::SourcesCreated,
+        Stat::ConnOpened,
+        Stat::ConnClosed,
+        Stat::ConnUntracked,
     ];
 
     #[inline(always)]
@@ -96,7 +105,13 @@ impl Stat {
             Stat::WouldDropGlobalBudget => ("would_drop", "global_budget"),
             Stat::DropExtHeaderChain => ("drop", "ext_header_chain"),
             Stat::WouldDropExtHeaderChain => ("would_drop", "ext_header_chain"),
-            Stat::Packets | Stat::SynSeen | Stat::EventsLost | Stat::SourcesCreated => return None,
+            Stat::Packets
+            | Stat::SynSeen
+            | Stat::EventsLost
+            | Stat::SourcesCreated
+            | Stat::ConnOpened
+            | Stat::ConnClosed
+            | Stat::ConnUntracked => return None,
         })
     }
 
@@ -125,11 +140,14 @@ impl Stat {
             Stat::DropExtHeaderChain => "drop_ext_header_chain",
             Stat::WouldDropExtHeaderChain => "would_drop_ext_header_chain",
             Stat::SourcesCreated => "sources_created",
+            Stat::ConnOpened => "conn_opened",
+            Stat::ConnClosed => "conn_closed",
+            Stat::ConnUntracked => "conn_untracked",
         }
     }
 }
 
-const _: () = assert!((Stat::SourcesCreated as u32) < STAT_SLOTS);
+const _: () = assert!((Stat::ConnUntracked as u32) < STAT_SLOTS);
 
 #[cfg(test)]
 mod tests {

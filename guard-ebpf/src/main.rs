@@ -6,25 +6,30 @@
 //! the two can never disagree.
 #![no_std]
 #![no_main]
+// Atomic intrinsics for the connection counters (see conns.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod packet;
+
+mod conns;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, map, sock_ops, xdp},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockOpsContext, TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use guard_common::{
-    addr::{prefix_key, Addr, MAX_PREFIX_LEN},
+    addr::{prefix_key, unified_prefix_len, Addr, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
     maps as names,
     state::AllowEntry,
     stats::{Stat, STAT_SLOTS},
-    BlockEntry, LiveConfig, OverCapEvent, SourceState,
+    BlockEntry, LiveConfig, OverCapEvent, SourceState, TokenBucket,
 };
 use packet::{parse, Malformed, Packet, Parsed, Transport, TCP_ACK, TCP_SYN};
 
@@ -47,6 +52,15 @@ static ALLOW: LpmTrie<Addr, AllowEntry> = LpmTrie::with_max_entries(names::DEFAU
 static BLOCK: LpmTrie<Addr, BlockEntry> = LpmTrie::with_max_entries(names::DEFAULT_BLOCK, 0);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(names::EVENTS_BYTES, 0);
+#[map(name = "CONNS")]
+static CONNS: HashMap<Addr, u64> = HashMap::with_max_entries(names::DEFAULT_CONNS, 0);
+#[map(name = "CONN_SOCKS")]
+static CONN_SOCKS: HashMap<u64, Addr> = HashMap::with_max_entries(names::DEFAULT_CONN_SOCKS, 0);
+#[map(name = "KNOWN_GOOD")]
+static KNOWN_GOOD: LruHashMap<Addr, u64> =
+    LruHashMap::with_max_entries(names::DEFAULT_KNOWN_GOOD, 0);
+#[map(name = "GLOBAL")]
+static GLOBAL: Array<TokenBucket> = Array::with_max_entries(1, 0);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -79,6 +93,16 @@ pub fn guard_tc(ctx: TcContext) -> i32 {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// Counts established connections toward the protected ports per source
+/// and remembers sources that completed a handshake ("known good").
+#[sock_ops]
+pub fn guard_sockops(ctx: SockOpsContext) -> u32 {
+    if let Some(cfg) = CONFIG.get(0) {
+        conns::on_sock_op(&ctx, cfg);
+    }
+    1
 }
 
 #[inline(always)]
@@ -162,18 +186,61 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     }
 
     count(Stat::SynSeen);
+    let source_key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
+    if cfg.conn_limit_enabled() && conns::open_connections(&source_key) >= cfg.conn_limit as u64 {
+        return drop_or_dry_run(cfg, Stat::DropConnLimit, Stat::WouldDropConnLimit);
+    }
     if cfg.source_cap_enabled() {
-        let key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
-        let len = guard_common::addr::unified_prefix_len(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
-        if !charge(ctx, &SOURCES, &key, len, now, cfg.syn_rate, cfg.syn_burst, cfg, EVENT_SOURCE_OVER_CAP) {
+        let len = unified_prefix_len(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
+        if !charge(
+            ctx,
+            &SOURCES,
+            &source_key,
+            len,
+            now,
+            cfg.syn_rate,
+            cfg.syn_burst,
+            cfg,
+            EVENT_SOURCE_OVER_CAP,
+        ) {
             return drop_or_dry_run(cfg, Stat::DropSourceRate, Stat::WouldDropSourceRate);
         }
     }
     if cfg.aggregate_cap_enabled() {
         let key = prefix_key(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        let len = guard_common::addr::unified_prefix_len(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        if !charge(ctx, &AGGREGATES, &key, len, now, cfg.aggregate_rate, cfg.aggregate_burst, cfg, EVENT_AGGREGATE_OVER_CAP) {
+        let len = unified_prefix_len(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        if !charge(
+            ctx,
+            &AGGREGATES,
+            &key,
+            len,
+            now,
+            cfg.aggregate_rate,
+            cfg.aggregate_burst,
+            cfg,
+            EVENT_AGGREGATE_OVER_CAP,
+        ) {
             return drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
+        }
+    }
+    if cfg.global_budget_enabled() {
+        // Everyone draws on the global budget; when it runs dry only sources
+        // that recently completed a handshake (which a spoofed source cannot)
+        // still pass, at their own per-source rate.
+        let has_budget = match GLOBAL.get_ptr_mut(0) {
+            // SAFETY: the one array slot; concurrent CPUs may lose a charge
+            // (as for SourceState), never corrupt it.
+            Some(bucket) => unsafe {
+                (*bucket).try_take(now, cfg.global_syn_rate, cfg.global_syn_burst)
+            },
+            None => true,
+        };
+        if !has_budget {
+            if conns::is_known_good(&source_key, now, cfg) {
+                count(Stat::PassKnownGood);
+                return Verdict::Pass;
+            }
+            return drop_or_dry_run(cfg, Stat::DropGlobalBudget, Stat::WouldDropGlobalBudget);
         }
     }
     count(Stat::PassSyn);
@@ -209,7 +276,9 @@ fn charge<C: EbpfContext>(
         Some(state) => state,
         None => {
             // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
-            if map.insert(key, SourceState::new(burst, now), 1).is_ok() && kind == EVENT_SOURCE_OVER_CAP {
+            if map.insert(key, SourceState::new(burst, now), 1).is_ok()
+                && kind == EVENT_SOURCE_OVER_CAP
+            {
                 count(Stat::SourcesCreated);
             }
             match map.get_ptr_mut(key) {

@@ -74,10 +74,15 @@ pub enum Transport {
 
 pub enum Parsed {
     NotIp,
-    Ip { src: Addr, transport: Transport },
+    Ip {
+        src: Addr,
+        transport: Transport,
+    },
     /// IPv6 with more extension headers than we walk. Not malformed: the
     /// kernel would still deliver what is behind them.
-    ExtChainTooLong { src: Addr },
+    ExtChainTooLong {
+        src: Addr,
+    },
 }
 
 /// Frames we cannot parse are passed: a frame too short or inconsistent to

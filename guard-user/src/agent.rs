@@ -56,6 +56,8 @@ pub struct Agent {
     pub metrics: Metrics,
     audit: AuditLog,
     control_stats: Mutex<Option<Arc<ControlStats>>>,
+    /// Connection tracking counts only this namespace's sockets.
+    netns_cookie: u64,
 }
 
 fn unix_now_ns() -> u64 {
@@ -77,7 +79,8 @@ fn origin_of(peer: &PeerInfo) -> String {
 }
 
 impl Agent {
-    fn new(maps: GuardMaps, settings: Settings, audit: AuditLog) -> Self {
+    fn new(maps: GuardMaps, mut settings: Settings, audit: AuditLog, netns_cookie: u64) -> Self {
+        settings.live.conn_netns_cookie = netns_cookie;
         let metrics = Metrics::new();
         metrics
             .blocklist_capacity
@@ -90,6 +93,7 @@ impl Agent {
             metrics,
             audit,
             control_stats: Mutex::new(None),
+            netns_cookie,
         }
     }
 
@@ -100,7 +104,11 @@ impl Agent {
     /// Puts settings into the kernel: live config, ports, allow-list.
     fn apply(&self, s: &Settings) -> Result<()> {
         let mut maps = self.maps();
-        maps.set_config(&s.live).context("write the live config")?;
+        let live = LiveConfig {
+            conn_netns_cookie: self.netns_cookie,
+            ..s.live
+        };
+        maps.set_config(&live).context("write the live config")?;
         maps.set_ports(&s.ports)
             .context("write the protected ports")?;
         let current = maps.allows().context("read the allow-list")?;
@@ -406,6 +414,14 @@ impl Agent {
         }
     }
 
+    fn prune_connections(&self) {
+        match self.maps().prune_idle_connections() {
+            Ok(0) => {}
+            Ok(n) => log::debug!("pruned {n} idle connection counters"),
+            Err(e) => warn!("prune connection counters: {e}"),
+        }
+    }
+
     pub fn render_metrics(&self) -> String {
         let sizes = self.settings.lock().expect("settings lock").map_sizes;
         match self.maps().stat_totals() {
@@ -556,10 +572,12 @@ impl Agent {
                         .map(|p| p.display().to_string())
                         .unwrap_or_default()
                 );
-                *self.settings.lock().expect("settings lock") = Settings {
+                let mut new = Settings {
                     interfaces: old_ifaces,
                     ..new
                 };
+                new.live.conn_netns_cookie = self.netns_cookie;
+                *self.settings.lock().expect("settings lock") = new;
                 self.audit
                     .record("config", None, None, None, "operator:sighup", None, &detail);
                 info!("configuration reloaded");
@@ -664,7 +682,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let maps = GuardMaps::open_pinned(&layout)?;
     let audit = AuditLog::open(settings.audit_log.as_deref())
         .with_context(|| format!("open the audit log {:?}", settings.audit_log))?;
-    let agent = Arc::new(Agent::new(maps, settings.clone(), audit));
+    let cookie = match crate::datapath::netns_cookie() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("cannot read this network namespace's cookie ({e}); connection tracking counts every namespace's sockets in its cgroup");
+            0
+        }
+    };
+    let cgroup = settings
+        .cgroup
+        .clone()
+        .or_else(crate::datapath::cgroup2_mount);
+    match &cgroup {
+        Some(path) => {
+            if let Err(e) = dp.attach_sockops(path) {
+                warn!("connection tracking is off ({e:#}): conn_limit and the known-good budget cannot work");
+            }
+        }
+        None => warn!("no cgroup v2 mount found: connection tracking (conn_limit, known-good) is off; pass --cgroup"),
+    }
+    let agent = Arc::new(Agent::new(maps, settings.clone(), audit, cookie));
     agent.apply(&settings)?;
     agent.adopt_blocks()?;
     for (iface, kind) in &attached {
@@ -708,6 +745,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let log_task = logger.map(|l| tokio::spawn(pump_kernel_log(l, wait(shutdown_rx.clone()))));
 
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut sweeps: u64 = 0;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -720,7 +758,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     loop {
         tokio::select! {
-            _ = sweep.tick() => agent.sweep_expired(),
+            _ = sweep.tick() => {
+                agent.sweep_expired();
+                sweeps += 1;
+                if sweeps % 60 == 0 {
+                    agent.prune_connections();
+                }
+            }
             _ = hup.recv() => agent.reload(&args),
             _ = term.recv() => break,
             _ = int.recv() => break,

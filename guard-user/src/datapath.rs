@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -18,7 +18,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, ProgramError, SchedClassifier, SockOps, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -150,6 +150,10 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
         names::ALLOW => (T::LpmTrie, lpm_key, size_of::<AllowEntry>() as u32),
         names::BLOCK => (T::LpmTrie, lpm_key, size_of::<BlockEntry>() as u32),
         names::EVENTS => (T::RingBuf, 0, 0),
+        names::CONNS => (T::Hash, 16, 8),
+        names::CONN_SOCKS => (T::Hash, 8, 16),
+        names::KNOWN_GOOD => (T::LruHash, 16, 8),
+        names::GLOBAL => (T::Array, 4, size_of::<guard_common::TokenBucket>() as u32),
         _ => return None,
     })
 }
@@ -258,6 +262,10 @@ pub struct GuardMaps {
     pub aggregates: HashMap<MapData, Addr, SourceState>,
     pub allow: LpmTrie<MapData, Addr, AllowEntry>,
     pub block: LpmTrie<MapData, Addr, BlockEntry>,
+    /// Established connections per source key (signed in effect: see
+    /// guard-ebpf/src/conns.rs).
+    pub conns: HashMap<MapData, Addr, u64>,
+    pub known_good: HashMap<MapData, Addr, u64>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -288,7 +296,48 @@ impl GuardMaps {
             aggregates: open_pinned(layout, names::AGGREGATES)?,
             allow: open_pinned(layout, names::ALLOW)?,
             block: open_pinned(layout, names::BLOCK)?,
+            conns: open_pinned(layout, names::CONNS)?,
+            known_good: open_pinned(layout, names::KNOWN_GOOD)?,
         })
+    }
+
+    /// Open connections per source key, as the sockops program counts them.
+    pub fn connections(&self) -> Result<Vec<(Addr, u64)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.conns.iter() {
+            match item {
+                Ok((k, v)) if (v as i64) > 0 => out.push((k, v)),
+                Ok(_) | Err(MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        name: names::CONNS,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes per-source connection counters that are back at zero so the
+    /// table keeps room for new sources. Racing a new connection of the same
+    /// source can undercount it by one (read as zero by the program, never
+    /// as a wrapped huge count).
+    pub fn prune_idle_connections(&mut self) -> Result<usize, DatapathError> {
+        let idle: Vec<Addr> = self
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| (*v as i64) <= 0)
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in idle {
+            if self.conns.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     pub fn config(&self) -> Result<LiveConfig, DatapathError> {
@@ -538,6 +587,14 @@ impl Datapath {
                 .map_err(load_err)?;
             tc.load().map_err(load_err)?;
         }
+        {
+            let sockops: &mut SockOps = ebpf
+                .program_mut(names::PROG_SOCKOPS)
+                .expect("object has the sockops program")
+                .try_into()
+                .map_err(load_err)?;
+            sockops.load().map_err(load_err)?;
+        }
         let maps = GuardMaps {
             config: take(&mut ebpf, names::CONFIG)?,
             stats: take(&mut ebpf, names::STATS)?,
@@ -546,6 +603,8 @@ impl Datapath {
             aggregates: take(&mut ebpf, names::AGGREGATES)?,
             allow: take(&mut ebpf, names::ALLOW)?,
             block: take(&mut ebpf, names::BLOCK)?,
+            conns: take(&mut ebpf, names::CONNS)?,
+            known_good: take(&mut ebpf, names::KNOWN_GOOD)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         let mut dp = Self {
@@ -790,6 +849,161 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// Attaches connection tracking (sockops) to a cgroup v2: every socket
+    /// of processes in it (and its descendants) is counted. With pins, an
+    /// earlier run's link is switched to this program atomically, so no
+    /// close goes unseen across a restart (a missed close would leave a
+    /// connection counted forever).
+    pub fn attach_sockops(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let layout = self.layout.clone();
+        let prog_fd = {
+            let prog = self
+                .ebpf
+                .program(names::PROG_SOCKOPS)
+                .expect("program exists");
+            prog.fd()
+                .map_err(|e| DatapathError::Attach {
+                    iface: cgroup.display().to_string(),
+                    source: e,
+                })?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("dup the sockops program fd"))?
+        };
+        if let Some(layout) = &layout {
+            let path = layout.sockops_link();
+            if path.exists() {
+                match obj_get(&path) {
+                    Ok(link_fd) => {
+                        link_update(link_fd.as_raw_fd(), prog_fd.as_raw_fd()).map_err(io_err(
+                            format!(
+                                "switch the pinned sockops link {} to the new program",
+                                path.display()
+                            ),
+                        ))?;
+                        info!(
+                            "{}: updated the pinned sockops link to the new program (no detach)",
+                            cgroup.display()
+                        );
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        warn!(
+                            "pinned sockops link {} is unusable ({e}); attaching anew",
+                            path.display()
+                        );
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        let dir = std::fs::File::open(cgroup).map_err(io_err(format!(
+            "open cgroup {} (connection tracking needs cgroup v2: pass --cgroup with the app's cgroup2 folder)",
+            cgroup.display()
+        )))?;
+        let sockops: &mut SockOps = self
+            .ebpf
+            .program_mut(names::PROG_SOCKOPS)
+            .expect("program exists")
+            .try_into()
+            .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
+        let id = sockops
+            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
+        if let Some(layout) = layout {
+            let link = sockops
+                .take_link(id)
+                .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
+            let fd_link: FdLink =
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
+                        action: "pin the sockops link (needs Linux >= 5.7)".into(),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+            let path = layout.sockops_link();
+            fd_link.pin(&path).map_err(|e| DatapathError::Io {
+                action: format!("pin link at {}", path.display()),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        info!(
+            "{}: connection tracking attached (sockops)",
+            cgroup.display()
+        );
+        Ok(())
+    }
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object (aya 0.14 keeps the fd of a
+/// `PinnedLink` private, and the update below needs it).
+fn obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new fd to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: swaps the program behind a link atomically.
+fn link_update(link_fd: std::os::fd::RawFd, prog_fd: std::os::fd::RawFd) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr = LinkUpdateAttr {
+        link_fd: link_fd as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_LINK_UPDATE.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn classify_attach_error(iface: &str, source: ProgramError) -> DatapathError {
     if let ProgramError::UnknownInterface { name } = &source {
         return DatapathError::NoSuchInterface(name.clone());
@@ -868,6 +1082,9 @@ pub fn unload(layout: &PinLayout) -> Result<UnloadReport, DatapathError> {
         std::fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
         report.links.push(format!("{iface} ({})", kind.pin_tag()));
     }
+    if layout.sockops_link().exists() {
+        report.links.push("cgroup (sockops)".into());
+    }
     if layout.dir().exists() {
         for entry in std::fs::read_dir(layout.dir())
             .map_err(io_err(format!("read {}", layout.dir().display())))?
@@ -882,6 +1099,41 @@ pub fn unload(layout: &PinLayout) -> Result<UnloadReport, DatapathError> {
     }
     let _ = std::fs::remove_dir(layout.root());
     Ok(report)
+}
+
+/// The cgroup v2 mount point (pure v2 at /sys/fs/cgroup, or the hybrid
+/// layout's /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// This network namespace's cookie (`SO_NETNS_COOKIE`, Linux >= 5.14), so
+/// connection tracking counts only sockets of the namespace guard protects.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// `CLOCK_MONOTONIC`, the clock `bpf_ktime_get_ns()` reads.

@@ -260,6 +260,23 @@ fn status(pins: &PinArg) -> Result<()> {
             println!("  {:<28} {v}", stat.name());
         }
     }
+    let conns = maps.connections()?;
+    println!(
+        "open connections (tracked): {} from {} sources",
+        conns.iter().map(|(_, n)| n).sum::<u64>(),
+        conns.len()
+    );
+    let mut top = conns;
+    top.sort_by(|a, b| b.1.cmp(&a.1));
+    for (addr, n) in top.iter().take(5) {
+        println!(
+            "  {:<40} {n}",
+            Prefix::new(*addr, 128)
+                .to_string()
+                .trim_end_matches("/32")
+                .trim_end_matches("/128")
+        );
+    }
     println!("blocked prefixes: {}", maps.blocks()?.len());
     println!("allow-listed prefixes: {}", maps.allows()?.len());
     Ok(())

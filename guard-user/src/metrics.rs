@@ -28,6 +28,7 @@ pub struct Metrics {
     config: IntGaugeVec,
     control_requests: IntCounterVec,
     control_refused: IntCounter,
+    conns_tracked: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -148,6 +149,11 @@ impl Metrics {
                 "guard_control_refused_total",
                 "Control-socket connections refused by the peer-credential check.",
             ),
+            conns_tracked: gauge(
+                &r,
+                "guard_concurrent_connections_tracked",
+                "Established connections toward protected ports, counted in the kernel.",
+            ),
             registry: r,
         }
     }
@@ -162,6 +168,9 @@ impl Metrics {
         }
         sync_counter(&self.syn_seen, totals[Stat::SynSeen.index() as usize]);
         sync_counter(&self.events_lost, totals[Stat::EventsLost.index() as usize]);
+        let opened = totals[Stat::ConnOpened.index() as usize];
+        let closed = totals[Stat::ConnClosed.index() as usize];
+        self.conns_tracked.set(opened.saturating_sub(closed) as i64);
         self.tracked_sources
             .set(totals[Stat::SourcesCreated.index() as usize].min(sources_capacity as u64) as i64);
     }

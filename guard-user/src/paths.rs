@@ -51,6 +51,11 @@ impl PinLayout {
             .join(format!("link_{}_{}", kind.pin_tag(), interface))
     }
 
+    /// The connection-tracking (sockops) link on the app's cgroup.
+    pub fn sockops_link(&self) -> PathBuf {
+        self.dir.join("link_sockops")
+    }
+
     /// Every pinned link as (kind, interface, path).
     pub fn links(&self) -> std::io::Result<Vec<(AttachKind, String, PathBuf)>> {
         let mut out = Vec::new();

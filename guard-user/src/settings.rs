@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub pin_dir: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// cgroup v2 folder whose sockets are counted (connection cap, known-good).
+    pub cgroup: Option<PathBuf>,
     /// Keys of guard_common::config_kv (the live config).
     pub limits: toml::Table,
     pub blocks: BlocksFile,
@@ -111,6 +113,10 @@ pub struct RunArgs {
     pub pin_dir: Option<PathBuf>,
     #[arg(long, env = "GUARD_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// cgroup v2 folder of the app, for connection tracking (default: the
+    /// cgroup2 root, i.e. every process on the host).
+    #[arg(long, env = "GUARD_CGROUP")]
+    pub cgroup: Option<PathBuf>,
     /// A live-config change, e.g. `--set syn_rate=50` (repeat).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -150,6 +156,7 @@ pub struct Settings {
     pub pin_root: PathBuf,
     pub audit_log: Option<PathBuf>,
     pub log_level: Option<String>,
+    pub cgroup: Option<PathBuf>,
     pub blocks: BlockSettings,
     pub escalation: EscalationSettings,
     pub map_sizes: MapSizes,
@@ -322,6 +329,7 @@ impl Settings {
                 .unwrap_or_else(|| paths::DEFAULT_PIN_ROOT.into()),
             audit_log: args.audit_log.clone().or(file.audit_log),
             log_level: file.log_level,
+            cgroup: args.cgroup.clone().or(file.cgroup),
             blocks,
             escalation,
             map_sizes,

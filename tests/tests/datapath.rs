@@ -88,7 +88,11 @@ impl Dp {
 
     fn try_run_tc(&self, frame: &[u8]) -> Option<V> {
         let tc = test_run(self.dp.program_fd(AttachKind::Tc), frame, 1).ok()?;
-        Some(if tc.retval == TC_ACT_SHOT { V::Drop } else { V::Pass })
+        Some(if tc.retval == TC_ACT_SHOT {
+            V::Drop
+        } else {
+            V::Pass
+        })
     }
 
     fn stats(&self) -> [u64; STAT_SLOTS as usize] {
@@ -407,7 +411,10 @@ fn truncated_frames_never_crash_and_never_count_as_syns() {
             }
         }
     }
-    assert!(tc_runs > 200, "the tc program saw {tc_runs} truncated frames");
+    assert!(
+        tc_runs > 200,
+        "the tc program saw {tc_runs} truncated frames"
+    );
     // Shorter than an Ethernet header: the kernel refuses to test-run it
     // (and no driver delivers one); say so rather than skip silently.
     assert!(test_run(dp.dp.program_fd(AttachKind::XdpNative), &[0u8; 13], 1).is_err());
@@ -671,5 +678,118 @@ fn ports_are_live_and_exact() {
     assert_eq!(
         dp.verdict(&Frame::syn(src, 8080).bytes()).1,
         Stat::PassUnprotected
+    );
+}
+
+#[test]
+fn conn_limit_drops_new_syns_of_a_source_holding_its_maximum() {
+    let mut dp = Dp::new();
+    dp.config(|c| c.conn_limit = 3);
+    let src = v4(198, 18, 0, 5);
+    let key = from_ip(src);
+    let syn = Frame::syn(src, PORT).bytes();
+    // What sockops would have counted for this source.
+    dp.dp.maps_mut().conns.insert(key, 2u64, 0).unwrap();
+    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::PassSyn));
+    dp.dp.maps_mut().conns.insert(key, 3u64, 0).unwrap();
+    assert_eq!(dp.verdict(&syn), (V::Drop, Stat::DropConnLimit));
+    assert_eq!(
+        dp.verdict(&Frame::syn(v4(198, 18, 0, 6), PORT).bytes()),
+        (V::Pass, Stat::PassSyn)
+    );
+    // Established traffic of the capped source still flows.
+    assert_eq!(
+        dp.verdict(&Frame::syn(src, PORT).tcp_flags(TCP_ACK).bytes())
+            .0,
+        V::Pass
+    );
+    // A counter one below zero (a pruning race) reads as none open.
+    dp.dp.maps_mut().conns.insert(key, u64::MAX, 0).unwrap();
+    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::PassSyn));
+    dp.dp.maps_mut().conns.insert(key, 3u64, 0).unwrap();
+    dp.config(|c| c.flags |= FLAG_DRY_RUN);
+    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::WouldDropConnLimit));
+    dp.config(|c| {
+        c.flags &= !FLAG_DRY_RUN;
+        c.conn_limit = 0;
+    });
+    assert_eq!(
+        dp.verdict(&syn),
+        (V::Pass, Stat::PassSyn),
+        "0 turns the cap off"
+    );
+}
+
+#[test]
+fn global_budget_keeps_known_good_sources_in_and_squeezes_unknown_ones() {
+    let mut dp = Dp::new();
+    // 1/s: the first SYN fills the bucket to its burst (it starts with a
+    // zero timestamp), and the test is over long before a second token.
+    dp.config(|c| {
+        c.global_syn_rate = 1;
+        c.global_syn_burst = 3;
+        c.known_good_ttl_s = 60;
+    });
+    let known = v4(198, 18, 0, 10);
+    let stale = v4(198, 18, 0, 11);
+    let now = monotonic_ns();
+    dp.dp
+        .maps_mut()
+        .known_good
+        .insert(from_ip(known), now, 0)
+        .unwrap();
+    dp.dp
+        .maps_mut()
+        .known_good
+        .insert(from_ip(stale), now - 120_000_000_000, 0)
+        .unwrap();
+    // The budget of 3 is shared by everyone while it lasts.
+    for host in 20..23 {
+        assert_eq!(
+            dp.verdict(&Frame::syn(v4(198, 19, 0, host), PORT).bytes()),
+            (V::Pass, Stat::PassSyn)
+        );
+    }
+    // Spent: unknown sources are dropped, known-good ones still pass.
+    for host in 23..30 {
+        assert_eq!(
+            dp.verdict(&Frame::syn(v4(198, 19, 0, host), PORT).bytes()),
+            (V::Drop, Stat::DropGlobalBudget)
+        );
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            dp.verdict(&Frame::syn(known, PORT).bytes()),
+            (V::Pass, Stat::PassKnownGood)
+        );
+    }
+    assert_eq!(
+        dp.verdict(&Frame::syn(stale, PORT).bytes()),
+        (V::Drop, Stat::DropGlobalBudget),
+        "known-good status expires"
+    );
+    // Known-good sources keep their own per-source cap.
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 1;
+    });
+    let k2 = v4(198, 18, 0, 12);
+    dp.dp
+        .maps_mut()
+        .known_good
+        .insert(from_ip(k2), monotonic_ns(), 0)
+        .unwrap();
+    assert_eq!(
+        dp.verdict(&Frame::syn(k2, PORT).bytes()),
+        (V::Pass, Stat::PassKnownGood)
+    );
+    assert_eq!(
+        dp.verdict(&Frame::syn(k2, PORT).bytes()),
+        (V::Drop, Stat::DropSourceRate)
+    );
+    dp.config(|c| c.flags |= FLAG_DRY_RUN);
+    assert_eq!(
+        dp.verdict(&Frame::syn(v4(198, 19, 0, 40), PORT).bytes()),
+        (V::Pass, Stat::WouldDropGlobalBudget)
     );
 }
