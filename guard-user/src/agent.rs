@@ -696,6 +696,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     match &cgroup {
         Some(path) => {
             if let Err(e) = dp.attach_sockops(path) {
+                let e = anyhow::Error::new(e);
                 warn!("connection tracking is off ({e:#}): conn_limit and the known-good budget cannot work");
             }
         }

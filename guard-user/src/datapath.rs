@@ -908,8 +908,10 @@ impl Datapath {
             .expect("program exists")
             .try_into()
             .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
+        // As a bpf_link the attachment always coexists with other programs
+        // on the cgroup; the kernel refuses the ALLOW_MULTI flag for links.
         let id = sockops
-            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .attach(&dir, CgroupAttachMode::Single)
             .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
         if let Some(layout) = layout {
             let link = sockops

@@ -1,6 +1,7 @@
 //! `cargo xtask`: what a build script should not do — machine setup, the
 //! privileged test run, the lab demo, benchmarks and live tuning.
 
+mod demo;
 mod setup;
 
 use std::process::Command;
@@ -25,6 +26,8 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// The lab: attacks with and without guard, side by side, into a report (root).
+    Demo(demo::DemoArgs),
 }
 
 fn is_root() -> bool {
@@ -79,6 +82,8 @@ fn test(filter: Option<String>) -> Result<()> {
             "--",
         ])
         .args(&filter))?;
+    // The privileged tests drive the real binaries (agent, lab client).
+    run(cargo().args(["build", "-p", "guard-user", "-p", "guard-tests", "--bins"]))?;
     // Privileged tests share kernel state (namespaces, bpffs, interfaces):
     // one at a time.
     run(cargo()
@@ -94,5 +99,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::setup(),
         Cmd::Test { filter } => test(filter),
+        Cmd::Demo(args) => demo::main(args),
     }
 }
