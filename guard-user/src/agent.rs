@@ -58,6 +58,7 @@ pub struct Agent {
     control_stats: Mutex<Option<Arc<ControlStats>>>,
     /// Connection tracking counts only this namespace's sockets.
     netns_cookie: u64,
+    adaptive: Mutex<(crate::adaptive::Controller, u64)>,
 }
 
 fn unix_now_ns() -> u64 {
@@ -94,7 +95,63 @@ impl Agent {
             audit,
             control_stats: Mutex::new(None),
             netns_cookie,
+            adaptive: Mutex::new((
+                crate::adaptive::Controller::new(),
+                crate::adaptive::read_distress_counters().unwrap_or(0),
+            )),
         }
+    }
+
+    /// What the kernel runs with: the operator's config, tightened by the
+    /// adaptive level, with this namespace's cookie for connection tracking.
+    fn effective(&self, s: &Settings) -> LiveConfig {
+        let level = self.adaptive.lock().expect("adaptive lock").0.level;
+        LiveConfig {
+            conn_netns_cookie: self.netns_cookie,
+            ..crate::adaptive::effective(&s.live, &s.adaptive, level)
+        }
+    }
+
+    /// One adaptive step: reads the server's handshake-loss counters and
+    /// moves the level when the controller says so.
+    pub fn adaptive_tick(&self) {
+        let s = self.settings.lock().expect("settings lock");
+        if !s.adaptive.enabled {
+            return;
+        }
+        let now_total = match crate::adaptive::read_distress_counters() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("adaptive: cannot read /proc/net/netstat: {e}");
+                return;
+            }
+        };
+        let changed = {
+            let mut guard = self.adaptive.lock().expect("adaptive lock");
+            let (controller, last_total) = &mut *guard;
+            let distressed = now_total > *last_total;
+            *last_total = now_total;
+            controller.tick(distressed, Instant::now(), s.adaptive.calm)
+        };
+        let Some(level) = changed else {
+            return;
+        };
+        let cfg = self.effective(&s);
+        if let Err(e) = self.maps().set_config(&cfg) {
+            error!("adaptive: write the live config: {e}");
+            return;
+        }
+        drop(s);
+        self.metrics.adaptive_level.set(level as i64);
+        self.metrics.adaptive_changes.inc();
+        self.metrics.sync_config(&cfg);
+        let detail = format!(
+            "level {level}: syn_rate={} syn_burst={}",
+            cfg.syn_rate, cfg.syn_burst
+        );
+        info!("adaptive limits {detail}");
+        self.audit
+            .record("adaptive", None, None, None, "adaptive", None, &detail);
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, GuardMaps> {
@@ -104,10 +161,7 @@ impl Agent {
     /// Puts settings into the kernel: live config, ports, allow-list.
     fn apply(&self, s: &Settings) -> Result<()> {
         let mut maps = self.maps();
-        let live = LiveConfig {
-            conn_netns_cookie: self.netns_cookie,
-            ..s.live
-        };
+        let live = self.effective(s);
         maps.set_config(&live).context("write the live config")?;
         maps.set_ports(&s.ports)
             .context("write the protected ports")?;
@@ -122,7 +176,7 @@ impl Agent {
                 .with_context(|| format!("disallow {p}"))?;
         }
         self.metrics.allowlist_entries.set(s.allow.len() as i64);
-        self.metrics.sync_config(&s.live);
+        self.metrics.sync_config(&live);
         Ok(())
     }
 
@@ -440,11 +494,15 @@ impl Agent {
             Ok(c) => c,
             Err(e) => return Response::error(ErrorCode::Invalid, e.to_string()),
         };
-        if let Err(e) = self.maps().set_config(&new) {
+        if let Err(e) = new.validate() {
             return Response::error(ErrorCode::Invalid, e.to_string());
         }
         s.live = new;
-        self.metrics.sync_config(&new);
+        let effective = self.effective(&s);
+        if let Err(e) = self.maps().set_config(&effective) {
+            return Response::error(ErrorCode::Invalid, e.to_string());
+        }
+        self.metrics.sync_config(&effective);
         drop(s);
         let detail: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.audit
@@ -761,6 +819,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = sweep.tick() => {
                 agent.sweep_expired();
+                agent.adaptive_tick();
                 sweeps += 1;
                 if sweeps % 60 == 0 {
                     agent.prune_connections();

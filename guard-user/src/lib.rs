@@ -1,6 +1,7 @@
 //! guard's agent as a library: the binary `guard` is a thin CLI over it, and
 //! the privileged tests and `cargo xtask` drive the same code.
 
+pub mod adaptive;
 pub mod agent;
 pub mod audit;
 pub mod control;

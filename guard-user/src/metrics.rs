@@ -29,6 +29,8 @@ pub struct Metrics {
     control_requests: IntCounterVec,
     control_refused: IntCounter,
     conns_tracked: IntGauge,
+    pub adaptive_level: IntGauge,
+    pub adaptive_changes: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -97,7 +99,7 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Self {
+        let metrics = Self {
             packets: counter_vec(
                 &r,
                 "guard_packets_total",
@@ -154,8 +156,24 @@ impl Metrics {
                 "guard_concurrent_connections_tracked",
                 "Established connections toward protected ports, counted in the kernel.",
             ),
+            adaptive_level: gauge(
+                &r,
+                "guard_adaptive_level",
+                "Steps the adaptive mode has tightened per-source limits (0 = as configured).",
+            ),
+            adaptive_changes: counter(&r, "guard_adaptive_changes_total", "Adaptive limit changes."),
             registry: r,
+        };
+        // Every label value the agent uses exists from the start, at 0: dashboards and
+        // alerts query these before the first block or over-cap event, and rate() over a
+        // series that appears later misses its first increase.
+        for result in ["added", "merged", "refused"] {
+            metrics.block_reports.with_label_values(&[result]);
         }
+        for kind in ["source", "aggregate", "conn_limit"] {
+            metrics.over_cap_events.with_label_values(&[kind]);
+        }
+        metrics
     }
 
     /// Folds the kernel's per-CPU counter totals in.

@@ -13,6 +13,7 @@ use guard_common::{addr::Prefix, config_kv, LiveConfig};
 use serde::Deserialize;
 
 use crate::{
+    adaptive::AdaptiveSettings,
     datapath::{AttachRequest, MapSizes},
     paths,
 };
@@ -41,7 +42,7 @@ pub struct FileConfig {
     pub limits: toml::Table,
     pub blocks: BlocksFile,
     pub escalation: EscalationFile,
-    pub adaptive: toml::Table,
+    pub adaptive: AdaptiveFile,
     pub maps: MapsFile,
 }
 
@@ -60,6 +61,16 @@ pub struct EscalationFile {
     pub over_cap_secs: Option<u64>,
     pub ttl_secs: Option<u64>,
     pub max_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveFile {
+    pub enabled: Option<bool>,
+    pub floor_syn_rate: Option<u32>,
+    pub floor_syn_burst: Option<u32>,
+    pub step_percent: Option<u32>,
+    pub calm_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +128,9 @@ pub struct RunArgs {
     /// cgroup2 root, i.e. every process on the host).
     #[arg(long, env = "GUARD_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// Tighten per-source limits while the server drops handshakes.
+    #[arg(long, env = "GUARD_ADAPTIVE")]
+    pub adaptive: bool,
     /// A live-config change, e.g. `--set syn_rate=50` (repeat).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -159,6 +173,7 @@ pub struct Settings {
     pub cgroup: Option<PathBuf>,
     pub blocks: BlockSettings,
     pub escalation: EscalationSettings,
+    pub adaptive: AdaptiveSettings,
     pub map_sizes: MapSizes,
 }
 
@@ -293,10 +308,15 @@ impl Settings {
             ttl: Duration::from_secs(file.escalation.ttl_secs.unwrap_or(60)),
             max_ttl: Duration::from_secs(file.escalation.max_ttl_secs.unwrap_or(3600)),
         };
-        if file.adaptive.get("enabled").and_then(toml::Value::as_bool) == Some(true) {
-            bail!(
-                "adaptive limits are not available in this build: remove [adaptive] enabled = true"
-            );
+        let adaptive = AdaptiveSettings {
+            enabled: args.adaptive || file.adaptive.enabled.unwrap_or(false),
+            floor_syn_rate: file.adaptive.floor_syn_rate.unwrap_or(5),
+            floor_syn_burst: file.adaptive.floor_syn_burst.unwrap_or(10),
+            step_percent: file.adaptive.step_percent.unwrap_or(25),
+            calm: Duration::from_secs(file.adaptive.calm_secs.unwrap_or(30)),
+        };
+        if adaptive.step_percent == 0 || adaptive.step_percent > 90 {
+            bail!("adaptive: step_percent must be 1..=90");
         }
         let defaults = MapSizes::default();
         let map_sizes = MapSizes {
@@ -332,6 +352,7 @@ impl Settings {
             cgroup: args.cgroup.clone().or(file.cgroup),
             blocks,
             escalation,
+            adaptive,
             map_sizes,
         })
     }

@@ -9,6 +9,7 @@
 //! Errors are `anyhow` with context: every caller is a test or a developer command that
 //! prints them, and the context (which command, which namespace) is what a reader needs.
 
+pub mod agent;
 pub mod frames;
 pub mod lab;
 pub mod measure;
@@ -16,6 +17,7 @@ pub mod netns;
 pub mod process;
 pub mod report;
 pub mod tools;
+pub mod twons;
 pub mod wire;
 
 pub use lab::Lab;

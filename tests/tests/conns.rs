@@ -4,90 +4,14 @@
 //! Root only; run serially (`cargo xtask test`).
 
 use std::{
-    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread::sleep,
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::{ChildGuard, Netns};
-use guard_user::{
-    datapath::{cgroup2_mount, GuardMaps},
-    paths::PinLayout,
-};
-
-const PORT: u16 = 9000;
-
-/// A cgroup v2 folder for the test's server, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new(tag: &str) -> Result<Self> {
-        let root = cgroup2_mount().context("no cgroup2 mount on this machine")?;
-        let path = root.join(format!("gd-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // The server is gone by now (its guard drops first); rmdir fails
-        // while a process is still inside, so retry briefly.
-        for _ in 0..20 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Pins of the agent under test, unloaded on drop even if the test fails.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = guard_user::datapath::unload(&PinLayout::new(&self.0));
-    }
-}
-
-fn guard_bin() -> PathBuf {
-    // tests run from target/<profile>/deps/
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("guard")
-}
-
-const SERVER: &str = r#"
-import socket, struct, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("198.18.0.1", int(sys.argv[1])))
-s.listen(4096)
-print("ready", file=sys.stderr, flush=True)
-def handle(c):
-    try:
-        m = c.recv(1)
-        if m == b"c":
-            c.close()
-        elif m == b"r":
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            c.close()
-        else:
-            while c.recv(1024):
-                pass
-            c.close()
-    except OSError:
-        c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
-"#;
+use guard_tests::twons::{guard_bin, Setup, PORT};
 
 /// Ends `n` connections per mode: server FIN, server RST, client FIN,
 /// client RST, and connect-then-close without data. Prints how many
@@ -138,115 +62,6 @@ try:
 except OSError:
     print("failed")
 "#;
-
-struct Setup {
-    server_ns: Netns,
-    client_ns: Netns,
-    cgroup: Cgroup,
-    pins: Pins,
-    socket: PathBuf,
-    _agent: ChildGuard,
-}
-
-impl Setup {
-    fn new(tag: &str, extra: &[&str]) -> Result<Self> {
-        let server_ns = Netns::new("csrv")?;
-        let client_ns = Netns::new("ccli")?;
-        server_ns.ip(&["link", "set", "lo", "up"])?;
-        client_ns.ip(&["link", "set", "lo", "up"])?;
-        server_ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            client_ns.name(),
-        ])?;
-        server_ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"])?;
-        client_ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])?;
-        server_ns.ip(&["link", "set", "eth0", "up"])?;
-        client_ns.ip(&["link", "set", "eth0", "up"])?;
-        let cgroup = Cgroup::new(tag)?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gd-{tag}-{}", std::process::id()));
-        let pins = Pins(pin_dir.clone());
-        let socket = std::env::temp_dir().join(format!("gd-{tag}-{}.sock", std::process::id()));
-        let mut cmd = server_ns.command(guard_bin());
-        cmd.args([
-            "run",
-            "-i",
-            "eth0",
-            "-p",
-            &PORT.to_string(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .arg("--control-socket")
-        .arg(&socket)
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .args(extra);
-        let agent = ChildGuard::spawn("guard agent", &mut cmd)?;
-        for _ in 0..100 {
-            if socket.exists() && PinLayout::new(&pin_dir).sockops_link().exists() {
-                return Ok(Self {
-                    server_ns,
-                    client_ns,
-                    cgroup,
-                    pins,
-                    socket,
-                    _agent: agent,
-                });
-            }
-            sleep(Duration::from_millis(100));
-        }
-        bail!("the agent did not come up (no control socket or sockops link after 10 s)")
-    }
-
-    fn maps(&self) -> GuardMaps {
-        GuardMaps::open_pinned(&PinLayout::new(&self.pins.0)).expect("open the agent's pins")
-    }
-
-    /// Starts the Python server inside the cgroup (joined before the
-    /// listening socket exists, so every accepted socket belongs to it).
-    fn server(&self) -> Result<ChildGuard> {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec nsenter --net={} python3 -u -c '{}' {PORT}",
-            self.cgroup.0.display(),
-            self.server_ns.path().display(),
-            SERVER.replace('\'', "'\"'\"'")
-        );
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", &script]);
-        let mut guard = ChildGuard::spawn("python server", &mut cmd)?;
-        guard.wait_for_stderr("ready", Duration::from_secs(10))?;
-        Ok(guard)
-    }
-
-    fn python(&self, script: &str, args: &[&str]) -> Command {
-        let mut cmd = self.client_ns.command("python3");
-        cmd.arg("-u").arg("-c").arg(script).args(args);
-        cmd
-    }
-
-    fn stat(&self, stat: Stat) -> u64 {
-        self.maps().stat(stat).expect("read a counter")
-    }
-
-    fn open_tracked(&self) -> u64 {
-        self.maps()
-            .connections()
-            .expect("read CONNS")
-            .iter()
-            .map(|(_, n)| n)
-            .sum()
-    }
-}
 
 #[test]
 fn connection_counts_never_drift_under_churn() -> Result<()> {
