@@ -1,6 +1,7 @@
 //! Running commands: checked one-shot runs, and `ChildGuard` for background processes.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -97,7 +98,7 @@ impl Finished {
 /// flood or server behind. Only the process's own PID is ever signalled.
 ///
 /// Stopping sends SIGINT first (the tools print their statistics and `timeout` forwards it to
-/// the tool it runs), then SIGKILL after a grace period. Stdout and stderr are drained by
+/// the tool it runs), then SIGKILL to the child's own process group after a grace period. Stdout and stderr are drained by
 /// threads while it runs, so a chatty tool cannot block on a full pipe.
 pub struct ChildGuard {
     label: String,
@@ -112,7 +113,12 @@ impl ChildGuard {
     /// Spawns `cmd` with piped stdout/stderr and null stdin; `label` names it in errors.
     pub fn spawn(label: &str, cmd: &mut Command) -> Result<Self> {
         let line = describe(cmd);
+        // Its own process group: a tool under `timeout` forks, and if it ever has to be
+        // SIGKILLed, killing the group takes the forked tool along instead of orphaning an
+        // unbounded `hping3 --flood`. The group's ID is the child's PID, so it holds only what
+        // we started.
         let mut child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -220,9 +226,22 @@ impl ChildGuard {
         let status = child
             .wait()
             .with_context(|| format!("cannot reap {}", self.label))?;
-        // The pipes close when the process (and anything it forked that kept them) is gone.
+        // The pipes close when the process and anything it forked that kept them are gone.
+        // A forked straggler holding them must not hang us: wait a little, then leave the
+        // drain threads behind with what they collected so far.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.drains.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for t in self.drains.drain(..) {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                eprintln!(
+                    "warning: {}: something it forked still holds its output pipes",
+                    self.label
+                );
+            }
         }
         Ok(Finished {
             status,
@@ -248,10 +267,15 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Child::kill sends SIGKILL to this PID only.
-        child
-            .kill()
-            .with_context(|| format!("cannot SIGKILL {} (pid {pid})", self.label))
+        // SAFETY: as above; the group was created for this child at spawn (`process_group(0)`),
+        // so it contains only the child and what it forked.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        // The group kill covers the child; this reports if even that failed.
+        match child.kill() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot SIGKILL {} (pid {pid})", self.label)),
+        }
     }
 }
 
@@ -356,6 +380,38 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(done.status.signal(), Some(libc::SIGKILL));
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn sigkill_takes_forked_tools_along() {
+        // Like `timeout` running a tool: the shell forks a worker that ignores SIGINT too.
+        let mut child = ChildGuard::spawn(
+            "forker",
+            Command::new("sh").args([
+                "-c",
+                "trap '' INT; sh -c 'trap \"\" INT; exec sleep 300' & echo \"worker $!\" >&2; wait",
+            ]),
+        )
+        .unwrap()
+        .with_grace(Duration::from_millis(200));
+        child
+            .wait_for_stderr("worker ", Duration::from_secs(5))
+            .unwrap();
+        let worker: u32 = child
+            .stderr_so_far()
+            .trim()
+            .strip_prefix("worker ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        child.stop().unwrap();
+        // The orphaned worker is reaped by init shortly after it dies; wait for that, bounded.
+        let gone = (0..250).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::read_to_string(format!("/proc/{worker}/stat"))
+                .map_or(true, |s| s.contains(") Z "))
+        });
+        assert!(gone, "forked worker {worker} survived");
     }
 
     #[test]
