@@ -105,10 +105,8 @@ fn remote_addr(ctx: &SockOpsContext) -> Option<Addr> {
 pub fn on_sock_op(ctx: &SockOpsContext, cfg: &LiveConfig) {
     match ctx.op() {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, cfg),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                on_close(ctx);
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            on_close(ctx);
         }
         _ => {}
     }
@@ -132,21 +130,21 @@ fn on_established(ctx: &SockOpsContext, cfg: &LiveConfig) {
     let key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
     // SAFETY: helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = KNOWN_GOOD.insert(&key, now, 0);
+    let _ = KNOWN_GOOD.insert(key, now, 0);
 
     // SAFETY: a sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if CONN_SOCKS.insert(&cookie, &key, NOEXIST).is_err() {
+    if CONN_SOCKS.insert(cookie, key, NOEXIST).is_err() {
         count(Stat::ConnUntracked);
         return;
     }
     if counter(&key).is_none() {
-        let _ = CONNS.insert(&key, &0u64, NOEXIST);
+        let _ = CONNS.insert(key, 0u64, NOEXIST);
     }
     let Some(c) = counter(&key) else {
         // The count table is full: forget the socket so its close does not
         // decrement what was never incremented.
-        let _ = CONN_SOCKS.remove(&cookie);
+        let _ = CONN_SOCKS.remove(cookie);
         count(Stat::ConnUntracked);
         return;
     };
@@ -156,7 +154,7 @@ fn on_established(ctx: &SockOpsContext, cfg: &LiveConfig) {
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
     {
-        let _ = CONN_SOCKS.remove(&cookie);
+        let _ = CONN_SOCKS.remove(cookie);
         count(Stat::ConnUntracked);
         return;
     }
@@ -170,10 +168,10 @@ fn on_close(ctx: &SockOpsContext) {
     // SAFETY: a sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(key) = (unsafe { CONN_SOCKS.get(&cookie) }).copied() else {
+    let Some(key) = (unsafe { CONN_SOCKS.get(cookie) }).copied() else {
         return;
     };
-    let _ = CONN_SOCKS.remove(&cookie);
+    let _ = CONN_SOCKS.remove(cookie);
     if let Some(c) = counter(&key) {
         // SAFETY: as in open_connections. Adding u64::MAX is subtracting one.
         unsafe { atomic_xadd::<u64, u64, { Relaxed }>(c, u64::MAX) };
