@@ -132,6 +132,13 @@ enum Cmd {
         /// How long to watch with --suggest, e.g. 60s.
         #[arg(long, default_value = "60s")]
         observe: String,
+        /// Show the audit trail (with --since and --prefix).
+        #[arg(long)]
+        history: bool,
+        #[arg(long, default_value = "24h", requires = "history")]
+        since: String,
+        #[arg(long, requires = "history")]
+        prefix: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
         #[command(flatten)]
@@ -341,6 +348,22 @@ async fn tune_cmd(
     Ok(())
 }
 
+async fn history(socket: &SocketArg, since: &str, p: Option<&str>, limit: u32) -> Result<()> {
+    let since = parse_duration(since)?;
+    let since_unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        .saturating_sub(since.as_secs());
+    let prefix = p.map(prefix).transpose()?;
+    let req = Request::History {
+        since_unix_secs,
+        prefix,
+        limit,
+    };
+    print_response(&call(socket, req).await?);
+    Ok(())
+}
+
 async fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Run(args) => agent::run(args).await,
@@ -454,26 +477,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             prefix: p,
             limit,
             socket,
-        } => {
-            let since = parse_duration(&since)?;
-            let since_unix_secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs()
-                .saturating_sub(since.as_secs());
-            let prefix = p.as_deref().map(prefix).transpose()?;
-            print_response(
-                &call(
-                    &socket,
-                    Request::History {
-                        since_unix_secs,
-                        prefix,
-                        limit,
-                    },
-                )
-                .await?,
-            );
-            Ok(())
-        }
+        } => history(&socket, &since, p.as_deref(), limit).await,
         Cmd::Tune {
             set,
             dry_run,
@@ -483,9 +487,15 @@ async fn real_main(cli: Cli) -> Result<()> {
             allow,
             suggest,
             observe,
+            history: show_history,
+            since,
+            prefix: p,
             socket,
             pins,
         } => {
+            if show_history {
+                return history(&socket, &since, p.as_deref(), 500).await;
+            }
             tune_cmd(
                 set, dry_run, enforce, block, unblock, allow, suggest, observe, socket, pins,
             )
