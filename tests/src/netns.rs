@@ -198,8 +198,10 @@ pub fn parse_counter(text: &str, group: &str, field: &str) -> Result<u64> {
     anyhow::bail!("no counter {group}:{field}")
 }
 
-/// Namespaces and host-side links whose names start with `gd-`: what a clean run leaves none
-/// of. (Links inside a deleted namespace die with it; this looks at the host's.)
+/// What this toolkit may leave behind on the host: namespaces named `gd-*`, and host links
+/// named `gd-*` or with a peer inside a `gd-*` namespace (`ip` prints `link-netns NAME`). A
+/// clean run leaves none of its own; callers filter by their PID (`-<pid>-`) when other runs
+/// may be active. Links inside a deleted namespace die with it, so only the host's are listed.
 pub fn leftovers() -> Result<Vec<String>> {
     let mut found = Vec::new();
     for line in run_checked(Command::new("ip").args(["netns", "list"]))?.lines() {
@@ -210,12 +212,21 @@ pub fn leftovers() -> Result<Vec<String>> {
         }
     }
     for line in run_checked(Command::new("ip").args(["-o", "link", "show"]))?.lines() {
-        // "7: name@peer: <FLAGS> ..."
-        if let Some(name) = line.split(": ").nth(1) {
-            let name = name.split('@').next().unwrap_or(name);
-            if name.starts_with(NETNS_PREFIX) {
-                found.push(format!("link {name}"));
-            }
+        // "7: name@peer: <FLAGS> ... link-netns NS ..."
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        let peer_ns = line
+            .split_whitespace()
+            .skip_while(|w| *w != "link-netns")
+            .nth(1)
+            .filter(|ns| ns.starts_with(NETNS_PREFIX));
+        if name.starts_with(NETNS_PREFIX) || peer_ns.is_some() {
+            found.push(format!(
+                "link {name} (peer in {})",
+                peer_ns.unwrap_or("host")
+            ));
         }
     }
     Ok(found)

@@ -60,7 +60,7 @@ fn assert_gone(names: &[String]) {
     let left: Vec<String> = guard_tests::netns::leftovers()
         .unwrap()
         .into_iter()
-        .filter(|l| l.starts_with("link ") || l.contains(&mine))
+        .filter(|l| l.contains(&mine))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -79,6 +79,14 @@ fn lab_carries_tcp_both_families_and_cleans_up() {
             .map(|n| n.name().to_string())
             .collect();
         assert!(names.iter().all(|n| netns_exists(n)));
+        // Every veth lives inside the lab: nothing of it shows on the host.
+        let mine = format!("-{}-", std::process::id());
+        let on_host: Vec<String> = guard_tests::netns::leftovers()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.starts_with("link ") && l.contains(&mine))
+            .collect();
+        assert!(on_host.is_empty(), "{on_host:?}");
         // No namespace may have a default route: only lab addresses are reachable.
         for ns in lab.namespaces() {
             for family in ["-4", "-6"] {
@@ -105,6 +113,16 @@ fn lab_carries_tcp_both_families_and_cleans_up() {
                 "{src}: {p:?}"
             );
         }
+        // The default probe finds lab-client next to the test binary by itself.
+        let p = guard_tests::syn_loss_probe(
+            &lab.legit,
+            Ipv4Addr::new(198, 18, 0, 10).into(),
+            SERVER_V4.into(),
+            ECHO_PORT,
+            20,
+        )
+        .unwrap();
+        assert_eq!((p.attempted, p.connected, p.lost_syn), (20, 20, 0), "{p:?}");
         // A source the namespace does not own is a clear error, not a count.
         let err = syn_loss_probe_with(
             &c,
@@ -148,8 +166,8 @@ fn lab_carries_tcp_both_families_and_cleans_up() {
         assert_eq!(snmp(&lab.switch, "Tcp", "InSegs"), 0);
 
         let echo = server.stop().unwrap();
-        // 3 probes of 50 plus the flood's 300.
-        assert_eq!(echo.accepted, 450, "{echo:?}");
+        // 3 probes of 50, one of 20, plus the flood's 300.
+        assert_eq!(echo.accepted, 470, "{echo:?}");
     }
     assert_gone(&names);
 }
