@@ -112,6 +112,10 @@ struct WsChatArgs {
     /// Connect + handshake timeout.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     timeout_ms: u64,
+    /// Text of each message; `{client}` and `{n}` are replaced by the client number and the
+    /// message count (the app may expect its own format, e.g. JSON).
+    #[arg(long, default_value = "lab-client {client} message {n}")]
+    message: String,
 }
 
 #[derive(Args)]
@@ -554,18 +558,19 @@ async fn ws_chat(a: WsChatArgs, stop: &Stop) -> Result<WsChatReport> {
     });
     let errors = ErrorLog::new();
     let period = Duration::from_micros(1_000_000 / a.rate);
+    let (bind, message) = (a.src.bind, a.message.as_str());
     let client = |id: u64| {
         let (r, errors, target) = (&r, &errors, &target);
         async move {
             loop {
                 let ws = tokio::select! {
-                    ws = ws_connect(a.src.bind, target, limit) => ws?,
+                    ws = ws_connect(bind, target, limit) => ws?,
                     _ = stop.wait() => break,
                 };
                 match ws {
                     Ok(ws) => {
                         r.borrow_mut().connects += 1;
-                        chat_session(id, ws, period, stop, r, errors).await;
+                        chat_session(id, ws, message, period, stop, r, errors).await;
                     }
                     Err(HandshakeError::Status(code)) => {
                         *r.borrow_mut().rejected.entry(code).or_default() += 1;
@@ -592,11 +597,19 @@ async fn ws_chat(a: WsChatArgs, stop: &Stop) -> Result<WsChatReport> {
     Ok(r.into_inner())
 }
 
+/// A chat message from `--message`: `{client}` and `{n}` filled in.
+fn render_message(template: &str, client: u64, n: u64) -> String {
+    template
+        .replace("{client}", &client.to_string())
+        .replace("{n}", &n.to_string())
+}
+
 /// One connected chat client: a message every `period`, counting what comes back, until the
 /// server closes or the run ends (then a normal close, waiting briefly for the reply).
 async fn chat_session(
     id: u64,
     ws: WebSocketStream<TcpStream>,
+    template: &str,
     period: Duration,
     stop: &Stop,
     r: &RefCell<WsChatReport>,
@@ -610,7 +623,8 @@ async fn chat_session(
         tokio::select! {
             _ = tick.tick() => {
                 n += 1;
-                match tx.send(Message::text(format!("lab-client {id} message {n}"))).await {
+                let text = render_message(template, id, n);
+                match tx.send(Message::text(text)).await {
                     Ok(()) => r.borrow_mut().sent += 1,
                     Err(e) => {
                         errors.note("send", &e);
@@ -1147,6 +1161,15 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn message_templates() {
+        assert_eq!(
+            render_message(r#"{"text":"hi {n}","from":{client}}"#, 3, 7),
+            r#"{"text":"hi 7","from":3}"#
+        );
+        assert_eq!(render_message("plain", 1, 1), "plain");
     }
 
     #[test]
