@@ -1,0 +1,838 @@
+//! `cargo xtask demo`: the lab. Each scenario runs twice against the guarded demo app, first
+//! truly without guard (no program loaded, no agent, the app reports to nobody), then with
+//! the agent running, while legitimate clients keep chatting, subscribing and connecting.
+//! Prints a table, writes it as Markdown and JSON plus an SVG chart into a report folder.
+//!
+//! The lab links the lab toolkit, whose agent crate builds the eBPF program at compile time;
+//! that needs what `cargo xtask setup` installs. So plain xtask (no features) runs setup and
+//! then re-runs itself with the `lab` feature, which holds the lab itself. Building xtask on a
+//! fresh machine therefore never needs the eBPF toolchain.
+
+use std::path::PathBuf;
+
+/// Options of `cargo xtask demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Three shorter scenarios (SYN flood, message flood, random sources): the whole pipeline
+    /// in about a minute, for CI.
+    #[arg(long)]
+    short: bool,
+    /// After the report, leave the lab, app and agent up (no floods) until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+    /// Build and run release binaries (slower to build, truer CPU numbers).
+    #[arg(long)]
+    release: bool,
+    /// Report folder (default: <workspace>/lab-report).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only this scenario (repeatable): syn-flood, conn-flood, storms, message-flood,
+    /// slowloris, random-sources.
+    #[arg(long = "only", value_name = "SCENARIO")]
+    only: Vec<String>,
+}
+
+#[cfg(not(feature = "lab"))]
+pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
+    use anyhow::{bail, Context as _};
+    use std::os::unix::process::CommandExt as _;
+    if !crate::is_root() {
+        bail!("the lab builds network namespaces and loads BPF programs: run `sudo -E cargo xtask demo`");
+    }
+    crate::setup::setup()?;
+    // exec, not spawn: Ctrl-C and the exit status then belong to the lab process alone.
+    let err = crate::cargo()
+        .current_dir(crate::workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("cannot re-run xtask with the lab feature")
+}
+
+#[cfg(feature = "lab")]
+pub use lab::main;
+
+#[cfg(feature = "lab")]
+#[path = "lab_chart.rs"]
+mod lab_chart;
+#[cfg(feature = "lab")]
+#[path = "lab_stack.rs"]
+mod lab_stack;
+
+#[cfg(feature = "lab")]
+mod lab {
+    use std::fmt::Write as _;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use anyhow::{bail, Context as _, Result};
+    use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
+    use guard_tests::report::{ConnFloodReport, StormReport, WsFloodReport};
+    use guard_tests::{hping3_syn_flood, slowhttptest, trafgen_random_sources};
+    use serde::Serialize;
+    use serde_json::json;
+
+    use super::lab_chart::{self, Row};
+    use super::lab_stack::{
+        args, attacker_ip, interrupted, pause, Binaries, Counters, Cpus, LegitLoad, LegitOutcome,
+        Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
+    };
+    use super::DemoArgs;
+
+    /// How long each phase's parts last.
+    #[derive(Debug, Clone, Copy, Serialize)]
+    struct Timing {
+        /// Legit clients alone first: the baseline.
+        warmup_secs: f64,
+        attack_secs: u32,
+        /// Legit clients alone after the attack: recovery.
+        tail_secs: f64,
+    }
+
+    impl Timing {
+        fn legit_secs(&self) -> u32 {
+            (self.warmup_secs + f64::from(self.attack_secs) + self.tail_secs).ceil() as u32
+        }
+    }
+
+    /// What the attack tool reported.
+    struct Attack {
+        summary: String,
+        detail: serde_json::Value,
+    }
+
+    struct Scenario {
+        key: &'static str,
+        title: &'static str,
+        /// Live config the run with guard sets through the control socket before the attack
+        /// (`guard config --set`), without restarting anything.
+        tune: &'static [&'static str],
+        attack: fn(&Stack, &Timing) -> Result<Attack>,
+        in_short: bool,
+    }
+
+    const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 7);
+    /// trafgen's fixed offered rate: high enough to load the server core without guard, low
+    /// enough that one attacker core sustains it (shared/LAB.md: measure cost at a fixed rate).
+    const TRAFGEN_PPS: u32 = 40_000;
+
+    const SCENARIOS: [Scenario; 6] = [
+        Scenario {
+            key: "syn-flood",
+            title: "1. SYN flood, one spoofed source (hping3 --flood -a 198.19.0.7)",
+            tune: &[],
+            attack: syn_flood,
+            in_short: true,
+        },
+        Scenario {
+            key: "conn-flood",
+            title: "2. TCP connection flood, one real source (lab-client conn-flood)",
+            tune: &[],
+            attack: conn_flood,
+            in_short: false,
+        },
+        Scenario {
+            key: "storms",
+            title: "3. WebSocket handshake + SSE subscription storms, one source",
+            tune: &[],
+            attack: storms,
+            in_short: false,
+        },
+        Scenario {
+            key: "message-flood",
+            title: "4. WebSocket message flood from an admitted client, then its reconnects",
+            tune: &[],
+            attack: message_flood,
+            in_short: true,
+        },
+        Scenario {
+            key: "slowloris",
+            title: "5. slowloris (slowhttptest, 1000 slow connections)",
+            tune: &[],
+            attack: slowloris,
+            in_short: false,
+        },
+        Scenario {
+            key: "random-sources",
+            title: "6. SYN flood from random sources in 198.19.0.0/16 (trafgen), aggregate /16 cap",
+            tune: &[
+                "aggregate_prefix_v4=16",
+                "aggregate_rate=200",
+                "aggregate_burst=400",
+            ],
+            attack: random_sources,
+            in_short: true,
+        },
+    ];
+
+    /// One run of a scenario.
+    #[derive(Debug, Clone, Serialize)]
+    struct Phase {
+        guard: bool,
+        /// Legit connection attempts that succeeded, in percent, and the counts.
+        legit_success_pct: f64,
+        legit_connects_ok: u64,
+        legit_connects: u64,
+        /// Chat messages and feed events that reached legit clients.
+        legit_delivered: u64,
+        /// The probe's connects whose first SYN did not make it.
+        lost_syn: u64,
+        probe_connects: u64,
+        /// Mean busy share of the server core while the attack ran, and before it.
+        server_cpu_pct: f64,
+        server_cpu_before_pct: f64,
+        /// What the kernel program counted during the phase (with guard only).
+        kernel: Option<Counters>,
+        kernel_drops: Option<u64>,
+        /// Blocks placed on a report, and their mean detection-to-kernel-block time.
+        blocks_with_latency: u64,
+        block_latency_ms: Option<f64>,
+        /// The attack's window in the timeline (seconds since the legit load started).
+        attack_window: (f64, f64),
+        attacker: String,
+        attacker_detail: serde_json::Value,
+        /// Audit records the agent wrote during the phase.
+        audit: Vec<serde_json::Value>,
+        legit: LegitOutcome,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct ScenarioReport {
+        key: &'static str,
+        title: &'static str,
+        tune: &'static [&'static str],
+        phases: Vec<Phase>,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct Report {
+        generated_unix: u64,
+        mode: &'static str,
+        release_build: bool,
+        server_cpu: Option<usize>,
+        attacker_cpu: Option<usize>,
+        measured_cpu: usize,
+        napi_thread_pinned: bool,
+        timing: Timing,
+        scenarios: Vec<ScenarioReport>,
+    }
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only an atomic store: async-signal-safe. The run notices, unwinds, and the guards
+        // stop the processes, unload guard and delete the namespaces.
+        INTERRUPTED.store(true, Ordering::Relaxed);
+    }
+
+    fn install_signal_handlers() {
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        // SAFETY: installing a handler that only stores to an atomic.
+        unsafe {
+            libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        }
+    }
+
+    pub fn main(a: DemoArgs) -> Result<()> {
+        if !guard_tests::is_root() {
+            bail!("the lab builds network namespaces and loads BPF programs: run it as root");
+        }
+        let scenarios: Vec<&Scenario> = SCENARIOS
+            .iter()
+            .filter(|s| {
+                if a.only.is_empty() {
+                    !a.short || s.in_short
+                } else {
+                    a.only.iter().any(|o| o == s.key)
+                }
+            })
+            .collect();
+        if scenarios.is_empty() {
+            let keys: Vec<&str> = SCENARIOS.iter().map(|s| s.key).collect();
+            bail!("no scenario matches --only {:?}; known: {keys:?}", a.only);
+        }
+        let out = a
+            .out
+            .clone()
+            .unwrap_or_else(|| super::lab_stack::workspace_root().join("lab-report"));
+        install_signal_handlers();
+        let timing = if a.short {
+            Timing {
+                warmup_secs: 1.5,
+                attack_secs: 4,
+                tail_secs: 1.0,
+            }
+        } else {
+            Timing {
+                warmup_secs: 1.5,
+                attack_secs: 8,
+                tail_secs: 1.5,
+            }
+        };
+
+        eprintln!("demo: building the agent, the demo app and lab-client");
+        let bins = Binaries::build(a.release)?;
+        let cpus = Cpus::detect();
+        // Blocks outlive every phase; each phase with guard starts a fresh agent and fresh
+        // pins anyway, so nothing carries over from one scenario to the next.
+        let mut stack = Stack::new(bins, cpus, Duration::from_secs(300))?;
+        println!(
+            "lab up: server {} (app {}, agent metrics {}), legit {}, attacker {}",
+            stack.lab.server.name(),
+            stack.app_addr(),
+            stack.metrics_addr(),
+            stack.lab.legit.name(),
+            stack.lab.attacker.name()
+        );
+        match (cpus.server, cpus.attacker) {
+            (Some(s), Some(at)) => println!(
+                "cores: server side (app, agent, legit clients{}) on cpu{s}, attack tools on cpu{at}; \
+                 server CPU = cpu{s}'s busy share (shared machine: other work on it counts too)",
+                if stack.napi_pid().is_some() { ", packet thread" } else { "" }
+            ),
+            _ => println!("one core: nothing pinned; server CPU is cpu0's busy share"),
+        }
+        println!();
+        println!("{}", header());
+
+        let mut reports = Vec::new();
+        for sc in &scenarios {
+            let mut phases = Vec::new();
+            for guarded in [false, true] {
+                let phase = run_phase(&mut stack, sc, guarded, &timing).with_context(|| {
+                    format!(
+                        "scenario {} ({})",
+                        sc.key,
+                        if guarded {
+                            "with guard"
+                        } else {
+                            "without guard"
+                        }
+                    )
+                })?;
+                println!("{}", row_text(sc, &phase));
+                phases.push(phase);
+            }
+            reports.push(ScenarioReport {
+                key: sc.key,
+                title: sc.title,
+                tune: sc.tune,
+                phases,
+            });
+        }
+        let report = Report {
+            generated_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            mode: if a.short { "short" } else { "full" },
+            release_build: a.release,
+            server_cpu: cpus.server,
+            attacker_cpu: cpus.attacker,
+            measured_cpu: cpus.measured(),
+            napi_thread_pinned: stack.napi_pid().is_some(),
+            timing,
+            scenarios: reports,
+        };
+        write_report(&out, &report)?;
+        if a.keep {
+            keep(&mut stack)?;
+        }
+        drop(stack);
+        println!();
+        println!(
+            "report: {} (report.md, report.json, chart.svg)",
+            out.display()
+        );
+        Ok(())
+    }
+
+    fn run_phase(
+        stack: &mut Stack,
+        sc: &Scenario,
+        guarded: bool,
+        timing: &Timing,
+    ) -> Result<Phase> {
+        if guarded {
+            stack.start_agent(&[])?;
+            if !sc.tune.is_empty() {
+                let mut cli = vec!["config"];
+                for set in sc.tune {
+                    cli.extend(["--set", set]);
+                }
+                stack.guard(&cli)?;
+            }
+        }
+        stack.start_app(guarded)?;
+        let before = stack.counters()?;
+        let audit_before = stack.audit()?.len();
+
+        let legit = LegitLoad::start(stack, timing.legit_secs())?;
+        pause(Duration::from_secs_f64(timing.warmup_secs))?;
+        let start = legit.elapsed();
+        let attack = (sc.attack)(stack, timing)?;
+        let end = legit.elapsed();
+        let outcome = legit.finish()?;
+
+        let kernel = match (before, stack.counters()?) {
+            (Some(b), Some(a)) => Some(a.since(&b)),
+            _ => None,
+        };
+        let latency = if guarded {
+            stack.block_latency()?
+        } else {
+            None
+        };
+        let audit: Vec<serde_json::Value> = stack.audit()?.into_iter().skip(audit_before).collect();
+        stack.stop_app()?;
+        if guarded {
+            stack.stop_agent()?;
+        }
+
+        let cpu_mean = |from: f64, to: f64| {
+            let half = SLICE_SECS as f64 / 2.0;
+            let inside: Vec<f64> = outcome
+                .timeline
+                .iter()
+                // A slice belongs to the window its middle falls in.
+                .filter(|s| (from..=to).contains(&(s.t - half)))
+                .map(|s| s.cpu)
+                .collect();
+            if inside.is_empty() {
+                0.0
+            } else {
+                inside.iter().sum::<f64>() / inside.len() as f64
+            }
+        };
+        let (ok, all) = outcome.connections();
+        Ok(Phase {
+            guard: guarded,
+            legit_success_pct: outcome.success_pct(),
+            legit_connects_ok: ok,
+            legit_connects: all,
+            legit_delivered: outcome.delivered(),
+            lost_syn: outcome.probe.lost_syn,
+            probe_connects: outcome.probe.attempted,
+            server_cpu_pct: cpu_mean(start, end),
+            server_cpu_before_pct: cpu_mean(0.0, start),
+            kernel_drops: kernel.as_ref().map(Counters::drops),
+            kernel,
+            blocks_with_latency: latency.map_or(0, |l| l.0),
+            block_latency_ms: latency.map(|l| l.1),
+            attack_window: (start, end),
+            attacker: attack.summary,
+            attacker_detail: attack.detail,
+            audit,
+            legit: outcome,
+        })
+    }
+
+    // --- the attacks --------------------------------------------------------------------
+
+    fn syn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let flood = hping3_syn_flood(
+            &stack.lab.attacker,
+            SERVER_V4.into(),
+            APP_PORT,
+            Some(IpAddr::from(SPOOFED)),
+            t.attack_secs,
+            None,
+            stack.cpus.attacker,
+        )?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let r = flood.wait()?;
+        let sent = r.sent.unwrap_or(0);
+        Ok(Attack {
+            summary: format!("hping3 sent {sent} SYNs"),
+            detail: json!({ "tool": "hping3", "source": SPOOFED.to_string(), "sent": sent }),
+        })
+    }
+
+    fn conn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let secs = t.attack_secs.to_string();
+        let run = stack.attacker::<ConnFloodReport>(
+            args(&[
+                "conn-flood",
+                "--target",
+                &stack.app_addr().to_string(),
+                "--bind",
+                &attacker_ip().to_string(),
+                "--count",
+                "1000000",
+                "--parallel",
+                "200",
+                "--hold-ms",
+                "100",
+                "--connect-timeout-ms",
+                "1000",
+                "--secs",
+                &secs,
+            ]),
+            Duration::from_secs(u64::from(t.attack_secs) + 10),
+        )?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let r = run.wait()?;
+        Ok(Attack {
+            summary: format!("{} of {} connects completed", r.connected, r.attempted),
+            detail: serde_json::to_value(&r)?,
+        })
+    }
+
+    fn storms(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let secs = t.attack_secs.to_string();
+        let storm = |cmd: &str, url: &str| {
+            stack.attacker::<StormReport>(
+                args(&[
+                    cmd,
+                    "--url",
+                    url,
+                    "--bind",
+                    &attacker_ip().to_string(),
+                    "--count",
+                    "1000000",
+                    "--parallel",
+                    "50",
+                    "--hold-ms",
+                    "1000",
+                    "--timeout-ms",
+                    "1000",
+                    "--secs",
+                    &secs,
+                ]),
+                Duration::from_secs(u64::from(t.attack_secs) + 10),
+            )
+        };
+        let ws = storm("ws-storm", &stack.ws_url())?;
+        let sse = storm("sse-storm", &stack.sse_url())?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let (ws, sse) = (ws.wait()?, sse.wait()?);
+        Ok(Attack {
+            summary: format!(
+                "admitted: WS {}/{}, SSE {}/{} ({} refused 429)",
+                ws.accepted,
+                ws.attempted,
+                sse.accepted,
+                sse.attempted,
+                ws.rejected_429 + sse.rejected_429
+            ),
+            detail: json!({ "ws_storm": ws, "sse_storm": sse }),
+        })
+    }
+
+    fn message_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
+        // The flood itself ends at the server's close; then the attacker tries to come back
+        // for the rest of the attack window.
+        let flood_secs = 2u32.min(t.attack_secs);
+        let flood = stack
+            .attacker::<WsFloodReport>(
+                args(&[
+                    "ws-flood",
+                    "--url",
+                    &stack.ws_url(),
+                    "--bind",
+                    &attacker_ip().to_string(),
+                    "--rate",
+                    "5000",
+                    "--secs",
+                    &flood_secs.to_string(),
+                ]),
+                Duration::from_secs(u64::from(flood_secs) + 10),
+            )?
+            .wait()?;
+        // Give the report a moment to reach the agent and the kernel.
+        pause(Duration::from_millis(500))?;
+        let back_secs = t.attack_secs.saturating_sub(flood_secs + 1).max(1);
+        let back = stack.attacker::<ConnFloodReport>(
+            args(&[
+                "conn-flood",
+                "--target",
+                &stack.app_addr().to_string(),
+                "--bind",
+                &attacker_ip().to_string(),
+                "--count",
+                "1000",
+                "--parallel",
+                "5",
+                "--hold-ms",
+                "10",
+                "--connect-timeout-ms",
+                "1000",
+                "--secs",
+                &back_secs.to_string(),
+            ]),
+            Duration::from_secs(u64::from(back_secs) + 10),
+        )?;
+        pause(Duration::from_secs(u64::from(back_secs)))?;
+        let back = back.wait()?;
+        let close = flood
+            .close_code
+            .map_or_else(|| "no close".to_string(), |c| format!("closed {c}"));
+        Ok(Attack {
+            summary: format!(
+                "{close} after {} msgs; reconnects {}/{}",
+                flood.sent, back.connected, back.attempted
+            ),
+            detail: json!({ "ws_flood": flood, "reconnects": back }),
+        })
+    }
+
+    fn slowloris(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let flood = slowhttptest(
+            &stack.lab.attacker,
+            &format!("http://{}/", stack.app_addr()),
+            1000,
+            t.attack_secs,
+        )?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let r = flood.wait()?;
+        let peak = r.sent.unwrap_or(0);
+        Ok(Attack {
+            summary: format!("held {peak} connections at most"),
+            detail: json!({
+                "tool": "slowhttptest",
+                "peak_connected": peak,
+                "service_available": r.service_available,
+            }),
+        })
+    }
+
+    fn random_sources(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let flood = trafgen_random_sources(
+            &stack.lab.attacker,
+            Lab::attacker_if(),
+            "198.19.0.0/16",
+            SERVER_V4,
+            SERVER_MAC,
+            APP_PORT,
+            TRAFGEN_PPS,
+            t.attack_secs,
+            stack.cpus.attacker,
+        )?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let r = flood.wait()?;
+        let sent = r.sent.unwrap_or(0);
+        Ok(Attack {
+            summary: format!("trafgen sent {sent} SYNs at {TRAFGEN_PPS}/s"),
+            detail: json!({ "tool": "trafgen", "subnet": "198.19.0.0/16", "pps": TRAFGEN_PPS, "sent": sent }),
+        })
+    }
+
+    // --- output -------------------------------------------------------------------------
+
+    const COLUMNS: [&str; 8] = [
+        "guard",
+        "legit conn ok",
+        "legit msgs",
+        "lost SYN",
+        "server CPU",
+        "kernel drops",
+        "detect→block",
+        "attacker got",
+    ];
+
+    fn cells(p: &Phase) -> [String; 8] {
+        [
+            if p.guard { "on" } else { "off" }.to_string(),
+            format!(
+                "{:.1}% ({}/{})",
+                p.legit_success_pct, p.legit_connects_ok, p.legit_connects
+            ),
+            p.legit_delivered.to_string(),
+            format!("{}/{}", p.lost_syn, p.probe_connects),
+            format!(
+                "{:.0}% (idle {:.0}%)",
+                p.server_cpu_pct, p.server_cpu_before_pct
+            ),
+            match &p.kernel {
+                None => "-".to_string(),
+                Some(k) if k.drops() == 0 => "0".to_string(),
+                Some(k) => format!("{} ({})", k.drops(), k.drop_breakdown()),
+            },
+            p.block_latency_ms
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms")),
+            p.attacker.clone(),
+        ]
+    }
+
+    const WIDTHS: [usize; 8] = [5, 22, 10, 9, 16, 34, 12, 0];
+
+    fn header() -> String {
+        let mut line = String::new();
+        for (c, w) in COLUMNS.iter().zip(WIDTHS) {
+            let _ = write!(line, "{c:<w$}  ");
+        }
+        line.trim_end().to_string()
+    }
+
+    fn row_text(sc: &Scenario, p: &Phase) -> String {
+        let mut line = String::new();
+        if !p.guard {
+            let _ = writeln!(line, "{}", sc.title);
+        }
+        for (c, w) in cells(p).iter().zip(WIDTHS) {
+            let _ = write!(line, "{c:<w$}  ");
+        }
+        line.trim_end().to_string()
+    }
+
+    fn markdown(r: &Report) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# guard lab report\n");
+        let _ = writeln!(
+            md,
+            "Each scenario ran twice for {}s of attack between {:.1}s of warm-up and {:.1}s of \
+             recovery: **off** = no program loaded, no agent, the app reporting to nobody (its \
+             own warp-side limits still apply); **on** = the agent running with its defaults \
+             (per-source SYN cap 20/s, burst 40) plus the scenario's live tuning. Legit clients \
+             throughout: 4 WebSocket chatters, 4 SSE subscribers, a SYN-loss probe at 10 \
+             connects/s and a timeline probe at 10 connects/s, from four addresses.\n",
+            r.timing.attack_secs, r.timing.warmup_secs, r.timing.tail_secs
+        );
+        let _ = writeln!(md, "| scenario | {} |", COLUMNS.join(" | "));
+        let _ = writeln!(md, "|---{}|", "|---".repeat(COLUMNS.len()));
+        for sc in &r.scenarios {
+            for p in &sc.phases {
+                let title = if p.guard { "" } else { sc.title };
+                let cells: Vec<String> = cells(p).iter().map(|c| c.replace('|', "/")).collect();
+                let _ = writeln!(md, "| {title} | {} |", cells.join(" | "));
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\n![legit connects and server CPU over time](chart.svg)\n"
+        );
+        let _ = writeln!(md, "## How to read it\n");
+        let _ = writeln!(
+            md,
+            "- **legit conn ok**: legit connection attempts that succeeded (probe connects, \
+             WebSocket handshakes, SSE subscriptions, timeline connects).\n\
+             - **legit msgs**: chat messages and feed events that reached legit clients.\n\
+             - **lost SYN**: probe connects whose first SYN did not make it (resent, refused or \
+             timed out), of all probe connects.\n\
+             - **server CPU**: mean busy share of cpu{} while the attack ran (before it in \
+             brackets). {}The machine is shared: other work on that core counts too.\n\
+             - **kernel drops**: packets guard's program dropped during the run, by reason.\n\
+             - **detect→block**: mean time from the app detecting abuse to the block being in \
+             the kernel (`guard_block_latency_seconds`).\n",
+            r.measured_cpu,
+            match (r.server_cpu, r.attacker_cpu) {
+                (Some(s), Some(a)) => format!(
+                    "The app, the agent, the legit clients{} run on cpu{s}, the attack tools on cpu{a}. ",
+                    if r.napi_thread_pinned {
+                        " and the server's packet thread"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => String::new(),
+            }
+        );
+        let with_audit: Vec<&ScenarioReport> = r
+            .scenarios
+            .iter()
+            .filter(|s| s.phases.iter().any(|p| !p.audit.is_empty()))
+            .collect();
+        if !with_audit.is_empty() {
+            let _ = writeln!(md, "## Audit log (runs with guard)\n");
+            for sc in with_audit {
+                let _ = writeln!(md, "{}:\n", sc.title);
+                let _ = writeln!(md, "```");
+                for p in &sc.phases {
+                    for rec in &p.audit {
+                        let _ = writeln!(md, "{rec}");
+                    }
+                }
+                let _ = writeln!(md, "```\n");
+            }
+        }
+        md
+    }
+
+    fn chart(r: &Report) -> String {
+        let rows: Vec<Row> = r
+            .scenarios
+            .iter()
+            .map(|sc| {
+                let mut row = Row {
+                    title: sc.title.to_string(),
+                    ..Row::default()
+                };
+                for p in &sc.phases {
+                    let success: Vec<(f64, f64)> = p
+                        .legit
+                        .timeline
+                        .iter()
+                        .filter(|s| s.connects > 0)
+                        .map(|s| {
+                            (
+                                s.t,
+                                f64::from(s.connects_ok) * 100.0 / f64::from(s.connects),
+                            )
+                        })
+                        .collect();
+                    let cpu: Vec<(f64, f64)> =
+                        p.legit.timeline.iter().map(|s| (s.t, s.cpu)).collect();
+                    if p.guard {
+                        row.on_success = success;
+                        row.on_cpu = cpu;
+                        row.attack = p.attack_window;
+                    } else {
+                        row.off_success = success;
+                        row.off_cpu = cpu;
+                    }
+                }
+                row
+            })
+            .collect();
+        lab_chart::render(&rows)
+    }
+
+    fn write_report(out: &Path, r: &Report) -> Result<()> {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create the report folder {}", out.display()))?;
+        let write = |name: &str, text: String| {
+            let path = out.join(name);
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+        };
+        write("report.json", serde_json::to_string_pretty(r)? + "\n")?;
+        write("report.md", markdown(r))?;
+        write("chart.svg", chart(r))?;
+        Ok(())
+    }
+
+    /// `--keep`: guard on, the app up, no floods; explains how to look, then waits for Ctrl-C.
+    fn keep(stack: &mut Stack) -> Result<()> {
+        stack.start_agent(&[])?;
+        stack.start_app(true)?;
+        let srv = stack.lab.server.path().display().to_string();
+        let guard = stack.bins.guard.display().to_string();
+        let sock = stack.control_socket().display().to_string();
+        println!();
+        println!("the lab stays up with guard on (no attack running); Ctrl-C tears it all down.");
+        println!(
+            "  agent metrics: nsenter --net={srv} curl -s http://{}/metrics",
+            stack.metrics_addr()
+        );
+        println!(
+            "  app metrics:   nsenter --net={srv} curl -s http://{}/metrics",
+            stack.app_addr()
+        );
+        println!("  live tuning:   {guard} tune --control-socket {sock}");
+        println!("                 {guard} config --control-socket {sock} --set syn_rate=50");
+        println!("  blocks/audit:  {guard} blocks --control-socket {sock}; {guard} history --control-socket {sock}");
+        println!(
+            "  kernel state:  {guard} status --pin-dir {}",
+            stack.pin_dir().display()
+        );
+        println!(
+            "  a shell as the attacker: nsenter --net={} bash",
+            stack.lab.attacker.path().display()
+        );
+        while !interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("tearing the lab down");
+        Ok(())
+    }
+}

@@ -1,0 +1,1048 @@
+//! The guarded service inside a lab: the demo app and the agent in the server namespace,
+//! well-behaved clients in the legit namespace, attack tools in the attacker namespace, and the
+//! measurements around them (kernel counters, agent metrics, audit log, server-core CPU, a
+//! timeline of legit connects).
+//!
+//! `cargo xtask demo` drives it, and so do the end-to-end tests: tests/tests/e2e.rs includes
+//! this file by path, so the tests assert on exactly the stack the demo shows. It therefore
+//! only uses crates both have (the lab toolkit `guard_tests`, `guard_user`, `guard_common`,
+//! `anyhow`, `libc`, `serde_json`).
+//!
+//! Everything started here is owned by a guard: `Stack` stops the app and the agent, unloads
+//! the program and removes its pins, then deletes the namespaces, on every path out (error,
+//! panic, Ctrl-C). Only processes it started are ever signalled, by PID.
+
+// Two crates compile this file and each uses its own part of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use guard_common::stats::Stat;
+use guard_tests::lab::{self, Lab, SERVER_V4};
+use guard_tests::process::run_checked;
+use guard_tests::report::{ProbeReport, SseReport, WsChatReport};
+use guard_tests::tools::TempDir;
+use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
+use guard_user::datapath::{self, GuardMaps};
+use guard_user::paths::PinLayout;
+use serde::de::DeserializeOwned;
+
+/// The port the demo app serves and guard protects.
+pub const APP_PORT: u16 = 8080;
+/// The agent's metrics, inside the server namespace.
+pub const METRICS_PORT: u16 = 9940;
+/// Legit sources: the WebSocket chat clients, the SSE subscribers and the SYN-loss probe each
+/// get their own address (several "users"); the timeline sampler uses the namespace's main
+/// address, 198.18.0.2. Each stays well under the default per-source SYN cap (20/s).
+pub const LEGIT_CHAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+pub const LEGIT_SSE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
+pub const LEGIT_PROBE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+/// The switch's end of the server's veth pair (named by the lab toolkit).
+const SERVER_PEER: &str = "p-srv";
+
+/// Set by the demo's SIGINT/SIGTERM handler; every wait here checks it, so an interrupted run
+/// unwinds through the guards instead of waiting for its scenarios to end.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Sleeps `d` in short slices; fails as soon as the run is interrupted.
+pub fn pause(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        if interrupted() {
+            bail!("interrupted");
+        }
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// `lab-client` arguments from string slices.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The workspace root: both xtask and the tests crate sit one level below it.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("a workspace member lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The programs the stack runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The agent and its CLI.
+    pub guard: PathBuf,
+    /// guard-common's demo app (examples/demo.rs).
+    pub demo: PathBuf,
+    pub lab_client: PathBuf,
+}
+
+impl Binaries {
+    /// Builds the agent, lab-client and the demo app with cargo and takes their paths from
+    /// cargo's own artifact messages, so a custom target dir or profile cannot mislead it.
+    pub fn build(release: bool) -> Result<Self> {
+        let profile: &[&str] = if release { &["--release"] } else { &[] };
+        let mut found = artifacts(
+            cargo()
+                .args(["build", "-p", "guard-user", "-p", "guard-tests", "--bins"])
+                .args(profile),
+        )?;
+        found.extend(artifacts(
+            cargo()
+                .args([
+                    "build",
+                    "-p",
+                    "guard-common",
+                    "--example",
+                    "demo",
+                    "--features",
+                    "warp",
+                ])
+                .args(profile),
+        )?);
+        let take = |name: &str| {
+            found
+                .get(name)
+                .cloned()
+                .with_context(|| format!("cargo built no executable named {name}"))
+        };
+        Ok(Self {
+            guard: take("guard")?,
+            demo: take("demo")?,
+            lab_client: take("lab-client")?,
+        })
+    }
+}
+
+/// Runs a cargo build with JSON messages on stdout (diagnostics still rendered on stderr) and
+/// returns executable paths by target name.
+fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
+    cmd.current_dir(workspace_root())
+        .arg("--message-format=json-render-diagnostics")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let line = guard_tests::process::describe(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    ensure!(out.status.success(), "`{line}` failed ({})", out.status);
+    let mut found = BTreeMap::new();
+    for msg in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(msg) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            found.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    Ok(found)
+}
+
+/// Which cores the server side and the attacker use. With at least two usable cores the
+/// server (app, agent, its NAPI thread, legit clients) shares one and the attack tools get
+/// another, as in shared/LAB.md: otherwise the flood tool itself is the bottleneck and every
+/// mode looks alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpus {
+    pub server: Option<usize>,
+    pub attacker: Option<usize>,
+}
+
+impl Cpus {
+    /// The first two cores this process may run on, or no pinning on a one-core machine.
+    pub fn detect() -> Self {
+        let allowed = allowed_cpus();
+        match allowed.as_slice() {
+            [s, a, ..] => Self {
+                server: Some(*s),
+                attacker: Some(*a),
+            },
+            _ => Self {
+                server: None,
+                attacker: None,
+            },
+        }
+    }
+
+    /// The core whose busy share is "server CPU" (cpu0 when nothing is pinned).
+    pub fn measured(&self) -> usize {
+        self.server.unwrap_or(0)
+    }
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_this_thread(cpu: usize) -> Result<()> {
+    // SAFETY: as above; pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot pin a thread to cpu {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_netns(path: &Path) -> Result<()> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: setns on a valid namespace fd; it changes only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot enter {}", path.display()));
+    }
+    Ok(())
+}
+
+/// A pin folder of its own under bpffs, unloaded and removed on drop, so a failed run never
+/// leaves a program attached or maps pinned.
+#[derive(Debug)]
+struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        // "gd-" like the namespaces: leftovers are easy to spot and tell apart by PID.
+        Self {
+            path: PathBuf::from(guard_user::paths::BPFFS_ROOT).join(format!(
+                "gd-stack-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            )),
+        }
+    }
+
+    /// Detaches whatever this folder's pins hold and removes them.
+    fn unload(&self) -> Result<()> {
+        datapath::unload(&PinLayout::new(&self.path))
+            .with_context(|| format!("cannot unload the pins under {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = self.unload() {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// Kernel verdict counters, by their `guard status` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters(pub BTreeMap<String, u64>);
+
+impl Counters {
+    pub fn get(&self, stat: Stat) -> u64 {
+        self.0.get(stat.name()).copied().unwrap_or(0)
+    }
+
+    /// What grew since `before`.
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(before.0.get(k).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Every packet the program dropped, whatever the reason.
+    pub fn drops(&self) -> u64 {
+        Stat::ALL
+            .iter()
+            .filter(|s| matches!(s.labels(), Some(("drop", _))))
+            .map(|s| self.get(*s))
+            .sum()
+    }
+
+    /// The non-zero drop reasons, e.g. "source_rate 81234, blocked 12".
+    pub fn drop_breakdown(&self) -> String {
+        let parts: Vec<String> = Stat::ALL
+            .iter()
+            .filter_map(|s| match s.labels() {
+                Some(("drop", reason)) if self.get(*s) > 0 => {
+                    Some(format!("{reason} {}", self.get(*s)))
+                }
+                _ => None,
+            })
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// A value of an unlabelled series in Prometheus text, e.g. `guard_block_latency_seconds_sum`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+/// A plain HTTP/1.0 GET from inside `ns`; returns the body of a 200 answer.
+pub fn http_get_in(ns: &guard_tests::Netns, addr: SocketAddr, path: &str) -> Result<String> {
+    let text = ns.run_in(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)
+            .with_context(|| format!("reading http://{addr}{path}"))?;
+        Ok(text)
+    })??;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("http://{addr}{path}: no HTTP response"))?;
+    ensure!(
+        head.lines().next().is_some_and(|l| l.contains(" 200 ")),
+        "http://{addr}{path}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_string())
+}
+
+/// The lab with the demo app and (when switched on) guard.
+///
+/// Fields drop in order: the app and agent first (`Drop` below), then the pins (unload), the
+/// namespaces, and the run folder with the control socket and audit log.
+pub struct Stack {
+    app: Option<ChildGuard>,
+    agent: Option<ChildGuard>,
+    pins: PinDir,
+    pub lab: Lab,
+    dir: TempDir,
+    pub bins: Binaries,
+    pub cpus: Cpus,
+    pub client: LabClient,
+    /// The kernel thread that receives the server's packets, pinned to the server core.
+    napi_pid: Option<u32>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Stop the app before the agent: nothing reports into a vanishing socket.
+        drop(self.app.take());
+        drop(self.agent.take());
+    }
+}
+
+impl Stack {
+    /// Builds the lab and prepares the run folder; guard is off and the app is not running.
+    /// `block_ttl` caps every block the agent places (the app asks for 10 minutes), so tests
+    /// can watch blocks expire.
+    pub fn new(bins: Binaries, cpus: Cpus, block_ttl: Duration) -> Result<Self> {
+        let lab = Lab::new().context("cannot build the lab")?;
+        let dir = TempDir::new("stack")?;
+        let ttl = block_ttl.as_secs().max(1);
+        std::fs::write(
+            dir.path().join("guard.toml"),
+            format!(
+                "# Written by the lab stack: blocks last at most {ttl}s.\n\
+                 [blocks]\ndefault_ttl_secs = {ttl}\nmax_ttl_secs = {ttl}\n"
+            ),
+        )
+        .context("cannot write the agent's config file")?;
+        let client = LabClient::at(&bins.lab_client);
+        let mut stack = Self {
+            app: None,
+            agent: None,
+            pins: PinDir::new(),
+            lab,
+            dir,
+            bins,
+            cpus,
+            client,
+            napi_pid: None,
+        };
+        if let Some(cpu) = cpus.server {
+            match stack.pin_server_napi(cpu) {
+                Ok(pid) => stack.napi_pid = Some(pid),
+                // Measuring still works, only less sharply: say so and go on.
+                Err(e) => eprintln!("note: server packet thread not pinned: {e:#}"),
+            }
+        }
+        Ok(stack)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.path
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::new(SERVER_V4.into(), METRICS_PORT)
+    }
+
+    pub fn app_addr(&self) -> SocketAddr {
+        SocketAddr::new(SERVER_V4.into(), APP_PORT)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.app_addr())
+    }
+
+    pub fn sse_url(&self) -> String {
+        format!("http://{}/events", self.app_addr())
+    }
+
+    pub fn napi_pid(&self) -> Option<u32> {
+        self.napi_pid
+    }
+
+    /// A command in `ns`, pinned to `cpu` when given, with no `GUARD_*` variable of the
+    /// caller's environment leaking in (clap reads them as defaults).
+    fn command_in(&self, ns: &guard_tests::Netns, cpu: Option<usize>, program: &Path) -> Command {
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = ns.command("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(program);
+                c
+            }
+            None => ns.command(program),
+        };
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("GUARD_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd
+    }
+
+    /// Makes the server's receive path run in one kernel thread on `cpu`, with and without
+    /// guard alike. A veth hands packets to its NAPI context only when GRO is on and the
+    /// sending peer (the switch's `p-srv`) does no TSO; otherwise they are processed on the
+    /// sender's core, so a flood would cost the attacker's core, not the server's. `threaded`
+    /// then moves that NAPI context into a `napi/eth0-<id>` kthread; the id comes from a real
+    /// connection's SO_INCOMING_NAPI_ID, so no other lab's thread is ever touched.
+    fn pin_server_napi(&self, cpu: usize) -> Result<u32> {
+        let ns = &self.lab.server;
+        let iface = Lab::server_if();
+        self.lab
+            .switch
+            .exec(&["ethtool", "-K", SERVER_PEER, "tso", "off"])?;
+        ns.exec(&["ethtool", "-K", iface, "gro", "on"])?;
+        // `ip netns exec` (not nsenter) on purpose: it mounts the namespace's own /sys, where
+        // this interface's `threaded` file is.
+        run_checked(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns.name(),
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{iface}/threaded"),
+        ]))?;
+        let listener = ns.run_in(|| TcpListener::bind((SERVER_V4, 0)))??;
+        let to = listener.local_addr()?;
+        self.lab.legit.run_in(|| -> Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.write_all(b"n")?;
+            Ok(())
+        })??;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        conn.read_exact(&mut [0u8; 1])?;
+        let mut id: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: getsockopt on a socket we own into a local u32 of the given size.
+        let rc = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_INCOMING_NAPI_ID,
+                (&mut id as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        ensure!(rc == 0 && id != 0, "the server's packets carry no NAPI id");
+        let name = format!("napi/{iface}-{id}");
+        let pid = find_kthread(&name).with_context(|| format!("no kernel thread {name}"))?;
+        run_checked(Command::new("taskset").args([
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &pid.to_string(),
+        ]))?;
+        Ok(pid)
+    }
+
+    /// Starts the agent: loads and attaches guard on the server's interface with this stack's
+    /// pins, control socket, audit log and metrics address, plus `sets` (`key=value`).
+    pub fn start_agent(&mut self, sets: &[&str]) -> Result<()> {
+        ensure!(self.agent.is_none(), "the agent is already running");
+        let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.guard);
+        cmd.args(["run", "-i", Lab::server_if(), "-p", &APP_PORT.to_string()])
+            .arg("--pin-dir")
+            .arg(self.pin_dir())
+            .arg("--control-socket")
+            .arg(self.control_socket())
+            .arg("--audit-log")
+            .arg(self.audit_log())
+            .arg("--config")
+            .arg(self.dir.path().join("guard.toml"))
+            .args(["--metrics-addr", &self.metrics_addr().to_string()]);
+        for set in sets {
+            cmd.args(["--set", set]);
+        }
+        let mut agent = ChildGuard::spawn("guard agent", &mut cmd)?;
+        agent.wait_for_stderr("guard running on", Duration::from_secs(30))?;
+        self.agent = Some(agent);
+        self.check_napi_pin();
+        Ok(())
+    }
+
+    /// Stops the agent and unloads the program: truly no guard afterwards.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(agent) = self.agent.take() {
+            let done = agent.stop()?;
+            ensure!(
+                done.status.success(),
+                "the agent exited with {}: {}",
+                done.status,
+                done.stderr.trim()
+            );
+        }
+        self.pins.unload()
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(ChildGuard::pid)
+    }
+
+    /// What the agent has logged so far.
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(ChildGuard::stderr_so_far)
+            .unwrap_or_default()
+    }
+
+    /// Starts the demo app on 198.18.0.1:8080; `report` connects it to the agent's socket.
+    pub fn start_app(&mut self, report: bool) -> Result<()> {
+        ensure!(self.app.is_none(), "the app is already running");
+        let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.demo);
+        cmd.args([
+            "--listen",
+            &self.app_addr().to_string(),
+            "--backlog",
+            "4096",
+        ]);
+        if report {
+            cmd.arg("--agent-socket").arg(self.control_socket());
+        }
+        let mut app = ChildGuard::spawn("demo app", &mut cmd)?;
+        app.wait_for_stderr("serving on", Duration::from_secs(30))?;
+        self.app = Some(app);
+        Ok(())
+    }
+
+    pub fn stop_app(&mut self) -> Result<()> {
+        if let Some(app) = self.app.take() {
+            app.stop()?;
+        }
+        Ok(())
+    }
+
+    pub fn app_pid(&self) -> Option<u32> {
+        self.app.as_ref().map(ChildGuard::pid)
+    }
+
+    /// What the app has logged so far (its reports to the agent among it).
+    pub fn app_log(&self) -> String {
+        self.app
+            .as_ref()
+            .map(ChildGuard::stderr_so_far)
+            .unwrap_or_default()
+    }
+
+    /// The XDP attach can rebuild the interface's NAPI context; if the pinned thread is gone,
+    /// find and pin the new one.
+    fn check_napi_pin(&mut self) {
+        let (Some(cpu), Some(pid)) = (self.cpus.server, self.napi_pid) else {
+            return;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        self.napi_pid = self.pin_server_napi(cpu).ok();
+    }
+
+    /// `guard ARGS... --control-socket SOCK`: the operator's CLI against this stack's agent.
+    pub fn guard(&self, cli_args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.bins.guard);
+        cmd.args(cli_args)
+            .arg("--control-socket")
+            .arg(self.control_socket());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("GUARD_") {
+                cmd.env_remove(key);
+            }
+        }
+        run_checked(&mut cmd)
+    }
+
+    /// The kernel's counters, read from the pinned maps; `None` while guard is not loaded.
+    pub fn counters(&self) -> Result<Option<Counters>> {
+        let layout = PinLayout::new(self.pin_dir());
+        if !layout.map(guard_common::maps::CONFIG).exists() {
+            return Ok(None);
+        }
+        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let totals = maps
+            .stat_totals()
+            .context("cannot read the kernel counters")?;
+        Ok(Some(Counters(
+            Stat::ALL
+                .iter()
+                .map(|s| (s.name().to_string(), totals[s.index() as usize]))
+                .collect(),
+        )))
+    }
+
+    /// Prefixes blocked in the kernel right now.
+    pub fn kernel_blocks(&self) -> Result<Vec<String>> {
+        let layout = PinLayout::new(self.pin_dir());
+        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        Ok(maps
+            .blocks()
+            .context("cannot read the blocklist")?
+            .into_iter()
+            .map(|(p, _)| p.to_string())
+            .collect())
+    }
+
+    /// The agent's Prometheus text.
+    pub fn agent_metrics(&self) -> Result<String> {
+        http_get_in(&self.lab.server, self.metrics_addr(), "/metrics")
+    }
+
+    /// Blocks placed on a report with a detection time, and their mean detection-to-kernel
+    /// time in milliseconds (`guard_block_latency_seconds`).
+    pub fn block_latency(&self) -> Result<Option<(u64, f64)>> {
+        let text = self.agent_metrics()?;
+        let count = metric(&text, "guard_block_latency_seconds_count").unwrap_or(0.0);
+        let sum = metric(&text, "guard_block_latency_seconds_sum").unwrap_or(0.0);
+        Ok((count > 0.0).then(|| (count as u64, sum / count * 1000.0)))
+    }
+
+    /// The audit log's records (empty before the agent wrote any).
+    pub fn audit(&self) -> Result<Vec<serde_json::Value>> {
+        let text = match std::fs::read_to_string(self.audit_log()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).context("cannot read the audit log"),
+        };
+        text.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad audit line {l:?}")))
+            .collect()
+    }
+
+    /// Starts `lab-client ARGS` in the attacker namespace, pinned to the attacker's core.
+    pub fn attacker<T: DeserializeOwned>(
+        &self,
+        client_args: Vec<String>,
+        budget: Duration,
+    ) -> Result<ClientRun<T>> {
+        self.client
+            .spawn(&self.lab.attacker, &client_args, self.cpus.attacker, budget)
+    }
+}
+
+fn find_kthread(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
+}
+
+/// The timeline's resolution.
+pub const SLICE_SECS: u64 = 1;
+
+/// One slice of a phase's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Sample {
+    /// Seconds since the legit load started (end of the slice).
+    pub t: f64,
+    /// Busy share of the server core in this slice, 0–100.
+    pub cpu: f64,
+    /// Timeline probe connects in this slice, and how many completed within a second (a
+    /// lost SYN is resent after ~1 s, so a slower one means its first SYN died).
+    pub connects: u32,
+    pub connects_ok: u32,
+}
+
+/// A sampler thread and the readings it returns.
+type Worker<T> = JoinHandle<Result<Vec<T>>>;
+
+/// Background measurement: the server core's busy share per slice, and a steady trickle of
+/// TCP connects from the legit namespace's main address to the app.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    /// (seconds, busy percent) per slice.
+    cpu: Option<Worker<(f64, f64)>>,
+    /// (seconds, completed within a second) per connect.
+    conn: Option<Worker<(f64, bool)>>,
+    slice: Duration,
+}
+
+impl Sampler {
+    const SLICE: Duration = Duration::from_secs(SLICE_SECS);
+    const CONNECT_EVERY: Duration = Duration::from_millis(100);
+
+    fn start(stack: &Stack, t0: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpu_no = stack.cpus.measured();
+        let slice = Self::SLICE;
+        let cpu = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || -> Result<Vec<(f64, f64)>> {
+                let mut sampler = CpuSampler::new(cpu_no)?;
+                let mut out = Vec::new();
+                let mut next = t0 + slice;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
+                        continue;
+                    }
+                    out.push(((next - t0).as_secs_f64(), sampler.busy_percent()?));
+                    next += slice;
+                }
+                Ok(out)
+            })
+        };
+        let conn = {
+            let stop = Arc::clone(&stop);
+            let ns = stack.lab.legit.path().to_path_buf();
+            let to = stack.app_addr();
+            let pin = stack.cpus.server;
+            std::thread::spawn(move || -> Result<Vec<(f64, bool)>> {
+                enter_netns(&ns)?;
+                if let Some(cpu) = pin {
+                    pin_this_thread(cpu)?;
+                }
+                let mut out = Vec::new();
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
+                        continue;
+                    }
+                    let ok = TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok();
+                    out.push(((now - t0).as_secs_f64(), ok));
+                    // Keep the pace without catching up in a burst after a slow connect.
+                    next = (next + Self::CONNECT_EVERY).max(Instant::now());
+                }
+                Ok(out)
+            })
+        };
+        Self {
+            stop,
+            cpu: Some(cpu),
+            conn: Some(conn),
+            slice,
+        }
+    }
+
+    fn finish(mut self) -> Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let cpu = join(self.cpu.take())?;
+        let conns = join(self.conn.take())?;
+        let slice = self.slice.as_secs_f64();
+        Ok(cpu
+            .iter()
+            .map(|&(t, busy)| {
+                let inside = conns.iter().filter(|(ct, _)| *ct >= t - slice && *ct < t);
+                let (mut n, mut ok) = (0, 0);
+                for (_, good) in inside {
+                    n += 1;
+                    ok += u32::from(*good);
+                }
+                Sample {
+                    t,
+                    cpu: busy,
+                    connects: n,
+                    connects_ok: ok,
+                }
+            })
+            .collect())
+    }
+}
+
+fn join<T>(handle: Option<JoinHandle<Result<T>>>) -> Result<T> {
+    handle
+        .context("sampler already finished")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("a sampler thread panicked"))?
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.cpu.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.conn.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The legit clients of one phase: WebSocket chatters, SSE subscribers, the SYN-loss probe
+/// (all pinned with the server, as in shared/LAB.md) and the timeline sampler.
+pub struct LegitLoad {
+    chat: ClientRun<WsChatReport>,
+    sse: ClientRun<SseReport>,
+    probe: ClientRun<ProbeReport>,
+    sampler: Sampler,
+    t0: Instant,
+    secs: u32,
+}
+
+/// What the legit clients got.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LegitOutcome {
+    pub chat: WsChatReport,
+    pub sse: SseReport,
+    pub probe: ProbeReport,
+    pub timeline: Vec<Sample>,
+}
+
+impl LegitOutcome {
+    /// (succeeded, attempted) over every legit connection attempt: probe connects, WebSocket
+    /// handshakes, SSE subscriptions and the timeline's connects.
+    pub fn connections(&self) -> (u64, u64) {
+        let rejected = |m: &BTreeMap<u16, u64>| m.values().sum::<u64>();
+        let chat_tries = self.chat.connects + rejected(&self.chat.rejected) + self.chat.errors;
+        let sse_tries = self.sse.subscriptions + rejected(&self.sse.rejected) + self.sse.errors;
+        let (tl_ok, tl_all) = self.timeline.iter().fold((0u64, 0u64), |(ok, all), s| {
+            (ok + u64::from(s.connects_ok), all + u64::from(s.connects))
+        });
+        (
+            self.probe.connected + self.chat.connects + self.sse.subscriptions + tl_ok,
+            self.probe.attempted + chat_tries + sse_tries + tl_all,
+        )
+    }
+
+    /// Succeeded share of legit connection attempts, 0–100.
+    pub fn success_pct(&self) -> f64 {
+        let (ok, all) = self.connections();
+        if all == 0 {
+            return 0.0;
+        }
+        ok as f64 * 100.0 / all as f64
+    }
+
+    /// Chat messages and feed events that reached legit clients.
+    pub fn delivered(&self) -> u64 {
+        self.chat.received + self.sse.events
+    }
+}
+
+impl LegitLoad {
+    /// Starts the legit clients for `secs` seconds.
+    pub fn start(stack: &Stack, secs: u32) -> Result<Self> {
+        let s = secs.to_string();
+        let budget = Duration::from_secs(u64::from(secs) + 15);
+        let cpu = stack.cpus.server;
+        let ns = &stack.lab.legit;
+        let t0 = Instant::now();
+        let chat = stack.client.spawn(
+            ns,
+            &args(&[
+                "ws-chat",
+                "--url",
+                &stack.ws_url(),
+                "--bind",
+                &LEGIT_CHAT.to_string(),
+                "--clients",
+                "4",
+                "--rate",
+                "2",
+                "--secs",
+                &s,
+            ]),
+            cpu,
+            budget,
+        )?;
+        let sse = stack.client.spawn(
+            ns,
+            &args(&[
+                "sse",
+                "--url",
+                &stack.sse_url(),
+                "--bind",
+                &LEGIT_SSE.to_string(),
+                "--clients",
+                "4",
+                "--secs",
+                &s,
+            ]),
+            cpu,
+            budget,
+        )?;
+        // 10 connects a second: half the kernel's default per-source cap, so only an attack
+        // can make this source lose a SYN.
+        let probe = stack.client.spawn(
+            ns,
+            &args(&[
+                "probe",
+                "--target",
+                &stack.app_addr().to_string(),
+                "--bind",
+                &LEGIT_PROBE.to_string(),
+                "--count",
+                "100000",
+                "--interval-ms",
+                "100",
+                "--connect-timeout-ms",
+                "3000",
+                "--secs",
+                &s,
+            ]),
+            cpu,
+            budget,
+        )?;
+        let sampler = Sampler::start(stack, t0);
+        Ok(Self {
+            chat,
+            sse,
+            probe,
+            sampler,
+            t0,
+            secs,
+        })
+    }
+
+    /// Seconds since the load started.
+    pub fn elapsed(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    /// Waits for the clients' own end and collects what they saw.
+    pub fn finish(self) -> Result<LegitOutcome> {
+        let end = self.t0 + Duration::from_secs(u64::from(self.secs));
+        pause(end.saturating_duration_since(Instant::now()))?;
+        let timeline = self.sampler.finish()?;
+        Ok(LegitOutcome {
+            chat: self.chat.wait()?,
+            sse: self.sse.wait()?,
+            probe: self.probe.wait()?,
+            timeline,
+        })
+    }
+}
+
+/// Polls `check` every 100 ms until it returns true or `limit` passes; the bound keeps a
+/// broken run from hanging, and the answer is a yes/no, never a time.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<bool> {
+    let end = Instant::now() + limit;
+    loop {
+        if check()? {
+            return Ok(true);
+        }
+        if Instant::now() >= end {
+            return Ok(false);
+        }
+        pause(Duration::from_millis(100))?;
+    }
+}
+
+/// The attacker's own address as a lab address, for assertions and commands.
+pub fn attacker_ip() -> IpAddr {
+    lab::ATTACKER_V4.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_lines() {
+        let text = "# HELP x y\nguard_block_latency_seconds_sum 0.25\n\
+                    guard_block_latency_seconds_count 2\nguard_packets_total{verdict=\"drop\"} 9\n";
+        assert_eq!(metric(text, "guard_block_latency_seconds_sum"), Some(0.25));
+        assert_eq!(metric(text, "guard_block_latency_seconds_count"), Some(2.0));
+        assert_eq!(metric(text, "guard_packets_total"), None);
+    }
+
+    #[test]
+    fn counters_deltas_and_drops() {
+        let c = |pairs: &[(&str, u64)]| {
+            Counters(pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+        };
+        let before = c(&[
+            ("drop_blocked", 5),
+            ("pass_syn", 10),
+            ("drop_source_rate", 1),
+        ]);
+        let after = c(&[
+            ("drop_blocked", 12),
+            ("pass_syn", 11),
+            ("drop_source_rate", 1),
+        ]);
+        let d = after.since(&before);
+        assert_eq!(d.get(Stat::DropBlocked), 7);
+        assert_eq!(d.drops(), 7);
+        assert_eq!(d.drop_breakdown(), "blocked 7");
+        assert_eq!(after.drops(), 13);
+    }
+}
