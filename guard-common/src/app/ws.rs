@@ -9,6 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::prelude::rust_2021::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
@@ -31,6 +32,9 @@ const CLOSE_PROTOCOL: u16 = 1002;
 const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Messages read on one clock reading at most.
+const CLOCK_EVERY: u32 = 16;
 
 /// Inbound messages handled in one poll before yielding, so a client
 /// whose messages are all being dropped cannot hog its worker thread.
@@ -133,13 +137,16 @@ struct Outbound {
     capacity: usize,
     policy: SlowConsumerPolicy,
     guard: Guard,
+    /// `items.len()`, readable without the lock: the socket's task looks
+    /// at the queue on every poll and it is almost always empty.
+    queued: AtomicUsize,
+    /// Full under [`SlowConsumerPolicy::Close`]: the socket closes itself.
+    overflowed: AtomicBool,
 }
 
 struct OutState {
     items: VecDeque<Message>,
     closed: bool,
-    /// Full under [`SlowConsumerPolicy::Close`]: the socket closes itself.
-    overflowed: bool,
 }
 
 impl Outbound {
@@ -153,7 +160,7 @@ impl Outbound {
         if s.closed {
             return Err(SendError::Closed);
         }
-        if s.overflowed {
+        if self.overflowed.load(Ordering::Relaxed) {
             return Err(SendError::SlowConsumer);
         }
         if s.items.len() >= self.capacity {
@@ -163,8 +170,9 @@ impl Outbound {
                     s.items.pop_front();
                 }
                 SlowConsumerPolicy::Close => {
-                    s.overflowed = true;
+                    self.overflowed.store(true, Ordering::Relaxed);
                     s.items.clear();
+                    self.queued.store(0, Ordering::Release);
                     drop(s);
                     self.waker.wake();
                     return Err(SendError::SlowConsumer);
@@ -172,6 +180,7 @@ impl Outbound {
             }
         }
         s.items.push_back(msg);
+        self.queued.store(s.items.len(), Ordering::Release);
         drop(s);
         if wake {
             self.waker.wake();
@@ -179,10 +188,21 @@ impl Outbound {
         Ok(())
     }
 
+    fn pop(&self) -> Option<Message> {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut s = self.lock();
+        let msg = s.items.pop_front();
+        self.queued.store(s.items.len(), Ordering::Release);
+        msg
+    }
+
     fn close(&self) {
         let mut s = self.lock();
         s.closed = true;
         s.items.clear();
+        self.queued.store(0, Ordering::Release);
     }
 }
 
@@ -210,8 +230,7 @@ impl WsSender {
     }
 
     pub fn is_closed(&self) -> bool {
-        let s = self.out.lock();
-        s.closed || s.overflowed
+        self.out.overflowed.load(Ordering::Relaxed) || self.out.lock().closed
     }
 }
 
@@ -259,9 +278,11 @@ struct Violations {
 /// Read it as a [`Stream`] of text and binary messages that passed every
 /// limit (pings, pongs and close frames are handled inside); it ends when
 /// the connection does, for whatever reason ([`GuardedWebSocket::close_reason`]).
-/// Write with [`GuardedWebSocket::send`] or a [`WsSender`]: messages go to a
-/// bounded queue that is written out **while the stream is being polled**,
-/// so keep awaiting `next()` (a `select!` with other work is fine).
+/// Write with [`GuardedWebSocket::send`] or a [`WsSender`] (for other
+/// tasks): neither waits, both are bounded, and what they send reaches the
+/// socket **while the stream is being polled**, so keep awaiting `next()`
+/// (a `select!` with other work is fine). One task drives everything, so
+/// the guard adds no task hop or channel per message.
 pub struct GuardedWebSocket {
     socket: WebSocket,
     out: Arc<Outbound>,
@@ -277,6 +298,13 @@ pub struct GuardedWebSocket {
     /// Taken from the queue, waiting for the socket to accept it.
     pending: Option<Message>,
     unflushed: bool,
+    /// The cached clock (see [`GuardedWebSocket::clock`]).
+    now_ns: u64,
+    clock_reads: u32,
+    /// Received counts not yet added to the shared counters (once per
+    /// burst, not per message: they are shared by every connection).
+    received: u64,
+    received_bytes: u64,
     phase: Phase,
     close_reason: CloseReason,
 }
@@ -307,12 +335,13 @@ impl GuardedWebSocket {
             state: Mutex::new(OutState {
                 items: VecDeque::new(),
                 closed: false,
-                overflowed: false,
             }),
             waker: AtomicWaker::new(),
             capacity: limits.outbound_queue,
             policy: limits.slow_consumer_policy,
             guard: guard.clone(),
+            queued: AtomicUsize::new(0),
+            overflowed: AtomicBool::new(false),
         });
         Self {
             messages: TokenBucket::full(limits.message_burst, now),
@@ -331,6 +360,10 @@ impl GuardedWebSocket {
             ping_due: false,
             pending: None,
             unflushed: false,
+            now_ns: now,
+            clock_reads: 0,
+            received: 0,
+            received_bytes: 0,
             phase: Phase::Open,
             close_reason: CloseReason::Normal,
         }
@@ -347,9 +380,29 @@ impl GuardedWebSocket {
         }
     }
 
-    /// Queues `msg` toward the client (see [`WsSender::send`]); it is
-    /// written the next time the stream is polled.
-    pub fn send(&self, msg: Message) -> Result<(), SendError> {
+    /// Sends `msg` toward the client: straight into the codec's buffer
+    /// when nothing is waiting ahead of it, otherwise through the bounded
+    /// queue (see [`WsSender::send`]). Either way it reaches the socket the
+    /// next time the stream is polled.
+    pub fn send(&mut self, msg: Message) -> Result<(), SendError> {
+        if !matches!(self.phase, Phase::Open) {
+            return Err(SendError::Closed);
+        }
+        if self.pending.is_none() && !self.ping_due && self.out.queued.load(Ordering::Acquire) == 0
+        {
+            // A ready codec takes the message without I/O, so a waker is not
+            // needed; when it is not ready, the next poll registers the real
+            // one.
+            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            if let Poll::Ready(Ok(())) = Pin::new(&mut self.socket).poll_ready(&mut cx) {
+                if Pin::new(&mut self.socket).start_send(msg).is_err() {
+                    self.phase = Phase::Done;
+                    return Err(SendError::Closed);
+                }
+                self.unflushed = true;
+                return Ok(());
+            }
+        }
         // The owner is about to poll again anyway; waking it would only
         // cost a spurious poll.
         self.out.push(msg, false)
@@ -403,15 +456,16 @@ impl GuardedWebSocket {
         }
     }
 
-    /// Writes what is queued and flushes. Pending means the socket is not
-    /// taking more right now; reading goes on regardless.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), warp::Error>> {
+    /// Hands what is queued to the codec, and flushes it to the socket if
+    /// `flush`. Pending means the socket is not taking more right now (it
+    /// wakes the task when it does); reading goes on regardless.
+    fn poll_write(&mut self, cx: &mut Context<'_>, flush: bool) -> Poll<Result<(), warp::Error>> {
         loop {
             if self.pending.is_none() {
                 self.pending = if std::mem::take(&mut self.ping_due) {
                     Some(Message::ping(Vec::new()))
                 } else {
-                    self.out.lock().items.pop_front()
+                    self.out.pop()
                 };
             }
             if self.pending.is_none() {
@@ -427,7 +481,7 @@ impl GuardedWebSocket {
                 self.unflushed = true;
             }
         }
-        if self.unflushed {
+        if self.unflushed && flush {
             match Pin::new(&mut self.socket).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.unflushed = false,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -492,11 +546,10 @@ impl GuardedWebSocket {
     fn inspect(&mut self, msg: Message, now: u64) -> Option<Message> {
         let guard = self.permit.guard();
         let limits = guard.limits();
-        let metrics = &guard.inner.metrics;
         self.last_activity_ns = now;
         let len = msg.as_bytes().len();
-        metrics.received.inc();
-        metrics.received_bytes.inc_by(len as u64);
+        self.received += 1;
+        self.received_bytes += len as u64;
         if msg.is_close() {
             self.peer_closed();
             return None;
@@ -619,6 +672,29 @@ impl GuardedWebSocket {
         self.start_close(CloseReason::Violations, code, text);
     }
 
+    /// The guard's clock, read once per burst of messages (a read costs
+    /// about as much as everything else done per message). A stale time
+    /// only makes the buckets stricter, and a burst is read back to back,
+    /// so it is stale by microseconds; `CLOCK_EVERY` bounds it when the app
+    /// is slow and input keeps waiting.
+    fn clock(&mut self) -> u64 {
+        if self.clock_reads == 0 {
+            self.now_ns = self.guard().now_ns();
+        }
+        self.clock_reads = (self.clock_reads + 1) % CLOCK_EVERY;
+        self.now_ns
+    }
+
+    fn flush_counts(&mut self) {
+        if self.received > 0 {
+            let metrics = &self.permit.guard().inner.metrics;
+            metrics.received.inc_by(std::mem::take(&mut self.received));
+            metrics
+                .received_bytes
+                .inc_by(std::mem::take(&mut self.received_bytes));
+        }
+    }
+
     /// Whether the idle timer says the connection is idle; re-arms it when
     /// there was activity since it was set (cheaper than resetting a timer
     /// on every message).
@@ -663,18 +739,17 @@ impl Stream for GuardedWebSocket {
                 Phase::Done => return Poll::Ready(None),
             }
 
-            this.out.waker.register(cx.waker());
-            if this.out.lock().overflowed {
+            if this.out.overflowed.load(Ordering::Relaxed) {
                 log::info!("{}: not reading fast enough; closing", this.permit.peer());
                 this.start_close(CloseReason::SlowConsumer, CLOSE_POLICY, "slow consumer");
                 continue;
             }
-            if let Some(ping) = &mut this.ping {
-                while ping.poll_tick(cx).is_ready() {
-                    this.ping_due = true;
-                }
-            }
-            if let Poll::Ready(Err(_)) = this.poll_write(cx) {
+            // Like `forward`, flush only once nothing more is coming in:
+            // flushing mid-burst makes small TCP segments, which Nagle holds
+            // until the peer's (delayed) ACK, up to 40 ms each. Meanwhile the
+            // codec still writes out whenever its buffer fills, so nothing
+            // piles up.
+            if let Poll::Ready(Err(_)) = this.poll_write(cx, false) {
                 // The socket is broken; nothing more will go through it.
                 this.phase = Phase::Done;
                 continue;
@@ -682,7 +757,7 @@ impl Stream for GuardedWebSocket {
 
             match Pin::new(&mut this.socket).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
-                    let now = this.guard().now_ns();
+                    let now = this.clock();
                     if let Some(msg) = this.inspect(msg, now) {
                         return Poll::Ready(Some(msg));
                     }
@@ -704,9 +779,30 @@ impl Stream for GuardedWebSocket {
                 Poll::Pending => {}
             }
 
+            // The peer is quiet for now: the next message comes after a
+            // wait, and timers and counters get their turn.
+            this.clock_reads = 0;
+            this.flush_counts();
+            if let Some(ping) = &mut this.ping {
+                while ping.poll_tick(cx).is_ready() {
+                    this.ping_due = true;
+                }
+            }
+            let write = this.poll_write(cx, true);
+            if let Poll::Ready(Err(_)) = write {
+                this.phase = Phase::Done;
+                continue;
+            }
             if this.poll_idle(cx) {
                 log::info!("{}: idle; closing", this.permit.peer());
                 this.start_close(CloseReason::Idle, CLOSE_NORMAL, "idle timeout");
+                continue;
+            }
+            // Registered only now, then the queue checked once more, so a
+            // message queued from another task meanwhile is not missed.
+            this.out.waker.register(cx.waker());
+            let queued = write.is_ready() && this.out.queued.load(Ordering::Acquire) > 0;
+            if queued || this.out.overflowed.load(Ordering::Relaxed) {
                 continue;
             }
             return Poll::Pending;
@@ -717,6 +813,7 @@ impl Stream for GuardedWebSocket {
 impl Drop for GuardedWebSocket {
     fn drop(&mut self) {
         self.out.close();
+        self.flush_counts();
         self.permit.close_reason = self.close_reason;
     }
 }
