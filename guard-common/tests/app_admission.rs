@@ -463,3 +463,16 @@ async fn per_source_state_stays_bounded() {
     drop(held);
     assert_eq!(guard.open_connections(), 0);
 }
+
+#[tokio::test]
+async fn a_request_without_a_socket_address_is_a_clear_500() {
+    let registry = Registry::new();
+    let guard = guard_with(Limits::default(), &registry);
+    let res = warp::test::request()
+        .path("/events")
+        .reply(&sse_route(&guard))
+        .await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(common::contains(res.body(), "who the client is"));
+    assert_eq!(guard.open_connections(), 0);
+}

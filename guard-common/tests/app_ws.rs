@@ -473,3 +473,44 @@ async fn one_bad_identity_behind_a_shared_address_does_not_get_it_reported() {
     alice.send(WsMessage::text("still here")).await.unwrap();
     recv_until(&mut alice, "still here").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_own_close_sends_what_was_queued_first() {
+    let registry = Registry::new();
+    let guard = common::guard(Limits::default(), &registry, None);
+    let route = warp::path("bye")
+        .and(guard.websocket())
+        .map(|up: WsUpgrade| {
+            up.on_upgrade(|mut ws: GuardedWebSocket| async move {
+                if ws.next().await.is_some() {
+                    // Through the queue, as another task would.
+                    let tx = ws.sender();
+                    for i in 0..50 {
+                        tx.send(warp::ws::Message::text(format!("{i}"))).unwrap();
+                    }
+                    ws.close_with(4000, "bye").await;
+                }
+            })
+            .into_response()
+        })
+        .boxed();
+    let addr = serve(route).await;
+    let mut c = ws_connect(addr, "/bye", "198.18.18.1", None).await;
+    c.send(WsMessage::text("go")).await.unwrap();
+    for i in 0..50 {
+        match within("a queued message", c.next()).await {
+            Some(Ok(WsMessage::Text(t))) => assert_eq!(t.as_str(), i.to_string()),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    let (code, why) = close_frame(&mut c).await.expect("a close frame");
+    assert_eq!((u16::from(code), why.as_str()), (4000, "bye"));
+    eventually("the slot", || guard.open_connections() == 0).await;
+    assert_eq!(
+        metric(
+            &registry,
+            r#"guard_app_connections_closed_total{reason="normal"}"#
+        ),
+        1.0
+    );
+}

@@ -69,13 +69,19 @@ impl Reply for Rejected {
 /// 503 and `Retry-After`, and hands every other rejection on, so it chains
 /// with the app's own: `.recover(guard_common::app::recover).recover(mine)`.
 pub async fn recover(err: Rejection) -> Result<Response, Rejection> {
-    match err.find::<Rejected>() {
-        Some(r) => Ok(r.clone().into_response()),
-        None => Err(err),
+    if let Some(r) = err.find::<Rejected>() {
+        return Ok(r.clone().into_response());
     }
+    if err.find::<UnknownPeer>().is_some() {
+        let mut res = Response::new("the server cannot tell who the client is\n".into());
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(res);
+    }
+    Err(err)
 }
 
-/// A peer's address could not be found (the server is not on TCP); 500.
+/// A peer's address could not be found (the server is not on TCP);
+/// [`recover`] answers 500.
 #[derive(Debug)]
 pub struct UnknownPeer;
 

@@ -204,6 +204,11 @@ impl Outbound {
         s.items.clear();
         self.queued.store(0, Ordering::Release);
     }
+
+    /// Takes no more, but keeps what is queued.
+    fn seal(&self) {
+        self.lock().closed = true;
+    }
 }
 
 /// A cloneable handle that queues messages toward one client, from any
@@ -239,6 +244,8 @@ enum Phase {
     /// Our close frame (if any) still to go out, then the peer's reply or
     /// EOF awaited, all within `close_timeout`.
     Closing {
+        /// What the app queued goes out first (its own close only).
+        drain: bool,
         frame: Option<Message>,
         sent: bool,
         deadline: Pin<Box<Sleep>>,
@@ -415,8 +422,18 @@ impl GuardedWebSocket {
 
     /// Closes with `code` and `reason`, waiting (at most `close_timeout`)
     /// for the close handshake. Messages still arriving are discarded.
+    /// What was sent before is written first.
     pub async fn close_with(mut self, code: u16, reason: &'static str) {
-        self.start_close(CloseReason::Normal, code, reason);
+        if matches!(self.phase, Phase::Open) {
+            self.out.seal();
+            self.close_reason = CloseReason::Normal;
+            self.phase = Phase::Closing {
+                drain: true,
+                frame: Some(Message::close_with(code, reason)),
+                sent: false,
+                deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
+            };
+        }
         while futures_util::StreamExt::next(&mut self).await.is_some() {}
     }
 
@@ -437,6 +454,7 @@ impl GuardedWebSocket {
         self.out.close();
         self.pending = None;
         self.phase = Phase::Closing {
+            drain: false,
             frame: Some(Message::close_with(code, text)),
             sent: false,
             deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
@@ -449,6 +467,7 @@ impl GuardedWebSocket {
             self.out.close();
             self.pending = None;
             self.phase = Phase::Closing {
+                drain: false,
                 frame: None,
                 sent: false,
                 deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
@@ -495,9 +514,7 @@ impl GuardedWebSocket {
     /// Ready when the connection is over.
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Phase::Closing {
-            frame,
-            sent,
-            deadline,
+            deadline, drain, ..
         } = &mut self.phase
         else {
             return Poll::Ready(());
@@ -505,6 +522,19 @@ impl GuardedWebSocket {
         if deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
+        if *drain {
+            match self.poll_write(cx, false) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+            if let Phase::Closing { drain, .. } = &mut self.phase {
+                *drain = false;
+            }
+        }
+        let Phase::Closing { frame, sent, .. } = &mut self.phase else {
+            return Poll::Ready(());
+        };
         if let Some(msg) = frame.take() {
             let mut socket = Pin::new(&mut self.socket);
             match socket.as_mut().poll_ready(cx) {
