@@ -78,7 +78,10 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_frame_size: usize,
     /// Messages per second per connection (control frames included), and
-    /// the burst. Defaults 50/s, burst 100.
+    /// the burst. A rate of 0 makes the burst a budget for the connection's
+    /// lifetime. Per connection even with an identity: an identity's total
+    /// is bounded by `per_identity_max_connections` times this. Defaults
+    /// 50/s, burst 100.
     pub message_rate: u32,
     pub message_burst: u32,
     /// Bytes per second per connection, and the burst (at least
@@ -124,10 +127,10 @@ pub struct Limits {
     /// `storm_window` that make a reconnect storm. Defaults 60 in 10 s.
     pub storm_threshold: u32,
     pub storm_window: Duration,
-    /// With identities: distinct identities from one source that must
-    /// misbehave within `violation_window` before the source itself is
-    /// reported (one bad user behind a NAT is not the NAT's fault).
-    /// Default 3.
+    /// With identities: distinct identities from one source that must be
+    /// closed for abuse within `source_idle_ttl` before the source itself
+    /// is reported (one bad user behind a NAT is not the NAT's fault; its
+    /// connections are closed all the same). Default 3.
     pub identity_offenders_to_report: u32,
     /// How long the agent should block a reported source. Default 10 min.
     pub report_ttl: Duration,
