@@ -665,8 +665,18 @@ pub fn pinned_link_ids(path: &Path) -> Result<(u64, u64)> {
 
 /// Whether a BPF link with this id still exists anywhere in the kernel.
 pub fn link_exists(id: u64) -> bool {
+    bpf_object_exists("link", id)
+}
+
+/// Whether a BPF program with this id is still loaded. The kernel frees a program after its
+/// last reference is gone, with a short deferral: poll this rather than asserting at once.
+pub fn prog_exists(id: u64) -> bool {
+    bpf_object_exists("prog", id)
+}
+
+fn bpf_object_exists(kind: &str, id: u64) -> bool {
     Command::new("bpftool")
-        .args(["link", "show", "id", &id.to_string()])
+        .args([kind, "show", "id", &id.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -28,8 +28,8 @@ use guard_common::proto::{
 use guard_common::state::reason;
 use guard_common::stats::Stat;
 use guard_tests::agent::{
-    block_on, connects, host_prefix, hping3_syns, link_exists, pinned_link_ids, promtool_check,
-    wait_for, xdp_prog, Agent, AgentHome, Listener, RunOpts, Scrape,
+    block_on, connects, host_prefix, hping3_syns, link_exists, pinned_link_ids, prog_exists,
+    promtool_check, wait_for, xdp_prog, Agent, AgentHome, Listener, RunOpts, Scrape,
 };
 use guard_tests::lab::{Lab, ATTACKER_V4, ROLE_IF, SERVER_V4};
 use guard_tests::{hping3_syn_flood, require_root, Netns};
@@ -275,6 +275,11 @@ fn kill_9_during_a_flood_keeps_dropping_and_a_restart_adopts_the_pins() {
     let (link_after, prog_after) = pinned_link_ids(&link).expect("the pinned link");
     assert_eq!(link_after, link_id, "the same link, updated in place");
     assert_ne!(prog_after, prog_before, "the new agent's program runs");
+    assert_eq!(
+        xdp_prog(&lab.server, ROLE_IF).unwrap(),
+        Some(("xdp".to_string(), prog_after)),
+        "the interface runs the program behind the pinned link"
+    );
     assert!(samples.len() >= 10, "only {} samples", samples.len());
     assert!(
         samples
@@ -356,6 +361,10 @@ fn unload_leaves_nothing_behind() {
         );
         assert_eq!(xdp_prog(&ns, ROLE_IF).unwrap(), None, "{mode}");
         assert!(!link_exists(link_id), "{mode}: link {link_id} still exists");
+        wait_for("the program to be freed", Duration::from_secs(10), || {
+            Ok((!prog_exists(prog_id)).then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{mode}: program {prog_id} still loaded: {e:#}"));
         let status = home.status().expect("guard status");
         assert!(status.contains("not loaded"), "{status}");
     }
