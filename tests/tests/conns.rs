@@ -63,6 +63,23 @@ except OSError:
     print("failed")
 "#;
 
+/// Starts a client holding `n` established connections until its stdin
+/// closes; returns once they are all up.
+fn hold_connections(setup: &Setup, n: usize) -> Result<std::process::Child> {
+    let mut hold = setup
+        .python(CLIENT_HOLD, &[&n.to_string(), &PORT.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    anyhow::ensure!(line.trim() == format!("held {n}"), "client said {line:?}");
+    Ok(hold)
+}
+
 #[test]
 fn connection_counts_never_drift_under_churn() -> Result<()> {
     if !guard_tests::require_root("connection_counts_never_drift_under_churn") {
@@ -85,17 +102,7 @@ fn connection_counts_never_drift_under_churn() -> Result<()> {
 
     // And connections that end because the server process dies with them
     // open: the kernel closes every socket of the process.
-    let mut hold = setup
-        .python(CLIENT_HOLD, &["50", &PORT.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hold.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    assert_eq!(line.trim(), "held 50");
+    let mut hold = hold_connections(&setup, 50)?;
     sleep(Duration::from_millis(500));
     assert_eq!(setup.open_tracked(), 50, "the held connections are counted");
     server.stop()?;
@@ -138,17 +145,7 @@ fn conn_limit_drops_syns_while_a_source_holds_its_maximum() -> Result<()> {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     assert_eq!(try_one()?, "ok", "under the limit");
-    let mut hold = setup
-        .python(CLIENT_HOLD, &["5", &PORT.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hold.stdout.take().context("stdout")?),
-        &mut line,
-    )?;
-    assert_eq!(line.trim(), "held 5");
+    let mut hold = hold_connections(&setup, 5)?;
     sleep(Duration::from_millis(300));
     assert_eq!(setup.open_tracked(), 5);
     assert_eq!(
