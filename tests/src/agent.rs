@@ -445,18 +445,74 @@ impl Agent {
 
     /// The text of `/metrics`, fetched from inside the agent's namespace.
     pub fn scrape_text(&self) -> Result<String> {
-        let url = format!("http://{METRICS_ADDR}/metrics");
-        run_checked(
-            Command::new("nsenter")
-                .arg(format!("--net={}", self.ns.display()))
-                .args(["--", "curl", "-sSf", "--max-time", "60", &url]),
-        )
+        let (status, body) = self.http_get("/metrics")?;
+        ensure!(status == 200, "GET /metrics answered {status}: {body}");
+        Ok(body)
+    }
+
+    /// `GET path` on the agent's metrics listener, from a thread inside its namespace (no
+    /// HTTP client needed on the machine); the status code and the body.
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let file =
+            std::fs::File::open(&self.ns).with_context(|| format!("open {}", self.ns.display()))?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {METRICS_ADDR}\r\n\r\n");
+        let raw = std::thread::scope(|s| {
+            s.spawn(|| -> Result<Vec<u8>> {
+                use std::io::Read as _;
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on a valid namespace fd; it moves only this thread, which ends
+                // with the request.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("enter the namespace");
+                }
+                let addr: SocketAddr = METRICS_ADDR.parse().expect("a literal address");
+                let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                    .with_context(|| format!("connect to {addr}"))?;
+                conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+                conn.write_all(request.as_bytes())?;
+                // HTTP/1.0: the agent closes after the response, so EOF ends the body.
+                let mut raw = Vec::new();
+                conn.read_to_end(&mut raw).context("read the response")?;
+                Ok(raw)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the HTTP thread panicked"))?
+        })?;
+        parse_http_response(&raw)
     }
 
     /// `/metrics`, parsed.
     pub fn scrape(&self) -> Result<Scrape> {
         Scrape::parse(&self.scrape_text()?)
     }
+}
+
+/// Splits an HTTP/1.x response into its status code and body, checking the body against
+/// `Content-Length` when there is one.
+pub fn parse_http_response(raw: &[u8]) -> Result<(u16, String)> {
+    let text = std::str::from_utf8(raw).context("the response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {text:?}"))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                let want: usize = value.trim().parse().context("bad Content-Length")?;
+                ensure!(
+                    body.len() == want,
+                    "body of {} bytes, Content-Length {want}",
+                    body.len()
+                );
+            }
+        }
+    }
+    Ok((status, body.to_string()))
 }
 
 /// One sample of a Prometheus text exposition.
@@ -880,6 +936,20 @@ mod tests {
         assert_eq!(s.histogram_quantile("nothing", 0.5), None);
         assert!(Scrape::parse("bad{x=\"1\" 2").is_err());
         assert!(Scrape::parse("novalue").is_err());
+    }
+
+    #[test]
+    fn http_responses() {
+        let ok = b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\ncontent-type: text/plain\r\n\r\nhello";
+        assert_eq!(parse_http_response(ok).unwrap(), (200, "hello".to_string()));
+        let close_delimited = b"HTTP/1.0 404 Not Found\r\n\r\n";
+        assert_eq!(
+            parse_http_response(close_delimited).unwrap(),
+            (404, String::new())
+        );
+        assert!(parse_http_response(b"HTTP/1.0 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err());
+        assert!(parse_http_response(b"HTTP/1.0 200 OK\r\n").is_err());
+        assert!(parse_http_response(b"garbage\r\n\r\n").is_err());
     }
 
     #[test]

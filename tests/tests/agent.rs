@@ -658,6 +658,10 @@ fn metrics_pass_promtool_and_count_exactly_what_was_sent() {
     let lab = Lab::new().expect("build the lab");
     let home = AgentHome::new().expect("agent home");
     let agent = start(&home, &lab.server, &RunOpts::new(ROLE_IF, PORT));
+    assert_eq!(
+        agent.http_get("/healthz").expect("GET /healthz"),
+        (200, "ok\n".to_string())
+    );
     let text = agent.scrape_text().expect("scrape");
     promtool_check(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
 
