@@ -24,6 +24,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("sysstat", "mpstat"),
     ("prometheus", "promtool"),
     ("util-linux", "nsenter"),
+    ("util-linux", "setpriv"),
+    ("python3", "python3"),
+    ("curl", "curl"),
 ];
 
 /// The bpf-linker release and LLVM major that work with this machine's
