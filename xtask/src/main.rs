@@ -1,6 +1,7 @@
 //! `cargo xtask`: what a build script should not do — machine setup, the
 //! privileged test run, the lab demo, benchmarks and live tuning.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -28,6 +29,8 @@ enum Cmd {
     },
     /// The lab: attacks with and without guard, side by side, into a report (root).
     Demo(demo::DemoArgs),
+    /// Datapath ns/packet, flood cost vs nftables/iptables, global budget: measured (root).
+    Bench(bench::BenchArgs),
 }
 
 fn is_root() -> bool {
@@ -100,5 +103,6 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Test { filter } => test(filter),
         Cmd::Demo(args) => demo::main(args),
+        Cmd::Bench(args) => bench::main(args),
     }
 }

@@ -1,0 +1,238 @@
+//! `cargo xtask bench`: what guard costs and what it buys, measured on this machine.
+//!
+//! Three sections, all by default, or a chosen few:
+//! - `--datapath`: ns per packet of every verdict path of the real program, through
+//!   `BPF_PROG_TEST_RUN` (XDP and tc), with 1 thousand and 1 million tracked sources, and the
+//!   kernel memory one tracked source costs;
+//! - `--flood`: one SYN flood against no protection, an nftables meter, iptables hashlimit and
+//!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
+//!   shared/LAB.md, at a fixed offered rate and at the flood tool's maximum;
+//! - `--global`: a random-source flood while returning ("known good") clients keep
+//!   connecting, with and without the global new-connection budget.
+//!
+//! Every number printed is measured in this run; the goals are checked against those numbers
+//! and reported as met or not. Machines are shared: read ratios between modes of one run, not
+//! absolute values.
+//!
+//! Like the demo, plain xtask stays free of the eBPF build: it runs setup, then re-runs itself
+//! with the `lab` feature, which holds the bench itself.
+
+use std::path::PathBuf;
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Run the datapath micro-benchmark (BPF_PROG_TEST_RUN). With no section flag, all run.
+    #[arg(long)]
+    datapath: bool,
+    /// Run the flood comparison (none / nftables / iptables / guard XDP, generic, tc).
+    #[arg(long)]
+    flood: bool,
+    /// Run the global-budget section (random sources vs returning clients).
+    #[arg(long)]
+    global: bool,
+    /// Shorter runs and fewer repeats (about two minutes for everything).
+    #[arg(long)]
+    quick: bool,
+    /// Also write every result as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Only these flood modes (repeatable): none, nftables, iptables, xdp-native, xdp-generic,
+    /// tc. Default: all.
+    #[arg(long = "mode", value_name = "MODE")]
+    modes: Vec<String>,
+    /// Leave the server's NAPI thread at normal priority, as shared/LAB.md measured: it then
+    /// competes with everything else on the server core (other people's work included), and
+    /// its veth ring overflows whenever it waits. Default: real-time priority, like softirq.
+    #[arg(long)]
+    napi_normal: bool,
+    /// The flood's fixed offered rate in SYNs per second (trafgen from one source).
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]
+    rate: u32,
+}
+
+#[cfg(not(feature = "lab"))]
+pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
+    use anyhow::{bail, Context as _};
+    use std::os::unix::process::CommandExt as _;
+    if !crate::is_root() {
+        bail!("the bench loads BPF programs and builds network namespaces: run `sudo -E cargo xtask bench`");
+    }
+    crate::setup::setup()?;
+    // exec, not spawn: Ctrl-C and the exit status then belong to the bench process alone.
+    let err = crate::cargo()
+        .current_dir(crate::workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("cannot re-run xtask with the lab feature")
+}
+
+#[cfg(feature = "lab")]
+pub use lab::main;
+
+#[cfg(feature = "lab")]
+#[path = "bench_datapath.rs"]
+mod bench_datapath;
+#[cfg(feature = "lab")]
+#[path = "bench_flood.rs"]
+mod bench_flood;
+#[cfg(feature = "lab")]
+#[path = "bench_global.rs"]
+mod bench_global;
+#[cfg(feature = "lab")]
+#[path = "bench_rig.rs"]
+mod bench_rig;
+#[cfg(feature = "lab")]
+#[path = "bench_table.rs"]
+mod bench_table;
+
+#[cfg(feature = "lab")]
+mod lab {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use anyhow::{bail, Context as _, Result};
+    use serde::Serialize;
+
+    use super::bench_table::Goal;
+    use super::{bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
+
+    /// Set by SIGINT/SIGTERM. Every wait in the bench checks it, so Ctrl-C unwinds through the
+    /// guards (floods stopped, agent unloaded, namespaces and cgroup removed) instead of
+    /// killing the process with its lab still in place.
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+    pub fn interrupted() -> bool {
+        INTERRUPTED.load(Ordering::Relaxed)
+    }
+
+    /// Fails once Ctrl-C was pressed; called between steps.
+    pub fn check_interrupted() -> Result<()> {
+        if interrupted() {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only an atomic store: async-signal-safe.
+        INTERRUPTED.store(true, Ordering::Relaxed);
+    }
+
+    fn install_signal_handlers() {
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        }
+    }
+
+    /// Everything one run measured, for `--json`.
+    #[derive(Debug, Serialize)]
+    struct Report {
+        machine: Machine,
+        quick: bool,
+        datapath: Option<bench_datapath::DatapathReport>,
+        flood: Option<bench_flood::FloodReport>,
+        global: Option<bench_global::GlobalReport>,
+        goals: Vec<Goal>,
+        elapsed_s: f64,
+    }
+
+    /// What the numbers were measured on; the load average says how busy the machine was.
+    #[derive(Debug, Serialize)]
+    struct Machine {
+        kernel: String,
+        cpus: usize,
+        loadavg_at_start: String,
+    }
+
+    impl Machine {
+        fn read() -> Self {
+            let read = |p: &str| {
+                std::fs::read_to_string(p)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            Self {
+                kernel: read("/proc/sys/kernel/osrelease"),
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                loadavg_at_start: read("/proc/loadavg"),
+            }
+        }
+    }
+
+    pub fn main(args: BenchArgs) -> Result<()> {
+        if !guard_tests::is_root() {
+            bail!("the bench loads BPF programs and builds network namespaces: run it as root");
+        }
+        install_signal_handlers();
+        let start = Instant::now();
+        let all = !(args.datapath || args.flood || args.global);
+        let machine = Machine::read();
+        println!(
+            "guard bench{} on Linux {}, {} CPUs, load average {}",
+            if args.quick { " (quick)" } else { "" },
+            machine.kernel,
+            machine.cpus,
+            machine.loadavg_at_start
+        );
+        let mut goals = Vec::new();
+
+        let datapath = if all || args.datapath {
+            let report = bench_datapath::run(args.quick)?;
+            goals.extend(report.goals());
+            Some(report)
+        } else {
+            None
+        };
+
+        let (flood, global) = if all || args.flood || args.global {
+            let bins = bench_rig::Binaries::build()?;
+            check_interrupted()?;
+            let mut rig =
+                bench_rig::Rig::new(bins, !args.napi_normal).context("cannot set up the lab")?;
+            let flood = if all || args.flood {
+                let modes = bench_rig::Mode::parse_list(&args.modes)?;
+                let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;
+                goals.extend(report.goals());
+                Some(report)
+            } else {
+                None
+            };
+            let global = if all || args.global {
+                let report = bench_global::run(&mut rig, args.quick)?;
+                goals.extend(report.goals());
+                Some(report)
+            } else {
+                None
+            };
+            (flood, global)
+        } else {
+            (None, None)
+        };
+
+        println!("\n== Goals");
+        super::bench_table::print_goals(&goals);
+        let report = Report {
+            machine,
+            quick: args.quick,
+            datapath,
+            flood,
+            global,
+            goals,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        println!("bench took {:.0} s", report.elapsed_s);
+        if let Some(path) = &args.json {
+            let text =
+                serde_json::to_string_pretty(&report).context("cannot encode the results")?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("results written to {}", path.display());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,906 @@
+//! The bench's lab: the topology of shared/LAB.md with a real TCP server (lab-client
+//! `serve-echo`, listen backlog 4096) inside a cgroup of its own, its receive path in one
+//! pinned NAPI thread, and the protections under comparison switched on and off one at a time.
+//!
+//! CPU pinning (shared/LAB.md): the server, its NAPI thread, the agent and the legit probes
+//! share one core (the "server core", whose busy share is the cost measured); the attack tools
+//! get the other. Without it the flood tool itself is the bottleneck and every mode looks
+//! alike.
+//!
+//! Everything is owned by a guard and removed on every way out: the server is stopped, the
+//! agent stopped and its program unloaded (pins removed), then the cgroup and the namespaces
+//! (taking nftables and iptables rules with them) are deleted.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use guard_common::stats::Stat;
+use guard_tests::lab::{Lab, SERVER_V4};
+use guard_tests::process::{describe, pin_to_cpu, run_checked};
+use guard_tests::report::ProbeReport;
+use guard_tests::tools::TempDir;
+use guard_tests::twons::{Cgroup, Pins};
+use guard_tests::{ChildGuard, ClientRun, LabClient};
+use guard_user::datapath::GuardMaps;
+use guard_user::paths::PinLayout;
+use serde::Serialize;
+
+use super::lab::{check_interrupted, interrupted};
+
+/// The port the server listens on and every protection guards.
+pub const PORT: u16 = 8080;
+/// guard's default per-source cap, which the nftables and iptables baselines copy.
+pub const SYN_RATE: u32 = 20;
+pub const SYN_BURST: u32 = 40;
+/// The switch's end of the server's veth (named by the lab toolkit).
+const SERVER_PEER: &str = "p-srv";
+
+/// The legit namespace's extra addresses 198.18.0.10–.17, eight "users". Probing from all of
+/// them in parallel keeps each one under the per-source cap while the total stays high (8 x 50
+/// connects make the 400 that shared/LAB.md counts lost SYNs in).
+pub fn legit_sources() -> Vec<Ipv4Addr> {
+    guard_tests::lab::legit_extra_v4()
+}
+
+/// The agent and lab-client, release builds: the probes and the server share the measured
+/// core, and a debug build of them would add its own overhead to every mode's number.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub guard: PathBuf,
+    pub lab_client: PathBuf,
+}
+
+impl Binaries {
+    pub fn build() -> Result<Self> {
+        let mut cmd = crate::cargo();
+        cmd.current_dir(crate::workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "guard-user",
+                "-p",
+                "guard-tests",
+                "--bins",
+            ])
+            .arg("--message-format=json-render-diagnostics")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        let line = describe(&cmd);
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run `{line}`"))?;
+        ensure!(out.status.success(), "`{line}` failed ({})", out.status);
+        // Paths from cargo's own artifact messages: a custom target dir cannot mislead them.
+        let mut found = BTreeMap::new();
+        for msg in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(msg) else {
+                continue;
+            };
+            if let (Some(name), Some(exe)) =
+                (v["target"]["name"].as_str(), v["executable"].as_str())
+            {
+                found.insert(name.to_string(), PathBuf::from(exe));
+            }
+        }
+        let take = |name: &str| {
+            found
+                .get(name)
+                .cloned()
+                .with_context(|| format!("cargo built no executable named {name}"))
+        };
+        Ok(Self {
+            guard: take("guard")?,
+            lab_client: take("lab-client")?,
+        })
+    }
+}
+
+/// A protection under comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    None,
+    Nftables,
+    Iptables,
+    XdpNative,
+    XdpGeneric,
+    Tc,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 6] = [
+        Mode::None,
+        Mode::Nftables,
+        Mode::Iptables,
+        Mode::XdpNative,
+        Mode::XdpGeneric,
+        Mode::Tc,
+    ];
+
+    /// The name `--mode` takes.
+    pub fn key(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
+            Mode::XdpNative => "xdp-native",
+            Mode::XdpGeneric => "xdp-generic",
+            Mode::Tc => "tc",
+        }
+    }
+
+    /// Modes named on the command line, in the canonical order; all when none is named.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Mode>> {
+        for name in names {
+            ensure!(
+                Mode::ALL.iter().any(|m| m.key() == name),
+                "unknown mode `{name}` (expected one of: {})",
+                Mode::ALL.map(Mode::key).join(", ")
+            );
+        }
+        Ok(Mode::ALL
+            .into_iter()
+            .filter(|m| names.is_empty() || names.iter().any(|n| n == m.key()))
+            .collect())
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::None => "no protection",
+            Mode::Nftables => "nftables meter",
+            Mode::Iptables => "iptables hashlimit",
+            Mode::XdpNative => "guard XDP native",
+            Mode::XdpGeneric => "guard XDP generic",
+            Mode::Tc => "guard tc",
+        }
+    }
+
+    fn attach(self) -> Option<&'static str> {
+        match self {
+            Mode::XdpNative => Some("xdp-native"),
+            Mode::XdpGeneric => Some("xdp-generic"),
+            Mode::Tc => Some("tc"),
+            _ => None,
+        }
+    }
+}
+
+/// The nftables baseline: a per-source meter with guard's rate and burst on connection-opening
+/// SYNs, at the earliest IP hook (prerouting, raw priority), dropping what is over.
+fn nft_ruleset() -> String {
+    format!(
+        "table inet gdbench {{
+  chain pre {{
+    type filter hook prerouting priority -300; policy accept;
+    tcp dport {PORT} tcp flags & (syn | ack) == syn meter gdsyn size 65535 {{ ip saddr limit rate over {SYN_RATE}/second burst {SYN_BURST} packets }} counter drop
+  }}
+}}
+"
+    )
+}
+
+/// The iptables baseline: hashlimit per source IP with the same limit, in the raw table's
+/// PREROUTING (the same point in the path as the nftables chain).
+fn ipt_rule() -> Vec<String> {
+    [
+        "-t",
+        "raw",
+        "-I",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        &PORT.to_string(),
+        "--tcp-flags",
+        "SYN,ACK",
+        "SYN",
+        "-m",
+        "hashlimit",
+        "--hashlimit-above",
+        &format!("{SYN_RATE}/second"),
+        "--hashlimit-burst",
+        &SYN_BURST.to_string(),
+        "--hashlimit-mode",
+        "srcip",
+        "--hashlimit-name",
+        "gdbench",
+        "-j",
+        "DROP",
+    ]
+    .map(String::from)
+    .into()
+}
+
+/// The classic iptables if installed (what "iptables hashlimit" usually means), else the
+/// nf_tables-backed one.
+fn iptables() -> &'static str {
+    static BIN: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let legacy = Command::new("iptables-legacy")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if legacy {
+            "iptables-legacy"
+        } else {
+            "iptables"
+        }
+    })
+}
+
+/// A running agent; dropping it stops the agent, then unloads its program and pins.
+pub struct Agent {
+    child: Option<ChildGuard>,
+    pins: Pins,
+}
+
+impl Agent {
+    pub fn layout(&self) -> PinLayout {
+        PinLayout::new(&self.pins.0)
+    }
+
+    pub fn maps(&self) -> Result<GuardMaps> {
+        GuardMaps::open_pinned(&self.layout()).context("open the agent's pinned maps")
+    }
+
+    /// Sum of every drop verdict counter.
+    pub fn drops(&self) -> Result<u64> {
+        let totals = self.maps()?.stat_totals()?;
+        Ok(Stat::ALL
+            .into_iter()
+            .filter(|s| matches!(s.labels(), Some(("drop", _))))
+            .map(|s| totals[s.index() as usize])
+            .sum())
+    }
+
+    pub fn stat(&self, stat: Stat) -> Result<u64> {
+        Ok(self.maps()?.stat(stat)?)
+    }
+
+    /// Stops the agent (SIGINT) and checks that it exited cleanly; the program stays attached
+    /// until the pins are unloaded on drop.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            let done = child.stop()?;
+            ensure!(
+                done.status.success(),
+                "the agent exited with {}: {}",
+                done.status,
+                done.stderr.trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What is switched on in the server namespace right now.
+pub enum Protection {
+    None,
+    Nftables,
+    Iptables,
+    Guard(Agent),
+}
+
+/// Kernel counters read around one measurement.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counters {
+    /// Packets the protection itself dropped (guard's drop verdicts, the nft/iptables rule's
+    /// counter); None without protection.
+    pub filter_drops: Option<u64>,
+    /// Frames the server's veth could not queue (its NAPI ring was full): drops the kernel
+    /// makes on its own when receive processing falls behind.
+    pub ring_drops: u64,
+    /// The server's TCP counters.
+    pub syncookies_sent: u64,
+    pub listen_drops: u64,
+}
+
+impl Counters {
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters {
+            filter_drops: match (self.filter_drops, before.filter_drops) {
+                (Some(a), Some(b)) => Some(a.saturating_sub(b)),
+                _ => None,
+            },
+            ring_drops: self.ring_drops.saturating_sub(before.ring_drops),
+            syncookies_sent: self.syncookies_sent.saturating_sub(before.syncookies_sent),
+            listen_drops: self.listen_drops.saturating_sub(before.listen_drops),
+        }
+    }
+}
+
+/// The sum of parallel probes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Probes {
+    pub attempted: u64,
+    pub connected: u64,
+    /// Connects whose first SYN did not make it (resent, failed or timed out).
+    pub lost_syn: u64,
+    pub timed_out: u64,
+    pub failed: u64,
+}
+
+impl Probes {
+    fn add(&mut self, r: &ProbeReport) {
+        self.attempted += r.attempted;
+        self.connected += r.connected;
+        self.lost_syn += r.lost_syn;
+        self.timed_out += r.timed_out;
+        self.failed += r.failed;
+    }
+
+    /// Lost SYNs scaled to 400 connects (the unit shared/LAB.md reports in).
+    pub fn lost_per_400(&self) -> f64 {
+        if self.attempted == 0 {
+            return f64::NAN;
+        }
+        self.lost_syn as f64 * 400.0 / self.attempted as f64
+    }
+
+    pub fn success_pct(&self) -> f64 {
+        if self.attempted == 0 {
+            return f64::NAN;
+        }
+        self.connected as f64 * 100.0 / self.attempted as f64
+    }
+}
+
+// Field order is drop order: the server leaves its cgroup before the cgroup is removed, and
+// both before the namespaces go.
+pub struct Rig {
+    server: Option<ChildGuard>,
+    cgroup: Cgroup,
+    dir: TempDir,
+    pub lab: Lab,
+    pub bins: Binaries,
+    pub client: LabClient,
+    pub server_cpu: usize,
+    pub attacker_cpu: usize,
+    napi: u32,
+    /// Whether the NAPI thread gets real-time priority (see `pin_napi`).
+    napi_rt: bool,
+}
+
+impl Rig {
+    pub fn new(bins: Binaries, napi_rt: bool) -> Result<Self> {
+        let cpus = allowed_cpus();
+        let [server_cpu, attacker_cpu, ..] = cpus[..] else {
+            bail!("the flood bench needs two CPUs (one for the server, one for the attacker); this process may use {cpus:?}");
+        };
+        let lab = Lab::new()?;
+        let cgroup = Cgroup::new("bench")?;
+        let dir = TempDir::new("bench")?;
+        std::fs::write(
+            dir.path().join("guard.toml"),
+            // The bench compares per-source caps with per-source caps: the agent's escalation
+            // to kernel blocks would turn guard's drops into a different mechanism mid-run.
+            "[escalation]\nenabled = false\n",
+        )?;
+        let client = LabClient::at(&bins.lab_client);
+        let mut rig = Self {
+            server: None,
+            cgroup,
+            dir,
+            lab,
+            bins,
+            client,
+            server_cpu,
+            attacker_cpu,
+            napi: 0,
+            napi_rt,
+        };
+        rig.napi = rig.thread_server_napi()?;
+        rig.start_server()?;
+        Ok(rig)
+    }
+
+    /// The echo server inside the cgroup (joined before its listening socket exists, so every
+    /// accepted socket belongs to it) and on the server core.
+    fn start_server(&mut self) -> Result<()> {
+        let script = format!(
+            "echo $$ > {cg}/cgroup.procs && exec nsenter --net={ns} -- taskset -c {cpu} {bin} \
+             serve-echo --listen {SERVER_V4}:{PORT} --backlog 4096 --secs 3600",
+            cg = self.cgroup.0.display(),
+            ns = self.lab.server.path().display(),
+            cpu = self.server_cpu,
+            bin = self.bins.lab_client.display(),
+        );
+        let mut server =
+            ChildGuard::spawn("echo server", Command::new("sh").args(["-c", &script]))?;
+        server.wait_for_stderr("listening on", Duration::from_secs(10))?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup.0
+    }
+
+    /// Moves the server's receive processing into one `napi/eth0-<id>` kernel thread and
+    /// returns its PID. A veth hands frames to NAPI only with GRO on and a sending peer without
+    /// TSO; without NAPI they are processed on the sender's core and a flood would be charged
+    /// to the attacker. The id comes from a real connection (SO_INCOMING_NAPI_ID), so no other
+    /// lab's thread is ever touched.
+    fn thread_server_napi(&self) -> Result<u32> {
+        let iface = Lab::server_if();
+        self.lab
+            .switch
+            .exec(&["ethtool", "-K", SERVER_PEER, "tso", "off"])?;
+        self.lab
+            .server
+            .exec(&["ethtool", "-K", iface, "gro", "on"])?;
+        // `ip netns exec` (not nsenter): it mounts the namespace's own /sys, where this
+        // interface's `threaded` file is.
+        run_checked(Command::new("ip").args([
+            "netns",
+            "exec",
+            self.lab.server.name(),
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{iface}/threaded"),
+        ]))?;
+        self.find_napi()
+    }
+
+    fn find_napi(&self) -> Result<u32> {
+        let listener = self
+            .lab
+            .server
+            .run_in(|| TcpListener::bind((SERVER_V4, 0)))??;
+        let to = listener.local_addr()?;
+        self.lab.legit.run_in(|| -> Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.write_all(b"n")?;
+            Ok(())
+        })??;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        conn.read_exact(&mut [0u8; 1])?;
+        let mut id: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: getsockopt on a socket we own, into a local u32 of the stated size.
+        let rc = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_INCOMING_NAPI_ID,
+                (&mut id as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        ensure!(
+            rc == 0 && id != 0,
+            "the server's packets carry no NAPI id: threaded NAPI is not in effect"
+        );
+        let name = format!("napi/{}-{id}", Lab::server_if());
+        find_kthread(&name).with_context(|| format!("no kernel thread {name}"))
+    }
+
+    /// Pins the server's NAPI thread to the server core and gives it real-time priority,
+    /// finding it again if attaching or detaching a program replaced it.
+    ///
+    /// The priority stands in for softirq: on a real NIC, receive processing runs at interrupt
+    /// exit, ahead of every task. As a plain thread on a kernel without preemption it would
+    /// queue behind whatever else runs on the core (here: other people's builds), and the
+    /// veth's 256-frame ring would overflow while it waits — drops that measure the scheduler,
+    /// not the protection. The thread belongs to this lab's interface and goes with it.
+    /// `--napi-normal` leaves it at normal priority (the method of shared/LAB.md).
+    pub fn pin_napi(&mut self) -> Result<()> {
+        let alive = std::fs::read_to_string(format!("/proc/{}/comm", self.napi))
+            .is_ok_and(|c| c.starts_with("napi/"));
+        if !alive {
+            self.napi = self.find_napi()?;
+        }
+        pin_to_cpu(self.napi, self.server_cpu)?;
+        if !self.napi_rt {
+            return Ok(());
+        }
+        let param = libc::sched_param { sched_priority: 50 };
+        // SAFETY: sched_setscheduler reads a valid sched_param; the PID is our lab's thread.
+        let rc =
+            unsafe { libc::sched_setscheduler(self.napi as libc::pid_t, libc::SCHED_FIFO, &param) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!("cannot give NAPI thread {} real-time priority", self.napi)
+            });
+        }
+        Ok(())
+    }
+
+    /// CPU time used so far by what serves the flood: the NAPI thread (the whole receive path:
+    /// veth ring, XDP, GRO, tc, netfilter, TCP, and the SYN-ACKs it sends), the server and the
+    /// agent. The kernel samples it per tick and charges interrupts to whichever task they hit,
+    /// so interrupts that hit other tasks are left out; so is everything other people run on
+    /// the core, which keeps the number readable on a busy machine.
+    pub fn cpu_snapshot(&self, p: &Protection) -> Result<CpuSnapshot> {
+        let agent = match p {
+            Protection::Guard(agent) => match &agent.child {
+                Some(child) => thread_cpu(child.pid())?,
+                None => Duration::ZERO,
+            },
+            _ => Duration::ZERO,
+        };
+        let server = match &self.server {
+            Some(child) => thread_cpu(child.pid())?,
+            None => Duration::ZERO,
+        };
+        Ok(CpuSnapshot {
+            at: Instant::now(),
+            napi: thread_cpu(self.napi)?,
+            processes: server + agent,
+        })
+    }
+
+    /// Switches `mode` on, with `sets` (`key=value`) for the agent.
+    pub fn protect(&mut self, mode: Mode, sets: &[String]) -> Result<Protection> {
+        let ns = &self.lab.server;
+        let p = match mode {
+            Mode::None => Protection::None,
+            Mode::Nftables => {
+                let mut child = ns
+                    .command("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .context("cannot run nft")?;
+                child
+                    .stdin
+                    .take()
+                    .context("nft stdin")?
+                    .write_all(nft_ruleset().as_bytes())?;
+                let status = child.wait()?;
+                ensure!(status.success(), "nft refused the meter ruleset ({status})");
+                Protection::Nftables
+            }
+            Mode::Iptables => {
+                run_checked(ns.command(iptables()).args(ipt_rule()))
+                    .context("add the hashlimit rule")?;
+                Protection::Iptables
+            }
+            Mode::XdpNative | Mode::XdpGeneric | Mode::Tc => {
+                Protection::Guard(self.start_agent(mode.attach().expect("a guard mode"), sets)?)
+            }
+        };
+        self.pin_napi()?;
+        Ok(p)
+    }
+
+    /// Switches a protection off again.
+    pub fn unprotect(&mut self, p: Protection) -> Result<()> {
+        let ns = &self.lab.server;
+        match p {
+            Protection::None => {}
+            Protection::Nftables => {
+                ns.exec(&["nft", "delete", "table", "inet", "gdbench"])?;
+            }
+            Protection::Iptables => {
+                let mut rule = ipt_rule();
+                rule[2] = "-D".into();
+                run_checked(ns.command(iptables()).args(rule))
+                    .context("remove the hashlimit rule")?;
+            }
+            Protection::Guard(agent) => {
+                agent.stop()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_agent(&self, attach: &str, sets: &[String]) -> Result<Agent> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gd-bench-{}-a{n}", std::process::id()));
+        let pins = Pins(pin_dir.clone());
+        let mut cmd = self.lab.server.command("taskset");
+        cmd.args(["-c", &self.server_cpu.to_string()])
+            .arg(&self.bins.guard)
+            .args(["run", "-i", Lab::server_if(), "-p", &PORT.to_string()])
+            .args(["--attach", attach])
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--control-socket")
+            .arg(self.dir.path().join(format!("control-{n}.sock")))
+            .arg("--audit-log")
+            .arg(self.dir.path().join(format!("audit-{n}.jsonl")))
+            .arg("--config")
+            .arg(self.dir.path().join("guard.toml"))
+            .arg("--cgroup")
+            .arg(self.cgroup())
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--set", &format!("syn_rate={SYN_RATE}")])
+            .args(["--set", &format!("syn_burst={SYN_BURST}")]);
+        for set in sets {
+            cmd.args(["--set", set]);
+        }
+        // clap reads GUARD_* variables as defaults: none of the caller's may leak in.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("GUARD_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = ChildGuard::spawn("guard agent", &mut cmd)?;
+        child
+            .wait_for_stderr("guard running on", Duration::from_secs(30))
+            .context("the agent did not come up")?;
+        Ok(Agent {
+            child: Some(child),
+            pins,
+        })
+    }
+
+    /// The counters a measurement reports, as they stand now.
+    pub fn counters(&self, p: &Protection) -> Result<Counters> {
+        let ns = &self.lab.server;
+        let filter_drops = match p {
+            Protection::None => None,
+            Protection::Guard(agent) => Some(agent.drops()?),
+            Protection::Nftables => {
+                let out = ns.exec(&["nft", "-j", "list", "chain", "inet", "gdbench", "pre"])?;
+                Some(nft_counter(&out)?)
+            }
+            Protection::Iptables => {
+                let out = run_checked(ns.command(iptables()).args([
+                    "-t",
+                    "raw",
+                    "-L",
+                    "PREROUTING",
+                    "-v",
+                    "-x",
+                    "-n",
+                ]))?;
+                Some(ipt_counter(&out)?)
+            }
+        };
+        Ok(Counters {
+            filter_drops,
+            ring_drops: self.ring_drops()?,
+            syncookies_sent: ns.counter("TcpExt", "SyncookiesSent")?,
+            listen_drops: ns.counter("TcpExt", "ListenDrops")?,
+        })
+    }
+
+    /// Frames the switch's `p-srv` could not hand to the server's veth.
+    fn ring_drops(&self) -> Result<u64> {
+        let out = self
+            .lab
+            .switch
+            .ip(&["-s", "-j", "link", "show", "dev", SERVER_PEER])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
+        v[0]["stats64"]["tx"]["dropped"]
+            .as_u64()
+            .with_context(|| format!("no tx drop count in {out}"))
+    }
+
+    /// `per_source` sequential connects from each source in parallel, `interval_ms` apart
+    /// (each source stays under the per-source cap), all pinned to the server core. Each
+    /// connect gets 3 s: one SYN retransmission (~1 s) still connects, and counts as lost.
+    pub fn start_probes(
+        &self,
+        sources: &[Ipv4Addr],
+        per_source: u32,
+        interval_ms: u32,
+    ) -> Result<ProbeRun> {
+        let secs = (u64::from(per_source) * (u64::from(interval_ms) + 3_000)).div_ceil(1_000) + 1;
+        let mut runs = Vec::new();
+        for src in sources {
+            let args: Vec<String> = [
+                "probe",
+                "--target",
+                &SocketAddr::from((SERVER_V4, PORT)).to_string(),
+                "--bind",
+                &src.to_string(),
+                "--count",
+                &per_source.to_string(),
+                "--interval-ms",
+                &interval_ms.to_string(),
+                "--connect-timeout-ms",
+                "3000",
+                "--secs",
+                &secs.to_string(),
+            ]
+            .map(String::from)
+            .into();
+            runs.push(self.client.spawn::<ProbeReport>(
+                &self.lab.legit,
+                &args,
+                Some(self.server_cpu),
+                Duration::from_secs(secs + 5),
+            )?);
+        }
+        Ok(ProbeRun { runs })
+    }
+
+    /// Waits `d`, returning early (with an error) on Ctrl-C.
+    pub fn pause(&self, d: Duration) -> Result<()> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            check_interrupted()?;
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+        }
+        Ok(())
+    }
+}
+
+/// Probes running in parallel.
+pub struct ProbeRun {
+    runs: Vec<ClientRun<ProbeReport>>,
+}
+
+impl ProbeRun {
+    pub fn wait(self) -> Result<Probes> {
+        let mut total = Probes::default();
+        for run in self.runs {
+            // Each is bounded by its own --secs; Ctrl-C stops the rest via their guards.
+            if interrupted() {
+                bail!("interrupted");
+            }
+            total.add(&run.wait()?);
+        }
+        Ok(total)
+    }
+}
+
+fn nft_counter(json: &str) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).context("nft -j")?;
+    let items = v["nftables"].as_array().context("nft -j: no list")?;
+    for item in items {
+        if let Some(exprs) = item["rule"]["expr"].as_array() {
+            for e in exprs {
+                if let Some(p) = e["counter"]["packets"].as_u64() {
+                    return Ok(p);
+                }
+            }
+        }
+    }
+    bail!("no counter in the nft chain: {json}")
+}
+
+/// The packet count of the (only) hashlimit rule in `iptables -L -v -x -n` output.
+fn ipt_counter(text: &str) -> Result<u64> {
+    text.lines()
+        .find(|l| l.contains("gdbench") || l.contains("limit: above"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no hashlimit rule in: {text}"))
+}
+
+/// A reading of [`Rig::cpu_snapshot`].
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSnapshot {
+    at: Instant,
+    napi: Duration,
+    processes: Duration,
+}
+
+/// Shares of one window, in percent of one core.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuShares {
+    /// The NAPI thread alone: the receive path.
+    pub napi_pct: f64,
+    /// NAPI thread + server + agent.
+    pub server_side_pct: f64,
+}
+
+impl CpuSnapshot {
+    pub fn shares_since(&self, before: &CpuSnapshot) -> CpuShares {
+        let window = (self.at - before.at).as_secs_f64();
+        if window <= 0.0 {
+            return CpuShares::default();
+        }
+        let pct = |d: Duration| d.as_secs_f64() * 100.0 / window;
+        let napi = self.napi.saturating_sub(before.napi);
+        CpuShares {
+            napi_pct: pct(napi),
+            server_side_pct: pct(napi + self.processes.saturating_sub(before.processes)),
+        }
+    }
+}
+
+fn clock_ticks() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "cannot read the clock tick rate");
+    Ok(hz as f64)
+}
+
+/// User + system CPU time of a thread, from /proc/<pid>/stat.
+fn thread_cpu(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let ticks = parse_stat_ticks(&stat).with_context(|| format!("bad /proc/{pid}/stat: {stat}"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line; the command name before
+/// them may contain spaces and parentheses, so fields are counted after its last ')'.
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, i.e. index 11 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn find_kthread(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_parse() {
+        let nft = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"chain": {"name": "pre"}}, {"rule": {"expr": [{"match": {}}, {"counter": {"packets": 4711, "bytes": 188440}}, {"drop": null}]}}]}"#;
+        assert_eq!(nft_counter(nft).unwrap(), 4711);
+        assert!(nft_counter(r#"{"nftables": []}"#).is_err());
+        let ipt = "Chain PREROUTING (policy ACCEPT 0 packets, 0 bytes)\n    pkts      bytes target     prot opt in     out     source               destination\n   12345   493800 DROP       6    --  *      *       0.0.0.0/0            0.0.0.0/0            tcp dpt:8080 flags:0x12/0x02 limit: above 20/sec burst 40 mode srcip\n";
+        assert_eq!(ipt_counter(ipt).unwrap(), 12_345);
+        assert!(ipt_counter("Chain PREROUTING\n").is_err());
+    }
+
+    #[test]
+    fn thread_ticks() {
+        let stat = "4242 (napi/eth0-8193) S 2 0 0 0 -1 2129984 0 0 0 0 17 250 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_stat_ticks(stat), Some(267));
+        assert_eq!(parse_stat_ticks("1 (a) b) S 0"), None);
+        assert!(thread_cpu(std::process::id()).is_ok());
+    }
+
+    #[test]
+    fn probe_totals() {
+        let mut p = Probes::default();
+        p.add(&ProbeReport {
+            attempted: 200,
+            connected: 199,
+            lost_syn: 3,
+            ..Default::default()
+        });
+        assert_eq!(p.lost_per_400(), 6.0);
+        assert!((p.success_pct() - 99.5).abs() < 1e-9);
+        assert!(Probes::default().lost_per_400().is_nan());
+    }
+
+    #[test]
+    fn baselines_use_guards_limit() {
+        let nft = nft_ruleset();
+        assert!(
+            nft.contains("limit rate over 20/second burst 40 packets"),
+            "{nft}"
+        );
+        assert!(nft.contains("tcp dport 8080"), "{nft}");
+        let ipt = ipt_rule().join(" ");
+        assert!(
+            ipt.contains("--hashlimit-above 20/second --hashlimit-burst 40"),
+            "{ipt}"
+        );
+    }
+}
