@@ -77,7 +77,7 @@ mod lab {
     use super::lab_chart::{self, Row};
     use super::lab_stack::{
         args, attacker_ip, interrupted, pause, Binaries, Counters, Cpus, LegitLoad, LegitOutcome,
-        Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
+        Sample, Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
     };
     use super::DemoArgs;
 
@@ -180,9 +180,13 @@ mod lab {
         /// The probe's connects whose first SYN did not make it.
         lost_syn: u64,
         probe_connects: u64,
-        /// Mean busy share of the server core while the attack ran, and before it.
+        /// Mean CPU the server side used (its packet thread, the app and the agent, in
+        /// percent of one core) while the attack ran, and before it.
         server_cpu_pct: f64,
         server_cpu_before_pct: f64,
+        /// Mean busy share of the whole server core (whoever used it), during and before.
+        core_busy_pct: f64,
+        core_busy_before_pct: f64,
         /// What the kernel program counted during the phase (with guard only).
         kernel: Option<Counters>,
         kernel_drops: Option<u64>,
@@ -211,9 +215,9 @@ mod lab {
         generated_unix: u64,
         mode: &'static str,
         release_build: bool,
-        server_cpu: Option<usize>,
-        attacker_cpu: Option<usize>,
-        measured_cpu: usize,
+        server_core: Option<usize>,
+        attacker_core: Option<usize>,
+        measured_core: usize,
         napi_thread_pinned: bool,
         timing: Timing,
         scenarios: Vec<ScenarioReport>,
@@ -288,10 +292,10 @@ mod lab {
         match (cpus.server, cpus.attacker) {
             (Some(s), Some(at)) => println!(
                 "cores: server side (app, agent, legit clients{}) on cpu{s}, attack tools on cpu{at}; \
-                 server CPU = cpu{s}'s busy share (shared machine: other work on it counts too)",
+                 server CPU = what the packet thread, app and agent used, in % of one core",
                 if stack.napi_pid().is_some() { ", packet thread" } else { "" }
             ),
-            _ => println!("one core: nothing pinned; server CPU is cpu0's busy share"),
+            _ => println!("one core: nothing pinned; server CPU = what the app and agent used"),
         }
         println!();
         println!("{}", header());
@@ -328,9 +332,9 @@ mod lab {
                 .as_secs(),
             mode: if a.short { "short" } else { "full" },
             release_build: a.release,
-            server_cpu: cpus.server,
-            attacker_cpu: cpus.attacker,
-            measured_cpu: cpus.measured(),
+            server_core: cpus.server,
+            attacker_core: cpus.attacker,
+            measured_core: cpus.measured(),
             napi_thread_pinned: stack.napi_pid().is_some(),
             timing,
             scenarios: reports,
@@ -390,14 +394,14 @@ mod lab {
             stack.stop_agent()?;
         }
 
-        let cpu_mean = |from: f64, to: f64| {
-            let half = SLICE_SECS as f64 / 2.0;
+        let cpu_mean = |from: f64, to: f64, pick: fn(&Sample) -> f64| {
+            // Slices wholly inside the window (with a little slack for timer jitter).
+            let slice = SLICE_SECS as f64;
             let inside: Vec<f64> = outcome
                 .timeline
                 .iter()
-                // A slice belongs to the window its middle falls in.
-                .filter(|s| (from..=to).contains(&(s.t - half)))
-                .map(|s| s.cpu)
+                .filter(|s| s.t - slice >= from - 0.05 && s.t <= to + 0.05)
+                .map(pick)
                 .collect();
             if inside.is_empty() {
                 0.0
@@ -414,8 +418,10 @@ mod lab {
             legit_delivered: outcome.delivered(),
             lost_syn: outcome.probe.lost_syn,
             probe_connects: outcome.probe.attempted,
-            server_cpu_pct: cpu_mean(start, end),
-            server_cpu_before_pct: cpu_mean(0.0, start),
+            server_cpu_pct: cpu_mean(start, end, |s| s.server_cpu),
+            server_cpu_before_pct: cpu_mean(0.0, start, |s| s.server_cpu),
+            core_busy_pct: cpu_mean(start, end, |s| s.core_busy),
+            core_busy_before_pct: cpu_mean(0.0, start, |s| s.core_busy),
             kernel_drops: kernel.as_ref().map(Counters::drops),
             kernel,
             blocks_with_latency: latency.map_or(0, |l| l.0),
@@ -641,7 +647,7 @@ mod lab {
             p.legit_delivered.to_string(),
             format!("{}/{}", p.lost_syn, p.probe_connects),
             format!(
-                "{:.0}% (idle {:.0}%)",
+                "{:.0}% (before {:.0}%)",
                 p.server_cpu_pct, p.server_cpu_before_pct
             ),
             match &p.kernel {
@@ -710,20 +716,22 @@ mod lab {
              - **legit msgs**: chat messages and feed events that reached legit clients.\n\
              - **lost SYN**: probe connects whose first SYN did not make it (resent, refused or \
              timed out), of all probe connects.\n\
-             - **server CPU**: mean busy share of cpu{} while the attack ran (before it in \
-             brackets). {}The machine is shared: other work on that core counts too.\n\
+             - **server CPU**: CPU the server side itself used while the attack ran (before it \
+             in brackets), in percent of one core: {}, read per process from /proc so that \
+             other work on a shared machine does not count. {}The busy share of the whole core \
+             (`core_busy_pct`) is in report.json.\n\
              - **kernel drops**: packets guard's program dropped during the run, by reason.\n\
              - **detect→block**: mean time from the app detecting abuse to the block being in \
              the kernel (`guard_block_latency_seconds`).\n",
-            r.measured_cpu,
-            match (r.server_cpu, r.attacker_cpu) {
+            if r.napi_thread_pinned {
+                "the server's packet (NAPI) thread, the app and the agent"
+            } else {
+                "the app and the agent (the packet thread was not found, so packet processing is \
+                 missing)"
+            },
+            match (r.server_core, r.attacker_core) {
                 (Some(s), Some(a)) => format!(
-                    "The app, the agent, the legit clients{} run on cpu{s}, the attack tools on cpu{a}. ",
-                    if r.napi_thread_pinned {
-                        " and the server's packet thread"
-                    } else {
-                        ""
-                    }
+                    "All of them and the legit clients are pinned to cpu{s}, the attack tools to cpu{a}. "
                 ),
                 _ => String::new(),
             }
@@ -771,8 +779,12 @@ mod lab {
                             )
                         })
                         .collect();
-                    let cpu: Vec<(f64, f64)> =
-                        p.legit.timeline.iter().map(|s| (s.t, s.cpu)).collect();
+                    let cpu: Vec<(f64, f64)> = p
+                        .legit
+                        .timeline
+                        .iter()
+                        .map(|s| (s.t, s.server_cpu))
+                        .collect();
                     if p.guard {
                         row.on_success = success;
                         row.on_cpu = cpu;

@@ -1,5 +1,5 @@
 //! The demo's chart, written as SVG by hand: one row per scenario, two panels per row (legit
-//! connects that completed within a second, and the server core's busy share), each with the
+//! connects that completed within a second, and the CPU the server side used), each with the
 //! run without guard and the run with guard over the same seconds, the attack shaded.
 
 use std::fmt::Write as _;
@@ -95,7 +95,7 @@ pub fn render(rows: &[Row]) -> String {
             y + 44.0,
             t_max,
             row.attack,
-            "server core busy (%)",
+            "server CPU: packet thread + app + agent (% of a core)",
             &row.off_cpu,
             &row.on_cpu,
         );

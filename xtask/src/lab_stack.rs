@@ -637,6 +637,14 @@ impl Stack {
         self.napi_pid = self.pin_server_napi(cpu).ok();
     }
 
+    /// What "the server" is when counting its CPU: the packet thread, the app and the agent.
+    pub fn server_pids(&self) -> Vec<u32> {
+        [self.napi_pid, self.app_pid(), self.agent_pid()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// `guard ARGS... --control-socket SOCK`: the operator's CLI against this stack's agent.
     pub fn guard(&self, cli_args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(&self.bins.guard);
@@ -734,8 +742,12 @@ pub const SLICE_SECS: u64 = 1;
 pub struct Sample {
     /// Seconds since the legit load started (end of the slice).
     pub t: f64,
-    /// Busy share of the server core in this slice, 0–100.
-    pub cpu: f64,
+    /// CPU the server side itself used in this slice (its packet thread, the app and the
+    /// agent), in percent of one core. Read per process, so other work on a shared machine
+    /// does not count.
+    pub server_cpu: f64,
+    /// Busy share of the whole server core in this slice, 0–100, whoever used it.
+    pub core_busy: f64,
     /// Timeline probe connects in this slice, and how many completed within a second (a
     /// lost SYN is resent after ~1 s, so a slower one means its first SYN died).
     pub connects: u32,
@@ -745,12 +757,15 @@ pub struct Sample {
 /// A sampler thread and the readings it returns.
 type Worker<T> = JoinHandle<Result<Vec<T>>>;
 
-/// Background measurement: the server core's busy share per slice, and a steady trickle of
+/// (seconds, server-side CPU percent, core busy percent) per slice.
+type CpuReading = (f64, f64, f64);
+
+/// Background measurement: the server side's CPU and the server core's busy share per slice,
+/// and a steady trickle of
 /// TCP connects from the legit namespace's main address to the app.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    /// (seconds, busy percent) per slice.
-    cpu: Option<Worker<(f64, f64)>>,
+    cpu: Option<Worker<CpuReading>>,
     /// (seconds, completed within a second) per connect.
     conn: Option<Worker<(f64, bool)>>,
     slice: Duration,
@@ -764,10 +779,12 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let cpu_no = stack.cpus.measured();
         let slice = Self::SLICE;
+        let pids = stack.server_pids();
         let cpu = {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || -> Result<Vec<(f64, f64)>> {
-                let mut sampler = CpuSampler::new(cpu_no)?;
+            std::thread::spawn(move || -> Result<Vec<CpuReading>> {
+                let mut core = CpuSampler::new(cpu_no)?;
+                let mut server = ProcessCpu::new(pids);
                 let mut out = Vec::new();
                 let mut next = t0 + slice;
                 while !stop.load(Ordering::Relaxed) {
@@ -776,7 +793,11 @@ impl Sampler {
                         std::thread::sleep((next - now).min(Duration::from_millis(20)));
                         continue;
                     }
-                    out.push(((next - t0).as_secs_f64(), sampler.busy_percent()?));
+                    out.push((
+                        (next - t0).as_secs_f64(),
+                        server.percent(),
+                        core.busy_percent()?,
+                    ));
                     next += slice;
                 }
                 Ok(out)
@@ -823,7 +844,7 @@ impl Sampler {
         let slice = self.slice.as_secs_f64();
         Ok(cpu
             .iter()
-            .map(|&(t, busy)| {
+            .map(|&(t, server_cpu, core_busy)| {
                 let inside = conns.iter().filter(|(ct, _)| *ct >= t - slice && *ct < t);
                 let (mut n, mut ok) = (0, 0);
                 for (_, good) in inside {
@@ -832,13 +853,70 @@ impl Sampler {
                 }
                 Sample {
                     t,
-                    cpu: busy,
+                    server_cpu,
+                    core_busy,
                     connects: n,
                     connects_ok: ok,
                 }
             })
             .collect())
     }
+}
+
+/// CPU time of a set of processes (or kernel threads), from /proc/PID/stat.
+struct ProcessCpu {
+    /// pid → last utime + stime in clock ticks.
+    last: Vec<(u32, u64)>,
+    at: Instant,
+    ticks_per_sec: f64,
+}
+
+impl ProcessCpu {
+    fn new(pids: Vec<u32>) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Self {
+            last: pids
+                .into_iter()
+                .map(|p| (p, proc_cpu_ticks(p).unwrap_or(0)))
+                .collect(),
+            at: Instant::now(),
+            ticks_per_sec: if hz > 0 { hz as f64 } else { 100.0 },
+        }
+    }
+
+    /// Percent of one core the processes used since the previous call. A process that is
+    /// gone adds nothing (its last reading stays).
+    fn percent(&mut self) -> f64 {
+        let mut used = 0u64;
+        for (pid, last) in &mut self.last {
+            if let Some(now) = proc_cpu_ticks(*pid) {
+                used += now.saturating_sub(*last);
+                *last = now;
+            }
+        }
+        let secs = self.at.elapsed().as_secs_f64();
+        self.at = Instant::now();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        used as f64 / self.ticks_per_sec / secs * 100.0
+    }
+}
+
+/// utime + stime of a process (all its threads) or kernel thread, in clock ticks.
+fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ticks(&stat)
+}
+
+/// `/proc/PID/stat`: the command name may hold spaces and parentheses, so fields are counted
+/// after its last ')'; utime and stime are fields 14 and 15.
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 fn join<T>(handle: Option<JoinHandle<Result<T>>>) -> Result<T> {
@@ -1028,6 +1106,14 @@ pub fn attacker_ip() -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_stat_ticks() {
+        let line = "1234 (napi/eth0 (x) 1) S 2 0 0 0 -1 2129984 0 0 0 0 17 42 0 0 20 0 1 0 99";
+        assert_eq!(parse_stat_ticks(line), Some(59));
+        assert_eq!(parse_stat_ticks("1234 (short) S 2"), None);
+        assert!(proc_cpu_ticks(std::process::id()).is_some());
+    }
 
     #[test]
     fn metric_lines() {
