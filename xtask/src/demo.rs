@@ -450,9 +450,14 @@ mod lab {
         let r = flood.wait()?;
         let sent = r.sent.unwrap_or(0);
         Ok(Attack {
-            summary: format!("hping3 sent {sent} SYNs"),
+            summary: format!("hping3 sent {sent} SYNs ({}/s)", per_sec(sent, t)),
             detail: json!({ "tool": "hping3", "source": SPOOFED.to_string(), "sent": sent }),
         })
+    }
+
+    /// What a flood achieved per second over its nominal duration.
+    fn per_sec(sent: u64, t: &Timing) -> u64 {
+        sent / u64::from(t.attack_secs.max(1))
     }
 
     fn conn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
@@ -619,7 +624,11 @@ mod lab {
         let r = flood.wait()?;
         let sent = r.sent.unwrap_or(0);
         Ok(Attack {
-            summary: format!("trafgen sent {sent} SYNs at {TRAFGEN_PPS}/s"),
+            // The offered rate is fixed, but a busy attacker core can fall short of it.
+            summary: format!(
+                "trafgen sent {sent} SYNs ({}/s of {TRAFGEN_PPS}/s)",
+                per_sec(sent, t)
+            ),
             detail: json!({ "tool": "trafgen", "subnet": "198.19.0.0/16", "pps": TRAFGEN_PPS, "sent": sent }),
         })
     }
@@ -722,7 +731,10 @@ mod lab {
              (`core_busy_pct`) is in report.json.\n\
              - **kernel drops**: packets guard's program dropped during the run, by reason.\n\
              - **detect→block**: mean time from the app detecting abuse to the block being in \
-             the kernel (`guard_block_latency_seconds`).\n",
+             the kernel (`guard_block_latency_seconds`).\n\
+             - **attacker got**: what the attack achieved. Floods run flat out (hping3) or at a \
+             fixed offered rate (trafgen) on a core other work may share, so compare the rates \
+             they reached in the two runs before comparing server CPU.\n",
             if r.napi_thread_pinned {
                 "the server's packet (NAPI) thread, the app and the agent"
             } else {
