@@ -252,7 +252,7 @@ impl GlobalReport {
             "returning clients",
             "flood sent/s",
             "server %",
-            "napi %",
+            "µs/SYN",
             "connected",
             "success %",
             "lost 1st SYN",
@@ -285,9 +285,20 @@ impl GlobalReport {
                     "{:.1}",
                     mean(&of.iter().map(|r| r.cpu.server_side_pct).collect::<Vec<_>>())
                 ),
+                // Server-side CPU per flood SYN that reached the server: what the budget saves
+                // per packet, independent of how fast the tool happened to send.
                 format!(
-                    "{:.1}",
-                    mean(&of.iter().map(|r| r.cpu.napi_pct).collect::<Vec<_>>())
+                    "{:.2}",
+                    mean(
+                        &of.iter()
+                            .filter_map(|r| {
+                                let arrived = r.sent_per_s?
+                                    - r.ring_drops as f64 / f64::from(self.flood_secs);
+                                (arrived > 0.0)
+                                    .then(|| r.cpu.server_side_pct / 100.0 / arrived * 1e6)
+                            })
+                            .collect::<Vec<_>>()
+                    )
                 ),
                 format!("{}/{}", p.connected, p.attempted),
                 format!("{:.2}", p.success_pct()),
