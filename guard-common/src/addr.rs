@@ -192,12 +192,7 @@ mod std_conv {
     impl fmt::Display for Prefix {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             if self.is_v4() {
-                write!(
-                    f,
-                    "{}/{}",
-                    to_ip(&self.addr),
-                    self.len - V4_MAPPED_BITS
-                )
+                write!(f, "{}/{}", to_ip(&self.addr), self.len - V4_MAPPED_BITS)
             } else {
                 write!(f, "{}/{}", Ipv6Addr::from(self.addr), self.len)
             }
@@ -304,7 +299,10 @@ mod tests {
         assert!(!is_v4_mapped(&v6));
         assert_eq!(unified_prefix_len(&v6, 32, 64), 64);
         assert_eq!(unified_prefix_len(&v6, 32, 255), 128);
-        assert_eq!(&prefix_key(&v6, 32, 48)[..], &[0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &prefix_key(&v6, 32, 48)[..],
+            &[0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         // A v6 address that merely starts with zeros is not mapped.
         let mut almost = a;
         almost[10] = 0xfe;

@@ -135,7 +135,10 @@ mod tests {
         e.refill(u64::MAX, u32::MAX, u32::MAX);
         assert_eq!(e.available(), u32::MAX as u64);
         // Rate far above burst: one nanosecond refills whole tokens.
-        let mut f = TokenBucket { tokens: 0, last_ns: 0 };
+        let mut f = TokenBucket {
+            tokens: 0,
+            last_ns: 0,
+        };
         f.refill(1, u32::MAX, 1);
         assert_eq!(f.available(), 1);
     }
@@ -187,6 +190,9 @@ mod tests {
         // Arrivals (~40/s) outpace the rate, so after the first burst nothing
         // is wasted: it admits the burst plus every whole token earned.
         let earned = (now as u128 * rate as u128 / SEC as u128) as u64;
-        assert!(admitted + 1 >= burst as u64 + earned, "admitted {admitted}, earned {earned}");
+        assert!(
+            admitted + 1 >= burst as u64 + earned,
+            "admitted {admitted}, earned {earned}"
+        );
     }
 }

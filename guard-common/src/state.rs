@@ -147,12 +147,18 @@ mod tests {
     #[test]
     fn one_event_per_window() {
         let mut s = SourceState::new(1, 0);
-        assert!(s.open_event_window(5000, 1000), "the first over-cap opens a window");
+        assert!(
+            s.open_event_window(5000, 1000),
+            "the first over-cap opens a window"
+        );
         assert!(!s.open_event_window(5500, 1000));
         assert!(!s.open_event_window(5999, 1000));
         assert!(s.open_event_window(6000, 1000));
         assert!(!s.open_event_window(6500, 1000));
-        assert!(s.open_event_window(10, 1000), "a clock that went back reopens");
+        assert!(
+            s.open_event_window(10, 1000),
+            "a clock that went back reopens"
+        );
         let mut z = SourceState::new(1, 0);
         assert!(z.open_event_window(0, 1000), "t=0 still opens a window");
         assert!(!z.open_event_window(1, 1000), "and it is remembered");

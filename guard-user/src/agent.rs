@@ -821,7 +821,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.sweep_expired();
                 agent.adaptive_tick();
                 sweeps += 1;
-                if sweeps % 60 == 0 {
+                if sweeps.is_multiple_of(60) {
                     agent.prune_connections();
                 }
             }

@@ -113,37 +113,41 @@ enum Cmd {
     },
     /// Live tuning: show state, change limits, or observe real traffic and
     /// suggest limits.
-    Tune {
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        #[arg(long, conflicts_with = "enforce")]
-        dry_run: bool,
-        #[arg(long)]
-        enforce: bool,
-        #[arg(long)]
-        block: Vec<String>,
-        #[arg(long)]
-        unblock: Vec<String>,
-        #[arg(long)]
-        allow: Vec<String>,
-        /// Watch per-source rates in the kernel and propose limits.
-        #[arg(long)]
-        suggest: bool,
-        /// How long to watch with --suggest, e.g. 60s.
-        #[arg(long, default_value = "60s")]
-        observe: String,
-        /// Show the audit trail (with --since and --prefix).
-        #[arg(long)]
-        history: bool,
-        #[arg(long, default_value = "24h", requires = "history")]
-        since: String,
-        #[arg(long, requires = "history")]
-        prefix: Option<String>,
-        #[command(flatten)]
-        socket: SocketArg,
-        #[command(flatten)]
-        pins: PinArg,
-    },
+    Tune(TuneArgs),
+}
+
+/// `guard tune`: live tuning (also what `cargo xtask tune` runs).
+#[derive(clap::Args)]
+struct TuneArgs {
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[arg(long, conflicts_with = "enforce")]
+    dry_run: bool,
+    #[arg(long)]
+    enforce: bool,
+    #[arg(long)]
+    block: Vec<String>,
+    #[arg(long)]
+    unblock: Vec<String>,
+    #[arg(long)]
+    allow: Vec<String>,
+    /// Watch per-source rates in the kernel and propose limits.
+    #[arg(long)]
+    suggest: bool,
+    /// How long to watch with --suggest, e.g. 60s.
+    #[arg(long, default_value = "60s")]
+    observe: String,
+    /// Show the audit trail (with --since and --prefix).
+    #[arg(long)]
+    history: bool,
+    #[arg(long, default_value = "24h", requires = "history")]
+    since: String,
+    #[arg(long, requires = "history")]
+    prefix: Option<String>,
+    #[command(flatten)]
+    socket: SocketArg,
+    #[command(flatten)]
+    pins: PinArg,
 }
 
 fn parse_duration(text: &str) -> Result<Duration> {
@@ -274,7 +278,7 @@ fn status(pins: &PinArg) -> Result<()> {
         conns.len()
     );
     let mut top = conns;
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     for (addr, n) in top.iter().take(5) {
         println!(
             "  {:<40} {n}",
@@ -289,18 +293,25 @@ fn status(pins: &PinArg) -> Result<()> {
     Ok(())
 }
 
-async fn tune_cmd(
-    set: Vec<String>,
-    dry_run: bool,
-    enforce: bool,
-    block: Vec<String>,
-    unblock: Vec<String>,
-    allow: Vec<String>,
-    suggest: bool,
-    observe: String,
-    socket: SocketArg,
-    pins: PinArg,
-) -> Result<()> {
+async fn tune_cmd(a: TuneArgs) -> Result<()> {
+    let TuneArgs {
+        set,
+        dry_run,
+        enforce,
+        block,
+        unblock,
+        allow,
+        suggest,
+        observe,
+        history: show_history,
+        since,
+        prefix: p,
+        socket,
+        pins,
+    } = a;
+    if show_history {
+        return history(&socket, &since, p.as_deref(), 500).await;
+    }
     let mut acted = false;
     let changes = config_changes(&set, dry_run, enforce)?;
     if !changes.is_empty() {
@@ -478,29 +489,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             limit,
             socket,
         } => history(&socket, &since, p.as_deref(), limit).await,
-        Cmd::Tune {
-            set,
-            dry_run,
-            enforce,
-            block,
-            unblock,
-            allow,
-            suggest,
-            observe,
-            history: show_history,
-            since,
-            prefix: p,
-            socket,
-            pins,
-        } => {
-            if show_history {
-                return history(&socket, &since, p.as_deref(), 500).await;
-            }
-            tune_cmd(
-                set, dry_run, enforce, block, unblock, allow, suggest, observe, socket, pins,
-            )
-            .await
-        }
+        Cmd::Tune(args) => tune_cmd(args).await,
     }
 }
 

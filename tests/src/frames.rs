@@ -190,7 +190,7 @@ impl Frame {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 f.extend_from_slice(&0x0800u16.to_be_bytes());
                 let mut opts = self.ipv4_options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(0); // end-of-options padding
                 }
                 let ihl = self.ihl_override.unwrap_or((5 + opts.len() / 4) as u8);

@@ -31,6 +31,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Datapath ns/packet, flood cost vs nftables/iptables, global budget: measured (root).
     Bench(bench::BenchArgs),
+    /// `cargo fmt --check` and clippy `-D warnings` on the host crates and
+    /// on the eBPF crate for its own target.
+    Lint,
 }
 
 fn is_root() -> bool {
@@ -94,8 +97,43 @@ fn test(filter: Option<String>) -> Result<()> {
         .args(&filter))?;
     if filter.is_empty() {
         run(Command::new("bash").arg(root.join("guard-user/deploy/check.sh")))?;
+        lint()?;
     }
     Ok(())
+}
+
+fn lint() -> Result<()> {
+    setup::setup()?;
+    std::env::set_current_dir(workspace_root())?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "guard-ebpf",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate only builds for the BPF target, with the nightly's
+    // build-std; its own target dir keeps host artefacts apart.
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "guard-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-lint",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 fn main() -> Result<()> {
@@ -104,5 +142,6 @@ fn main() -> Result<()> {
         Cmd::Test { filter } => test(filter),
         Cmd::Demo(args) => demo::main(args),
         Cmd::Bench(args) => bench::main(args),
+        Cmd::Lint => lint(),
     }
 }
