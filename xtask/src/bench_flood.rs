@@ -22,7 +22,7 @@ use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler};
 use serde::Serialize;
 
 use super::bench_rig::{legit_sources, Counters, CpuShares, Mode, Probes, Rig, PORT};
-use super::bench_table::{fmt_rate, fmt_ratio, mean, ratio, Goal, Table};
+use super::bench_table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 use super::lab::check_interrupted;
 
 /// The flood's one source: spoofed inside 198.19.0.0/16, which the server routes back to the
@@ -117,7 +117,8 @@ pub fn run(rig: &mut Rig, quick: bool, rate: u32, modes: &[Mode]) -> Result<Floo
         }
     } else {
         Plan {
-            cycles: 2,
+            // Three, so a median can outvote one run spoiled by someone else's burst of work.
+            cycles: 3,
             per_source: 50,
             interval_ms: 80,
             flood_secs: 7,
@@ -268,6 +269,10 @@ fn mean_of(of: &[&Measurement], f: fn(&Measurement) -> f64) -> f64 {
     mean(&of.iter().map(|m| f(m)).collect::<Vec<_>>())
 }
 
+fn median_of(of: &[&Measurement], f: fn(&Measurement) -> f64) -> f64 {
+    median(&of.iter().map(|m| f(m)).collect::<Vec<_>>())
+}
+
 fn summarize(runs: &[Measurement]) -> Vec<Summary> {
     let mut out = Vec::new();
     for load in [Load::Fixed, Load::Max] {
@@ -295,12 +300,12 @@ fn summarize(runs: &[Measurement]) -> Vec<Summary> {
             out.push(Summary {
                 load,
                 mode,
-                server_us_per_syn: mean(&server_us),
+                server_us_per_syn: median(&server_us),
                 short_runs: of.iter().filter(|m| m.short_of_rate).count(),
                 sent_per_s: mean(&of.iter().filter_map(|m| m.sent_per_s).collect::<Vec<_>>()),
-                core_busy_pct: mean_of(&of, |m| m.core_busy_pct),
-                server_side_pct: mean_of(&of, |m| m.cpu.server_side_pct),
-                napi_pct: mean_of(&of, |m| m.cpu.napi_pct),
+                core_busy_pct: median_of(&of, |m| m.core_busy_pct),
+                server_side_pct: median_of(&of, |m| m.cpu.server_side_pct),
+                napi_pct: median_of(&of, |m| m.cpu.napi_pct),
                 lost_per_400_mean: mean(&lost),
                 lost_per_400_max: lost.iter().copied().fold(f64::NAN, f64::max),
                 filter_drops_per_s: (!filter.is_empty()).then(|| mean(&filter)),
@@ -335,7 +340,7 @@ impl FloodReport {
             (Load::Max, "maximum rate (hping3 --flood)".to_string()),
         ] {
             println!(
-                "\n{title}: mean of {} cycle(s); ratios to no protection / nftables; \
+                "\n{title}: {} cycle(s), CPU as medians, lost SYNs as mean and worst; ratios to no protection / nftables; \
                  core = server core busy (all work on it), server = NAPI thread + server + agent",
                 self.cycles
             );
@@ -358,8 +363,8 @@ impl FloodReport {
             t.row(vec![
                 "no flood".into(),
                 "-".into(),
-                format!("{:.1}", mean_of(&idle, |m| m.core_busy_pct)),
-                format!("{:.1}", mean_of(&idle, |m| m.cpu.server_side_pct)),
+                format!("{:.1}", median_of(&idle, |m| m.core_busy_pct)),
+                format!("{:.1}", median_of(&idle, |m| m.cpu.server_side_pct)),
                 String::new(),
                 String::new(),
                 String::new(),
