@@ -698,7 +698,7 @@ fn demo_interrupted_mid_flood_leaves_nothing_behind() {
         .with_grace(Duration::from_secs(60));
     let pid = child.pid();
     // Wait (bounded) until the run with guard floods: the program attached and pinned, the
-    // agent and app up, hping3 running in the demo's attacker namespace.
+    // agent and app up, the flood tool running in the demo's attacker namespace.
     let mut seen: Vec<(String, u64)> = Vec::new();
     let flooding = wait_until(Duration::from_secs(600), || {
         seen = namespaces_of(pid);
@@ -707,7 +707,7 @@ fn demo_interrupted_mid_flood_leaves_nothing_behind() {
                 name.starts_with("gd-atk-")
                     && processes_in(*ino).iter().any(|p| {
                         std::fs::read_to_string(format!("/proc/{p}/comm"))
-                            .is_ok_and(|c| c.trim_end() == "hping3")
+                            .is_ok_and(|c| c.trim_end() == "trafgen")
                     })
             }))
     })
