@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod tune;
 
 use std::process::Command;
 
@@ -31,6 +32,13 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Datapath ns/packet, flood cost vs nftables/iptables, global budget: measured (root).
     Bench(bench::BenchArgs),
+    /// `guard tune` against the running lab agent (or --control-socket /
+    /// --pin-dir): show state, --set, --dry-run/--enforce, --block,
+    /// --unblock, --allow, --suggest --observe 60s, --history.
+    Tune {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// `cargo fmt --check` and clippy `-D warnings` on the host crates and
     /// on the eBPF crate for its own target.
     Lint,
@@ -46,7 +54,7 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -60,7 +68,7 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -143,5 +151,6 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::main(args),
         Cmd::Bench(args) => bench::main(args),
         Cmd::Lint => lint(),
+        Cmd::Tune { args } => tune::main(args),
     }
 }
