@@ -60,6 +60,7 @@ fn newest_agent() -> Option<RunningAgent> {
 }
 
 pub fn main(args: Vec<String>) -> Result<()> {
+    crate::setup::setup()?;
     let root = crate::workspace_root();
     let status = crate::cargo()
         .current_dir(&root)
