@@ -7,8 +7,14 @@ pub const FLAG_DRY_RUN: u32 = 1 << 0;
 /// Blocked sources lose all their traffic, not only what goes to the
 /// protected ports.
 pub const FLAG_BLOCK_ALL_TRAFFIC: u32 = 1 << 1;
+/// Set by the agent while the allowlist / blocklist trie is empty, so the
+/// program skips a lookup that can only miss (an LPM lookup is the most
+/// expensive step of the common paths). Unset, the program always looks.
+pub const FLAG_ALLOW_EMPTY: u32 = 1 << 2;
+pub const FLAG_BLOCK_EMPTY: u32 = 1 << 3;
 /// Every flag this build understands; the agent refuses others.
-pub const KNOWN_FLAGS: u32 = FLAG_DRY_RUN | FLAG_BLOCK_ALL_TRAFFIC;
+pub const KNOWN_FLAGS: u32 =
+    FLAG_DRY_RUN | FLAG_BLOCK_ALL_TRAFFIC | FLAG_ALLOW_EMPTY | FLAG_BLOCK_EMPTY;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +83,16 @@ impl LiveConfig {
     #[inline(always)]
     pub const fn block_all_traffic(&self) -> bool {
         self.flags & FLAG_BLOCK_ALL_TRAFFIC != 0
+    }
+
+    #[inline(always)]
+    pub const fn may_allow(&self) -> bool {
+        self.flags & FLAG_ALLOW_EMPTY == 0
+    }
+
+    #[inline(always)]
+    pub const fn may_block(&self) -> bool {
+        self.flags & FLAG_BLOCK_EMPTY == 0
     }
 
     #[inline(always)]

@@ -143,7 +143,7 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
             return Verdict::Pass;
         }
         Ok(Parsed::ExtChainTooLong { src }) => {
-            if is_allowed(&src) {
+            if cfg.may_allow() && is_allowed(&src) {
                 count(Stat::PassAllowlisted);
                 return Verdict::Pass;
             }
@@ -165,15 +165,16 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         return Verdict::Pass;
     }
 
-    if is_allowed(&src) {
+    if cfg.may_allow() && is_allowed(&src) {
         count(Stat::PassAllowlisted);
         return Verdict::Pass;
     }
-    // One clock read per packet, and only for packets that get this far.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = BLOCK.get(Key::new(MAX_PREFIX_LEN, src)) {
-        if entry.is_active(now) {
-            return drop_or_dry_run(cfg, Stat::DropBlocked, Stat::WouldDropBlocked);
+    if cfg.may_block() {
+        if let Some(entry) = BLOCK.get(Key::new(MAX_PREFIX_LEN, src)) {
+            // SAFETY: helper with no preconditions.
+            if entry.is_active(unsafe { bpf_ktime_get_ns() }) {
+                return drop_or_dry_run(cfg, Stat::DropBlocked, Stat::WouldDropBlocked);
+            }
         }
     }
     let Some(flags) = protected_syn_flags else {
@@ -184,6 +185,10 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         count(Stat::PassNotSyn);
         return Verdict::Pass;
     }
+    // The clock is read once, and only for connection-opening SYNs (and
+    // for a matching block entry above): the common paths skip it.
+    // SAFETY: helper with no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
 
     count(Stat::SynSeen);
     let source_key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -12,6 +13,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use guard_common::{
     addr::{Prefix, MAX_PREFIX_LEN},
+    config::{FLAG_ALLOW_EMPTY, FLAG_BLOCK_EMPTY},
     config_kv,
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_CONN_LIMIT, EVENT_SOURCE_OVER_CAP},
     proto::{
@@ -59,6 +61,18 @@ pub struct Agent {
     /// Connection tracking counts only this namespace's sockets.
     netns_cookie: u64,
     adaptive: Mutex<(crate::adaptive::Controller, u64)>,
+    /// `blocks.len()`, readable without the blocks lock (the config write
+    /// needs it while other locks are held).
+    blocks_len: AtomicUsize,
+}
+
+/// What goes into the kernel's allowlist: loopback never reaches an
+/// interface guard attaches to (the stack drops martian sources), so it is
+/// only honoured here, in the refusal of block requests; leaving it out
+/// lets the program skip the allowlist lookup while the list is empty.
+fn kernel_allows(s: &Settings) -> impl Iterator<Item = &Prefix> {
+    let loopback = crate::settings::loopback();
+    s.allow.iter().filter(move |p| !loopback.contains(p))
 }
 
 fn unix_now_ns() -> u64 {
@@ -95,6 +109,7 @@ impl Agent {
             audit,
             control_stats: Mutex::new(None),
             netns_cookie,
+            blocks_len: AtomicUsize::new(0),
             adaptive: Mutex::new((
                 crate::adaptive::Controller::new(),
                 crate::adaptive::read_distress_counters().unwrap_or(0),
@@ -106,9 +121,37 @@ impl Agent {
     /// adaptive level, with this namespace's cookie for connection tracking.
     fn effective(&self, s: &Settings) -> LiveConfig {
         let level = self.adaptive.lock().expect("adaptive lock").0.level;
-        LiveConfig {
+        let mut c = LiveConfig {
             conn_netns_cookie: self.netns_cookie,
             ..crate::adaptive::effective(&s.live, &s.adaptive, level)
+        };
+        c.flags &= !(FLAG_ALLOW_EMPTY | FLAG_BLOCK_EMPTY);
+        if kernel_allows(s).next().is_none() {
+            c.flags |= FLAG_ALLOW_EMPTY;
+        }
+        if self.blocks_len.load(Ordering::SeqCst) == 0 {
+            c.flags |= FLAG_BLOCK_EMPTY;
+        }
+        c
+    }
+
+    /// Rewrites the kernel's config from the current state (after the
+    /// allowlist or blocklist went empty or stopped being empty).
+    fn refresh_config(&self) {
+        let s = self.settings.lock().expect("settings lock");
+        let cfg = self.effective(&s);
+        drop(s);
+        if let Err(e) = self.maps().set_config(&cfg) {
+            error!("write the live config: {e}");
+        }
+    }
+
+    /// Keeps `blocks_len` in step; when the blocklist just emptied, lets
+    /// the program skip its lookup again.
+    fn blocks_changed(&self, len: usize) {
+        let before = self.blocks_len.swap(len, Ordering::SeqCst);
+        if len == 0 && before != 0 {
+            self.refresh_config();
         }
     }
 
@@ -166,12 +209,15 @@ impl Agent {
         maps.set_ports(&s.ports)
             .context("write the protected ports")?;
         let current = maps.allows().context("read the allow-list")?;
-        for p in &s.allow {
+        for p in kernel_allows(s) {
             if !current.contains(p) {
                 maps.insert_allow(p).with_context(|| format!("allow {p}"))?;
             }
         }
-        for p in current.iter().filter(|p| !s.allow.contains(p)) {
+        for p in current
+            .iter()
+            .filter(|p| !kernel_allows(s).any(|k| k == *p))
+        {
             maps.remove_allow(p)
                 .with_context(|| format!("disallow {p}"))?;
         }
@@ -195,9 +241,12 @@ impl Agent {
             );
         }
         self.metrics.blocklist_entries.set(blocks.len() as i64);
+        self.blocks_len.store(blocks.len(), Ordering::SeqCst);
         if !blocks.is_empty() {
             info!("adopted {} blocks from the pinned blocklist", blocks.len());
         }
+        drop(blocks);
+        self.refresh_config();
         Ok(())
     }
 
@@ -272,6 +321,12 @@ impl Agent {
             reason: merged.as_ref().map_or(reason_code, |m| m.reason),
             _pad: 0,
         };
+        if blocks.is_empty() {
+            // The program skips the blocklist while it is empty: tell it
+            // to look before the first entry lands.
+            self.blocks_len.store(1, Ordering::SeqCst);
+            self.refresh_config();
+        }
         if let Err(e) = self.maps().insert_block(&prefix, &entry) {
             error!("block {prefix}: {e}");
             return Response::error(
@@ -313,6 +368,7 @@ impl Agent {
                     },
                 );
                 self.metrics.blocklist_entries.set(blocks.len() as i64);
+                self.blocks_len.store(blocks.len(), Ordering::SeqCst);
                 self.metrics
                     .block_reports
                     .with_label_values(&["added"])
@@ -344,7 +400,9 @@ impl Agent {
         let mut blocks = self.blocks.lock().expect("blocks lock");
         let known = blocks.remove(prefix).is_some();
         self.metrics.blocklist_entries.set(blocks.len() as i64);
+        let len = blocks.len();
         drop(blocks);
+        self.blocks_changed(len);
         if existed || known {
             self.metrics.unblocks.inc();
             self.audit
@@ -375,7 +433,9 @@ impl Agent {
             let mut blocks = self.blocks.lock().expect("blocks lock");
             blocks.remove(&prefix);
             self.metrics.blocklist_entries.set(blocks.len() as i64);
+            let len = blocks.len();
             drop(blocks);
+            self.blocks_changed(len);
             self.metrics.blocks_expired.inc();
             self.audit.record(
                 "expire",
@@ -514,16 +574,24 @@ impl Agent {
 
     fn set_allow(&self, prefix: Prefix, allow: bool, origin: &str) -> Response {
         let mut s = self.settings.lock().expect("settings lock");
+        let is_loopback = crate::settings::loopback().contains(&prefix);
         if allow {
-            if let Err(e) = self.maps().insert_allow(&prefix) {
-                return Response::error(ErrorCode::Internal, e.to_string());
-            }
             if !s.allow.contains(&prefix) {
                 s.allow.push(prefix);
             }
+            if !is_loopback {
+                // Clear "allowlist empty" before the entry lands.
+                let cfg = self.effective(&s);
+                let mut maps = self.maps();
+                if let Err(e) = maps
+                    .set_config(&cfg)
+                    .and_then(|()| maps.insert_allow(&prefix))
+                {
+                    return Response::error(ErrorCode::Internal, e.to_string());
+                }
+            }
         } else {
-            if crate::settings::loopback().contains(&prefix) || s.trusted_proxies.contains(&prefix)
-            {
+            if is_loopback || s.trusted_proxies.contains(&prefix) {
                 return Response::error(
                     ErrorCode::Invalid,
                     format!("{prefix} is loopback or a trusted proxy and stays allowed"),
@@ -540,6 +608,10 @@ impl Agent {
                 Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
             }
             s.allow.retain(|p| *p != prefix);
+            let cfg = self.effective(&s);
+            if let Err(e) = self.maps().set_config(&cfg) {
+                return Response::error(ErrorCode::Internal, e.to_string());
+            }
         }
         self.metrics.allowlist_entries.set(s.allow.len() as i64);
         drop(s);

@@ -793,3 +793,25 @@ fn global_budget_keeps_known_good_sources_in_and_squeezes_unknown_ones() {
         (V::Pass, Stat::WouldDropGlobalBudget)
     );
 }
+
+#[test]
+fn empty_list_flags_let_the_program_skip_lookups_and_nothing_else() {
+    use guard_common::config::{FLAG_ALLOW_EMPTY, FLAG_BLOCK_EMPTY};
+    let mut dp = Dp::new();
+    let src = v4(198, 18, 0, 3);
+    let syn = Frame::syn(src, PORT).bytes();
+    dp.block("198.18.0.3/32", 0);
+    dp.allow("198.18.0.9/32");
+    assert_eq!(dp.verdict(&syn), (V::Drop, Stat::DropBlocked));
+    // The agent sets these only while the trie really is empty; the
+    // program then trusts them and does not look (that is the saving).
+    dp.config(|c| c.flags |= FLAG_BLOCK_EMPTY);
+    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::PassSyn));
+    dp.config(|c| c.flags = (c.flags & !FLAG_BLOCK_EMPTY) | FLAG_ALLOW_EMPTY);
+    assert_eq!(
+        dp.verdict(&Frame::syn(v4(198, 18, 0, 9), PORT).bytes()),
+        (V::Pass, Stat::PassSyn),
+        "not looked up, so not allow-listed"
+    );
+    assert_eq!(dp.verdict(&syn), (V::Drop, Stat::DropBlocked));
+}
