@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context as _, Result};
 use guard_common::addr::{from_ip, Prefix};
-use guard_common::config::FLAG_DRY_RUN;
+use guard_common::config::{FLAG_ALLOW_EMPTY, FLAG_DRY_RUN};
 use guard_common::maps as names;
 use guard_common::stats::{Stat, STAT_SLOTS};
 use guard_common::{BlockEntry, LiveConfig, SourceState};
@@ -107,6 +107,9 @@ struct PathDef {
     config: fn(&mut LiveConfig),
 }
 
+/// Every path but the allow-listed one runs as the agent configures a host
+/// without an operator allowlist (the program then skips that lookup); the
+/// blocklist holds an entry throughout, as during an attack.
 fn paths() -> Vec<PathDef> {
     let syn = |a, b, c, d| Frame::syn(v4(a, b, c, d), PORT);
     vec![
@@ -116,7 +119,7 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 2).udp(PORT).bytes(),
             verdict: Verdict::Pass,
             stat: Stat::PassUnprotected,
-            config: |_| {},
+            config: |c| c.flags |= FLAG_ALLOW_EMPTY,
         },
         PathDef {
             key: "pass_allowlisted",
@@ -132,7 +135,10 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 10).bytes(),
             verdict: Verdict::Pass,
             stat: Stat::PassSyn,
-            config: |c| c.syn_burst = HUGE_BURST,
+            config: |c| {
+                c.flags |= FLAG_ALLOW_EMPTY;
+                c.syn_burst = HUGE_BURST;
+            },
         },
         PathDef {
             key: "pass_not_syn",
@@ -140,7 +146,7 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 2).tcp_flags(TCP_ACK).bytes(),
             verdict: Verdict::Pass,
             stat: Stat::PassNotSyn,
-            config: |_| {},
+            config: |c| c.flags |= FLAG_ALLOW_EMPTY,
         },
         PathDef {
             key: "drop_blocked",
@@ -148,7 +154,7 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 12).bytes(),
             verdict: Verdict::Drop,
             stat: Stat::DropBlocked,
-            config: |_| {},
+            config: |c| c.flags |= FLAG_ALLOW_EMPTY,
         },
         PathDef {
             key: "drop_source_rate",
@@ -156,7 +162,7 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 2).bytes(),
             verdict: Verdict::Drop,
             stat: Stat::DropSourceRate,
-            config: |_| {},
+            config: |c| c.flags |= FLAG_ALLOW_EMPTY,
         },
         PathDef {
             key: "drop_aggregate",
@@ -166,6 +172,7 @@ fn paths() -> Vec<PathDef> {
             verdict: Verdict::Drop,
             stat: Stat::DropAggregateRate,
             config: |c| {
+                c.flags |= FLAG_ALLOW_EMPTY;
                 c.syn_burst = HUGE_BURST;
                 c.aggregate_rate = 1;
                 c.aggregate_burst = 1;
@@ -177,7 +184,7 @@ fn paths() -> Vec<PathDef> {
             frame: syn(198, 18, 0, 2).bytes(),
             verdict: Verdict::Pass,
             stat: Stat::WouldDropSourceRate,
-            config: |c| c.flags |= FLAG_DRY_RUN,
+            config: |c| c.flags |= FLAG_DRY_RUN | FLAG_ALLOW_EMPTY,
         },
     ]
 }
