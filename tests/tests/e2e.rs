@@ -26,8 +26,8 @@ use guard_tests::tools::TempDir;
 use guard_tests::{hping3_syn_flood, require_root, slowhttptest, trafgen_random_sources};
 use guard_tests::{ChildGuard, FloodReport};
 use lab_stack::{
-    args, attacker_ip, pause, wait_until, Binaries, Counters, Cpus, LegitLoad, LegitOutcome, Stack,
-    APP_PORT,
+    args, attacker_ip, metric, pause, wait_until, Adaptive, AppOptions, Binaries, Counters, Cpus,
+    FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder, Stack, APP_PORT,
 };
 
 /// Long enough to outlast any test that does not wait for expiry.
@@ -481,6 +481,228 @@ fn random_sources_in_one_prefix_pass_until_the_aggregate_cap_is_tuned_live() {
     assert!(audit_has_config(&stack, "aggregate_burst"));
 }
 
+#[test]
+fn slot_hoarder_is_held_to_conn_limit_in_the_kernel() {
+    if !require_root("slot_hoarder_is_held_to_conn_limit_in_the_kernel") {
+        return;
+    }
+    // A small server: 48 connection slots behind a backlog of 32, so that one source at
+    // 15 connections a second would fill both within a few seconds.
+    const LIMIT: u64 = 20;
+    let mut stack = Stack::new(bins(), Cpus::detect(), LONG_TTL).expect("build the lab stack");
+    stack
+        .start_agent(&["conn_limit=20"])
+        .expect("start the agent");
+    stack
+        .start_app_with(
+            true,
+            AppOptions {
+                backlog: 32,
+                slots: Some(48),
+            },
+        )
+        .expect("start the demo app");
+    let attacker = guard_tests::lab::ATTACKER_V4;
+    let before = counters(&stack);
+    let lost_before = stack.server_handshake_losses().unwrap();
+    let legit = LegitLoad::start(&stack, 10).unwrap();
+    pause(Duration::from_secs(1)).unwrap();
+    // Under the per-source cap (20/s), never closing anything: up to 105 connects in 7 s.
+    let hoard = SlotHoarder::start(&stack, 15, 7);
+    pause(Duration::from_secs(7)).unwrap();
+    let tracked = stack.tracked_connections(attacker).unwrap();
+    let total = metric(
+        &stack.agent_metrics().unwrap(),
+        "guard_concurrent_connections_tracked",
+    );
+    let held = hoard.finish().unwrap();
+    let outcome = legit.finish().unwrap();
+    let d = counters(&stack).since(&before);
+
+    // Connects are sequential, so no handshake is in flight when the count reaches the limit:
+    // the kernel stops the source at exactly its limit, and counts exactly what it holds.
+    assert_eq!(held.connected, LIMIT, "{held:?}");
+    assert_eq!(tracked, LIMIT, "the kernel's count for {attacker}");
+    // It plus at least the 4 chat and 4 SSE connections of the legit clients (a probe
+    // connect may be counted too, for the moment it lasts).
+    assert!(
+        total.unwrap_or(0.0) >= (LIMIT + 8) as f64,
+        "all connections tracked: {total:?}"
+    );
+    assert!(held.timed_out >= 3, "it kept trying: {held:?}");
+    // Every unanswered connect was one SYN that XDP dropped at the limit; the rate cap never
+    // fired (the hoarder stays under it) and the app never overflowed.
+    assert!(
+        d.get(Stat::DropConnLimit) >= held.timed_out,
+        "{held:?}: {d:?}"
+    );
+    assert_eq!(d.get(Stat::DropSourceRate), 0, "{d:?}");
+    assert_eq!(
+        stack.server_handshake_losses().unwrap() - lost_before,
+        0,
+        "the app's queue never overflowed"
+    );
+    assert_legit_ok(&outcome);
+
+    // Lift the limit live: the same hoarder now fills the app's slots and backlog, and the
+    // server's own kernel starts dropping SYNs. This is what conn_limit prevented.
+    stack.guard(&["config", "--set", "conn_limit=0"]).unwrap();
+    let lost_before = stack.server_handshake_losses().unwrap();
+    let before = counters(&stack);
+    let hoard = SlotHoarder::start(&stack, 15, 8);
+    pause(Duration::from_secs(8)).unwrap();
+    let unlimited = hoard.finish().unwrap();
+    let lost = stack.server_handshake_losses().unwrap() - lost_before;
+    assert!(unlimited.connected > 2 * LIMIT, "{unlimited:?}");
+    assert!(
+        lost > 0,
+        "the app's slots and backlog never filled: {unlimited:?}"
+    );
+    assert_eq!(counters(&stack).since(&before).get(Stat::DropConnLimit), 0);
+}
+
+#[test]
+fn returning_clients_pass_a_random_source_flood_as_known_good() {
+    if !require_root("returning_clients_pass_a_random_source_flood_as_known_good") {
+        return;
+    }
+    // No aggregate cap: the global budget is what acts.
+    let stack = guarded(LONG_TTL, &["global_syn_rate=1000", "global_syn_burst=2000"]);
+    let fresh = stack.fresh_legit_sources(40, 8).unwrap();
+    let legit = LegitLoad::start(&stack, 10).unwrap();
+    // The legit sources complete handshakes before the flood: they return as known-good.
+    pause(Duration::from_millis(1500)).unwrap();
+    let before = counters(&stack);
+    let flood = FlatOutFlood::start(&stack, "198.19.0.0/16", 5).unwrap();
+    pause(Duration::from_secs(1)).unwrap();
+    // First-time clients arrive during the flood, a quarter second apart. Each connect may
+    // last 9 s: its SYN is resent after 1, 3 and 7 s, and the last of those comes after the
+    // flood has ended for every one of them.
+    let mut firsts = Vec::new();
+    for ip in &fresh {
+        firsts.push(stack.one_connect(*ip, Duration::from_secs(9)).unwrap());
+        pause(Duration::from_millis(250)).unwrap();
+    }
+    let sent = flood.wait().unwrap();
+    let d = counters(&stack).since(&before);
+    let outcome = legit.finish().unwrap();
+    let firsts: Vec<ProbeReport> = firsts.into_iter().map(|r| r.wait().unwrap()).collect();
+
+    assert!(sent >= 100_000, "trafgen sent only {sent}");
+    let seen = d.get(Stat::SynSeen);
+    // The budget lets 2000 + 1000/s through; everything else from the flood dies in XDP.
+    assert!(
+        d.get(Stat::DropGlobalBudget) * 100 >= seen * 90,
+        "{sent} sent: {d:?}"
+    );
+    assert_eq!(d.get(Stat::DropAggregateRate), 0, "{d:?}");
+    // The returning clients got in while the budget was dry, as known-good...
+    assert!(d.get(Stat::PassKnownGood) > 0, "{d:?}");
+    // ...and kept at least 99 % of their connections.
+    assert_legit_ok(&outcome);
+    // First-time clients compete with the flood for the budget's refill. They are delayed
+    // (how many of their first SYNs die depends on how bursty the flood reaches XDP), never
+    // refused: every one is in once the flood is over.
+    let connected: u64 = firsts.iter().map(|p| p.connected).sum();
+    assert_eq!(connected, fresh.len() as u64, "{firsts:?}");
+}
+
+#[test]
+fn adaptive_mode_restores_legit_connects_under_a_many_source_overload() {
+    if !require_root("adaptive_mode_restores_legit_connects_under_a_many_source_overload") {
+        return;
+    }
+    // A server with 200 connection slots behind a backlog of 64; 10 real sources keep 40
+    // connections each in flight, each held a second: 40 connects a second per source, under
+    // the static cap of 50/s, and 400 connections wanted at once.
+    const FLOOR: u32 = 12;
+    let app = AppOptions {
+        backlog: 64,
+        slots: Some(200),
+    };
+    let overload = |adaptive: Option<&Adaptive>| {
+        let mut stack = Stack::new(bins(), Cpus::detect(), LONG_TTL).expect("build the lab stack");
+        stack
+            .start_agent_with(&["syn_rate=50", "syn_burst=100"], adaptive)
+            .expect("start the agent");
+        stack.start_app_with(true, app).expect("start the demo app");
+        let sources = stack.attacker_sources(100, 10).unwrap();
+        let before = counters(&stack);
+        let lost_before = stack.server_handshake_losses().unwrap();
+        let legit = LegitLoad::start(&stack, 11).unwrap();
+        pause(Duration::from_millis(1500)).unwrap();
+        let start = legit.elapsed();
+        let floods = stack.conn_floods(&sources, 40, 1000, 8).unwrap();
+        pause(Duration::from_secs(8)).unwrap();
+        let live_rate = stack.live_syn_rate().unwrap();
+        let end = legit.elapsed();
+        for f in floods {
+            f.wait().unwrap();
+        }
+        let outcome = legit.finish().unwrap();
+        let lost = stack.server_handshake_losses().unwrap() - lost_before;
+        let d = counters(&stack).since(&before);
+        let adaptive_steps = stack
+            .audit()
+            .unwrap()
+            .iter()
+            .filter(|r| r["event"] == "adaptive")
+            .count();
+        (outcome, (start, end), lost, d, live_rate, adaptive_steps)
+    };
+
+    // Static caps only: no source is over its cap, yet together they overflow the server.
+    let (outcome, _, lost, d, live_rate, steps) = overload(None);
+    assert!(lost > 0, "the server never overflowed");
+    assert_eq!(live_rate, 50);
+    assert_eq!(steps, 0);
+    assert!(
+        d.get(Stat::DropSourceRate) * 100 <= d.get(Stat::SynSeen),
+        "each source stays under the static cap: {d:?}"
+    );
+    let (ok, all) = outcome.connections();
+    assert!(
+        ok * 100 < all * 99,
+        "the overload must hurt legit clients for the comparison to mean anything: {ok}/{all}"
+    );
+
+    // Adaptive mode: the losses make the agent tighten every source's cap down to the floor,
+    // which the legit clients (10 connects/s per source at most) stay under.
+    let adaptive = Adaptive {
+        floor_syn_rate: FLOOR,
+        floor_syn_burst: FLOOR,
+        step_percent: 50,
+        calm_secs: 30,
+    };
+    let (outcome, window, _, d, live_rate, steps) = overload(Some(&adaptive));
+    assert_eq!(live_rate, FLOOR, "tightened to the floor and no further");
+    assert!(
+        steps >= 2,
+        "50 -> 25 -> 12 takes two audited steps: {steps}"
+    );
+    assert!(d.get(Stat::DropSourceRate) > 0, "{d:?}");
+    // The second half of the attack: legit connects complete again.
+    let (ok, all) = timeline_between(&outcome.timeline, (window.0 + window.1) / 2.0, window.1);
+    assert!(all >= 30, "{:?}", outcome.timeline);
+    assert!(
+        ok * 100 >= all * 99,
+        "legit timeline connects in the attack's second half: {ok}/{all}: {:?}",
+        outcome.timeline
+    );
+    assert_eq!(outcome.probe.failed, 0, "{:?}", outcome.probe);
+}
+
+/// Timeline connects (completed within a second, started) in the slices wholly between `from`
+/// and `to` seconds.
+fn timeline_between(timeline: &[Sample], from: f64, to: f64) -> (u64, u64) {
+    timeline
+        .iter()
+        .filter(|s| s.t - 1.0 >= from - 0.05 && s.t <= to + 0.05)
+        .fold((0, 0), |(ok, all), s| {
+            (ok + u64::from(s.connects_ok), all + u64::from(s.connects))
+        })
+}
+
 fn audit_has_config(stack: &Stack, key: &str) -> bool {
     stack
         .audit()
@@ -637,7 +859,15 @@ fn demo_short_writes_a_report_that_parses() {
     assert_eq!(json["mode"], "short");
     let scenarios = json["scenarios"].as_array().expect("scenarios");
     let keys: Vec<&str> = scenarios.iter().filter_map(|s| s["key"].as_str()).collect();
-    assert_eq!(keys, ["syn-flood", "message-flood", "random-sources"]);
+    assert_eq!(
+        keys,
+        [
+            "syn-flood",
+            "message-flood",
+            "random-sources",
+            "returning-clients"
+        ]
+    );
     for sc in scenarios {
         let phases = sc["phases"].as_array().expect("phases");
         assert_eq!(phases.len(), 2, "{sc}");
@@ -676,10 +906,24 @@ fn demo_short_writes_a_report_that_parses() {
     for sc in scenarios {
         assert!(md.contains(sc["title"].as_str().unwrap()), "{md}");
     }
+    let returning = &scenarios[3]["phases"][1];
+    assert!(
+        returning["kernel"]["drop_global_budget"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+    assert!(returning["kernel"]["pass_known_good"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(
+        returning["attacker_detail"]["first_timer_reports"]
+            .as_array()
+            .map(Vec::len),
+        Some(16)
+    );
     let svg = std::fs::read_to_string(out.path().join("chart.svg")).expect("chart.svg");
     assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
-    // Three rows, each with four series (legit and CPU, without and with guard).
-    assert_eq!(svg.matches("<polyline").count(), 12);
+    // Four rows, each with four series (legit and CPU, without and with guard).
+    assert_eq!(svg.matches("<polyline").count(), 16);
 
     assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
     assert!(pins_of(pid).is_empty(), "{:?}", pins_of(pid));

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Three shorter scenarios (SYN flood, message flood, random sources): the whole pipeline
-    /// in about a minute, for CI.
+    /// Four shorter scenarios (SYN flood, message flood, random sources, returning clients):
+    /// the whole pipeline in about a minute, for CI.
     #[arg(long)]
     short: bool,
     /// After the report, leave the lab, app and agent up (no floods) until Ctrl-C.
@@ -27,7 +27,7 @@ pub struct DemoArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only this scenario (repeatable): syn-flood, conn-flood, storms, message-flood,
-    /// slowloris, random-sources.
+    /// slowloris, random-sources, slot-hoarder, returning-clients, adaptive.
     #[arg(long = "only", value_name = "SCENARIO")]
     only: Vec<String>,
 }
@@ -68,16 +68,18 @@ mod lab {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use anyhow::{bail, Context as _, Result};
+    use guard_common::stats::Stat;
     use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
-    use guard_tests::report::{ConnFloodReport, StormReport, WsFloodReport};
+    use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
     use guard_tests::{slowhttptest, trafgen_random_sources};
     use serde::Serialize;
     use serde_json::json;
 
     use super::lab_chart::{self, Row};
     use super::lab_stack::{
-        args, attacker_ip, interrupted, pause, Binaries, Counters, Cpus, LegitLoad, LegitOutcome,
-        Sample, Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
+        args, attacker_ip, audit_ts_unix, interrupted, metric, pause, Adaptive, AppOptions,
+        Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder,
+        Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
     };
     use super::DemoArgs;
 
@@ -109,6 +111,10 @@ mod lab {
         /// Live config the run with guard sets through the control socket before the attack
         /// (`guard config --set`), without restarting anything.
         tune: &'static [&'static str],
+        /// The agent's adaptive mode, for the run with guard.
+        adaptive: Option<Adaptive>,
+        /// How the app runs, the same in both runs.
+        app: AppOptions,
         attack: fn(&Stack, &Timing) -> Result<Attack>,
         in_short: bool,
     }
@@ -120,11 +126,38 @@ mod lab {
     const ONE_SOURCE_PPS: u32 = 50_000;
     const TRAFGEN_PPS: u32 = 40_000;
 
-    const SCENARIOS: [Scenario; 6] = [
+    /// The slot hoarder's pace: three quarters of the default per-source cap (20/s), so the
+    /// rate cap never fires, and the app it starves: 48 connection slots behind a backlog of 32
+    /// (a small server, so that one source fills it within the attack).
+    const HOARD_PER_SEC: u32 = 15;
+    const HOARD_APP: AppOptions = AppOptions {
+        backlog: 32,
+        slots: Some(48),
+    };
+    /// First-time clients during the random-source flood: fresh legit addresses
+    /// 198.18.0.40.. that never connected before.
+    const FIRST_TIMER_BASE: u8 = 40;
+    const FIRST_TIMERS: u8 = 16;
+    /// The overload: many real sources (198.18.0.100..), each keeping 40 connections in
+    /// flight and holding each for a second: 40 new connections a second per source, under
+    /// the generous static cap of 50/s the scenario sets, and together far more than the app's
+    /// slots hold.
+    const OVERLOAD_SOURCE_BASE: u8 = 100;
+    const OVERLOAD_SOURCES: u8 = 10;
+    const OVERLOAD_PARALLEL: u32 = 40;
+    const OVERLOAD_HOLD_MS: u32 = 1000;
+    const OVERLOAD_APP: AppOptions = AppOptions {
+        backlog: 64,
+        slots: Some(200),
+    };
+
+    const SCENARIOS: [Scenario; 9] = [
         Scenario {
             key: "syn-flood",
             title: "1. SYN flood, one spoofed source (198.19.0.7, trafgen at 50k SYN/s)",
             tune: &[],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: syn_flood,
             in_short: true,
         },
@@ -132,6 +165,8 @@ mod lab {
             key: "conn-flood",
             title: "2. TCP connection flood, one real source (lab-client conn-flood)",
             tune: &[],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: conn_flood,
             in_short: false,
         },
@@ -139,6 +174,8 @@ mod lab {
             key: "storms",
             title: "3. WebSocket handshake + SSE subscription storms, one source",
             tune: &[],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: storms,
             in_short: false,
         },
@@ -146,6 +183,8 @@ mod lab {
             key: "message-flood",
             title: "4. WebSocket message flood from an admitted client, then its reconnects",
             tune: &[],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: message_flood,
             in_short: true,
         },
@@ -153,6 +192,8 @@ mod lab {
             key: "slowloris",
             title: "5. slowloris (slowhttptest, 1000 slow connections)",
             tune: &[],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: slowloris,
             in_short: false,
         },
@@ -164,8 +205,46 @@ mod lab {
                 "aggregate_rate=200",
                 "aggregate_burst=400",
             ],
+            adaptive: None,
+            app: AppOptions::ROOMY,
             attack: random_sources,
             in_short: true,
+        },
+        Scenario {
+            key: "slot-hoarder",
+            title: "7. Slot hoarder: one source, 15 new connections/s (under its cap), none closed; app with 48 slots; conn_limit=20",
+            tune: &["conn_limit=20"],
+            adaptive: None,
+            app: HOARD_APP,
+            attack: slot_hoarder,
+            in_short: false,
+        },
+        Scenario {
+            key: "returning-clients",
+            title: "8. Random-source SYN flood (trafgen flat out) vs returning and first-time clients; global budget 1000/s",
+            tune: &[
+                "global_syn_rate=1000",
+                "global_syn_burst=2000",
+                "known_good_ttl_s=600",
+            ],
+            adaptive: None,
+            app: AppOptions::ROOMY,
+            attack: returning_clients,
+            in_short: true,
+        },
+        Scenario {
+            key: "adaptive",
+            title: "9. Overload: 10 real sources at 40 connections/s each (under a static cap of 50/s); app with 200 slots; --adaptive",
+            tune: &["syn_rate=50", "syn_burst=100"],
+            adaptive: Some(Adaptive {
+                floor_syn_rate: 12,
+                floor_syn_burst: 12,
+                step_percent: 50,
+                calm_secs: 30,
+            }),
+            app: OVERLOAD_APP,
+            attack: adaptive_overload,
+            in_short: false,
         },
     ];
 
@@ -201,7 +280,82 @@ mod lab {
         attacker_detail: serde_json::Value,
         /// Audit records the agent wrote during the phase.
         audit: Vec<serde_json::Value>,
+        /// For scenarios with adaptive mode: how legit connects fared over the attack.
+        recovery: Option<Recovery>,
         legit: LegitOutcome,
+    }
+
+    /// When legit clients got their connections back during an attack.
+    #[derive(Debug, Clone, Serialize)]
+    struct Recovery {
+        /// Adaptive changes: seconds after the attack began, and the audit's detail.
+        steps: Vec<(f64, String)>,
+        /// Whether any timeline slice during the attack completed under 99 % of its connects.
+        hurt: bool,
+        /// Seconds after the attack began from which every slice to the attack's end completed
+        /// at least 99 % of its connects; `None` if that never happened.
+        recovered_after_s: Option<f64>,
+        /// Timeline connects from then to the attack's end: completed, attempted.
+        after_ok: u32,
+        after_all: u32,
+    }
+
+    impl Recovery {
+        fn measure(
+            outcome: &LegitOutcome,
+            audit: &[serde_json::Value],
+            window: (f64, f64),
+        ) -> Self {
+            let (start, end) = window;
+            let slice = SLICE_SECS as f64;
+            let inside: Vec<&Sample> = outcome
+                .timeline
+                .iter()
+                .filter(|s| s.t - slice >= start - 0.05 && s.t <= end + 0.05)
+                .collect();
+            let good = |s: &Sample| u64::from(s.connects_ok) * 100 >= u64::from(s.connects) * 99;
+            // The first slice of the tail of good slices that runs to the attack's end.
+            let from = inside
+                .iter()
+                .rposition(|s| !good(s))
+                .map_or(0, |bad| bad + 1);
+            let tail = &inside[from..];
+            let steps = audit
+                .iter()
+                .filter(|r| r["event"] == "adaptive")
+                .filter_map(|r| {
+                    let at = audit_ts_unix(r["ts"].as_str()?)? - outcome.started_unix - start;
+                    Some((at, r["detail"].as_str().unwrap_or("").to_string()))
+                })
+                .collect();
+            Self {
+                steps,
+                hurt: from > 0,
+                recovered_after_s: (!tail.is_empty()).then(|| tail[0].t - slice - start),
+                after_ok: tail.iter().map(|s| s.connects_ok).sum(),
+                after_all: tail.iter().map(|s| s.connects).sum(),
+            }
+        }
+
+        fn summary(&self) -> String {
+            let adaptive = match self.steps.last() {
+                Some((at, detail)) => format!(
+                    "adaptive: {} step(s), the first at +{:.1}s, {detail} at +{at:.1}s; ",
+                    self.steps.len(),
+                    self.steps[0].0
+                ),
+                None => String::new(),
+            };
+            let legit = match (self.hurt, self.recovered_after_s) {
+                (false, _) => "legit connects never fell under 99%".to_string(),
+                (true, Some(at)) => format!(
+                    "legit back to >=99% from +{at:.1}s ({}/{} timeline connects after)",
+                    self.after_ok, self.after_all
+                ),
+                (true, None) => "legit connects under 99% to the attack's end".to_string(),
+            };
+            adaptive + &legit
+        }
     }
 
     #[derive(Debug, Serialize)]
@@ -361,7 +515,7 @@ mod lab {
         timing: &Timing,
     ) -> Result<Phase> {
         if guarded {
-            stack.start_agent(&[])?;
+            stack.start_agent_with(&[], sc.adaptive.as_ref())?;
             if !sc.tune.is_empty() {
                 let mut cli = vec!["config"];
                 for set in sc.tune {
@@ -370,7 +524,7 @@ mod lab {
                 stack.guard(&cli)?;
             }
         }
-        stack.start_app(guarded)?;
+        stack.start_app_with(guarded, sc.app)?;
         let before = stack.counters()?;
         let audit_before = stack.audit()?.len();
 
@@ -412,6 +566,14 @@ mod lab {
             }
         };
         let (ok, all) = outcome.connections();
+        let recovery = sc
+            .adaptive
+            .is_some()
+            .then(|| Recovery::measure(&outcome, &audit, (start, end)));
+        let attacker = match &recovery {
+            Some(r) => format!("{}; {}", attack.summary, r.summary()),
+            None => attack.summary,
+        };
         Ok(Phase {
             guard: guarded,
             legit_success_pct: outcome.success_pct(),
@@ -429,9 +591,10 @@ mod lab {
             blocks_with_latency: latency.map_or(0, |l| l.0),
             block_latency_ms: latency.map(|l| l.1),
             attack_window: (start, end),
-            attacker: attack.summary,
+            attacker,
             attacker_detail: attack.detail,
             audit,
+            recovery,
             legit: outcome,
         })
     }
@@ -649,6 +812,133 @@ mod lab {
         })
     }
 
+    fn slot_hoarder(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let lost_before = stack.server_handshake_losses()?;
+        let hoard = SlotHoarder::start(stack, HOARD_PER_SEC, t.attack_secs);
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        // Read while it still holds everything.
+        let held = hoard.held();
+        let kernel = if stack.agent_pid().is_some() {
+            let mine = stack.tracked_connections(guard_tests::lab::ATTACKER_V4)?;
+            let all = metric(
+                &stack.agent_metrics()?,
+                "guard_concurrent_connections_tracked",
+            )
+            .unwrap_or(0.0) as u64;
+            Some((mine, all))
+        } else {
+            None
+        };
+        let r = hoard.finish()?;
+        let lost = stack.server_handshake_losses()? - lost_before;
+        let tracked = kernel.map_or_else(String::new, |(mine, all)| {
+            format!("; the kernel tracked {mine} for it ({all} in all)")
+        });
+        Ok(Attack {
+            summary: format!(
+                "held {held} connections, {} connects unanswered{tracked}; server's queue dropped {lost} SYNs",
+                r.timed_out
+            ),
+            detail: json!({
+                "hoarder": r,
+                "held_at_end": held,
+                "per_sec": HOARD_PER_SEC,
+                "app": HOARD_APP,
+                "kernel_tracked_for_hoarder": kernel.map(|k| k.0),
+                "kernel_tracked_total": kernel.map(|k| k.1),
+                "server_handshake_losses": lost,
+            }),
+        })
+    }
+
+    fn returning_clients(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let fresh = stack.fresh_legit_sources(FIRST_TIMER_BASE, FIRST_TIMERS)?;
+        let before = stack.counters()?;
+        let flood = FlatOutFlood::start(stack, "198.19.0.0/16", t.attack_secs)?;
+        let started = std::time::Instant::now();
+        let flood_end = Duration::from_secs(u64::from(t.attack_secs));
+        // First-time clients arrive one by one, spread over the flood once it has drained the
+        // budget (arriving together they would also compete with each other), and each gets
+        // one connect that may last until the flood ends: TCP resends its SYN after 1 s, 3 s.
+        let lead = Duration::from_secs(1);
+        let spread =
+            flood_end.saturating_sub(lead + Duration::from_secs(1)) / u32::from(FIRST_TIMERS);
+        let mut runs = Vec::new();
+        let mut timeouts_ms = Vec::new();
+        for (i, ip) in fresh.iter().enumerate() {
+            let at = lead + spread * i as u32;
+            pause(at.saturating_sub(started.elapsed()))?;
+            let left = flood_end
+                .saturating_sub(started.elapsed() + Duration::from_millis(200))
+                .max(Duration::from_millis(500));
+            timeouts_ms.push(left.as_millis() as u64);
+            runs.push(stack.one_connect(*ip, left)?);
+        }
+        let sent = flood.wait()?;
+        let firsts = runs
+            .into_iter()
+            .map(|r| r.wait())
+            .collect::<Result<Vec<ProbeReport>>>()?;
+        let got: u64 = firsts.iter().map(|p| p.connected).sum();
+        let first_syn: u64 = firsts.iter().map(|p| p.connected - p.retransmitted).sum();
+        let kernel = match (before, stack.counters()?) {
+            (Some(b), Some(a)) => Some(a.since(&b)),
+            _ => None,
+        };
+        let known_good = kernel.as_ref().map_or_else(String::new, |k| {
+            format!(
+                "; returning clients' SYNs passed as known-good: {}",
+                k.get(Stat::PassKnownGood)
+            )
+        });
+        Ok(Attack {
+            summary: format!(
+                "trafgen sent {sent} SYNs ({}/s); first-time clients during it: {got}/{} got in ({first_syn} on the first SYN){known_good}",
+                per_sec(sent, t),
+                firsts.len()
+            ),
+            detail: json!({
+                "tool": "trafgen (no rate limit)",
+                "subnet": "198.19.0.0/16",
+                "sent": sent,
+                "first_timers": fresh.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+                "first_timer_connect_timeout_ms": timeouts_ms,
+                "first_timer_reports": firsts,
+                "first_timers_connected": got,
+                "first_timers_on_first_syn": first_syn,
+            }),
+        })
+    }
+
+    fn adaptive_overload(stack: &Stack, t: &Timing) -> Result<Attack> {
+        let sources = stack.attacker_sources(OVERLOAD_SOURCE_BASE, OVERLOAD_SOURCES)?;
+        let lost_before = stack.server_handshake_losses()?;
+        let runs =
+            stack.conn_floods(&sources, OVERLOAD_PARALLEL, OVERLOAD_HOLD_MS, t.attack_secs)?;
+        pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+        let reports = runs
+            .into_iter()
+            .map(|r| r.wait())
+            .collect::<Result<Vec<ConnFloodReport>>>()?;
+        let lost = stack.server_handshake_losses()? - lost_before;
+        let attempted: u64 = reports.iter().map(|r| r.attempted).sum();
+        let connected: u64 = reports.iter().map(|r| r.connected).sum();
+        Ok(Attack {
+            summary: format!(
+                "{} sources: {connected} of {attempted} connects; server's queue dropped {lost} SYNs",
+                sources.len()
+            ),
+            detail: json!({
+                "sources": sources.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+                "parallel_per_source": OVERLOAD_PARALLEL,
+                "hold_ms": OVERLOAD_HOLD_MS,
+                "app": OVERLOAD_APP,
+                "reports": reports,
+                "server_handshake_losses": lost,
+            }),
+        })
+    }
+
     // --- output -------------------------------------------------------------------------
 
     const COLUMNS: [&str; 8] = [
@@ -715,9 +1005,10 @@ mod lab {
             "Each scenario ran twice for {}s of attack between {:.1}s of warm-up and {:.1}s of \
              recovery: **off** = no program loaded, no agent, the app reporting to nobody (its \
              own warp-side limits still apply); **on** = the agent running with its defaults \
-             (per-source SYN cap 20/s, burst 40) plus the scenario's live tuning. Legit clients \
-             throughout: 4 WebSocket chatters, 4 SSE subscribers, a SYN-loss probe at 10 \
-             connects/s and a timeline probe at 10 connects/s, from four addresses.\n",
+             (per-source SYN cap 20/s, burst 40) plus the scenario's live tuning (and adaptive \
+             mode where the scenario says so). Legit clients throughout: 4 WebSocket chatters, \
+             4 SSE subscribers, a SYN-loss probe at 10 connects/s and a timeline probe starting \
+             10 connects/s whether or not earlier ones finished, from four addresses.\n",
             r.timing.attack_secs, r.timing.warmup_secs, r.timing.tail_secs
         );
         let _ = writeln!(md, "| scenario | {} |", COLUMNS.join(" | "));
@@ -750,7 +1041,19 @@ mod lab {
              the kernel (`guard_block_latency_seconds`).\n\
              - **attacker got**: what the attack achieved. SYN floods run at a fixed offered rate \
              (trafgen) on a core other work may share, so check the rates \
-             they reached in the two runs before comparing server CPU.\n",
+             they reached in the two runs before comparing server CPU. Scenario 8's flood runs \
+             as fast as trafgen goes, which on veth depends on guard's verdict itself.\n\
+             - **scenarios 7 and 9** give the app a ceiling, as every server has one: a number \
+             of connection slots (its open-files limit) behind a short listen backlog. Once \
+             both are full, the server's own kernel drops every new SYN (\"server's queue \
+             dropped\"). The slot hoarder never sends a byte, so no request-level limit sees \
+             it; only the kernel's count of its open connections (`conn_limit`) does.\n\
+             - **scenario 8**: the legit clients connected before the flood, so they return as \
+             known-good; the first-time clients are fresh addresses arriving one by one during \
+             the flood, each with one connect that may last until the flood ends.\n\
+             - **scenario 9**: when adaptive mode stepped (from the audit log) and from when on \
+             every timeline slice completed at least 99 % of its connects, both counted from \
+             the attack's start.\n",
             if r.napi_thread_pinned {
                 "the server's packet (NAPI) thread, the app and the agent"
             } else {

@@ -16,22 +16,26 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{self, Lab, SERVER_V4};
+use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
 use guard_tests::process::run_checked;
-use guard_tests::report::{ProbeReport, SseReport, WsChatReport};
-use guard_tests::tools::TempDir;
+use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
+use guard_tests::tools::{parse_trafgen_sent, trafgen_syn_config, TempDir};
+use guard_tests::twons::Cgroup;
 use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
 use guard_user::datapath::{self, GuardMaps};
 use guard_user::paths::PinLayout;
@@ -351,16 +355,52 @@ pub fn http_get_in(ns: &guard_tests::Netns, addr: SocketAddr, path: &str) -> Res
     Ok(body.to_string())
 }
 
+/// How the demo app runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AppOptions {
+    /// Its listen backlog: connections the kernel completes and queues until the app accepts
+    /// them. Once it is full the server's kernel drops every new SYN (`ListenOverflows`).
+    pub backlog: u32,
+    /// The app's connection slots: how many more sockets it may open than it holds once it
+    /// serves. Every server has such a ceiling (here its open-files limit, lowered to its
+    /// open files plus this); past it warp cannot accept, and connections wait in the backlog.
+    /// `None` keeps the limit it inherits.
+    pub slots: Option<u32>,
+}
+
+impl AppOptions {
+    /// A roomy server: nothing but an attack on the kernel can fill it in a demo run.
+    pub const ROOMY: Self = Self {
+        backlog: 4096,
+        slots: None,
+    };
+}
+
+/// The agent's adaptive mode (`--adaptive` and the config file's `[adaptive]` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Adaptive {
+    pub floor_syn_rate: u32,
+    pub floor_syn_burst: u32,
+    pub step_percent: u32,
+    pub calm_secs: u32,
+}
+
 /// The lab with the demo app and (when switched on) guard.
 ///
 /// Fields drop in order: the app and agent first (`Drop` below), then the pins (unload), the
-/// namespaces, and the run folder with the control socket and audit log.
+/// app's cgroup (empty by then), the namespaces, and the run folder with the control socket
+/// and audit log.
 pub struct Stack {
     app: Option<ChildGuard>,
     agent: Option<ChildGuard>,
     pins: PinDir,
+    /// The app runs in a cgroup of its own and the agent counts connections (sockops) there:
+    /// exactly the app's sockets, as on a host where the app has its own systemd unit.
+    cgroup: Cgroup,
     pub lab: Lab,
     dir: TempDir,
+    /// Blocks last at most this long (the agent's config file says so).
+    block_ttl_secs: u64,
     pub bins: Binaries,
     pub cpus: Cpus,
     pub client: LabClient,
@@ -383,22 +423,18 @@ impl Stack {
     pub fn new(bins: Binaries, cpus: Cpus, block_ttl: Duration) -> Result<Self> {
         let lab = Lab::new().context("cannot build the lab")?;
         let dir = TempDir::new("stack")?;
-        let ttl = block_ttl.as_secs().max(1);
-        std::fs::write(
-            dir.path().join("guard.toml"),
-            format!(
-                "# Written by the lab stack: blocks last at most {ttl}s.\n\
-                 [blocks]\ndefault_ttl_secs = {ttl}\nmax_ttl_secs = {ttl}\n"
-            ),
-        )
-        .context("cannot write the agent's config file")?;
+        // Unique within this process too: a test binary builds one stack after another.
+        static N: AtomicU32 = AtomicU32::new(0);
+        let cgroup = Cgroup::new(&format!("app{}", N.fetch_add(1, Ordering::Relaxed)))?;
         let client = LabClient::at(&bins.lab_client);
         let mut stack = Self {
             app: None,
             agent: None,
             pins: PinDir::new(),
+            cgroup,
             lab,
             dir,
+            block_ttl_secs: block_ttl.as_secs().max(1),
             bins,
             cpus,
             client,
@@ -539,7 +575,26 @@ impl Stack {
     /// Starts the agent: loads and attaches guard on the server's interface with this stack's
     /// pins, control socket, audit log and metrics address, plus `sets` (`key=value`).
     pub fn start_agent(&mut self, sets: &[&str]) -> Result<()> {
+        self.start_agent_with(sets, None)
+    }
+
+    /// `start_agent`, in adaptive mode when `adaptive` is given.
+    pub fn start_agent_with(&mut self, sets: &[&str], adaptive: Option<&Adaptive>) -> Result<()> {
         ensure!(self.agent.is_none(), "the agent is already running");
+        let ttl = self.block_ttl_secs;
+        let mut toml = format!(
+            "# Written by the lab stack: blocks last at most {ttl}s.\n\
+             [blocks]\ndefault_ttl_secs = {ttl}\nmax_ttl_secs = {ttl}\n"
+        );
+        if let Some(a) = adaptive {
+            toml.push_str(&format!(
+                "\n[adaptive]\nfloor_syn_rate = {}\nfloor_syn_burst = {}\nstep_percent = {}\n\
+                 calm_secs = {}\n",
+                a.floor_syn_rate, a.floor_syn_burst, a.step_percent, a.calm_secs
+            ));
+        }
+        let config = self.dir.path().join("guard.toml");
+        std::fs::write(&config, toml).context("cannot write the agent's config file")?;
         let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.guard);
         cmd.args(["run", "-i", Lab::server_if(), "-p", &APP_PORT.to_string()])
             .arg("--pin-dir")
@@ -549,8 +604,13 @@ impl Stack {
             .arg("--audit-log")
             .arg(self.audit_log())
             .arg("--config")
-            .arg(self.dir.path().join("guard.toml"))
+            .arg(&config)
+            .arg("--cgroup")
+            .arg(&self.cgroup.0)
             .args(["--metrics-addr", &self.metrics_addr().to_string()]);
+        if adaptive.is_some() {
+            cmd.arg("--adaptive");
+        }
         for set in sets {
             cmd.args(["--set", set]);
         }
@@ -589,19 +649,35 @@ impl Stack {
 
     /// Starts the demo app on 198.18.0.1:8080; `report` connects it to the agent's socket.
     pub fn start_app(&mut self, report: bool) -> Result<()> {
+        self.start_app_with(report, AppOptions::ROOMY)
+    }
+
+    /// `start_app` with a given backlog and number of connection slots.
+    pub fn start_app_with(&mut self, report: bool, opts: AppOptions) -> Result<()> {
         ensure!(self.app.is_none(), "the app is already running");
         let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.demo);
         cmd.args([
             "--listen",
             &self.app_addr().to_string(),
             "--backlog",
-            "4096",
+            &opts.backlog.to_string(),
         ]);
         if report {
             cmd.arg("--agent-socket").arg(self.control_socket());
         }
+        // Into the cgroup before exec, so the listening socket and every socket accepted from
+        // it belong to the cgroup the agent's connection tracking watches.
+        let procs = CString::new(self.cgroup.0.join("cgroup.procs").as_os_str().as_bytes())
+            .context("cgroup path with a NUL byte")?;
+        // SAFETY: the hook only makes async-signal-safe calls (open, write, close).
+        unsafe {
+            cmd.pre_exec(move || join_cgroup(&procs));
+        }
         let mut app = ChildGuard::spawn("demo app", &mut cmd)?;
         app.wait_for_stderr("serving on", Duration::from_secs(30))?;
+        if let Some(slots) = opts.slots {
+            limit_open_files(app.pid(), slots)?;
+        }
         self.app = Some(app);
         Ok(())
     }
@@ -715,6 +791,120 @@ impl Stack {
             .collect()
     }
 
+    /// Established connections the kernel counts for `source` right now (conn_limit's view).
+    pub fn tracked_connections(&self, source: Ipv4Addr) -> Result<u64> {
+        let layout = PinLayout::new(self.pin_dir());
+        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let want = source.to_ipv6_mapped().octets();
+        Ok(maps
+            .connections()
+            .context("cannot read the connection counts")?
+            .into_iter()
+            .filter(|(addr, _)| *addr == want)
+            .map(|(_, n)| n)
+            .sum())
+    }
+
+    /// The per-source SYN rate the kernel runs with now (adaptive mode changes it).
+    pub fn live_syn_rate(&self) -> Result<u32> {
+        let layout = PinLayout::new(self.pin_dir());
+        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        Ok(maps
+            .config()
+            .context("cannot read the live config")?
+            .syn_rate)
+    }
+
+    /// Handshakes the server's own kernel lost because a queue was full: accept-queue
+    /// overflows (each also counts as a listen drop, so only this one is read) and SYN-queue
+    /// drops. The same signal the adaptive mode watches.
+    pub fn server_handshake_losses(&self) -> Result<u64> {
+        Ok(self.lab.server.counter("TcpExt", "ListenOverflows")?
+            + self.lab.server.counter("TcpExt", "TCPReqQFullDrop")?)
+    }
+
+    /// Gives the attacker namespace the addresses 198.18.0.`first`.. (`n` of them) next to its
+    /// own, and returns them: many real sources, each completing real handshakes. The
+    /// namespace's own 198.18.0.3 stays its primary (default source) address.
+    pub fn attacker_sources(&self, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
+        add_addresses(&self.lab.attacker, first, n)
+    }
+
+    /// The same in the legit namespace: sources that have never talked to the server.
+    pub fn fresh_legit_sources(&self, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
+        add_addresses(&self.lab.legit, first, n)
+    }
+
+    /// Many real sources at once: one `lab-client conn-flood` per address of `sources` (see
+    /// `attacker_sources`), each keeping `parallel` connections in flight and holding each
+    /// for `hold_ms` before it closes it and opens the next, for `secs` seconds. A connect
+    /// the server does not answer within a second is given up (so every failed attempt costs
+    /// about one SYN, and a source never exceeds `parallel * 1000 / hold_ms` connects a
+    /// second).
+    pub fn conn_floods(
+        &self,
+        sources: &[Ipv4Addr],
+        parallel: u32,
+        hold_ms: u32,
+        secs: u32,
+    ) -> Result<Vec<ClientRun<ConnFloodReport>>> {
+        let (app, secs_text) = (self.app_addr().to_string(), secs.to_string());
+        sources
+            .iter()
+            .map(|ip| {
+                self.attacker(
+                    args(&[
+                        "conn-flood",
+                        "--target",
+                        &app,
+                        "--bind",
+                        &ip.to_string(),
+                        "--count",
+                        "1000000",
+                        "--parallel",
+                        &parallel.to_string(),
+                        "--hold-ms",
+                        &hold_ms.to_string(),
+                        "--connect-timeout-ms",
+                        "1000",
+                        "--secs",
+                        &secs_text,
+                    ]),
+                    Duration::from_secs(u64::from(secs) + 10),
+                )
+            })
+            .collect()
+    }
+
+    /// One connect to the app from the legit address `source`, given `timeout` (TCP resends
+    /// an unanswered SYN after 1 s, 3 s, 7 s, ...), on the server's core like the other legit
+    /// clients.
+    pub fn one_connect(
+        &self,
+        source: Ipv4Addr,
+        timeout: Duration,
+    ) -> Result<ClientRun<ProbeReport>> {
+        let secs = timeout.as_secs() + 2;
+        self.client.spawn(
+            &self.lab.legit,
+            &args(&[
+                "probe",
+                "--target",
+                &self.app_addr().to_string(),
+                "--bind",
+                &source.to_string(),
+                "--count",
+                "1",
+                "--connect-timeout-ms",
+                &timeout.as_millis().max(1).to_string(),
+                "--secs",
+                &secs.to_string(),
+            ]),
+            self.cpus.server,
+            Duration::from_secs(secs + 5),
+        )
+    }
+
     /// Starts `lab-client ARGS` in the attacker namespace, pinned to the attacker's core.
     pub fn attacker<T: DeserializeOwned>(
         &self,
@@ -724,6 +914,76 @@ impl Stack {
         self.client
             .spawn(&self.lab.attacker, &client_args, self.cpus.attacker, budget)
     }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs`. Runs between
+/// fork and exec, so it makes only async-signal-safe calls and allocates nothing.
+fn join_cgroup(procs: &CString) -> std::io::Result<()> {
+    // SAFETY: open/write/close on a NUL-terminated path and a static buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // "0" is the writing process itself.
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Lowers the open-files limit of the running process `pid` to the files it has open now plus
+/// `slots`; returns the new limit.
+fn limit_open_files(pid: u32, slots: u32) -> Result<u64> {
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("cannot list the open files of pid {pid}"))?
+        .count() as u64;
+    let limit = open + u64::from(slots);
+    let tid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: rlimit is plain data; prlimit reads `new` and writes `old`, both ours.
+    unsafe {
+        let mut old: libc::rlimit = std::mem::zeroed();
+        if libc::prlimit(tid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) != 0 {
+            return Err(std::io::Error::last_os_error()).context("prlimit (read)");
+        }
+        // Only the soft limit: the hard one stays, so nothing is lost for good.
+        let new = libc::rlimit {
+            rlim_cur: limit.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        if libc::prlimit(tid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot limit the open files of pid {pid}"));
+        }
+    }
+    Ok(limit)
+}
+
+/// Adds 198.18.0.`first`.. (`n` addresses, /24 like the rest of the lab's segment) to the role
+/// interface of `ns`; `replace` makes a second call with the same range a no-op.
+fn add_addresses(ns: &guard_tests::Netns, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
+    let last = first.checked_add(n).context("address range past .255")?;
+    ensure!(
+        first > 17 && last < 255,
+        "198.18.0.{first}-{last} would overlap the lab's own addresses"
+    );
+    let mut out = Vec::new();
+    for host in first..last {
+        let addr = Ipv4Addr::new(198, 18, 0, host);
+        ns.ip(&[
+            "addr",
+            "replace",
+            &format!("{addr}/{}", lab::LAB_V4_PREFIX),
+            "dev",
+            lab::ROLE_IF,
+        ])?;
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 fn find_kthread(name: &str) -> Option<u32> {
@@ -748,8 +1008,9 @@ pub struct Sample {
     pub server_cpu: f64,
     /// Busy share of the whole server core in this slice, 0–100, whoever used it.
     pub core_busy: f64,
-    /// Timeline probe connects in this slice, and how many completed within a second (a
-    /// lost SYN is resent after ~1 s, so a slower one means its first SYN died).
+    /// Timeline probe connects started in this slice (ten a second, open loop), and how many
+    /// completed within a second (a lost SYN is resent after ~1 s, so a slower one means its
+    /// first SYN died).
     pub connects: u32,
     pub connects_ok: u32,
 }
@@ -813,7 +1074,12 @@ impl Sampler {
                 if let Some(cpu) = pin {
                     pin_this_thread(cpu)?;
                 }
-                let mut out = Vec::new();
+                // Open loop: a connect starts every 100 ms whether or not the previous one
+                // finished, each on a short-lived thread (which inherits this thread's
+                // namespace and core). A client that waited for each answer would make one
+                // attempt a second while the server ignores it, and an outage would shrink
+                // to a handful of failures in the timeline.
+                let mut pending = Vec::new();
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let now = Instant::now();
@@ -821,12 +1087,24 @@ impl Sampler {
                         std::thread::sleep((next - now).min(Duration::from_millis(20)));
                         continue;
                     }
-                    let ok = TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok();
-                    out.push(((now - t0).as_secs_f64(), ok));
-                    // Keep the pace without catching up in a burst after a slow connect.
+                    let at = (now - t0).as_secs_f64();
+                    pending.push(std::thread::spawn(move || {
+                        (
+                            at,
+                            TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok(),
+                        )
+                    }));
+                    // Keep the pace; after a stall, skip rather than catch up in a burst.
                     next = (next + Self::CONNECT_EVERY).max(Instant::now());
                 }
-                Ok(out)
+                // Each connect gives up after a second, so this wait is bounded.
+                pending
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("a timeline connect panicked"))
+                    })
+                    .collect()
             })
         };
         Self {
@@ -946,6 +1224,8 @@ pub struct LegitLoad {
     probe: ClientRun<ProbeReport>,
     sampler: Sampler,
     t0: Instant,
+    /// `t0` on the wall clock (Unix seconds), to place audit records on the timeline.
+    t0_unix: f64,
     secs: u32,
 }
 
@@ -956,6 +1236,8 @@ pub struct LegitOutcome {
     pub sse: SseReport,
     pub probe: ProbeReport,
     pub timeline: Vec<Sample>,
+    /// When the timeline's 0 was, in Unix seconds.
+    pub started_unix: f64,
 }
 
 impl LegitOutcome {
@@ -997,6 +1279,10 @@ impl LegitLoad {
         let cpu = stack.cpus.server;
         let ns = &stack.lab.legit;
         let t0 = Instant::now();
+        let t0_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
         let chat = stack.client.spawn(
             ns,
             &args(&[
@@ -1060,6 +1346,7 @@ impl LegitLoad {
             probe,
             sampler,
             t0,
+            t0_unix,
             secs,
         })
     }
@@ -1079,6 +1366,7 @@ impl LegitLoad {
             sse: self.sse.wait()?,
             probe: self.probe.wait()?,
             timeline,
+            started_unix: self.t0_unix,
         })
     }
 }
@@ -1098,9 +1386,208 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> R
     }
 }
 
+/// An audit record's `ts` (RFC 3339 in UTC with milliseconds, as the agent writes it, e.g.
+/// `2026-11-28T11:37:36.102Z`) in Unix seconds.
+pub fn audit_ts_unix(ts: &str) -> Option<f64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days since 1970-01-01 in the proleptic Gregorian calendar, counting years from March
+    // so the leap day is the last day of its year.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3_600 + min * 60) as f64 + sec)
+}
+
 /// The attacker's own address as a lab address, for assertions and commands.
 pub fn attacker_ip() -> IpAddr {
     lab::ATTACKER_V4.into()
+}
+
+/// What a slot hoarder did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HoardReport {
+    pub attempted: u64,
+    /// Connections it got and kept open to the end.
+    pub connected: u64,
+    /// Connects whose SYN went unanswered for `SlotHoarder::CONNECT_TIMEOUT`: one SYN each.
+    pub timed_out: u64,
+    /// Refused or failed otherwise.
+    pub failed: u64,
+}
+
+/// One source that opens TCP connections to the app at a steady pace, under any per-source
+/// rate cap, and closes none of them until it is finished: the slot hoarder. It never sends a
+/// byte, so the app's own admission (which judges requests) never sees it; only the count of
+/// connections it holds gives it away. It is a thread in the attacker namespace (source: the
+/// namespace's own 198.18.0.3), pinned to the attacker's core.
+pub struct SlotHoarder {
+    stop: Arc<AtomicBool>,
+    held: Arc<AtomicU64>,
+    worker: Option<JoinHandle<Result<HoardReport>>>,
+}
+
+impl SlotHoarder {
+    /// Shorter than the first SYN retransmission (1 s), so an attempt the server ignores costs
+    /// exactly one SYN and the drop counters can be compared with the attempts one to one.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(900);
+
+    /// Opens up to `per_sec` connections a second for `open_secs`, then keeps them until
+    /// `finish`. Connects are sequential: a slow one delays the next instead of piling up.
+    pub fn start(stack: &Stack, per_sec: u32, open_secs: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
+        let ns = stack.lab.attacker.path().to_path_buf();
+        let to = stack.app_addr();
+        let pin = stack.cpus.attacker;
+        let every = Duration::from_secs(1) / per_sec.max(1);
+        let open_for = Duration::from_secs(u64::from(open_secs));
+        let worker = {
+            let (stop, held) = (Arc::clone(&stop), Arc::clone(&held));
+            std::thread::spawn(move || -> Result<HoardReport> {
+                enter_netns(&ns)?;
+                if let Some(cpu) = pin {
+                    pin_this_thread(cpu)?;
+                }
+                let mut r = HoardReport::default();
+                let mut kept = Vec::new();
+                let start = Instant::now();
+                let mut next = start;
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < open_for {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
+                        continue;
+                    }
+                    r.attempted += 1;
+                    match TcpStream::connect_timeout(&to, Self::CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            kept.push(s);
+                            r.connected += 1;
+                            held.store(r.connected, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => r.timed_out += 1,
+                        Err(_) => r.failed += 1,
+                    }
+                    next = (next + every).max(Instant::now());
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                drop(kept);
+                Ok(r)
+            })
+        };
+        Self {
+            stop,
+            held,
+            worker: Some(worker),
+        }
+    }
+
+    /// Connections it holds right now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection and reports.
+    pub fn finish(mut self) -> Result<HoardReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        join(self.worker.take())
+    }
+}
+
+impl Drop for SlotHoarder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A SYN flood from random sources in `subnet` (a /16, /24 or /32 of 198.18.0.0/15) at the
+/// highest rate the lab reaches: trafgen without a rate fills its memory-mapped ring instead
+/// of making one send call per packet, several times faster. Bounded like every flood: in
+/// time by `timeout -s INT`, in count by `-n`; pinned to the attacker's core; `--no-sock-mem
+/// -Q` leave every machine-wide setting alone.
+pub struct FlatOutFlood {
+    child: ChildGuard,
+    budget: Duration,
+    _dir: TempDir,
+}
+
+impl FlatOutFlood {
+    /// Far above what one core sends, so time ends the flood; the count still bounds it.
+    const MAX_PPS: u64 = 5_000_000;
+
+    pub fn start(stack: &Stack, subnet: &str, secs: u32) -> Result<Self> {
+        let ns = &stack.lab.attacker;
+        let iface = Lab::attacker_if();
+        let config = trafgen_syn_config(
+            guard_tests::wire::parse_v4_net(subnet)?,
+            SERVER_V4,
+            ns.mac(iface)?,
+            SERVER_MAC,
+            APP_PORT,
+        )?;
+        let dir = TempDir::new("trafgen")?;
+        let conf = dir.path().join("syn.cfg");
+        std::fs::write(&conf, config)
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let mut cmd = ns.command("timeout");
+        cmd.args([
+            "--preserve-status",
+            "-s",
+            "INT",
+            "-k",
+            "2",
+            &secs.to_string(),
+        ]);
+        if let Some(cpu) = stack.cpus.attacker {
+            cmd.args(["taskset", "-c", &cpu.to_string()]);
+        }
+        cmd.args(["trafgen", "--dev", iface, "--conf"])
+            .arg(&conf)
+            .args([
+                "-n",
+                &(Self::MAX_PPS * u64::from(secs)).to_string(),
+                "-P",
+                "1",
+                "--no-sock-mem",
+                "-Q",
+            ]);
+        Ok(Self {
+            child: ChildGuard::spawn("trafgen", &mut cmd)?,
+            budget: Duration::from_secs(u64::from(secs) + 5),
+            _dir: dir,
+        })
+    }
+
+    /// Waits for it to end by itself; returns the packets it reports sent.
+    pub fn wait(self) -> Result<u64> {
+        let done = self.child.wait_timeout(self.budget)?;
+        match parse_trafgen_sent(&format!("{}{}", done.stdout, done.stderr)) {
+            Some(sent) => Ok(sent),
+            None => {
+                done.ensure_success("trafgen")?;
+                bail!("trafgen did not say what it sent: {}", done.stderr.trim())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1113,6 +1600,16 @@ mod tests {
         assert_eq!(parse_stat_ticks(line), Some(59));
         assert_eq!(parse_stat_ticks("1234 (short) S 2"), None);
         assert!(proc_cpu_ticks(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn audit_timestamps() {
+        assert_eq!(audit_ts_unix("1970-01-01T00:00:00.000Z"), Some(0.0));
+        assert_eq!(audit_ts_unix("2000-03-01T00:00:01Z"), Some(951_868_801.0));
+        let t = audit_ts_unix("2026-11-28T11:37:36.102Z").unwrap();
+        assert!((t - 1_795_865_856.102).abs() < 1e-3, "{t}");
+        assert_eq!(audit_ts_unix("2026-11-28 11:37:36Z"), None);
+        assert_eq!(audit_ts_unix("2026-13-28T11:37:36Z"), None);
     }
 
     #[test]
