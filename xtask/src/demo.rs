@@ -363,6 +363,8 @@ mod lab {
         key: &'static str,
         title: &'static str,
         tune: &'static [&'static str],
+        adaptive: Option<Adaptive>,
+        app: AppOptions,
         phases: Vec<Phase>,
     }
 
@@ -478,6 +480,8 @@ mod lab {
                 key: sc.key,
                 title: sc.title,
                 tune: sc.tune,
+                adaptive: sc.adaptive,
+                app: sc.app,
                 phases,
             });
         }
@@ -854,6 +858,9 @@ mod lab {
     fn returning_clients(stack: &Stack, t: &Timing) -> Result<Attack> {
         let fresh = stack.fresh_legit_sources(FIRST_TIMER_BASE, FIRST_TIMERS)?;
         let before = stack.counters()?;
+        // What the server's own kernel does with the SYNs that reach it: past its SYN queue it
+        // answers with cookies instead of keeping state.
+        let cookies_before = stack.lab.server.counter("TcpExt", "SyncookiesSent")?;
         let flood = FlatOutFlood::start(stack, "198.19.0.0/16", t.attack_secs)?;
         let started = std::time::Instant::now();
         let flood_end = Duration::from_secs(u64::from(t.attack_secs));
@@ -875,6 +882,7 @@ mod lab {
             runs.push(stack.one_connect(*ip, left)?);
         }
         let sent = flood.wait()?;
+        let cookies = stack.lab.server.counter("TcpExt", "SyncookiesSent")? - cookies_before;
         let firsts = runs
             .into_iter()
             .map(|r| r.wait())
@@ -893,7 +901,7 @@ mod lab {
         });
         Ok(Attack {
             summary: format!(
-                "trafgen sent {sent} SYNs ({}/s); first-time clients during it: {got}/{} got in ({first_syn} on the first SYN){known_good}",
+                "trafgen sent {sent} SYNs ({}/s), server sent {cookies} SYN cookies; first-time clients during it: {got}/{} got in ({first_syn} on the first SYN){known_good}",
                 per_sec(sent, t),
                 firsts.len()
             ),
@@ -906,6 +914,7 @@ mod lab {
                 "first_timer_reports": firsts,
                 "first_timers_connected": got,
                 "first_timers_on_first_syn": first_syn,
+                "server_syncookies_sent": cookies,
             }),
         })
     }
