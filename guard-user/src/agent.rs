@@ -174,7 +174,19 @@ impl Agent {
             let (controller, last_total) = &mut *guard;
             let distressed = now_total > *last_total;
             *last_total = now_total;
-            controller.tick(distressed, Instant::now(), s.adaptive.calm)
+            let before = controller.level;
+            let changed = controller.tick(distressed, Instant::now(), s.adaptive.calm);
+            // At the floors another step changes nothing but would make
+            // the way back longer: stay where tightening last mattered.
+            if let Some(level) = changed {
+                let at = |l| crate::adaptive::effective(&s.live, &s.adaptive, l);
+                let (a, b) = (at(before), at(level));
+                if level > before && (a.syn_rate, a.syn_burst) == (b.syn_rate, b.syn_burst) {
+                    controller.level = before;
+                    return;
+                }
+            }
+            changed
         };
         let Some(level) = changed else {
             return;

@@ -176,24 +176,6 @@ fn parse_result_line(line: &str) -> Option<(u64, u64)> {
     Some((passed?, failed?))
 }
 
-#[cfg(test)]
-mod tally_tests {
-    use super::parse_result_line;
-
-    #[test]
-    fn reads_cargo_test_result_lines() {
-        assert_eq!(
-            parse_result_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.20s"),
-            Some((12, 0))
-        );
-        assert_eq!(
-            parse_result_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured"),
-            Some((3, 2))
-        );
-        assert_eq!(parse_result_line("running 3 tests"), None);
-    }
-}
-
 fn lint() -> Result<()> {
     setup::setup()?;
     std::env::set_current_dir(workspace_root())?;
@@ -236,5 +218,23 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::main(args),
         Cmd::Lint => lint(),
         Cmd::Tune { args } => tune::main(args),
+    }
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::parse_result_line;
+
+    #[test]
+    fn reads_cargo_test_result_lines() {
+        assert_eq!(
+            parse_result_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.20s"),
+            Some((12, 0))
+        );
+        assert_eq!(
+            parse_result_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_result_line("running 3 tests"), None);
     }
 }
