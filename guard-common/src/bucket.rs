@@ -39,15 +39,19 @@ impl TokenBucket {
             let elapsed = now_ns - self.last_ns;
             if rate_per_sec != 0 {
                 let rate = rate_per_sec as u64;
-                // Past the time that fills an empty bucket, more idle time
-                // adds nothing: clamping first keeps `elapsed * rate` within
-                // `capacity + rate`, far from u64 overflow even after years.
-                let fill_time = capacity / rate + 1;
-                let earned = if elapsed < fill_time {
-                    elapsed
+                let earned = if elapsed <= u32::MAX as u64 {
+                    // Under ~4.3 s since the last refill (every busy
+                    // source): u32 x u32 cannot overflow, no division on
+                    // the hot path.
+                    elapsed * rate
                 } else {
-                    fill_time
-                } * rate;
+                    // Longer idle: past the time that fills an empty
+                    // bucket, more adds nothing; clamping first keeps
+                    // `elapsed * rate` within `capacity + rate`, far from
+                    // overflow even after years.
+                    let fill_time = capacity / rate + 1;
+                    (if elapsed < fill_time { elapsed } else { fill_time }) * rate
+                };
                 self.tokens = self.tokens.saturating_add(earned);
             }
             self.last_ns = now_ns;
@@ -159,6 +163,20 @@ mod tests {
         // A wrapped clock reads as a small value: no refill, no panic.
         assert_eq!(drain(&mut b, 3, 1, 2), 0);
         assert_eq!(drain(&mut b, u64::MAX, u32::MAX, 2), 2);
+    }
+
+    #[test]
+    fn short_and_long_idle_refills_agree_at_their_boundary() {
+        let edge = u32::MAX as u64;
+        for rate in [1u32, 3, 1000, u32::MAX] {
+            let mut a = TokenBucket { tokens: 0, last_ns: 0 };
+            let mut b = TokenBucket { tokens: 0, last_ns: 0 };
+            a.refill(edge, rate, u32::MAX);
+            b.refill(edge + 1, rate, u32::MAX);
+            let cap = u32::MAX as u64 * NANO_TOKENS;
+            assert_eq!(a.tokens, (edge * rate as u64).min(cap), "rate {rate}");
+            assert_eq!(b.tokens, ((edge + 1) * rate as u64).min(cap), "rate {rate}");
+        }
     }
 
     #[test]
