@@ -50,7 +50,7 @@ impl TokenBucket {
                     // `elapsed * rate` within `capacity + rate`, far from
                     // overflow even after years.
                     let fill_time = capacity / rate + 1;
-                    (if elapsed < fill_time { elapsed } else { fill_time }) * rate
+                    elapsed.min(fill_time) * rate
                 };
                 self.tokens = self.tokens.saturating_add(earned);
             }
@@ -169,8 +169,14 @@ mod tests {
     fn short_and_long_idle_refills_agree_at_their_boundary() {
         let edge = u32::MAX as u64;
         for rate in [1u32, 3, 1000, u32::MAX] {
-            let mut a = TokenBucket { tokens: 0, last_ns: 0 };
-            let mut b = TokenBucket { tokens: 0, last_ns: 0 };
+            let mut a = TokenBucket {
+                tokens: 0,
+                last_ns: 0,
+            };
+            let mut b = TokenBucket {
+                tokens: 0,
+                last_ns: 0,
+            };
             a.refill(edge, rate, u32::MAX);
             b.refill(edge + 1, rate, u32::MAX);
             let cap = u32::MAX as u64 * NANO_TOKENS;
