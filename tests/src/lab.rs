@@ -179,19 +179,21 @@ impl Lab {
         ROLE_IF
     }
 
-    /// Gives the server's `eth0` its own NAPI kernel thread(s) and returns their PIDs, so a
-    /// bench can pin receive processing next to the server (`process::pin_to_cpu`).
+    /// Moves the server's receive processing into its own `napi/eth0-<id>` kernel thread and
+    /// returns that thread's PID, so benches can pin it to the server's core.
     ///
-    /// A veth only runs NAPI when XDP is attached or GRO is on; GRO is turned on so every
-    /// protection mode (none, nftables, XDP) gets the same receive path. Without NAPI, the
-    /// server's receive work runs on the *sender's* core and a bench would charge it to the
-    /// attacker. `threaded` is only writable through the namespace's own sysfs, hence
-    /// `ip netns exec` (which mounts it) rather than `nsenter`.
-    ///
-    /// The threads are told apart from other labs' `napi/eth0-*` threads by appearing between
-    /// two listings around the switch; a lab started at the same instant could blur that.
-    pub fn thread_server_napi(&self) -> Result<Vec<u32>> {
-        let before = napi_threads(ROLE_IF)?;
+    /// A veth hands packets to its NAPI context only when GRO is on and the sending peer (the
+    /// switch's `p-srv`) does no TSO; otherwise they are processed on the sender's core and a
+    /// flood would cost the attacker's core, not the server's. `threaded` then moves that
+    /// context into a kthread; which one is ours comes from a real connection's
+    /// `SO_INCOMING_NAPI_ID`, so no other lab's thread is ever touched. `threaded` is only
+    /// writable through the namespace's own sysfs, hence `ip netns exec` (which mounts it)
+    /// rather than `nsenter`. Calling it again (after a program swap replaced the thread) finds
+    /// the current thread. The thread goes away with the namespace.
+    pub fn thread_server_napi(&self) -> Result<u32> {
+        self.switch
+            .exec(&["ethtool", "-K", "p-srv", "tso", "off"])
+            .context("turn TSO off on the switch's server port")?;
         self.server
             .exec(&["ethtool", "-K", ROLE_IF, "gro", "on"])
             .context("enable GRO (NAPI) on the server veth")?;
@@ -204,15 +206,44 @@ impl Lab {
             &format!("echo 1 > /sys/class/net/{ROLE_IF}/threaded"),
         ]))
         .context("enable threaded NAPI on the server veth")?;
-        let new: Vec<u32> = napi_threads(ROLE_IF)?
-            .into_iter()
-            .filter(|pid| !before.contains(pid))
-            .collect();
+        let id = self.server_napi_id()?;
+        let name = format!("napi/{ROLE_IF}-{id}");
+        find_kthread(&name).with_context(|| format!("no kernel thread {name}"))
+    }
+
+    /// The NAPI id the server's packets arrive on, from one real connection.
+    fn server_napi_id(&self) -> Result<u32> {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        let listener = self
+            .server
+            .run_in(|| std::net::TcpListener::bind((SERVER_V4, 0)))??;
+        let to = listener.local_addr()?;
+        self.legit.run_in(|| -> Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.write_all(b"n")?;
+            Ok(())
+        })??;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+        conn.read_exact(&mut [0u8; 1])?;
+        let mut id: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: getsockopt on a socket we own, into a local u32 of the stated size.
+        let rc = unsafe {
+            libc::getsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_INCOMING_NAPI_ID,
+                (&mut id as *mut u32).cast(),
+                &mut len,
+            )
+        };
         anyhow::ensure!(
-            !new.is_empty(),
-            "no napi/{ROLE_IF}-* thread appeared after enabling threaded NAPI"
+            rc == 0 && id != 0,
+            "the server's packets carry no NAPI id: threaded NAPI is not in effect"
         );
-        Ok(new)
+        Ok(id)
     }
 
     /// Every namespace of this lab.
@@ -242,27 +273,14 @@ impl Lab {
     }
 }
 
-/// PIDs of the kernel threads named `napi/<iface>-<id>`.
-fn napi_threads(iface: &str) -> Result<Vec<u32>> {
-    let prefix = format!("napi/{iface}-");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+/// The PID of the kernel thread whose name is exactly `name`.
+pub fn find_kthread(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         // Processes come and go while we look; a vanished one is simply not ours.
-        if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
-            if comm.trim_end().starts_with(&prefix) {
-                pids.push(pid);
-            }
-        }
-    }
-    Ok(pids)
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
 }
 
 #[cfg(test)]

@@ -310,12 +310,10 @@ fn server_napi_thread_can_be_pinned() {
         return;
     }
     let lab = Lab::new().expect("build the lab");
-    let threads = lab.thread_server_napi().unwrap();
-    for &tid in &threads {
-        guard_tests::process::pin_to_cpu(tid, 0).unwrap();
-        let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).unwrap();
-        assert!(comm.starts_with("napi/eth0-"), "{comm}");
-    }
+    let tid = lab.thread_server_napi().unwrap();
+    guard_tests::process::pin_to_cpu(tid, 0).unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).unwrap();
+    assert!(comm.starts_with("napi/eth0-"), "{comm}");
     // Traffic still flows through the threaded path.
     let server = serve_echo(&lab, 30);
     let p = syn_loss_probe_with(
@@ -332,14 +330,12 @@ fn server_napi_thread_can_be_pinned() {
     assert_eq!((p.connected, p.lost_syn), (20, 0), "{p:?}");
     server.stop().unwrap();
     drop(lab);
-    // The threads belong to the veth and die with the namespace.
-    for tid in threads {
-        let gone = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            !Path::new(&format!("/proc/{tid}")).exists()
-        });
-        assert!(gone, "napi thread {tid} outlived the lab");
-    }
+    // The thread belongs to the veth and dies with the namespace.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        !Path::new(&format!("/proc/{tid}")).exists()
+    });
+    assert!(gone, "napi thread {tid} outlived the lab");
 }
 
 #[test]

@@ -12,9 +12,8 @@
 //! (taking nftables and iptables rules with them) are deleted.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -398,7 +397,7 @@ impl Rig {
             napi: 0,
             napi_rt,
         };
-        rig.napi = rig.thread_server_napi()?;
+        rig.napi = rig.lab.thread_server_napi()?;
         rig.start_server()?;
         Ok(rig)
     }
@@ -425,66 +424,6 @@ impl Rig {
         &self.cgroup.0
     }
 
-    /// Moves the server's receive processing into one `napi/eth0-<id>` kernel thread and
-    /// returns its PID. A veth hands frames to NAPI only with GRO on and a sending peer without
-    /// TSO; without NAPI they are processed on the sender's core and a flood would be charged
-    /// to the attacker. The id comes from a real connection (SO_INCOMING_NAPI_ID), so no other
-    /// lab's thread is ever touched.
-    fn thread_server_napi(&self) -> Result<u32> {
-        let iface = Lab::server_if();
-        self.lab
-            .switch
-            .exec(&["ethtool", "-K", SERVER_PEER, "tso", "off"])?;
-        self.lab
-            .server
-            .exec(&["ethtool", "-K", iface, "gro", "on"])?;
-        // `ip netns exec` (not nsenter): it mounts the namespace's own /sys, where this
-        // interface's `threaded` file is.
-        run_checked(Command::new("ip").args([
-            "netns",
-            "exec",
-            self.lab.server.name(),
-            "sh",
-            "-c",
-            &format!("echo 1 > /sys/class/net/{iface}/threaded"),
-        ]))?;
-        self.find_napi()
-    }
-
-    fn find_napi(&self) -> Result<u32> {
-        let listener = self
-            .lab
-            .server
-            .run_in(|| TcpListener::bind((SERVER_V4, 0)))??;
-        let to = listener.local_addr()?;
-        self.lab.legit.run_in(|| -> Result<()> {
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-            s.write_all(b"n")?;
-            Ok(())
-        })??;
-        let (mut conn, _) = listener.accept()?;
-        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-        conn.read_exact(&mut [0u8; 1])?;
-        let mut id: u32 = 0;
-        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
-        // SAFETY: getsockopt on a socket we own, into a local u32 of the stated size.
-        let rc = unsafe {
-            libc::getsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_INCOMING_NAPI_ID,
-                (&mut id as *mut u32).cast(),
-                &mut len,
-            )
-        };
-        ensure!(
-            rc == 0 && id != 0,
-            "the server's packets carry no NAPI id: threaded NAPI is not in effect"
-        );
-        let name = format!("napi/{}-{id}", Lab::server_if());
-        find_kthread(&name).with_context(|| format!("no kernel thread {name}"))
-    }
-
     /// Pins the server's NAPI thread to the server core and gives it real-time priority,
     /// finding it again if attaching or detaching a program replaced it.
     ///
@@ -498,7 +437,7 @@ impl Rig {
         let alive = std::fs::read_to_string(format!("/proc/{}/comm", self.napi))
             .is_ok_and(|c| c.starts_with("napi/"));
         if !alive {
-            self.napi = self.find_napi()?;
+            self.napi = self.lab.thread_server_napi()?;
         }
         pin_to_cpu(self.napi, self.server_cpu)?;
         if !self.napi_rt {
@@ -829,14 +768,6 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
-}
-
-fn find_kthread(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim_end() == name).then_some(pid)
-    })
 }
 
 /// The CPUs this process may run on.

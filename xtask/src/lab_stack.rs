@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -509,47 +509,8 @@ impl Stack {
     /// connection's SO_INCOMING_NAPI_ID, so no other lab's thread is ever touched. The thread
     /// goes away with the namespace.
     fn pin_server_napi(&self, cpu: usize) -> Result<u32> {
-        let ns = &self.lab.server;
-        let iface = Lab::server_if();
-        self.lab
-            .switch
-            .exec(&["ethtool", "-K", SERVER_PEER, "tso", "off"])?;
-        ns.exec(&["ethtool", "-K", iface, "gro", "on"])?;
-        // `ip netns exec` (not nsenter) on purpose: it mounts the namespace's own /sys, where
-        // this interface's `threaded` file is.
-        run_checked(Command::new("ip").args([
-            "netns",
-            "exec",
-            ns.name(),
-            "sh",
-            "-c",
-            &format!("echo 1 > /sys/class/net/{iface}/threaded"),
-        ]))?;
-        let listener = ns.run_in(|| TcpListener::bind((SERVER_V4, 0)))??;
-        let to = listener.local_addr()?;
-        self.lab.legit.run_in(|| -> Result<()> {
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-            s.write_all(b"n")?;
-            Ok(())
-        })??;
-        let (mut conn, _) = listener.accept()?;
-        conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-        conn.read_exact(&mut [0u8; 1])?;
-        let mut id: u32 = 0;
-        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
-        // SAFETY: getsockopt on a socket we own into a local u32 of the given size.
-        let rc = unsafe {
-            libc::getsockopt(
-                conn.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_INCOMING_NAPI_ID,
-                (&mut id as *mut u32).cast(),
-                &mut len,
-            )
-        };
-        ensure!(rc == 0 && id != 0, "the server's packets carry no NAPI id");
-        let name = format!("napi/{iface}-{id}");
-        let pid = find_kthread(&name).with_context(|| format!("no kernel thread {name}"))?;
+        let pid = self.lab.thread_server_napi()?;
+        let name = format!("napi thread {pid}");
         run_checked(Command::new("taskset").args([
             "-p",
             "-c",
@@ -984,14 +945,6 @@ fn add_addresses(ns: &guard_tests::Netns, first: u8, n: u8) -> Result<Vec<Ipv4Ad
         out.push(addr);
     }
     Ok(out)
-}
-
-fn find_kthread(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim_end() == name).then_some(pid)
-    })
 }
 
 /// The timeline's resolution.
