@@ -301,31 +301,73 @@ pub fn trafgen_random_sources(
     secs: u32,
     cpu: Option<usize>,
 ) -> Result<Flood> {
-    check_secs(secs)?;
     ensure!(
         (1..=10_000_000).contains(&pps),
         "rate {pps} pps must be 1..=10000000"
     );
+    trafgen_syn(
+        ns,
+        iface,
+        src_subnet,
+        dst,
+        dst_mac,
+        port,
+        Some(pps),
+        secs,
+        cpu,
+    )
+}
+
+/// The same flood as fast as one core sends. A rate (`-b`) puts trafgen on its slow path (one
+/// send call per packet); without one it fills its memory-mapped TX ring, several times
+/// faster. Still bounded: `timeout` in time and `-n` at a count far above what one core
+/// sends in `secs`.
+#[allow(clippy::too_many_arguments)]
+pub fn trafgen_flat_out(
+    ns: &Netns,
+    iface: &str,
+    src_subnet: &str,
+    dst: Ipv4Addr,
+    dst_mac: [u8; 6],
+    port: u16,
+    secs: u32,
+    cpu: Option<usize>,
+) -> Result<Flood> {
+    trafgen_syn(ns, iface, src_subnet, dst, dst_mac, port, None, secs, cpu)
+}
+
+/// Packets per second no single core reaches: the count bound of a flat-out flood.
+const FLAT_OUT_PPS: u64 = 5_000_000;
+
+#[allow(clippy::too_many_arguments)]
+fn trafgen_syn(
+    ns: &Netns,
+    iface: &str,
+    src_subnet: &str,
+    dst: Ipv4Addr,
+    dst_mac: [u8; 6],
+    port: u16,
+    pps: Option<u32>,
+    secs: u32,
+    cpu: Option<usize>,
+) -> Result<Flood> {
+    check_secs(secs)?;
     let src_net = crate::wire::parse_v4_net(src_subnet)?;
     let src_mac = ns.mac(iface)?;
     let config = trafgen_syn_config(src_net, dst, src_mac, dst_mac, port)?;
     let dir = TempDir::new("trafgen")?;
     let conf = dir.path().join("syn.cfg");
     std::fs::write(&conf, config).with_context(|| format!("cannot write {}", conf.display()))?;
+    let count = pps.map_or(FLAT_OUT_PPS, u64::from) * u64::from(secs);
     let mut cmd = bounded(ns, secs, cpu);
     cmd.arg("trafgen")
         .args(["--dev", iface, "--conf"])
         .arg(&conf)
-        .args([
-            "-n",
-            &(u64::from(pps) * u64::from(secs)).to_string(),
-            "-b",
-            &format!("{pps}pps"),
-            "-P",
-            "1",
-            "--no-sock-mem",
-            "-Q",
-        ]);
+        .args(["-n", &count.to_string()]);
+    if let Some(pps) = pps {
+        cmd.args(["-b", &format!("{pps}pps")]);
+    }
+    cmd.args(["-P", "1", "--no-sock-mem", "-Q"]);
     Ok(Flood {
         tool: Tool::Trafgen,
         child: ChildGuard::spawn("trafgen", &mut cmd)?,

@@ -12,12 +12,11 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
-use guard_tests::tools::{parse_trafgen_sent, trafgen_syn_config, TempDir};
-use guard_tests::wire::parse_v4_net;
-use guard_tests::{ChildGuard, CpuSampler};
+use guard_tests::tools::trafgen_flat_out;
+use guard_tests::CpuSampler;
 use serde::Serialize;
 
 use super::bench_rig::{legit_sources, CpuShares, Mode, Probes, Protection, Rig, PORT};
@@ -25,9 +24,6 @@ use super::bench_table::{fmt_rate, mean, Goal, Table};
 use super::lab::check_interrupted;
 
 const FLOOD_NET: &str = "198.19.0.0/16";
-/// A bound on the flood's packet count per second of flood: far above what one core sends, so
-/// time ends the flood, but a count still bounds it (shared/LAB.md).
-const FLOOD_MAX_PPS: u64 = 5_000_000;
 /// The budget: all new connections together, per second, and at once.
 const GLOBAL_RATE: u32 = 1_000;
 const GLOBAL_BURST: u32 = 2_000;
@@ -57,70 +53,6 @@ pub struct GlobalReport {
     global_syn_burst: u32,
     flood_secs: u32,
     runs: Vec<Run>,
-}
-
-/// trafgen as fast as one core sends. The toolkit's wrapper always sets a rate (`-b`), which
-/// puts trafgen on its slow path (one send call per packet); without a rate it fills its
-/// memory-mapped TX ring instead, several times faster. Bounded like every flood: `timeout`
-/// in time, `-n` in count; pinned to the attacker core; `--no-sock-mem -Q` leave every
-/// machine-wide setting alone.
-struct MaxTrafgen {
-    child: ChildGuard,
-    budget: Duration,
-    _dir: TempDir,
-}
-
-impl MaxTrafgen {
-    fn start(rig: &Rig, secs: u32) -> Result<Self> {
-        let ns = &rig.lab.attacker;
-        let iface = Lab::attacker_if();
-        let config = trafgen_syn_config(
-            parse_v4_net(FLOOD_NET)?,
-            SERVER_V4,
-            ns.mac(iface)?,
-            SERVER_MAC,
-            PORT,
-        )?;
-        let dir = TempDir::new("trafgen")?;
-        let conf = dir.path().join("syn.cfg");
-        std::fs::write(&conf, config)
-            .with_context(|| format!("cannot write {}", conf.display()))?;
-        let mut cmd = ns.command("timeout");
-        cmd.args([
-            "--preserve-status",
-            "-s",
-            "INT",
-            "-k",
-            "2",
-            &secs.to_string(),
-        ])
-        .args(["taskset", "-c", &rig.attacker_cpu.to_string()])
-        .args(["trafgen", "--dev", iface, "--conf"])
-        .arg(&conf)
-        .args([
-            "-n",
-            &(FLOOD_MAX_PPS * u64::from(secs)).to_string(),
-            "-P",
-            "1",
-            "--no-sock-mem",
-            "-Q",
-        ]);
-        Ok(Self {
-            child: ChildGuard::spawn("trafgen", &mut cmd)?,
-            budget: Duration::from_secs(u64::from(secs) + 5),
-            _dir: dir,
-        })
-    }
-
-    /// Waits for it to end by itself; returns the packets it reports sent.
-    fn wait(self) -> Result<Option<u64>> {
-        let done = self.child.wait_timeout(self.budget)?;
-        let sent = parse_trafgen_sent(&format!("{}{}", done.stdout, done.stderr));
-        if sent.is_none() {
-            done.ensure_success("trafgen")?;
-        }
-        Ok(sent)
-    }
 }
 
 pub fn run(rig: &mut Rig, quick: bool) -> Result<GlobalReport> {
@@ -175,14 +107,23 @@ pub fn run(rig: &mut Rig, quick: bool) -> Result<GlobalReport> {
                 stat(Stat::PassSyn)?,
             ];
             let ring_before = rig.counters(&protection)?;
-            let flood = MaxTrafgen::start(rig, flood_secs)?;
+            let flood = trafgen_flat_out(
+                &rig.lab.attacker,
+                Lab::attacker_if(),
+                FLOOD_NET,
+                SERVER_V4,
+                SERVER_MAC,
+                PORT,
+                flood_secs,
+                Some(rig.attacker_cpu),
+            )?;
             rig.pause(warmup)?;
             let mut core = CpuSampler::new(rig.server_cpu)?;
             let ours = rig.cpu_snapshot(&protection)?;
             let probes = rig.start_probes(&sources, per_source, 80)?.wait()?;
             let core_busy_pct = core.busy_percent()?;
             let cpu = rig.cpu_snapshot(&protection)?.shares_since(&ours);
-            let sent = flood.wait()?;
+            let sent = flood.wait()?.sent;
             let after = [
                 stat(Stat::DropGlobalBudget)?,
                 stat(Stat::PassKnownGood)?,

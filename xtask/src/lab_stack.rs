@@ -34,7 +34,7 @@ use guard_common::stats::Stat;
 use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
 use guard_tests::process::run_checked;
 use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
-use guard_tests::tools::{parse_trafgen_sent, trafgen_syn_config, TempDir};
+use guard_tests::tools::{trafgen_flat_out, Flood, TempDir};
 use guard_tests::twons::Cgroup;
 use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
 use guard_user::datapath::{self, GuardMaps};
@@ -1472,74 +1472,30 @@ impl Drop for SlotHoarder {
     }
 }
 
-/// A SYN flood from random sources in `subnet` (a /16, /24 or /32 of 198.18.0.0/15) at the
-/// highest rate the lab reaches: trafgen without a rate fills its memory-mapped ring instead
-/// of making one send call per packet, several times faster. Bounded like every flood: in
-/// time by `timeout -s INT`, in count by `-n`; pinned to the attacker's core; `--no-sock-mem
-/// -Q` leave every machine-wide setting alone.
-pub struct FlatOutFlood {
-    child: ChildGuard,
-    budget: Duration,
-    _dir: TempDir,
-}
+/// A SYN flood from random sources as fast as the attacker core sends (see
+/// `guard_tests::tools::trafgen_flat_out`).
+pub struct FlatOutFlood(Flood);
 
 impl FlatOutFlood {
-    /// Far above what one core sends, so time ends the flood; the count still bounds it.
-    const MAX_PPS: u64 = 5_000_000;
-
     pub fn start(stack: &Stack, subnet: &str, secs: u32) -> Result<Self> {
-        let ns = &stack.lab.attacker;
-        let iface = Lab::attacker_if();
-        let config = trafgen_syn_config(
-            guard_tests::wire::parse_v4_net(subnet)?,
+        Ok(Self(trafgen_flat_out(
+            &stack.lab.attacker,
+            Lab::attacker_if(),
+            subnet,
             SERVER_V4,
-            ns.mac(iface)?,
             SERVER_MAC,
             APP_PORT,
-        )?;
-        let dir = TempDir::new("trafgen")?;
-        let conf = dir.path().join("syn.cfg");
-        std::fs::write(&conf, config)
-            .with_context(|| format!("cannot write {}", conf.display()))?;
-        let mut cmd = ns.command("timeout");
-        cmd.args([
-            "--preserve-status",
-            "-s",
-            "INT",
-            "-k",
-            "2",
-            &secs.to_string(),
-        ]);
-        if let Some(cpu) = stack.cpus.attacker {
-            cmd.args(["taskset", "-c", &cpu.to_string()]);
-        }
-        cmd.args(["trafgen", "--dev", iface, "--conf"])
-            .arg(&conf)
-            .args([
-                "-n",
-                &(Self::MAX_PPS * u64::from(secs)).to_string(),
-                "-P",
-                "1",
-                "--no-sock-mem",
-                "-Q",
-            ]);
-        Ok(Self {
-            child: ChildGuard::spawn("trafgen", &mut cmd)?,
-            budget: Duration::from_secs(u64::from(secs) + 5),
-            _dir: dir,
-        })
+            secs,
+            stack.cpus.attacker,
+        )?))
     }
 
     /// Waits for it to end by itself; returns the packets it reports sent.
     pub fn wait(self) -> Result<u64> {
-        let done = self.child.wait_timeout(self.budget)?;
-        match parse_trafgen_sent(&format!("{}{}", done.stdout, done.stderr)) {
-            Some(sent) => Ok(sent),
-            None => {
-                done.ensure_success("trafgen")?;
-                bail!("trafgen did not say what it sent: {}", done.stderr.trim())
-            }
-        }
+        let report = self.0.wait()?;
+        report
+            .sent
+            .with_context(|| format!("trafgen did not say what it sent: {}", report.output.trim()))
     }
 }
 
