@@ -291,6 +291,52 @@ pub fn syn_loss_probe_with(
         .wait()
 }
 
+/// utime + stime of a process (all its threads) or kernel thread, in clock ticks.
+pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ticks(&stat)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line; the command name before
+/// them may contain spaces and parentheses, so fields are counted after its last ')'.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_ticks() {
+        let line = "1234 (napi/eth0 (x) 1) S 2 0 0 0 -1 2129984 0 0 0 0 17 42 0 0 20 0 1 0 99";
+        assert_eq!(parse_stat_ticks(line), Some(59));
+        let napi = "4242 (napi/eth0-8193) S 2 0 0 0 -1 2129984 0 0 0 0 17 250 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_stat_ticks(napi), Some(267));
+        assert_eq!(parse_stat_ticks("1234 (short) S 2"), None);
+        assert_eq!(parse_stat_ticks("1 (a) b) S 0"), None);
+        assert!(proc_cpu_ticks(std::process::id()).is_some());
+        assert!(!allowed_cpus().is_empty());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{Lab, SERVER_V4};
+use guard_tests::measure::{allowed_cpus, parse_stat_ticks};
 use guard_tests::process::{describe, pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
 use guard_tests::tools::TempDir;
@@ -759,31 +760,6 @@ fn thread_cpu(pid: u32) -> Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
 }
 
-/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line; the command name before
-/// them may contain spaces and parentheses, so fields are counted after its last ')'.
-fn parse_stat_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, i.e. index 11 here.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -800,9 +776,6 @@ mod tests {
 
     #[test]
     fn thread_ticks() {
-        let stat = "4242 (napi/eth0-8193) S 2 0 0 0 -1 2129984 0 0 0 0 17 250 0 0 20 0 1 0 99 0 0";
-        assert_eq!(parse_stat_ticks(stat), Some(267));
-        assert_eq!(parse_stat_ticks("1 (a) b) S 0"), None);
         assert!(thread_cpu(std::process::id()).is_ok());
     }
 

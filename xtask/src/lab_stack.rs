@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
+use guard_tests::measure::{allowed_cpus, proc_cpu_ticks};
 use guard_tests::process::run_checked;
 use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
 use guard_tests::tools::{trafgen_flat_out, Flood, TempDir};
@@ -198,19 +199,6 @@ impl Cpus {
     /// The core whose busy share is "server CPU" (cpu0 when nothing is pinned).
     pub fn measured(&self) -> usize {
         self.server.unwrap_or(0)
-    }
-}
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
     }
 }
 
@@ -1135,21 +1123,6 @@ impl ProcessCpu {
     }
 }
 
-/// utime + stime of a process (all its threads) or kernel thread, in clock ticks.
-fn proc_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat_ticks(&stat)
-}
-
-/// `/proc/PID/stat`: the command name may hold spaces and parentheses, so fields are counted
-/// after its last ')'; utime and stime are fields 14 and 15.
-fn parse_stat_ticks(stat: &str) -> Option<u64> {
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 fn join<T>(handle: Option<JoinHandle<Result<T>>>) -> Result<T> {
     handle
         .context("sampler already finished")?
@@ -1502,14 +1475,6 @@ impl FlatOutFlood {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_stat_ticks() {
-        let line = "1234 (napi/eth0 (x) 1) S 2 0 0 0 -1 2129984 0 0 0 0 17 42 0 0 20 0 1 0 99";
-        assert_eq!(parse_stat_ticks(line), Some(59));
-        assert_eq!(parse_stat_ticks("1234 (short) S 2"), None);
-        assert!(proc_cpu_ticks(std::process::id()).is_some());
-    }
 
     #[test]
     fn audit_timestamps() {
