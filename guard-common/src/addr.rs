@@ -21,18 +21,7 @@ pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
 
 #[inline(always)]
 pub const fn is_v4_mapped(addr: &Addr) -> bool {
-    addr[0] == 0
-        && addr[1] == 0
-        && addr[2] == 0
-        && addr[3] == 0
-        && addr[4] == 0
-        && addr[5] == 0
-        && addr[6] == 0
-        && addr[7] == 0
-        && addr[8] == 0
-        && addr[9] == 0
-        && addr[10] == 0xff
-        && addr[11] == 0xff
+    AddrWords::from_addr(addr).is_v4_mapped()
 }
 
 /// The IPv4 address inside an IPv4-mapped address, if it is one.
@@ -50,16 +39,22 @@ pub const fn as_v4(addr: &Addr) -> Option<[u8; 4]> {
 /// family's width so a bad config can never mask beyond the address.
 #[inline(always)]
 pub const fn unified_prefix_len(addr: &Addr, v4_len: u8, v6_len: u8) -> u32 {
-    if is_v4_mapped(addr) {
-        let len = if v4_len > 32 { 32 } else { v4_len as u32 };
-        V4_MAPPED_BITS + len
-    } else {
-        if v6_len as u32 > MAX_PREFIX_LEN {
-            MAX_PREFIX_LEN
-        } else {
-            v6_len as u32
-        }
-    }
+    AddrWords::from_addr(addr).unified_prefix_len(v4_len, v6_len)
+}
+
+/// `addr` with every bit past `prefix_len` cleared; lengths past 128 keep
+/// everything.
+#[inline(always)]
+pub const fn mask(addr: &Addr, prefix_len: u32) -> Addr {
+    AddrWords::from_addr(addr).masked(prefix_len).to_addr()
+}
+
+/// The key of the prefix `addr` belongs to, given the family-specific lengths.
+#[inline(always)]
+pub const fn prefix_key(addr: &Addr, v4_len: u8, v6_len: u8) -> Addr {
+    AddrWords::from_addr(addr)
+        .prefix_key(v4_len, v6_len)
+        .to_addr()
 }
 
 /// A mask of the top `bits` bits of a u64 (0..=64; more saturates).
@@ -74,35 +69,93 @@ const fn top_bits(bits: u32) -> u64 {
     }
 }
 
-/// `addr` with every bit past `prefix_len` cleared; lengths past 128 keep
-/// the whole address.
-#[inline(always)]
-pub fn mask(addr: &Addr, prefix_len: u32) -> Addr {
-    // Two u64 halves keep this free of u128 shifts, which the BPF backend
-    // lowers to library calls it cannot link.
-    let hi = u64::from_be_bytes([
-        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
-    ]);
-    let lo = u64::from_be_bytes([
-        addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
-    ]);
-    let (hi_mask, lo_mask) = if prefix_len >= 64 {
-        (u64::MAX, top_bits(prefix_len - 64))
-    } else {
-        (top_bits(prefix_len), 0)
-    };
-    let hi = (hi & hi_mask).to_be_bytes();
-    let lo = (lo & lo_mask).to_be_bytes();
-    [
-        hi[0], hi[1], hi[2], hi[3], hi[4], hi[5], hi[6], hi[7], lo[0], lo[1], lo[2], lo[3], lo[4],
-        lo[5], lo[6], lo[7],
-    ]
-}
+/// The same 16 network-order bytes as an [`Addr`], held as two native words:
+/// the form the datapath computes on. Masking, the IPv4-mapped test and key
+/// copies are then a few word operations where the byte form costs dozens
+/// (the BPF backend assembles and spills byte arrays one byte at a time).
+/// Its memory is exactly the `Addr` bytes, so map keys do not change.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrWords(pub [u64; 2]);
 
-/// The key of the prefix `addr` belongs to, given the family-specific lengths.
-#[inline(always)]
-pub fn prefix_key(addr: &Addr, v4_len: u8, v6_len: u8) -> Addr {
-    mask(addr, unified_prefix_len(addr, v4_len, v6_len))
+const _: () = assert!(core::mem::size_of::<AddrWords>() == core::mem::size_of::<Addr>());
+
+/// Bytes 8..12 of an IPv4-mapped address (`0, 0, 0xff, 0xff`) and the mask
+/// selecting them in the second word.
+const V4_MAPPED_TAG: u64 = u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]);
+const V4_MAPPED_TAG_MASK: u64 = u64::from_ne_bytes([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+
+impl AddrWords {
+    #[inline(always)]
+    pub const fn from_addr(addr: &Addr) -> Self {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = *addr;
+        Self([
+            u64::from_ne_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u64::from_ne_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        ])
+    }
+
+    #[inline(always)]
+    pub const fn to_addr(self) -> Addr {
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = self.0[0].to_ne_bytes();
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = self.0[1].to_ne_bytes();
+        [
+            a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+        ]
+    }
+
+    /// The bytes in place, for map calls that take an `Addr` key.
+    #[inline(always)]
+    pub const fn as_addr(&self) -> &Addr {
+        // SAFETY: same size, `Addr` has alignment 1 and every bit pattern is
+        // a valid byte array.
+        unsafe { &*(self as *const Self as *const Addr) }
+    }
+
+    /// IPv4 `a.b.c.d` given as the word its four network-order bytes make
+    /// when read in place (`u32::from_ne_bytes([a, b, c, d])`), as the
+    /// datapath reads it straight from the header.
+    #[inline(always)]
+    pub const fn v4_mapped(v4_word: u32) -> Self {
+        let [a, b, c, d] = v4_word.to_ne_bytes();
+        Self([0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a, b, c, d])])
+    }
+
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.0[0] == 0 && self.0[1] & V4_MAPPED_TAG_MASK == V4_MAPPED_TAG
+    }
+
+    /// See [`unified_prefix_len`].
+    #[inline(always)]
+    pub const fn unified_prefix_len(&self, v4_len: u8, v6_len: u8) -> u32 {
+        if self.is_v4_mapped() {
+            let len = if v4_len > 32 { 32 } else { v4_len as u32 };
+            V4_MAPPED_BITS + len
+        } else if v6_len as u32 > MAX_PREFIX_LEN {
+            MAX_PREFIX_LEN
+        } else {
+            v6_len as u32
+        }
+    }
+
+    /// See [`mask`]. The masks are big-endian bit masks laid over the bytes
+    /// (`to_be`), so no byte of the address itself is ever swapped.
+    #[inline(always)]
+    pub const fn masked(self, prefix_len: u32) -> Self {
+        let (hi, lo) = if prefix_len >= 64 {
+            (u64::MAX, top_bits(prefix_len - 64))
+        } else {
+            (top_bits(prefix_len), 0)
+        };
+        Self([self.0[0] & hi.to_be(), self.0[1] & lo.to_be()])
+    }
+
+    /// See [`prefix_key`].
+    #[inline(always)]
+    pub const fn prefix_key(self, v4_len: u8, v6_len: u8) -> Self {
+        self.masked(self.unified_prefix_len(v4_len, v6_len))
+    }
 }
 
 #[cfg(feature = "std")]
@@ -307,6 +360,49 @@ mod tests {
         let mut almost = a;
         almost[10] = 0xfe;
         assert!(!is_v4_mapped(&almost));
+    }
+
+    /// Bit `i` (0 = most significant) of the address, read byte by byte.
+    fn bit(addr: &Addr, i: u32) -> bool {
+        addr[(i / 8) as usize] & (0x80 >> (i % 8)) != 0
+    }
+
+    #[test]
+    fn word_mask_matches_a_bitwise_reference_at_every_length() {
+        // A cheap deterministic spread of addresses, plus the edges.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut addrs = [[0u8; 16]; 67];
+        addrs[1] = [0xff; 16];
+        addrs[2] = v4_mapped([198, 18, 0, 7]);
+        for a in addrs[3..].iter_mut() {
+            for b in a.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+        }
+        for a in &addrs {
+            for len in 0..=130u32 {
+                let m = mask(a, len);
+                for i in 0..128 {
+                    assert_eq!(bit(&m, i), i < len && bit(a, i), "{a:?}/{len} bit {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn words_hold_the_same_bytes() {
+        let a = [0x20, 0x01, 0, 2, 0, 0, 0xab, 0xcd, 1, 2, 3, 4, 5, 6, 7, 8];
+        let w = AddrWords::from_addr(&a);
+        assert_eq!(w.as_addr(), &a);
+        assert_eq!(w.to_addr(), a);
+        let v4 = AddrWords::v4_mapped(u32::from_ne_bytes([198, 18, 0, 7]));
+        assert_eq!(v4.as_addr(), &v4_mapped([198, 18, 0, 7]));
+        assert!(v4.is_v4_mapped());
+        assert!(!w.is_v4_mapped());
+        assert_eq!(v4.prefix_key(24, 64).as_addr(), &v4_mapped([198, 18, 0, 0]));
     }
 
     #[cfg(feature = "std")]

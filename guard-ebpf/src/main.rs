@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use guard_common::{
-    addr::{prefix_key, unified_prefix_len, Addr, MAX_PREFIX_LEN},
+    addr::{Addr, AddrWords, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
     maps as names,
     state::AllowEntry,
@@ -170,7 +170,7 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         return Verdict::Pass;
     }
     if cfg.may_block() {
-        if let Some(entry) = BLOCK.get(Key::new(MAX_PREFIX_LEN, src)) {
+        if let Some(entry) = BLOCK.get(HostKey::new(&src).as_key()) {
             // SAFETY: helper with no preconditions.
             if entry.is_active(unsafe { bpf_ktime_get_ns() }) {
                 return drop_or_dry_run(cfg, Stat::DropBlocked, Stat::WouldDropBlocked);
@@ -195,16 +195,18 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     count(Stat::SynSeen);
-    let source_key = prefix_key(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
-    if cfg.conn_limit_enabled() && conns::open_connections(&source_key) >= cfg.conn_limit as u64 {
+    let source_key = src.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
+    if cfg.conn_limit_enabled()
+        && conns::open_connections(source_key.as_addr()) >= cfg.conn_limit as u64
+    {
         return drop_or_dry_run(cfg, Stat::DropConnLimit, Stat::WouldDropConnLimit);
     }
     if cfg.source_cap_enabled() {
-        let len = unified_prefix_len(&src, cfg.source_prefix_v4, cfg.source_prefix_v6);
+        let len = src.unified_prefix_len(cfg.source_prefix_v4, cfg.source_prefix_v6);
         if !charge(
             ctx,
             &SOURCES,
-            &source_key,
+            source_key.as_addr(),
             len,
             now,
             cfg.syn_rate,
@@ -216,12 +218,12 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         }
     }
     if cfg.aggregate_cap_enabled() {
-        let key = prefix_key(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        let len = unified_prefix_len(&src, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
         if !charge(
             ctx,
             &AGGREGATES,
-            &key,
+            key.as_addr(),
             len,
             now,
             cfg.aggregate_rate,
@@ -245,7 +247,7 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
             None => true,
         };
         if !has_budget {
-            if conns::is_known_good(&source_key, now, cfg) {
+            if conns::is_known_good(source_key.as_addr(), now, cfg) {
                 count(Stat::PassKnownGood);
                 return Verdict::Pass;
             }
@@ -262,8 +264,38 @@ fn is_protected(port: u16) -> bool {
 }
 
 #[inline(always)]
-fn is_allowed(src: &Addr) -> bool {
-    ALLOW.get(Key::new(MAX_PREFIX_LEN, *src)).is_some()
+fn is_allowed(src: &AddrWords) -> bool {
+    ALLOW.get(HostKey::new(src).as_key()).is_some()
+}
+
+/// The LPM key that looks up one whole address. An LPM key puts the address
+/// at offset 4, where the word stores of the address would be misaligned
+/// stack accesses (which the verifier refuses); starting the key 4 bytes into
+/// an 8-aligned buffer puts the address on an 8-byte boundary.
+#[repr(C, align(8))]
+struct HostKey {
+    _align: u32,
+    prefix_len: u32,
+    addr: AddrWords,
+}
+
+impl HostKey {
+    #[inline(always)]
+    fn new(addr: &AddrWords) -> Self {
+        Self {
+            _align: 0,
+            prefix_len: MAX_PREFIX_LEN,
+            addr: *addr,
+        }
+    }
+
+    #[inline(always)]
+    fn as_key(&self) -> &Key<Addr> {
+        // SAFETY: `Key<Addr>` is packed (alignment 1): a u32 prefix length
+        // followed by the 16 address bytes, which is `prefix_len` and `addr`
+        // here, adjacent (offsets 4 and 8) and inside `self`.
+        unsafe { &*((self as *const Self as *const u8).add(4) as *const Key<Addr>) }
+    }
 }
 
 /// Charges one SYN to `key`'s bucket; false when it is over its cap. The

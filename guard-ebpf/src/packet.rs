@@ -1,11 +1,15 @@
 //! Bounds-checked reads from the packet, parsed by layer.
 //!
-//! Every read goes through [`Packet::load`], which checks
-//! `start + offset + size <= end` right before the access so the verifier can
-//! see the bound. Multi-byte fields are read as bytes and assembled in network
-//! order.
+//! Every header is bounds-checked once, as a whole ([`Packet::header`]:
+//! `start + offset + N <= end` right before its fields are read), and its
+//! fields are then read at constant offsets inside it. Separate checks per
+//! field let the compiler merge them onto a register the verifier cannot
+//! relate to the access. Fields are read in place as whole words (the build
+//! allows misaligned loads, which the kernel accepts for packet data on
+//! architectures with efficient unaligned access); addresses stay in network
+//! byte order.
 
-use guard_common::addr::{v4_mapped, Addr};
+use guard_common::addr::AddrWords;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -43,20 +47,41 @@ impl Packet {
         Self { start, end }
     }
 
+    /// The `N` bytes at `offset`, if the packet holds them all.
     #[inline(always)]
-    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        let size = core::mem::size_of::<T>();
-        if self.start + offset + size > self.end {
+    fn header<const N: usize>(&self, offset: usize) -> Option<Header<N>> {
+        let at = self.start + offset;
+        if at + N > self.end {
             return None;
         }
-        // SAFETY: the range [start + offset, start + offset + size) lies
-        // inside the packet, checked just above.
-        Some(unsafe { core::ptr::read_unaligned((self.start + offset) as *const T) })
+        Some(Header { at })
+    }
+}
+
+/// `N` bytes of packet, checked to be there.
+#[derive(Clone, Copy)]
+struct Header<const N: usize> {
+    at: usize,
+}
+
+impl<const N: usize> Header<N> {
+    /// The `T` at byte `OFFSET`, bytes as they are on the wire.
+    #[inline(always)]
+    fn read<T: Copy, const OFFSET: usize>(&self) -> T {
+        const { assert!(OFFSET + core::mem::size_of::<T>() <= N) };
+        // SAFETY: [at, at + N) lies inside the packet (checked in
+        // `Packet::header`) and the read stays within it (asserted above).
+        unsafe { core::ptr::read_unaligned((self.at + OFFSET) as *const T) }
     }
 
     #[inline(always)]
-    fn be16_at(&self, offset: usize) -> Option<u16> {
-        self.load::<[u8; 2]>(offset).map(u16::from_be_bytes)
+    fn u8_at<const OFFSET: usize>(&self) -> u8 {
+        self.read::<u8, OFFSET>()
+    }
+
+    #[inline(always)]
+    fn be16_at<const OFFSET: usize>(&self) -> u16 {
+        u16::from_be(self.read::<u16, OFFSET>())
     }
 }
 
@@ -75,13 +100,13 @@ pub enum Transport {
 pub enum Parsed {
     NotIp,
     Ip {
-        src: Addr,
+        src: AddrWords,
         transport: Transport,
     },
     /// IPv6 with more extension headers than we walk. Not malformed: the
     /// kernel would still deliver what is behind them.
     ExtChainTooLong {
-        src: Addr,
+        src: AddrWords,
     },
 }
 
@@ -92,14 +117,14 @@ pub struct Malformed;
 
 #[inline(always)]
 pub fn parse(pkt: &Packet) -> Result<Parsed, Malformed> {
-    let mut ethertype = pkt.be16_at(12).ok_or(Malformed)?;
+    let mut ethertype = pkt.header::<ETH_HLEN>(0).ok_or(Malformed)?.be16_at::<12>();
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        let tag = pkt.load::<[u8; VLAN_HLEN]>(offset).ok_or(Malformed)?;
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        let tag = pkt.header::<VLAN_HLEN>(offset).ok_or(Malformed)?;
+        ethertype = tag.be16_at::<2>();
         offset += VLAN_HLEN;
     }
     match ethertype {
@@ -111,23 +136,21 @@ pub fn parse(pkt: &Packet) -> Result<Parsed, Malformed> {
 
 #[inline(always)]
 fn parse_ipv4(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
-    // One load of the whole fixed header: separate loads of its fields let
-    // the compiler merge their bounds checks onto a register the verifier
-    // cannot relate to the access.
-    let hdr = pkt.load::<[u8; 20]>(l3).ok_or(Malformed)?;
-    if hdr[0] >> 4 != 4 {
+    let hdr = pkt.header::<20>(l3).ok_or(Malformed)?;
+    let version_ihl = hdr.u8_at::<0>();
+    if version_ihl >> 4 != 4 {
         return Err(Malformed);
     }
     // Masked before multiplying so the verifier knows the range (0..=60).
-    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return Err(Malformed);
     }
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let src = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let frag = hdr.be16_at::<6>();
+    let src = AddrWords::v4_mapped(hdr.read::<u32, 12>());
     let transport = if frag & 0x1fff != 0 {
         Transport::LaterFragment
-    } else if hdr[9] == IPPROTO_TCP {
+    } else if hdr.u8_at::<9>() == IPPROTO_TCP {
         parse_tcp(pkt, l3 + ihl)
     } else {
         Transport::Other
@@ -137,15 +160,12 @@ fn parse_ipv4(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
 
 #[inline(always)]
 fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
-    let hdr = pkt.load::<[u8; IPV6_HLEN]>(l3).ok_or(Malformed)?;
-    if hdr[0] >> 4 != 6 {
+    let hdr = pkt.header::<IPV6_HLEN>(l3).ok_or(Malformed)?;
+    if hdr.u8_at::<0>() >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut next = hdr[6];
-    let src: Addr = [
-        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15], hdr[16], hdr[17],
-        hdr[18], hdr[19], hdr[20], hdr[21], hdr[22], hdr[23],
-    ];
+    let mut next = hdr.u8_at::<6>();
+    let src = AddrWords([hdr.read::<u64, 8>(), hdr.read::<u64, 16>()]);
     // IPv4-mapped sources are their IPv4 address, which is exactly how the
     // unified key space stores IPv4: nothing to convert.
     let mut offset = l3 + IPV6_HLEN;
@@ -153,19 +173,19 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
         match next {
             // Every extension header is at least 8 bytes: one load each.
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let ext = pkt.load::<[u8; 8]>(offset).ok_or(Malformed)?;
-                next = ext[0];
-                offset += (ext[1] as usize + 1) * 8;
+                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                next = ext.u8_at::<0>();
+                offset += (ext.u8_at::<1>() as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let ext = pkt.load::<[u8; 8]>(offset).ok_or(Malformed)?;
-                next = ext[0];
-                offset += (ext[1] as usize + 2) * 4;
+                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                next = ext.u8_at::<0>();
+                offset += (ext.u8_at::<1>() as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let ext = pkt.load::<[u8; 8]>(offset).ok_or(Malformed)?;
-                let nh = ext[0];
-                let frag = u16::from_be_bytes([ext[2], ext[3]]);
+                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                let nh = ext.u8_at::<0>();
+                let frag = ext.be16_at::<2>();
                 if frag >> 3 != 0 {
                     return Ok(Parsed::Ip {
                         src,
@@ -207,15 +227,15 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
 #[inline(always)]
 fn parse_tcp(pkt: &Packet, l4: usize) -> Transport {
     // Only a whole 20-byte header counts: a truncated one is not a SYN.
-    let Some(hdr) = pkt.load::<[u8; TCP_MIN_HLEN]>(l4) else {
+    let Some(hdr) = pkt.header::<TCP_MIN_HLEN>(l4) else {
         return Transport::Other;
     };
-    let data_offset = (hdr[12] >> 4) as usize * 4;
+    let data_offset = (hdr.u8_at::<12>() >> 4) as usize * 4;
     if data_offset < TCP_MIN_HLEN {
         return Transport::Other;
     }
     Transport::Tcp {
-        dst_port: u16::from_be_bytes([hdr[2], hdr[3]]),
-        flags: hdr[13],
+        dst_port: hdr.be16_at::<2>(),
+        flags: hdr.u8_at::<13>(),
     }
 }
