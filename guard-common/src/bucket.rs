@@ -66,7 +66,20 @@ impl TokenBucket {
     #[inline(always)]
     pub fn try_take(&mut self, now_ns: u64, rate_per_sec: u32, burst: u32) -> bool {
         self.refill(now_ns, rate_per_sec, burst);
-        if self.tokens >= NANO_TOKENS {
+        self.take()
+    }
+
+    /// Whether a whole token is there (without refilling).
+    #[inline(always)]
+    pub const fn has_token(&self) -> bool {
+        self.tokens >= NANO_TOKENS
+    }
+
+    /// Takes one token if there is one (without refilling): for a caller
+    /// that refilled and looked with [`Self::has_token`] first.
+    #[inline(always)]
+    pub fn take(&mut self) -> bool {
+        if self.has_token() {
             self.tokens -= NANO_TOKENS;
             true
         } else {
@@ -183,6 +196,22 @@ mod tests {
             assert_eq!(a.tokens, (edge * rate as u64).min(cap), "rate {rate}");
             assert_eq!(b.tokens, ((edge + 1) * rate as u64).min(cap), "rate {rate}");
         }
+    }
+
+    #[test]
+    fn look_then_take_agrees_with_try_take() {
+        let mut a = TokenBucket::full(2, 0);
+        let mut b = a;
+        for step in 0..200u64 {
+            let now = step * SEC / 7;
+            a.refill(now, 3, 2);
+            let looked = a.has_token();
+            assert_eq!(looked, a.take(), "take follows the look at {step}");
+            assert_eq!(looked, b.try_take(now, 3, 2), "same as try_take at {step}");
+            assert_eq!(a, b);
+        }
+        let mut empty = TokenBucket::full(0, 0);
+        assert!(!empty.has_token() && !empty.take());
     }
 
     #[test]

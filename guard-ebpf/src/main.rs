@@ -12,11 +12,12 @@
 
 mod packet;
 
+mod clock;
 mod conns;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockOpsContext, TcContext, XdpContext},
@@ -186,13 +187,11 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         return Verdict::Pass;
     }
     // The clock is read once, and only for connection-opening SYNs (and
-    // for a matching block entry above): the common paths skip it. The
-    // coarse clock (CLOCK_MONOTONIC at tick resolution) is enough for the
-    // buckets: refills telescope, so the tick only delays a token by at
-    // most one tick and never loses or invents one, and it costs a fraction
-    // of a clocksource read on virtual machines.
-    // SAFETY: helper with no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // for a matching block entry above): the common paths skip it. Tick
+    // resolution is enough for the buckets: refills telescope, so a stale
+    // reading only delays a token by at most a tick and never loses or
+    // invents one (see clock.rs for why it is cached per tick).
+    let now = clock::coarse_now_ns();
 
     count(Stat::SynSeen);
     let source_key = src.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
@@ -201,36 +200,61 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     {
         return drop_or_dry_run(cfg, Stat::DropConnLimit, Stat::WouldDropConnLimit);
     }
+    // The aggregate is looked at before the source is tracked, so spoofed
+    // sources flooding a saturated prefix cost one lookup each and never
+    // churn the per-source table (where they would evict real sources). Its
+    // token is taken only once the source's own cap admitted the SYN, so a
+    // single source flooding past its own cap never drains the budget its
+    // neighbours share.
+    let aggregate = if cfg.aggregate_cap_enabled() {
+        let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        match tracked(&AGGREGATES, key.as_addr(), cfg.aggregate_burst, now, None) {
+            Some(state) => {
+                state.syns += 1;
+                state
+                    .bucket
+                    .refill(now, cfg.aggregate_rate, cfg.aggregate_burst);
+                if !state.bucket.has_token() {
+                    let len =
+                        src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+                    over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
+                    return drop_or_dry_run(
+                        cfg,
+                        Stat::DropAggregateRate,
+                        Stat::WouldDropAggregateRate,
+                    );
+                }
+                Some((state, key))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
     if cfg.source_cap_enabled() {
-        let len = src.unified_prefix_len(cfg.source_prefix_v4, cfg.source_prefix_v6);
-        if !charge(
-            ctx,
-            &SOURCES,
-            source_key.as_addr(),
-            len,
-            now,
-            cfg.syn_rate,
-            cfg.syn_burst,
-            cfg,
-            EVENT_SOURCE_OVER_CAP,
-        ) {
-            return drop_or_dry_run(cfg, Stat::DropSourceRate, Stat::WouldDropSourceRate);
+        let created = Some(Stat::SourcesCreated);
+        if let Some(state) = tracked(&SOURCES, source_key.as_addr(), cfg.syn_burst, now, created) {
+            state.syns += 1;
+            if !state.bucket.try_take(now, cfg.syn_rate, cfg.syn_burst) {
+                let len = src.unified_prefix_len(cfg.source_prefix_v4, cfg.source_prefix_v6);
+                over_cap(
+                    ctx,
+                    state,
+                    &source_key,
+                    len,
+                    now,
+                    cfg,
+                    EVENT_SOURCE_OVER_CAP,
+                );
+                return drop_or_dry_run(cfg, Stat::DropSourceRate, Stat::WouldDropSourceRate);
+            }
         }
     }
-    if cfg.aggregate_cap_enabled() {
-        let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        if !charge(
-            ctx,
-            &AGGREGATES,
-            key.as_addr(),
-            len,
-            now,
-            cfg.aggregate_rate,
-            cfg.aggregate_burst,
-            cfg,
-            EVENT_AGGREGATE_OVER_CAP,
-        ) {
+    if let Some((state, key)) = aggregate {
+        // Another CPU may have taken the last token since the look above.
+        if !state.bucket.take() {
+            let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+            over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
             return drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
         }
     }
@@ -298,50 +322,59 @@ impl HostKey {
     }
 }
 
-/// Charges one SYN to `key`'s bucket; false when it is over its cap. The
-/// first over-cap SYN of an event window raises one event.
+/// The state tracked for `key`, created (with a full bucket) if it is new;
+/// `created` counts creations. `None` when it cannot be tracked: a source we
+/// cannot track is not one we can judge, so callers admit.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn charge<C: EbpfContext>(
-    ctx: &C,
-    map: &LruHashMap<Addr, SourceState>,
+fn tracked<'a>(
+    map: &'a LruHashMap<Addr, SourceState>,
     key: &Addr,
-    prefix_len: u32,
-    now: u64,
-    rate: u32,
     burst: u32,
-    cfg: &LiveConfig,
-    kind: u8,
-) -> bool {
+    now: u64,
+    created: Option<Stat>,
+) -> Option<&'a mut SourceState> {
     let state = match map.get_ptr_mut(key) {
         Some(state) => state,
         None => {
             // BPF_NOEXIST: if another CPU created it meanwhile, use theirs.
-            if map.insert(key, SourceState::new(burst, now), 1).is_ok()
-                && kind == EVENT_SOURCE_OVER_CAP
-            {
-                count(Stat::SourcesCreated);
+            if map.insert(key, SourceState::new(burst, now), 1).is_ok() {
+                if let Some(stat) = created {
+                    count(stat);
+                }
             }
-            match map.get_ptr_mut(key) {
-                Some(state) => state,
-                // Evicted in between under extreme churn: admit, since a
-                // source we cannot track is not one we can judge.
-                None => return true,
-            }
+            // None only if evicted in between, under extreme churn.
+            map.get_ptr_mut(key)?
         }
     };
     // SAFETY: a live LRU value; concurrent CPUs may interleave (documented
     // on SourceState), which can only lose a charge, never corrupt memory.
-    let state = unsafe { &mut *state };
-    state.syns += 1;
-    if state.bucket.try_take(now, rate, burst) {
-        return true;
-    }
+    Some(unsafe { &mut *state })
+}
+
+/// Records a SYN over `key`'s cap; the first of an event window raises one
+/// event.
+#[inline(always)]
+fn over_cap<C: EbpfContext>(
+    ctx: &C,
+    state: &mut SourceState,
+    key: &AddrWords,
+    prefix_len: u32,
+    now: u64,
+    cfg: &LiveConfig,
+    kind: u8,
+) {
     state.over_cap += 1;
     if state.open_event_window(now, cfg.event_interval_ns()) {
-        raise_event(ctx, key, prefix_len, now, state, kind, cfg.dry_run());
+        raise_event(
+            ctx,
+            key.as_addr(),
+            prefix_len,
+            now,
+            state,
+            kind,
+            cfg.dry_run(),
+        );
     }
-    false
 }
 
 #[inline(always)]

@@ -499,6 +499,61 @@ fn aggregate_cap_limits_a_prefix_of_many_sources() {
 }
 
 #[test]
+fn one_source_over_its_own_cap_does_not_drain_its_neighbours_aggregate() {
+    let mut dp = Dp::new();
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 3;
+        c.aggregate_rate = 0;
+        c.aggregate_burst = 8;
+    });
+    assert_eq!(
+        dp.syns(v4(198, 19, 7, 1), 50),
+        (3, 47),
+        "the flooder is capped alone"
+    );
+    let stats = dp.stats();
+    assert_eq!(stats[Stat::DropSourceRate.index() as usize], 47);
+    assert_eq!(stats[Stat::DropAggregateRate.index() as usize], 0);
+    let mut pass = 0;
+    for host in 10..15 {
+        pass += dp.syns(v4(198, 19, 7, host), 1).0;
+    }
+    assert_eq!(pass, 5, "its /24 still has 8 - 3 tokens for the neighbours");
+}
+
+#[test]
+fn a_saturated_aggregate_drops_spoofed_sources_without_tracking_them() {
+    let mut dp = Dp::new();
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 5;
+        c.aggregate_rate = 0;
+        c.aggregate_burst = 4;
+    });
+    for host in 1..=4 {
+        assert_eq!(dp.syns(v4(198, 19, 9, host), 1), (1, 0));
+    }
+    let created = dp.stats()[Stat::SourcesCreated.index() as usize];
+    assert_eq!(created, 4);
+    let mut drop = 0;
+    for host in 5..=200 {
+        drop += dp.syns(v4(198, 19, 9, host), 1).1;
+    }
+    assert_eq!(
+        drop, 196,
+        "every new source in the saturated /24 is dropped"
+    );
+    let stats = dp.stats();
+    assert_eq!(
+        stats[Stat::SourcesCreated.index() as usize],
+        created,
+        "no per-source state for SYNs the aggregate dropped"
+    );
+    assert_eq!(stats[Stat::DropAggregateRate.index() as usize], 196);
+}
+
+#[test]
 fn the_bucket_refills_with_time() {
     let mut dp = Dp::new();
     // 10/s gives 100 ms of slack between back-to-back test runs before a
