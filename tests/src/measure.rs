@@ -306,6 +306,19 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The CPU trafgen's sending process runs on: with `-P 1` trafgen forks one worker and pins
+/// it to CPU 0 itself (`sched_setaffinity`), whatever `taskset` gave the parent.
+pub const TRAFGEN_CPU: usize = 0;
+
+/// A server core and an attacker core among `allowed` (`allowed_cpus()`): the attacker gets
+/// [`TRAFGEN_CPU`], because that is where trafgen sends from anyway, so the flood's own cost
+/// never lands on the core being measured. `None` with fewer than two CPUs or without CPU 0.
+pub fn server_and_attacker_cpus(allowed: &[usize]) -> Option<(usize, usize)> {
+    let attacker = allowed.iter().copied().find(|&c| c == TRAFGEN_CPU)?;
+    let server = allowed.iter().copied().find(|&c| c != attacker)?;
+    Some((server, attacker))
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills the set we own.
@@ -323,6 +336,15 @@ pub fn allowed_cpus() -> Vec<usize> {
 #[cfg(test)]
 mod stat_tests {
     use super::*;
+
+    #[test]
+    fn the_attacker_gets_the_cpu_trafgen_sends_from() {
+        assert_eq!(server_and_attacker_cpus(&[0, 1]), Some((1, 0)));
+        assert_eq!(server_and_attacker_cpus(&[0, 1, 2, 3]), Some((1, 0)));
+        assert_eq!(server_and_attacker_cpus(&[2, 0]), Some((2, 0)));
+        assert_eq!(server_and_attacker_cpus(&[0]), None);
+        assert_eq!(server_and_attacker_cpus(&[1, 2]), None);
+    }
 
     #[test]
     fn proc_stat_ticks() {

@@ -352,6 +352,14 @@ fn trafgen_syn(
     cpu: Option<usize>,
 ) -> Result<Flood> {
     check_secs(secs)?;
+    if let Some(cpu) = cpu {
+        ensure!(
+            cpu == crate::measure::TRAFGEN_CPU,
+            "trafgen sends from CPU {} whatever it is pinned to; asked for CPU {cpu} \
+             (pick cores with measure::server_and_attacker_cpus)",
+            crate::measure::TRAFGEN_CPU
+        );
+    }
     let src_net = crate::wire::parse_v4_net(src_subnet)?;
     let src_mac = ns.mac(iface)?;
     let config = trafgen_syn_config(src_net, dst, src_mac, dst_mac, port)?;

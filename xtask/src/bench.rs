@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// its veth ring overflows whenever it waits. Default: real-time priority, like softirq.
     #[arg(long)]
     napi_normal: bool,
+    /// Flood the plain veth: every frame then wakes the server's NAPI thread and is copied
+    /// into a page on the server's core before XDP sees it, costs a NIC does not have, the
+    /// same for every mode. Default: frames arrive as from a NIC (page buffers with XDP
+    /// headroom, interrupt coalescing), see `Rig::new` in xtask/src/bench_rig.rs.
+    #[arg(long)]
+    veth_raw: bool,
     /// The flood's fixed offered rate in SYNs per second (trafgen from one source).
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]
     rate: u32,
@@ -134,6 +140,8 @@ mod lab {
     struct Report {
         machine: Machine,
         quick: bool,
+        /// How flood frames reached the server (absent without a flood section).
+        rx_model: Option<bench_rig::RxModel>,
         datapath: Option<bench_datapath::DatapathReport>,
         flood: Option<bench_flood::FloodReport>,
         global: Option<bench_global::GlobalReport>,
@@ -189,11 +197,19 @@ mod lab {
             None
         };
 
+        let mut rx_model = None;
         let (flood, global) = if all || args.flood || args.global {
             let bins = bench_rig::Binaries::build()?;
             check_interrupted()?;
-            let mut rig =
-                bench_rig::Rig::new(bins, !args.napi_normal).context("cannot set up the lab")?;
+            let rx = if args.veth_raw {
+                bench_rig::RxModel::Veth
+            } else {
+                bench_rig::RxModel::Nic
+            };
+            println!("\nlab receive model: {}", rx.describe());
+            rx_model = Some(rx);
+            let mut rig = bench_rig::Rig::new(bins, !args.napi_normal, rx)
+                .context("cannot set up the lab")?;
             let flood = if all || args.flood {
                 let modes = bench_rig::Mode::parse_list(&args.modes)?;
                 let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;
@@ -219,6 +235,7 @@ mod lab {
         let report = Report {
             machine,
             quick: args.quick,
+            rx_model,
             datapath,
             flood,
             global,

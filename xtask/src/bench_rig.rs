@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{Lab, SERVER_V4};
-use guard_tests::measure::{allowed_cpus, parse_stat_ticks};
+use guard_tests::lab::{Lab, ATTACKER_PORT, SERVER_V4};
+use guard_tests::measure::{allowed_cpus, parse_stat_ticks, server_and_attacker_cpus};
 use guard_tests::process::{describe, pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
 use guard_tests::tools::TempDir;
 use guard_tests::twons::{Cgroup, Pins};
 use guard_tests::{ChildGuard, ClientRun, LabClient};
-use guard_user::datapath::GuardMaps;
+use guard_user::datapath::{AttachRequest, Datapath, GuardMaps, MapSizes};
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
@@ -354,9 +354,39 @@ impl Probes {
     }
 }
 
+/// How frames reach the server in the flood bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RxModel {
+    /// As a NIC delivers them (the default): frames in page buffers with XDP headroom, and
+    /// interrupt coalescing. See [`Rig::new`].
+    Nic,
+    /// The plain veth: every frame wakes the server's NAPI thread, and frames arrive as the
+    /// sender's socket buffers, which veth copies into a page before XDP can look at them.
+    Veth,
+}
+
+impl RxModel {
+    pub fn describe(self) -> &'static str {
+        match self {
+            RxModel::Nic => {
+                "NIC-like receive (frames in page buffers with XDP headroom, coalescing 100 µs x 2)"
+            }
+            RxModel::Veth => "plain veth receive (a wake-up and a copy per frame)",
+        }
+    }
+}
+
+/// Server rx coalescing in the NIC model: polls 100 µs apart while frames keep coming, about
+/// what adaptive NIC interrupt moderation settles at under a flood.
+const NIC_COALESCE: Duration = Duration::from_micros(100);
+const NIC_COALESCE_POLLS: u32 = 2;
+
 // Field order is drop order: the server leaves its cgroup before the cgroup is removed, and
 // both before the namespaces go.
 pub struct Rig {
+    /// The NIC model's pass-all program on the switch's attacker port (see `Rig::new`).
+    _wire: Option<Datapath>,
     server: Option<ChildGuard>,
     cgroup: Cgroup,
     dir: TempDir,
@@ -371,10 +401,24 @@ pub struct Rig {
 }
 
 impl Rig {
-    pub fn new(bins: Binaries, napi_rt: bool) -> Result<Self> {
+    /// Builds the lab, threads and pins the server's NAPI context and starts the server.
+    ///
+    /// With [`RxModel::Nic`], frames reach the server as a NIC would deliver them, so that
+    /// filters are compared by what they cost, not by what veth costs around them:
+    /// - a NIC writes frames into driver-owned pages with headroom, and native XDP runs on
+    ///   those before any socket buffer exists. A veth instead receives the sender's socket
+    ///   buffers, and must copy each into a page with XDP headroom before XDP may look at it
+    ///   (`veth_convert_skb_to_xdp_buff`), on the server's core. A pass-all XDP program on the
+    ///   switch's attacker port (guard's own, protecting no port) makes that copy happen there,
+    ///   on the attacker's core, standing in for the NIC's DMA. Frames then cross the bridge as
+    ///   page-backed buffers with headroom, which the server's veth hands to XDP as they are.
+    ///   This favours the skb-based filters, if anything: they receive a buffer already built,
+    ///   where a NIC driver would build it on the server's core;
+    /// - interrupt coalescing ([`Lab::coalesce_server_rx`]), applied to every mode alike.
+    pub fn new(bins: Binaries, napi_rt: bool, rx: RxModel) -> Result<Self> {
         let cpus = allowed_cpus();
-        let [server_cpu, attacker_cpu, ..] = cpus[..] else {
-            bail!("the flood bench needs two CPUs (one for the server, one for the attacker); this process may use {cpus:?}");
+        let Some((server_cpu, attacker_cpu)) = server_and_attacker_cpus(&cpus) else {
+            bail!("the flood bench needs two CPUs, one of them CPU 0 (trafgen sends from it): one for the server, one for the attacker; this process may use {cpus:?}");
         };
         let lab = Lab::new()?;
         let cgroup = Cgroup::new("bench")?;
@@ -386,7 +430,20 @@ impl Rig {
             "[escalation]\nenabled = false\n",
         )?;
         let client = LabClient::at(&bins.lab_client);
+        let wire = match rx {
+            RxModel::Veth => None,
+            RxModel::Nic => {
+                lab.coalesce_server_rx(NIC_COALESCE, NIC_COALESCE_POLLS)?;
+                let mut wire = Datapath::load(&MapSizes::default(), None)
+                    .context("load a pass-all program for the switch's attacker port")?;
+                lab.switch
+                    .run_in(|| wire.attach(ATTACKER_PORT, AttachRequest::XdpNative))?
+                    .with_context(|| format!("attach XDP to the switch's {ATTACKER_PORT}"))?;
+                Some(wire)
+            }
+        };
         let mut rig = Self {
+            _wire: wire,
             server: None,
             cgroup,
             dir,
