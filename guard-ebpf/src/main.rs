@@ -326,13 +326,13 @@ impl HostKey {
 /// `created` counts creations. `None` when it cannot be tracked: a source we
 /// cannot track is not one we can judge, so callers admit.
 #[inline(always)]
-fn tracked<'a>(
-    map: &'a LruHashMap<Addr, SourceState>,
+fn tracked(
+    map: &LruHashMap<Addr, SourceState>,
     key: &Addr,
     burst: u32,
     now: u64,
     created: Option<Stat>,
-) -> Option<&'a mut SourceState> {
+) -> Option<&'static mut SourceState> {
     let state = match map.get_ptr_mut(key) {
         Some(state) => state,
         None => {
@@ -346,8 +346,11 @@ fn tracked<'a>(
             map.get_ptr_mut(key)?
         }
     };
-    // SAFETY: a live LRU value; concurrent CPUs may interleave (documented
-    // on SourceState), which can only lose a charge, never corrupt memory.
+    // SAFETY: LRU values live in the map's preallocated pool, valid memory
+    // for as long as the map exists (longer than this run). An entry
+    // evicted meanwhile may be reused for another key, and concurrent CPUs
+    // may interleave (documented on SourceState): either can only mis-count
+    // a charge, never corrupt memory.
     Some(unsafe { &mut *state })
 }
 

@@ -64,7 +64,7 @@ pub enum DatapathError {
         root: PathBuf,
         detail: String,
     },
-    #[error("the kernel refused to load the guard program (needs Linux >= 5.8 with BPF, BTF and XDP; this build was verified on 6.x): {0}")]
+    #[error("the kernel refused to load the guard program (needs Linux >= 5.8 with BPF, BTF and XDP, on an architecture with efficient unaligned access such as x86-64 or arm64; this build was verified on 6.x): {0}")]
     Load(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("map {name}: {source}")]
     Map {

@@ -6,7 +6,8 @@
 //!   kernel memory one tracked source costs;
 //! - `--flood`: one SYN flood against no protection, an nftables meter, iptables hashlimit and
 //!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
-//!   shared/LAB.md, at a fixed offered rate and at the flood tool's maximum;
+//!   shared/LAB.md, at a fixed offered rate and at the flood tool's maximum; frames reach the
+//!   server as from a NIC unless `--veth-raw` (see `bench_rig::Rig::new`);
 //! - `--global`: a random-source flood while returning ("known good") clients keep
 //!   connecting, with and without the global new-connection budget.
 //!
