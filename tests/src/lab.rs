@@ -194,10 +194,9 @@ impl Lab {
     /// switch's `p-srv`) does no TSO; otherwise they are processed on the sender's core and a
     /// flood would cost the attacker's core, not the server's. `threaded` then moves that
     /// context into a kthread; which one is ours comes from a real connection's
-    /// `SO_INCOMING_NAPI_ID`, so no other lab's thread is ever touched. `threaded` is only
-    /// writable through the namespace's own sysfs, hence `ip netns exec` (which mounts it)
-    /// rather than `nsenter`. Calling it again (after a program swap replaced the thread) finds
-    /// the current thread. The thread goes away with the namespace.
+    /// `SO_INCOMING_NAPI_ID`, so no other lab's thread is ever touched. Calling it again
+    /// (after a program swap replaced the thread) finds the current thread. The thread goes
+    /// away with the namespace.
     pub fn thread_server_napi(&self) -> Result<u32> {
         self.switch
             .exec(&["ethtool", "-K", "p-srv", "tso", "off"])
@@ -205,15 +204,8 @@ impl Lab {
         self.server
             .exec(&["ethtool", "-K", ROLE_IF, "gro", "on"])
             .context("enable GRO (NAPI) on the server veth")?;
-        crate::process::run_checked(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            self.server.name(),
-            "sh",
-            "-c",
-            &format!("echo 1 > /sys/class/net/{ROLE_IF}/threaded"),
-        ]))
-        .context("enable threaded NAPI on the server veth")?;
+        self.write_server_sysfs(&[("threaded", "1".into())])
+            .context("enable threaded NAPI on the server veth")?;
         let id = self.server_napi_id()?;
         let name = format!("napi/{ROLE_IF}-{id}");
         find_kthread(&name).with_context(|| format!("no kernel thread {name}"))
@@ -228,19 +220,30 @@ impl Lab {
     /// most of the server's cost per frame, hiding what the filters themselves cost. Per-device
     /// settings on this lab's own interface: they go with the namespace.
     pub fn coalesce_server_rx(&self, timeout: Duration, defer: u32) -> Result<()> {
+        self.write_server_sysfs(&[
+            ("napi_defer_hard_irqs", defer.to_string()),
+            ("gro_flush_timeout", timeout.as_nanos().to_string()),
+        ])
+        .context("set interrupt coalescing on the server veth")
+    }
+
+    /// Writes attributes of the server's veth under /sys/class/net. Only the namespace's own
+    /// sysfs shows its interfaces, hence `ip netns exec` (which mounts it) rather than
+    /// `nsenter`.
+    fn write_server_sysfs(&self, attrs: &[(&str, String)]) -> Result<()> {
+        let script = attrs
+            .iter()
+            .map(|(attr, value)| format!("echo {value} > /sys/class/net/{ROLE_IF}/{attr}"))
+            .collect::<Vec<_>>()
+            .join(" && ");
         crate::process::run_checked(std::process::Command::new("ip").args([
             "netns",
             "exec",
             self.server.name(),
             "sh",
             "-c",
-            &format!(
-                "echo {defer} > /sys/class/net/{ROLE_IF}/napi_defer_hard_irqs && \
-                 echo {ns} > /sys/class/net/{ROLE_IF}/gro_flush_timeout",
-                ns = timeout.as_nanos()
-            ),
-        ]))
-        .context("set interrupt coalescing on the server veth")?;
+            &script,
+        ]))?;
         Ok(())
     }
 
