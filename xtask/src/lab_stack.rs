@@ -184,9 +184,11 @@ impl Cpus {
     /// The first two cores this process may run on, or no pinning on a one-core machine.
     ///
     /// trafgen sends from CPU 0 whatever it is pinned to (see `measure::TRAFGEN_CPU`), which
-    /// is the server's core here: the demo's trafgen scenarios count the flood tool's own
-    /// sending into the server core's busy share. The flood bench, which compares CPU, puts
-    /// its attacker on CPU 0 instead (`measure::server_and_attacker_cpus`).
+    /// is the server's core here: in the demo's trafgen scenarios the flood tool shares the
+    /// server's core (its time is not in "server CPU", which counts the server's own threads,
+    /// but is in the core's busy share). The flood bench puts its attacker on CPU 0 instead
+    /// (`measure::server_and_attacker_cpus`); with the server on CPU 1 this stack lost a third
+    /// of a 3000/s random-source flood before XDP (ring and backlog drops), not yet explained.
     pub fn detect() -> Self {
         let allowed = allowed_cpus();
         match allowed.as_slice() {
