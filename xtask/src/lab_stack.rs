@@ -188,7 +188,9 @@ impl Cpus {
     /// server's core (its time is not in "server CPU", which counts the server's own threads,
     /// but is in the core's busy share). The flood bench puts its attacker on CPU 0 instead
     /// (`measure::server_and_attacker_cpus`); with the server on CPU 1 this stack lost a third
-    /// of a 3000/s random-source flood before XDP (ring and backlog drops), not yet explained.
+    /// of a 3000/s random-source flood before XDP (ring and backlog drops), not yet explained;
+    /// a lead: perf sampled the idle server vCPU far less than the busy one, as if waking an
+    /// idle vCPU from the other one were slow on this VM.
     pub fn detect() -> Self {
         let allowed = allowed_cpus();
         match allowed.as_slice() {
