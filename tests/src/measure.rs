@@ -265,8 +265,22 @@ pub fn syn_loss_probe_with(
     interval_ms: u32,
     cpu: Option<usize>,
 ) -> Result<ProbeResult> {
-    ensure!(n > 0, "a probe needs at least one connect");
     let target = std::net::SocketAddr::new(dst, port);
+    spawn_syn_loss_probe(client, ns, src_ip, target, n, interval_ms, cpu)?.wait()
+}
+
+/// Starts `n` connects from `src_ip` to `target`, `interval_ms` apart, each given 3 s (one SYN
+/// retransmission, ~1 s, still connects and counts as lost); bounded by its own run time.
+pub fn spawn_syn_loss_probe(
+    client: &LabClient,
+    ns: &Netns,
+    src_ip: IpAddr,
+    target: std::net::SocketAddr,
+    n: u32,
+    interval_ms: u32,
+    cpu: Option<usize>,
+) -> Result<ClientRun<ProbeResult>> {
+    ensure!(n > 0, "a probe needs at least one connect");
     // Worst case: every connect times out after 3 s; that bounds how long to wait.
     let secs = (u64::from(n) * (u64::from(interval_ms) + 3_000)).div_ceil(1_000) + 1;
     let args: Vec<String> = [
@@ -286,9 +300,7 @@ pub fn syn_loss_probe_with(
     ]
     .map(String::from)
     .into();
-    client
-        .spawn(ns, &args, cpu, Duration::from_secs(secs + 5))?
-        .wait()
+    client.spawn(ns, &args, cpu, Duration::from_secs(secs + 5))
 }
 
 /// utime + stime of a process (all its threads) or kernel thread, in clock ticks.

@@ -60,19 +60,7 @@ pub struct BenchArgs {
 
 #[cfg(not(feature = "lab"))]
 pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
-    use anyhow::{bail, Context as _};
-    use std::os::unix::process::CommandExt as _;
-    if !crate::is_root() {
-        bail!("the bench loads BPF programs and builds network namespaces: run `sudo -E cargo xtask bench`");
-    }
-    crate::setup::setup()?;
-    // exec, not spawn: Ctrl-C and the exit status then belong to the bench process alone.
-    let err = crate::cargo()
-        .current_dir(crate::workspace_root())
-        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
-        .args(std::env::args_os().skip(1))
-        .exec();
-    Err(err).context("cannot re-run xtask with the lab feature")
+    crate::exec_with_lab_feature("sudo -E cargo xtask bench")
 }
 
 #[cfg(feature = "lab")]
@@ -96,7 +84,6 @@ mod bench_table;
 
 #[cfg(feature = "lab")]
 mod lab {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
 
     use anyhow::{bail, Context as _, Result};
@@ -105,36 +92,8 @@ mod lab {
     use super::bench_table::Goal;
     use super::{bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
 
-    /// Set by SIGINT/SIGTERM. Every wait in the bench checks it, so Ctrl-C unwinds through the
-    /// guards (floods stopped, agent unloaded, namespaces and cgroup removed) instead of
-    /// killing the process with its lab still in place.
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-    pub fn interrupted() -> bool {
-        INTERRUPTED.load(Ordering::Relaxed)
-    }
-
-    /// Fails once Ctrl-C was pressed; called between steps.
-    pub fn check_interrupted() -> Result<()> {
-        if interrupted() {
-            bail!("interrupted");
-        }
-        Ok(())
-    }
-
-    extern "C" fn on_signal(_: libc::c_int) {
-        // Only an atomic store: async-signal-safe.
-        INTERRUPTED.store(true, Ordering::Relaxed);
-    }
-
-    fn install_signal_handlers() {
-        let handler = on_signal as extern "C" fn(libc::c_int);
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-        }
-    }
+    pub use crate::demo::lab_stack::check_interrupted;
+    use crate::demo::lab_stack::install_signal_handlers;
 
     /// Everything one run measured, for `--json`.
     #[derive(Debug, Serialize)]

@@ -24,6 +24,7 @@ use serde::Serialize;
 use super::bench_rig::{legit_sources, Counters, CpuShares, Mode, Probes, Rig, PORT};
 use super::bench_table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 use super::lab::check_interrupted;
+use crate::demo::lab_stack::pause;
 
 /// The flood's one source: spoofed inside 198.19.0.0/16, which the server routes back to the
 /// attacker, so SYN-ACKs die there instead of leaving.
@@ -179,7 +180,7 @@ fn measure(
     check_interrupted()?;
     let protection = rig.protect(mode, &[])?;
     // Let the agent's first map writes and the rule installation settle.
-    rig.pause(Duration::from_millis(300))?;
+    pause(Duration::from_millis(300))?;
     let before = rig.counters(&protection)?;
     let started = Instant::now();
     let flood = match load {
@@ -212,7 +213,7 @@ fn measure(
         ),
     };
     if flood.is_some() {
-        rig.pause(plan.warmup)?;
+        pause(plan.warmup)?;
     }
     let mut core = CpuSampler::new(rig.server_cpu)?;
     let ours = rig.cpu_snapshot(&protection)?;

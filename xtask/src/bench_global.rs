@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::bench_rig::{legit_sources, CpuShares, Mode, Probes, Protection, Rig, PORT};
 use super::bench_table::{fmt_rate, mean, Goal, Table};
 use super::lab::check_interrupted;
+use crate::demo::lab_stack::pause;
 
 const FLOOD_NET: &str = "198.19.0.0/16";
 /// The budget: all new connections together, per second, and at once.
@@ -117,7 +118,7 @@ pub fn run(rig: &mut Rig, quick: bool) -> Result<GlobalReport> {
                 flood_secs,
                 Some(rig.attacker_cpu),
             )?;
-            rig.pause(warmup)?;
+            pause(warmup)?;
             let mut core = CpuSampler::new(rig.server_cpu)?;
             let ours = rig.cpu_snapshot(&protection)?;
             let probes = rig.start_probes(&sources, per_source, 80)?.wait()?;

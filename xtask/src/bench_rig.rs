@@ -11,7 +11,6 @@
 //! agent stopped and its program unloaded (pins removed), then the cgroup and the namespaces
 //! (taking nftables and iptables rules with them) are deleted.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -21,8 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{Lab, ATTACKER_PORT, SERVER_V4};
-use guard_tests::measure::{allowed_cpus, parse_stat_ticks, server_and_attacker_cpus};
-use guard_tests::process::{describe, pin_to_cpu, run_checked};
+use guard_tests::measure::{
+    allowed_cpus, parse_stat_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
+};
+use guard_tests::process::{pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
 use guard_tests::tools::TempDir;
 use guard_tests::twons::{Cgroup, Pins};
@@ -31,7 +32,8 @@ use guard_user::datapath::{AttachRequest, Datapath, GuardMaps, MapSizes};
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
-use super::lab::{check_interrupted, interrupted};
+use super::lab::check_interrupted;
+use crate::demo::lab_stack::artifacts;
 
 /// The port the server listens on and every protection guards.
 pub const PORT: u16 = 8080;
@@ -58,37 +60,15 @@ pub struct Binaries {
 
 impl Binaries {
     pub fn build() -> Result<Self> {
-        let mut cmd = crate::cargo();
-        cmd.current_dir(crate::workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "guard-user",
-                "-p",
-                "guard-tests",
-                "--bins",
-            ])
-            .arg("--message-format=json-render-diagnostics")
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit());
-        let line = describe(&cmd);
-        let out = cmd
-            .output()
-            .with_context(|| format!("cannot run `{line}`"))?;
-        ensure!(out.status.success(), "`{line}` failed ({})", out.status);
-        // Paths from cargo's own artifact messages: a custom target dir cannot mislead them.
-        let mut found = BTreeMap::new();
-        for msg in String::from_utf8_lossy(&out.stdout).lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(msg) else {
-                continue;
-            };
-            if let (Some(name), Some(exe)) =
-                (v["target"]["name"].as_str(), v["executable"].as_str())
-            {
-                found.insert(name.to_string(), PathBuf::from(exe));
-            }
-        }
+        let found = artifacts(crate::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "guard-user",
+            "-p",
+            "guard-tests",
+            "--bins",
+        ]))?;
         let take = |name: &str| {
             found
                 .get(name)
@@ -686,44 +666,19 @@ impl Rig {
         per_source: u32,
         interval_ms: u32,
     ) -> Result<ProbeRun> {
-        let secs = (u64::from(per_source) * (u64::from(interval_ms) + 3_000)).div_ceil(1_000) + 1;
         let mut runs = Vec::new();
         for src in sources {
-            let args: Vec<String> = [
-                "probe",
-                "--target",
-                &SocketAddr::from((SERVER_V4, PORT)).to_string(),
-                "--bind",
-                &src.to_string(),
-                "--count",
-                &per_source.to_string(),
-                "--interval-ms",
-                &interval_ms.to_string(),
-                "--connect-timeout-ms",
-                "3000",
-                "--secs",
-                &secs.to_string(),
-            ]
-            .map(String::from)
-            .into();
-            runs.push(self.client.spawn::<ProbeReport>(
+            runs.push(spawn_syn_loss_probe(
+                &self.client,
                 &self.lab.legit,
-                &args,
+                (*src).into(),
+                SocketAddr::from((SERVER_V4, PORT)),
+                per_source,
+                interval_ms,
                 Some(self.server_cpu),
-                Duration::from_secs(secs + 5),
             )?);
         }
         Ok(ProbeRun { runs })
-    }
-
-    /// Waits `d`, returning early (with an error) on Ctrl-C.
-    pub fn pause(&self, d: Duration) -> Result<()> {
-        let end = Instant::now() + d;
-        while Instant::now() < end {
-            check_interrupted()?;
-            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
-        }
-        Ok(())
     }
 }
 
@@ -737,9 +692,7 @@ impl ProbeRun {
         let mut total = Probes::default();
         for run in self.runs {
             // Each is bounded by its own --secs; Ctrl-C stops the rest via their guards.
-            if interrupted() {
-                bail!("interrupted");
-            }
+            check_interrupted()?;
             total.add(&run.wait()?);
         }
         Ok(total)

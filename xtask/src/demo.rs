@@ -34,19 +34,7 @@ pub struct DemoArgs {
 
 #[cfg(not(feature = "lab"))]
 pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
-    use anyhow::{bail, Context as _};
-    use std::os::unix::process::CommandExt as _;
-    if !crate::is_root() {
-        bail!("the lab builds network namespaces and loads BPF programs: run `sudo -E cargo xtask demo`");
-    }
-    crate::setup::setup()?;
-    // exec, not spawn: Ctrl-C and the exit status then belong to the lab process alone.
-    let err = crate::cargo()
-        .current_dir(crate::workspace_root())
-        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
-        .args(std::env::args_os().skip(1))
-        .exec();
-    Err(err).context("cannot re-run xtask with the lab feature")
+    crate::exec_with_lab_feature("sudo -E cargo xtask demo")
 }
 
 #[cfg(feature = "lab")]
@@ -57,14 +45,13 @@ pub use lab::main;
 mod lab_chart;
 #[cfg(feature = "lab")]
 #[path = "lab_stack.rs"]
-mod lab_stack;
+pub(crate) mod lab_stack;
 
 #[cfg(feature = "lab")]
 mod lab {
     use std::fmt::Write as _;
     use std::net::Ipv4Addr;
     use std::path::Path;
-    use std::sync::atomic::Ordering;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use anyhow::{bail, Context as _, Result};
@@ -77,9 +64,9 @@ mod lab {
 
     use super::lab_chart::{self, Row};
     use super::lab_stack::{
-        args, attacker_ip, audit_ts_unix, interrupted, metric, pause, Adaptive, AppOptions,
-        Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder,
-        Stack, APP_PORT, INTERRUPTED, SLICE_SECS,
+        args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
+        Adaptive, AppOptions, Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome,
+        Sample, SlotHoarder, Stack, APP_PORT, SLICE_SECS,
     };
     use super::DemoArgs;
 
@@ -379,21 +366,6 @@ mod lab {
         napi_thread_pinned: bool,
         timing: Timing,
         scenarios: Vec<ScenarioReport>,
-    }
-
-    extern "C" fn on_signal(_: libc::c_int) {
-        // Only an atomic store: async-signal-safe. The run notices, unwinds, and the guards
-        // stop the processes, unload guard and delete the namespaces.
-        INTERRUPTED.store(true, Ordering::Relaxed);
-    }
-
-    fn install_signal_handlers() {
-        let handler = on_signal as extern "C" fn(libc::c_int);
-        // SAFETY: installing a handler that only stores to an atomic.
-        unsafe {
-            libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-        }
     }
 
     pub fn main(a: DemoArgs) -> Result<()> {

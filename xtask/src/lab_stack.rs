@@ -56,21 +56,43 @@ pub const LEGIT_PROBE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// The switch's end of the server's veth pair (named by the lab toolkit).
 const SERVER_PEER: &str = "p-srv";
 
-/// Set by the demo's SIGINT/SIGTERM handler; every wait here checks it, so an interrupted run
-/// unwinds through the guards instead of waiting for its scenarios to end.
+/// Set by the SIGINT/SIGTERM handler of the demo and the bench; every wait checks it, so an
+/// interrupted run unwinds through the guards (floods stopped, guard unloaded, namespaces
+/// deleted) instead of waiting for its scenarios to end.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// Fails once Ctrl-C was pressed; called between steps.
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Routes SIGINT and SIGTERM to [`INTERRUPTED`].
+pub fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int);
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
 /// Sleeps `d` in short slices; fails as soon as the run is interrupted.
 pub fn pause(d: Duration) -> Result<()> {
     let end = Instant::now() + d;
     loop {
-        if interrupted() {
-            bail!("interrupted");
-        }
+        check_interrupted()?;
         let now = Instant::now();
         if now >= end {
             return Ok(());
@@ -145,7 +167,7 @@ impl Binaries {
 
 /// Runs a cargo build with JSON messages on stdout (diagnostics still rendered on stderr) and
 /// returns executable paths by target name.
-fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
+pub fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
     cmd.current_dir(workspace_root())
         .arg("--message-format=json-render-diagnostics")
         .stdin(Stdio::null())

@@ -68,6 +68,25 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The lab commands (demo, bench) without the `lab` feature: checks root, runs setup, then
+/// replaces this process with xtask built with `lab`, which holds them (plain xtask stays free
+/// of the eBPF build). `sudo_hint` is the command to suggest without root.
+#[cfg(not(feature = "lab"))]
+fn exec_with_lab_feature(sudo_hint: &str) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    if !is_root() {
+        bail!("this builds network namespaces and loads BPF programs: run `{sudo_hint}`");
+    }
+    setup::setup()?;
+    // exec, not spawn: Ctrl-C and the exit status then belong to the lab process alone.
+    let err = cargo()
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("cannot re-run xtask with the lab feature")
+}
+
 pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
