@@ -347,12 +347,14 @@ pub enum RxModel {
 }
 
 impl RxModel {
-    pub fn describe(self) -> &'static str {
+    pub fn describe(self) -> String {
         match self {
-            RxModel::Nic => {
-                "NIC-like receive (frames in page buffers with XDP headroom, coalescing 100 µs x 2)"
-            }
-            RxModel::Veth => "plain veth receive (a wake-up and a copy per frame)",
+            RxModel::Nic => format!(
+                "NIC-like receive (frames in page buffers with XDP headroom, coalescing {} µs x {})",
+                NIC_COALESCE.as_micros(),
+                NIC_COALESCE_POLLS
+            ),
+            RxModel::Veth => "plain veth receive (a wake-up and a copy per frame)".into(),
         }
     }
 }
