@@ -88,14 +88,8 @@ enum Cmd {
     },
     /// Show or change the live config.
     Config {
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Count would-be drops only.
-        #[arg(long, conflicts_with = "enforce")]
-        dry_run: bool,
-        /// Drop again.
-        #[arg(long)]
-        enforce: bool,
+        #[command(flatten)]
+        change: ConfigChangeArgs,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -119,12 +113,8 @@ enum Cmd {
 /// `guard tune`: live tuning (also what `cargo xtask tune` runs).
 #[derive(clap::Args)]
 struct TuneArgs {
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    #[arg(long, conflicts_with = "enforce")]
-    dry_run: bool,
-    #[arg(long)]
-    enforce: bool,
+    #[command(flatten)]
+    change: ConfigChangeArgs,
     #[arg(long)]
     block: Vec<String>,
     #[arg(long)]
@@ -225,19 +215,36 @@ fn print_response(resp: &Response) {
     }
 }
 
-fn config_changes(set: &[String], dry_run: bool, enforce: bool) -> Result<Vec<(String, String)>> {
-    let mut changes = Vec::new();
-    for s in set {
-        changes
-            .push(config_kv::parse_assignment(s).map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?);
+/// Live config changes, as `guard config` and `guard tune` take them.
+#[derive(clap::Args)]
+struct ConfigChangeArgs {
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Count would-be drops only.
+    #[arg(long, conflicts_with = "enforce")]
+    dry_run: bool,
+    /// Drop again.
+    #[arg(long)]
+    enforce: bool,
+}
+
+impl ConfigChangeArgs {
+    /// The `key = value` changes to send, in order; empty when none was asked for.
+    fn changes(&self) -> Result<Vec<(String, String)>> {
+        let mut changes = Vec::new();
+        for s in &self.set {
+            changes.push(
+                config_kv::parse_assignment(s).map_err(|e| anyhow::anyhow!("--set {s}: {e}"))?,
+            );
+        }
+        if self.dry_run {
+            changes.push(("dry_run".into(), "true".into()));
+        }
+        if self.enforce {
+            changes.push(("dry_run".into(), "false".into()));
+        }
+        Ok(changes)
     }
-    if dry_run {
-        changes.push(("dry_run".into(), "true".into()));
-    }
-    if enforce {
-        changes.push(("dry_run".into(), "false".into()));
-    }
-    Ok(changes)
 }
 
 fn status(pins: &PinArg) -> Result<()> {
@@ -295,9 +302,7 @@ fn status(pins: &PinArg) -> Result<()> {
 
 async fn tune_cmd(a: TuneArgs) -> Result<()> {
     let TuneArgs {
-        set,
-        dry_run,
-        enforce,
+        change,
         block,
         unblock,
         allow,
@@ -313,7 +318,7 @@ async fn tune_cmd(a: TuneArgs) -> Result<()> {
         return history(&socket, &since, p.as_deref(), 500).await;
     }
     let mut acted = false;
-    let changes = config_changes(&set, dry_run, enforce)?;
+    let changes = change.changes()?;
     if !changes.is_empty() {
         print_response(&call(&socket, Request::SetConfig { changes }).await?);
         acted = true;
@@ -468,13 +473,8 @@ async fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Config {
-            set,
-            dry_run,
-            enforce,
-            socket,
-        } => {
-            let changes = config_changes(&set, dry_run, enforce)?;
+        Cmd::Config { change, socket } => {
+            let changes = change.changes()?;
             let req = if changes.is_empty() {
                 Request::GetConfig
             } else {
