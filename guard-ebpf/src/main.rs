@@ -206,11 +206,6 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     // token is taken only once the source's own cap admitted the SYN, so a
     // single source flooding past its own cap never drains the budget its
     // neighbours share.
-    let aggregate_over_cap = |state: &mut SourceState, key: &AddrWords| {
-        let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        over_cap(ctx, state, key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
-        drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate)
-    };
     let aggregate = if cfg.aggregate_cap_enabled() {
         let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
         match tracked(&AGGREGATES, key.as_addr(), cfg.aggregate_burst, now, None) {
@@ -220,7 +215,14 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
                     .bucket
                     .refill(now, cfg.aggregate_rate, cfg.aggregate_burst);
                 if !state.bucket.has_token() {
-                    return aggregate_over_cap(state, &key);
+                    let len =
+                        src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+                    over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
+                    return drop_or_dry_run(
+                        cfg,
+                        Stat::DropAggregateRate,
+                        Stat::WouldDropAggregateRate,
+                    );
                 }
                 Some((state, key))
             }
@@ -251,7 +253,9 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     if let Some((state, key)) = aggregate {
         // Another CPU may have taken the last token since the look above.
         if !state.bucket.take() {
-            return aggregate_over_cap(state, &key);
+            let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+            over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
+            return drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
         }
     }
     if cfg.global_budget_enabled() {
