@@ -4,7 +4,7 @@ use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
@@ -13,13 +13,14 @@ use crate::netns::Netns;
 use crate::process::ChildGuard;
 use crate::report::ProbeResult;
 
-/// Cumulative jiffies of one CPU from /proc/stat.
+/// Cumulative times of one CPU from /proc/stat, in clock ticks (`USER_HZ`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuTimes {
     /// Everything but idle and iowait (user, nice, system, irq, softirq, steal). softirq is
     /// where XDP and the TCP stack run for veth traffic, so it must count as busy.
     pub busy: u64,
-    pub total: u64,
+    /// Idle and iowait.
+    pub idle: u64,
 }
 
 /// Reads `cpuN`'s line from /proc/stat text.
@@ -44,11 +45,18 @@ pub fn parse_proc_stat(text: &str, cpu: usize) -> Result<CpuTimes> {
     let idle = fields[3] + fields[4];
     Ok(CpuTimes {
         busy: total - idle,
-        total,
+        idle,
     })
 }
 
-/// Busy share of one core between two readings of /proc/stat.
+/// Busy share of one core between two readings of /proc/stat: the share of wall-clock time
+/// the core was not idle.
+///
+/// Only idle time is taken from /proc/stat: on a tickless kernel it is measured at every idle
+/// entry and exit, while the busy fields are sampled once per scheduler tick (unless the kernel
+/// has IRQ time accounting), which undercounts work done in bursts shorter than a tick — the
+/// way a packet thread works — and scatters the rest (a 4 s window at 5 % busy is some 50
+/// samples at HZ=250).
 ///
 /// /proc/stat is system-wide (not per network namespace), so a sampler measures everything on
 /// that core: the server, its softirqs, and anything else pinned there.
@@ -56,6 +64,7 @@ pub fn parse_proc_stat(text: &str, cpu: usize) -> Result<CpuTimes> {
 pub struct CpuSampler {
     cpu: usize,
     last: CpuTimes,
+    at: Instant,
 }
 
 impl CpuSampler {
@@ -64,6 +73,7 @@ impl CpuSampler {
         Ok(Self {
             cpu,
             last: read_cpu(cpu)?,
+            at: Instant::now(),
         })
     }
 
@@ -74,8 +84,10 @@ impl CpuSampler {
     /// Busy percent (0–100) since `new` or the previous call; restarts the interval.
     pub fn busy_percent(&mut self) -> Result<f64> {
         let now = read_cpu(self.cpu)?;
-        let pct = busy_between(self.last, now);
+        let at = Instant::now();
+        let pct = busy_between(self.last, now, at - self.at, clock_ticks()?);
         self.last = now;
+        self.at = at;
         Ok(pct)
     }
 
@@ -87,13 +99,22 @@ impl CpuSampler {
     }
 }
 
-/// Busy percent between two readings; 0 when no time passed.
-pub fn busy_between(before: CpuTimes, after: CpuTimes) -> f64 {
-    let total = after.total.saturating_sub(before.total);
-    if total == 0 {
+/// Busy percent between two readings `wall` apart, /proc/stat counting `ticks_per_s`; 0 when
+/// no time passed.
+pub fn busy_between(before: CpuTimes, after: CpuTimes, wall: Duration, ticks_per_s: f64) -> f64 {
+    if wall.is_zero() {
         return 0.0;
     }
-    after.busy.saturating_sub(before.busy) as f64 * 100.0 / total as f64
+    let idle_s = after.idle.saturating_sub(before.idle) as f64 / ticks_per_s;
+    (100.0 * (1.0 - idle_s / wall.as_secs_f64())).clamp(0.0, 100.0)
+}
+
+/// The unit of /proc/stat and of /proc/<pid>/stat's CPU times (`USER_HZ`).
+pub fn clock_ticks() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "cannot read the clock tick rate");
+    Ok(hz as f64)
 }
 
 fn read_cpu(cpu: usize) -> Result<CpuTimes> {
@@ -386,7 +407,7 @@ mod tests {
             parse_proc_stat(STAT, 0).unwrap(),
             CpuTimes {
                 busy: 95,
-                total: 500
+                idle: 405
             }
         );
         assert_eq!(parse_proc_stat(STAT, 1).unwrap().busy, 60);
@@ -396,17 +417,22 @@ mod tests {
     }
 
     #[test]
-    fn busy_share() {
+    fn busy_share_is_the_wall_time_not_idle() {
         let a = CpuTimes {
             busy: 100,
-            total: 1000,
+            idle: 1000,
         };
+        // 1.5 s of wall time, 0.6 s of it idle: 60 % busy, whatever the sampled busy
+        // fields say.
         let b = CpuTimes {
-            busy: 150,
-            total: 1100,
+            busy: 101,
+            idle: 1060,
         };
-        assert!((busy_between(a, b) - 50.0).abs() < 1e-9);
-        assert_eq!(busy_between(a, a), 0.0);
+        let wall = Duration::from_millis(1500);
+        assert!((busy_between(a, b, wall, 100.0) - 60.0).abs() < 1e-9);
+        assert_eq!(busy_between(a, b, Duration::ZERO, 100.0), 0.0);
+        // Idle rounded up to a whole tick can exceed a short wall interval: never negative.
+        assert_eq!(busy_between(a, b, Duration::from_millis(500), 100.0), 0.0);
     }
 
     #[test]

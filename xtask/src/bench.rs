@@ -42,19 +42,24 @@ pub struct BenchArgs {
     /// tc. Default: all.
     #[arg(long = "mode", value_name = "MODE")]
     modes: Vec<String>,
-    /// Leave the server's NAPI thread at normal priority, as shared/LAB.md measured: it then
-    /// competes with everything else on the server core (other people's work included), and
-    /// its veth ring overflows whenever it waits. Default: real-time priority, like softirq.
+    /// Give the server's NAPI thread real-time priority, as softirq has on a lightly loaded
+    /// host, so it preempts everything else on the server core. Default: normal priority, as
+    /// shared/LAB.md measured and as a kernel under a flood ends up running receive work
+    /// (deferred to ksoftirqd, a normal thread): it then shares the core with the server and
+    /// the clients, its ring overflows when it has to wait, and an unprotected server loses
+    /// legitimate SYNs — which the lost-SYN goal needs to be decided at all.
     #[arg(long)]
-    napi_normal: bool,
-    /// Flood the plain veth: every frame then wakes the server's NAPI thread and is copied
-    /// into a page on the server's core before XDP sees it, costs a NIC does not have, the
-    /// same for every mode. Default: frames arrive as from a NIC (page buffers with XDP
-    /// headroom, interrupt coalescing), see `Rig::new` in xtask/src/bench_rig.rs.
+    napi_rt: bool,
+    /// Flood the plain veth: every frame then wakes the server's NAPI thread and arrives as
+    /// the sender's socket buffer, which XDP must free (or first copy into a page), costs a NIC
+    /// does not have. Default: the flood arrives as raw frames, as from a NIC, with interrupt
+    /// coalescing; see `Rig::new` in xtask/src/bench_rig.rs.
     #[arg(long)]
     veth_raw: bool,
-    /// The flood's fixed offered rate in SYNs per second (trafgen from one source).
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]
+    /// The flood's fixed offered rate in SYNs per second (trafgen from one source). The
+    /// default is about what shared/LAB.md's hping3 reached, and large enough that the
+    /// filters' shares of the core stand well clear of the idle core's noise.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]
     rate: u32,
 }
 
@@ -81,6 +86,9 @@ mod bench_rig;
 #[cfg(feature = "lab")]
 #[path = "bench_table.rs"]
 mod bench_table;
+#[cfg(feature = "lab")]
+#[path = "bench_wire.rs"]
+mod bench_wire;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -168,8 +176,8 @@ mod lab {
             };
             println!("\nlab receive model: {}", rx.describe());
             rx_model = Some(rx);
-            let mut rig = bench_rig::Rig::new(bins, !args.napi_normal, rx)
-                .context("cannot set up the lab")?;
+            let mut rig =
+                bench_rig::Rig::new(bins, args.napi_rt, rx).context("cannot set up the lab")?;
             let flood = if all || args.flood {
                 let modes = bench_rig::Mode::parse_list(&args.modes)?;
                 let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;

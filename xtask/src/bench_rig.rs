@@ -19,19 +19,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{Lab, ATTACKER_PORT, SERVER_V4};
+use guard_tests::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, SERVER_V4};
 use guard_tests::measure::{
-    allowed_cpus, parse_stat_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
+    allowed_cpus, clock_ticks, parse_stat_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
 };
 use guard_tests::process::{pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
 use guard_tests::tools::TempDir;
 use guard_tests::twons::{Cgroup, Pins};
 use guard_tests::{ChildGuard, ClientRun, LabClient};
-use guard_user::datapath::{AttachRequest, Datapath, GuardMaps, MapSizes};
+use guard_user::datapath::GuardMaps;
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
+use super::bench_wire::Wire;
 use super::lab::check_interrupted;
 use crate::demo::lab_stack::artifacts;
 
@@ -338,8 +339,8 @@ impl Probes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RxModel {
-    /// As a NIC delivers them (the default): frames in page buffers with XDP headroom, and
-    /// interrupt coalescing. See [`Rig::new`].
+    /// As a NIC delivers them (the default): the attacker's frames arrive as raw frames, not
+    /// socket buffers, and with interrupt coalescing. See [`Rig::new`].
     Nic,
     /// The plain veth: every frame wakes the server's NAPI thread, and frames arrive as the
     /// sender's socket buffers, which veth copies into a page before XDP can look at them.
@@ -350,7 +351,7 @@ impl RxModel {
     pub fn describe(self) -> String {
         match self {
             RxModel::Nic => format!(
-                "NIC-like receive (frames in page buffers with XDP headroom, coalescing {} µs x {})",
+                "NIC-like receive (flood frames arrive as raw frames, socket buffers built on the server's core; coalescing {} µs x {})",
                 NIC_COALESCE.as_micros(),
                 NIC_COALESCE_POLLS
             ),
@@ -367,8 +368,8 @@ const NIC_COALESCE_POLLS: u32 = 2;
 // Field order is drop order: the server leaves its cgroup before the cgroup is removed, and
 // both before the namespaces go.
 pub struct Rig {
-    /// The NIC model's pass-all program on the switch's attacker port (see `Rig::new`).
-    _wire: Option<Datapath>,
+    /// The NIC model's redirect on the switch's attacker port (see `Rig::new`).
+    _wire: Option<Wire>,
     server: Option<ChildGuard>,
     cgroup: Cgroup,
     dir: TempDir,
@@ -378,7 +379,7 @@ pub struct Rig {
     pub server_cpu: usize,
     pub attacker_cpu: usize,
     napi: u32,
-    /// Whether the NAPI thread gets real-time priority (see `pin_napi`).
+    /// Whether the NAPI thread gets real-time priority (`--napi-rt`, see `pin_napi`).
     napi_rt: bool,
 }
 
@@ -387,15 +388,15 @@ impl Rig {
     ///
     /// With [`RxModel::Nic`], frames reach the server as a NIC would deliver them, so that
     /// filters are compared by what they cost, not by what veth costs around them:
-    /// - a NIC writes frames into driver-owned pages with headroom, and native XDP runs on
-    ///   those before any socket buffer exists. A veth instead receives the sender's socket
-    ///   buffers, and must copy each into a page with XDP headroom before XDP may look at it
-    ///   (`veth_convert_skb_to_xdp_buff`), on the server's core. A pass-all XDP program on the
-    ///   switch's attacker port (guard's own, protecting no port) makes that copy happen there,
-    ///   on the attacker's core, standing in for the NIC's DMA. Frames then cross the bridge as
-    ///   page-backed buffers with headroom, which the server's veth hands to XDP as they are.
-    ///   This favours the skb-based filters, if anything: they receive a buffer already built,
-    ///   where a NIC driver would build it on the server's core;
+    /// - a NIC writes frames into driver-owned pages, and native XDP runs on those before any
+    ///   socket buffer exists; a dropped frame's page is simply reused. A veth instead
+    ///   receives the sender's socket buffers: XDP on it must free one per dropped frame, and
+    ///   a frame without headroom is first copied into a page (`veth_convert_skb_to_xdp_buff`),
+    ///   both on the server's core, while the filters after XDP get their socket buffer built
+    ///   for free on the sender's core. A redirect on the switch's attacker port
+    ///   ([`super::bench_wire::Wire`]) hands the attacker's frames to the server's veth as raw
+    ///   frames instead, so the server's core does what a NIC driver's poll does: run XDP on
+    ///   the frame, and build a socket buffer only for what passes;
     /// - interrupt coalescing ([`Lab::coalesce_server_rx`]), applied to every mode alike.
     pub fn new(bins: Binaries, napi_rt: bool, rx: RxModel) -> Result<Self> {
         let cpus = allowed_cpus();
@@ -416,12 +417,21 @@ impl Rig {
             RxModel::Veth => None,
             RxModel::Nic => {
                 lab.coalesce_server_rx(NIC_COALESCE, NIC_COALESCE_POLLS)?;
-                let mut wire = Datapath::load(&MapSizes::default(), None)
-                    .context("load a pass-all program for the switch's attacker port")?;
+                // The attacker's frames bypass the bridge from now on, so its learned entry
+                // would age out and every SYN-ACK to the attacker be flooded to all ports.
                 lab.switch
-                    .run_in(|| wire.attach(ATTACKER_PORT, AttachRequest::XdpNative))?
-                    .with_context(|| format!("attach XDP to the switch's {ATTACKER_PORT}"))?;
-                Some(wire)
+                    .exec(&[
+                        "bridge",
+                        "fdb",
+                        "replace",
+                        &fmt_mac(ATTACKER_MAC),
+                        "dev",
+                        ATTACKER_PORT,
+                        "master",
+                        "static",
+                    ])
+                    .context("add the attacker's MAC to the switch's forwarding table")?;
+                Some(Wire::attach(&lab.switch, ATTACKER_PORT, SERVER_PEER)?)
             }
         };
         let mut rig = Self {
@@ -464,15 +474,15 @@ impl Rig {
         &self.cgroup.0
     }
 
-    /// Pins the server's NAPI thread to the server core and gives it real-time priority,
-    /// finding it again if attaching or detaching a program replaced it.
+    /// Pins the server's NAPI thread to the server core, with real-time priority under
+    /// `--napi-rt`, finding it again if attaching or detaching a program replaced it.
     ///
-    /// The priority stands in for softirq: on a real NIC, receive processing runs at interrupt
-    /// exit, ahead of every task. As a plain thread on a kernel without preemption it would
-    /// queue behind whatever else runs on the core (here: other people's builds), and the
-    /// veth's 256-frame ring would overflow while it waits — drops that measure the scheduler,
-    /// not the protection. The thread belongs to this lab's interface and goes with it.
-    /// `--napi-normal` leaves it at normal priority (the method of shared/LAB.md).
+    /// At normal priority (the default, shared/LAB.md's method) the thread shares the core with
+    /// the server and the legit clients, as receive work does on a host under a flood (the
+    /// kernel defers it to ksoftirqd, a normal thread), and the veth's 256-frame ring overflows
+    /// while it waits. Real-time priority stands in for softirq on a lightly loaded host,
+    /// running ahead of every task. The thread belongs to this lab's interface and goes with
+    /// it.
     pub fn pin_napi(&mut self) -> Result<()> {
         let alive = std::fs::read_to_string(format!("/proc/{}/comm", self.napi))
             .is_ok_and(|c| c.starts_with("napi/"));
@@ -497,24 +507,24 @@ impl Rig {
 
     /// CPU time used so far by what serves the flood: the NAPI thread (the whole receive path:
     /// veth ring, XDP, GRO, tc, netfilter, TCP, and the SYN-ACKs it sends), the server and the
-    /// agent. The kernel samples it per tick and charges interrupts to whichever task they hit,
-    /// so interrupts that hit other tasks are left out; so is everything other people run on
-    /// the core, which keeps the number readable on a busy machine.
+    /// agent. The kernel charges interrupts to whichever task they hit, so interrupts that hit
+    /// other tasks are left out; so is everything other people run on the core, which keeps
+    /// the number readable on a busy machine.
     pub fn cpu_snapshot(&self, p: &Protection) -> Result<CpuSnapshot> {
         let agent = match p {
             Protection::Guard(agent) => match &agent.child {
-                Some(child) => thread_cpu(child.pid())?,
+                Some(child) => process_cpu(child.pid())?,
                 None => Duration::ZERO,
             },
             _ => Duration::ZERO,
         };
         let server = match &self.server {
-            Some(child) => thread_cpu(child.pid())?,
+            Some(child) => process_cpu(child.pid())?,
             None => Duration::ZERO,
         };
         Ok(CpuSnapshot {
             at: Instant::now(),
-            napi: thread_cpu(self.napi)?,
+            napi: thread_runtime(self.napi)?,
             processes: server + agent,
         })
     }
@@ -757,19 +767,27 @@ impl CpuSnapshot {
     }
 }
 
-fn clock_ticks() -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ensure!(hz > 0, "cannot read the clock tick rate");
-    Ok(hz as f64)
-}
-
-/// User + system CPU time of a thread, from /proc/<pid>/stat.
-fn thread_cpu(pid: u32) -> Result<Duration> {
+/// User + system CPU time of a process, all its threads (those that exited too), from
+/// /proc/<pid>/stat: exact in total, in steps of one clock tick (10 ms).
+fn process_cpu(pid: u32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let ticks = parse_stat_ticks(&stat).with_context(|| format!("bad /proc/{pid}/stat: {stat}"))?;
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
+}
+
+/// Time one thread has run, to the nanosecond, from /proc/<tid>/schedstat: the NAPI thread's
+/// share is a few percent of a core, where /proc/<pid>/stat's 10 ms steps would show.
+fn thread_runtime(tid: u32) -> Result<Duration> {
+    let path = format!("/proc/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let ns = parse_schedstat_runtime(&text).with_context(|| format!("bad {path}: {text}"))?;
+    Ok(Duration::from_nanos(ns))
+}
+
+/// The first field of /proc/<tid>/schedstat: nanoseconds on a CPU.
+fn parse_schedstat_runtime(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -787,8 +805,14 @@ mod tests {
     }
 
     #[test]
-    fn thread_ticks() {
-        assert!(thread_cpu(std::process::id()).is_ok());
+    fn cpu_times_of_this_process() {
+        assert!(process_cpu(std::process::id()).is_ok());
+        assert!(thread_runtime(std::process::id()).unwrap() > Duration::ZERO);
+        assert_eq!(
+            parse_schedstat_runtime("123456789 4242 17\n"),
+            Some(123_456_789)
+        );
+        assert_eq!(parse_schedstat_runtime(""), None);
     }
 
     #[test]
