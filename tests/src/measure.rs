@@ -287,11 +287,23 @@ pub fn syn_loss_probe_with(
     cpu: Option<usize>,
 ) -> Result<ProbeResult> {
     let target = std::net::SocketAddr::new(dst, port);
-    spawn_syn_loss_probe(client, ns, src_ip, target, n, interval_ms, cpu)?.wait()
+    spawn_syn_loss_probe(
+        client,
+        ns,
+        src_ip,
+        target,
+        n,
+        interval_ms,
+        cpu,
+        Duration::ZERO,
+    )?
+    .wait()
 }
 
-/// Starts `n` connects from `src_ip` to `target`, `interval_ms` apart, each given 3 s (one SYN
-/// retransmission, ~1 s, still connects and counts as lost); bounded by its own run time.
+/// Starts `n` connects from `src_ip` to `target`, `interval_ms` apart, the first after
+/// `start_delay`, each given 3 s (one SYN retransmission, ~1 s, still connects and counts as
+/// lost); bounded by its own run time.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_syn_loss_probe(
     client: &LabClient,
     ns: &Netns,
@@ -300,10 +312,12 @@ pub fn spawn_syn_loss_probe(
     n: u32,
     interval_ms: u32,
     cpu: Option<usize>,
+    start_delay: Duration,
 ) -> Result<ClientRun<ProbeResult>> {
     ensure!(n > 0, "a probe needs at least one connect");
+    let delay_ms = u64::try_from(start_delay.as_millis()).context("start delay too long")?;
     // Worst case: every connect times out after 3 s; that bounds how long to wait.
-    let secs = (u64::from(n) * (u64::from(interval_ms) + 3_000)).div_ceil(1_000) + 1;
+    let secs = (delay_ms + u64::from(n) * (u64::from(interval_ms) + 3_000)).div_ceil(1_000) + 1;
     let args: Vec<String> = [
         "probe",
         "--target",
@@ -318,6 +332,8 @@ pub fn spawn_syn_loss_probe(
         "3000",
         "--secs",
         &secs.to_string(),
+        "--start-delay-ms",
+        &delay_ms.to_string(),
     ]
     .map(String::from)
     .into();

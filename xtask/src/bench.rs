@@ -178,6 +178,9 @@ mod lab {
             rx_model = Some(rx);
             let mut rig =
                 bench_rig::Rig::new(bins, args.napi_rt, rx).context("cannot set up the lab")?;
+            // The harness (spawning probes and tools, reading counters) runs beside the
+            // attacker, never on the core being measured; what it starts there pins itself.
+            guard_tests::process::pin_to_cpu(std::process::id(), rig.attacker_cpu)?;
             let flood = if all || args.flood {
                 let modes = bench_rig::Mode::parse_list(&args.modes)?;
                 let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;

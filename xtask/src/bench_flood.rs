@@ -212,14 +212,17 @@ fn measure(
             .context("start hping3")?,
         ),
     };
-    if flood.is_some() {
-        pause(plan.warmup)?;
-    }
+    // The probes start now and connect once the flood has warmed up; the window opens then.
+    let probes = rig.start_probes(
+        &legit_sources(),
+        plan.per_source,
+        plan.interval_ms,
+        plan.warmup,
+    )?;
+    pause(plan.warmup)?;
     let mut core = CpuSampler::new(rig.server_cpu)?;
     let ours = rig.cpu_snapshot(&protection)?;
-    let probes = rig
-        .start_probes(&legit_sources(), plan.per_source, plan.interval_ms)?
-        .wait()?;
+    let probes = probes.wait()?;
     let core_busy_pct = core.busy_percent()?;
     let cpu = rig.cpu_snapshot(&protection)?.shares_since(&ours);
     let sent = match flood {

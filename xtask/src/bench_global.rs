@@ -90,7 +90,7 @@ pub fn run(rig: &mut Rig, quick: bool) -> Result<GlobalReport> {
                 unreachable!("XDP native is a guard mode");
             };
             // The clients come back: each completed handshakes before the flood.
-            let warm = rig.start_probes(&sources, 3, 100)?.wait()?;
+            let warm = rig.start_probes(&sources, 3, 100, Duration::ZERO)?.wait()?;
             ensure!(
                 warm.connected == warm.attempted,
                 "returning clients could not connect before the flood: {warm:?}"
@@ -118,10 +118,11 @@ pub fn run(rig: &mut Rig, quick: bool) -> Result<GlobalReport> {
                 flood_secs,
                 Some(rig.attacker_cpu),
             )?;
+            let probes = rig.start_probes(&sources, per_source, 80, warmup)?;
             pause(warmup)?;
             let mut core = CpuSampler::new(rig.server_cpu)?;
             let ours = rig.cpu_snapshot(&protection)?;
-            let probes = rig.start_probes(&sources, per_source, 80)?.wait()?;
+            let probes = probes.wait()?;
             let core_busy_pct = core.busy_percent()?;
             let cpu = rig.cpu_snapshot(&protection)?.shares_since(&ours);
             let sent = flood.wait()?.sent;

@@ -670,13 +670,18 @@ impl Rig {
     }
 
     /// `per_source` sequential connects from each source in parallel, `interval_ms` apart
-    /// (each source stays under the per-source cap), all pinned to the server core. Each
-    /// connect gets 3 s: one SYN retransmission (~1 s) still connects, and counts as lost.
+    /// (each source stays under the per-source cap), all pinned to the server core, the first
+    /// after `start_delay`. Each connect gets 3 s: one SYN retransmission (~1 s) still
+    /// connects, and counts as lost.
+    ///
+    /// Starting eight processes costs the server core some 20 ms of CPU each; a delay lets
+    /// that pass before anything is counted, as it would on a client's own machine.
     pub fn start_probes(
         &self,
         sources: &[Ipv4Addr],
         per_source: u32,
         interval_ms: u32,
+        start_delay: Duration,
     ) -> Result<ProbeRun> {
         let mut runs = Vec::new();
         for src in sources {
@@ -688,6 +693,7 @@ impl Rig {
                 per_source,
                 interval_ms,
                 Some(self.server_cpu),
+                start_delay,
             )?);
         }
         Ok(ProbeRun { runs })

@@ -93,6 +93,10 @@ struct ProbeArgs {
     /// Hard bound on the whole run.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     secs: u64,
+    /// Wait this long before the first connect, so that starting this process (exec, loading,
+    /// the runtime's threads) is over before any connect is counted.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    start_delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -473,6 +477,14 @@ async fn probe(a: ProbeArgs, stop: &Stop) -> Result<ProbeReport> {
     };
     let errors = ErrorLog::new();
     let mut times = Vec::new();
+    if !until_stopped(
+        stop,
+        tokio::time::sleep(Duration::from_millis(a.start_delay_ms)),
+    )
+    .await
+    {
+        return Ok(r);
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(a.interval_ms));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     for _ in 0..a.count {
