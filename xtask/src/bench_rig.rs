@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, SERVER_V4};
+use guard_tests::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
 use guard_tests::measure::{
     allowed_cpus, clock_ticks, parse_stat_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
 };
@@ -32,7 +32,7 @@ use guard_user::datapath::GuardMaps;
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
-use super::bench_wire::Wire;
+use super::bench_wire::{disable_checksum_offload, Wire};
 use super::lab::check_interrupted;
 use crate::demo::lab_stack::artifacts;
 
@@ -431,6 +431,7 @@ impl Rig {
                         "static",
                     ])
                     .context("add the attacker's MAC to the switch's forwarding table")?;
+                disable_checksum_offload(&lab.attacker, ROLE_IF)?;
                 Some(Wire::attach(&lab.switch, ATTACKER_PORT, SERVER_PEER)?)
             }
         };
