@@ -1208,6 +1208,7 @@ mod tests {
                 }
             });
             let stop = Stop::after(30);
+            let started = Instant::now();
             let p = probe(
                 ProbeArgs {
                     target: addr,
@@ -1218,12 +1219,15 @@ mod tests {
                     interval_ms: 1,
                     connect_timeout_ms: 3000,
                     secs: 30,
+                    start_delay_ms: 200,
                 },
                 &stop,
             )
             .await
             .unwrap();
             assert_eq!((p.attempted, p.connected, p.lost_syn), (5, 5, 0));
+            // A lower bound only: a sleep never ends early, however busy the machine.
+            assert!(started.elapsed() >= Duration::from_millis(200));
             let f = conn_flood(
                 ConnFloodArgs {
                     target: addr,
@@ -1252,6 +1256,7 @@ mod tests {
                     interval_ms: 1,
                     connect_timeout_ms: 3000,
                     secs: 30,
+                    start_delay_ms: 0,
                 },
                 &stop,
             )
@@ -1267,6 +1272,7 @@ mod tests {
                     interval_ms: 1,
                     connect_timeout_ms: 10,
                     secs: 1,
+                    start_delay_ms: 0,
                 },
                 &stop,
             )
