@@ -14,6 +14,7 @@ pub mod frames;
 pub mod lab;
 pub mod measure;
 pub mod netns;
+pub mod paced_syn;
 pub mod process;
 pub mod report;
 pub mod tools;

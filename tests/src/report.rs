@@ -29,6 +29,20 @@ pub struct ProbeReport {
     pub elapsed_ms: u64,
 }
 
+/// `lab-client syn-flood`: SYNs at a fixed pace from a raw socket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SynFloodReport {
+    pub cmd: String,
+    pub sent: u64,
+    /// Frames the device had no room for (not sent, not counted in `sent`).
+    pub no_room: u64,
+    /// The latest any frame left after its due time, in µs: how far the pace ever slipped.
+    pub late_max_us: u64,
+    /// Frames that left more than 1 ms late (sent in a catch-up burst).
+    pub late_frames: u64,
+    pub elapsed_ms: u64,
+}
+
 /// The name `syn_loss_probe` callers use for a probe's outcome.
 pub type ProbeResult = ProbeReport;
 

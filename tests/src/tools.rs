@@ -59,6 +59,8 @@ pub enum Tool {
     Hping3,
     Trafgen,
     Slowhttptest,
+    /// `lab-client syn-flood`: SYNs at a fixed pace.
+    PacedSyn,
 }
 
 /// A running, bounded attack. Dropping it stops the tool.
@@ -112,6 +114,7 @@ fn parse_report(tool: Tool, done: &Finished, dir: Option<&TempDir>) -> Result<Fl
     let (sent, service_available) = match tool {
         Tool::Hping3 => (parse_hping3_sent(&output), None),
         Tool::Trafgen => (parse_trafgen_sent(&output), None),
+        Tool::PacedSyn => (parse_paced_syn_sent(&done.stdout), None),
         Tool::Slowhttptest => {
             // Its terminal output only has a status every 5 s; the per-second CSV is complete.
             let csv = dir
@@ -376,6 +379,64 @@ fn trafgen_syn(
         budget: Duration::from_secs(u64::from(secs) + 5),
         dir: Some(dir),
     })
+}
+
+/// A SYN flood at a truly fixed pace (`lab-client syn-flood`, see [`crate::paced_syn`]):
+/// `pps` SYNs per second, evenly spaced, from random sources in `src_subnet` (any prefix
+/// inside 198.18.0.0/15; a /32 is one source) to `dst:port` via `dst_mac`, for `secs` seconds,
+/// pinned to `cpu`. Use it where the load must be a rate rather than trafgen's once-a-second
+/// burst.
+#[allow(clippy::too_many_arguments)]
+pub fn paced_syn_flood(
+    client: &crate::LabClient,
+    ns: &Netns,
+    iface: &str,
+    src_subnet: &str,
+    dst: Ipv4Addr,
+    dst_mac: [u8; 6],
+    port: u16,
+    pps: u32,
+    secs: u32,
+    cpu: Option<usize>,
+) -> Result<Flood> {
+    check_secs(secs)?;
+    let src_mac = ns.mac(iface)?;
+    let args: Vec<String> = vec![
+        "syn-flood".into(),
+        "--iface".into(),
+        iface.into(),
+        "--src-net".into(),
+        src_subnet.into(),
+        "--dst".into(),
+        dst.to_string(),
+        "--src-mac".into(),
+        crate::lab::fmt_mac(src_mac),
+        "--dst-mac".into(),
+        crate::lab::fmt_mac(dst_mac),
+        "--port".into(),
+        port.to_string(),
+        "--rate".into(),
+        pps.to_string(),
+        "--secs".into(),
+        secs.to_string(),
+    ];
+    Ok(Flood {
+        tool: Tool::PacedSyn,
+        child: ChildGuard::spawn("lab-client syn-flood", &mut client.command(ns, &args, cpu))?,
+        budget: Duration::from_secs(u64::from(secs) + 5),
+        dir: None,
+    })
+}
+
+/// `lab-client syn-flood`'s JSON report: its `sent`.
+fn parse_paced_syn_sent(stdout: &str) -> Option<u64> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))?;
+    serde_json::from_str::<crate::report::SynFloodReport>(line)
+        .ok()
+        .map(|r| r.sent)
 }
 
 /// trafgen's summary: "N packets outgoing".

@@ -6,7 +6,8 @@
 //!   kernel memory one tracked source costs;
 //! - `--flood`: one SYN flood against no protection, an nftables meter, iptables hashlimit and
 //!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
-//!   shared/LAB.md, at a fixed offered rate and at the flood tool's maximum; frames reach the
+//!   shared/LAB.md, at a fixed offered rate (sent as LAB.md did, and evenly paced) and at the
+//!   flood tool's maximum; frames reach the
 //!   server as from a NIC unless `--veth-raw` (see `bench_rig::Rig::new`);
 //! - `--global`: a random-source flood while returning ("known good") clients keep
 //!   connecting, with and without the global new-connection budget.
@@ -56,7 +57,7 @@ pub struct BenchArgs {
     /// coalescing; see `Rig::new` in xtask/src/bench_rig.rs.
     #[arg(long)]
     veth_raw: bool,
-    /// The flood's fixed offered rate in SYNs per second (trafgen from one source). The
+    /// The flood's fixed offered rate in SYNs per second, evenly paced, from one source. The
     /// default is about what shared/LAB.md's hping3 reached, and large enough that the
     /// filters' shares of the core stand well clear of the idle core's noise.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]

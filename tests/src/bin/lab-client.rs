@@ -10,10 +10,10 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,14 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures_util::stream::StreamExt;
 use futures_util::SinkExt;
+use guard_tests::netns::parse_mac;
+use guard_tests::paced_syn::{self, SynSpec};
 use guard_tests::report::{
     ConnFloodReport, EchoReport, ProbeReport, SseReport, StormReport, WsChatReport, WsFloodReport,
 };
 use guard_tests::wire::{
-    ensure_lab_ip, parse_response_head, parse_target_url, ChunkedDecoder, Pacer, ResponseHead,
-    SseParser, Target,
+    ensure_lab_ip, parse_response_head, parse_target_url, parse_v4_net, ChunkedDecoder, Pacer,
+    ResponseHead, SseParser, Target,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -59,6 +61,9 @@ enum Cmd {
     WsFlood(WsFloodArgs),
     /// Many real TCP handshakes, each held briefly then closed.
     ConnFlood(ConnFloodArgs),
+    /// Raw SYNs at a fixed pace (one every 1/rate s), from one source or random ones in a
+    /// network; spins on its core between frames.
+    SynFlood(SynFloodArgs),
     /// A storm of WebSocket handshakes from one source.
     WsStorm(StormArgs),
     /// A storm of SSE subscriptions from one source.
@@ -157,6 +162,52 @@ struct WsFloodArgs {
 }
 
 #[derive(Args)]
+struct SynFloodArgs {
+    /// Interface to send from (inside this namespace).
+    #[arg(long)]
+    iface: String,
+    /// Sources: one address (/32) or random ones in a network inside 198.18.0.0/15.
+    #[arg(long, value_parser = parse_v4_net)]
+    src_net: (Ipv4Addr, u8),
+    #[arg(long)]
+    dst: Ipv4Addr,
+    /// MAC addresses as aa:bb:cc:dd:ee:ff.
+    #[arg(long, value_parser = parse_mac)]
+    src_mac: [u8; 6],
+    #[arg(long, value_parser = parse_mac)]
+    dst_mac: [u8; 6],
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// SYNs per second.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+    rate: u32,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    secs: u32,
+}
+
+/// Set by SIGINT: the synchronous sender stops and still reports.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// The paced sender spins rather than awaits, so it runs outside the runtime.
+fn syn_flood(a: SynFloodArgs) -> Result<String> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let spec = SynSpec {
+        src_net: a.src_net,
+        dst: a.dst,
+        src_mac: a.src_mac,
+        dst_mac: a.dst_mac,
+        port: a.port,
+    };
+    let report = paced_syn::send(&a.iface, &spec, a.rate, a.secs, &INTERRUPTED)?;
+    serde_json::to_string(&report).context("cannot encode the report")
+}
+
+#[derive(Args)]
 struct ConnFloodArgs {
     #[arg(long)]
     target: SocketAddr,
@@ -211,6 +262,9 @@ struct EchoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::SynFlood(a) = cli.cmd {
+        return finish(syn_flood(a));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -221,7 +275,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.cmd)) {
+    finish(runtime.block_on(run(cli.cmd)))
+}
+
+fn finish(outcome: Result<String>) -> ExitCode {
+    match outcome {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS
@@ -286,6 +344,7 @@ async fn run(cmd: Cmd) -> Result<String> {
             r.elapsed_ms = ms();
             serde_json::to_string(&r)
         }
+        Cmd::SynFlood(_) => unreachable!("handled before the runtime starts"),
     };
     json.context("cannot encode the report")
 }
