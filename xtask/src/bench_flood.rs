@@ -6,10 +6,9 @@
 //! sends each second's budget in one burst at its full speed), the same rate evenly paced
 //! (`lab-client syn-flood`, see `guard_tests::paced_syn`) — at both, the server-core CPU of
 //! the modes compares at equal work — and the flood tool's maximum (hping3 `--flood`), which
-//! finds the
-//! ceilings. Modes alternate within the run: every cycle runs each mode once, odd cycles in
-//! reverse order, so slow drift on a shared machine (someone compiling) spreads over all modes
-//! instead of landing on one.
+//! finds the ceilings. Modes alternate within the run: every cycle runs each mode once, odd
+//! cycles in reverse order, so slow drift on a shared machine (someone compiling) spreads over
+//! all modes instead of landing on one.
 //!
 //! Per measurement: the server core's busy share while legit probes run (8 sources in
 //! parallel, each under the cap), the probes' connects whose first SYN was lost, what the
