@@ -20,10 +20,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use guard_common::stats::Stat;
-use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
+use guard_tests::lab::SERVER_V4;
 use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
 use guard_tests::tools::TempDir;
-use guard_tests::{hping3_syn_flood, require_root, slowhttptest, trafgen_random_sources};
+use guard_tests::{hping3_syn_flood, require_root, slowhttptest};
 use guard_tests::{ChildGuard, FloodReport};
 use lab_stack::{
     args, attacker_ip, metric, pause, wait_until, Adaptive, AppOptions, Binaries, Counters, Cpus,
@@ -424,20 +424,11 @@ fn random_sources_in_one_prefix_pass_until_the_aggregate_cap_is_tuned_live() {
     let (agent, app) = (stack.agent_pid(), stack.app_pid());
     let flood = |stack: &Stack| {
         let before = counters(stack);
-        let r = trafgen_random_sources(
-            &stack.lab.attacker,
-            Lab::attacker_if(),
-            "198.19.0.0/16",
-            SERVER_V4,
-            SERVER_MAC,
-            APP_PORT,
-            3000,
-            3,
-            stack.cpus.attacker,
-        )
-        .unwrap()
-        .wait()
-        .unwrap();
+        let r = stack
+            .syn_flood("198.19.0.0/16", 3000, 3)
+            .unwrap()
+            .wait()
+            .unwrap();
         assert_eq!(r.sent, Some(9000), "{}", r.output);
         counters(stack).since(&before)
     };
@@ -952,8 +943,8 @@ fn demo_interrupted_mid_flood_leaves_nothing_behind() {
             && seen.iter().any(|(name, ino)| {
                 name.starts_with("gd-atk-")
                     && processes_in(*ino).iter().any(|p| {
-                        std::fs::read_to_string(format!("/proc/{p}/comm"))
-                            .is_ok_and(|c| c.trim_end() == "trafgen")
+                        std::fs::read(format!("/proc/{p}/cmdline"))
+                            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"syn-flood"))
                     })
             }))
     })

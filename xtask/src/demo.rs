@@ -56,9 +56,8 @@ mod lab {
 
     use anyhow::{bail, Context as _, Result};
     use guard_common::stats::Stat;
-    use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
     use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
-    use guard_tests::{slowhttptest, trafgen_random_sources};
+    use guard_tests::slowhttptest;
     use serde::Serialize;
     use serde_json::json;
 
@@ -66,7 +65,7 @@ mod lab {
     use super::lab_stack::{
         args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
         Adaptive, AppOptions, Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome,
-        Sample, SlotHoarder, Stack, APP_PORT, SLICE_SECS,
+        Sample, SlotHoarder, Stack, SLICE_SECS,
     };
     use super::DemoArgs;
 
@@ -111,7 +110,7 @@ mod lab {
     /// enough to load the server core without guard, low enough that a shared attacker core
     /// sustains them.
     const ONE_SOURCE_PPS: u32 = 50_000;
-    const TRAFGEN_PPS: u32 = 40_000;
+    const RANDOM_SOURCES_PPS: u32 = 40_000;
 
     /// The slot hoarder's pace: three quarters of the default per-source cap (20/s), so the
     /// rate cap never fires, and the app it starves: 48 connection slots behind a backlog of 32
@@ -141,7 +140,7 @@ mod lab {
     const SCENARIOS: [Scenario; 9] = [
         Scenario {
             key: "syn-flood",
-            title: "1. SYN flood, one spoofed source (198.19.0.7, trafgen at 50k SYN/s)",
+            title: "1. SYN flood, one spoofed source (198.19.0.7, 50k SYN/s evenly paced)",
             tune: &[],
             adaptive: None,
             app: AppOptions::ROOMY,
@@ -186,7 +185,7 @@ mod lab {
         },
         Scenario {
             key: "random-sources",
-            title: "6. SYN flood, random sources in 198.19.0.0/16 (trafgen at 40k SYN/s), aggregate /16 cap",
+            title: "6. SYN flood, random sources in 198.19.0.0/16 (40k SYN/s evenly paced), aggregate /16 cap",
             tune: &[
                 "aggregate_prefix_v4=16",
                 "aggregate_rate=200",
@@ -580,29 +579,19 @@ mod lab {
     fn syn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
         // A fixed offered rate, not `hping3 --flood`: on veth the sender's own speed depends
         // on guard's verdict (hping3 measured ~145k SYN/s while the program passed and ~100k
-        // while it dropped), and a flat-out tool would compare different loads. trafgen
-        // spoofs the one source just as `hping3 -a` does (the e2e test uses hping3).
-        let flood = trafgen_random_sources(
-            &stack.lab.attacker,
-            Lab::attacker_if(),
-            &format!("{SPOOFED}/32"),
-            SERVER_V4,
-            SERVER_MAC,
-            APP_PORT,
-            ONE_SOURCE_PPS,
-            t.attack_secs,
-            stack.cpus.attacker,
-        )?;
+        // while it dropped), and a flat-out tool would compare different loads. It spoofs
+        // the one source just as `hping3 -a` does (the e2e test uses hping3).
+        let flood = stack.syn_flood(&format!("{SPOOFED}/32"), ONE_SOURCE_PPS, t.attack_secs)?;
         pause(Duration::from_secs(u64::from(t.attack_secs)))?;
         let r = flood.wait()?;
         let sent = r.sent.unwrap_or(0);
         Ok(Attack {
             summary: format!(
-                "trafgen sent {sent} SYNs ({}/s of {ONE_SOURCE_PPS}/s)",
+                "sent {sent} SYNs, evenly paced ({}/s of {ONE_SOURCE_PPS}/s)",
                 per_sec(sent, t)
             ),
             detail: json!({
-                "tool": "trafgen",
+                "tool": "lab-client syn-flood",
                 "source": SPOOFED.to_string(),
                 "pps": ONE_SOURCE_PPS,
                 "sent": sent,
@@ -764,27 +753,17 @@ mod lab {
     }
 
     fn random_sources(stack: &Stack, t: &Timing) -> Result<Attack> {
-        let flood = trafgen_random_sources(
-            &stack.lab.attacker,
-            Lab::attacker_if(),
-            "198.19.0.0/16",
-            SERVER_V4,
-            SERVER_MAC,
-            APP_PORT,
-            TRAFGEN_PPS,
-            t.attack_secs,
-            stack.cpus.attacker,
-        )?;
+        let flood = stack.syn_flood("198.19.0.0/16", RANDOM_SOURCES_PPS, t.attack_secs)?;
         pause(Duration::from_secs(u64::from(t.attack_secs)))?;
         let r = flood.wait()?;
         let sent = r.sent.unwrap_or(0);
         Ok(Attack {
             // The offered rate is fixed, but a busy attacker core can fall short of it.
             summary: format!(
-                "trafgen sent {sent} SYNs ({}/s of {TRAFGEN_PPS}/s)",
+                "sent {sent} SYNs, evenly paced ({}/s of {RANDOM_SOURCES_PPS}/s)",
                 per_sec(sent, t)
             ),
-            detail: json!({ "tool": "trafgen", "subnet": "198.19.0.0/16", "pps": TRAFGEN_PPS, "sent": sent }),
+            detail: json!({ "tool": "lab-client syn-flood", "subnet": "198.19.0.0/16", "pps": RANDOM_SOURCES_PPS, "sent": sent }),
         })
     }
 
@@ -1020,8 +999,8 @@ mod lab {
              - **kernel drops**: packets guard's program dropped during the run, by reason.\n\
              - **detect→block**: mean time from the app detecting abuse to the block being in \
              the kernel (`guard_block_latency_seconds`).\n\
-             - **attacker got**: what the attack achieved. SYN floods run at a fixed offered rate \
-             (trafgen) on a core other work may share, so check the rates \
+             - **attacker got**: what the attack achieved. SYN floods run at a fixed offered rate, \
+             evenly paced, on the attacker's core, so check the rates \
              they reached in the two runs before comparing server CPU. Scenario 8's flood runs \
              as fast as trafgen goes, which on veth depends on guard's verdict itself.\n\
              - **scenarios 7 and 9** give the app a ceiling, as every server has one: a number \

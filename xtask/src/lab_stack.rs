@@ -32,10 +32,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
-use guard_tests::measure::{allowed_cpus, proc_cpu_ticks};
+use guard_tests::measure::{allowed_cpus, proc_cpu_ticks, server_and_attacker_cpus};
 use guard_tests::process::run_checked;
 use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
-use guard_tests::tools::{trafgen_flat_out, Flood, TempDir};
+use guard_tests::tools::{paced_syn_flood, trafgen_flat_out, Flood, TempDir};
 use guard_tests::twons::Cgroup;
 use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
 use guard_user::datapath::{self, GuardMaps};
@@ -203,22 +203,20 @@ pub struct Cpus {
 }
 
 impl Cpus {
-    /// The first two cores this process may run on, or no pinning on a one-core machine.
+    /// A server core and an attacker core, or no pinning on a one-core machine.
     ///
-    /// trafgen sends from CPU 0 whatever it is pinned to (see `measure::TRAFGEN_CPU`), which
-    /// is the server's core here: in the demo's trafgen scenarios the flood tool shares the
-    /// server's core (its time is not in "server CPU", which counts the server's own threads,
-    /// but is in the core's busy share). The flood bench puts its attacker on CPU 0 instead
-    /// (`measure::server_and_attacker_cpus`); with the server on CPU 1 this stack lost a third
-    /// of a 3000/s random-source flood before XDP (ring and backlog drops), not yet explained;
-    /// a lead: perf sampled the idle server vCPU far less than the busy one, as if waking an
-    /// idle vCPU from the other one were slow on this VM.
+    /// The attacker gets CPU 0 where it may (`measure::server_and_attacker_cpus`): trafgen
+    /// sends from CPU 0 whatever it is pinned to, so the flood tool never lands on the server's
+    /// core. Fixed-rate floods use the evenly paced sender (`Stack::syn_flood`): trafgen's
+    /// `-b` sends each second's SYNs in one burst at full speed, which from another core
+    /// overflowed the server veth's 256-frame ring and lost a third of a 3000/s flood before
+    /// XDP saw it.
     pub fn detect() -> Self {
         let allowed = allowed_cpus();
-        if let Some((s, a)) = guard_tests::measure::server_and_attacker_cpus(&allowed) {
+        if let Some((server, attacker)) = server_and_attacker_cpus(&allowed) {
             return Self {
-                server: Some(s),
-                attacker: Some(a),
+                server: Some(server),
+                attacker: Some(attacker),
             };
         }
         match allowed.as_slice() {
@@ -888,6 +886,23 @@ impl Stack {
             ]),
             self.cpus.server,
             Duration::from_secs(secs + 5),
+        )
+    }
+
+    /// A SYN flood at `pps`, evenly paced, from random sources in `src_subnet` (a /32 is
+    /// one spoofed source) to the app's port, for `secs` seconds, on the attacker's core.
+    pub fn syn_flood(&self, src_subnet: &str, pps: u32, secs: u32) -> Result<Flood> {
+        paced_syn_flood(
+            &self.client,
+            &self.lab.attacker,
+            Lab::attacker_if(),
+            src_subnet,
+            SERVER_V4,
+            SERVER_MAC,
+            APP_PORT,
+            pps,
+            secs,
+            self.cpus.attacker,
         )
     }
 
