@@ -26,4 +26,6 @@ pub use measure::{syn_loss_probe, syn_loss_probe_with, ClientRun, CpuSampler, La
 pub use netns::Netns;
 pub use process::{is_root, require_root, ChildGuard, Finished};
 pub use report::ProbeResult;
-pub use tools::{hping3_syn_flood, slowhttptest, trafgen_random_sources, Flood, FloodReport};
+pub use tools::{
+    hping3_syn_flood, slowhttptest, trafgen_random_sources, Flood, FloodReport, SynFlood,
+};

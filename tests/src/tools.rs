@@ -288,38 +288,45 @@ pub fn trafgen_syn_config(
     ))
 }
 
-/// A SYN flood with trafgen from `ns`'s `iface`: sources random in `src_subnet` (e.g.
-/// "198.19.0.0/16"), to `dst:port` via `dst_mac`, at `pps` packets per second for `secs`
-/// seconds (`-n pps*secs`). One trafgen process (`-P 1`), optionally pinned to `cpu`; it
-/// touches no machine-wide setting (`--no-sock-mem`, `-Q`: no IRQ affinity changes). trafgen
-/// pins the worker that sends to CPU 0 itself, whatever `cpu` says (see
-/// `measure::TRAFGEN_CPU`): only the parent, which waits, follows `cpu`.
-#[allow(clippy::too_many_arguments)]
-pub fn trafgen_random_sources(
-    ns: &Netns,
-    iface: &str,
-    src_subnet: &str,
-    dst: Ipv4Addr,
-    dst_mac: [u8; 6],
-    port: u16,
-    pps: u32,
-    secs: u32,
-    cpu: Option<usize>,
-) -> Result<Flood> {
+/// A SYN flood's shape: from `ns`'s `iface`, sources random in `src_subnet` (e.g.
+/// "198.19.0.0/16"; a /32 is one spoofed source), to `dst:port` via `dst_mac`, `pps` SYNs per
+/// second for `secs` seconds, the sender pinned to `cpu`.
+#[derive(Debug, Clone, Copy)]
+pub struct SynFlood<'a> {
+    pub ns: &'a Netns,
+    pub iface: &'a str,
+    pub src_subnet: &'a str,
+    pub dst: Ipv4Addr,
+    pub dst_mac: [u8; 6],
+    pub port: u16,
+    pub pps: u32,
+    pub secs: u32,
+    pub cpu: Option<usize>,
+}
+
+/// `flood` sent with trafgen (`-n pps*secs -b pps`), shared/LAB.md's fixed-rate method: a
+/// per-second budget that trafgen sends in one burst at its full speed (see
+/// [`crate::paced_syn`]; [`paced_syn_flood`] sends the rate evenly). One trafgen process
+/// (`-P 1`); it touches no machine-wide setting (`--no-sock-mem`, `-Q`: no IRQ affinity
+/// changes). trafgen pins the worker that sends to CPU 0 itself, whatever `cpu` says (see
+/// `measure::TRAFGEN_CPU`): only the parent, which waits, follows `cpu`. trafgen randomizes
+/// whole bytes: the subnet must be a /16, /24 or /32.
+pub fn trafgen_random_sources(flood: &SynFlood) -> Result<Flood> {
     ensure!(
-        (1..=10_000_000).contains(&pps),
-        "rate {pps} pps must be 1..=10000000"
+        (1..=10_000_000).contains(&flood.pps),
+        "rate {} pps must be 1..=10000000",
+        flood.pps
     );
     trafgen_syn(
-        ns,
-        iface,
-        src_subnet,
-        dst,
-        dst_mac,
-        port,
-        Some(pps),
-        secs,
-        cpu,
+        flood.ns,
+        flood.iface,
+        flood.src_subnet,
+        flood.dst,
+        flood.dst_mac,
+        flood.port,
+        Some(flood.pps),
+        flood.secs,
+        flood.cpu,
     )
 }
 
@@ -381,49 +388,36 @@ fn trafgen_syn(
     })
 }
 
-/// A SYN flood at a truly fixed pace (`lab-client syn-flood`, see [`crate::paced_syn`]):
-/// `pps` SYNs per second, evenly spaced, from random sources in `src_subnet` (any prefix
-/// inside 198.18.0.0/15; a /32 is one source) to `dst:port` via `dst_mac`, for `secs` seconds,
-/// pinned to `cpu`. Use it where the load must be a rate rather than trafgen's once-a-second
-/// burst.
-#[allow(clippy::too_many_arguments)]
-pub fn paced_syn_flood(
-    client: &crate::LabClient,
-    ns: &Netns,
-    iface: &str,
-    src_subnet: &str,
-    dst: Ipv4Addr,
-    dst_mac: [u8; 6],
-    port: u16,
-    pps: u32,
-    secs: u32,
-    cpu: Option<usize>,
-) -> Result<Flood> {
-    check_secs(secs)?;
-    let src_mac = ns.mac(iface)?;
+/// `flood` at a truly fixed pace (`lab-client syn-flood`, see [`crate::paced_syn`]): one SYN
+/// every 1/pps s, from any prefix inside 198.18.0.0/15. Use it where the load must be a rate
+/// rather than trafgen's once-a-second burst.
+pub fn paced_syn_flood(client: &crate::LabClient, flood: &SynFlood) -> Result<Flood> {
+    check_secs(flood.secs)?;
+    let src_mac = flood.ns.mac(flood.iface)?;
     let args: Vec<String> = vec![
         "syn-flood".into(),
         "--iface".into(),
-        iface.into(),
+        flood.iface.into(),
         "--src-net".into(),
-        src_subnet.into(),
+        flood.src_subnet.into(),
         "--dst".into(),
-        dst.to_string(),
+        flood.dst.to_string(),
         "--src-mac".into(),
         crate::lab::fmt_mac(src_mac),
         "--dst-mac".into(),
-        crate::lab::fmt_mac(dst_mac),
+        crate::lab::fmt_mac(flood.dst_mac),
         "--port".into(),
-        port.to_string(),
+        flood.port.to_string(),
         "--rate".into(),
-        pps.to_string(),
+        flood.pps.to_string(),
         "--secs".into(),
-        secs.to_string(),
+        flood.secs.to_string(),
     ];
+    let mut cmd = client.command(flood.ns, &args, flood.cpu);
     Ok(Flood {
         tool: Tool::PacedSyn,
-        child: ChildGuard::spawn("lab-client syn-flood", &mut client.command(ns, &args, cpu))?,
-        budget: Duration::from_secs(u64::from(secs) + 5),
+        child: ChildGuard::spawn("lab-client syn-flood", &mut cmd)?,
+        budget: Duration::from_secs(u64::from(flood.secs) + 5),
         dir: None,
     })
 }

@@ -260,26 +260,53 @@ fn trafgen_random_sources_reach_the_server() {
     let lab = Lab::new().expect("build the lab");
     let server = serve_echo(&lab, 30);
     let before = snmp(&lab.server, "Tcp", "InSegs");
-    let report = guard_tests::trafgen_random_sources(
-        &lab.attacker,
-        Lab::attacker_if(),
-        "198.19.0.0/16",
-        SERVER_V4,
-        lab::SERVER_MAC,
-        ECHO_PORT,
-        1000,
-        2,
-        None,
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
+    let report = guard_tests::trafgen_random_sources(&random_sources(&lab, 1000, 2))
+        .unwrap()
+        .wait()
+        .unwrap();
     let sent = report.sent.expect("trafgen statistics");
     assert_eq!(sent, 2000, "{report:?}");
     // Valid checksums and the right MAC: the server's TCP stack accepts them all.
     let got = snmp(&lab.server, "Tcp", "InSegs") - before;
     assert!(got >= sent, "server TCP took {got} of {sent}");
     assert_eq!(snmp(&lab.server, "Tcp", "InErrs"), 0);
+    assert_eq!(server.stop().unwrap().accepted, 0);
+}
+
+/// SYNs from random sources in 198.19.0.0/16 to the echo server, `pps` for `secs`.
+fn random_sources(lab: &Lab, pps: u32, secs: u32) -> guard_tests::SynFlood<'_> {
+    guard_tests::SynFlood {
+        ns: &lab.attacker,
+        iface: Lab::attacker_if(),
+        src_subnet: "198.19.0.0/16",
+        dst: SERVER_V4,
+        dst_mac: lab::SERVER_MAC,
+        port: ECHO_PORT,
+        pps,
+        secs,
+        cpu: None,
+    }
+}
+
+#[test]
+fn paced_syns_reach_the_server_with_valid_checksums() {
+    if !require_root("paced_syns_reach_the_server_with_valid_checksums") {
+        return;
+    }
+    let lab = Lab::new().expect("build the lab");
+    let server = serve_echo(&lab, 30);
+    let before = snmp(&lab.server, "Tcp", "InSegs");
+    let errors_before = snmp(&lab.server, "Tcp", "InErrs");
+    let report = guard_tests::tools::paced_syn_flood(&client(), &random_sources(&lab, 2000, 2))
+        .unwrap()
+        .wait()
+        .unwrap();
+    let sent = report.sent.expect("lab-client syn-flood's report");
+    assert_eq!(sent, 4000, "{report:?}");
+    // Checksums the server's TCP accepts: it takes every SYN and rejects none.
+    let got = snmp(&lab.server, "Tcp", "InSegs") - before;
+    assert!(got >= sent, "server TCP took {got} of {sent}");
+    assert_eq!(snmp(&lab.server, "Tcp", "InErrs"), errors_before);
     assert_eq!(server.stop().unwrap().accepted, 0);
 }
 

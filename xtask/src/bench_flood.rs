@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
 use guard_tests::tools::paced_syn_flood;
-use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler};
+use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler, SynFlood};
 use serde::Serialize;
 
 use super::bench_rig::{legit_sources, Counters, CpuShares, Mode, Probes, Rig, PORT};
@@ -206,37 +206,24 @@ fn measure(
     pause(Duration::from_millis(300))?;
     let before = rig.counters(&protection)?;
     let started = Instant::now();
+    let spoofed = format!("{SPOOFED}/32");
+    let at_rate = SynFlood {
+        ns: &rig.lab.attacker,
+        iface: Lab::attacker_if(),
+        src_subnet: &spoofed,
+        dst: SERVER_V4,
+        dst_mac: SERVER_MAC,
+        port: PORT,
+        pps: rate,
+        secs: plan.flood_secs,
+        cpu: Some(rig.attacker_cpu),
+    };
     let flood = match load {
         None => None,
-        Some(Load::Fixed) => Some(
-            trafgen_random_sources(
-                &rig.lab.attacker,
-                Lab::attacker_if(),
-                &format!("{SPOOFED}/32"),
-                SERVER_V4,
-                SERVER_MAC,
-                PORT,
-                rate,
-                plan.flood_secs,
-                Some(rig.attacker_cpu),
-            )
-            .context("start trafgen")?,
-        ),
-        Some(Load::Paced) => Some(
-            paced_syn_flood(
-                &rig.client,
-                &rig.lab.attacker,
-                Lab::attacker_if(),
-                &format!("{SPOOFED}/32"),
-                SERVER_V4,
-                SERVER_MAC,
-                PORT,
-                rate,
-                plan.flood_secs,
-                Some(rig.attacker_cpu),
-            )
-            .context("start the paced SYN flood")?,
-        ),
+        Some(Load::Fixed) => Some(trafgen_random_sources(&at_rate).context("start trafgen")?),
+        Some(Load::Paced) => {
+            Some(paced_syn_flood(&rig.client, &at_rate).context("start the paced SYN flood")?)
+        }
         Some(Load::Max) => Some(
             hping3_syn_flood(
                 &rig.lab.attacker,

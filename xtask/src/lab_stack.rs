@@ -35,7 +35,7 @@ use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
 use guard_tests::measure::{allowed_cpus, proc_cpu_ticks, server_and_attacker_cpus};
 use guard_tests::process::run_checked;
 use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
-use guard_tests::tools::{paced_syn_flood, trafgen_flat_out, Flood, TempDir};
+use guard_tests::tools::{paced_syn_flood, trafgen_flat_out, Flood, SynFlood, TempDir};
 use guard_tests::twons::Cgroup;
 use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
 use guard_user::datapath::{self, GuardMaps};
@@ -892,18 +892,18 @@ impl Stack {
     /// A SYN flood at `pps`, evenly paced, from random sources in `src_subnet` (a /32 is
     /// one spoofed source) to the app's port, for `secs` seconds, on the attacker's core.
     pub fn syn_flood(&self, src_subnet: &str, pps: u32, secs: u32) -> Result<Flood> {
-        paced_syn_flood(
-            &self.client,
-            &self.lab.attacker,
-            Lab::attacker_if(),
+        let flood = SynFlood {
+            ns: &self.lab.attacker,
+            iface: Lab::attacker_if(),
             src_subnet,
-            SERVER_V4,
-            SERVER_MAC,
-            APP_PORT,
+            dst: SERVER_V4,
+            dst_mac: SERVER_MAC,
+            port: APP_PORT,
             pps,
             secs,
-            self.cpus.attacker,
-        )
+            cpu: self.cpus.attacker,
+        };
+        paced_syn_flood(&self.client, &flood)
     }
 
     /// Starts `lab-client ARGS` in the attacker namespace, pinned to the attacker's core.
