@@ -138,10 +138,8 @@ struct RawSocket(OwnedFd);
 
 impl RawSocket {
     fn bind(iface: &str) -> Result<Self> {
-        let name = std::ffi::CString::new(iface).context("interface name")?;
-        // SAFETY: a valid NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        ensure!(index != 0, "no interface {iface} in this namespace");
+        let index = guard_user::datapath::nix_if_index(iface)
+            .with_context(|| format!("no interface {iface} in this namespace"))?;
         // SAFETY: plain socket(2); protocol 0 means nothing is ever received on it.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {

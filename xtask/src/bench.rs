@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// coalescing; see `Rig::new` in xtask/src/bench_rig.rs.
     #[arg(long)]
     veth_raw: bool,
-    /// The flood's fixed offered rate in SYNs per second, evenly paced, from one source. The
+    /// The flood's fixed offered rate in SYNs per second from one source, sent both as
+    /// shared/LAB.md did (trafgen -b) and evenly paced. The
     /// default is about what shared/LAB.md's hping3 reached, and large enough that the
     /// filters' shares of the core stand well clear of the idle core's noise.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]

@@ -151,7 +151,7 @@ pub fn run(rig: &mut Rig, quick: bool, rate: u32, modes: &[Mode]) -> Result<Floo
     };
     let sources = legit_sources();
     println!(
-        "\n== Flood: one spoofed source ({SPOOFED}) at {} SYN/s (paced) and at hping3's maximum; \
+        "\n== Flood: one spoofed source ({SPOOFED}) at {} SYN/s (trafgen -b, then evenly paced) and at hping3's maximum; \
          {} legit sources x {} connects; server core cpu{}, attacker cpu{}; {} cycle(s), modes alternating",
         fmt_rate(f64::from(rate)),
         sources.len(),
@@ -391,9 +391,6 @@ impl FloodReport {
             ),
             (Load::Max, "maximum rate (hping3 --flood)".to_string()),
         ] {
-            if self.find(load, Mode::None).is_none() && self.find(load, Mode::XdpNative).is_none() {
-                continue;
-            }
             println!(
                 "\n{title}: {} cycle(s), CPU as medians, lost SYNs as mean and worst; ratios to no protection / nftables; \
                  core = server core busy (all work on it), server = NAPI thread + server + agent",

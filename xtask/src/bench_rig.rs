@@ -21,7 +21,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
 use guard_tests::measure::{
-    allowed_cpus, clock_ticks, parse_stat_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
+    allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
 };
 use guard_tests::process::{pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
@@ -777,9 +777,8 @@ impl CpuSnapshot {
 /// User + system CPU time of a process, all its threads (those that exited too), from
 /// /proc/<pid>/stat: exact in total, in steps of one clock tick (10 ms).
 fn process_cpu(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    let ticks = parse_stat_ticks(&stat).with_context(|| format!("bad /proc/{pid}/stat: {stat}"))?;
+    let ticks = proc_cpu_ticks(pid)
+        .with_context(|| format!("cannot read the CPU times in /proc/{pid}/stat"))?;
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
 }
 

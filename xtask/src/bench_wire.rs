@@ -16,7 +16,7 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use guard_tests::netns::Netns;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -137,7 +137,7 @@ impl Wire {
         let insns = redirect_program(to_index);
         let license = CString::new("GPL").expect("no NUL");
         let mut name = [0u8; 16];
-        name[..9].copy_from_slice(b"gd_wire\0\0");
+        name[..7].copy_from_slice(b"gd_wire");
         let mut load = ProgLoadAttr {
             prog_type: BPF_PROG_TYPE_XDP,
             insn_cnt: insns.len() as u32,
@@ -178,11 +178,8 @@ pub fn disable_checksum_offload(ns: &Netns, ifname: &str) -> Result<()> {
 }
 
 fn ifindex(name: &str) -> Result<u32> {
-    let c = CString::new(name).context("interface name")?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(index != 0, "no interface {name} in this namespace");
-    Ok(index)
+    guard_user::datapath::nix_if_index(name)
+        .with_context(|| format!("no interface {name} in this namespace"))
 }
 
 #[cfg(test)]
