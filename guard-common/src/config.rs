@@ -44,12 +44,25 @@ pub struct LiveConfig {
     pub global_syn_burst: u32,
     /// How long a source that completed a connection stays "known good".
     pub known_good_ttl_s: u32,
-    pub _pad: u32,
+    /// When SYNs from sources that are not known good are answered with a
+    /// stateless cookie instead of being judged (`syncookie::MODE_*`).
+    pub syn_cookies: u8,
+    /// The window-scale shift the cookie SYN-ACK offers: what the server's
+    /// own stack would choose for its receive buffer (set by the agent).
+    pub cookie_wscale: u8,
+    /// Which options the SYN-ACK may offer (`syncookie::OPT_*`), as the
+    /// server namespace's sysctls allow (set by the agent).
+    pub cookie_opts: u8,
+    pub _pad: u8,
     /// Connection tracking (the sockops program) counts only sockets of
     /// this network namespace (`SO_NETNS_COOKIE`); 0 counts every one. A
     /// cgroup can span namespaces; the XDP program sees one interface's.
     pub conn_netns_cookie: u64,
-    pub _reserved: [u32; 2],
+    /// The MSS the cookie SYN-ACK advertises per family: the interface's MTU
+    /// less the headers (set by the agent).
+    pub cookie_mss_v4: u16,
+    pub cookie_mss_v6: u16,
+    pub _reserved: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<LiveConfig>() == 64);
@@ -70,9 +83,14 @@ impl LiveConfig {
         global_syn_rate: 0,
         global_syn_burst: 0,
         known_good_ttl_s: 600,
+        syn_cookies: crate::syncookie::MODE_OFF,
+        cookie_wscale: 7,
+        cookie_opts: crate::syncookie::OPT_ALL,
         _pad: 0,
         conn_netns_cookie: 0,
-        _reserved: [0; 2],
+        cookie_mss_v4: 1460,
+        cookie_mss_v6: 1440,
+        _reserved: 0,
     };
 
     #[inline(always)]
@@ -116,6 +134,11 @@ impl LiveConfig {
     }
 
     #[inline(always)]
+    pub const fn cookies_enabled(&self) -> bool {
+        self.syn_cookies != crate::syncookie::MODE_OFF
+    }
+
+    #[inline(always)]
     pub const fn known_good_ttl_ns(&self) -> u64 {
         self.known_good_ttl_s as u64 * 1_000_000_000
     }
@@ -150,6 +173,16 @@ impl LiveConfig {
         if self.event_interval_ms == 0 {
             return Err(ConfigError::EventInterval);
         }
+        if self.syn_cookies > crate::syncookie::MODE_ALWAYS {
+            return Err(ConfigError::CookieMode(self.syn_cookies));
+        }
+        if self.syn_cookies == crate::syncookie::MODE_UNDER_ATTACK && !self.global_budget_enabled()
+        {
+            return Err(ConfigError::CookiesNeedBudget);
+        }
+        if self.cookie_wscale > crate::syncookie::MAX_WSCALE {
+            return Err(ConfigError::CookieWscale(self.cookie_wscale));
+        }
         Ok(())
     }
 }
@@ -167,6 +200,10 @@ pub enum ConfigError {
     PrefixV6(u8),
     AggregateNarrowerThanSource,
     EventInterval,
+    CookieMode(u8),
+    /// "Under attack" means "while the global budget is exhausted".
+    CookiesNeedBudget,
+    CookieWscale(u8),
 }
 
 impl core::fmt::Display for ConfigError {
@@ -179,6 +216,11 @@ impl core::fmt::Display for ConfigError {
                 "the aggregate prefix must be as wide as or wider than the source prefix",
             ),
             Self::EventInterval => f.write_str("event_interval_ms must be at least 1"),
+            Self::CookieMode(m) => write!(f, "unknown syn_cookies mode {m}"),
+            Self::CookiesNeedBudget => f.write_str(
+                "syn_cookies = under-attack answers cookies while the global budget is exhausted: set global_syn_rate and global_syn_burst too, or use syn_cookies = always",
+            ),
+            Self::CookieWscale(w) => write!(f, "cookie window scale {w} must be 0..=14"),
         }
     }
 }

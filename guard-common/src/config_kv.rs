@@ -25,12 +25,19 @@ enum Field {
         min: u32,
         expected: &'static str,
     },
+    /// One of `names`, stored as its index.
+    Choice {
+        get: fn(&LiveConfig) -> u8,
+        set: fn(&mut LiveConfig, u8),
+        names: &'static [&'static str],
+        expected: &'static str,
+    },
 }
 
 const ANY_U32: &str = "an integer 0..=4294967295";
 
 /// Every key, in the order [`config_entries`] lists them.
-static FIELDS: [(&str, Field); 15] = [
+static FIELDS: [(&str, Field); 16] = [
     ("dry_run", Field::Flag(FLAG_DRY_RUN)),
     ("block_all_traffic", Field::Flag(FLAG_BLOCK_ALL_TRAFFIC)),
     (
@@ -154,6 +161,15 @@ static FIELDS: [(&str, Field); 15] = [
             expected: ANY_U32,
         },
     ),
+    (
+        "syn_cookies",
+        Field::Choice {
+            get: |c| c.syn_cookies,
+            set: |c, v| c.syn_cookies = v,
+            names: &crate::syncookie::MODE_NAMES,
+            expected: "off, under-attack or always",
+        },
+    ),
 ];
 
 /// The key names, in the order [`config_entries`] lists them.
@@ -226,6 +242,9 @@ pub fn config_entries(c: &LiveConfig) -> Vec<(&'static str, String)> {
                 Field::Flag(bit) => (c.flags & bit != 0).to_string(),
                 Field::U8 { get, .. } => get(c).to_string(),
                 Field::U32 { get, .. } => get(c).to_string(),
+                Field::Choice { get, names, .. } => names
+                    .get(get(c) as usize)
+                    .map_or_else(|| get(c).to_string(), |n| n.to_string()),
             };
             (*key, value)
         })
@@ -286,6 +305,23 @@ pub fn set_config_value(c: &mut LiveConfig, key: &str, value: &str) -> Result<()
                 })?;
             set(c, v);
         }
+        Field::Choice {
+            set,
+            names,
+            expected,
+            ..
+        } => {
+            let v =
+                names
+                    .iter()
+                    .position(|n| *n == value)
+                    .ok_or_else(|| ConfigKeyError::BadValue {
+                        key: name,
+                        value: value.to_string(),
+                        expected,
+                    })?;
+            set(c, v as u8);
+        }
     }
     Ok(())
 }
@@ -340,22 +376,24 @@ mod tests {
     fn entries_list_every_key_once_and_read_back() {
         let c = LiveConfig::default();
         let entries = config_entries(&c);
-        assert_eq!(entries.len(), 15);
+        assert_eq!(entries.len(), 16);
         let mut keys: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), 15);
+        assert_eq!(keys.len(), 16);
         let get = |k: &str| entries.iter().find(|(e, _)| *e == k).unwrap().1.clone();
         assert_eq!(get("dry_run"), "false");
         assert_eq!(get("source_prefix_v6"), "64");
         assert_eq!(get("syn_burst"), "40");
         assert_eq!(get("known_good_ttl_s"), "600");
+        assert_eq!(get("syn_cookies"), "off");
 
         // Applying a config's own entries to another config reproduces it.
         let mut custom = c;
         custom.flags = FLAG_DRY_RUN;
         custom.syn_rate = 7;
         custom.aggregate_prefix_v6 = 40;
+        custom.syn_cookies = crate::syncookie::MODE_ALWAYS;
         let text: Vec<(String, String)> = config_entries(&custom)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -371,6 +409,7 @@ mod tests {
             let new_value = match value.as_str() {
                 "false" => "true".to_string(),
                 "true" => "false".to_string(),
+                "off" => "always".to_string(),
                 // Narrowing a prefix by one and bumping a counter both stay
                 // in range from the defaults.
                 v if key.contains("prefix") => (v.parse::<u8>().unwrap() - 1).to_string(),
@@ -420,6 +459,8 @@ mod tests {
             ("syn_rate", "fast"),
             ("syn_rate", ""),
             ("event_interval_ms", "0"),
+            ("syn_cookies", "on"),
+            ("syn_cookies", "1"),
         ] {
             let err = set_config_value(&mut c, key, value).unwrap_err();
             assert!(
@@ -464,6 +505,22 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ConfigKeyError::Duplicate("syn_rate"));
         assert_eq!(apply_config_changes(&base, &[]), Ok(base));
+        // Cookies "under attack" mean "while the global budget is dry".
+        let err = apply_config_changes(&base, &changes(&[("syn_cookies", "under-attack")]));
+        assert_eq!(
+            err,
+            Err(ConfigKeyError::Invalid(ConfigError::CookiesNeedBudget))
+        );
+        let c = apply_config_changes(
+            &base,
+            &changes(&[
+                ("syn_cookies", "under-attack"),
+                ("global_syn_rate", "1000"),
+                ("global_syn_burst", "2000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.syn_cookies, crate::syncookie::MODE_UNDER_ATTACK);
     }
 
     #[test]

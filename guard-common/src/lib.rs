@@ -12,7 +12,7 @@
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 pub mod addr;
@@ -22,6 +22,7 @@ pub mod event;
 pub mod maps;
 pub mod state;
 pub mod stats;
+pub mod syncookie;
 
 #[cfg(feature = "std")]
 pub mod config_kv;

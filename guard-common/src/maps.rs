@@ -20,15 +20,36 @@ pub const CONN_SOCKS: &str = "CONN_SOCKS";
 pub const KNOWN_GOOD: &str = "KNOWN_GOOD";
 /// The global new-connection budget's bucket (one entry).
 pub const GLOBAL: &str = "GLOBAL";
+/// SYN cookie keys, one per epoch slot (`syncookie::KEY_SLOTS`), rotated by
+/// the agent.
+pub const COOKIE_KEYS: &str = "COOKIE_KEYS";
+/// When a cookie was last sent (`syncookie::CookieState`, one entry).
+pub const COOKIE_STATE: &str = "COOKIE_STATE";
 
 pub const PROG_XDP: &str = "guard_xdp";
 pub const PROG_TC: &str = "guard_tc";
 pub const PROG_SOCKOPS: &str = "guard_sockops";
+/// The tc ingress companion of the XDP program: XDP cannot hand a
+/// connection to a listener, so the replies to its SYN cookies are checked
+/// here.
+pub const PROG_COOKIE_ACK: &str = "guard_cookie_ack";
 
 /// Every map the agent pins, in the order `guard status` shows them.
-pub const PINNED_MAPS: [&str; 12] = [
-    CONFIG, STATS, PORTS, SOURCES, AGGREGATES, ALLOW, BLOCK, EVENTS, CONNS, CONN_SOCKS, KNOWN_GOOD,
+pub const PINNED_MAPS: [&str; 14] = [
+    CONFIG,
+    STATS,
+    PORTS,
+    SOURCES,
+    AGGREGATES,
+    ALLOW,
+    BLOCK,
+    EVENTS,
+    CONNS,
+    CONN_SOCKS,
+    KNOWN_GOOD,
     GLOBAL,
+    COOKIE_KEYS,
+    COOKIE_STATE,
 ];
 
 /// One bit per TCP port, as bytes: `PORTS[port] != 0` means protected.

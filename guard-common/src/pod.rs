@@ -6,3 +6,5 @@ unsafe impl aya::Pod for crate::SourceState {}
 unsafe impl aya::Pod for crate::BlockEntry {}
 unsafe impl aya::Pod for crate::OverCapEvent {}
 unsafe impl aya::Pod for crate::TokenBucket {}
+unsafe impl aya::Pod for crate::syncookie::CookieKey {}
+unsafe impl aya::Pod for crate::syncookie::CookieState {}

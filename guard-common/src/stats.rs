@@ -43,12 +43,39 @@ pub enum Stat {
     ConnClosed,
     /// Established but not counted: the socket table was full.
     ConnUntracked,
+    /// A SYN from a source not known good answered with a stateless cookie
+    /// SYN-ACK (sent back out of the interface; nothing stored).
+    CookieSent,
+    WouldCookie,
+    /// The SYN could not be turned into a SYN-ACK in place (the frame could
+    /// not be resized): dropped; its sender retries.
+    DropCookieTx,
+    /// A TCP first fragment toward a protected port too short to hold the
+    /// whole TCP header (RFC 1858 §3.1): never legitimate, and judging it
+    /// would mean judging a SYN by its flags before they arrive.
+    DropTinyFragment,
+    WouldDropTinyFragment,
+    /// An IPv4 fragment at offset 8 bytes (RFC 3128): it can only serve to
+    /// overwrite the TCP header of the first.
+    DropOverlapFragment,
+    WouldDropOverlapFragment,
+    /// After the verdict: ACKs toward a listener checked as cookie replies.
+    /// Valid ones were handed to the listener as a ready connection.
+    CookieAckValid,
+    /// Not one of ours (forged, stale, or the kernel's own cookie): left to
+    /// the kernel, which resets or accepts it by its own rules.
+    CookieAckInvalid,
+    /// Valid, but the proven source is over its cap: dropped.
+    CookieAckOverCap,
+    /// Valid, but the kernel refused to build the connection (listener
+    /// gone, feature turned off since the SYN-ACK): left to the kernel.
+    CookieAckAssignFailed,
 }
 
-pub const STAT_SLOTS: u32 = 32;
+pub const STAT_SLOTS: u32 = 48;
 
 impl Stat {
-    pub const ALL: [Stat; 26] = [
+    pub const ALL: [Stat; 37] = [
         Stat::Packets,
         Stat::PassUnprotected,
         Stat::PassAllowlisted,
@@ -75,6 +102,17 @@ impl Stat {
         Stat::ConnOpened,
         Stat::ConnClosed,
         Stat::ConnUntracked,
+        Stat::CookieSent,
+        Stat::WouldCookie,
+        Stat::DropCookieTx,
+        Stat::DropTinyFragment,
+        Stat::WouldDropTinyFragment,
+        Stat::DropOverlapFragment,
+        Stat::WouldDropOverlapFragment,
+        Stat::CookieAckValid,
+        Stat::CookieAckInvalid,
+        Stat::CookieAckOverCap,
+        Stat::CookieAckAssignFailed,
     ];
 
     #[inline(always)]
@@ -105,7 +143,18 @@ impl Stat {
             Stat::WouldDropGlobalBudget => ("would_drop", "global_budget"),
             Stat::DropExtHeaderChain => ("drop", "ext_header_chain"),
             Stat::WouldDropExtHeaderChain => ("would_drop", "ext_header_chain"),
-            Stat::Packets
+            Stat::CookieSent => ("cookie", "unproven_source"),
+            Stat::WouldCookie => ("would_cookie", "unproven_source"),
+            Stat::DropCookieTx => ("drop", "cookie_tx_failed"),
+            Stat::DropTinyFragment => ("drop", "tiny_fragment"),
+            Stat::WouldDropTinyFragment => ("would_drop", "tiny_fragment"),
+            Stat::DropOverlapFragment => ("drop", "overlap_fragment"),
+            Stat::WouldDropOverlapFragment => ("would_drop", "overlap_fragment"),
+            Stat::CookieAckValid
+            | Stat::CookieAckInvalid
+            | Stat::CookieAckOverCap
+            | Stat::CookieAckAssignFailed
+            | Stat::Packets
             | Stat::SynSeen
             | Stat::EventsLost
             | Stat::SourcesCreated
@@ -143,11 +192,22 @@ impl Stat {
             Stat::ConnOpened => "conn_opened",
             Stat::ConnClosed => "conn_closed",
             Stat::ConnUntracked => "conn_untracked",
+            Stat::CookieSent => "cookie_sent",
+            Stat::WouldCookie => "would_cookie",
+            Stat::DropCookieTx => "drop_cookie_tx",
+            Stat::DropTinyFragment => "drop_tiny_fragment",
+            Stat::WouldDropTinyFragment => "would_drop_tiny_fragment",
+            Stat::DropOverlapFragment => "drop_overlap_fragment",
+            Stat::WouldDropOverlapFragment => "would_drop_overlap_fragment",
+            Stat::CookieAckValid => "cookie_ack_valid",
+            Stat::CookieAckInvalid => "cookie_ack_invalid",
+            Stat::CookieAckOverCap => "cookie_ack_over_cap",
+            Stat::CookieAckAssignFailed => "cookie_ack_assign_failed",
         }
     }
 }
 
-const _: () = assert!((Stat::ConnUntracked as u32) < STAT_SLOTS);
+const _: () = assert!((Stat::CookieAckAssignFailed as u32) < STAT_SLOTS);
 
 #[cfg(test)]
 mod tests {

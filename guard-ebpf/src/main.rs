@@ -9,30 +9,37 @@
 // Atomic intrinsics for the connection counters (see conns.rs).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+// The kfunc call of the cookie check (see cookie.rs).
+#![feature(asm_experimental_arch)]
 
 mod packet;
 
 mod clock;
 mod conns;
+mod cookie;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, sock_ops, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockOpsContext, TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
+use cookie::{AckVerdict, CookieSyn};
 use guard_common::{
     addr::{Addr, AddrWords, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
     maps as names,
     state::AllowEntry,
     stats::{Stat, STAT_SLOTS},
+    syncookie::{self, CookieKey, CookieState, MODE_ALWAYS},
     BlockEntry, LiveConfig, OverCapEvent, SourceState, TokenBucket,
 };
-use packet::{parse, Malformed, Packet, Parsed, Transport, TCP_ACK, TCP_SYN};
+use packet::{
+    parse, Malformed, Packet, Parsed, TcpAt, Transport, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 // Sizes here are defaults; the agent sets the real ones at load time.
 #[map(name = "CONFIG")]
@@ -62,18 +69,37 @@ static KNOWN_GOOD: LruHashMap<Addr, u64> =
     LruHashMap::with_max_entries(names::DEFAULT_KNOWN_GOOD, 0);
 #[map(name = "GLOBAL")]
 static GLOBAL: Array<TokenBucket> = Array::with_max_entries(1, 0);
+#[map(name = "COOKIE_KEYS")]
+static COOKIE_KEYS: Array<CookieKey> = Array::with_max_entries(syncookie::KEY_SLOTS, 0);
+#[map(name = "COOKIE_STATE")]
+static COOKIE_STATE: Array<CookieState> = Array::with_max_entries(1, 0);
+/// Per-CPU scratch of the SYN option walk (see cookie.rs); not pinned.
+#[map(name = "OPT_SCRATCH")]
+static OPTION_SCRATCH: PerCpuArray<cookie::OptionScratch> = PerCpuArray::with_max_entries(1, 0);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Verdict {
     Pass,
     Drop,
+    /// Answer the SYN with a cookie SYN-ACK (already counted).
+    Cookie(CookieSyn),
+    /// An ACK (already counted as not a SYN) that may answer a cookie; only
+    /// the tc attach can hand it to a listener.
+    CookieAck(TcpAt, u64),
 }
 
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
-    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+    match decide::<_, false>(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+        Verdict::Pass | Verdict::CookieAck(..) => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Cookie(c) => match CONFIG.get(0) {
+            Some(cfg) if cookie::answer_xdp(&ctx, &c, cfg) => xdp_action::XDP_TX,
+            _ => {
+                count(Stat::DropCookieTx);
+                xdp_action::XDP_DROP
+            }
+        },
     }
 }
 
@@ -90,9 +116,80 @@ pub fn guard_tc(ctx: TcContext) -> i32 {
         // a short frame and fails open like any truncated one.
         let _ = ctx.pull_data(ctx.len().min(TC_PULL_LEN));
     }
-    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+    match decide::<_, true>(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Cookie(c) => match CONFIG
+            .get(0)
+            .and_then(|cfg| cookie::answer_tc(&ctx, &c, cfg))
+        {
+            // SAFETY: helper with no preconditions; out of the interface
+            // the SYN came in on.
+            Some(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+            None => {
+                count(Stat::DropCookieTx);
+                TC_ACT_SHOT
+            }
+        },
+        Verdict::CookieAck(at, now) => cookie_ack(&ctx, &at, now),
+    }
+}
+
+/// The tc ingress companion of the XDP attach: XDP answered the SYNs, the
+/// replies to its cookies are checked here. Counts nothing but the check's
+/// own outcomes (the XDP program gave the packet its verdict).
+#[classifier]
+pub fn guard_cookie_ack(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_OK;
+    };
+    if !cfg.cookies_enabled() {
+        return TC_ACT_OK;
+    }
+    let linear = ctx.data_end() - ctx.data();
+    if (linear as u32) < TC_PULL_LEN && ctx.len() > linear as u32 {
+        let _ = ctx.pull_data(ctx.len().min(TC_PULL_LEN));
+    }
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Ok(Parsed::Ip {
+        transport:
+            Transport::Tcp {
+                dst_port,
+                flags,
+                at,
+            },
+        ..
+    }) = parse(&pkt)
+    else {
+        return TC_ACT_OK;
+    };
+    if !is_cookie_ack_candidate(flags) || !is_protected(dst_port) {
+        return TC_ACT_OK;
+    }
+    let now = clock::coarse_now_ns();
+    if !cookie::may_answer_cookie(now) {
+        return TC_ACT_OK;
+    }
+    cookie_ack(&ctx, &at, now)
+}
+
+#[inline(always)]
+fn is_cookie_ack_candidate(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
+}
+
+#[inline(always)]
+fn cookie_ack(ctx: &TcContext, at: &TcpAt, now: u64) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_OK;
+    };
+    let admit = |client: &AddrWords| {
+        let key = client.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
+        charge_caps(ctx, client, &key, now, cfg).is_none()
+    };
+    match cookie::check_ack(ctx, at, cfg, now, admit) {
+        AckVerdict::Pass => TC_ACT_OK,
+        AckVerdict::Drop => TC_ACT_SHOT,
     }
 }
 
@@ -126,8 +223,9 @@ fn drop_or_dry_run(cfg: &LiveConfig, drop: Stat, would_drop: Stat) -> Verdict {
     }
 }
 
+/// Judges one frame. `ACKS`: this attach can check cookie replies (tc).
 #[inline(always)]
-fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
+fn decide<C: EbpfContext, const ACKS: bool>(ctx: &C, pkt: Packet) -> Verdict {
     count(Stat::Packets);
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable once loaded (array slots always exist); fail open.
@@ -153,15 +251,32 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         Ok(Parsed::Ip { src, transport }) => (src, transport),
     };
 
-    let protected_syn_flags = match transport {
-        Transport::Tcp { dst_port, flags } if is_protected(dst_port) => Some(flags),
+    let protected = match transport {
+        Transport::Tcp {
+            dst_port,
+            flags,
+            at,
+        } if is_protected(dst_port) => Some((flags, at)),
+        _ => None,
+    };
+    // Fragments that could only serve to slip a SYN past its verdict: a
+    // first fragment too short to show the TCP flags (toward a protected
+    // port, or one it is too short to name), and one overlapping the TCP
+    // header. The kernel would reassemble them into whatever they spell.
+    let evasive = match transport {
+        Transport::TinyFragment { dst_port } if dst_port.is_none_or(is_protected) => {
+            Some((Stat::DropTinyFragment, Stat::WouldDropTinyFragment))
+        }
+        Transport::OverlapFragment => {
+            Some((Stat::DropOverlapFragment, Stat::WouldDropOverlapFragment))
+        }
         _ => None,
     };
     let unprotected_stat = match transport {
         Transport::LaterFragment => Stat::PassFragment,
         _ => Stat::PassUnprotected,
     };
-    if protected_syn_flags.is_none() && !cfg.block_all_traffic() {
+    if protected.is_none() && evasive.is_none() && !cfg.block_all_traffic() {
         count(unprotected_stat);
         return Verdict::Pass;
     }
@@ -178,12 +293,21 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
             }
         }
     }
-    let Some(flags) = protected_syn_flags else {
+    if let Some((drop, would_drop)) = evasive {
+        return drop_or_dry_run(cfg, drop, would_drop);
+    }
+    let Some((flags, at)) = protected else {
         count(unprotected_stat);
         return Verdict::Pass;
     };
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Stat::PassNotSyn);
+        if ACKS && cfg.cookies_enabled() && is_cookie_ack_candidate(flags) {
+            let now = clock::coarse_now_ns();
+            if cookie::may_answer_cookie(now) {
+                return Verdict::CookieAck(at, now);
+            }
+        }
         return Verdict::Pass;
     }
     // The clock is read once, and only for connection-opening SYNs (and
@@ -200,63 +324,34 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     {
         return drop_or_dry_run(cfg, Stat::DropConnLimit, Stat::WouldDropConnLimit);
     }
-    // The aggregate is looked at before the source is tracked, so spoofed
-    // sources flooding a saturated prefix cost one lookup each and never
-    // churn the per-source table (where they would evict real sources). Its
-    // token is taken only once the source's own cap admitted the SYN, so a
-    // single source flooding past its own cap never drains the budget its
-    // neighbours share.
-    let aggregate = if cfg.aggregate_cap_enabled() {
-        let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-        match tracked(&AGGREGATES, key.as_addr(), cfg.aggregate_burst, now, None) {
-            Some(state) => {
-                state.syns += 1;
-                state
-                    .bucket
-                    .refill(now, cfg.aggregate_rate, cfg.aggregate_burst);
-                if !state.bucket.has_token() {
-                    let len =
-                        src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-                    over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
-                    return drop_or_dry_run(
-                        cfg,
-                        Stat::DropAggregateRate,
-                        Stat::WouldDropAggregateRate,
-                    );
-                }
-                Some((state, key))
-            }
-            None => None,
-        }
+    // A source that never completed a handshake is answered statelessly
+    // while cookies are on: it is neither tracked nor charged until its ACK
+    // proves its address, so spoofed floods leave no state and drain no
+    // budget. SYN+FIN and SYN+RST are left to the path below (the kernel
+    // discards both); so are IP options, IPv6 extension headers and
+    // fragments, which a SYN-ACK built in place cannot mirror.
+    let cookie = if cfg.cookies_enabled() && flags & (TCP_FIN | TCP_RST) == 0 && at.plain {
+        let epoch = syncookie::epoch_of(now);
+        cookie::key_for(epoch).map(|key| CookieSyn {
+            at,
+            epoch,
+            key,
+            now,
+        })
     } else {
         None
     };
-    if cfg.source_cap_enabled() {
-        let created = Some(Stat::SourcesCreated);
-        if let Some(state) = tracked(&SOURCES, source_key.as_addr(), cfg.syn_burst, now, created) {
-            state.syns += 1;
-            if !state.bucket.try_take(now, cfg.syn_rate, cfg.syn_burst) {
-                let len = src.unified_prefix_len(cfg.source_prefix_v4, cfg.source_prefix_v6);
-                over_cap(
-                    ctx,
-                    state,
-                    &source_key,
-                    len,
-                    now,
-                    cfg,
-                    EVENT_SOURCE_OVER_CAP,
-                );
-                return drop_or_dry_run(cfg, Stat::DropSourceRate, Stat::WouldDropSourceRate);
-            }
+    let known_good = match cookie {
+        Some(_) => conns::is_known_good(source_key.as_addr(), now, cfg),
+        None => false,
+    };
+    if let Some(c) = cookie {
+        if !known_good && (cfg.syn_cookies == MODE_ALWAYS || global_budget_dry(now, cfg)) {
+            return cookie_or_dry_run(cfg, c);
         }
     }
-    if let Some((state, key)) = aggregate {
-        // Another CPU may have taken the last token since the look above.
-        if !state.bucket.take() {
-            let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
-            over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
-            return drop_or_dry_run(cfg, Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
-        }
+    if let Some((drop, would_drop)) = charge_caps(ctx, &src, &source_key, now, cfg) {
+        return drop_or_dry_run(cfg, drop, would_drop);
     }
     if cfg.global_budget_enabled() {
         // Everyone draws on the global budget; when it runs dry only sources
@@ -271,15 +366,108 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
             None => true,
         };
         if !has_budget {
-            if conns::is_known_good(source_key.as_addr(), now, cfg) {
+            if known_good || conns::is_known_good(source_key.as_addr(), now, cfg) {
                 count(Stat::PassKnownGood);
                 return Verdict::Pass;
+            }
+            // The budget ran dry between the look above and this take.
+            if let Some(c) = cookie {
+                return cookie_or_dry_run(cfg, c);
             }
             return drop_or_dry_run(cfg, Stat::DropGlobalBudget, Stat::WouldDropGlobalBudget);
         }
     }
     count(Stat::PassSyn);
     Verdict::Pass
+}
+
+#[inline(always)]
+fn cookie_or_dry_run(cfg: &LiveConfig, c: CookieSyn) -> Verdict {
+    if cfg.dry_run() {
+        count(Stat::WouldCookie);
+        Verdict::Pass
+    } else {
+        count(Stat::CookieSent);
+        Verdict::Cookie(c)
+    }
+}
+
+/// Whether the global budget is exhausted right now, without taking from
+/// it (that happens once the SYN has passed every other cap).
+#[inline(always)]
+fn global_budget_dry(now: u64, cfg: &LiveConfig) -> bool {
+    if !cfg.global_budget_enabled() {
+        return false;
+    }
+    match GLOBAL.get_ptr_mut(0) {
+        // SAFETY: as for the take in `decide`.
+        Some(bucket) => unsafe {
+            (*bucket).refill(now, cfg.global_syn_rate, cfg.global_syn_burst);
+            !(*bucket).has_token()
+        },
+        None => false,
+    }
+}
+
+/// Charges a new connection of `src` to its aggregate prefix and to its own
+/// cap; the (drop, would-drop) counters of the cap it is over, if any.
+///
+/// The aggregate is looked at before the source is tracked, so spoofed
+/// sources flooding a saturated prefix cost one lookup each and never churn
+/// the per-source table (where they would evict real sources). Its token is
+/// taken only once the source's own cap admitted the SYN, so a single
+/// source flooding past its own cap never drains the budget its neighbours
+/// share.
+#[inline(always)]
+fn charge_caps<C: EbpfContext>(
+    ctx: &C,
+    src: &AddrWords,
+    source_key: &AddrWords,
+    now: u64,
+    cfg: &LiveConfig,
+) -> Option<(Stat, Stat)> {
+    let aggregate_over = (Stat::DropAggregateRate, Stat::WouldDropAggregateRate);
+    let aggregate = if cfg.aggregate_cap_enabled() {
+        let key = src.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        match tracked(&AGGREGATES, key.as_addr(), cfg.aggregate_burst, now, None) {
+            Some(state) => {
+                state.syns += 1;
+                state
+                    .bucket
+                    .refill(now, cfg.aggregate_rate, cfg.aggregate_burst);
+                if !state.bucket.has_token() {
+                    let len =
+                        src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+                    over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
+                    return Some(aggregate_over);
+                }
+                Some((state, key))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    if cfg.source_cap_enabled() {
+        let created = Some(Stat::SourcesCreated);
+        if let Some(state) = tracked(&SOURCES, source_key.as_addr(), cfg.syn_burst, now, created) {
+            state.syns += 1;
+            if !state.bucket.try_take(now, cfg.syn_rate, cfg.syn_burst) {
+                let len = src.unified_prefix_len(cfg.source_prefix_v4, cfg.source_prefix_v6);
+                over_cap(ctx, state, source_key, len, now, cfg, EVENT_SOURCE_OVER_CAP);
+                return Some((Stat::DropSourceRate, Stat::WouldDropSourceRate));
+            }
+        }
+    }
+    if let Some((state, key)) = aggregate {
+        // Another CPU may have taken the last token since the look above.
+        if !state.bucket.take() {
+            let len = src.unified_prefix_len(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+            over_cap(ctx, state, &key, len, now, cfg, EVENT_AGGREGATE_OVER_CAP);
+            return Some(aggregate_over);
+        }
+    }
+    None
 }
 
 #[inline(always)]

@@ -31,9 +31,13 @@ const NEXTHDR_DEST: u8 = 60;
 /// two; a longer chain is treated as hostile (see `Parsed::ExtChainTooLong`).
 pub const MAX_EXT_HEADERS: usize = 6;
 
-const TCP_MIN_HLEN: usize = 20;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 #[derive(Clone, Copy)]
 pub struct Packet {
@@ -49,7 +53,7 @@ impl Packet {
 
     /// The `N` bytes at `offset`, if the packet holds them all.
     #[inline(always)]
-    fn header<const N: usize>(&self, offset: usize) -> Option<Header<N>> {
+    pub fn header<const N: usize>(&self, offset: usize) -> Option<Header<N>> {
         let at = self.start + offset;
         if at + N > self.end {
             return None;
@@ -58,9 +62,20 @@ impl Packet {
     }
 }
 
+impl Packet {
+    /// Whether the frame holds its first `len` bytes. Written as a length
+    /// comparison, not as the pointer bound `header` checks: otherwise the
+    /// compiler derives one bound from the other and drops a check the
+    /// verifier needs to see.
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        len <= self.end.wrapping_sub(self.start)
+    }
+}
+
 /// `N` bytes of packet, checked to be there.
 #[derive(Clone, Copy)]
-struct Header<const N: usize> {
+pub struct Header<const N: usize> {
     at: usize,
 }
 
@@ -75,7 +90,7 @@ impl<const N: usize> Header<N> {
     }
 
     #[inline(always)]
-    fn u8_at<const OFFSET: usize>(&self) -> u8 {
+    pub fn u8_at<const OFFSET: usize>(&self) -> u8 {
         self.read::<u8, OFFSET>()
     }
 
@@ -83,15 +98,54 @@ impl<const N: usize> Header<N> {
     fn be16_at<const OFFSET: usize>(&self) -> u16 {
         u16::from_be(self.read::<u16, OFFSET>())
     }
+
+    #[inline(always)]
+    pub fn be32_at<const OFFSET: usize>(&self) -> u32 {
+        u32::from_be(self.read::<u32, OFFSET>())
+    }
+
+    /// The `T` at byte `OFFSET`, in memory (wire) order.
+    #[inline(always)]
+    pub fn raw<T: Copy, const OFFSET: usize>(&self) -> T {
+        self.read::<T, OFFSET>()
+    }
+
+    /// Writes `value` at byte `OFFSET`, bytes as they lie in memory.
+    #[inline(always)]
+    pub fn write<T: Copy, const OFFSET: usize>(&self, value: T) {
+        const { assert!(OFFSET + core::mem::size_of::<T>() <= N) };
+        // SAFETY: as for `read`; the program owns the frame it rewrites.
+        unsafe { core::ptr::write_unaligned((self.at + OFFSET) as *mut T, value) }
+    }
+}
+
+/// Where a TCP segment's headers are, for the steps that read or rewrite
+/// more of it (SYN cookies).
+#[derive(Clone, Copy)]
+pub struct TcpAt {
+    /// Offsets of the IP and TCP headers from the frame's start.
+    pub l3: usize,
+    pub l4: usize,
+    pub v6: bool,
+    /// IPv4 without options or IPv6 without extension headers, not a
+    /// fragment: the only shape a cookie SYN-ACK is built from.
+    pub plain: bool,
 }
 
 /// What the transport layer turned out to be.
 #[derive(Clone, Copy)]
 pub enum Transport {
     /// A complete TCP header (at least 20 bytes, data offset sane).
-    Tcp { dst_port: u16, flags: u8 },
+    Tcp { dst_port: u16, flags: u8, at: TcpAt },
     /// A fragment that does not start the datagram: no TCP header in it.
     LaterFragment,
+    /// A first fragment of TCP that does not hold the whole TCP header
+    /// (`dst_port` if it holds that much). The kernel reassembles such a
+    /// SYN, so it cannot be judged and cannot be legitimate (RFC 1858).
+    TinyFragment { dst_port: Option<u16> },
+    /// A TCP fragment at offset 8 bytes: only useful to overwrite the first
+    /// fragment's TCP header (RFC 3128).
+    OverlapFragment,
     /// Any other protocol, or TCP that is truncated/inconsistent (the
     /// kernel's own checks discard the latter).
     Other,
@@ -146,14 +200,36 @@ fn parse_ipv4(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
     if ihl < 20 {
         return Err(Malformed);
     }
+    // The datagram ends where its total length says, not where the frame
+    // does: Ethernet pads short frames, and the kernel trims the padding
+    // before TCP looks at it, so bytes past it must not count as header.
+    let total_len = hdr.be16_at::<2>() as usize;
+    if total_len < ihl {
+        return Err(Malformed);
+    }
+    let ip_end = l3 + (total_len & 0xffff);
     let frag = hdr.be16_at::<6>();
     let src = AddrWords::v4_mapped(hdr.read::<u32, 12>());
-    let transport = if frag & 0x1fff != 0 {
+    let offset = frag & IPV4_OFFSET_MASK;
+    let first_fragment = offset == 0 && frag & IPV4_MORE_FRAGMENTS != 0;
+    let transport = if hdr.u8_at::<9>() != IPPROTO_TCP {
+        if offset != 0 {
+            Transport::LaterFragment
+        } else {
+            Transport::Other
+        }
+    } else if offset == 1 {
+        Transport::OverlapFragment
+    } else if offset != 0 {
         Transport::LaterFragment
-    } else if hdr.u8_at::<9>() == IPPROTO_TCP {
-        parse_tcp(pkt, l3 + ihl)
     } else {
-        Transport::Other
+        let at = TcpAt {
+            l3,
+            l4: l3 + ihl,
+            v6: false,
+            plain: ihl == 20 && !first_fragment,
+        };
+        parse_tcp(pkt, at, ip_end, first_fragment)
     };
     Ok(Parsed::Ip { src, transport })
 }
@@ -164,11 +240,20 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
     if hdr.u8_at::<0>() >> 4 != 6 {
         return Err(Malformed);
     }
+    let payload_len = hdr.be16_at::<4>() as usize;
+    // 0 is a jumbogram's (its length is in a hop-by-hop option): bounded
+    // by the frame alone.
+    let ip_end = if payload_len == 0 {
+        usize::MAX
+    } else {
+        l3 + IPV6_HLEN + payload_len
+    };
     let mut next = hdr.u8_at::<6>();
     let src = AddrWords([hdr.read::<u64, 8>(), hdr.read::<u64, 16>()]);
     // IPv4-mapped sources are their IPv4 address, which is exactly how the
     // unified key space stores IPv4: nothing to convert.
     let mut offset = l3 + IPV6_HLEN;
+    let mut first_fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             // Every extension header is at least 8 bytes: one load each.
@@ -186,20 +271,36 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
                 let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
                 let nh = ext.u8_at::<0>();
                 let frag = ext.be16_at::<2>();
-                if frag >> 3 != 0 {
+                let frag_offset = frag >> 3;
+                if frag_offset == 1 && nh == IPPROTO_TCP {
+                    return Ok(Parsed::Ip {
+                        src,
+                        transport: Transport::OverlapFragment,
+                    });
+                }
+                if frag_offset != 0 {
                     return Ok(Parsed::Ip {
                         src,
                         transport: Transport::LaterFragment,
                     });
                 }
+                // Offset 0 with "more" set starts a datagram; without it the
+                // header is an atomic fragment (RFC 6946), a whole packet.
+                first_fragment = frag & 1 != 0;
                 next = nh;
                 offset += 8;
             }
             IPPROTO_TCP => {
+                let at = TcpAt {
+                    l3,
+                    l4: offset,
+                    v6: true,
+                    plain: offset == l3 + IPV6_HLEN,
+                };
                 return Ok(Parsed::Ip {
                     src,
-                    transport: parse_tcp(pkt, offset),
-                })
+                    transport: parse_tcp(pkt, at, ip_end, first_fragment),
+                });
             }
             _ => {
                 return Ok(Parsed::Ip {
@@ -210,10 +311,18 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
         }
     }
     match next {
-        IPPROTO_TCP => Ok(Parsed::Ip {
-            src,
-            transport: parse_tcp(pkt, offset),
-        }),
+        IPPROTO_TCP => {
+            let at = TcpAt {
+                l3,
+                l4: offset,
+                v6: true,
+                plain: false,
+            };
+            Ok(Parsed::Ip {
+                src,
+                transport: parse_tcp(pkt, at, ip_end, first_fragment),
+            })
+        }
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
             Ok(Parsed::ExtChainTooLong { src })
         }
@@ -224,11 +333,31 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
     }
 }
 
+/// `ip_end`: where the datagram (or this fragment of it) ends by its IP
+/// length; `first_fragment`: more fragments follow this one.
 #[inline(always)]
-fn parse_tcp(pkt: &Packet, l4: usize) -> Transport {
-    // Only a whole 20-byte header counts: a truncated one is not a SYN.
-    let Some(hdr) = pkt.header::<TCP_MIN_HLEN>(l4) else {
-        return Transport::Other;
+fn parse_tcp(pkt: &Packet, at: TcpAt, ip_end: usize, first_fragment: bool) -> Transport {
+    // Only a whole 20-byte header counts as TCP: a truncated one is not a
+    // SYN, and the kernel drops it — unless more fragments follow, which
+    // the kernel reassembles into whatever they spell.
+    let whole = at.l4 + TCP_MIN_HLEN <= ip_end;
+    let hdr = if whole {
+        pkt.header::<TCP_MIN_HLEN>(at.l4)
+    } else {
+        None
+    };
+    let Some(hdr) = hdr else {
+        // A frame shorter than its IP length is malformed (the kernel drops
+        // it); only a fragment that is short by its own length is tiny.
+        if !first_fragment || !pkt.holds(ip_end) {
+            return Transport::Other;
+        }
+        let port_held = at.l4 + 4 <= ip_end;
+        let dst_port = match pkt.header::<4>(at.l4) {
+            Some(ports) if port_held => Some(ports.be16_at::<2>()),
+            _ => None,
+        };
+        return Transport::TinyFragment { dst_port };
     };
     let data_offset = (hdr.u8_at::<12>() >> 4) as usize * 4;
     if data_offset < TCP_MIN_HLEN {
@@ -237,5 +366,6 @@ fn parse_tcp(pkt: &Packet, l4: usize) -> Transport {
     Transport::Tcp {
         dst_port: hdr.be16_at::<2>(),
         flags: hdr.u8_at::<13>(),
+        at,
     }
 }

@@ -27,6 +27,7 @@ use guard_common::{
     maps as names,
     state::AllowEntry,
     stats::{Stat, STAT_SLOTS},
+    syncookie::{CookieKey, CookieState, KEY_SLOTS},
     Addr, BlockEntry, LiveConfig, SourceState,
 };
 use log::{info, warn};
@@ -154,6 +155,8 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
         names::CONN_SOCKS => (T::Hash, 8, 16),
         names::KNOWN_GOOD => (T::LruHash, 16, 8),
         names::GLOBAL => (T::Array, 4, size_of::<guard_common::TokenBucket>() as u32),
+        names::COOKIE_KEYS => (T::Array, 4, size_of::<CookieKey>() as u32),
+        names::COOKIE_STATE => (T::Array, 4, size_of::<CookieState>() as u32),
         _ => return None,
     })
 }
@@ -266,6 +269,8 @@ pub struct GuardMaps {
     /// guard-ebpf/src/conns.rs).
     pub conns: HashMap<MapData, Addr, u64>,
     pub known_good: HashMap<MapData, Addr, u64>,
+    pub cookie_keys: Array<MapData, CookieKey>,
+    pub cookie_state: Array<MapData, CookieState>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -298,7 +303,33 @@ impl GuardMaps {
             block: open_pinned(layout, names::BLOCK)?,
             conns: open_pinned(layout, names::CONNS)?,
             known_good: open_pinned(layout, names::KNOWN_GOOD)?,
+            cookie_keys: open_pinned(layout, names::COOKIE_KEYS)?,
+            cookie_state: open_pinned(layout, names::COOKIE_STATE)?,
         })
+    }
+
+    /// The SYN cookie key of each epoch slot.
+    pub fn cookie_keys(&self) -> Result<[CookieKey; KEY_SLOTS as usize], DatapathError> {
+        let mut out = [CookieKey::default(); KEY_SLOTS as usize];
+        for (slot, key) in out.iter_mut().enumerate() {
+            *key = self
+                .cookie_keys
+                .get(&(slot as u32), 0)
+                .map_err(map_err(names::COOKIE_KEYS))?;
+        }
+        Ok(out)
+    }
+
+    pub fn set_cookie_key(&mut self, slot: u32, key: &CookieKey) -> Result<(), DatapathError> {
+        self.cookie_keys
+            .set(slot, key, 0)
+            .map_err(map_err(names::COOKIE_KEYS))
+    }
+
+    pub fn cookie_state(&self) -> Result<CookieState, DatapathError> {
+        self.cookie_state
+            .get(&0, 0)
+            .map_err(map_err(names::COOKIE_STATE))
     }
 
     /// Open connections per source key, as the sockops program counts them.
@@ -527,6 +558,8 @@ pub struct Datapath {
     layout: Option<PinLayout>,
     /// Whether the maps were created by this load (false: adopted pins).
     fresh: bool,
+    /// Whether this kernel can hand cookie connections to a listener.
+    cookies_supported: bool,
 }
 
 impl Datapath {
@@ -553,7 +586,11 @@ impl Datapath {
                 loader.map_pin_path(name, layout.map(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+        let kfunc_id = aya::Btf::from_sys_fs()
+            .ok()
+            .and_then(|btf| crate::kfunc::assign_reqsk_id(&btf));
+        let object = crate::kfunc::resolve(EBPF_OBJECT, kfunc_id);
+        let mut ebpf = loader.load(object.bytes()).map_err(|e| {
             if is_eperm(&e) {
                 DatapathError::NotPermitted {
                     action: "create BPF maps".into(),
@@ -588,6 +625,14 @@ impl Datapath {
             tc.load().map_err(load_err)?;
         }
         {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(names::PROG_COOKIE_ACK)
+                .expect("object has the cookie-reply program")
+                .try_into()
+                .map_err(load_err)?;
+            tc.load().map_err(load_err)?;
+        }
+        {
             let sockops: &mut SockOps = ebpf
                 .program_mut(names::PROG_SOCKOPS)
                 .expect("object has the sockops program")
@@ -605,6 +650,8 @@ impl Datapath {
             block: take(&mut ebpf, names::BLOCK)?,
             conns: take(&mut ebpf, names::CONNS)?,
             known_good: take(&mut ebpf, names::KNOWN_GOOD)?,
+            cookie_keys: take(&mut ebpf, names::COOKIE_KEYS)?,
+            cookie_state: take(&mut ebpf, names::COOKIE_STATE)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         let mut dp = Self {
@@ -613,6 +660,7 @@ impl Datapath {
             events,
             layout: layout.cloned(),
             fresh,
+            cookies_supported: object.assign_reqsk,
         };
         if fresh {
             // A zeroed config would mean "every prefix length 0"; start
@@ -640,6 +688,12 @@ impl Datapath {
         self.fresh
     }
 
+    /// Whether SYN cookies can work here: the kernel has the kfunc that
+    /// hands a cookie connection to its listener (Linux >= 6.9).
+    pub fn cookies_supported(&self) -> bool {
+        self.cookies_supported
+    }
+
     pub fn maps(&self) -> &GuardMaps {
         &self.maps
     }
@@ -663,6 +717,15 @@ impl Datapath {
             names::PROG_TC
         };
         self.ebpf.program_mut(name).expect("program exists")
+    }
+
+    /// The cookie-reply check's fd (for `BPF_PROG_TEST_RUN`).
+    pub fn cookie_ack_fd(&self) -> BorrowedFd<'_> {
+        let prog = self
+            .ebpf
+            .program(names::PROG_COOKIE_ACK)
+            .expect("program exists");
+        prog.fd().expect("program is loaded").as_fd()
     }
 
     /// The loaded program's fd (for `BPF_PROG_TEST_RUN`).
@@ -720,6 +783,13 @@ impl Datapath {
                 Err(other) => return Err(other),
             },
         };
+        // XDP answers SYNs with cookies but cannot hand their replies to a
+        // listener: a tc ingress companion does. The tc attach does both.
+        if kind.is_xdp() && self.cookies_supported {
+            self.attach_cookie_ack(iface)?;
+        } else if let Some(layout) = &self.layout {
+            let _ = std::fs::remove_file(layout.cookie_ack_link(iface));
+        }
         // Links of another kind on this interface are now redundant: XDP
         // and tc can overlap, so removing them after the new one is in place
         // leaves no gap.
@@ -850,6 +920,61 @@ impl Datapath {
 }
 
 impl Datapath {
+    /// Attaches the cookie-reply check at tc ingress of `iface`, or switches
+    /// an earlier run's pinned link to this program.
+    fn attach_cookie_ack(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let path = self.layout.as_ref().map(|l| l.cookie_ack_link(iface));
+        let attach_err = |source: ProgramError| classify_attach_error(iface, source);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::PROG_COOKIE_ACK)
+            .expect("program exists")
+            .try_into()
+            .map_err(attach_err)?;
+        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+            match PinnedLink::from_pin(path) {
+                Ok(pinned) => {
+                    let link =
+                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+                            DatapathError::Io {
+                                action: format!("adopt link {}", path.display()),
+                                source: io::Error::other(e.to_string()),
+                            }
+                        })?;
+                    let id = prog.attach_to_link(link).map_err(attach_err)?;
+                    drop(prog.take_link(id).map_err(attach_err)?);
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(
+                        "{iface}: pinned link {} is unusable ({e}); attaching anew",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let id = prog
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(attach_err)?;
+        if let Some(path) = path {
+            let fd_link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(
+                |e: aya::programs::links::LinkError| DatapathError::Io {
+                    action: format!(
+                        "pin the cookie-reply link on {iface} (needs tcx, Linux >= 6.6)"
+                    ),
+                    source: io::Error::other(e.to_string()),
+                },
+            )?;
+            fd_link.pin(&path).map_err(|e| DatapathError::Io {
+                action: format!("pin link at {}", path.display()),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        info!("{iface}: SYN cookie replies checked at tc ingress");
+        Ok(())
+    }
+
     /// Attaches connection tracking (sockops) to a cgroup v2: every socket
     /// of processes in it (and its descendants) is counted. With pins, an
     /// earlier run's link is switched to this program atomically, so no

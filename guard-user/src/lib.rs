@@ -6,6 +6,7 @@ pub mod agent;
 pub mod audit;
 pub mod control;
 pub mod datapath;
+pub mod kfunc;
 pub mod metrics;
 pub mod paths;
 pub mod settings;

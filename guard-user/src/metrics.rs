@@ -13,6 +13,7 @@ pub struct Metrics {
     packets: IntCounterVec,
     syn_seen: IntCounter,
     events_lost: IntCounter,
+    cookie_acks: IntCounterVec,
     pub over_cap_events: IntCounterVec,
     pub blocklist_entries: IntGauge,
     pub blocklist_capacity: IntGauge,
@@ -109,6 +110,12 @@ impl Metrics {
             ),
             syn_seen: counter(&r, "guard_syn_seen_total", "Connection-opening SYNs toward protected ports."),
             events_lost: counter(&r, "guard_events_lost_total", "Over-cap events the program could not queue."),
+            cookie_acks: counter_vec(
+                &r,
+                "guard_syn_cookie_acks_total",
+                "ACKs toward a listener checked as replies to a SYN cookie: valid (handed to the listener), invalid (not ours: left to the kernel), over_cap (proven source over its cap: dropped), assign_failed (the kernel refused the connection).",
+                &["result"],
+            ),
             over_cap_events: counter_vec(
                 &r,
                 "guard_over_cap_events_total",
@@ -187,6 +194,17 @@ impl Metrics {
         }
         sync_counter(&self.syn_seen, totals[Stat::SynSeen.index() as usize]);
         sync_counter(&self.events_lost, totals[Stat::EventsLost.index() as usize]);
+        for (stat, result) in [
+            (Stat::CookieAckValid, "valid"),
+            (Stat::CookieAckInvalid, "invalid"),
+            (Stat::CookieAckOverCap, "over_cap"),
+            (Stat::CookieAckAssignFailed, "assign_failed"),
+        ] {
+            sync_counter(
+                &self.cookie_acks.with_label_values(&[result]),
+                totals[stat.index() as usize],
+            );
+        }
         let opened = totals[Stat::ConnOpened.index() as usize];
         let closed = totals[Stat::ConnClosed.index() as usize];
         self.conns_tracked.set(opened.saturating_sub(closed) as i64);
@@ -200,7 +218,13 @@ impl Metrics {
             let numeric = match value.as_str() {
                 "true" => 1,
                 "false" => 0,
-                v => v.parse().unwrap_or(0),
+                // Named choices (syn_cookies) as their index: off = 0.
+                v => v.parse().unwrap_or_else(|_| {
+                    guard_common::syncookie::MODE_NAMES
+                        .iter()
+                        .position(|n| *n == v)
+                        .unwrap_or(0) as i64
+                }),
             };
             self.config.with_label_values(&[key]).set(numeric);
         }

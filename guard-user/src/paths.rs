@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/guard";
 /// The layout this build writes and understands. Bump it whenever a map's
 /// type, key or value changes.
-pub const LAYOUT_VERSION: &str = "v1";
+pub const LAYOUT_VERSION: &str = "v2";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/guard/control.sock";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9940";
@@ -49,6 +49,11 @@ impl PinLayout {
     pub fn link(&self, kind: AttachKind, interface: &str) -> PathBuf {
         self.dir
             .join(format!("link_{}_{}", kind.pin_tag(), interface))
+    }
+
+    /// The tc ingress link of the XDP attach's cookie-reply check.
+    pub fn cookie_ack_link(&self, interface: &str) -> PathBuf {
+        self.dir.join(format!("link_cookieack_{interface}"))
     }
 
     /// The connection-tracking (sockops) link on the app's cgroup.

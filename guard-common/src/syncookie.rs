@@ -1,0 +1,743 @@
+//! Stateless SYN cookies: what the datapath answers a SYN with while it
+//! must not keep state for it, and how it recognises the handshake's
+//! completing ACK.
+//!
+//! The server's initial sequence number *is* the cookie. Its low byte holds
+//! what the client's SYN negotiated and the key epoch's parity; the upper 24
+//! bits are a keyed MAC (SipHash-2-4) over the flow, the client's ISN, the
+//! epoch and that low byte, so none of it can be changed without the MAC
+//! failing:
+//!
+//! ```text
+//!  31                        8   7     6 5   4     3      0
+//! | MAC (24 bits)             | epoch | mss | sack | wscale |
+//! ```
+//!
+//! * `mss`: an index into a per-family table ([`MSS_V4`], [`MSS_V6`]): the
+//!   largest entry not above what the client asked for.
+//! * `wscale`: the client's window-scale shift 0..=14, or [`WSCALE_NONE`]
+//!   when it offered none. Keeping it (and SACK) in the ISN rather than in
+//!   the timestamp option means clients without timestamps keep window
+//!   scaling and SACK too.
+//! * `epoch`: keys change every [`EPOCH_NS`] (~69 s); a cookie is accepted in
+//!   its own epoch and the next, so it lives 69 to 137 s. The MAC covers the
+//!   whole epoch number, so a stale cookie whose parity matches again is
+//!   still refused.
+//!
+//! Everything here is pure and shared: the program calls these functions,
+//! and host tests check them against references.
+
+use crate::addr::AddrWords;
+
+/// `syn_cookies` modes (the `LiveConfig` field).
+pub const MODE_OFF: u8 = 0;
+/// Cookies only while the global budget is exhausted.
+pub const MODE_UNDER_ATTACK: u8 = 1;
+/// Every SYN from a source that is not known good.
+pub const MODE_ALWAYS: u8 = 2;
+
+pub const MODE_NAMES: [&str; 3] = ["off", "under-attack", "always"];
+
+/// Key slots in the `COOKIE_KEYS` map: epoch `e` uses slot `e % 4`. Two
+/// epochs are live at a time (the current and the one before), so the agent
+/// can always write the next epoch's key into a slot nobody reads.
+pub const KEY_SLOTS: u32 = 4;
+const EPOCH_SHIFT: u32 = 36;
+/// One key epoch: 2^36 ns, about 68.7 s.
+pub const EPOCH_NS: u64 = 1 << EPOCH_SHIFT;
+
+/// Window-scale field value meaning "the client offered no window scaling".
+pub const WSCALE_NONE: u8 = 15;
+/// The largest shift RFC 7323 allows.
+pub const MAX_WSCALE: u8 = 14;
+
+/// MSS values a cookie can remember, smallest first. The smallest is the
+/// least the kernel accepts for a cookie connection (and what a SYN without
+/// an MSS option gets, as RFC 9293 says).
+pub const MSS_V4: [u16; 4] = [536, 1300, 1440, 1460];
+pub const MSS_V6: [u16; 4] = [1220, 1420, 1440, 8940];
+
+/// Which of the host's TCP features the SYN-ACK may offer (`cookie_opts`),
+/// as the server's own sysctls allow them: the kernel refuses to build a
+/// cookie connection with a feature its namespace has turned off.
+pub const OPT_SACK: u8 = 1 << 0;
+pub const OPT_TIMESTAMPS: u8 = 1 << 1;
+pub const OPT_WSCALE: u8 = 1 << 2;
+pub const OPT_ALL: u8 = OPT_SACK | OPT_TIMESTAMPS | OPT_WSCALE;
+
+/// The immediate of the program's call to `bpf_sk_assign_tcp_reqsk`, which
+/// the agent replaces with that kfunc's BTF id in the running kernel before
+/// loading (the loader cannot relocate kfunc calls). It appears exactly
+/// once per program that checks cookie replies.
+pub const KFUNC_ASSIGN_REQSK_PLACEHOLDER: u32 = 0x6b66_7563;
+/// The whole placeholder instruction as it lies in the object: `call`
+/// (0x85), `src_reg` 2 (a kfunc), then the immediate, little endian.
+pub const KFUNC_ASSIGN_REQSK_INSN: [u8; 8] = [0x85, 0x20, 0, 0, 0x63, 0x75, 0x66, 0x6b];
+
+/// The window the SYN-ACK advertises (unscaled, as in every SYN-ACK). Below
+/// what the kernel gives a new connection, so the client never sends more
+/// than the socket it gets will take.
+pub const SYNACK_WINDOW: u16 = 64240;
+
+/// A key for one epoch. All zero means "not provisioned": the program then
+/// answers no SYN with a cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CookieKey {
+    pub k0: u64,
+    pub k1: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<CookieKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CookieState>() == 8);
+
+impl CookieKey {
+    #[inline(always)]
+    pub const fn is_set(&self) -> bool {
+        self.k0 | self.k1 != 0
+    }
+}
+
+/// Shared cookie state (one entry of `COOKIE_STATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CookieState {
+    /// The last epoch in which any SYN was answered with a cookie. The ACK
+    /// check runs only while this is the current epoch or the one before,
+    /// so ACKs cost nothing extra while no cookie can be outstanding.
+    pub last_sent_epoch: u64,
+}
+
+#[inline(always)]
+pub const fn epoch_of(now_ns: u64) -> u64 {
+    now_ns >> EPOCH_SHIFT
+}
+
+#[inline(always)]
+pub const fn key_slot(epoch: u64) -> u32 {
+    (epoch % KEY_SLOTS as u64) as u32
+}
+
+/// Whether a cookie sent in `sent_epoch` may still come back at `now_epoch`.
+#[inline(always)]
+pub const fn may_be_outstanding(sent_epoch: u64, now_epoch: u64) -> bool {
+    sent_epoch == now_epoch || sent_epoch + 1 == now_epoch
+}
+
+/// The connection a cookie is bound to, seen from the client: its address
+/// and port, the server's address and port (ports in host order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub client: AddrWords,
+    pub server: AddrWords,
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+/// What the client's SYN negotiated, as far as a cookie remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    pub mss_index: u8,
+    pub sack: bool,
+    /// The client's shift, or [`WSCALE_NONE`].
+    pub wscale: u8,
+}
+
+impl Negotiated {
+    /// From the SYN's options: `mss` 0 when absent, `wscale` `None` when
+    /// absent; `allowed` is `cookie_opts`.
+    #[inline(always)]
+    pub fn from_syn(v6: bool, mss: u16, sack: bool, wscale: Option<u8>, allowed: u8) -> Self {
+        let table = if v6 { &MSS_V6 } else { &MSS_V4 };
+        let mut mss_index = 0;
+        if mss >= table[1] {
+            mss_index = 1;
+        }
+        if mss >= table[2] {
+            mss_index = 2;
+        }
+        if mss >= table[3] {
+            mss_index = 3;
+        }
+        let wscale = match wscale {
+            Some(shift) if allowed & OPT_WSCALE != 0 => {
+                // RFC 7323 §2.3: a larger shift is used as 14.
+                if shift > MAX_WSCALE {
+                    MAX_WSCALE
+                } else {
+                    shift
+                }
+            }
+            _ => WSCALE_NONE,
+        };
+        Self {
+            mss_index,
+            sack: sack && allowed & OPT_SACK != 0,
+            wscale,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn mss(&self, v6: bool) -> u16 {
+        let table = if v6 { &MSS_V6 } else { &MSS_V4 };
+        table[(self.mss_index & 3) as usize]
+    }
+
+    #[inline(always)]
+    pub const fn wscale_ok(&self) -> bool {
+        self.wscale != WSCALE_NONE
+    }
+
+    #[inline(always)]
+    const fn low_byte(&self, epoch: u64) -> u32 {
+        (((epoch & 1) as u32) << 7)
+            | (((self.mss_index & 3) as u32) << 5)
+            | ((self.sack as u32) << 4)
+            | (self.wscale & 0x0f) as u32
+    }
+
+    #[inline(always)]
+    const fn from_low_byte(low: u32) -> Self {
+        Self {
+            mss_index: ((low >> 5) & 3) as u8,
+            sack: (low >> 4) & 1 != 0,
+            wscale: (low & 0x0f) as u8,
+        }
+    }
+}
+
+/// The cookie (the server's ISN) for a SYN of `flow` with sequence number
+/// `client_isn`, made with the key of `epoch`.
+#[inline(always)]
+pub fn make(key: &CookieKey, flow: &Flow, client_isn: u32, epoch: u64, n: &Negotiated) -> u32 {
+    let low = n.low_byte(epoch);
+    (mac24(key, flow, client_isn, epoch, low) << 8) | low
+}
+
+/// The epoch a cookie returning at `now_epoch` was made in (its parity bit
+/// picks the current epoch or the one before).
+#[inline(always)]
+pub const fn epoch_for(cookie: u32, now_epoch: u64) -> u64 {
+    if ((cookie >> 7) & 1) as u64 == now_epoch & 1 {
+        now_epoch
+    } else {
+        now_epoch.wrapping_sub(1)
+    }
+}
+
+/// What a cookie says if it is genuine: `cookie` is the ACK's acknowledgment
+/// number minus one, `client_isn` its sequence number minus one, `key` the
+/// key of `epoch_for(cookie, now)`.
+#[inline(always)]
+pub fn check(
+    key: &CookieKey,
+    flow: &Flow,
+    client_isn: u32,
+    cookie: u32,
+    epoch: u64,
+) -> Option<Negotiated> {
+    let low = cookie & 0xff;
+    if (cookie >> 8) != mac24(key, flow, client_isn, epoch, low) {
+        return None;
+    }
+    let n = Negotiated::from_low_byte(low);
+    // Only values `make` can produce: a wscale of 15 means none, so 0..=14
+    // and 15 are all valid; nothing else to refuse.
+    Some(n)
+}
+
+#[inline(always)]
+fn mac24(key: &CookieKey, flow: &Flow, client_isn: u32, epoch: u64, low: u32) -> u32 {
+    let ports_isn =
+        ((flow.client_port as u64) << 48) | ((flow.server_port as u64) << 32) | client_isn as u64;
+    let mut h = SipHasher24::new(key);
+    h.write(flow.client.0[0]);
+    h.write(flow.client.0[1]);
+    h.write(flow.server.0[0]);
+    h.write(flow.server.0[1]);
+    h.write(ports_isn);
+    h.write((epoch << 8) | low as u64);
+    (h.finish() >> 40) as u32
+}
+
+/// SipHash-2-4 over a message of whole 64-bit little-endian words: the
+/// reference algorithm for messages whose length is a multiple of 8 (the
+/// host tests check it against an independent implementation).
+pub struct SipHasher24 {
+    v: [u64; 4],
+    len: u64,
+}
+
+impl SipHasher24 {
+    #[inline(always)]
+    pub const fn new(key: &CookieKey) -> Self {
+        Self {
+            v: [
+                key.k0 ^ 0x736f_6d65_7073_6575,
+                key.k1 ^ 0x646f_7261_6e64_6f6d,
+                key.k0 ^ 0x6c79_6765_6e65_7261,
+                key.k1 ^ 0x7465_6462_7974_6573,
+            ],
+            len: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn round(&mut self) {
+        let v = &mut self.v;
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+
+    #[inline(always)]
+    fn compress(&mut self, m: u64) {
+        self.v[3] ^= m;
+        self.round();
+        self.round();
+        self.v[0] ^= m;
+    }
+
+    #[inline(always)]
+    pub fn write(&mut self, word: u64) {
+        self.compress(word);
+        self.len += 8;
+    }
+
+    #[inline(always)]
+    pub fn finish(mut self) -> u64 {
+        self.compress(self.len << 56);
+        self.v[2] ^= 0xff;
+        self.round();
+        self.round();
+        self.round();
+        self.round();
+        self.v[0] ^ self.v[1] ^ self.v[2] ^ self.v[3]
+    }
+}
+
+/// The SYN-ACK's TCP header is always this long: 20 bytes of options, each
+/// option the SYN did not ask for replaced by NOPs, so the frame's length
+/// depends only on the address family.
+pub const SYNACK_TCP_LEN: usize = 40;
+const TCP_FLAGS_SYN_ACK: u32 = 0x12;
+
+/// The fields of a cookie SYN-ACK's TCP header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynAck {
+    pub server_port: u16,
+    pub client_port: u16,
+    pub cookie: u32,
+    pub client_isn: u32,
+    /// The MSS the server advertises.
+    pub mss: u16,
+    pub sack: bool,
+    /// The server's shift, when the client offered window scaling.
+    pub wscale: Option<u8>,
+    /// `(our TSval, the client's TSval)` when the client sent timestamps.
+    pub timestamps: Option<(u32, u32)>,
+}
+
+const NOP: u32 = 1;
+
+impl SynAck {
+    /// The header as ten 32-bit words whose memory is the wire bytes, with a
+    /// zero checksum (see [`set_tcp_checksum`]).
+    #[inline(always)]
+    pub fn words(&self) -> [u32; SYNACK_TCP_LEN / 4] {
+        let be = u32::to_be;
+        let sack_or_nops = if self.sack {
+            (4 << 8) | 2
+        } else {
+            (NOP << 8) | NOP
+        };
+        let (ts0, ts1, ts2) = match self.timestamps {
+            // Options: MSS (4 bytes), SACK-permitted or two NOPs, the
+            // timestamps (10) or ten NOPs, a NOP and window scale (3) or four
+            // NOPs: each slot keeps its place whether used or not.
+            Some((tsval, tsecr)) => ((sack_or_nops << 16) | (8 << 8) | 10, tsval, tsecr),
+            None => (
+                (sack_or_nops << 16) | (NOP << 8) | NOP,
+                0x0101_0101,
+                0x0101_0101,
+            ),
+        };
+        let ws = match self.wscale {
+            Some(shift) => (NOP << 24) | (3 << 16) | (3 << 8) | shift as u32,
+            None => 0x0101_0101,
+        };
+        [
+            be(((self.server_port as u32) << 16) | self.client_port as u32),
+            be(self.cookie),
+            be(self.client_isn.wrapping_add(1)),
+            be((10 << 28) | (TCP_FLAGS_SYN_ACK << 16) | SYNACK_WINDOW as u32),
+            0, // checksum, urgent pointer
+            be((2 << 24) | (4 << 16) | self.mss as u32),
+            be(ts0),
+            be(ts1),
+            be(ts2),
+            be(ws),
+        ]
+    }
+}
+
+/// The ones'-complement sum of `words` as they lie in memory (RFC 1071: the
+/// sum of native-order words, folded and stored natively, is the right
+/// checksum whatever the byte order).
+#[inline(always)]
+pub fn sum_words(words: &[u32], mut acc: u64) -> u64 {
+    for w in words {
+        acc += (*w & 0xffff) as u64 + (*w >> 16) as u64;
+    }
+    acc
+}
+
+/// Folds a sum to 16 bits and complements it: the checksum field's value
+/// in memory order.
+#[inline(always)]
+pub fn fold(mut acc: u64) -> u16 {
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    !(acc as u16)
+}
+
+/// Fills in the TCP checksum: `pseudo` is the pseudo-header's sum (see
+/// [`pseudo_v4`], [`pseudo_v6`]).
+#[inline(always)]
+pub fn set_tcp_checksum(words: &mut [u32; SYNACK_TCP_LEN / 4], pseudo: u64) {
+    let csum = fold(sum_words(words, pseudo));
+    // The checksum is the first two bytes of word 4 in memory.
+    words[4] = u32::from_ne_bytes({
+        let c = csum.to_ne_bytes();
+        [c[0], c[1], 0, 0]
+    });
+}
+
+/// The pseudo-header sum for IPv4 addresses as they lie in memory.
+#[inline(always)]
+pub fn pseudo_v4(src: u32, dst: u32, tcp_len: u16) -> u64 {
+    let proto_len = u32::from_be_bytes([0, 6, (tcp_len >> 8) as u8, tcp_len as u8]);
+    sum_words(&[src, dst, proto_len.to_be()], 0)
+}
+
+/// The pseudo-header sum for IPv6 addresses (two native words each, as
+/// [`AddrWords`] holds them).
+#[inline(always)]
+pub fn pseudo_v6(src: &AddrWords, dst: &AddrWords, tcp_len: u16) -> u64 {
+    let halves = |w: u64| [w as u32, (w >> 32) as u32];
+    let [a, b] = halves(src.0[0]);
+    let [c, d] = halves(src.0[1]);
+    let [e, f] = halves(dst.0[0]);
+    let [g, h] = halves(dst.0[1]);
+    let len = (tcp_len as u32).to_be();
+    let next = 6u32.to_be();
+    sum_words(&[a, b, c, d, e, f, g, h, len, next], 0)
+}
+
+/// An IPv4 header (no options) for the SYN-ACK, checksum filled in; `src`
+/// and `dst` as they lie in memory.
+#[inline(always)]
+pub fn ipv4_header(src: u32, dst: u32, total_len: u16) -> [u32; 5] {
+    let be = u32::to_be;
+    let mut words = [
+        be((0x45 << 24) | total_len as u32),
+        be(0x4000), // id 0, don't fragment
+        be((64 << 24) | (6 << 16)),
+        src,
+        dst,
+    ];
+    let csum = fold(sum_words(&words, 0));
+    // The checksum is the last two bytes of word 2 in memory.
+    let ttl_proto = words[2].to_ne_bytes();
+    let c = csum.to_ne_bytes();
+    words[2] = u32::from_ne_bytes([ttl_proto[0], ttl_proto[1], c[0], c[1]]);
+    words
+}
+
+/// The first eight bytes of the SYN-ACK's IPv6 header (the addresses
+/// follow): version 6, no traffic class or flow label, TCP, hop limit 64.
+#[inline(always)]
+pub fn ipv6_first_words(payload_len: u16) -> [u32; 2] {
+    [
+        (6u32 << 28).to_be(),
+        (((payload_len as u32) << 16) | (6 << 8) | 64).to_be(),
+    ]
+}
+
+/// The TCP fields of a returning ACK the cookie check needs, read from the
+/// packet (`tsecr` when it carries timestamps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckFields {
+    pub seq: u32,
+    pub ack: u32,
+}
+
+impl AckFields {
+    /// The client's ISN and the cookie this ACK answers.
+    #[inline(always)]
+    pub const fn isn_and_cookie(&self) -> (u32, u32) {
+        (self.seq.wrapping_sub(1), self.ack.wrapping_sub(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::v4_mapped;
+
+    fn flow() -> Flow {
+        Flow {
+            client: AddrWords::from_addr(&v4_mapped([198, 19, 4, 5])),
+            server: AddrWords::from_addr(&v4_mapped([198, 18, 0, 1])),
+            client_port: 40000,
+            server_port: 8080,
+        }
+    }
+
+    const KEY: CookieKey = CookieKey {
+        k0: 0x0706_0504_0302_0100,
+        k1: 0x0f0e_0d0c_0b0a_0908,
+    };
+
+    #[test]
+    fn siphash_matches_the_reference_vectors() {
+        // SipHash-2-4 reference outputs (Aumasson & Bernstein, appendix A:
+        // key 00..0f, message 00..len-1) for the whole-word lengths.
+        let expected: [(usize, u64); 3] = [
+            (0, 0x726f_db47_dd0e_0e31),
+            (8, 0x93f5_f579_9a93_2462),
+            (16, 0x3f2a_cc7f_57c2_9bdb),
+        ];
+        for (len, want) in expected {
+            let mut h = SipHasher24::new(&KEY);
+            for chunk in (0..len as u8).collect::<std::vec::Vec<_>>().chunks(8) {
+                h.write(u64::from_le_bytes(chunk.try_into().unwrap()));
+            }
+            assert_eq!(h.finish(), want, "message of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_cookie_checks_in_its_epoch_and_the_next_only() {
+        let n = Negotiated::from_syn(false, 1460, true, Some(7), OPT_ALL);
+        for epoch in [10u64, 11] {
+            let c = make(&KEY, &flow(), 12345, epoch, &n);
+            assert_eq!(epoch_for(c, epoch), epoch);
+            assert_eq!(epoch_for(c, epoch + 1), epoch);
+            assert_eq!(check(&KEY, &flow(), 12345, c, epoch), Some(n));
+            // Two epochs later the parity matches the current epoch again,
+            // and the MAC over the full epoch number refuses it.
+            let later = epoch_for(c, epoch + 2);
+            assert_eq!(later, epoch + 2);
+            assert_eq!(check(&KEY, &flow(), 12345, c, later), None);
+        }
+    }
+
+    #[test]
+    fn any_change_to_flow_isn_key_or_low_byte_is_refused() {
+        let n = Negotiated::from_syn(false, 1460, true, Some(7), OPT_ALL);
+        let f = flow();
+        let c = make(&KEY, &f, 777, 5, &n);
+        let mut other = f;
+        other.client_port += 1;
+        assert_eq!(check(&KEY, &other, 777, c, 5), None, "another port");
+        let mut other = f;
+        other.client = AddrWords::from_addr(&v4_mapped([198, 19, 4, 6]));
+        assert_eq!(check(&KEY, &other, 777, c, 5), None, "another source");
+        let mut other = f;
+        other.server_port = 8081;
+        assert_eq!(check(&KEY, &other, 777, c, 5), None, "another service");
+        assert_eq!(check(&KEY, &f, 778, c, 5), None, "another client ISN");
+        let other_key = CookieKey { k0: 1, k1: 2 };
+        assert_eq!(check(&other_key, &f, 777, c, 5), None, "another key");
+        for bit in 0..8 {
+            assert_eq!(
+                check(&KEY, &f, 777, c ^ (1 << bit), 5),
+                None,
+                "flipped low bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn negotiation_keeps_what_the_client_and_the_host_allow() {
+        let n = Negotiated::from_syn(false, 1460, true, Some(9), OPT_ALL);
+        assert_eq!((n.mss(false), n.sack, n.wscale), (1460, true, 9));
+        let n = Negotiated::from_syn(false, 1400, false, None, OPT_ALL);
+        assert_eq!((n.mss(false), n.sack, n.wscale_ok()), (1300, false, false));
+        // No MSS option: the RFC default, the table's smallest.
+        assert_eq!(
+            Negotiated::from_syn(false, 0, false, None, 0).mss(false),
+            536
+        );
+        assert_eq!(
+            Negotiated::from_syn(true, 0, false, None, 0).mss(true),
+            1220
+        );
+        assert_eq!(
+            Negotiated::from_syn(true, 9000, false, None, 0).mss(true),
+            8940
+        );
+        // Shifts above 14 are used as 14 (RFC 7323 §2.3).
+        assert_eq!(
+            Negotiated::from_syn(false, 1460, false, Some(200), OPT_ALL).wscale,
+            14
+        );
+        // The host's sysctls win.
+        let n = Negotiated::from_syn(false, 1460, true, Some(7), OPT_TIMESTAMPS);
+        assert!(!n.sack && !n.wscale_ok());
+        // Every field survives the cookie.
+        for wscale in [None, Some(0), Some(14)] {
+            for sack in [false, true] {
+                for mss in [536, 1300, 1440, 1460] {
+                    let n = Negotiated::from_syn(false, mss, sack, wscale, OPT_ALL);
+                    let c = make(&KEY, &flow(), 1, 3, &n);
+                    assert_eq!(check(&KEY, &flow(), 1, c, 3), Some(n));
+                }
+            }
+        }
+    }
+
+    /// RFC 1071 over bytes, the plain way.
+    fn reference_checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for pair in bytes.chunks(2) {
+            let hi = pair[0] as u32;
+            let lo = *pair.get(1).unwrap_or(&0) as u32;
+            sum += (hi << 8) | lo;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn bytes_of(words: &[u32]) -> std::vec::Vec<u8> {
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    #[test]
+    fn synack_header_bytes_and_checksums_are_what_the_wire_needs() {
+        let src = [198, 18, 0, 1];
+        let dst = [198, 19, 4, 5];
+        for (sack, wscale, ts) in [
+            (true, Some(7), Some((0x1122_3344, 0x5566_7788))),
+            (false, None, None),
+            (true, None, Some((1, 2))),
+            (false, Some(0), None),
+        ] {
+            let s = SynAck {
+                server_port: 8080,
+                client_port: 40000,
+                cookie: 0xdead_beef,
+                client_isn: 0xffff_ffff,
+                mss: 1460,
+                sack,
+                wscale,
+                timestamps: ts,
+            };
+            let mut words = s.words();
+            let pseudo = pseudo_v4(
+                u32::from_ne_bytes(src),
+                u32::from_ne_bytes(dst),
+                SYNACK_TCP_LEN as u16,
+            );
+            set_tcp_checksum(&mut words, pseudo);
+            let tcp = bytes_of(&words);
+            assert_eq!(&tcp[0..4], &[0x1f, 0x90, 0x9c, 0x40]);
+            assert_eq!(&tcp[4..8], &[0xde, 0xad, 0xbe, 0xef]);
+            assert_eq!(&tcp[8..12], &[0, 0, 0, 0], "ack wraps to 0");
+            assert_eq!(tcp[12], 0xa0, "data offset 10 words");
+            assert_eq!(tcp[13], 0x12, "SYN|ACK");
+            assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), SYNACK_WINDOW);
+            // Walk the options as a receiver would.
+            let mut seen = std::vec::Vec::new();
+            let mut i = 20;
+            while i < 40 {
+                match tcp[i] {
+                    0 => break,
+                    1 => i += 1,
+                    kind => {
+                        let len = tcp[i + 1] as usize;
+                        seen.push((kind, tcp[i + 2..i + len].to_vec()));
+                        i += len;
+                    }
+                }
+            }
+            assert_eq!(i, 40, "options fill the header exactly");
+            let mut want = std::vec![(2u8, std::vec![0x05, 0xb4])];
+            if sack {
+                want.push((4, std::vec![]));
+            }
+            if let Some((a, b)) = ts {
+                let mut v = a.to_be_bytes().to_vec();
+                v.extend(b.to_be_bytes());
+                want.push((8, v));
+            }
+            if let Some(shift) = wscale {
+                want.push((3, std::vec![shift]));
+            }
+            assert_eq!(seen, want);
+            // The receiver's check: the sum over pseudo-header and segment.
+            let mut pseudo_bytes = std::vec::Vec::new();
+            pseudo_bytes.extend(src);
+            pseudo_bytes.extend(dst);
+            pseudo_bytes.extend([0, 6, 0, 40]);
+            pseudo_bytes.extend(&tcp);
+            assert_eq!(reference_checksum(&pseudo_bytes), 0, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_pseudo_header_sum_matches_the_reference() {
+        let src: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0xab, 0xcd];
+        let s = SynAck {
+            server_port: 443,
+            client_port: 1,
+            cookie: 7,
+            client_isn: 8,
+            mss: 1440,
+            sack: true,
+            wscale: Some(7),
+            timestamps: Some((3, 4)),
+        };
+        let mut words = s.words();
+        let pseudo = pseudo_v6(
+            &AddrWords::from_addr(&src),
+            &AddrWords::from_addr(&dst),
+            SYNACK_TCP_LEN as u16,
+        );
+        set_tcp_checksum(&mut words, pseudo);
+        let mut all = std::vec::Vec::new();
+        all.extend(src);
+        all.extend(dst);
+        all.extend([0, 0, 0, 40, 0, 0, 0, 6]);
+        all.extend(bytes_of(&words));
+        assert_eq!(reference_checksum(&all), 0);
+        let first = bytes_of(&ipv6_first_words(40));
+        assert_eq!(first, [0x60, 0, 0, 0, 0, 40, 6, 64]);
+    }
+
+    #[test]
+    fn ipv4_header_is_valid() {
+        let src = u32::from_ne_bytes([198, 18, 0, 1]);
+        let dst = u32::from_ne_bytes([198, 19, 255, 254]);
+        let h = bytes_of(&ipv4_header(src, dst, 60));
+        assert_eq!(reference_checksum(&h), 0);
+        assert_eq!(&h[..4], &[0x45, 0, 0, 60]);
+        assert_eq!(&h[4..8], &[0, 0, 0x40, 0]);
+        assert_eq!((h[8], h[9]), (64, 6));
+        assert_eq!(&h[12..16], &[198, 18, 0, 1]);
+        assert_eq!(&h[16..20], &[198, 19, 255, 254]);
+    }
+}
