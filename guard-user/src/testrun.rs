@@ -47,8 +47,18 @@ pub enum TestRunError {
 
 /// Runs `prog` once per `repeat` on a copy of `frame`.
 pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> Result<TestRun, TestRunError> {
-    // Room for XDP to grow the frame; the program never does, but the
-    // kernel wants a buffer at least as large as the input.
+    test_run_frame(prog, frame, repeat).map(|(run, _)| run)
+}
+
+/// Like [`test_run`], and also returns the frame as the program left it
+/// (a SYN it answered comes back as its SYN-ACK).
+pub fn test_run_frame(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(TestRun, Vec<u8>), TestRunError> {
+    // Room for the program to grow the frame (a cookie SYN-ACK can be
+    // longer than the SYN it answers).
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -76,13 +86,19 @@ pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> Result<TestR
         }
         return Err(TestRunError::Syscall(err));
     }
-    Ok(TestRun {
-        retval: attr.retval,
-        duration_ns: attr.duration,
-    })
+    out.truncate(attr.data_size_out as usize);
+    Ok((
+        TestRun {
+            retval: attr.retval,
+            duration_ns: attr.duration,
+        },
+        out,
+    ))
 }
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;

@@ -16,6 +16,7 @@ pub mod measure;
 pub mod netns;
 pub mod paced_syn;
 pub mod process;
+pub mod testdp;
 pub mod report;
 pub mod tools;
 pub mod twons;

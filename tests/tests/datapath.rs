@@ -5,166 +5,19 @@
 //! Each test loads its own unpinned copy of the program, so they share no
 //! kernel state. Needs root (run through `cargo xtask test`).
 
-use std::{net::IpAddr, thread::sleep, time::Duration};
+use std::{thread::sleep, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
 use guard_common::{
     addr::{from_ip, Prefix},
     config::{FLAG_BLOCK_ALL_TRAFFIC, FLAG_DRY_RUN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
-    stats::{Stat, STAT_SLOTS},
-    BlockEntry, LiveConfig, OverCapEvent,
+    stats::Stat,
 };
-use guard_tests::frames::{arp, v4, v6, Ext, Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-use guard_user::{
-    datapath::{monotonic_ns, Datapath, MapSizes},
-    paths::AttachKind,
-    testrun::{test_run, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+use guard_tests::{
+    frames::{arp, v4, v6, Ext, Frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    testdp::{Dp, PORT, V},
 };
-
-const PORT: u16 = 8080;
-
-struct Dp {
-    dp: Datapath,
-    events: RingBuf<MapData>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum V {
-    Pass,
-    Drop,
-}
-
-impl Dp {
-    /// A fresh program protecting port 8080 with a cap that no test
-    /// reaches unless it sets one.
-    fn new() -> Self {
-        assert!(
-            guard_tests::is_root(),
-            "the datapath tests load BPF programs: run them as root (`cargo xtask test`)"
-        );
-        let sizes = MapSizes {
-            sources: 4096,
-            aggregates: 1024,
-            allow: 64,
-            block: 1024,
-        };
-        let mut dp = Datapath::load(&sizes, None).expect("load the guard program");
-        dp.maps_mut().set_ports(&[PORT]).expect("set ports");
-        let events = dp.take_events().expect("events ring");
-        let mut me = Self { dp, events };
-        me.config(|c| {
-            c.syn_rate = 0;
-            c.syn_burst = 1_000_000;
-        });
-        me
-    }
-
-    fn config(&mut self, f: impl FnOnce(&mut LiveConfig)) {
-        let mut cfg = self.dp.maps().config().expect("read config");
-        f(&mut cfg);
-        self.dp.maps_mut().set_config(&cfg).expect("write config");
-    }
-
-    fn run(&self, frame: &[u8]) -> V {
-        let xdp = test_run(self.dp.program_fd(AttachKind::XdpNative), frame, 1)
-            .expect("test-run the XDP program");
-        match xdp.retval {
-            XDP_PASS => V::Pass,
-            XDP_DROP => V::Drop,
-            other => panic!("unexpected XDP action {other}"),
-        }
-    }
-
-    fn run_tc(&self, frame: &[u8]) -> V {
-        let tc = test_run(self.dp.program_fd(AttachKind::Tc), frame, 1)
-            .unwrap_or_else(|e| panic!("test-run the tc program on {} bytes: {e}", frame.len()));
-        match tc.retval {
-            TC_ACT_OK => V::Pass,
-            TC_ACT_SHOT => V::Drop,
-            other => panic!("unexpected tc action {other}"),
-        }
-    }
-
-    fn try_run_tc(&self, frame: &[u8]) -> Option<V> {
-        let tc = test_run(self.dp.program_fd(AttachKind::Tc), frame, 1).ok()?;
-        Some(if tc.retval == TC_ACT_SHOT {
-            V::Drop
-        } else {
-            V::Pass
-        })
-    }
-
-    fn stats(&self) -> [u64; STAT_SLOTS as usize] {
-        self.dp.maps().stat_totals().expect("read stats")
-    }
-
-    /// Runs `frame` and returns the verdict and the single verdict counter
-    /// that moved.
-    fn verdict(&self, frame: &[u8]) -> (V, Stat) {
-        let before = self.stats();
-        let v = self.run(frame);
-        let after = self.stats();
-        let moved: Vec<Stat> = Stat::ALL
-            .into_iter()
-            .filter(|s| s.labels().is_some())
-            .filter(|s| after[s.index() as usize] != before[s.index() as usize])
-            .collect();
-        assert_eq!(
-            moved.len(),
-            1,
-            "exactly one verdict counter per packet, got {moved:?}"
-        );
-        assert_eq!(
-            after[Stat::Packets.index() as usize],
-            before[Stat::Packets.index() as usize] + 1
-        );
-        (v, moved[0])
-    }
-
-    fn block(&mut self, prefix: &str, expires_ns: u64) {
-        let p: Prefix = prefix.parse().expect("prefix");
-        self.dp
-            .maps_mut()
-            .insert_block(
-                &p,
-                &BlockEntry {
-                    expires_ns,
-                    reason: guard_common::state::reason::OPERATOR,
-                    _pad: 0,
-                },
-            )
-            .expect("insert block");
-    }
-
-    fn allow(&mut self, prefix: &str) {
-        let p: Prefix = prefix.parse().expect("prefix");
-        self.dp.maps_mut().insert_allow(&p).expect("insert allow");
-    }
-
-    fn events(&mut self) -> Vec<OverCapEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            assert_eq!(item.len(), std::mem::size_of::<OverCapEvent>());
-            // SAFETY: the program writes whole OverCapEvent records.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const OverCapEvent) });
-        }
-        out
-    }
-
-    fn syns(&self, src: IpAddr, n: usize) -> (usize, usize) {
-        let frame = Frame::syn(src, PORT).bytes();
-        let mut pass = 0;
-        let mut drop = 0;
-        for _ in 0..n {
-            match self.run(&frame) {
-                V::Pass => pass += 1,
-                V::Drop => drop += 1,
-            }
-        }
-        (pass, drop)
-    }
-}
+use guard_user::{datapath::monotonic_ns, paths::AttachKind, testrun::test_run};
 
 /// Every kind of frame the parser distinguishes, with what it must do.
 fn verdict_table() -> Vec<(&'static str, Vec<u8>, V, Stat)> {
