@@ -64,6 +64,11 @@ pub struct Agent {
     /// `blocks.len()`, readable without the blocks lock (the config write
     /// needs it while other locks are held).
     blocks_len: AtomicUsize,
+    /// What a cookie SYN-ACK must say on this host, and whether cookies
+    /// can work here at all (why not, if not).
+    cookie_host: crate::cookies::HostParams,
+    cookies_unavailable: Option<&'static str>,
+    cookie_keys: Mutex<crate::cookies::KeyRotation>,
 }
 
 /// What goes into the kernel's allowlist: loopback never reaches an
@@ -94,8 +99,15 @@ fn origin_of(peer: &PeerInfo) -> String {
 }
 
 impl Agent {
-    fn new(maps: GuardMaps, mut settings: Settings, audit: AuditLog, netns_cookie: u64) -> Self {
+    fn new(
+        maps: GuardMaps,
+        mut settings: Settings,
+        audit: AuditLog,
+        netns_cookie: u64,
+        cookies_supported: bool,
+    ) -> Self {
         settings.live.conn_netns_cookie = netns_cookie;
+        let cookie_host = crate::cookies::HostParams::detect(&settings.interfaces);
         let metrics = Metrics::new();
         metrics
             .blocklist_capacity
@@ -110,6 +122,12 @@ impl Agent {
             control_stats: Mutex::new(None),
             netns_cookie,
             blocks_len: AtomicUsize::new(0),
+            cookies_unavailable: crate::cookies::unavailable_reason(
+                cookies_supported,
+                &cookie_host,
+            ),
+            cookie_host,
+            cookie_keys: Mutex::new(crate::cookies::KeyRotation::default()),
             adaptive: Mutex::new((
                 crate::adaptive::Controller::new(),
                 crate::adaptive::read_distress_counters().unwrap_or(0),
@@ -125,6 +143,7 @@ impl Agent {
             conn_netns_cookie: self.netns_cookie,
             ..crate::adaptive::effective(&s.live, &s.adaptive, level)
         };
+        self.cookie_host.apply(&mut c);
         c.flags &= !(FLAG_ALLOW_EMPTY | FLAG_BLOCK_EMPTY);
         if kernel_allows(s).next().is_none() {
             c.flags |= FLAG_ALLOW_EMPTY;
@@ -213,8 +232,37 @@ impl Agent {
         self.maps.lock().expect("maps lock")
     }
 
+    /// Refuses cookies where they cannot work, with the reason.
+    fn check_cookies(&self, live: &LiveConfig) -> std::result::Result<(), &'static str> {
+        match self.cookies_unavailable {
+            Some(why) if live.cookies_enabled() => Err(why),
+            _ => Ok(()),
+        }
+    }
+
+    /// Provisions the SYN cookie keys (keeping those an earlier run's
+    /// outstanding cookies need).
+    fn start_cookie_keys(&self) -> Result<()> {
+        let mut maps = self.maps();
+        self.cookie_keys
+            .lock()
+            .expect("cookie keys lock")
+            .start(&mut maps)
+            .context("provision the SYN cookie keys")
+    }
+
+    /// Once per tick: the next epoch's key, when its time has come.
+    pub fn rotate_cookie_keys(&self) {
+        let mut maps = self.maps();
+        self.cookie_keys
+            .lock()
+            .expect("cookie keys lock")
+            .tick(&mut maps);
+    }
+
     /// Puts settings into the kernel: live config, ports, allow-list.
     fn apply(&self, s: &Settings) -> Result<()> {
+        self.check_cookies(&s.live).map_err(anyhow::Error::msg)?;
         let mut maps = self.maps();
         let live = self.effective(s);
         maps.set_config(&live).context("write the live config")?;
@@ -569,6 +617,9 @@ impl Agent {
         if let Err(e) = new.validate() {
             return Response::error(ErrorCode::Invalid, e.to_string());
         }
+        if let Err(why) = self.check_cookies(&new) {
+            return Response::error(ErrorCode::Invalid, why);
+        }
         s.live = new;
         let effective = self.effective(&s);
         if let Err(e) = self.maps().set_config(&effective) {
@@ -844,7 +895,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         None => warn!("no cgroup v2 mount found: connection tracking (conn_limit, known-good) is off; pass --cgroup"),
     }
-    let agent = Arc::new(Agent::new(maps, settings.clone(), audit, cookie));
+    let agent = Arc::new(Agent::new(
+        maps,
+        settings.clone(),
+        audit,
+        cookie,
+        dp.cookies_supported(),
+    ));
+    agent.start_cookie_keys()?;
     agent.apply(&settings)?;
     agent.adopt_blocks()?;
     for (iface, kind) in &attached {
@@ -904,6 +962,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sweep.tick() => {
                 agent.sweep_expired();
                 agent.adaptive_tick();
+                agent.rotate_cookie_keys();
                 sweeps += 1;
                 if sweeps.is_multiple_of(60) {
                     agent.prune_connections();

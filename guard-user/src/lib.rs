@@ -5,6 +5,7 @@ pub mod adaptive;
 pub mod agent;
 pub mod audit;
 pub mod control;
+pub mod cookies;
 pub mod datapath;
 pub mod kfunc;
 pub mod metrics;
@@ -12,3 +13,6 @@ pub mod paths;
 pub mod settings;
 pub mod testrun;
 pub mod tune;
+
+#[cfg(test)]
+mod test_support;

@@ -17,34 +17,10 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// Tells the helper test which socket to try when run as another user.
 const CHILD_SOCKET_ENV: &str = "GUARD_CONTROL_TEST_SOCKET";
 
-/// A fresh directory under the system temp dir, removed on drop.
-struct TestDir(PathBuf);
+use crate::test_support::TestDir;
 
-impl TestDir {
-    fn new() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "guard-control-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.0.join("run").join("control.sock")
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn sock(dir: &TestDir) -> PathBuf {
+    dir.path().join("run").join("control.sock")
 }
 
 #[derive(Default)]
@@ -88,8 +64,8 @@ struct Running {
 
 impl Running {
     fn start(tweak: impl FnOnce(&mut ControlServerConfig)) -> Self {
-        let dir = TestDir::new();
-        let path = dir.sock();
+        let dir = TestDir::new("control");
+        let path = sock(&dir);
         let mut cfg = ControlServerConfig::new(&path);
         cfg.agent_version = "test-agent".into();
         tweak(&mut cfg);
@@ -475,8 +451,8 @@ async fn bind_sets_mode_and_group_and_shutdown_removes_the_socket() {
 
 #[tokio::test]
 async fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not() {
-    let dir = TestDir::new();
-    let path = dir.sock();
+    let dir = TestDir::new("control");
+    let path = sock(&dir);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
 
     // A socket file whose listener is gone.
@@ -491,7 +467,7 @@ async fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not() {
     assert!(matches!(err, ControlError::AlreadyRunning { .. }), "{err}");
     drop(live);
 
-    let file = dir.0.join("not-a-socket");
+    let file = dir.path().join("not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
     let err = ControlServer::bind(ControlServerConfig::new(&file))
         .err()
@@ -513,12 +489,12 @@ fn groups_resolve_by_name_or_number() {
 
 #[tokio::test]
 async fn an_unknown_group_fails_bind_with_a_hint() {
-    let dir = TestDir::new();
-    let mut cfg = ControlServerConfig::new(dir.sock());
+    let dir = TestDir::new("control");
+    let mut cfg = ControlServerConfig::new(sock(&dir));
     cfg.group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
     assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
-    assert!(!dir.sock().exists(), "no socket is left behind");
+    assert!(!sock(&dir).exists(), "no socket is left behind");
 }
 
 #[tokio::test]
@@ -530,7 +506,7 @@ async fn a_peer_with_another_uid_is_refused_before_a_byte_is_read() {
     }
     // World-writable, so only the credential check stands in the way.
     let srv = Running::start(|c| c.mode = 0o666);
-    std::fs::set_permissions(&srv.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = std::env::current_exe().unwrap();
     let path = srv.path.clone();
     let out = tokio::task::spawn_blocking(move || {
