@@ -41,13 +41,18 @@ impl Default for HostParams {
 }
 
 impl HostParams {
-    /// Reads them for `interfaces` in this network namespace (proc and sys
-    /// as this process sees them); what cannot be read keeps its default.
+    /// Reads them for `interfaces` in this network namespace; what cannot
+    /// be read keeps its default. MTUs come from the kernel (an ioctl), not
+    /// from /sys, which shows the namespace that mounted it.
     pub fn detect(interfaces: &[String]) -> Self {
-        Self::from_files(Path::new("/proc/sys"), Path::new("/sys/class/net"), interfaces)
+        Self::from_sources(Path::new("/proc/sys"), interface_mtu, interfaces)
     }
 
-    fn from_files(proc_sys: &Path, sys_net: &Path, interfaces: &[String]) -> Self {
+    fn from_sources(
+        proc_sys: &Path,
+        mtu_of: impl Fn(&str) -> Option<u32>,
+        interfaces: &[String],
+    ) -> Self {
         let read = |p: &Path| std::fs::read_to_string(p).ok();
         let sysctl = |name: &str| read(&proc_sys.join(name));
         let flag = |name: &str| {
@@ -56,11 +61,7 @@ impl HostParams {
                 .map(|v| v != 0)
         };
         let mut p = Self::default();
-        let mtu = interfaces
-            .iter()
-            .filter_map(|i| read(&sys_net.join(i).join("mtu")))
-            .filter_map(|v| v.trim().parse::<u32>().ok())
-            .min();
+        let mtu = interfaces.iter().filter_map(|i| mtu_of(i)).min();
         if let Some(mtu) = mtu {
             // The least the kernel takes for a cookie connection; a smaller
             // link MTU than that is not one guard can serve cookies on.
@@ -94,6 +95,30 @@ impl HostParams {
         cfg.cookie_mss_v6 = self.mss_v6;
         cfg.cookie_wscale = self.wscale;
         cfg.cookie_opts = self.opts;
+    }
+}
+
+/// An interface's MTU in this network namespace.
+fn interface_mtu(name: &str) -> Option<u32> {
+    // SAFETY: plain socket/ioctl/close on a zeroed ifreq we own; the name
+    // is copied with its terminating NUL inside the field.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        let bytes = name.as_bytes();
+        if bytes.len() >= req.ifr_name.len() {
+            libc::close(fd);
+            return None;
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        libc::close(fd);
+        (rc == 0).then(|| req.ifr_ifru.ifru_mtu as u32)
     }
 }
 
@@ -163,7 +188,10 @@ impl KeyRotation {
     pub fn start(&mut self, maps: &mut GuardMaps) -> Result<(), DatapathError> {
         let now = syncookie::epoch_of(monotonic_ns());
         let keys = maps.cookie_keys()?;
-        let live = [syncookie::key_slot(now), syncookie::key_slot(now.wrapping_sub(1))];
+        let live = [
+            syncookie::key_slot(now),
+            syncookie::key_slot(now.wrapping_sub(1)),
+        ];
         let mut written = 0;
         for slot in 0..KEY_SLOTS {
             if live.contains(&slot) && keys[slot as usize].is_set() {
@@ -226,6 +254,20 @@ mod tests {
         assert_eq!(wscale_for(0), 0);
     }
 
+    fn mtus(name: &str) -> Option<u32> {
+        match name {
+            "eth0" => Some(9000),
+            "eth1" => Some(1500),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn loopback_has_an_mtu() {
+        assert!(interface_mtu("lo").is_some_and(|m| m >= 1500));
+        assert_eq!(interface_mtu("no-such-if0"), None);
+    }
+
     fn fake_host(files: &[(&str, &str)]) -> TestDir {
         let dir = TestDir::new("cookies");
         for (path, content) in files {
@@ -243,12 +285,10 @@ mod tests {
             ("sys/net/ipv4/tcp_timestamps", "1\n"),
             ("sys/net/ipv4/tcp_window_scaling", "1\n"),
             ("sys/net/ipv4/tcp_syncookies", "1\n"),
-            ("net/eth0/mtu", "9000\n"),
-            ("net/eth1/mtu", "1500\n"),
         ]);
-        let p = HostParams::from_files(
+        let p = HostParams::from_sources(
             &dir.path().join("sys"),
-            &dir.path().join("net"),
+            mtus,
             &["eth0".into(), "eth1".into()],
         );
         assert_eq!((p.mss_v4, p.mss_v6), (1460, 1440));
@@ -259,9 +299,11 @@ mod tests {
         assert!(unavailable_reason(false, &p).unwrap().contains("6.9"));
 
         let dir = fake_host(&[("sys/net/ipv4/tcp_syncookies", "0\n")]);
-        let p = HostParams::from_files(&dir.path().join("sys"), &dir.path().join("net"), &[]);
+        let p = HostParams::from_sources(&dir.path().join("sys"), mtus, &[]);
         assert!(!p.kernel_accepts_cookies);
-        assert!(unavailable_reason(true, &p).unwrap().contains("tcp_syncookies"));
+        assert!(unavailable_reason(true, &p)
+            .unwrap()
+            .contains("tcp_syncookies"));
         assert_eq!(p.mss_v4, 1460, "unreadable: defaults");
         assert_eq!(p.opts, syncookie::OPT_ALL);
     }

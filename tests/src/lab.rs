@@ -83,6 +83,9 @@ pub struct Lab {
     pub legit: Netns,
     pub attacker: Netns,
     pub switch: Netns,
+    /// The pass-all program on `p-srv` while XDP_TX is allowed (its fds outlive the
+    /// namespaces by a moment at drop, which detaches nothing twice: the link went with them).
+    peer_xdp: Option<crate::raw_xdp::RawXdp>,
 }
 
 impl Lab {
@@ -172,9 +175,23 @@ impl Lab {
             legit,
             attacker,
             switch,
+            peer_xdp: None,
         };
         lab.check_connectivity()?;
         Ok(lab)
+    }
+
+    /// Lets the server's XDP program answer frames (`XDP_TX`, SYN cookies): a veth delivers
+    /// such frames only to a peer that runs XDP itself.
+    pub fn allow_xdp_tx(&mut self) -> Result<()> {
+        if self.peer_xdp.is_none() {
+            let pass = crate::raw_xdp::pass_program();
+            self.peer_xdp = Some(
+                crate::raw_xdp::RawXdp::attach(&self.switch, "p-srv", "gd_pass", &pass)
+                    .context("a pass-all XDP program on the switch's server port")?,
+            );
+        }
+        Ok(())
     }
 
     /// The server's interface (inside `server`) that guard's XDP program attaches to.

@@ -67,7 +67,13 @@ fn flow_of(syn: &Frame, port: u16) -> Flow {
 /// program made it in (now or the one before).
 fn host_check(flow: &Flow, client_isn: u32, cookie: u32) -> Option<syncookie::Negotiated> {
     let epoch = syncookie::epoch_for(cookie, syncookie::epoch_of(monotonic_ns()));
-    syncookie::check(&key(syncookie::key_slot(epoch)), flow, client_isn, cookie, epoch)
+    syncookie::check(
+        &key(syncookie::key_slot(epoch)),
+        flow,
+        client_isn,
+        cookie,
+        epoch,
+    )
 }
 
 fn answered(dp: &Dp, frame: &Frame) -> Segment {
@@ -134,7 +140,10 @@ fn an_unproven_syn_gets_a_synack_with_a_valid_cookie_and_its_options() {
         assert_eq!(s.wscale(), Some(7), "{name}");
         // The cookie remembers what the client asked for.
         let n = host_check(&flow_of(&syn, 40000), CLIENT_ISN, s.seq).expect("valid cookie");
-        assert_eq!(n.mss(src.is_ipv6()), if src.is_ipv4() { 1460 } else { 1440 });
+        assert_eq!(
+            n.mss(src.is_ipv6()),
+            if src.is_ipv4() { 1460 } else { 1440 }
+        );
         assert!(n.sack);
         assert_eq!(n.wscale, 9);
     }
@@ -179,7 +188,10 @@ fn sources_that_proved_themselves_or_are_listed_skip_cookies() {
         .known_good
         .insert(from_ip(good), monotonic_ns(), 0)
         .expect("mark known good");
-    assert_eq!(dp.verdict(&linux_syn(good).bytes()), (V::Pass, Stat::PassSyn));
+    assert_eq!(
+        dp.verdict(&linux_syn(good).bytes()),
+        (V::Pass, Stat::PassSyn)
+    );
     dp.allow("198.18.1.0/24");
     assert_eq!(
         dp.verdict(&linux_syn(v4(198, 18, 1, 9)).bytes()),
@@ -204,12 +216,13 @@ fn shapes_a_synack_cannot_mirror_go_the_ordinary_way_on_purpose() {
             "IPv6 extension header",
             linux_syn(v6("2001:2::9")).ext(Ext::DestOpts),
         ),
-        (
-            "first fragment",
-            linux_syn(src).ipv4_fragment(0, true),
-        ),
+        ("first fragment", linux_syn(src).ipv4_fragment(0, true)),
     ] {
-        assert_eq!(dp.verdict(&frame.bytes()), (V::Pass, Stat::PassSyn), "{name}");
+        assert_eq!(
+            dp.verdict(&frame.bytes()),
+            (V::Pass, Stat::PassSyn),
+            "{name}"
+        );
     }
     assert_eq!(dp.stat(Stat::CookieSent), 0);
 }
@@ -290,9 +303,7 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
         .expect("ports");
     // Replies go to the listener's port; the SYN-ACK came from it.
     let syn_to = |src: IpAddr, port: u16| linux_syn(src).tcp_ports(port, listen_port);
-    let reply_to = |syn: &Frame, s: &Segment, port: u16| {
-        reply(syn, s).tcp_ports(port, listen_port)
-    };
+    let reply_to = |syn: &Frame, s: &Segment, port: u16| reply(syn, s).tcp_ports(port, listen_port);
     for run in [
         |dp: &Dp, f: &[u8]| dp.run_cookie_ack(f),
         |dp: &Dp, f: &[u8]| dp.run_tc_frame(f).0,
@@ -383,7 +394,10 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
     let second = syn_to(src, 43001);
     let s2 = answered(&dp, &second);
     let over = dp.stat(Stat::CookieAckOverCap);
-    assert_eq!(dp.run_cookie_ack(&reply_to(&first, &s1, 43000).bytes()), TC_ACT_OK);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&first, &s1, 43000).bytes()),
+        TC_ACT_OK
+    );
     assert_eq!(
         dp.run_cookie_ack(&reply_to(&second, &s2, 43001).bytes()),
         TC_ACT_SHOT
