@@ -118,7 +118,7 @@ fn interface_mtu(name: &str) -> Option<u32> {
         }
         let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
         libc::close(fd);
-        (rc == 0).then(|| req.ifr_ifru.ifru_mtu as u32)
+        (rc == 0).then_some(req.ifr_ifru.ifru_mtu as u32)
     }
 }
 

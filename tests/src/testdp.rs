@@ -166,6 +166,12 @@ impl Dp {
     }
 }
 
+impl Default for Dp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What the XDP program did with a frame, with the frame it left.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum XdpOutcome {

@@ -1,7 +1,5 @@
 use std::os::unix::process::CommandExt;
-use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use guard_common::client::{ClientError, Connection};
 use guard_common::proto::{BlockOutcome, MAX_FRAME};
@@ -506,7 +504,7 @@ async fn a_peer_with_another_uid_is_refused_before_a_byte_is_read() {
     }
     // World-writable, so only the credential check stands in the way.
     let srv = Running::start(|c| c.mode = 0o666);
-    std::fs::set_permissions(&srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = std::env::current_exe().unwrap();
     let path = srv.path.clone();
     let out = tokio::task::spawn_blocking(move || {
