@@ -61,6 +61,8 @@ const EVENT_INTERVAL_MS: u32 = 3_600_000;
 /// The goals of issue "Foundation".
 const GOAL_NS: f64 = 100.0;
 const GOAL_FLAT: f64 = 1.2;
+/// Issue 12: a spoofed SYN answered with a cookie, single run.
+const GOAL_COOKIE_NS: f64 = 150.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -265,6 +267,20 @@ pub struct Population {
     floor_ns: f64,
 }
 
+/// A spoofed flood from never-seen sources with cookies on (under attack, the global budget
+/// dry): one test-run SYN per source, each answered with a cookie SYN-ACK.
+#[derive(Debug, Clone, Serialize)]
+pub struct CookieFlood {
+    sources: u32,
+    /// Median ns of single runs (each includes the `floor_ns` of a repeat=1 run).
+    median_ns: f64,
+    mean_ns: f64,
+    /// `SOURCES` entries before and after: a cookie stores nothing.
+    sources_before: u64,
+    sources_after: u64,
+    cookies_sent: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     memlock_big: u64,
@@ -281,6 +297,7 @@ pub struct DatapathReport {
     paths: Vec<PathResult>,
     rotation: Vec<RotationResult>,
     population: Population,
+    cookie_flood: CookieFlood,
     memory: Memory,
 }
 
@@ -404,6 +421,61 @@ impl Loaded {
 
     fn count_sources(&self) -> u64 {
         self.dp.maps().sources.keys().filter(Result::is_ok).count() as u64
+    }
+
+    /// `n` never-seen sources (past the population's range) each send one SYN while cookies
+    /// answer unproven sources under attack: the global budget is spent first.
+    fn cookie_flood(&mut self, n: u32) -> Result<CookieFlood> {
+        for slot in 0..guard_common::syncookie::KEY_SLOTS {
+            let key = guard_common::syncookie::CookieKey {
+                k0: 0x5eed_0000 + u64::from(slot),
+                k1: 0xc00c_1e00 + u64::from(slot),
+            };
+            self.dp.maps_mut().set_cookie_key(slot, &key)?;
+        }
+        self.set_config(|c| {
+            c.flags |= FLAG_ALLOW_EMPTY;
+            c.syn_cookies = guard_common::syncookie::MODE_UNDER_ATTACK;
+            c.global_syn_rate = 1;
+            c.global_syn_burst = 1;
+        })?;
+        // Spend the budget's one token.
+        self.syn_once(Hook::Xdp, 0)?;
+        let sources_before = self.count_sources();
+        let sent_before = self.stat(Stat::CookieSent)?;
+        let created_before = self.stat(Stat::SourcesCreated)?;
+        let mut ns = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            if i.is_multiple_of(10_000) {
+                check_interrupted()?;
+            }
+            // What a Linux client sends: MSS, SACK, timestamps, window scale.
+            let frame = Frame::syn(population_ip(MANY + i), PORT)
+                .linux_syn_options(1440, i, 7)
+                .bytes();
+            let run = test_run(self.fd(Hook::Xdp), &frame, 1)?;
+            ensure!(
+                run.retval == guard_user::testrun::XDP_TX,
+                "cookie flood: source #{i} got XDP action {} instead of a SYN-ACK",
+                run.retval
+            );
+            ns.push(f64::from(run.duration_ns));
+        }
+        let cookies_sent = self.stat(Stat::CookieSent)? - sent_before;
+        let created = self.stat(Stat::SourcesCreated)? - created_before;
+        ensure!(
+            cookies_sent == u64::from(n) && created == 0,
+            "cookie flood: {cookies_sent} cookies for {n} SYNs, {created} sources tracked"
+        );
+        self.set_config(|_| {})?;
+        Ok(CookieFlood {
+            sources: n,
+            median_ns: median(&ns),
+            mean_ns: super::bench_table::mean(&ns),
+            sources_before,
+            sources_after: self.count_sources(),
+            cookies_sent,
+        })
     }
 }
 
@@ -565,10 +637,10 @@ fn small_sizes() -> MapSizes {
 }
 
 pub fn run(quick: bool) -> Result<DatapathReport> {
-    let (repeat, runs, rotation_n) = if quick {
-        (200_000, 5, 5_000)
+    let (repeat, runs, rotation_n, cookie_n) = if quick {
+        (200_000, 5, 5_000, 100_000)
     } else {
-        (1_000_000, 7, 15_000)
+        (1_000_000, 7, 15_000, MANY)
     };
     println!(
         "\n== Datapath: ns per packet through BPF_PROG_TEST_RUN (median of {runs} calls x {repeat} repeats)"
@@ -632,12 +704,14 @@ pub fn run(quick: bool) -> Result<DatapathReport> {
 
     let paths = measure_paths(&mut few, &mut many, &paths(), repeat, runs)?;
     let rotation = rotation(&few, &many, rotation_n)?;
+    let cookie_flood = few.cookie_flood(cookie_n)?;
     let report = DatapathReport {
         repeat,
         runs,
         paths,
         rotation,
         population,
+        cookie_flood,
         memory,
     };
     report.print();
@@ -691,6 +765,17 @@ impl DatapathReport {
             format!("{:.0}", self.population.new_source_median_ns),
             "all".into(),
         ]);
+        t.row(vec![
+            "never-seen source, SYN cookie (XDP_TX)".into(),
+            "xdp".into(),
+            format!(
+                "{} -> {}",
+                self.cookie_flood.sources_before, self.cookie_flood.sources_after
+            ),
+            self.cookie_flood.sources.to_string(),
+            format!("{:.0}", self.cookie_flood.median_ns),
+            "none".into(),
+        ]);
         for r in &self.rotation {
             t.row(vec![
                 "tracked source, rotating (admitted)".into(),
@@ -714,6 +799,22 @@ impl DatapathReport {
 
     pub fn goals(&self) -> Vec<Goal> {
         let mut goals = Vec::new();
+        let c = &self.cookie_flood;
+        goals.push(Goal::new(
+            "datapath XDP: spoofed SYN from a never-seen source, cookie on",
+            "<= 150 ns (repeat=1)",
+            format!(
+                "median {:.0} ns over {} sources (floor {:.0})",
+                c.median_ns, c.sources, self.population.floor_ns
+            ),
+            Some(c.median_ns <= GOAL_COOKIE_NS),
+        ));
+        goals.push(Goal::new(
+            "datapath XDP: cookie flood tracks no source",
+            "SOURCES unchanged",
+            format!("{} -> {} entries", c.sources_before, c.sources_after),
+            Some(c.sources_before == c.sources_after),
+        ));
         for (hook, name) in [(Hook::Xdp, "XDP"), (Hook::Tc, "tc")] {
             let worst = |verdict: Verdict| {
                 self.paths
