@@ -343,9 +343,7 @@ impl<const C: usize, const D: usize> SipHasher<C, D> {
     }
 }
 
-/// The SYN-ACK's TCP header is always this long: 20 bytes of options, each
-/// option the SYN did not ask for replaced by NOPs, so the frame's length
-/// depends only on the address family.
+/// The longest SYN-ACK TCP header (every option offered).
 pub const SYNACK_TCP_LEN: usize = 40;
 const TCP_FLAGS_SYN_ACK: u32 = 0x12;
 
@@ -368,43 +366,51 @@ pub struct SynAck {
 const NOP: u32 = 1;
 
 impl SynAck {
-    /// The header as ten 32-bit words whose memory is the wire bytes, with a
-    /// zero checksum (see [`set_tcp_checksum`]).
+    /// The header as 32-bit words whose memory is the wire bytes, with a
+    /// zero checksum (see [`set_tcp_checksum`]), and how many of the ten
+    /// words it uses (the rest are zero, so they add nothing to a checksum).
+    ///
+    /// Only the options the client offered are written: a SYN-ACK is then
+    /// as long as the SYN it answers for the common stacks (Linux, Windows)
+    /// or shorter (macOS, bare SYNs padded to Ethernet's minimum), so the
+    /// frame is rewritten in place and rarely needs to grow, which some
+    /// drivers cannot do for every frame.
     #[inline(always)]
-    pub fn words(&self) -> [u32; SYNACK_TCP_LEN / 4] {
+    pub fn words(&self) -> ([u32; SYNACK_TCP_LEN / 4], usize) {
         let be = u32::to_be;
+        let mut w = [0u32; SYNACK_TCP_LEN / 4];
+        w[0] = be(((self.server_port as u32) << 16) | self.client_port as u32);
+        w[1] = be(self.cookie);
+        w[2] = be(self.client_isn.wrapping_add(1));
+        w[5] = be((2 << 24) | (4 << 16) | self.mss as u32);
+        let mut n = 6;
         let sack_or_nops = if self.sack {
             (4 << 8) | 2
         } else {
             (NOP << 8) | NOP
         };
-        let (ts0, ts1, ts2) = match self.timestamps {
-            // Options: MSS (4 bytes), SACK-permitted or two NOPs, the
-            // timestamps (10) or ten NOPs, a NOP and window scale (3) or four
-            // NOPs: each slot keeps its place whether used or not.
-            Some((tsval, tsecr)) => ((sack_or_nops << 16) | (8 << 8) | 10, tsval, tsecr),
-            None => (
-                (sack_or_nops << 16) | (NOP << 8) | NOP,
-                0x0101_0101,
-                0x0101_0101,
-            ),
-        };
-        let ws = match self.wscale {
-            Some(shift) => (NOP << 24) | (3 << 16) | (3 << 8) | shift as u32,
-            None => 0x0101_0101,
-        };
-        [
-            be(((self.server_port as u32) << 16) | self.client_port as u32),
-            be(self.cookie),
-            be(self.client_isn.wrapping_add(1)),
-            be((10 << 28) | (TCP_FLAGS_SYN_ACK << 16) | SYNACK_WINDOW as u32),
-            0, // checksum, urgent pointer
-            be((2 << 24) | (4 << 16) | self.mss as u32),
-            be(ts0),
-            be(ts1),
-            be(ts2),
-            be(ws),
-        ]
+        if let Some((tsval, tsecr)) = self.timestamps {
+            w[6] = be((sack_or_nops << 16) | (8 << 8) | 10);
+            w[7] = be(tsval);
+            w[8] = be(tsecr);
+            n = 9;
+        } else if self.sack {
+            w[6] = be((NOP << 24) | (NOP << 16) | sack_or_nops);
+            n = 7;
+        }
+        if let Some(shift) = self.wscale {
+            let ws = be((NOP << 24) | (3 << 16) | (3 << 8) | shift as u32);
+            if n == 6 {
+                w[6] = ws;
+            } else if n == 7 {
+                w[7] = ws;
+            } else {
+                w[9] = ws;
+            }
+            n += 1;
+        }
+        w[3] = be(((n as u32) << 28) | (TCP_FLAGS_SYN_ACK << 16) | SYNACK_WINDOW as u32);
+        (w, n)
     }
 }
 
@@ -692,6 +698,9 @@ mod tests {
             (false, None, None),
             (true, None, Some((1, 2))),
             (false, Some(0), None),
+            (true, Some(8), None),
+            (true, None, None),
+            (false, Some(14), Some((5, 6))),
         ] {
             let s = SynAck {
                 server_port: 8080,
@@ -703,24 +712,23 @@ mod tests {
                 wscale,
                 timestamps: ts,
             };
-            let mut words = s.words();
-            let pseudo = pseudo_v4(
-                u32::from_ne_bytes(src),
-                u32::from_ne_bytes(dst),
-                SYNACK_TCP_LEN as u16,
-            );
+            let (mut words, n) = s.words();
+            let len = n * 4;
+            let pseudo = pseudo_v4(u32::from_ne_bytes(src), u32::from_ne_bytes(dst), len as u16);
             set_tcp_checksum(&mut words, pseudo);
-            let tcp = bytes_of(&words);
+            let tcp = bytes_of(&words[..n]);
+            let full = bytes_of(&words);
+            assert!(full[len..].iter().all(|b| *b == 0), "unused words are zero");
             assert_eq!(&tcp[0..4], &[0x1f, 0x90, 0x9c, 0x40]);
             assert_eq!(&tcp[4..8], &[0xde, 0xad, 0xbe, 0xef]);
             assert_eq!(&tcp[8..12], &[0, 0, 0, 0], "ack wraps to 0");
-            assert_eq!(tcp[12], 0xa0, "data offset 10 words");
+            assert_eq!(usize::from(tcp[12] >> 4), n, "data offset");
             assert_eq!(tcp[13], 0x12, "SYN|ACK");
             assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), SYNACK_WINDOW);
             // Walk the options as a receiver would.
             let mut seen = std::vec::Vec::new();
             let mut i = 20;
-            while i < 40 {
+            while i < len {
                 match tcp[i] {
                     0 => break,
                     1 => i += 1,
@@ -731,7 +739,16 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(i, 40, "options fill the header exactly");
+            assert_eq!(i, len, "options fill the header exactly");
+            let want_len =
+                24 + if ts.is_some() {
+                    12
+                } else if sack {
+                    4
+                } else {
+                    0
+                } + if wscale.is_some() { 4 } else { 0 };
+            assert_eq!(len, want_len, "only what was offered");
             let mut want = std::vec![(2u8, std::vec![0x05, 0xb4])];
             if sack {
                 want.push((4, std::vec![]));
@@ -749,7 +766,7 @@ mod tests {
             let mut pseudo_bytes = std::vec::Vec::new();
             pseudo_bytes.extend(src);
             pseudo_bytes.extend(dst);
-            pseudo_bytes.extend([0, 6, 0, 40]);
+            pseudo_bytes.extend([0, 6, 0, len as u8]);
             pseudo_bytes.extend(&tcp);
             assert_eq!(reference_checksum(&pseudo_bytes), 0, "{s:?}");
         }
@@ -769,7 +786,8 @@ mod tests {
             wscale: Some(7),
             timestamps: Some((3, 4)),
         };
-        let mut words = s.words();
+        let (mut words, n) = s.words();
+        assert_eq!(n, 10);
         let pseudo = pseudo_v6(
             &AddrWords::from_addr(&src),
             &AddrWords::from_addr(&dst),

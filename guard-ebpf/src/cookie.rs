@@ -182,50 +182,76 @@ pub struct OptionScratch {
 /// NOP, timestamps, SACK, end.)
 #[inline(always)]
 fn common_layout(pkt: &Packet, start: usize, len: usize) -> Option<TcpOptions> {
-    let be16 = |b: [u8; 2]| u16::from_be_bytes(b);
-    let be32 = |b: [u8; 4]| u32::from_be_bytes(b);
+    // Bytes are compared where they lie (no copy of the options on the
+    // stack, which the tc program has little of to spare).
+    macro_rules! at {
+        ($h:expr, $($i:literal = $v:literal),+) => { true $(&& $h.u8_at::<$i>() == $v)+ };
+    }
     match len {
         20 => {
             let h = pkt.header::<20>(start)?;
-            let b: [u8; 20] = h.raw::<[u8; 20], 0>();
-            let linux = [b[0], b[1], b[4], b[5], b[6], b[7], b[16], b[17], b[18]]
-                == [2, 4, 4, 2, 8, 10, 1, 3, 3];
+            let linux = at!(
+                h,
+                0 = 2,
+                1 = 4,
+                4 = 4,
+                5 = 2,
+                6 = 8,
+                7 = 10,
+                16 = 1,
+                17 = 3,
+                18 = 3
+            );
             linux.then(|| TcpOptions {
-                mss: be16([b[2], b[3]]),
-                wscale: Some(b[19]),
+                mss: u16::from_be(h.raw::<u16, 2>()),
+                wscale: Some(h.u8_at::<19>()),
                 sack: true,
-                timestamps: Some((
-                    be32([b[8], b[9], b[10], b[11]]),
-                    be32([b[12], b[13], b[14], b[15]]),
-                )),
+                timestamps: Some((h.be32_at::<8>(), h.be32_at::<12>())),
             })
         }
         12 => {
             let h = pkt.header::<12>(start)?;
-            let b: [u8; 12] = h.raw::<[u8; 12], 0>();
-            let windows = [b[0], b[1], b[4], b[5], b[6], b[8], b[9], b[10], b[11]]
-                == [2, 4, 1, 3, 3, 1, 1, 4, 2];
+            let windows = at!(
+                h,
+                0 = 2,
+                1 = 4,
+                4 = 1,
+                5 = 3,
+                6 = 3,
+                8 = 1,
+                9 = 1,
+                10 = 4,
+                11 = 2
+            );
             windows.then(|| TcpOptions {
-                mss: be16([b[2], b[3]]),
-                wscale: Some(b[7]),
+                mss: u16::from_be(h.raw::<u16, 2>()),
+                wscale: Some(h.u8_at::<7>()),
                 sack: true,
                 timestamps: None,
             })
         }
         24 => {
             let h = pkt.header::<24>(start)?;
-            let b: [u8; 24] = h.raw::<[u8; 24], 0>();
-            let apple = [
-                b[0], b[1], b[4], b[5], b[6], b[8], b[9], b[10], b[11], b[20], b[21], b[22],
-            ] == [2, 4, 1, 3, 3, 1, 1, 8, 10, 4, 2, 0];
+            let apple = at!(
+                h,
+                0 = 2,
+                1 = 4,
+                4 = 1,
+                5 = 3,
+                6 = 3,
+                8 = 1,
+                9 = 1,
+                10 = 8,
+                11 = 10,
+                20 = 4,
+                21 = 2,
+                22 = 0
+            );
             apple.then(|| TcpOptions {
-                mss: be16([b[2], b[3]]),
-                wscale: Some(b[7]),
+                mss: u16::from_be(h.raw::<u16, 2>()),
+                wscale: Some(h.u8_at::<7>()),
                 sack: true,
-                timestamps: Some((
-                    be32([b[12], b[13], b[14], b[15]]),
-                    be32([b[16], b[17], b[18], b[19]]),
-                )),
+                timestamps: Some((h.be32_at::<12>(), h.be32_at::<16>())),
             })
         }
         _ => None,
@@ -242,6 +268,14 @@ fn read_options(pkt: &Packet, l4: usize, data_offset: usize) -> TcpOptions {
             return o;
         }
     }
+    walk_options(pkt, l4, data_offset)
+}
+
+/// Any other layout, walked option by option. A function of its own in the
+/// object: its copy of the options then never shares a stack frame with the
+/// SYN-ACK being built (the verifier allows 512 bytes per call chain).
+#[inline(never)]
+fn walk_options(pkt: &Packet, l4: usize, data_offset: usize) -> TcpOptions {
     let Some(found) = OPTION_SCRATCH.get_ptr_mut(0) else {
         return TcpOptions::default();
     };
@@ -315,9 +349,14 @@ fn read_options(pkt: &Packet, l4: usize, data_offset: usize) -> TcpOptions {
     }
 }
 
-/// The SYN-ACK's TCP header for `seg`, checksum included.
 #[inline(always)]
-fn synack_words(seg: &Segment, c: &CookieSyn, cfg: &LiveConfig) -> [u32; SYNACK_TCP_LEN / 4] {
+/// The SYN-ACK's TCP header for `seg` (checksum included) and its length in
+/// words.
+fn synack_words(
+    seg: &Segment,
+    c: &CookieSyn,
+    cfg: &LiveConfig,
+) -> ([u32; SYNACK_TCP_LEN / 4], usize) {
     let o = &seg.options;
     let negotiated = Negotiated::from_syn(c.at.v6, o.mss, o.sack, o.wscale, cfg.cookie_opts);
     let cookie = syncookie::make(&c.key, &seg.flow, seg.seq, c.epoch, &negotiated);
@@ -347,25 +386,32 @@ fn synack_words(seg: &Segment, c: &CookieSyn, cfg: &LiveConfig) -> [u32; SYNACK_
         },
         timestamps,
     };
-    let mut words = synack.words();
+    let (mut words, n) = synack.words();
+    let tcp_len = (n * 4) as u16;
     let pseudo = if c.at.v6 {
-        syncookie::pseudo_v6(&seg.flow.server, &seg.flow.client, SYNACK_TCP_LEN as u16)
+        syncookie::pseudo_v6(&seg.flow.server, &seg.flow.client, tcp_len)
     } else {
-        syncookie::pseudo_v4(seg.v4.1, seg.v4.0, SYNACK_TCP_LEN as u16)
+        syncookie::pseudo_v4(seg.v4.1, seg.v4.0, tcp_len)
     };
     syncookie::set_tcp_checksum(&mut words, pseudo);
-    words
+    (words, n)
 }
 
 #[inline(always)]
-const fn synack_len(at: &TcpAt) -> usize {
-    at.l3 + if at.v6 { IPV6_HLEN } else { IPV4_HLEN } + SYNACK_TCP_LEN
+const fn synack_len(at: &TcpAt, words: usize) -> usize {
+    at.l3 + if at.v6 { IPV6_HLEN } else { IPV4_HLEN } + words * 4
 }
 
 /// Rewrites the frame (already `synack_len` long) into the SYN-ACK: MACs
 /// swapped, VLAN tags kept, a fresh IP header, the cookie TCP header.
 #[inline(always)]
-fn write_synack(pkt: &Packet, at: &TcpAt, seg: &Segment, tcp: &[u32; SYNACK_TCP_LEN / 4]) -> bool {
+fn write_synack(
+    pkt: &Packet,
+    at: &TcpAt,
+    seg: &Segment,
+    (tcp, words): &([u32; SYNACK_TCP_LEN / 4], usize),
+) -> bool {
+    let tcp_len = *words * 4;
     let Some(eth) = pkt.header::<ETH_HLEN>(0) else {
         return false;
     };
@@ -381,7 +427,7 @@ fn write_synack(pkt: &Packet, at: &TcpAt, seg: &Segment, tcp: &[u32; SYNACK_TCP_
         let Some(ip) = pkt.header::<IPV6_HLEN>(at.l3) else {
             return false;
         };
-        let [w0, w1] = syncookie::ipv6_first_words(SYNACK_TCP_LEN as u16);
+        let [w0, w1] = syncookie::ipv6_first_words(tcp_len as u16);
         ip.write::<u32, 0>(w0);
         ip.write::<u32, 4>(w1);
         ip.write::<u64, 8>(seg.flow.server.0[0]);
@@ -393,14 +439,30 @@ fn write_synack(pkt: &Packet, at: &TcpAt, seg: &Segment, tcp: &[u32; SYNACK_TCP_
         let Some(ip) = pkt.header::<IPV4_HLEN>(at.l3) else {
             return false;
         };
-        let words = syncookie::ipv4_header(seg.v4.1, seg.v4.0, (IPV4_HLEN + SYNACK_TCP_LEN) as u16);
+        let words = syncookie::ipv4_header(seg.v4.1, seg.v4.0, (IPV4_HLEN + tcp_len) as u16);
         ip.write::<[u32; 5], 0>(words);
         at.l3 + IPV4_HLEN
     };
-    let Some(out) = pkt.header::<SYNACK_TCP_LEN>(l4) else {
+    // The fixed part, then each option word the header has, one bounds
+    // check each at a constant offset (no copy of the header on the stack).
+    let Some(fixed) = pkt.header::<24>(l4) else {
         return false;
     };
-    out.write::<[u32; SYNACK_TCP_LEN / 4], 0>(*tcp);
+    fixed.write::<u32, 0>(tcp[0]);
+    fixed.write::<u32, 4>(tcp[1]);
+    fixed.write::<u32, 8>(tcp[2]);
+    fixed.write::<u32, 12>(tcp[3]);
+    fixed.write::<u32, 16>(tcp[4]);
+    fixed.write::<u32, 20>(tcp[5]);
+    for i in 6..SYNACK_TCP_LEN / 4 {
+        if i >= *words {
+            break;
+        }
+        let Some(word) = pkt.header::<4>(l4 + i * 4) else {
+            return false;
+        };
+        word.write::<u32, 0>(tcp[i]);
+    }
     true
 }
 
@@ -427,7 +489,7 @@ pub fn answer_xdp(ctx: &XdpContext, c: &CookieSyn, cfg: &LiveConfig) -> bool {
         return false;
     };
     let tcp = synack_words(&seg, c, cfg);
-    let delta = synack_len(&c.at) as i32 - (ctx.data_end() - ctx.data()) as i32;
+    let delta = synack_len(&c.at, tcp.1) as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: helper on our own context; it moves data_end only.
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         return false;
@@ -448,7 +510,7 @@ pub fn answer_tc(ctx: &TcContext, c: &CookieSyn, cfg: &LiveConfig) -> Option<u32
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let seg = read_segment(&pkt, &c.at)?;
     let tcp = synack_words(&seg, c, cfg);
-    let len = synack_len(&c.at) as u32;
+    let len = synack_len(&c.at, tcp.1) as u32;
     // SAFETY: helpers on our own skb.
     unsafe {
         if bpf_skb_change_tail(skb, len, 0) != 0 {
@@ -540,8 +602,10 @@ pub enum AckVerdict {
 }
 
 /// Checks an ACK toward a protected port as a cookie reply. A genuine one
-/// proves its source; `admit` charges that source's caps (false: over) and
-/// the connection is handed to the listener.
+/// proves its source; `admit` charges that source's caps like any SYN's
+/// (false: over them, dropped) and the connection is handed to the listener.
+/// (`admit` stays a closure: the compiler then keeps it a separate BPF
+/// function, which the verifier needs to stay within its budget.)
 #[inline(always)]
 pub fn check_ack(
     ctx: &TcContext,

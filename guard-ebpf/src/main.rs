@@ -81,20 +81,20 @@ static OPTION_SCRATCH: PerCpuArray<cookie::OptionScratch> = PerCpuArray::with_ma
 enum Verdict {
     Pass,
     Drop,
-    /// Answer the SYN with a cookie SYN-ACK (already counted).
+    /// Answer the SYN with a cookie SYN-ACK (counted once it is built).
     Cookie(CookieSyn),
-    /// An ACK (already counted as not a SYN) that may answer a cookie; only
-    /// the tc attach can hand it to a listener.
-    CookieAck(TcpAt, u64),
 }
 
 #[xdp]
 pub fn guard_xdp(ctx: XdpContext) -> u32 {
-    match decide::<_, false>(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
-        Verdict::Pass | Verdict::CookieAck(..) => xdp_action::XDP_PASS,
+    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+        Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         Verdict::Cookie(c) => match CONFIG.get(0) {
-            Some(cfg) if cookie::answer_xdp(&ctx, &c, cfg) => xdp_action::XDP_TX,
+            Some(cfg) if cookie::answer_xdp(&ctx, &c, cfg) => {
+                count(Stat::CookieSent);
+                xdp_action::XDP_TX
+            }
             _ => {
                 count(Stat::DropCookieTx);
                 xdp_action::XDP_DROP
@@ -102,6 +102,10 @@ pub fn guard_xdp(ctx: XdpContext) -> u32 {
         },
     }
 }
+
+/// "Continue with the next program" in a tcx chain (TC_ACT_UNSPEC); at the
+/// end of the chain, or under a classic tc filter, it passes the packet.
+const TCX_NEXT: i32 = -1;
 
 /// Headers we may need: two VLAN tags, IPv6 with a chain of extension
 /// headers, and TCP. Pulled into the linear area only when they are not
@@ -116,35 +120,40 @@ pub fn guard_tc(ctx: TcContext) -> i32 {
         // a short frame and fails open like any truncated one.
         let _ = ctx.pull_data(ctx.len().min(TC_PULL_LEN));
     }
-    match decide::<_, true>(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
+    match decide(&ctx, Packet::new(ctx.data(), ctx.data_end())) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Cookie(c) => match CONFIG
             .get(0)
             .and_then(|cfg| cookie::answer_tc(&ctx, &c, cfg))
         {
-            // SAFETY: helper with no preconditions; out of the interface
-            // the SYN came in on.
-            Some(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+            Some(ifindex) => {
+                count(Stat::CookieSent);
+                // SAFETY: helper with no preconditions; out of the
+                // interface the SYN came in on.
+                unsafe { bpf_redirect(ifindex, 0) as i32 }
+            }
             None => {
                 count(Stat::DropCookieTx);
                 TC_ACT_SHOT
             }
         },
-        Verdict::CookieAck(at, now) => cookie_ack(&ctx, &at, now),
     }
 }
 
-/// The tc ingress companion of the XDP attach: XDP answered the SYNs, the
-/// replies to its cookies are checked here. Counts nothing but the check's
-/// own outcomes (the XDP program gave the packet its verdict).
+/// Checks the replies to cookies at tc ingress, behind either attach (only
+/// an skb can carry a connection to its listener): the XDP or tc program
+/// answered the SYNs and gave every packet its verdict, so this counts
+/// nothing but the check's own outcomes. A program of its own rather than
+/// part of `guard_tc`: together they exceed what the verifier allows one
+/// program's stack.
 #[classifier]
 pub fn guard_cookie_ack(ctx: TcContext) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     if !cfg.cookies_enabled() {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let linear = ctx.data_end() - ctx.data();
     if (linear as u32) < TC_PULL_LEN && ctx.len() > linear as u32 {
@@ -161,14 +170,14 @@ pub fn guard_cookie_ack(ctx: TcContext) -> i32 {
         ..
     }) = parse(&pkt)
     else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     if !is_cookie_ack_candidate(flags) || !is_protected(dst_port) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let now = clock::coarse_now_ns();
     if !cookie::may_answer_cookie(now) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     cookie_ack(&ctx, &at, now)
 }
@@ -181,14 +190,14 @@ fn is_cookie_ack_candidate(flags: u8) -> bool {
 #[inline(always)]
 fn cookie_ack(ctx: &TcContext, at: &TcpAt, now: u64) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     let admit = |client: &AddrWords| {
         let key = client.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
         charge_caps(ctx, client, &key, now, cfg).is_none()
     };
     match cookie::check_ack(ctx, at, cfg, now, admit) {
-        AckVerdict::Pass => TC_ACT_OK,
+        AckVerdict::Pass => TCX_NEXT,
         AckVerdict::Drop => TC_ACT_SHOT,
     }
 }
@@ -223,9 +232,9 @@ fn drop_or_dry_run(cfg: &LiveConfig, drop: Stat, would_drop: Stat) -> Verdict {
     }
 }
 
-/// Judges one frame. `ACKS`: this attach can check cookie replies (tc).
+/// Judges one frame.
 #[inline(always)]
-fn decide<C: EbpfContext, const ACKS: bool>(ctx: &C, pkt: Packet) -> Verdict {
+fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     count(Stat::Packets);
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable once loaded (array slots always exist); fail open.
@@ -302,12 +311,6 @@ fn decide<C: EbpfContext, const ACKS: bool>(ctx: &C, pkt: Packet) -> Verdict {
     };
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Stat::PassNotSyn);
-        if ACKS && cfg.cookies_enabled() && is_cookie_ack_candidate(flags) {
-            let now = clock::coarse_now_ns();
-            if cookie::may_answer_cookie(now) {
-                return Verdict::CookieAck(at, now);
-            }
-        }
         return Verdict::Pass;
     }
     // The clock is read once, and only for connection-opening SYNs (and
@@ -387,7 +390,6 @@ fn cookie_or_dry_run(cfg: &LiveConfig, c: CookieSyn) -> Verdict {
         count(Stat::WouldCookie);
         Verdict::Pass
     } else {
-        count(Stat::CookieSent);
         Verdict::Cookie(c)
     }
 }

@@ -783,12 +783,12 @@ impl Datapath {
                 Err(other) => return Err(other),
             },
         };
-        // XDP answers SYNs with cookies but cannot hand their replies to a
-        // listener: a tc ingress companion does. The tc attach does both.
-        if kind.is_xdp() && self.cookies_supported {
+        // The replies to cookies are checked by a tc ingress program of their
+        // own behind either attach: only an skb can carry a connection to its
+        // listener, and the tc program with the check built in would exceed
+        // the verifier's stack limit.
+        if self.cookies_supported {
             self.attach_cookie_ack(iface)?;
-        } else if let Some(layout) = &self.layout {
-            let _ = std::fs::remove_file(layout.cookie_ack_link(iface));
         }
         // Links of another kind on this interface are now redundant: XDP
         // and tc can overlap, so removing them after the new one is in place
@@ -920,7 +920,8 @@ impl Datapath {
 }
 
 impl Datapath {
-    /// Attaches the cookie-reply check at tc ingress of `iface`, or switches
+    /// Attaches the cookie-reply check at tc ingress of `iface` (ahead of the
+    /// tc attach's own program), or switches
     /// an earlier run's pinned link to this program.
     fn attach_cookie_ack(&mut self, iface: &str) -> Result<(), DatapathError> {
         let path = self.layout.as_ref().map(|l| l.cookie_ack_link(iface));
@@ -954,8 +955,16 @@ impl Datapath {
                 }
             }
         }
+        // First in the tcx chain, passing with "next": behind the tc attach,
+        // whose program ends the chain when it passes a packet.
         let id = prog
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                aya::programs::tc::TcAttachOptions::TcxOrder(
+                    aya::programs::links::LinkOrder::first(),
+                ),
+            )
             .map_err(attach_err)?;
         if let Some(path) = path {
             let fd_link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(

@@ -194,6 +194,11 @@ impl Lab {
         Ok(())
     }
 
+    /// Undoes [`Lab::allow_xdp_tx`].
+    pub fn forbid_xdp_tx(&mut self) {
+        self.peer_xdp = None;
+    }
+
     /// The server's interface (inside `server`) that guard's XDP program attaches to.
     pub fn server_if() -> &'static str {
         ROLE_IF
