@@ -410,8 +410,8 @@ impl Segment {
     }
 }
 
-/// RFC 1071 over `bytes` with `initial` already summed in.
-fn ones_complement_sum(bytes: &[u8], initial: u32) -> u16 {
+/// RFC 1071 over `bytes` with `initial` already summed in (folded, not yet complemented).
+pub fn ones_complement_sum(bytes: &[u8], initial: u32) -> u16 {
     let mut sum = initial;
     for pair in bytes.chunks(2) {
         sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));

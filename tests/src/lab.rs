@@ -19,8 +19,8 @@
 //! side. Checked on this kernel with a pass-all and a drop-all program attached by
 //! `ip link set dev eth0 xdpdrv`: drop-all cuts the server off from both clients; pass-all
 //! carries connects over IPv4 and IPv6, a 5 MB echo (GSO-sized frames) and floods. So no offload
-//! is turned off here. The peer (`p-srv`) would need an XDP program or GRO of its own only if
-//! the server-side program returned `XDP_TX`/`XDP_REDIRECT`; guard only passes and drops.
+//! is turned off here. The peer (`p-srv`) needs an XDP program of its own only when the
+//! server-side program returns `XDP_TX` (SYN cookies): see [`Lab::allow_xdp_tx`].
 //!
 //! The server namespace keeps the kernel's per-namespace defaults: `tcp_syncookies = 1`
 //! (cookies when the SYN queue overflows; a flood shows as `TcpExt:SyncookiesSent`) and
@@ -182,13 +182,17 @@ impl Lab {
     }
 
     /// Lets the server's XDP program answer frames (`XDP_TX`, SYN cookies): a veth delivers
-    /// such frames only to a peer that runs XDP itself.
+    /// such frames only to a peer that runs XDP itself. The switch's program also carries off
+    /// every frame toward [`SPOOF_NET`] (replies to forged sources, whoever sent them), as the
+    /// internet would: a NIC transmits at line rate, but here each reply would otherwise be
+    /// bridged to the attacker on the server's core and overflow the veth's ring, costing the
+    /// server what a real one never pays.
     pub fn allow_xdp_tx(&mut self) -> Result<()> {
         if self.peer_xdp.is_none() {
-            let pass = crate::raw_xdp::pass_program();
+            let sink = crate::raw_xdp::spoof_sink_program(SPOOF_NET.0);
             self.peer_xdp = Some(
-                crate::raw_xdp::RawXdp::attach(&self.switch, "p-srv", "gd_pass", &pass)
-                    .context("a pass-all XDP program on the switch's server port")?,
+                crate::raw_xdp::RawXdp::attach(&self.switch, "p-srv", "gd_spoof_sink", &sink)
+                    .context("an XDP program on the switch's server port")?,
             );
         }
         Ok(())

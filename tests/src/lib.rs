@@ -10,11 +10,13 @@
 //! prints them, and the context (which command, which namespace) is what a reader needs.
 
 pub mod agent;
+pub mod evasion;
 pub mod frames;
 pub mod lab;
 pub mod measure;
 pub mod netns;
 pub mod paced_syn;
+pub mod packet_socket;
 pub mod process;
 pub mod raw_xdp;
 pub mod report;

@@ -11,12 +11,12 @@
 //! (the attacker's core is its own) and reports how late it ever was.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 
+use crate::packet_socket::PacketSocket;
 use crate::report::SynFloodReport;
 use crate::wire::{ensure_lab_ip, v4_in, LAB_V4_NET};
 
@@ -132,70 +132,6 @@ fn fold(mut acc: u32) -> u16 {
     acc as u16
 }
 
-/// A raw packet socket bound to one interface, sending straight to its driver (no qdisc, as
-/// trafgen does), receiving nothing.
-struct RawSocket(OwnedFd);
-
-impl RawSocket {
-    fn bind(iface: &str) -> Result<Self> {
-        let index = guard_user::datapath::nix_if_index(iface)
-            .with_context(|| format!("no interface {iface} in this namespace"))?;
-        // SAFETY: plain socket(2); protocol 0 means nothing is ever received on it.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("cannot open a packet socket (needs CAP_NET_RAW)");
-        }
-        // SAFETY: a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads one c_int from a live local.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_QDISC_BYPASS,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
-        }
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: bind reads a sockaddr_ll of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot bind a packet socket to {iface}"));
-        }
-        Ok(Self(fd))
-    }
-
-    /// Sends one frame; `false` when the device had no room (counted, not fatal).
-    fn send(&self, frame: &[u8]) -> Result<bool> {
-        // SAFETY: send reads `frame.len()` bytes from a live slice.
-        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if n >= 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENOBUFS) | Some(libc::EAGAIN) => Ok(false),
-            _ => Err(e).context("send on the packet socket"),
-        }
-    }
-}
-
 /// How far ahead of a frame's due time the sender sleeps instead of spinning: sleeps overshoot
 /// by tens of microseconds.
 const SPIN_WINDOW: Duration = Duration::from_micros(300);
@@ -211,7 +147,7 @@ pub fn send(
     stop: &AtomicBool,
 ) -> Result<SynFloodReport> {
     ensure!(rate > 0, "rate must be at least 1 SYN/s");
-    let socket = RawSocket::bind(iface)?;
+    let socket = PacketSocket::sender(iface)?;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

@@ -6,6 +6,8 @@
 //!   port receives goes straight into another port, arriving as a raw frame.
 //! * [`pass_program`]: gives a veth NAPI, which it needs to receive frames its peer's XDP
 //!   program sends back (`XDP_TX`, SYN cookies); since Linux 6.12 GRO no longer does.
+//! * [`spoof_sink_program`]: the same, and frames toward the spoofed range die at once, as
+//!   replies to forged sources do on the internet: far from the server, costing it nothing.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -20,6 +22,7 @@ const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const BPF_FUNC_REDIRECT: i32 = 23;
+const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 
 /// One eBPF instruction (`struct bpf_insn`).
@@ -50,6 +53,58 @@ impl Insn {
             imm: helper,
         }
     }
+    /// `dst = *(u32 *)(src + off)`
+    const fn load32(dst: u8, src: u8, off: i16) -> Self {
+        Self {
+            code: 0x61,
+            regs: (src << 4) | dst,
+            off,
+            imm: 0,
+        }
+    }
+    /// `dst = *(u16 *)(src + off)`
+    const fn load16(dst: u8, src: u8, off: i16) -> Self {
+        Self {
+            code: 0x69,
+            regs: (src << 4) | dst,
+            off,
+            imm: 0,
+        }
+    }
+    const fn mov64_reg(dst: u8, src: u8) -> Self {
+        Self {
+            code: 0xbf,
+            regs: (src << 4) | dst,
+            off: 0,
+            imm: 0,
+        }
+    }
+    const fn add64_imm(dst: u8, imm: i32) -> Self {
+        Self {
+            code: 0x07,
+            regs: dst,
+            off: 0,
+            imm,
+        }
+    }
+    /// `if dst > src goto +off`
+    const fn jgt_reg(dst: u8, src: u8, off: i16) -> Self {
+        Self {
+            code: 0x2d,
+            regs: (src << 4) | dst,
+            off,
+            imm: 0,
+        }
+    }
+    /// `if dst != imm goto +off`
+    const fn jne_imm(dst: u8, imm: i32, off: i16) -> Self {
+        Self {
+            code: 0x55,
+            regs: dst,
+            off,
+            imm,
+        }
+    }
     const fn exit() -> Self {
         Self {
             code: 0x95,
@@ -73,6 +128,38 @@ pub fn redirect_program(ifindex: u32) -> [Insn; 4] {
 /// `return XDP_PASS;`
 pub fn pass_program() -> [Insn; 2] {
     [Insn::mov64_imm(0, XDP_PASS), Insn::exit()]
+}
+
+/// Drops IPv4 frames whose destination lies in `net`/16, passes everything else:
+///
+/// ```text
+/// if data + 34 > data_end       goto pass   (Ethernet + IPv4 header)
+/// if ethertype != IPv4          goto pass
+/// if daddr[0..2] != net[0..2]   goto pass
+/// return XDP_DROP
+/// pass: return XDP_PASS
+/// ```
+///
+/// Loads read memory in the host's (little-endian) order, so wire bytes `a b` compare as
+/// `b << 8 | a`.
+pub fn spoof_sink_program(net: std::net::Ipv4Addr) -> [Insn; 13] {
+    let [a, b, _, _] = net.octets();
+    let wire16 = |hi: u8, lo: u8| i32::from(u16::from_le_bytes([hi, lo]));
+    [
+        Insn::load32(2, 1, 0), // r2 = ctx->data
+        Insn::load32(3, 1, 4), // r3 = ctx->data_end
+        Insn::mov64_reg(4, 2),
+        Insn::add64_imm(4, 34),
+        Insn::jgt_reg(4, 3, 6),
+        Insn::load16(5, 2, 12),
+        Insn::jne_imm(5, wire16(0x08, 0x00), 4),
+        Insn::load16(5, 2, 30),
+        Insn::jne_imm(5, wire16(a, b), 2),
+        Insn::mov64_imm(0, XDP_DROP),
+        Insn::exit(),
+        Insn::mov64_imm(0, XDP_PASS),
+        Insn::exit(),
+    ]
 }
 
 /// The leading fields of `union bpf_attr` for BPF_PROG_LOAD; the kernel takes the size it is
@@ -203,5 +290,10 @@ mod tests {
         assert_eq!(b[0], [0xb7, 0x00, 0, 0, 2, 0, 0, 0]);
         assert_eq!(b[1], [0x95, 0x00, 0, 0, 0, 0, 0, 0]);
         assert_eq!(std::mem::size_of::<Insn>(), 8);
+        // r5 = *(u16 *)(r2 + 30); if r5 != 0x13c6 goto +2   (198.19 on the wire)
+        let b = bytes(&spoof_sink_program(std::net::Ipv4Addr::new(198, 19, 0, 0)));
+        assert_eq!(b[7], [0x69, 0x25, 30, 0, 0, 0, 0, 0]);
+        assert_eq!(b[8], [0x55, 0x05, 2, 0, 0xc6, 0x13, 0, 0]);
+        assert_eq!(b[4], [0x2d, 0x34, 6, 0, 0, 0, 0, 0]);
     }
 }

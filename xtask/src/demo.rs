@@ -491,8 +491,9 @@ mod lab {
         timing: &Timing,
     ) -> Result<Phase> {
         // Cookie SYN-ACKs leave through XDP_TX, which a veth peer takes only while it runs
-        // XDP itself; only the phase that sends them gets that.
-        let cookies = guarded && sc.tune.iter().any(|t| t.starts_with("syn_cookies="));
+        // XDP itself. Its program also sinks replies to spoofed sources at the switch, so both
+        // phases get it: without guard the kernel's own cookies to them die there too.
+        let cookies = sc.tune.iter().any(|t| t.starts_with("syn_cookies="));
         if cookies {
             stack.lab.allow_xdp_tx()?;
         }
