@@ -258,17 +258,23 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
         match next {
             // Every extension header is at least 8 bytes: one load each.
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                let Some(ext) = ext_header(pkt, offset, ip_end) else {
+                    return chain_cut_short(pkt, src, ip_end, first_fragment);
+                };
                 next = ext.u8_at::<0>();
                 offset += (ext.u8_at::<1>() as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                let Some(ext) = ext_header(pkt, offset, ip_end) else {
+                    return chain_cut_short(pkt, src, ip_end, first_fragment);
+                };
                 next = ext.u8_at::<0>();
                 offset += (ext.u8_at::<1>() as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let ext = pkt.header::<8>(offset).ok_or(Malformed)?;
+                let Some(ext) = ext_header(pkt, offset, ip_end) else {
+                    return chain_cut_short(pkt, src, ip_end, first_fragment);
+                };
                 let nh = ext.u8_at::<0>();
                 let frag = ext.be16_at::<2>();
                 let frag_offset = frag >> 3;
@@ -331,6 +337,39 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
             transport: Transport::Other,
         }),
     }
+}
+
+/// The first 8 bytes of the extension header at `offset` (every one is at
+/// least that long), if the datagram, or this fragment of it, holds them.
+#[inline(always)]
+fn ext_header(pkt: &Packet, offset: usize, ip_end: usize) -> Option<Header<8>> {
+    if offset + 8 > ip_end {
+        return None;
+    }
+    pkt.header::<8>(offset)
+}
+
+/// An IPv6 header chain that ends before its upper-layer header does. In a
+/// first fragment that is the IPv6 form of a tiny fragment: the TCP header,
+/// and with it whether this is a SYN, comes only with a later fragment. RFC
+/// 7112 forbids such first fragments, but Linux reassembles them (the
+/// evasion corpus found a SYN behind two destination-options headers split
+/// this way reaching the listener). Anything else cut short is truncated,
+/// and the kernel discards it.
+#[inline(always)]
+fn chain_cut_short(
+    pkt: &Packet,
+    src: AddrWords,
+    ip_end: usize,
+    first_fragment: bool,
+) -> Result<Parsed, Malformed> {
+    if first_fragment && pkt.holds(ip_end) {
+        return Ok(Parsed::Ip {
+            src,
+            transport: Transport::TinyFragment { dst_port: None },
+        });
+    }
+    Err(Malformed)
 }
 
 /// `ip_end`: where the datagram (or this fragment of it) ends by its IP

@@ -723,3 +723,122 @@ fn empty_list_flags_let_the_program_skip_lookups_and_nothing_else() {
     );
     assert_eq!(dp.verdict(&syn), (V::Drop, Stat::DropBlocked));
 }
+
+/// `frame` (Ethernet, then IPv4 or IPv6 without VLAN tags) cut to the first `payload` bytes
+/// after the IP header, its IP length saying so: a fragment as short as the sender chose.
+fn cut_to(mut frame: Vec<u8>, payload: usize) -> Vec<u8> {
+    if frame[12..14] == [0x08, 0x00] {
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        frame[16..18].copy_from_slice(&((ihl + payload) as u16).to_be_bytes());
+        frame.truncate(14 + ihl + payload);
+    } else {
+        frame[18..20].copy_from_slice(&(payload as u16).to_be_bytes());
+        frame.truncate(14 + 40 + payload);
+    }
+    frame
+}
+
+#[test]
+fn fragments_that_hide_or_rewrite_a_tcp_header_are_dropped() {
+    let mut dp = Dp::new();
+    let (a4, a6) = (v4(198, 18, 0, 3), v6("2001:2::3"));
+    let first6 = Ext::Fragment {
+        offset: 0,
+        more: true,
+    };
+    let cases = [
+        (
+            "v4 first fragment with 8 bytes of TCP",
+            cut_to(Frame::syn(a4, PORT).ipv4_fragment(0, true).bytes(), 8),
+            V::Drop,
+            Stat::DropTinyFragment,
+        ),
+        (
+            "v4 first fragment too short to name its port",
+            cut_to(Frame::syn(a4, PORT).ipv4_fragment(0, true).bytes(), 2),
+            V::Drop,
+            Stat::DropTinyFragment,
+        ),
+        (
+            "v4 tiny first fragment toward another port",
+            cut_to(Frame::syn(a4, PORT + 1).ipv4_fragment(0, true).bytes(), 8),
+            V::Pass,
+            Stat::PassUnprotected,
+        ),
+        (
+            "v4 TCP fragment at offset 8",
+            Frame::syn(a4, PORT).ipv4_fragment(1, false).bytes(),
+            V::Drop,
+            Stat::DropOverlapFragment,
+        ),
+        (
+            "v4 first fragment holding the whole header",
+            cut_to(Frame::syn(a4, PORT).ipv4_fragment(0, true).bytes(), 20),
+            V::Pass,
+            Stat::PassSyn,
+        ),
+        (
+            "v4 whole datagram shorter than a TCP header",
+            cut_to(Frame::syn(a4, PORT).bytes(), 8),
+            V::Pass,
+            Stat::PassUnprotected,
+        ),
+        (
+            "v6 first fragment with 8 bytes of TCP",
+            cut_to(Frame::syn(a6, PORT).ext(first6).bytes(), 8 + 8),
+            V::Drop,
+            Stat::DropTinyFragment,
+        ),
+        (
+            "v6 first fragment ending inside its header chain",
+            cut_to(
+                Frame::syn(a6, PORT)
+                    .ext(first6)
+                    .ext(Ext::DestOpts)
+                    .ext(Ext::DestOpts)
+                    .bytes(),
+                8 + 8,
+            ),
+            V::Drop,
+            Stat::DropTinyFragment,
+        ),
+        (
+            "v6 TCP fragment at offset 8",
+            Frame::syn(a6, PORT)
+                .ext(Ext::Fragment {
+                    offset: 1,
+                    more: false,
+                })
+                .bytes(),
+            V::Drop,
+            Stat::DropOverlapFragment,
+        ),
+        (
+            "v6 datagram whose chain outruns its length",
+            cut_to(
+                Frame::syn(a6, PORT)
+                    .ext(Ext::DestOpts)
+                    .ext(Ext::DestOpts)
+                    .bytes(),
+                8,
+            ),
+            V::Pass,
+            Stat::PassMalformed,
+        ),
+    ];
+    for (name, frame, want, stat) in &cases {
+        assert_eq!(dp.verdict(frame), (*want, *stat), "{name}");
+        assert_eq!(dp.run_tc(frame), *want, "{name} (tc)");
+    }
+    // Dry run counts what it would drop; the allowlist comes first.
+    let tiny = &cases[0].1;
+    dp.config(|c| c.flags |= FLAG_DRY_RUN);
+    assert_eq!(dp.verdict(tiny), (V::Pass, Stat::WouldDropTinyFragment));
+    assert_eq!(
+        dp.verdict(&cases[3].1),
+        (V::Pass, Stat::WouldDropOverlapFragment)
+    );
+    dp.config(|c| c.flags &= !FLAG_DRY_RUN);
+    dp.allow("198.18.0.3/32");
+    assert_eq!(dp.verdict(tiny), (V::Pass, Stat::PassAllowlisted));
+}
