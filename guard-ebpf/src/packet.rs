@@ -291,8 +291,10 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Parsed, Malformed> {
                     });
                 }
                 // Offset 0 with "more" set starts a datagram; without it the
-                // header is an atomic fragment (RFC 6946), a whole packet.
-                first_fragment = frag & 1 != 0;
+                // header is an atomic fragment (RFC 6946), a whole packet. An
+                // atomic header nested inside a first fragment leaves it a first
+                // fragment (the parser fuzz found the overwrite hiding a SYN).
+                first_fragment |= frag & 1 != 0;
                 next = nh;
                 offset += 8;
             }

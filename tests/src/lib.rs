@@ -19,6 +19,7 @@ pub mod paced_syn;
 pub mod packet_socket;
 pub mod process;
 pub mod raw_xdp;
+pub mod reference;
 pub mod report;
 pub mod testdp;
 pub mod tools;

@@ -201,11 +201,24 @@ impl Dp {
         (run.retval, out)
     }
 
+    /// As [`Dp::run_tc_frame`], `None` when the kernel refuses to test-run the frame (it
+    /// builds an skb only from frames whose IP header is there).
+    pub fn try_run_tc_frame(&self, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        let (run, out) = test_run_frame(self.dp.program_fd(AttachKind::Tc), frame, 1).ok()?;
+        Some((run.retval, out))
+    }
+
     /// Runs the XDP attach's cookie-reply companion: its tc action.
     pub fn run_cookie_ack(&self, frame: &[u8]) -> u32 {
-        test_run(self.dp.cookie_ack_fd(), frame, 1)
+        self.try_run_cookie_ack(frame)
             .expect("test-run the cookie-reply program")
-            .retval
+    }
+
+    /// As [`Dp::run_cookie_ack`], `None` when the kernel refuses to test-run the frame.
+    pub fn try_run_cookie_ack(&self, frame: &[u8]) -> Option<u32> {
+        test_run(self.dp.cookie_ack_fd(), frame, 1)
+            .ok()
+            .map(|r| r.retval)
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {

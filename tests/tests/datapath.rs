@@ -803,6 +803,21 @@ fn fragments_that_hide_or_rewrite_a_tcp_header_are_dropped() {
             Stat::DropTinyFragment,
         ),
         (
+            "v6 first fragment whose TCP header hides behind an atomic fragment header",
+            cut_to(
+                Frame::syn(a6, PORT)
+                    .ext(first6)
+                    .ext(Ext::Fragment {
+                        offset: 0,
+                        more: false,
+                    })
+                    .bytes(),
+                8 + 8 + 8,
+            ),
+            V::Drop,
+            Stat::DropTinyFragment,
+        ),
+        (
             "v6 TCP fragment at offset 8",
             Frame::syn(a6, PORT)
                 .ext(Ext::Fragment {
