@@ -454,14 +454,14 @@ fn write_synack(
     fixed.write::<u32, 12>(tcp[3]);
     fixed.write::<u32, 16>(tcp[4]);
     fixed.write::<u32, 20>(tcp[5]);
-    for i in 6..SYNACK_TCP_LEN / 4 {
+    for (i, value) in tcp.iter().enumerate().take(SYNACK_TCP_LEN / 4).skip(6) {
         if i >= *words {
             break;
         }
         let Some(word) = pkt.header::<4>(l4 + i * 4) else {
             return false;
         };
-        word.write::<u32, 0>(tcp[i]);
+        word.write::<u32, 0>(*value);
     }
     true
 }

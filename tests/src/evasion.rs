@@ -261,7 +261,7 @@ enum Delivery {
 
 #[derive(Clone, Copy, Debug)]
 enum Order {
-    InOrder,
+    Forward,
     Reverse,
     LastFirst,
     Shuffled(u64),
@@ -275,7 +275,7 @@ fn deliveries() -> Vec<Delivery> {
         Split {
             first: 8,
             chunk: None,
-            order: InOrder,
+            order: Forward,
         },
         Split {
             first: 8,
@@ -285,7 +285,7 @@ fn deliveries() -> Vec<Delivery> {
         Split {
             first: 16,
             chunk: None,
-            order: InOrder,
+            order: Forward,
         },
         Split {
             first: 16,
@@ -295,7 +295,7 @@ fn deliveries() -> Vec<Delivery> {
         Split {
             first: 24,
             chunk: None,
-            order: InOrder,
+            order: Forward,
         },
         Split {
             first: 8,
@@ -359,7 +359,7 @@ impl Delivery {
                 }
                 let mut p = split(cuts);
                 match order {
-                    Order::InOrder => {}
+                    Order::Forward => {}
                     Order::Reverse => p.reverse(),
                     Order::LastFirst => p.rotate_right(1),
                     Order::Shuffled(seed) => shuffle(&mut p, seed),
@@ -745,7 +745,7 @@ mod tests {
             let Some(pieces) = d.pieces(44, 40) else {
                 panic!("{d:?} fits 44 bytes")
             };
-            let mut covered = vec![0u8; 44];
+            let mut covered = [0u8; 44];
             for (from, to, _) in &pieces {
                 assert!(from % 8 == 0, "{d:?}: offsets are 8-byte units");
                 for c in &mut covered[*from..*to] {

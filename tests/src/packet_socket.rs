@@ -138,7 +138,7 @@ impl PacketSocket {
         }
         buf.truncate(n as usize);
         Ok(Some(Seen {
-            outgoing: from.sll_pkttype == libc::PACKET_OUTGOING as u8,
+            outgoing: from.sll_pkttype == libc::PACKET_OUTGOING,
             frame: buf,
         }))
     }

@@ -309,7 +309,8 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
     let syn_to = |src: IpAddr, port: u16| linux_syn(src).tcp_ports(port, listen_port);
     let reply_to = |syn: &Frame, s: &Segment, port: u16| reply(syn, s).tcp_ports(port, listen_port);
     // The reply check is its own tc program behind either attach.
-    for run in [|dp: &Dp, f: &[u8]| dp.run_cookie_ack(f)] {
+    {
+        let run = |dp: &Dp, f: &[u8]| dp.run_cookie_ack(f);
         let before = |dp: &Dp| {
             [
                 Stat::CookieAckValid,

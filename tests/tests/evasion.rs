@@ -159,7 +159,7 @@ fn every_syn_variant_the_kernel_accepts_is_capped() {
     for must in [
         "v4 syn plain whole",
         "v6 syn plain whole",
-        "v4 syn plain frag-8+rest-inorder",
+        "v4 syn plain frag-8+rest-forward",
         "v4 syn plain frag-8+rest-reverse",
         "v4 syn+linux-options plain frag-16+8s-lastfirst",
     ] {
