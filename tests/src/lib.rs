@@ -25,6 +25,7 @@ pub mod testdp;
 pub mod tools;
 pub mod twons;
 pub mod wire;
+pub mod ws_bulk;
 
 pub use lab::Lab;
 pub use measure::{syn_loss_probe, syn_loss_probe_with, ClientRun, CpuSampler, LabClient};

@@ -10,7 +10,9 @@
 //!   flood tool's maximum; frames reach the
 //!   server as from a NIC unless `--veth-raw` (see `bench_rig::Rig::new`);
 //! - `--global`: a random-source flood while returning ("known good") clients keep
-//!   connecting, with and without the global new-connection budget.
+//!   connecting, with and without the global new-connection budget;
+//! - `--cookies`: WebSocket bulk throughput through connections admitted by a SYN cookie
+//!   against normally admitted ones, alternating in one run.
 //!
 //! Every number printed is measured in this run; the goals are checked against those numbers
 //! and reported as met or not. Machines are shared: read ratios between modes of one run, not
@@ -33,6 +35,9 @@ pub struct BenchArgs {
     /// Run the global-budget section (random sources vs returning clients).
     #[arg(long)]
     global: bool,
+    /// Run the SYN-cookie throughput section (cookie-admitted vs normal WebSocket transfers).
+    #[arg(long)]
+    cookies: bool,
     /// Shorter runs and fewer repeats (about two minutes for everything).
     #[arg(long)]
     quick: bool,
@@ -74,6 +79,9 @@ pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
 pub use lab::main;
 
 #[cfg(feature = "lab")]
+#[path = "bench_cookies.rs"]
+mod bench_cookies;
+#[cfg(feature = "lab")]
 #[path = "bench_datapath.rs"]
 mod bench_datapath;
 #[cfg(feature = "lab")]
@@ -100,7 +108,7 @@ mod lab {
     use serde::Serialize;
 
     use super::bench_table::Goal;
-    use super::{bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
+    use super::{bench_cookies, bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
 
     pub use crate::demo::lab_stack::check_interrupted;
     use crate::demo::lab_stack::install_signal_handlers;
@@ -115,6 +123,7 @@ mod lab {
         datapath: Option<bench_datapath::DatapathReport>,
         flood: Option<bench_flood::FloodReport>,
         global: Option<bench_global::GlobalReport>,
+        cookies: Option<bench_cookies::CookieReport>,
         goals: Vec<Goal>,
         elapsed_s: f64,
     }
@@ -148,7 +157,7 @@ mod lab {
         }
         install_signal_handlers();
         let start = Instant::now();
-        let all = !(args.datapath || args.flood || args.global);
+        let all = !(args.datapath || args.flood || args.global || args.cookies);
         let machine = Machine::read();
         println!(
             "guard bench{} on Linux {}, {} CPUs, load average {}",
@@ -161,6 +170,14 @@ mod lab {
 
         let datapath = if all || args.datapath {
             let report = bench_datapath::run(args.quick)?;
+            goals.extend(report.goals());
+            Some(report)
+        } else {
+            None
+        };
+
+        let cookies = if all || args.cookies {
+            let report = bench_cookies::run(args.quick)?;
             goals.extend(report.goals());
             Some(report)
         } else {
@@ -212,6 +229,7 @@ mod lab {
             datapath,
             flood,
             global,
+            cookies,
             goals,
             elapsed_s: start.elapsed().as_secs_f64(),
         };
