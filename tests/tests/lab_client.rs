@@ -44,6 +44,18 @@ fn start_server() -> SocketAddr {
                             let _ = tx
                                 .send(warp::ws::Message::close_with(1008u16, "too many messages"))
                                 .await;
+                            // Wait for the client's close (RFC 6455 7.1.1), discarding what it
+                            // still sends: dropping the socket with unread data resets the
+                            // connection, and the reset can reach the client before the
+                            // close frame does.
+                            let drain = async {
+                                while let Some(Ok(m)) = rx.next().await {
+                                    if m.is_close() {
+                                        break;
+                                    }
+                                }
+                            };
+                            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
                             break;
                         }
                         if tx.send(msg).await.is_err() {
