@@ -849,8 +849,19 @@ fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
         &lab.server,
         &RunOpts::new(ROLE_IF, PORT).config(config),
     );
+    // The source proves its address first: one real connection.
+    let listener =
+        Listener::new(&lab.server, SocketAddr::new(SERVER_V4.into(), PORT)).expect("listen");
+    let to = SocketAddr::new(SERVER_V4.into(), PORT);
+    assert_eq!(
+        connects(&lab.attacker, to, 1, Duration::from_secs(3)).unwrap(),
+        1
+    );
+    listener
+        .wait_closed(&lab.server, 1)
+        .expect("the connection closed");
     // 100 SYN/s against a cap of 5/s for 8 s: over the cap all along.
-    let sent = send_syns(&lab, 800, 100);
+    let sent = send_syns(&lab, 800, 100) + 1;
     let atk = attacker();
     let blocks = wait_for("the escalation", Duration::from_secs(10), || {
         let b = blocked_prefixes(&home);
@@ -887,6 +898,50 @@ fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
     );
     assert_eq!(blocked + capped + admitted, sent, "each SYN judged once");
     assert!(agent.log().contains("escalated"), "{}", agent.log());
+}
+
+#[test]
+fn an_over_cap_streak_from_a_source_that_never_completed_a_handshake_blocks_nothing() {
+    if !require_root(
+        "an_over_cap_streak_from_a_source_that_never_completed_a_handshake_blocks_nothing",
+    ) {
+        return;
+    }
+    let lab = Lab::new().expect("build the lab");
+    let home = AgentHome::new().expect("agent home");
+    let config = "[limits]\nsyn_rate = 5\nsyn_burst = 5\n\n\
+                  [escalation]\nover_cap_secs = 3\nttl_secs = 60\n";
+    let agent = start(
+        &home,
+        &lab.server,
+        &RunOpts::new(ROLE_IF, PORT).config(config),
+    );
+    // The same flood as above, but its source never answers a SYN-ACK (as a spoofed one
+    // cannot): it carries a victim's address as far as the agent can tell.
+    send_syns(&lab, 800, 100);
+    let skipped = wait_for("the skipped escalations", Duration::from_secs(5), || {
+        let m = scrape(&agent);
+        let n = m
+            .value(
+                "guard_escalations_skipped_total",
+                &[("reason", "unproven_source")],
+            )
+            .unwrap_or(0.0);
+        Ok((n >= 3.0).then_some(n))
+    })
+    .unwrap();
+    assert!(skipped >= 3.0, "{skipped}");
+    let m = scrape(&agent);
+    assert_eq!(m.get("guard_escalations_total", &[]).unwrap(), 0.0);
+    assert!(!blocked_prefixes(&home).contains(&attacker()));
+    assert!(home
+        .audit_events("escalate", &attacker())
+        .unwrap()
+        .is_empty());
+    assert!(
+        stat(&home, Stat::DropSourceRate) > 0,
+        "the cap still dropped the flood"
+    );
 }
 
 /// Percentile of sorted samples (nearest rank).
