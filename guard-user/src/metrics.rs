@@ -13,6 +13,7 @@ pub struct Metrics {
     packets: IntCounterVec,
     syn_seen: IntCounter,
     events_lost: IntCounter,
+    conns_untracked: IntCounter,
     cookie_acks: IntCounterVec,
     pub over_cap_events: IntCounterVec,
     pub blocklist_entries: IntGauge,
@@ -111,6 +112,11 @@ impl Metrics {
             ),
             syn_seen: counter(&r, "guard_syn_seen_total", "Connection-opening SYNs toward protected ports."),
             events_lost: counter(&r, "guard_events_lost_total", "Over-cap events the program could not queue."),
+            conns_untracked: counter(
+                &r,
+                "guard_connections_untracked_total",
+                "Established connections the kernel could not count (connection table full): their sources are not held to conn_limit.",
+            ),
             cookie_acks: counter_vec(
                 &r,
                 "guard_syn_cookie_acks_total",
@@ -201,6 +207,10 @@ impl Metrics {
         }
         sync_counter(&self.syn_seen, totals[Stat::SynSeen.index() as usize]);
         sync_counter(&self.events_lost, totals[Stat::EventsLost.index() as usize]);
+        sync_counter(
+            &self.conns_untracked,
+            totals[Stat::ConnUntracked.index() as usize],
+        );
         for (stat, result) in [
             (Stat::CookieAckValid, "valid"),
             (Stat::CookieAckInvalid, "invalid"),
