@@ -7,13 +7,15 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    contains, eventually, head, metric, read_until, serve, sse_connect, FakeAgent, SseHub, TestDir,
+    contains, eventually, head, metric, read_until, serve, sse_connect, within, FakeAgent, SseHub,
+    TestDir,
 };
 use guard_common::addr::Prefix;
 use guard_common::app::{Limits, SlowConsumerPolicy};
 use guard_common::client::ClientConfig;
 use guard_common::state::reason;
 use prometheus::Registry;
+use tokio::io::AsyncWriteExt;
 
 /// Every `retry:` value (ms) in `buf`.
 fn retries(buf: &[u8]) -> Vec<u64> {
@@ -162,6 +164,90 @@ async fn a_slow_subscriber_is_evicted_and_told_when_to_come_back() {
         ),
         1.0
     );
+}
+
+/// An SSE subscription, through the trusted proxy for `ip`, by a client
+/// that reads nothing, with a receive buffer so small that the server's
+/// writes soon stop going anywhere.
+async fn stalled_subscriber(addr: std::net::SocketAddr, ip: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = within("the SSE connect", socket.connect(addr))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nX-Forwarded-For: {ip}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s
+}
+
+/// Issue 17: eviction only set a flag, and the slot was given back when
+/// the response body was next polled, which never happens while the
+/// client's socket is full: the evicted subscriber held its slot forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_gives_its_slot_back_when_evicted() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            sse_buffer: 4,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
+            per_ip_max_connections: 1,
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let hub = SseHub::default();
+    let addr = serve(common::app(&guard, hub.clone())).await;
+    let ip = "198.18.25.1";
+    let stalled = stalled_subscriber(addr, ip).await;
+    eventually("the subscriber to join", || hub.len() == 1).await;
+    assert_eq!(guard.open_connections_from(ip.parse().unwrap()), 1);
+
+    // Paced so that the server keeps up for as long as the socket takes
+    // data: what fills the queue, and evicts, is the stall itself.
+    let pad = "x".repeat(16 * 1024);
+    let sent = within("the stalled subscriber's eviction", async {
+        let mut sent = 0usize;
+        while hub.send(&pad) == 1 {
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        sent
+    })
+    .await;
+    assert!(sent > 4, "evicted after {sent} events: it never stalled");
+
+    // The connection is still up and unread, its slot is free.
+    eventually("the stalled subscriber's slot", || {
+        guard.open_connections() == 0
+    })
+    .await;
+    assert_eq!(guard.open_connections_from(ip.parse().unwrap()), 0);
+    assert_eq!(
+        metric(&registry, "guard_app_sse_evictions_total"),
+        1.0,
+        "counted when decided"
+    );
+    assert_eq!(
+        metric(&registry, r#"guard_app_connections_open{kind="sse"}"#),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            r#"guard_app_connections_closed_total{reason="slow_consumer"}"#
+        ),
+        1.0
+    );
+    // The same address (at most one slot) is admitted again beside it.
+    let mut again = sse_connect(addr, ip).await;
+    let mut buf = Vec::new();
+    assert!(read_until(&mut again, &mut buf, "retry:").await);
+    assert!(head(&buf).to_ascii_lowercase().starts_with("http/1.1 200"));
+    assert_eq!(guard.open_connections(), 1);
+    drop(stalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

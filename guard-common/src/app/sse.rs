@@ -37,7 +37,20 @@ impl SseSubscription {
     /// keep-alive comments). The subscription ends, and its slot is given
     /// back, when the client goes away, when every [`SseSender`] is
     /// dropped, or when the subscriber is evicted for not keeping up.
+    ///
+    /// The last two give the slot back at once, from the side that ends the
+    /// subscription, not when the response body is next polled: a client
+    /// that stops reading fills its socket, and then the body is not polled
+    /// again for as long as the client likes. What was queued (or the
+    /// eviction event) still goes out if the client reads again.
     pub fn channel(self) -> (SseSender, impl Reply) {
+        let keep_alive = self.permit.guard().limits().sse_keep_alive;
+        let (sender, stream) = self.split();
+        let stream = warp::sse::keep_alive().interval(keep_alive).stream(stream);
+        (sender, warp::sse::reply(stream))
+    }
+
+    fn split(self) -> (SseSender, Subscriber) {
         let guard = self.permit.guard().clone();
         let limits = guard.limits();
         let queue = Arc::new(Queue {
@@ -46,6 +59,7 @@ impl SseSubscription {
                 closed: false,
                 evicted: false,
                 senders: 1,
+                permit: Some(self.permit),
             }),
             waker: AtomicWaker::new(),
             capacity: limits.sse_buffer,
@@ -54,15 +68,11 @@ impl SseSubscription {
         });
         let stream = Subscriber {
             queue: queue.clone(),
-            permit: self.permit,
+            guard,
             greeted: false,
             ended: false,
-            close_reason: CloseReason::Normal,
         };
-        let stream = warp::sse::keep_alive()
-            .interval(limits.sse_keep_alive)
-            .stream(stream);
-        (SseSender { queue }, warp::sse::reply(stream))
+        (SseSender { queue }, stream)
     }
 }
 
@@ -82,11 +92,23 @@ struct QueueState {
     /// back later, then end.
     evicted: bool,
     senders: usize,
+    /// The subscription's slot until whichever side ends the subscription
+    /// first takes it; taken under the lock, so given back exactly once.
+    permit: Option<Permit>,
 }
 
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Gives a slot back, counted closed for `reason`. Called with the queue's
+/// lock released: dropping a permit takes the admission tables' lock.
+fn release(permit: Option<Permit>, reason: CloseReason) {
+    if let Some(mut permit) = permit {
+        permit.close_reason = reason;
+        drop(permit);
     }
 }
 
@@ -115,14 +137,18 @@ impl Clone for SseSender {
 
 impl Drop for SseSender {
     fn drop(&mut self) {
-        let last = {
+        let permit = {
             let mut s = self.queue.lock();
             s.senders -= 1;
-            s.senders == 0
+            if s.senders > 0 {
+                return;
+            }
+            // The app is done with the subscription: its slot is free now,
+            // whether or not the client ever reads the rest.
+            s.permit.take()
         };
-        if last {
-            self.queue.waker.wake();
-        }
+        self.queue.waker.wake();
+        release(permit, CloseReason::Normal);
     }
 }
 
@@ -152,8 +178,16 @@ impl SseSender {
                 SlowConsumerPolicy::Close => {
                     s.evicted = true;
                     s.items.clear();
+                    // Given back here: the body that would otherwise see the
+                    // eviction is not polled while the client is not reading.
+                    let permit = s.permit.take();
                     drop(s);
                     q.waker.wake();
+                    if let Some(p) = &permit {
+                        q.guard.inner.metrics.sse_evictions.inc();
+                        log::info!("{}: SSE subscriber not keeping up; evicted", p.peer());
+                    }
+                    release(permit, CloseReason::SlowConsumer);
                     return Err(SendError::SlowConsumer);
                 }
             }
@@ -173,17 +207,16 @@ impl SseSender {
 /// The response body's event stream.
 struct Subscriber {
     queue: Arc<Queue>,
-    permit: Permit,
+    guard: Guard,
     /// The first event, a jittered `retry:`, has gone out.
     greeted: bool,
     ended: bool,
-    close_reason: CloseReason,
 }
 
 impl Subscriber {
     /// A reconnect delay spread over `sse_retry_base + 0..=sse_retry_jitter`.
     fn retry(&self) -> std::time::Duration {
-        let limits = self.permit.guard().limits();
+        let limits = self.guard.limits();
         limits.sse_retry_base + super::jitter(limits.sse_retry_jitter)
     }
 }
@@ -205,14 +238,9 @@ impl Stream for Subscriber {
         this.queue.waker.register(cx.waker());
         let mut s = this.queue.lock();
         if s.evicted {
+            // Counted, and the slot given back, by the sender that evicted.
             drop(s);
             this.ended = true;
-            this.close_reason = CloseReason::SlowConsumer;
-            this.permit.guard().inner.metrics.sse_evictions.inc();
-            log::info!(
-                "{}: SSE subscriber not keeping up; evicted",
-                this.permit.peer()
-            );
             let evict = Event::default()
                 .event("evicted")
                 .data("not keeping up; reconnect later")
@@ -233,11 +261,108 @@ impl Stream for Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        {
+        let permit = {
             let mut s = self.queue.lock();
             s.closed = true;
             s.items.clear();
-        }
-        self.permit.close_reason = self.close_reason;
+            s.permit.take()
+        };
+        release(permit, CloseReason::Normal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::{ConnKind, Limits};
+    use futures_util::task::noop_waker_ref;
+
+    fn guard(policy: SlowConsumerPolicy) -> (Guard, prometheus::Registry) {
+        let registry = prometheus::Registry::new();
+        let guard = Guard::builder()
+            .limits(Limits {
+                sse_buffer: 2,
+                slow_consumer_policy: policy,
+                ..Limits::default()
+            })
+            .registry(&registry)
+            .build()
+            .unwrap();
+        (guard, registry)
+    }
+
+    fn subscribe(guard: &Guard, ip: [u8; 4]) -> (SseSender, Subscriber) {
+        let permit = guard.admit(ConnKind::Sse, &Peer::new(ip.into())).unwrap();
+        SseSubscription::new(permit).split()
+    }
+
+    fn poll(sub: &mut Subscriber) -> Poll<Option<Result<Event, Infallible>>> {
+        Pin::new(sub).poll_next(&mut Context::from_waker(noop_waker_ref()))
+    }
+
+    fn closed(registry: &prometheus::Registry, reason: &str) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "guard_app_connections_closed_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == reason))
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn eviction_gives_the_slot_back_once_without_the_body_being_polled() {
+        let (guard, registry) = guard(SlowConsumerPolicy::Close);
+        let (_other_tx, _other) = subscribe(&guard, [198, 18, 30, 2]);
+        let (tx, mut sub) = subscribe(&guard, [198, 18, 30, 1]);
+        assert_eq!(guard.open_connections(), 2);
+        // Never polled: a client whose socket is full.
+        tx.send(Event::default().data("1")).unwrap();
+        tx.send(Event::default().data("2")).unwrap();
+        assert_eq!(
+            tx.send(Event::default().data("3")),
+            Err(SendError::SlowConsumer)
+        );
+        assert_eq!(guard.open_connections(), 1);
+        assert_eq!(closed(&registry, "slow_consumer"), 1);
+        // Later sends, the body finally polled, every sender and the body
+        // dropped: none of it gives the slot back again.
+        assert_eq!(
+            tx.send(Event::default().data("4")),
+            Err(SendError::SlowConsumer)
+        );
+        assert!(matches!(poll(&mut sub), Poll::Ready(Some(Ok(_)))), "retry");
+        assert!(
+            matches!(poll(&mut sub), Poll::Ready(Some(Ok(_)))),
+            "eviction"
+        );
+        assert!(matches!(poll(&mut sub), Poll::Ready(None)));
+        let tx2 = tx.clone();
+        drop(tx);
+        drop(tx2);
+        drop(sub);
+        assert_eq!(guard.open_connections(), 1);
+        assert_eq!(closed(&registry, "slow_consumer"), 1);
+        assert_eq!(closed(&registry, "normal"), 0);
+    }
+
+    #[test]
+    fn the_last_sender_gives_the_slot_back_even_if_the_rest_is_never_read() {
+        let (guard, registry) = guard(SlowConsumerPolicy::DropOldest);
+        let (tx, mut sub) = subscribe(&guard, [198, 18, 31, 1]);
+        tx.send(Event::default().data("last words")).unwrap();
+        let tx2 = tx.clone();
+        drop(tx);
+        assert_eq!(guard.open_connections(), 1, "a sender is left");
+        drop(tx2);
+        assert_eq!(guard.open_connections(), 0);
+        assert_eq!(closed(&registry, "normal"), 1);
+        // What was queued still goes out to a client that reads again.
+        assert!(matches!(poll(&mut sub), Poll::Ready(Some(Ok(_)))), "retry");
+        assert!(matches!(poll(&mut sub), Poll::Ready(Some(Ok(_)))), "queued");
+        assert!(matches!(poll(&mut sub), Poll::Ready(None)));
+        drop(sub);
+        assert_eq!(closed(&registry, "normal"), 1);
     }
 }
