@@ -949,11 +949,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .set(1);
     }
 
-    let mut control_cfg = ControlServerConfig::new(&settings.control_socket);
-    control_cfg.group = settings.control_group.clone();
-    control_cfg.allowed_uids = settings.allowed_uids.clone();
-    control_cfg.allowed_gids = settings.allowed_gids.clone();
-    let control = ControlServer::bind(control_cfg)?;
+    let control = ControlServer::bind(ControlServerConfig::from_settings(&settings))?;
     *agent.control_stats.lock().expect("stats lock") = Some(control.stats());
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -6,6 +6,14 @@
 //! The second check also covers the moment between `bind` and `chmod`, when
 //! the file still has the process umask's permissions.
 //!
+//! What a connected peer may ask is decided by its [`Role`], from the same
+//! credentials: operators (root, the agent's own uid, `operator_uids`,
+//! members of `operator_group`) may do everything; every other permitted
+//! peer — the internet-facing app among them — is a reporter, which may
+//! report offenders no wider than [`Policy::widest_report`] and read, and
+//! is answered `NotPermitted` for anything else. The check runs here, where
+//! requests are dispatched, so no handler can forget it.
+//!
 //! Every connection runs in its own task behind a connection limit, with
 //! timeouts on the handshake, on each frame once it starts and on each
 //! write, so one slow or hostile (but permitted) client cannot hold up the
@@ -22,10 +30,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guard_common::addr::{v4_mapped, Prefix, V4_MAPPED_BITS};
 use guard_common::proto::{
     cap_str, BytesMut, ErrorCode, FrameDecoder, Message, ProtoError, Request, Response,
     PROTO_VERSION,
 };
+use guard_common::state::reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -44,6 +54,63 @@ pub struct PeerInfo {
     /// The name the client gave in its `Hello`; self-declared, so for logs
     /// and the origin of blocks, never for decisions.
     pub client_name: String,
+    /// What the peer may do, from its credentials ([`role_of`]).
+    pub role: Role,
+}
+
+/// What a peer may do on the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every request; blocks no wider than [`Policy::widest_block`].
+    Operator,
+    /// Block reports no wider than [`Policy::widest_report`], and the
+    /// read-only requests (stats, config, blocks, allows, history).
+    Reporter,
+}
+
+impl Role {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Reporter => "reporter",
+        }
+    }
+}
+
+/// The widest prefix a block may name, per family, as prefix lengths: a
+/// smaller number is a wider prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Widest {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Widest {
+    /// What the app may report by default: a /24 or a /48, the kernel's
+    /// default aggregate prefixes.
+    pub const REPORT: Self = Self { v4: 24, v6: 48 };
+    /// What an operator may block by default: a /8 or a /32 (an ISP's
+    /// allocation). Wider than that is a firewall rule, not a block.
+    pub const BLOCK: Self = Self { v4: 8, v6: 32 };
+
+    /// Whether `p` is no wider than this. A prefix in the unified space
+    /// that is shorter than /96 yet holds the IPv4-mapped range covers all
+    /// of IPv4, so it counts as an IPv4 /0 as well.
+    pub fn admits(&self, p: &Prefix) -> bool {
+        let len = p.prefix_len();
+        if p.is_v4() {
+            return len - V4_MAPPED_BITS >= u32::from(self.v4);
+        }
+        let all_v4 = Prefix::new(v4_mapped([0; 4]), V4_MAPPED_BITS);
+        let v4_ok = !p.contains_prefix(&all_v4) || self.v4 == 0;
+        v4_ok && len >= u32::from(self.v6)
+    }
+}
+
+impl std::fmt::Display for Widest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{} for IPv4, /{} for IPv6", self.v4, self.v6)
+    }
 }
 
 /// What the agent does with each request. Synchronous: requests are map
@@ -53,7 +120,7 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn handle(&self, peer: &PeerInfo, req: Request) -> Response;
 }
 
-/// Which peers may use the socket.
+/// Which peers may use the socket, and for what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// The agent's own effective uid.
@@ -62,6 +129,17 @@ pub struct Policy {
     pub socket_gid: Option<u32>,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// Operators besides root and the agent's uid.
+    pub operator_uids: Vec<u32>,
+    /// Members (primary or supplementary) are operators.
+    pub operator_gids: Vec<u32>,
+    /// Reporters whatever else they are, e.g. an app running as root in
+    /// its container.
+    pub reporter_uids: Vec<u32>,
+    /// The widest prefix a reporter may name in a block report.
+    pub widest_report: Widest,
+    /// The widest prefix anyone, operators included, may block.
+    pub widest_block: Widest,
 }
 
 /// Root, the agent's own uid, an allowed uid, or a member (primary or
@@ -72,6 +150,79 @@ pub fn peer_allowed(peer: &PeerInfo, policy: &Policy) -> bool {
     }
     let in_group = |gid: u32| peer.gid == gid || peer.groups.contains(&gid);
     policy.socket_gid.is_some_and(in_group) || policy.allowed_gids.iter().any(|g| in_group(*g))
+}
+
+/// The role of a permitted peer: a `reporter_uids` entry is a reporter;
+/// otherwise root, the agent's own uid, an `operator_uids` entry and a
+/// member of an operator group are operators; everyone else is a reporter.
+pub fn role_of(peer: &PeerInfo, policy: &Policy) -> Role {
+    if policy.reporter_uids.contains(&peer.uid) {
+        return Role::Reporter;
+    }
+    let in_group = |gid: &u32| peer.gid == *gid || peer.groups.contains(gid);
+    if peer.uid == 0
+        || peer.uid == policy.agent_uid
+        || policy.operator_uids.contains(&peer.uid)
+        || policy.operator_gids.iter().any(in_group)
+    {
+        Role::Operator
+    } else {
+        Role::Reporter
+    }
+}
+
+/// Whether `peer` may make `req`; the `NotPermitted` reply if not.
+pub fn authorize(peer: &PeerInfo, req: &Request, policy: &Policy) -> Result<(), Response> {
+    let refuse = |message: String| Err(Response::error(ErrorCode::NotPermitted, message));
+    match (peer.role, req) {
+        (Role::Reporter, Request::Block { prefix, reason, .. }) => {
+            if !(policy.widest_report.admits(prefix) && policy.widest_block.admits(prefix)) {
+                refuse(format!(
+                    "{prefix} is wider than a report may name ({}); report the sources \
+                     themselves, or have an operator run `guard block`",
+                    policy.widest_report
+                ))
+            } else if matches!(*reason, reason::OPERATOR | reason::ESCALATED_OVER_CAP) {
+                refuse(format!(
+                    "a report may not give the reason `{}`: only operators and the agent \
+                     itself use it",
+                    reason::name(*reason)
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        (Role::Operator, Request::Block { prefix, .. }) if !policy.widest_block.admits(prefix) => {
+            refuse(format!(
+                "{prefix} is wider than any block may be ({}); raise [control] \
+                 widest_block_v4/widest_block_v6 in guard.toml to allow it",
+                policy.widest_block
+            ))
+        }
+        (Role::Operator, _) => Ok(()),
+        (
+            Role::Reporter,
+            Request::ListBlocks { .. }
+            | Request::ListAllows
+            | Request::Stats
+            | Request::GetConfig
+            | Request::History { .. }
+            // Answered `Unexpected` by the session before it gets here.
+            | Request::Hello { .. },
+        ) => Ok(()),
+        (
+            Role::Reporter,
+            Request::Unblock { .. }
+            | Request::Allow { .. }
+            | Request::Disallow { .. }
+            | Request::SetConfig { .. },
+        ) => refuse(format!(
+            "`{}` needs the operator role, and uid {} may only report blocks and read: run \
+             it as root or as a member of operator_group (guard.toml)",
+            req.name(),
+            peer.uid
+        )),
+    }
 }
 
 /// Where and how the agent listens.
@@ -85,6 +236,12 @@ pub struct ControlServerConfig {
     pub group: Option<String>,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// Group whose members are operators, by name or number.
+    pub operator_group: Option<String>,
+    pub operator_uids: Vec<u32>,
+    pub reporter_uids: Vec<u32>,
+    pub widest_report: Widest,
+    pub widest_block: Widest,
     /// Connections served at once; more are answered `Busy` and closed.
     pub max_connections: usize,
     /// From accepting a connection to receiving its complete `Hello`.
@@ -107,12 +264,34 @@ impl ControlServerConfig {
             group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            operator_group: None,
+            operator_uids: Vec::new(),
+            reporter_uids: Vec::new(),
+            widest_report: Widest::REPORT,
+            widest_block: Widest::BLOCK,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
             idle_timeout: None,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
+    }
+}
+
+impl ControlServerConfig {
+    /// The agent's control socket as its settings describe it.
+    pub fn from_settings(s: &crate::settings::Settings) -> Self {
+        let mut cfg = Self::new(&s.control_socket);
+        cfg.group = s.control_group.clone();
+        cfg.allowed_uids = s.allowed_uids.clone();
+        cfg.allowed_gids = s.allowed_gids.clone();
+        cfg.operator_group = s.control.operator_group.clone();
+        cfg.operator_uids = s.control.operator_uids.clone();
+        cfg.reporter_uids = s.control.reporter_uids.clone();
+        cfg.widest_report = s.control.widest_report;
+        cfg.widest_block = s.control.widest_block;
+        cfg.idle_timeout = Some(s.control.idle_timeout);
+        cfg
     }
 }
 
@@ -139,11 +318,8 @@ pub enum ControlError {
         mode: u32,
         source: io::Error,
     },
-    #[error(
-        "group `{0}` does not exist: create it (groupadd {0}) or set control_group to an \
-         existing group"
-    )]
-    UnknownGroup(String),
+    #[error("group `{group}` does not exist: create it (groupadd {group}) or set {key} to an existing group")]
+    UnknownGroup { group: String, key: &'static str },
     #[error("cannot look up group `{group}`: {source}")]
     GroupLookup { group: String, source: io::Error },
     #[error("cannot give {} to group {gid}: {source}", .path.display())]
@@ -161,6 +337,7 @@ pub enum ControlError {
 pub struct ControlStats {
     accepted: AtomicU64,
     refused_peer: AtomicU64,
+    not_permitted: AtomicU64,
     busy: AtomicU64,
     bad_frames: AtomicU64,
     timeouts: AtomicU64,
@@ -189,6 +366,8 @@ pub struct ControlStatsSnapshot {
     pub accepted: u64,
     /// Closed unread because of their peer credentials.
     pub refused_peer: u64,
+    /// Requests refused for the peer's role (answered `NotPermitted`).
+    pub not_permitted: u64,
     /// Closed because the connection limit was reached.
     pub busy: u64,
     /// Malformed, oversized or out-of-order frames (each closes its
@@ -213,6 +392,7 @@ impl ControlStats {
         ControlStatsSnapshot {
             accepted: get(&self.accepted),
             refused_peer: get(&self.refused_peer),
+            not_permitted: get(&self.not_permitted),
             busy: get(&self.busy),
             bad_frames: get(&self.bad_frames),
             timeouts: get(&self.timeouts),
@@ -264,7 +444,16 @@ impl ControlServer {
         let path = cfg.path.clone();
         // Before anything touches the file system, so a typo leaves nothing
         // behind.
-        let gid = cfg.group.as_deref().map(resolve_group).transpose()?;
+        let gid = cfg
+            .group
+            .as_deref()
+            .map(|g| resolve_group(g, "control_group"))
+            .transpose()?;
+        let operator_gid = cfg
+            .operator_group
+            .as_deref()
+            .map(|g| resolve_group(g, "[control] operator_group"))
+            .transpose()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -296,6 +485,11 @@ impl ControlServer {
             socket_gid: Some(meta.gid()),
             allowed_uids: cfg.allowed_uids.clone(),
             allowed_gids: cfg.allowed_gids.clone(),
+            operator_uids: cfg.operator_uids.clone(),
+            operator_gids: operator_gid.into_iter().collect(),
+            reporter_uids: cfg.reporter_uids.clone(),
+            widest_report: cfg.widest_report,
+            widest_block: cfg.widest_block,
         };
         Ok(Self {
             listener,
@@ -356,6 +550,7 @@ impl ControlServer {
                             stream,
                             peer,
                             handler.clone(),
+                            self.policy.clone(),
                             limits.clone(),
                             self.stats.clone(),
                             permit,
@@ -469,11 +664,15 @@ fn remove_if_ours(path: &Path, id: (u64, u64)) {
     }
 }
 
-fn resolve_group(group: &str) -> Result<u32, ControlError> {
+/// A group by name or number; `key` is the setting that named it.
+fn resolve_group(group: &str, key: &'static str) -> Result<u32, ControlError> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(gid);
     }
-    let unknown = || ControlError::UnknownGroup(group.to_string());
+    let unknown = || ControlError::UnknownGroup {
+        group: group.to_string(),
+        key,
+    };
     let name = CString::new(group).map_err(|_| unknown())?;
     let mut buf = vec![0u8; 1024];
     loop {
@@ -562,6 +761,8 @@ fn peer_info(stream: &UnixStream) -> io::Result<PeerInfo> {
         pid: cred.pid(),
         groups,
         client_name: String::new(),
+        // Decided by `admit` against the policy.
+        role: Role::Reporter,
     })
 }
 
@@ -604,7 +805,10 @@ fn admit(
     log: &mut RefusalLog,
 ) -> Option<PeerInfo> {
     match peer_info(stream) {
-        Ok(peer) if peer_allowed(&peer, policy) => Some(peer),
+        Ok(mut peer) if peer_allowed(&peer, policy) => {
+            peer.role = role_of(&peer, policy);
+            Some(peer)
+        }
         Ok(peer) => {
             ControlStats::bump(&stats.refused_peer);
             let pid = peer.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
@@ -761,6 +965,7 @@ async fn connection(
     stream: UnixStream,
     mut peer: PeerInfo,
     handler: Arc<dyn ControlHandler>,
+    policy: Policy,
     limits: Arc<Limits>,
     stats: Arc<ControlStats>,
     _permit: OwnedSemaphorePermit,
@@ -820,6 +1025,7 @@ async fn connection(
         }
     }
 
+    let mut refused_before = false;
     loop {
         let req = match s.read(limits.idle_timeout).await {
             Err(end) => return s.fail(end, &peer).await,
@@ -839,6 +1045,29 @@ async fn connection(
         let kind = req.kind_index();
         let name = req.name();
         log::debug!("control request {name} from {peer:?}");
+        if let Err(reply) = authorize(&peer, &req, &policy) {
+            ControlStats::bump(&stats.not_permitted);
+            // Once per session: a compromised client retrying in a loop
+            // shows in the counter, not in a flood of log lines.
+            if !refused_before {
+                refused_before = true;
+                log::warn!(
+                    "control client {:?} (uid {}, {}) may not {name}: {}",
+                    peer.client_name,
+                    peer.uid,
+                    peer.role.name(),
+                    match &reply {
+                        Response::Error { message, .. } => message.as_str(),
+                        _ => "",
+                    }
+                );
+            }
+            stats.count_request(kind, &reply);
+            if !s.write(&reply).await {
+                return;
+            }
+            continue;
+        }
         let h = handler.clone();
         let p = peer.clone();
         let reply = match tokio::task::spawn_blocking(move || h.handle(&p, req)).await {

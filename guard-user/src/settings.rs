@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::{
     adaptive::AdaptiveSettings,
+    control::Widest,
     datapath::{AttachRequest, MapSizes},
     paths,
 };
@@ -41,6 +42,7 @@ pub struct FileConfig {
     /// Keys of guard_common::config_kv (the live config).
     pub limits: toml::Table,
     pub blocks: BlocksFile,
+    pub control: ControlFile,
     pub escalation: EscalationFile,
     pub adaptive: AdaptiveFile,
     pub maps: MapsFile,
@@ -52,6 +54,20 @@ pub struct BlocksFile {
     pub default_ttl_secs: Option<u64>,
     pub max_ttl_secs: Option<u64>,
     pub capacity: Option<u32>,
+}
+
+/// Who may do what on the control socket, and how long a session may idle.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlFile {
+    pub operator_group: Option<String>,
+    pub operator_uids: Vec<u32>,
+    pub reporter_uids: Vec<u32>,
+    pub widest_report_v4: Option<u8>,
+    pub widest_report_v6: Option<u8>,
+    pub widest_block_v4: Option<u8>,
+    pub widest_block_v6: Option<u8>,
+    pub idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +159,17 @@ pub struct BlockSettings {
     pub capacity: u32,
 }
 
+/// The control socket's roles and session limits (`[control]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSettings {
+    pub operator_group: Option<String>,
+    pub operator_uids: Vec<u32>,
+    pub reporter_uids: Vec<u32>,
+    pub widest_report: Widest,
+    pub widest_block: Widest,
+    pub idle_timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct EscalationSettings {
     pub enabled: bool,
@@ -167,6 +194,7 @@ pub struct Settings {
     pub control_group: Option<String>,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    pub control: ControlSettings,
     pub pin_root: PathBuf,
     pub audit_log: Option<PathBuf>,
     pub log_level: Option<String>,
@@ -302,6 +330,34 @@ impl Settings {
         if blocks.default_ttl.is_zero() || blocks.default_ttl > blocks.max_ttl {
             bail!("blocks: default_ttl_secs must be between 1 and max_ttl_secs");
         }
+        let c = &file.control;
+        let control = ControlSettings {
+            operator_group: c.operator_group.clone(),
+            operator_uids: c.operator_uids.clone(),
+            reporter_uids: c.reporter_uids.clone(),
+            widest_report: Widest {
+                v4: c.widest_report_v4.unwrap_or(Widest::REPORT.v4),
+                v6: c.widest_report_v6.unwrap_or(Widest::REPORT.v6),
+            },
+            widest_block: Widest {
+                v4: c.widest_block_v4.unwrap_or(Widest::BLOCK.v4),
+                v6: c.widest_block_v6.unwrap_or(Widest::BLOCK.v6),
+            },
+            idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(30)),
+        };
+        for w in [control.widest_report, control.widest_block] {
+            if w.v4 > 32 || w.v6 > 128 {
+                bail!("control: widest_*_v4 is a prefix length of at most 32, widest_*_v6 at most 128");
+            }
+        }
+        if control.widest_report.v4 < control.widest_block.v4
+            || control.widest_report.v6 < control.widest_block.v6
+        {
+            bail!("control: widest_report_v4/v6 may not be wider than widest_block_v4/v6 (a smaller number is wider)");
+        }
+        if control.idle_timeout.is_zero() {
+            bail!("control: idle_timeout_secs must be at least 1 (an idle session holds one of the socket's 64 slots)");
+        }
         let escalation = EscalationSettings {
             enabled: file.escalation.enabled.unwrap_or(true),
             over_cap_for: Duration::from_secs(file.escalation.over_cap_secs.unwrap_or(10)),
@@ -342,6 +398,7 @@ impl Settings {
             control_group: args.control_group.clone().or(file.control_group),
             allowed_uids: file.allowed_uids,
             allowed_gids: file.allowed_gids,
+            control,
             pin_root: args
                 .pin_dir
                 .clone()
@@ -383,6 +440,50 @@ mod tests {
         let s = Settings::merge(&RunArgs::default(), file).expect("and validates");
         assert_eq!(s.live, LiveConfig::DEFAULT);
         assert_eq!(s.ports, vec![8080]);
+        let defaults = Settings::merge(&args(&["eth0"], &[8080]), FileConfig::default()).unwrap();
+        assert_eq!(s.control, defaults.control, "the sample shows the defaults");
+    }
+
+    #[test]
+    fn control_roles_and_limits() {
+        let merge =
+            |f: &str| Settings::merge(&args(&["eth0"], &[8080]), toml::from_str(f).unwrap());
+        let d = merge("").unwrap().control;
+        assert_eq!(
+            d,
+            ControlSettings {
+                operator_group: None,
+                operator_uids: vec![],
+                reporter_uids: vec![],
+                widest_report: Widest { v4: 24, v6: 48 },
+                widest_block: Widest { v4: 8, v6: 32 },
+                idle_timeout: Duration::from_secs(30),
+            }
+        );
+        let c = merge(
+            "[control]\noperator_group = \"guard-admin\"\noperator_uids = [1001]\n\
+             reporter_uids = [0]\nwidest_report_v4 = 28\nwidest_block_v6 = 0\n\
+             widest_block_v4 = 0\nidle_timeout_secs = 5\n",
+        )
+        .unwrap()
+        .control;
+        assert_eq!(c.operator_group.as_deref(), Some("guard-admin"));
+        assert_eq!((c.operator_uids, c.reporter_uids), (vec![1001], vec![0]));
+        assert_eq!(c.widest_report, Widest { v4: 28, v6: 48 });
+        assert_eq!(c.widest_block, Widest { v4: 0, v6: 0 });
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        for bad in [
+            "widest_report_v4 = 33",
+            "widest_block_v6 = 129",
+            "widest_report_v4 = 7",
+            "widest_report_v6 = 31",
+            "idle_timeout_secs = 0",
+        ] {
+            let e = merge(&format!("[control]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("control: "), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -180,17 +180,305 @@ fn peer(uid: u32, gid: u32, groups: &[u32]) -> PeerInfo {
         pid: Some(1),
         groups: groups.to_vec(),
         client_name: String::new(),
+        role: Role::Reporter,
+    }
+}
+
+fn policy(agent_uid: u32, socket_gid: Option<u32>) -> Policy {
+    Policy {
+        agent_uid,
+        socket_gid,
+        allowed_uids: vec![],
+        allowed_gids: vec![],
+        operator_uids: vec![],
+        operator_gids: vec![],
+        reporter_uids: vec![],
+        widest_report: Widest::REPORT,
+        widest_block: Widest::BLOCK,
+    }
+}
+
+fn prefix(s: &str) -> Prefix {
+    s.parse().unwrap()
+}
+
+fn block(p: &str) -> Request {
+    Request::Block {
+        prefix: prefix(p),
+        ttl_secs: 86_400,
+        reason: guard_common::state::reason::MESSAGE_FLOOD,
+        detected_at_unix_ns: 0,
+        detail: String::new(),
+    }
+}
+
+/// Every request kind but `Hello`, with the operator-only ones marked.
+fn every_request() -> Vec<(Request, bool)> {
+    vec![
+        (block("198.18.0.3"), false),
+        (
+            Request::Unblock {
+                prefix: prefix("198.18.0.3"),
+            },
+            true,
+        ),
+        (
+            Request::ListBlocks {
+                offset: 0,
+                limit: 10,
+            },
+            false,
+        ),
+        (
+            Request::Allow {
+                prefix: prefix("::/0"),
+            },
+            true,
+        ),
+        (
+            Request::Disallow {
+                prefix: prefix("127.0.0.0/8"),
+            },
+            true,
+        ),
+        (Request::ListAllows, false),
+        (Request::Stats, false),
+        (Request::GetConfig, false),
+        (
+            Request::SetConfig {
+                changes: vec![("dry_run".into(), "true".into())],
+            },
+            true,
+        ),
+        (
+            Request::History {
+                since_unix_secs: 0,
+                prefix: None,
+                limit: 10,
+            },
+            false,
+        ),
+    ]
+}
+
+#[test]
+fn roles_come_from_credentials() {
+    let mut p = policy(990, Some(990));
+    p.allowed_uids = vec![1000];
+    p.allowed_gids = vec![2000];
+    p.operator_uids = vec![1001];
+    p.operator_gids = vec![3000];
+    let role = |who: PeerInfo| role_of(&who, &p);
+    assert_eq!(role(peer(0, 5, &[])), Role::Operator, "root");
+    assert_eq!(role(peer(990, 5, &[])), Role::Operator, "the agent's uid");
+    assert_eq!(role(peer(1001, 5, &[])), Role::Operator, "an operator uid");
+    assert_eq!(role(peer(7, 3000, &[])), Role::Operator, "operator group");
+    assert_eq!(role(peer(7, 5, &[3000])), Role::Operator, "supplementary");
+    // Permitted to connect, but not operators: the app's usual standing.
+    assert_eq!(role(peer(7, 990, &[])), Role::Reporter, "socket group");
+    assert_eq!(role(peer(7, 5, &[990])), Role::Reporter, "socket group");
+    assert_eq!(role(peer(1000, 5, &[])), Role::Reporter, "allowed uid");
+    assert_eq!(role(peer(7, 2000, &[])), Role::Reporter, "allowed gid");
+    // A configured app uid stays a reporter whatever else it is.
+    p.reporter_uids = vec![0, 1001];
+    let role = |who: PeerInfo| role_of(&who, &p);
+    assert_eq!(role(peer(0, 0, &[])), Role::Reporter);
+    assert_eq!(role(peer(1001, 3000, &[])), Role::Reporter);
+}
+
+#[test]
+fn reporters_may_report_and_read_only() {
+    let p = policy(990, Some(990));
+    let mut reporter = peer(7, 990, &[]);
+    reporter.role = Role::Reporter;
+    let mut operator = peer(0, 0, &[]);
+    operator.role = Role::Operator;
+    for (req, operator_only) in every_request() {
+        let name = req.name();
+        match authorize(&reporter, &req, &p) {
+            Ok(()) => assert!(!operator_only, "a reporter may {name}"),
+            Err(Response::Error { code, message }) => {
+                assert!(operator_only, "a reporter may not {name}: {message}");
+                assert_eq!(code, ErrorCode::NotPermitted);
+                assert!(message.contains("operator"), "{message}");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+        assert_eq!(
+            authorize(&operator, &req, &p),
+            Ok(()),
+            "an operator may {name}"
+        );
     }
 }
 
 #[test]
-fn peer_policy() {
-    let policy = Policy {
-        agent_uid: 990,
-        socket_gid: Some(990),
-        allowed_uids: vec![1000],
-        allowed_gids: vec![2000],
+fn blocks_are_bounded_in_width_per_role() {
+    let p = policy(990, None);
+    let mut reporter = peer(7, 7, &[]);
+    reporter.role = Role::Reporter;
+    let mut operator = peer(0, 0, &[]);
+    operator.role = Role::Operator;
+    let allowed = |who: &PeerInfo, p_: &str| match authorize(who, &block(p_), &p) {
+        Ok(()) => true,
+        Err(Response::Error {
+            code: ErrorCode::NotPermitted,
+            message,
+        }) => {
+            assert!(message.contains(&prefix(p_).to_string()), "{message}");
+            false
+        }
+        Err(other) => panic!("{other:?}"),
     };
+    for ok in [
+        "198.18.0.3",
+        "198.18.0.0/24",
+        "2001:db8::1",
+        "2001:db8:1::/48",
+    ] {
+        assert!(allowed(&reporter, ok), "a report of {ok}");
+    }
+    for wide in [
+        "198.18.0.0/23",
+        "0.0.0.0/2",
+        "0.0.0.0/0",
+        "2001:db8::/47",
+        "2000::/3",
+        "::/0",
+        // Unified-space prefixes that hold all of IPv4.
+        "::ffff:0.0.0.0/96",
+        "::/80",
+    ] {
+        assert!(!allowed(&reporter, wide), "a report of {wide}");
+    }
+    for ok in ["10.0.0.0/8", "198.18.0.0/15", "2001:db8::/32", "198.18.0.3"] {
+        assert!(allowed(&operator, ok), "an operator block of {ok}");
+    }
+    for wide in [
+        "0.0.0.0/2",
+        "8.0.0.0/7",
+        "2000::/3",
+        "2001:d00::/24",
+        "::/80",
+    ] {
+        assert!(!allowed(&operator, wide), "an operator block of {wide}");
+    }
+    let mut open = policy(990, None);
+    open.widest_block = Widest { v4: 0, v6: 0 };
+    assert_eq!(authorize(&operator, &block("0.0.0.0/0"), &open), Ok(()));
+}
+
+#[test]
+fn reports_may_not_claim_the_operators_or_the_kernels_reasons() {
+    let p = policy(990, None);
+    let mut reporter = peer(7, 7, &[]);
+    reporter.role = Role::Reporter;
+    for code in [
+        guard_common::state::reason::OPERATOR,
+        guard_common::state::reason::ESCALATED_OVER_CAP,
+    ] {
+        let req = Request::Block {
+            prefix: prefix("198.18.0.3"),
+            ttl_secs: 0,
+            reason: code,
+            detected_at_unix_ns: 0,
+            detail: String::new(),
+        };
+        assert!(matches!(
+            authorize(&reporter, &req, &p),
+            Err(Response::Error {
+                code: ErrorCode::NotPermitted,
+                ..
+            })
+        ));
+    }
+}
+
+/// The uid this test process runs as, configured as the app's.
+fn as_the_app(c: &mut ControlServerConfig) {
+    // SAFETY: no preconditions.
+    c.reporter_uids = vec![unsafe { libc::geteuid() }];
+}
+
+fn not_permitted(r: Result<Response, ClientError>) -> String {
+    match r {
+        Err(ClientError::Agent {
+            code: ErrorCode::NotPermitted,
+            message,
+        }) => message,
+        other => panic!("expected not_permitted, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_apps_credentials_may_report_and_read_but_not_configure() {
+    let srv = Running::start(as_the_app);
+    let mut conn = Connection::connect(&srv.path, "chat").await.unwrap();
+    for (req, operator_only) in every_request() {
+        if matches!(req, Request::ListAllows) {
+            continue; // the mock panics on it
+        }
+        let name = req.name();
+        let r = conn.call(req).await;
+        if operator_only {
+            let message = not_permitted(r);
+            assert!(message.contains("operator"), "{name}: {message}");
+        } else {
+            r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    let message = not_permitted(conn.call(block("0.0.0.0/2")).await);
+    assert!(message.contains("/24"), "{message}");
+    not_permitted(conn.call(block("2000::/3")).await);
+    let seen: Vec<&str> = srv.mock.seen().iter().map(|(_, r)| r.name()).collect();
+    assert_eq!(
+        seen,
+        ["block", "list_blocks", "stats", "get_config", "history"],
+        "refused requests never reach the agent"
+    );
+    assert!(srv
+        .mock
+        .seen()
+        .iter()
+        .all(|(p, _)| p.role == Role::Reporter));
+    assert_eq!(srv.requests("set_config"), (0, 1));
+    assert_eq!(srv.requests("block"), (1, 2));
+    assert_eq!(srv.snapshot().not_permitted, 6);
+    // The session goes on after a refusal.
+    conn.call(Request::Stats).await.unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn operators_may_configure_and_block_up_to_their_own_width() {
+    // This process is root or the agent's own uid: an operator.
+    let srv = Running::start(|_| {});
+    let mut conn = Connection::connect(&srv.path, "guard-cli").await.unwrap();
+    for (req, _) in every_request() {
+        if matches!(req, Request::ListAllows | Request::Unblock { .. }) {
+            continue; // the mock panics on one and answers not_found to the other
+        }
+        let name = req.name();
+        conn.call(req)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    conn.call(block("10.0.0.0/8")).await.unwrap();
+    let message = not_permitted(conn.call(block("0.0.0.0/2")).await);
+    assert!(message.contains("widest_block_v4"), "{message}");
+    assert!(srv
+        .mock
+        .seen()
+        .iter()
+        .all(|(p, _)| p.role == Role::Operator));
+    srv.stop().await;
+}
+
+#[test]
+fn peer_policy() {
+    let mut policy = policy(990, Some(990));
+    policy.allowed_uids = vec![1000];
+    policy.allowed_gids = vec![2000];
     let allowed = |p: PeerInfo| peer_allowed(&p, &policy);
     assert!(allowed(peer(0, 5, &[])), "root");
     assert!(allowed(peer(990, 5, &[])), "the agent's own uid");
@@ -212,12 +500,7 @@ fn peer_policy() {
     );
     assert!(!allowed(peer(65534, 65534, &[])));
 
-    let strict = Policy {
-        agent_uid: 0,
-        socket_gid: None,
-        allowed_uids: vec![],
-        allowed_gids: vec![],
-    };
+    let strict = self::policy(0, None);
     assert!(peer_allowed(&peer(0, 0, &[]), &strict));
     assert!(!peer_allowed(&peer(1000, 1000, &[990]), &strict));
 }
@@ -476,13 +759,13 @@ async fn a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_not() {
 
 #[test]
 fn groups_resolve_by_name_or_number() {
-    assert_eq!(resolve_group("root").unwrap(), 0);
-    assert_eq!(resolve_group("4242").unwrap(), 4242);
-    let err = resolve_group("no-such-group-guard-test").unwrap_err();
-    assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
+    assert_eq!(resolve_group("root", "control_group").unwrap(), 0);
+    assert_eq!(resolve_group("4242", "control_group").unwrap(), 4242);
+    let err = resolve_group("no-such-group-guard-test", "control_group").unwrap_err();
+    assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(err.to_string().contains("groupadd"), "{err}");
-    let err = resolve_group("nul\0byte").unwrap_err();
-    assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
+    let err = resolve_group("nul\0byte", "control_group").unwrap_err();
+    assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -491,7 +774,7 @@ async fn an_unknown_group_fails_bind_with_a_hint() {
     let mut cfg = ControlServerConfig::new(sock(&dir));
     cfg.group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
-    assert!(matches!(err, ControlError::UnknownGroup(_)), "{err}");
+    assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(!sock(&dir).exists(), "no socket is left behind");
 }
 
@@ -568,4 +851,147 @@ fn refused_peer_child() {
         Ok(_) => assert!(got.is_empty(), "a refused peer got {got:?}"),
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
     }
+}
+
+/// Runs `test` of this binary as uid/gid 65534 with `CHILD_SOCKET_ENV`
+/// set to `path`; false (after saying why) where that cannot be done.
+async fn run_as_nobody(test: &'static str, path: &Path) -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running a client as uid 65534 needs root");
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let path = path.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args([
+                test,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_SOCKET_ENV, &path)
+            .uid(65534)
+            .gid(65534)
+            .output()
+    })
+    .await
+    .unwrap();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            eprintln!("skipped: uid 65534 cannot execute the test binary: {e}");
+            return false;
+        }
+        Err(e) => panic!("cannot run the child: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = test.rsplit("::").next().unwrap();
+    assert!(
+        out.status.success() && stdout.contains(&format!("{name} ... ok")),
+        "the child run failed:\n{stdout}\n{stderr}"
+    );
+    true
+}
+
+#[tokio::test]
+async fn a_permitted_peer_that_is_no_operator_is_a_reporter() {
+    let srv = Running::start(|c| {
+        c.mode = 0o666;
+        c.allowed_uids = vec![65534];
+    });
+    std::fs::set_permissions(srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    if !run_as_nobody("control::tests::reporter_child", &srv.path).await {
+        return;
+    }
+    let seen = srv.mock.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].0.uid, seen[0].0.role), (65534, Role::Reporter));
+    assert_eq!(seen[0].1.name(), "stats");
+    assert_eq!(srv.requests("set_config"), (0, 1));
+    srv.stop().await;
+}
+
+/// Run by `a_permitted_peer_that_is_no_operator_is_a_reporter` as uid 65534.
+#[test]
+#[ignore = "helper: run as another uid by a_permitted_peer_that_is_no_operator_is_a_reporter"]
+fn reporter_child() {
+    use std::io::{Read, Write};
+    let path = std::env::var_os(CHILD_SOCKET_ENV)
+        .unwrap_or_else(|| panic!("{CHILD_SOCKET_ENV} is not set: this runs as a child only"));
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        65534,
+        "not running as the child"
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut dec = FrameDecoder::new();
+    let mut ask = |s: &mut std::os::unix::net::UnixStream, bytes: Vec<u8>| {
+        s.write_all(&bytes).unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some(Message::Response(r)) = dec.decode().unwrap() {
+                return r;
+            }
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the agent closed the session");
+            dec.feed(&buf[..n]);
+        }
+    };
+    assert!(matches!(
+        ask(&mut s, hello(PROTO_VERSION)),
+        Response::HelloOk { .. }
+    ));
+    let set = frame(Request::SetConfig {
+        changes: vec![("block_all_traffic".into(), "true".into())],
+    });
+    match ask(&mut s, set) {
+        Response::Error {
+            code: ErrorCode::NotPermitted,
+            ..
+        } => {}
+        other => panic!("a reporter changed the config: {other:?}"),
+    }
+    assert!(matches!(
+        ask(&mut s, frame(Request::Stats)),
+        Response::Stats { .. }
+    ));
+}
+
+#[test]
+fn the_settings_reach_the_server_config() {
+    let file: crate::settings::FileConfig = toml::from_str(
+        "interfaces = [\"eth0\"]\nports = [80]\ncontrol_socket = \"/run/x/c.sock\"\n\
+         control_group = \"guard\"\nallowed_uids = [998]\nallowed_gids = [997]\n\
+         [control]\noperator_group = \"ops\"\noperator_uids = [1001]\nreporter_uids = [998]\n\
+         widest_report_v4 = 28\nwidest_report_v6 = 56\nwidest_block_v4 = 16\n\
+         widest_block_v6 = 40\nidle_timeout_secs = 7\n",
+    )
+    .unwrap();
+    let s = crate::settings::Settings::merge(&Default::default(), file).unwrap();
+    let c = ControlServerConfig::from_settings(&s);
+    assert_eq!(c.path, Path::new("/run/x/c.sock"));
+    assert_eq!(c.group.as_deref(), Some("guard"));
+    assert_eq!((c.allowed_uids, c.allowed_gids), (vec![998], vec![997]));
+    assert_eq!(c.operator_group.as_deref(), Some("ops"));
+    assert_eq!((c.operator_uids, c.reporter_uids), (vec![1001], vec![998]));
+    assert_eq!(c.widest_report, Widest { v4: 28, v6: 56 });
+    assert_eq!(c.widest_block, Widest { v4: 16, v6: 40 });
+    assert_eq!(c.idle_timeout, Some(Duration::from_secs(7)));
+}
+
+#[tokio::test]
+async fn an_unknown_operator_group_fails_bind_with_a_hint() {
+    let dir = TestDir::new("control");
+    let mut cfg = ControlServerConfig::new(sock(&dir));
+    cfg.operator_group = Some("no-such-group-guard-test".into());
+    let err = ControlServer::bind(cfg).err().unwrap();
+    assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
+    assert!(err.to_string().contains("operator_group"), "{err}");
+    assert!(!sock(&dir).exists(), "no socket is left behind");
 }
