@@ -140,6 +140,9 @@ pub struct ClientStats {
     pub merged: u64,
     /// Reports refused by `report` (queue full or client shut down).
     pub dropped: u64,
+    /// Sessions the agent closed while they were idle (its idle timeout):
+    /// not an outage; the client reconnects when it next has a report.
+    pub idle_closes: u64,
     /// Whether a session with the agent is up right now.
     pub connected: bool,
     /// Reports waiting in the queue.
@@ -173,6 +176,7 @@ struct Shared {
     failed: AtomicU64,
     merged: AtomicU64,
     dropped: AtomicU64,
+    idle_closes: AtomicU64,
     connected: AtomicBool,
     /// The background task has ended (or its runtime dropped it).
     task_gone: AtomicBool,
@@ -270,6 +274,7 @@ impl AgentClient {
             failed: AtomicU64::new(0),
             merged: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            idle_closes: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             task_gone: AtomicBool::new(false),
             handles_gone: AtomicBool::new(false),
@@ -325,6 +330,7 @@ impl AgentClient {
             failed: s.failed.load(Ordering::Relaxed),
             merged: s.merged.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
+            idle_closes: s.idle_closes.load(Ordering::Relaxed),
             connected: s.connected.load(Ordering::Relaxed),
             queued: s.queue().order.len(),
         }
@@ -423,6 +429,9 @@ fn random_seed() -> u64 {
 enum SessionEnd {
     /// Every handle is gone and the queue is drained.
     Finished,
+    /// The agent closed the session while nothing was in flight, as it
+    /// does after its idle timeout (or when it stops).
+    Idle,
     Lost(ClientError),
 }
 
@@ -456,6 +465,19 @@ async fn run(shared: &Shared, cfg: &ClientConfig) {
                 shared.connected.store(false, Ordering::Relaxed);
                 match end {
                     SessionEnd::Finished => return,
+                    SessionEnd::Idle => {
+                        shared.idle_closes.fetch_add(1, Ordering::Relaxed);
+                        log::debug!(
+                            "the guard agent at {path} closed an idle session; reconnecting \
+                             with the next report"
+                        );
+                        // Not an outage: no backoff, no warning. Should the
+                        // agent be gone, the next connect says so.
+                        if !wait_for_report(shared).await {
+                            return;
+                        }
+                        continue;
+                    }
                     SessionEnd::Lost(e) => e,
                 }
             }
@@ -473,6 +495,20 @@ async fn run(shared: &Shared, cfg: &ClientConfig) {
         if !sleep_unless_dropped(shared, backoff.next_delay()).await {
             return;
         }
+    }
+}
+
+/// Waits until a report is queued; false if every handle went away with
+/// nothing queued.
+async fn wait_for_report(shared: &Shared) -> bool {
+    loop {
+        if !shared.queue().order.is_empty() {
+            return true;
+        }
+        if shared.handles_gone.load(Ordering::Acquire) {
+            return false;
+        }
+        shared.wake.notified().await;
     }
 }
 
@@ -505,7 +541,10 @@ async fn session(shared: &Shared, mut conn: Connection) -> SessionEnd {
             }
             tokio::select! {
                 () = shared.wake.notified() => continue,
-                e = conn.wait_for_close() => return SessionEnd::Lost(e),
+                e = conn.wait_for_close() => return match e {
+                    ClientError::Closed { .. } => SessionEnd::Idle,
+                    e => SessionEnd::Lost(e),
+                },
             }
         };
         match conn.call(p.report.to_request()).await {

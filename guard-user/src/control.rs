@@ -249,8 +249,10 @@ pub struct ControlServerConfig {
     /// Once a frame starts arriving, the rest must follow within this;
     /// also the limit on writing one reply.
     pub frame_timeout: Duration,
-    /// Longest quiet time between requests; `None` keeps idle sessions
-    /// open, which the app's long-lived reporting session relies on.
+    /// Longest quiet time between requests (after the handshake); a
+    /// session quiet for longer is closed, so idle sessions cannot hold
+    /// every slot. The app's client reconnects when it next has a report.
+    /// `None` keeps idle sessions open.
     pub idle_timeout: Option<Duration>,
     /// Sent to clients in `HelloOk`.
     pub agent_version: String,
@@ -272,7 +274,7 @@ impl ControlServerConfig {
             max_connections: 64,
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
-            idle_timeout: None,
+            idle_timeout: Some(Duration::from_secs(30)),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -341,6 +343,7 @@ pub struct ControlStats {
     busy: AtomicU64,
     bad_frames: AtomicU64,
     timeouts: AtomicU64,
+    idle_closed: AtomicU64,
     handshake_failed: AtomicU64,
     handler_panics: AtomicU64,
     accept_errors: AtomicU64,
@@ -375,6 +378,8 @@ pub struct ControlStatsSnapshot {
     pub bad_frames: u64,
     /// Clients dropped for being too slow to send or to read.
     pub timeouts: u64,
+    /// Sessions closed for sending no request within the idle timeout.
+    pub idle_closed: u64,
     /// Clients whose protocol version differs from the agent's.
     pub handshake_failed: u64,
     /// Requests whose handler panicked (answered `Internal`).
@@ -396,6 +401,7 @@ impl ControlStats {
             busy: get(&self.busy),
             bad_frames: get(&self.bad_frames),
             timeouts: get(&self.timeouts),
+            idle_closed: get(&self.idle_closed),
             handshake_failed: get(&self.handshake_failed),
             handler_panics: get(&self.handler_panics),
             accept_errors: get(&self.accept_errors),
@@ -849,7 +855,10 @@ struct Limits {
 enum ReadEnd {
     /// The client closed (or reset) the connection.
     Closed,
+    /// A frame, once started, did not complete in time.
     TimedOut,
+    /// No frame started within the idle timeout.
+    Idle,
     Malformed(ProtoError),
 }
 
@@ -881,6 +890,7 @@ impl Session {
             let n = match wait {
                 Some(wait) => match tokio::time::timeout(wait, read).await {
                     Ok(r) => r,
+                    Err(_) if frame_started.is_none() => return Err(ReadEnd::Idle),
                     Err(_) => return Err(ReadEnd::TimedOut),
                 },
                 None => read.await,
@@ -927,6 +937,10 @@ impl Session {
             ReadEnd::TimedOut => {
                 ControlStats::bump(&self.stats.timeouts);
                 log::debug!("control client {peer:?} too slow; dropped");
+            }
+            ReadEnd::Idle => {
+                ControlStats::bump(&self.stats.idle_closed);
+                log::debug!("control client {peer:?} idle; closed");
             }
             ReadEnd::Malformed(e) => {
                 ControlStats::bump(&self.stats.bad_frames);

@@ -63,6 +63,9 @@ enum Mode {
     StallAfterHello,
     /// Answers the handshake with another protocol version.
     WrongVersion,
+    /// Closes the first session once its handshake is answered, as an
+    /// agent does with an idle session; answers every later one.
+    CloseFirstAfterHello,
 }
 
 #[derive(Debug, PartialEq)]
@@ -94,7 +97,11 @@ impl FakeAgent {
             let mut held = Vec::new();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                counter.fetch_add(1, Ordering::Relaxed);
+                let earlier = counter.fetch_add(1, Ordering::Relaxed);
+                let mode = match mode {
+                    Mode::CloseFirstAfterHello if earlier > 0 => Mode::Answer,
+                    other => other,
+                };
                 match mode {
                     Mode::NeverRead => held.push(stream),
                     Mode::CloseAtOnce => drop(stream),
@@ -150,6 +157,7 @@ async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSende
                 }
             },
         };
+        let hello = matches!(msg, Request::Hello { .. });
         let answer = match msg {
             Request::Hello { client_name, .. } => {
                 let _ = tx.send(Event::Hello(client_name));
@@ -189,6 +197,9 @@ async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSende
             if stream.write_all(&out).await.is_err() {
                 break;
             }
+        }
+        if hello && mode == Mode::CloseFirstAfterHello {
+            break;
         }
     }
     let _ = tx.send(Event::Closed);
@@ -401,6 +412,37 @@ async fn a_report_the_agent_never_answers_is_retried_then_counted_failed() {
     .await;
     let stats = client.stats();
     assert_eq!((stats.sent, stats.queued), (0, 0));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_closing_an_idle_session_is_no_outage_and_the_next_report_reconnects_at_once() {
+    let dir = TestDir::new();
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::CloseFirstAfterHello);
+    let mut cfg = fast_cfg(&dir.sock());
+    // An outage's backoff would outlast the test's patience many times.
+    cfg.backoff_min = Duration::from_secs(3600);
+    cfg.backoff_max = Duration::from_secs(3600);
+    let client = AgentClient::spawn(cfg);
+    assert_eq!(agent.next_event().await, Event::Hello("test-app".into()));
+    assert_eq!(agent.next_event().await, Event::Closed);
+    wait_until("the client to see the idle close", || {
+        client.stats().idle_closes == 1
+    })
+    .await;
+    assert!(!client.stats().connected);
+    assert_eq!(
+        agent.accepted.load(Ordering::Relaxed),
+        1,
+        "no reconnect while idle"
+    );
+    client.report(report("198.18.0.3", 60)).unwrap();
+    assert_eq!(
+        block_prefix(&agent.next_request().await),
+        "198.18.0.3".parse().unwrap()
+    );
+    wait_until("the report to count as sent", || client.stats().sent == 1).await;
+    assert_eq!(client.stats().failed, 0);
     agent.stop().await;
 }
 

@@ -654,16 +654,42 @@ async fn slow_clients_are_dropped() {
 }
 
 #[tokio::test]
-async fn an_idle_session_stays_open() {
+async fn a_quiet_session_stays_open_until_its_idle_timeout() {
     let srv = Running::start(|c| {
         c.frame_timeout = Duration::from_millis(20);
     });
     let mut conn = Connection::connect(&srv.path, "app").await.unwrap();
-    // Quiet for longer than a frame may take: the app's reporting session
-    // is idle most of the time and must survive it.
+    // Quiet for longer than a frame may take, far less than the default
+    // idle timeout.
     tokio::time::sleep(Duration::from_millis(100)).await;
     conn.call(Request::Stats).await.unwrap();
     assert_eq!(srv.snapshot().timeouts, 0);
+    srv.stop().await;
+}
+
+#[test]
+fn sessions_idle_out_by_default() {
+    let cfg = ControlServerConfig::new("/run/guard/control.sock");
+    assert_eq!(cfg.idle_timeout, Some(Duration::from_secs(30)));
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed_and_its_slot_freed() {
+    let srv = Running::start(|c| {
+        c.max_connections = 1;
+        c.idle_timeout = Some(Duration::from_millis(50));
+    });
+    let mut idle = raw_session(&srv.path).await;
+    // Holding the only slot: the next one is told busy.
+    let mut other = UnixStream::connect(&srv.path).await.unwrap();
+    assert_eq!(error_code(next_reply(&mut other).await), ErrorCode::Busy);
+    // Says nothing after its handshake: closed without a reply.
+    assert_eq!(next_reply(&mut idle).await, None);
+    wait_until("the slot to free up", || srv.snapshot().active == 0).await;
+    let mut conn = Connection::connect(&srv.path, "app").await.unwrap();
+    conn.call(Request::Stats).await.unwrap();
+    let snap = srv.snapshot();
+    assert_eq!((snap.idle_closed, snap.timeouts), (1, 0));
     srv.stop().await;
 }
 
