@@ -262,6 +262,59 @@ async fn proxy_headers_count_only_from_trusted_proxies() {
         .is_err());
 }
 
+/// Issue 17: a non-ASCII byte anywhere in the header made the whole header
+/// unreadable, and the client was taken for the trusted proxy itself: it
+/// then shared the proxy's limits and its exemption from reports.
+#[tokio::test]
+async fn a_non_ascii_forwarded_for_never_stands_for_the_proxy() {
+    let registry = Registry::new();
+    let guard = guard_with(Limits::default(), &registry);
+    let via_proxy = |xff: &[u8]| {
+        warp::test::request()
+            .path("/events")
+            .remote_addr(addr("127.0.0.1:5000"))
+            .header(
+                "x-forwarded-for",
+                warp::http::HeaderValue::from_bytes(xff).unwrap(),
+            )
+    };
+    // The client wrote junk; the proxy appended the address it saw.
+    let peer = via_proxy(b"\xc3\xa9vil, 198.18.14.7")
+        .filter(&guard.peer())
+        .await
+        .unwrap();
+    assert_eq!(
+        peer.ip(),
+        "198.18.14.7".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert_eq!(peer.proxy(), Some("127.0.0.1".parse().unwrap()));
+    // The same on separate header lines.
+    let peer = warp::test::request()
+        .remote_addr(addr("127.0.0.1:5000"))
+        .header(
+            "x-forwarded-for",
+            warp::http::HeaderValue::from_bytes(b"6.6.6.6\xff").unwrap(),
+        )
+        .header("x-forwarded-for", "198.18.14.8")
+        .filter(&guard.peer())
+        .await
+        .unwrap();
+    assert_eq!(
+        peer.ip(),
+        "198.18.14.8".parse::<std::net::IpAddr>().unwrap()
+    );
+
+    // The hop the proxy vouches for is unreadable: there is no client to
+    // name, and the proxy is not it. Refused, counted nowhere.
+    let res = via_proxy(b"198.18.14.9, 198.18.14.\xff")
+        .reply(&sse_route(&guard))
+        .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(via_proxy(b"\xff").filter(&guard.peer()).await.is_err());
+    assert_eq!(guard.open_connections(), 0);
+    assert_eq!(guard.tracked_sources(), 0);
+}
+
 #[tokio::test]
 async fn other_rejections_pass_through_recover() {
     let registry = Registry::new();

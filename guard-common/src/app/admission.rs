@@ -12,7 +12,7 @@ use warp::reject::{Reject, Rejection};
 use warp::reply::{Reply, Response};
 
 use super::metrics::{CloseReason, ConnKind, RejectReason};
-use super::{Guard, Limits, Peer};
+use super::{Guard, Limits, Peer, UnreadableProxyHeader};
 use crate::addr::Prefix;
 use crate::bucket::{TokenBucket, NANO_TOKENS};
 use crate::state::reason;
@@ -66,11 +66,20 @@ impl Reply for Rejected {
 }
 
 /// The guard's part of a `.recover(...)`: answers [`Rejected`] with 429 or
-/// 503 and `Retry-After`, and hands every other rejection on, so it chains
+/// 503 and `Retry-After`, [`UnreadableProxyHeader`] with 400,
+/// [`UnknownPeer`] with 500, and hands every other rejection on, so it chains
 /// with the app's own: `.recover(guard_common::app::recover).recover(mine)`.
 pub async fn recover(err: Rejection) -> Result<Response, Rejection> {
     if let Some(r) = err.find::<Rejected>() {
         return Ok(r.clone().into_response());
+    }
+    if err.find::<UnreadableProxyHeader>().is_some() {
+        let mut res = Response::new(
+            "the trusted proxy's header does not name the client (an address is expected where the client should be)\n"
+                .into(),
+        );
+        *res.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(res);
     }
     if err.find::<UnknownPeer>().is_some() {
         let mut res = Response::new("the server cannot tell who the client is\n".into());

@@ -82,7 +82,7 @@ use warp::{Filter, Rejection};
 pub use admission::{recover, Permit, Rejected, UnknownPeer};
 pub use limits::{Limits, SlowConsumerPolicy, ViolationPolicy};
 pub use metrics::{CloseReason, ConnKind, DropReason, RejectReason, Violation};
-pub use peer::{Peer, ProxyHeader};
+pub use peer::{Peer, ProxyHeader, UnreadableProxyHeader};
 pub use sse::{SseSender, SseSubscription};
 pub use ws::{GuardedWebSocket, Invalid, SendError, WsSender, WsUpgrade};
 
@@ -241,7 +241,8 @@ impl Guard {
 
     /// Extracts the request's [`Peer`] (see [`Guard::builder`]'s
     /// `trusted_proxies`). Rejects with [`UnknownPeer`] when the server has
-    /// no socket address to give.
+    /// no socket address to give, and with [`UnreadableProxyHeader`] when a
+    /// trusted proxy's header does not name the client.
     pub fn peer(
         &self,
     ) -> impl Filter<Extract = (Peer,), Error = Rejection> + Clone + Send + Sync + 'static {
@@ -249,8 +250,13 @@ impl Guard {
         warp::addr::remote()
             .and(warp::header::headers_cloned())
             .and_then(move |remote, headers: HeaderMap| {
-                let peer = admission::require_remote(remote)
-                    .map(|addr| guard.inner.proxy.resolve(addr, &headers));
+                let peer = admission::require_remote(remote).and_then(|addr| {
+                    guard
+                        .inner
+                        .proxy
+                        .resolve(addr, &headers)
+                        .map_err(warp::reject::custom)
+                });
                 future::ready(peer)
             })
     }

@@ -7,6 +7,7 @@ use std::prelude::rust_2021::*;
 use std::sync::Arc;
 
 use warp::http::HeaderMap;
+use warp::reject::Reject;
 
 use crate::addr::Prefix;
 
@@ -85,6 +86,14 @@ impl fmt::Display for Peer {
     }
 }
 
+/// A trusted proxy's header does not name the client: the hop it vouches
+/// for is not an address. [`super::recover`] answers 400; see
+/// [`ProxyConfig::resolve`] for why the proxy is not taken for the client.
+#[derive(Debug)]
+pub struct UnreadableProxyHeader;
+
+impl Reject for UnreadableProxyHeader {}
+
 /// The proxies whose headers are believed.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ProxyConfig {
@@ -101,26 +110,39 @@ impl ProxyConfig {
     /// when `remote` is a trusted proxy; then the client is the nearest hop,
     /// walking back from the end of the list, that is not itself a trusted
     /// proxy (every hop before it could have been written by the client).
-    pub fn resolve(&self, remote: SocketAddr, headers: &HeaderMap) -> Peer {
+    ///
+    /// Each element is read on its own, from the header's bytes: junk in an
+    /// element the client wrote (a non-ASCII byte, say) costs nothing, the
+    /// walk stops at the address the proxy appended before reaching it.
+    ///
+    /// A hop the walk has to read and cannot (not an address: garbage, a
+    /// non-ASCII byte, `unknown`, an obfuscated node) refuses the request
+    /// rather than falling back to the nearest trusted proxy. There is no
+    /// client to name, and the proxy is certainly not it: taking its address
+    /// would file whoever sent the request under the proxy, with the limits
+    /// all of the proxy's clients share (their slots to use up) and the
+    /// proxy's exemption from reports (never blocked). A refusal costs an
+    /// honest deployment nothing it had: a proxy that names no clients
+    /// leaves no per-client limits to enforce, and the 400 says why.
+    /// Without any header the request is the proxy's own (a health check).
+    pub fn resolve(
+        &self,
+        remote: SocketAddr,
+        headers: &HeaderMap,
+    ) -> Result<Peer, UnreadableProxyHeader> {
         let remote = remote.ip().to_canonical();
         if !self.is_trusted(remote) {
-            return Peer::new(remote);
+            return Ok(Peer::new(remote));
         }
         // Several header lines mean the same as one comma-joined line.
         let mut hops = Vec::new();
         for value in headers.get_all(self.header.name()) {
-            let Ok(value) = value.to_str() else {
-                log::debug!(
-                    "non-ASCII {} from proxy {remote}; using the proxy's address",
-                    self.header.name()
-                );
-                return Peer::new(remote);
-            };
-            for element in value.split(',') {
-                hops.push(match self.header {
-                    ProxyHeader::XForwardedFor => parse_node(element),
-                    ProxyHeader::Forwarded => forwarded_for(element),
-                });
+            for element in value.as_bytes().split(|b| *b == b',') {
+                let element = std::str::from_utf8(element).ok();
+                hops.push(element.and_then(|e| match self.header {
+                    ProxyHeader::XForwardedFor => parse_node(e),
+                    ProxyHeader::Forwarded => forwarded_for(e),
+                }));
             }
         }
         let mut nearest = remote;
@@ -128,22 +150,28 @@ impl ProxyConfig {
             match hop {
                 Some(ip) if self.is_trusted(*ip) => nearest = *ip,
                 Some(ip) => {
-                    return Peer {
+                    return Ok(Peer {
                         ip: *ip,
                         proxy: Some(remote),
                         identity: None,
-                    }
+                    })
                 }
-                // A hop we cannot read ends what we can vouch for; the
-                // nearest trusted proxy then stands for its clients.
-                None => break,
+                None => {
+                    log::debug!(
+                        "refused: {} from trusted proxy {remote} has a hop that is not an \
+                         address where the client should be (after {nearest})",
+                        self.header.name()
+                    );
+                    return Err(UnreadableProxyHeader);
+                }
             }
         }
-        Peer {
+        // Every hop is a trusted proxy: the request is the first one's own.
+        Ok(Peer {
             ip: nearest,
             proxy: (nearest != remote).then_some(remote),
             identity: None,
-        }
+        })
     }
 }
 
@@ -199,7 +227,9 @@ mod tests {
     #[test]
     fn headers_from_an_untrusted_peer_are_ignored() {
         let h = headers("x-forwarded-for", &["1.2.3.4"]);
-        let p = cfg(ProxyHeader::XForwardedFor).resolve(sa("198.18.0.5:1000"), &h);
+        let p = cfg(ProxyHeader::XForwardedFor)
+            .resolve(sa("198.18.0.5:1000"), &h)
+            .unwrap();
         assert_eq!(p.ip(), "198.18.0.5".parse::<IpAddr>().unwrap());
         assert_eq!(p.proxy(), None);
     }
@@ -209,32 +239,90 @@ mod tests {
         let c = cfg(ProxyHeader::XForwardedFor);
         // The client forged the first entry; the proxy appended the real one.
         let h = headers("x-forwarded-for", &["6.6.6.6, 198.18.0.7, 10.1.1.1"]);
-        let p = c.resolve(sa("10.0.0.1:1000"), &h);
+        let p = c.resolve(sa("10.0.0.1:1000"), &h).unwrap();
         assert_eq!(p.ip(), "198.18.0.7".parse::<IpAddr>().unwrap());
         assert_eq!(p.proxy(), Some("10.0.0.1".parse().unwrap()));
         // Two header lines join.
         let h = headers("x-forwarded-for", &["6.6.6.6", "198.18.0.8"]);
         assert_eq!(
-            c.resolve(sa("10.0.0.1:1"), &h).ip(),
+            c.resolve(sa("10.0.0.1:1"), &h).unwrap().ip(),
             "198.18.0.8".parse::<IpAddr>().unwrap()
         );
         // Ports and brackets are tolerated; v4-mapped meets v4.
         let h = headers("x-forwarded-for", &["[::ffff:198.18.0.9]:5555"]);
         assert_eq!(
-            c.resolve(sa("10.0.0.1:1"), &h).ip(),
+            c.resolve(sa("10.0.0.1:1"), &h).unwrap().ip(),
             "198.18.0.9".parse::<IpAddr>().unwrap()
         );
     }
 
     #[test]
-    fn unreadable_hops_fall_back_to_the_nearest_trusted_proxy() {
+    fn an_unreadable_hop_where_the_client_should_be_refuses_the_request() {
         let c = cfg(ProxyHeader::XForwardedFor);
-        let h = headers("x-forwarded-for", &["198.18.0.7, garbage, 10.2.2.2"]);
-        let p = c.resolve(sa("10.0.0.1:1000"), &h);
-        assert_eq!(p.ip(), "10.2.2.2".parse::<IpAddr>().unwrap());
-        let none = c.resolve(sa("10.0.0.1:1000"), &HeaderMap::new());
+        // The client is behind 10.2.2.2, which names it unreadably: the
+        // proxy is not taken for the client.
+        for value in [
+            "198.18.0.7, garbage, 10.2.2.2",
+            "",
+            "198.18.0.7,",
+            " , 10.2.2.2",
+        ] {
+            let h = headers("x-forwarded-for", &[value]);
+            assert!(c.resolve(sa("10.0.0.1:1000"), &h).is_err(), "{value:?}");
+        }
+        // Junk the walk never reaches is harmless.
+        let h = headers("x-forwarded-for", &["garbage, 198.18.0.7, 10.2.2.2"]);
+        let p = c.resolve(sa("10.0.0.1:1000"), &h).unwrap();
+        assert_eq!(p.ip(), "198.18.0.7".parse::<IpAddr>().unwrap());
+        // No header, or only trusted hops: the request is a proxy's own.
+        let none = c.resolve(sa("10.0.0.1:1000"), &HeaderMap::new()).unwrap();
         assert_eq!(none.ip(), "10.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(none.proxy(), None);
+        let h = headers("x-forwarded-for", &["10.2.2.2"]);
+        let own = c.resolve(sa("10.0.0.1:1000"), &h).unwrap();
+        assert_eq!(own.ip(), "10.2.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(own.proxy(), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    /// Issue 17: one non-ASCII byte made the whole header unreadable, and
+    /// the client was taken for the trusted proxy.
+    #[test]
+    fn a_non_ascii_byte_never_makes_the_proxy_the_client() {
+        let bytes = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", HeaderValue::from_bytes(v).unwrap());
+            }
+            h
+        };
+        let c = cfg(ProxyHeader::XForwardedFor);
+        let client = "198.18.0.7".parse::<IpAddr>().unwrap();
+        for h in [
+            bytes(&[b"\xff, 198.18.0.7"]),
+            bytes(&[b"6.6.6.6\xc3\xa9, 198.18.0.7, 10.2.2.2"]),
+            bytes(&["\u{e9}vil".as_bytes(), b"198.18.0.7"]),
+        ] {
+            let p = c.resolve(sa("10.0.0.1:1000"), &h).unwrap();
+            assert_eq!(p.ip(), client, "{h:?}");
+            assert_eq!(p.proxy(), Some("10.0.0.1".parse().unwrap()));
+        }
+        for h in [
+            bytes(&[b"198.18.0.7\xff"]),
+            bytes(&[b"198.18.0.7, \xff, 10.2.2.2"]),
+            bytes(&[b"198.18.0.7", b"\xff"]),
+        ] {
+            assert!(c.resolve(sa("10.0.0.1:1000"), &h).is_err(), "{h:?}");
+        }
+        let f = cfg(ProxyHeader::Forwarded);
+        let h = {
+            let mut h = HeaderMap::new();
+            h.append(
+                "forwarded",
+                HeaderValue::from_bytes(b"for=\"\xff\", for=198.18.0.7;proto=https").unwrap(),
+            );
+            h
+        };
+        assert_eq!(f.resolve(sa("10.0.0.1:1"), &h).unwrap().ip(), client);
     }
 
     #[test]
@@ -246,17 +334,17 @@ mod tests {
                 r#"for=6.6.6.6, for="[2001:db8:cafe::17]:4711";proto=https, For=10.3.3.3;by=10.0.0.1"#,
             ],
         );
-        let p = c.resolve(sa("[fd00::1]:443"), &h);
+        let p = c.resolve(sa("[fd00::1]:443"), &h).unwrap();
         assert_eq!(p.ip(), "2001:db8:cafe::17".parse::<IpAddr>().unwrap());
-        let h = headers("forwarded", &["for=unknown"]);
-        assert_eq!(
-            c.resolve(sa("10.0.0.1:1"), &h).ip(),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        // A proxy that hides its clients names none to limit.
+        for hidden in ["for=unknown", "for=_hidden", "proto=https"] {
+            let h = headers("forwarded", &[hidden]);
+            assert!(c.resolve(sa("10.0.0.1:1"), &h).is_err(), "{hidden}");
+        }
         // The other header is not read.
         let h = headers("x-forwarded-for", &["198.18.0.1"]);
         assert_eq!(
-            c.resolve(sa("10.0.0.1:1"), &h).ip(),
+            c.resolve(sa("10.0.0.1:1"), &h).unwrap().ip(),
             "10.0.0.1".parse::<IpAddr>().unwrap()
         );
     }
