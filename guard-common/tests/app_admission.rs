@@ -315,6 +315,81 @@ async fn a_non_ascii_forwarded_for_never_stands_for_the_proxy() {
     assert_eq!(guard.tracked_sources(), 0);
 }
 
+/// Issue 17: reaching `max_tracked_sources` forgot every source with
+/// nothing open, so one-shot sources (or refused attempts) churning through
+/// the table gave a rate-limited source its whole burst back.
+#[tokio::test(start_paused = true)]
+async fn a_full_table_keeps_the_state_of_a_rate_limited_source() {
+    let registry = Registry::new();
+    let guard = guard_with(
+        Limits {
+            max_connections: 8,
+            max_tracked_sources: 16,
+            per_ip_connect_rate: 1,
+            per_ip_connect_burst: 3,
+            ..Limits::default()
+        },
+        &registry,
+    );
+    let limited = "198.18.10.1:1";
+    for _ in 0..3 {
+        drop(subscribe(&guard, limited).await.unwrap());
+    }
+    let refused = subscribe(&guard, limited).await.unwrap_err();
+    assert_eq!(refused.reason, RejectReason::PerIpRate);
+    let still_limited = |guard: &Guard| {
+        let guard = guard.clone();
+        async move {
+            let r = subscribe(&guard, limited).await.map(drop);
+            assert_eq!(
+                r.map_err(|r| r.reason),
+                Err(RejectReason::PerIpRate),
+                "the limited source got its burst back"
+            );
+        }
+    };
+
+    // The clock stands still: nothing refills, nothing expires. Many times
+    // the table's size of one-shot sources come and go...
+    for i in 0..100u8 {
+        drop(
+            subscribe(&guard, &format!("198.18.11.{i}:1"))
+                .await
+                .unwrap(),
+        );
+        assert!(guard.tracked_sources() <= 16, "{}", guard.tracked_sources());
+    }
+    still_limited(&guard).await;
+
+    // ...and, with the service full, as many refused ones.
+    let mut held = Vec::new();
+    for i in 0..8u8 {
+        held.push(
+            subscribe(&guard, &format!("198.18.12.{i}:1"))
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..100u8 {
+        let r = subscribe(&guard, &format!("198.18.13.{i}:1")).await;
+        assert_eq!(r.unwrap_err().reason, RejectReason::GlobalCap);
+        assert!(guard.tracked_sources() <= 16, "{}", guard.tracked_sources());
+    }
+    drop(held.pop());
+    still_limited(&guard).await;
+    // Those holding slots kept theirs throughout.
+    for i in 0..7u8 {
+        assert_eq!(
+            guard.open_connections_from(format!("198.18.12.{i}").parse().unwrap()),
+            1
+        );
+    }
+
+    // Once its bucket has refilled, the source is admitted again.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    drop(subscribe(&guard, limited).await.unwrap());
+}
+
 #[tokio::test]
 async fn other_rejections_pass_through_recover() {
     let registry = Registry::new();

@@ -2,7 +2,7 @@
 //! permits that hold their slots.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::prelude::rust_2021::*;
 use std::time::Duration;
@@ -174,7 +174,13 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
+    /// The entry of source `key`, created if need be. A new one in a full
+    /// table first makes room (see [`shed`]).
     pub fn source(&mut self, key: Prefix, limits: &Limits, now: u64) -> &mut SourceEntry {
+        if !self.sources.contains_key(&key) && self.sources.len() >= limits.max_tracked_sources {
+            self.expire(now, limits);
+            self.shed_sources(now, limits);
+        }
         let e = self.sources.entry(key).or_insert_with(|| SourceEntry {
             open: 0,
             bucket: TokenBucket::full(limits.per_ip_connect_burst, now),
@@ -188,22 +194,140 @@ impl Tables {
         e
     }
 
+    /// The entry of identity `id`, created if need be, as [`Tables::source`].
+    pub fn identity(&mut self, id: u64, limits: &Limits, now: u64) -> &mut IdentityEntry {
+        if !self.identities.contains_key(&id) && self.identities.len() >= limits.max_tracked_sources
+        {
+            self.expire(now, limits);
+            self.shed_identities(now, limits);
+        }
+        let burst = limits.per_identity_connect_burst;
+        let e = self.identities.entry(id).or_insert_with(|| IdentityEntry {
+            open: 0,
+            bucket: TokenBucket::full(burst, now),
+            last_seen_ns: now,
+        });
+        e.last_seen_ns = now;
+        e
+    }
+
     /// Forgets sources and identities with nothing open that were last
-    /// seen over `idle_ns` ago (governor's `retain_recent`). Past
-    /// `max_entries`, every one with nothing open goes, which bounds the
-    /// tables by the connections open (at most `max_connections`).
-    pub fn retain(&mut self, now: u64, idle_ns: u64, max_entries: usize) {
+    /// seen over `source_idle_ttl` ago (governor's `retain_recent`).
+    fn expire(&mut self, now: u64, limits: &Limits) {
+        let idle_ns = duration_ns(limits.source_idle_ttl);
         let recent = |open: u32, last: u64| open > 0 || now.saturating_sub(last) < idle_ns;
         self.sources.retain(|_, e| recent(e.open, e.last_seen_ns));
         self.identities
             .retain(|_, e| recent(e.open, e.last_seen_ns));
-        if self.sources.len() >= max_entries {
-            self.sources.retain(|_, e| e.open > 0);
-        }
-        if self.identities.len() >= max_entries {
-            self.identities.retain(|_, e| e.open > 0);
-        }
         self.last_retain_ns = now;
+    }
+
+    /// [`Tables::expire`], then, in a table still full, [`shed`].
+    /// The tables stay bounded by `max_tracked_sources` plus the
+    /// connections open (at most `max_connections`), and the state of a
+    /// limited source is what goes last.
+    pub fn retain(&mut self, now: u64, limits: &Limits) {
+        self.expire(now, limits);
+        self.shed_sources(now, limits);
+        self.shed_identities(now, limits);
+    }
+
+    fn shed_sources(&mut self, now: u64, limits: &Limits) {
+        if self.sources.len() >= limits.max_tracked_sources {
+            shed(
+                &mut self.sources,
+                limits.max_tracked_sources,
+                |e| e.open == 0,
+                |e| (source_stake(e, limits, now), e.last_seen_ns),
+            );
+        }
+    }
+
+    fn shed_identities(&mut self, now: u64, limits: &Limits) {
+        if self.identities.len() >= limits.max_tracked_sources {
+            shed(
+                &mut self.identities,
+                limits.max_tracked_sources,
+                |e| e.open == 0,
+                |e| (identity_stake(e, limits, now), e.last_seen_ns),
+            );
+        }
+    }
+}
+
+/// What forgetting a source would give back to it: the tokens it spent and
+/// has not earned back yet, its attempts in the current storm window, and
+/// the offenders it has on record. 0 for an entry as good as a new one
+/// (one whose bucket has refilled); a rate-limited source's is at least its
+/// burst.
+fn source_stake(e: &SourceEntry, limits: &Limits, now: u64) -> u64 {
+    let spent = spent_tokens(
+        e.bucket,
+        now,
+        limits.per_ip_connect_rate,
+        limits.per_ip_connect_burst,
+    );
+    let storm = if now.saturating_sub(e.storm_start_ns) < duration_ns(limits.storm_window) {
+        u64::from(e.storm_attempts)
+    } else {
+        0
+    };
+    let offenders =
+        if now.saturating_sub(e.offenders_start_ns) < duration_ns(limits.source_idle_ttl) {
+            e.offenders.len() as u64
+        } else {
+            0
+        };
+    spent + storm + offenders
+}
+
+/// The same for an identity: the tokens it has yet to earn back.
+fn identity_stake(e: &IdentityEntry, limits: &Limits, now: u64) -> u64 {
+    spent_tokens(
+        e.bucket,
+        now,
+        limits.per_identity_connect_rate,
+        limits.per_identity_connect_burst,
+    )
+}
+
+/// Whole tokens (rounded up) `bucket` lacks, at `now`, to be full.
+fn spent_tokens(mut bucket: TokenBucket, now: u64, rate: u32, burst: u32) -> u64 {
+    bucket.refill(now, rate, burst);
+    let missing = (u64::from(burst) * NANO_TOKENS).saturating_sub(bucket.tokens);
+    missing.div_ceil(NANO_TOKENS)
+}
+
+/// Makes room in a full `map`: forgets entries that `may_go` (nothing open)
+/// until an eighth of `max` is free (at least one entry), lowest `rank`
+/// first, so each shedding is paid for by many insertions. Ranked by stake,
+/// then by when last seen: one-shot sources and refused attempts go before
+/// a source that used up its burst, which therefore stays refused however
+/// many sources churn through the table; with equal stakes, the longest
+/// unseen goes first. Never everything with nothing open at once: that
+/// would hand every limited source its burst back.
+fn shed<K: Copy + Eq + Hash, V>(
+    map: &mut HashMap<K, V>,
+    max: usize,
+    may_go: impl Fn(&V) -> bool,
+    rank: impl Fn(&V) -> (u64, u64),
+) {
+    let target = max.saturating_sub((max / 8).max(1));
+    let excess = map.len().saturating_sub(target);
+    if excess == 0 {
+        return;
+    }
+    let mut candidates: Vec<((u64, u64), K)> = map
+        .iter()
+        .filter(|(_, v)| may_go(v))
+        .map(|(k, v)| (rank(v), *k))
+        .collect();
+    if candidates.len() > excess {
+        candidates.select_nth_unstable_by_key(excess, |c| c.0);
+        candidates.truncate(excess);
+    }
+    for (_, k) in candidates {
+        map.remove(&k);
     }
 }
 
@@ -250,12 +374,10 @@ impl Guard {
         let mut storm = None;
         let verdict = {
             let mut t = inner.lock_tables();
-            let idle_ns = duration_ns(limits.source_idle_ttl);
-            if now.saturating_sub(t.last_retain_ns) >= idle_ns / 4
-                || t.sources.len() >= limits.max_tracked_sources
-                || t.identities.len() >= limits.max_tracked_sources
-            {
-                t.retain(now, idle_ns, limits.max_tracked_sources);
+            // Periodic; a full table also makes room when a new source or
+            // identity comes (Tables::source).
+            if now.saturating_sub(t.last_retain_ns) >= duration_ns(limits.source_idle_ttl) / 4 {
+                t.retain(now, limits);
             }
             let open_total = t.open_total;
             let s = t.source(source, limits, now);
@@ -298,12 +420,7 @@ impl Guard {
                         limits.per_identity_connect_rate,
                         limits.per_identity_connect_burst,
                     );
-                    let e = t.identities.entry(id).or_insert_with(|| IdentityEntry {
-                        open: 0,
-                        bucket: TokenBucket::full(burst, now),
-                        last_seen_ns: now,
-                    });
-                    e.last_seen_ns = now;
+                    let e = t.identity(id, limits, now);
                     if e.bucket.try_take(now, rate, burst) {
                         e.open += 1;
                         Ok(())
@@ -437,11 +554,7 @@ impl Guard {
     pub fn retain_recent(&self) {
         let limits = &self.inner.limits;
         let now = self.now_ns();
-        self.inner.lock_tables().retain(
-            now,
-            duration_ns(limits.source_idle_ttl),
-            limits.max_tracked_sources,
-        );
+        self.inner.lock_tables().retain(now, limits);
     }
 }
 
@@ -496,24 +609,73 @@ mod tests {
 
     #[test]
     fn retain_bounds_the_tables() {
-        let limits = Limits::default();
+        let mut limits = Limits {
+            source_idle_ttl: Duration::from_nanos(1_000),
+            max_tracked_sources: 1_000,
+            ..Limits::default()
+        };
         let mut t = Tables::default();
+        let host = |i: u8| Prefix::host(IpAddr::from([198, 18, 0, i]));
         for i in 0..100u8 {
-            let p = Prefix::host(IpAddr::from([198, 18, 0, i]));
-            t.source(p, &limits, u64::from(i)).open = u32::from(i % 10 == 0);
+            t.source(host(i), &limits, u64::from(i)).open = u32::from(i % 10 == 0);
         }
         // Nothing is old enough yet.
-        t.retain(100, 1_000, 1_000);
+        t.retain(100, &limits);
         assert_eq!(t.sources.len(), 100);
         // Old and closed goes, open stays however old.
-        t.retain(10_000, 1_000, 1_000);
+        t.retain(10_000, &limits);
         assert_eq!(t.sources.len(), 10);
-        // Over the cap, everything closed goes at once.
+        // Past the cap, each new source makes room, never by forgetting
+        // everything, never the open ones.
+        limits.max_tracked_sources = 50;
         for i in 100..200u8 {
-            let p = Prefix::host(IpAddr::from([198, 18, 0, i]));
-            t.source(p, &limits, 10_000);
+            t.source(host(i), &limits, 10_000 + u64::from(i));
+            assert!(t.sources.len() <= 50, "{}", t.sources.len());
         }
-        t.retain(10_001, 1_000, 50);
-        assert_eq!(t.sources.len(), 10);
+        assert!(t.sources.len() > 40, "{}", t.sources.len());
+        assert_eq!(t.sources.values().filter(|e| e.open > 0).count(), 10);
+        t.retain(10_300, &limits);
+        assert!((40..50).contains(&t.sources.len()), "{}", t.sources.len());
+    }
+
+    #[test]
+    fn a_full_table_sheds_what_has_the_least_at_stake() {
+        const SEC: u64 = 1_000_000_000;
+        let limits = Limits {
+            max_tracked_sources: 16,
+            ..Limits::default()
+        };
+        let (rate, burst) = (limits.per_ip_connect_rate, limits.per_ip_connect_burst);
+        let mut t = Tables::default();
+        let host = |i: u8, j: u8| Prefix::host(IpAddr::from([198, 18, i, j]));
+        // One source spent its burst at once...
+        let limited = host(1, 1);
+        let e = t.source(limited, &limits, 0);
+        for _ in 0..burst {
+            assert!(e.bucket.try_take(0, rate, burst));
+        }
+        // ...then one-shot sources, each a token and an attempt, churn
+        // through the table many times over.
+        for j in 0..200u8 {
+            let now = 1 + u64::from(j);
+            let e = t.source(host(2, j), &limits, now);
+            assert!(e.bucket.try_take(now, rate, burst));
+            e.storm_attempts = 1;
+            assert!(t.sources.len() <= 16, "{}", t.sources.len());
+        }
+        assert!(t.sources.contains_key(&limited), "the limited source kept");
+        assert_eq!(
+            spent_tokens(t.sources[&limited].bucket, 201, rate, burst),
+            u64::from(burst)
+        );
+        // Among equals, the longest unseen went first.
+        assert!(t.sources.contains_key(&host(2, 199)));
+        assert!(!t.sources.contains_key(&host(2, 0)));
+        // Once it has earned its burst back its state is worth nothing: it
+        // goes before sources whose storm window still counts them.
+        t.source(host(3, 0), &limits, 5 * SEC);
+        t.source(host(3, 1), &limits, 5 * SEC);
+        t.source(host(3, 2), &limits, 5 * SEC);
+        assert!(!t.sources.contains_key(&limited));
     }
 }

@@ -64,8 +64,12 @@ pub struct Limits {
     /// the kernel's cap, so one host cannot spread over its /64.
     pub source_prefix_v4: u8,
     pub source_prefix_v6: u8,
-    /// Most sources (and identities) tracked; past it, idle ones are
-    /// forgotten early. Must be at least `max_connections`. Default 65 536.
+    /// Most sources (and identities) tracked; past it, an eighth of them is
+    /// forgotten early: those with the least at stake (a refilled bucket, no
+    /// attempts in the storm window) first, then the longest unseen, never
+    /// one with a connection open. A rate-limited source keeps its state
+    /// however many others churn through. Must be at least
+    /// `max_connections`. Default 65 536.
     pub max_tracked_sources: usize,
     /// How long an idle source's state (rate bucket, storm window) is kept.
     /// Default 120 s.
