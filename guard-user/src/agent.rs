@@ -744,15 +744,28 @@ impl Agent {
 
     fn list_blocks(&self, offset: u32, limit: u32) -> Response {
         let now = monotonic_ns();
+        // Only the keys are copied under the lock (reports wait on it); the
+        // page is picked outside it, and its origins looked up after.
+        let mut all: Vec<Prefix> = self
+            .blocks
+            .lock()
+            .expect("blocks lock")
+            .keys()
+            .copied()
+            .collect();
+        let total = all.len() as u64;
+        let page = guard_common::proto::page_sorted(
+            &mut all,
+            offset as usize,
+            limit.min(MAX_LIST_ENTRIES) as usize,
+        );
         let blocks = self.blocks.lock().expect("blocks lock");
-        let mut all: Vec<(&Prefix, &BlockMeta)> = blocks.iter().collect();
-        all.sort_by_key(|(p, _)| **p);
-        let entries = all
+        let entries = page
             .iter()
-            .skip(offset as usize)
-            .take(limit.min(MAX_LIST_ENTRIES) as usize)
+            // Gone meanwhile (unblocked or expired): no longer blocked.
+            .filter_map(|p| blocks.get(p).map(|m| (p, m)))
             .map(|(p, m)| BlockInfo {
-                prefix: **p,
+                prefix: *p,
                 reason: m.reason,
                 expires_in_secs: if m.expires_ns == 0 {
                     0
@@ -762,10 +775,7 @@ impl Agent {
                 origin: cap_str(&m.origin, MAX_ORIGIN_LEN).to_string(),
             })
             .collect();
-        Response::Blocks {
-            total: all.len() as u64,
-            entries,
-        }
+        Response::Blocks { total, entries }
     }
 
     /// SIGHUP: re-read the config file, apply it live, reopen the audit log.

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use guard_common::addr::{v4_mapped, Prefix, V4_MAPPED_BITS};
 use guard_common::proto::{
-    cap_str, BytesMut, ErrorCode, FrameDecoder, Message, ProtoError, Request, Response,
-    PROTO_VERSION,
+    cap_str, newest_history_lines, BytesMut, ErrorCode, FrameDecoder, Message, ProtoError, Request,
+    Response, MAX_LIST_ENTRIES, PROTO_VERSION,
 };
 use guard_common::state::reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -348,6 +348,7 @@ pub struct ControlStats {
     handler_panics: AtomicU64,
     accept_errors: AtomicU64,
     active: AtomicU64,
+    reads_waiting: AtomicU64,
     requests_ok: [AtomicU64; Request::KINDS.len()],
     requests_error: [AtomicU64; Request::KINDS.len()],
 }
@@ -387,6 +388,9 @@ pub struct ControlStatsSnapshot {
     pub accept_errors: u64,
     /// Connections being served now.
     pub active: u64,
+    /// `list_blocks` and `history` requests waiting for the one running
+    /// (they walk the blocklist or the audit log, so they take turns).
+    pub reads_waiting: u64,
     /// Per request kind, in [`Request::KINDS`] order.
     pub requests: Vec<RequestCount>,
 }
@@ -406,6 +410,7 @@ impl ControlStats {
             handler_panics: get(&self.handler_panics),
             accept_errors: get(&self.accept_errors),
             active: get(&self.active),
+            reads_waiting: get(&self.reads_waiting),
             requests: Request::KINDS
                 .iter()
                 .enumerate()
@@ -531,6 +536,7 @@ impl ControlServer {
             frame_timeout: self.cfg.frame_timeout,
             idle_timeout: self.cfg.idle_timeout,
             agent_version: self.cfg.agent_version.clone(),
+            reads: Semaphore::new(1),
         });
         let slots = Arc::new(Semaphore::new(self.cfg.max_connections.max(1)));
         let mut conns = JoinSet::new();
@@ -849,6 +855,31 @@ struct Limits {
     frame_timeout: Duration,
     idle_timeout: Option<Duration>,
     agent_version: String,
+    /// One turn for the requests that walk a whole table or file
+    /// (`list_blocks`, `history`): however many sessions ask at once, the
+    /// agent does that work once at a time.
+    reads: Semaphore,
+}
+
+/// Whether `req` walks a whole table or file, and so waits its turn.
+fn is_heavy(req: &Request) -> bool {
+    matches!(req, Request::ListBlocks { .. } | Request::History { .. })
+}
+
+/// Counts a task as waiting for as long as it holds this.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why reading a frame stopped.
@@ -1082,6 +1113,44 @@ async fn connection(
             }
             continue;
         }
+        // At most a page of history, and none is no work at all.
+        let (req, history_limit) = match req {
+            Request::History {
+                since_unix_secs,
+                prefix,
+                limit,
+            } => {
+                let limit = limit.min(MAX_LIST_ENTRIES);
+                let req = Request::History {
+                    since_unix_secs,
+                    prefix,
+                    limit,
+                };
+                (req, Some(limit as usize))
+            }
+            other => (other, None),
+        };
+        if history_limit == Some(0) {
+            let reply = Response::History { lines: Vec::new() };
+            stats.count_request(kind, &reply);
+            if !s.write(&reply).await {
+                return;
+            }
+            continue;
+        }
+        let turn = if is_heavy(&req) {
+            let _waiting = Waiting::new(&stats.reads_waiting);
+            // Never closed, so acquiring cannot fail.
+            Some(
+                limits
+                    .reads
+                    .acquire()
+                    .await
+                    .expect("the reads semaphore stays open"),
+            )
+        } else {
+            None
+        };
         let h = handler.clone();
         let p = peer.clone();
         let reply = match tokio::task::spawn_blocking(move || h.handle(&p, req)).await {
@@ -1095,11 +1164,16 @@ async fn connection(
                 )
             }
         };
+        drop(turn);
         let reply = match reply {
             // A handler's message is free text; keep the reply encodable.
             Response::Error { code, message } if message.len() > 4096 => Response::Error {
                 code,
                 message: cap_str(&message, 4096).to_string(),
+            },
+            // No more than asked for, and what one frame can carry.
+            Response::History { lines } => Response::History {
+                lines: newest_history_lines(lines, history_limit.unwrap_or(0)),
             },
             other => other,
         };

@@ -34,6 +34,9 @@ pub use bytes::BytesMut;
 pub use codec::{decode_frame, encode, FrameDecoder};
 pub use message::{BlockInfo, BlockOutcome, ErrorCode, Message, Request, Response};
 
+use std::string::String;
+use std::vec::Vec;
+
 /// Where the agent listens unless configured otherwise.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/guard/control.sock";
 
@@ -71,6 +74,54 @@ pub fn cap_str(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Items `offset..offset + limit` of `items` in ascending order (a page of
+/// a sorted list), found without sorting the rest: O(n + limit·log limit)
+/// instead of O(n·log n). Reorders `items`.
+pub fn page_sorted<T: Ord>(items: &mut [T], offset: usize, limit: usize) -> &mut [T] {
+    let n = items.len();
+    let start = offset.min(n);
+    let end = offset.saturating_add(limit).min(n);
+    if start == end {
+        return &mut [];
+    }
+    if start > 0 {
+        items.select_nth_unstable(start);
+    }
+    let rest = &mut items[start..];
+    let len = end - start;
+    if len < rest.len() {
+        rest.select_nth_unstable(len);
+    }
+    let page = &mut rest[..len];
+    page.sort_unstable();
+    page
+}
+
+/// The newest of `lines` (newest last) that one [`Response::History`]
+/// frame can carry, at most `limit`, still newest last. A line longer than
+/// a protocol string is left out rather than failing the whole reply.
+pub fn newest_history_lines(mut lines: Vec<String>, limit: usize) -> Vec<String> {
+    // Type byte and the list's count.
+    let mut size = 1 + 4;
+    let mut kept = 0;
+    let mut keep = Vec::with_capacity(limit.min(lines.len()));
+    while kept < limit {
+        let Some(line) = lines.pop() else { break };
+        if line.len() > u16::MAX as usize {
+            continue;
+        }
+        // Each string is its u16 length and its bytes.
+        size += 2 + line.len();
+        if size > MAX_FRAME {
+            break;
+        }
+        keep.push(line);
+        kept += 1;
+    }
+    keep.reverse();
+    keep
 }
 
 /// Why bytes could not be decoded, or a message could not be encoded.

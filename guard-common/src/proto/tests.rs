@@ -588,3 +588,68 @@ proptest! {
         prop_assert_eq!(back, msg);
     }
 }
+
+proptest! {
+    #[test]
+    fn a_page_is_that_slice_of_the_sorted_list(
+        mut items in proptest::collection::vec(0u16..500, 0..300),
+        offset in 0usize..320,
+        limit in 0usize..320,
+    ) {
+        let mut sorted = items.clone();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        let want = &sorted[offset.min(n)..offset.saturating_add(limit).min(n)];
+        prop_assert_eq!(page_sorted(&mut items, offset, limit), want);
+    }
+}
+
+#[test]
+fn a_page_past_the_end_is_empty() {
+    let mut items = vec![3, 1, 2];
+    assert!(page_sorted(&mut items, 3, 10).is_empty());
+    assert!(page_sorted(&mut items, usize::MAX, usize::MAX).is_empty());
+    assert_eq!(page_sorted(&mut items, 1, usize::MAX), [2, 3]);
+    assert!(page_sorted(&mut items, 0, 0).is_empty());
+}
+
+fn history_frame_len(lines: &[String]) -> usize {
+    let mut out = BytesMut::new();
+    Response::History {
+        lines: lines.to_vec(),
+    }
+    .encode(&mut out)
+    .expect("fits a frame");
+    out.len() - HEADER_LEN
+}
+
+#[test]
+fn history_keeps_the_newest_lines_that_fit_one_frame() {
+    let lines: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04}{}", "x".repeat(296)))
+        .collect();
+    // Within the limit.
+    let kept = newest_history_lines(lines.clone(), 10);
+    assert_eq!(kept, lines[990..]);
+    // Within the frame: 500 lines of 300 bytes do not fit 64 KiB.
+    let kept = newest_history_lines(lines.clone(), 500);
+    let n = kept.len();
+    assert!(n < 500 && n > 100, "{n}");
+    assert_eq!(kept, lines[1000 - n..], "the newest, in order");
+    assert!(history_frame_len(&kept) <= MAX_FRAME);
+    let one_more = &lines[1000 - n - 1..];
+    let mut out = BytesMut::new();
+    assert!(
+        Response::History {
+            lines: one_more.to_vec()
+        }
+        .encode(&mut out)
+        .is_err(),
+        "as many as fit"
+    );
+    // A line no frame can carry is left out, not the reply.
+    let mut odd = vec!["old".to_string(), "y".repeat(70_000), "new".to_string()];
+    odd = newest_history_lines(odd, 500);
+    assert_eq!(odd, ["old", "new"]);
+    assert!(newest_history_lines(lines, 0).is_empty());
+}

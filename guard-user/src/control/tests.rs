@@ -2,7 +2,7 @@ use std::os::unix::process::CommandExt;
 use std::sync::Mutex;
 
 use guard_common::client::{ClientError, Connection};
-use guard_common::proto::{BlockOutcome, MAX_FRAME};
+use guard_common::proto::{BlockOutcome, MAX_FRAME, MAX_LIST_ENTRIES};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -46,6 +46,10 @@ impl ControlHandler for Mock {
             },
             Request::Unblock { .. } => Response::error(ErrorCode::NotFound, "not blocked"),
             Request::ListAllows => panic!("the mock handler fails on list_allows"),
+            // More than anyone asks for, each line as long as a real one.
+            Request::History { .. } => Response::History {
+                lines: (0..1000).map(history_line).collect(),
+            },
             _ => Response::Ok,
         }
     }
@@ -60,8 +64,23 @@ struct Running {
     task: JoinHandle<Result<(), ControlError>>,
 }
 
+/// The `i`th of the mock's audit lines, 300 bytes long.
+fn history_line(i: usize) -> String {
+    format!("{i:04}{}", "x".repeat(296))
+}
+
 impl Running {
     fn start(tweak: impl FnOnce(&mut ControlServerConfig)) -> Self {
+        let mock = Arc::new(Mock::default());
+        Self::start_with(mock.clone(), mock, tweak)
+    }
+
+    /// Serves `handler`; `mock` is only for the test to look at.
+    fn start_with(
+        handler: Arc<dyn ControlHandler>,
+        mock: Arc<Mock>,
+        tweak: impl FnOnce(&mut ControlServerConfig),
+    ) -> Self {
         let dir = TestDir::new("control");
         let path = sock(&dir);
         let mut cfg = ControlServerConfig::new(&path);
@@ -69,9 +88,8 @@ impl Running {
         tweak(&mut cfg);
         let server = ControlServer::bind(cfg).unwrap();
         let stats = server.stats();
-        let mock = Arc::new(Mock::default());
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server.serve(mock.clone(), async {
+        let task = tokio::spawn(server.serve(handler, async {
             let _ = stopped.await;
         }));
         Self {
@@ -1020,4 +1038,134 @@ async fn an_unknown_operator_group_fails_bind_with_a_hint() {
     assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(err.to_string().contains("operator_group"), "{err}");
     assert!(!sock(&dir).exists(), "no socket is left behind");
+}
+
+fn history(limit: u32) -> Request {
+    Request::History {
+        since_unix_secs: 0,
+        prefix: None,
+        limit,
+    }
+}
+
+#[tokio::test]
+async fn history_replies_hold_at_most_the_limit_and_fit_a_frame() {
+    let srv = Running::start(|_| {});
+    let mut conn = Connection::connect(&srv.path, "guard-cli").await.unwrap();
+    let lines = |r: Response| match r {
+        Response::History { lines } => lines,
+        other => panic!("{other:?}"),
+    };
+    let newest = |n: usize| (1000 - n..1000).map(history_line).collect::<Vec<_>>();
+    assert_eq!(lines(conn.call(history(10)).await.unwrap()), newest(10));
+    // 500 such lines are 150 KB: as many of the newest as fit 64 KiB.
+    let got = lines(conn.call(history(500)).await.unwrap());
+    assert!(got.len() > 200 && got.len() < 500, "{}", got.len());
+    assert_eq!(got, newest(got.len()));
+    let got = lines(conn.call(history(u32::MAX)).await.unwrap());
+    assert_eq!(got, newest(got.len()));
+    assert!(lines(conn.call(history(0)).await.unwrap()).is_empty());
+    let asked: Vec<u32> = srv
+        .mock
+        .seen()
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Request::History { limit, .. } => Some(limit),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [10, 500, MAX_LIST_ENTRIES],
+        "the handler is asked for the capped limit, and not at all for none"
+    );
+    srv.stop().await;
+}
+
+/// Holds every list_blocks and history request until released, counting
+/// how many run at once.
+#[derive(Default)]
+struct SlowReads {
+    running: AtomicU64,
+    most: AtomicU64,
+    released: Mutex<bool>,
+    wake: std::sync::Condvar,
+}
+
+impl SlowReads {
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.wake.notify_all();
+    }
+}
+
+impl ControlHandler for SlowReads {
+    fn handle(&self, _: &PeerInfo, req: Request) -> Response {
+        if !matches!(req, Request::History { .. } | Request::ListBlocks { .. }) {
+            return Response::Ok;
+        }
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let released = self.released.lock().unwrap();
+        drop(self.wake.wait_while(released, |r| !*r).unwrap());
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        match req {
+            Request::History { .. } => Response::History { lines: vec![] },
+            _ => Response::Blocks {
+                total: 0,
+                entries: vec![],
+            },
+        }
+    }
+}
+
+/// Releases the handler however the test ends: the runtime waits for its
+/// blocking threads before the test can finish.
+struct ReleaseOnDrop(Arc<SlowReads>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+#[tokio::test]
+async fn heavy_reads_run_one_at_a_time() {
+    let slow = Arc::new(SlowReads::default());
+    let _release = ReleaseOnDrop(slow.clone());
+    let srv = Running::start_with(slow.clone(), Arc::default(), |_| {});
+    let call = |req: Request| {
+        let path = srv.path.clone();
+        tokio::spawn(async move {
+            let mut conn = Connection::connect(&path, "reader").await.unwrap();
+            conn.set_timeout(PATIENCE);
+            conn.call(req).await.unwrap()
+        })
+    };
+    let first = call(history(10));
+    wait_until("the first read to run", || {
+        slow.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let second = call(Request::ListBlocks {
+        offset: 0,
+        limit: 10,
+    });
+    wait_until("the second read to queue", || {
+        srv.snapshot().reads_waiting == 1
+    })
+    .await;
+    assert_eq!(slow.running.load(Ordering::SeqCst), 1);
+    // Everything else is answered meanwhile.
+    let mut conn = Connection::connect(&srv.path, "cli").await.unwrap();
+    conn.call(Request::Stats).await.unwrap();
+    slow.release();
+    within("the reads", async {
+        first.await.unwrap();
+        second.await.unwrap();
+    })
+    .await;
+    assert_eq!(slow.most.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.snapshot().reads_waiting, 0);
+    srv.stop().await;
 }
