@@ -14,6 +14,12 @@
 //! is answered `NotPermitted` for anything else. The check runs here, where
 //! requests are dispatched, so no handler can forget it.
 //!
+//! The socket's directory, and every one above it, must belong to root or
+//! the agent's user and be writable by others only with the sticky bit;
+//! otherwise someone else could swap the socket for a symlink (which the
+//! agent's chown and chmod would follow) or for a listener of their own.
+//! Group and mode are applied without following symlinks all the same.
+//!
 //! Every connection runs in its own task behind a connection limit, with
 //! timeouts on the handshake, on each frame once it starts and on each
 //! write, so one slow or hostile (but permitted) client cannot hold up the
@@ -303,6 +309,28 @@ pub enum ControlError {
     #[error("cannot create the control socket's directory {}: {source}", .path.display())]
     CreateDir { path: PathBuf, source: io::Error },
     #[error(
+        "refusing to put the control socket under {}: every user may write to it and it has no \
+         sticky bit, so anyone could replace the socket (chmod o-w or +t it, or set \
+         control_socket elsewhere)",
+        .path.display()
+    )]
+    UnsafeDirMode { path: PathBuf },
+    #[error(
+        "refusing to put the control socket under {}: it belongs to uid {uid}, who could replace \
+         the socket (use a directory owned by root or the agent's user, or set control_socket \
+         elsewhere)",
+        .path.display()
+    )]
+    UnsafeDirOwner { path: PathBuf, uid: u32 },
+    #[error("cannot inspect {}, a directory above the control socket: {source}", .path.display())]
+    InspectDir { path: PathBuf, source: io::Error },
+    #[error(
+        "{} is no longer the socket the agent bound (something replaced it meanwhile); check who \
+         may write to its directory",
+        .path.display()
+    )]
+    Replaced { path: PathBuf },
+    #[error(
         "another process is already listening at {}: stop the other agent first or set another \
          control_socket",
         .path.display()
@@ -465,16 +493,24 @@ impl ControlServer {
             .as_deref()
             .map(|g| resolve_group(g, "[control] operator_group"))
             .transpose()?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .map_err(|source| ControlError::CreateDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-        }
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        // What exists already is checked before anything is created in it,
+        // and the whole chain once more after.
+        check_dirs(dir, euid)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| ControlError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        check_dirs(dir, euid)?;
         remove_stale_socket(&path)?;
         let listener =
             std::os::unix::net::UnixListener::bind(&path).map_err(|source| ControlError::Bind {
@@ -603,34 +639,130 @@ pub async fn serve(
     ControlServer::bind(cfg)?.serve(handler, shutdown).await
 }
 
-/// Applies group and mode to a freshly bound socket; returns its metadata.
+/// Refuses a socket directory that someone other than root or the agent
+/// could change: `dir` (or, while it does not exist, its nearest existing
+/// ancestor) and every directory above it, symlinks resolved, must belong
+/// to root or `euid` and be writable by other users only with the sticky
+/// bit. Otherwise that user could swap the socket, or a folder on its way,
+/// for a symlink the agent would then chown and chmod, or for a listener
+/// of their own that operators would talk to.
+fn check_dirs(dir: &Path, euid: u32) -> Result<(), ControlError> {
+    let mut existing = dir;
+    let real = loop {
+        match existing.canonicalize() {
+            Ok(real) => break real,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match existing.parent() {
+                Some(up) if !up.as_os_str().is_empty() => existing = up,
+                _ => existing = Path::new("."),
+            },
+            Err(source) => {
+                return Err(ControlError::InspectDir {
+                    path: existing.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    };
+    for d in real.ancestors() {
+        let meta = std::fs::metadata(d).map_err(|source| ControlError::InspectDir {
+            path: d.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(ControlError::UnsafeDirMode {
+                path: d.to_path_buf(),
+            });
+        }
+        if meta.uid() != 0 && meta.uid() != euid {
+            return Err(ControlError::UnsafeDirOwner {
+                path: d.to_path_buf(),
+                uid: meta.uid(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies group and mode to a freshly bound socket without following a
+/// symlink, should one have replaced it; returns its metadata.
 fn restrict(
     path: &Path,
     mode: u32,
     gid: Option<u32>,
     listener: &std::os::unix::net::UnixListener,
 ) -> Result<std::fs::Metadata, ControlError> {
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ControlError::Chown {
-            path: path.to_path_buf(),
-            gid,
-            source,
-        })?;
+    let replaced = || ControlError::Replaced {
+        path: path.to_path_buf(),
+    };
+    let stale = |source| ControlError::Stale {
+        path: path.to_path_buf(),
+        source,
+    };
+    let is_socket = |m: &std::fs::Metadata| m.file_type().is_socket();
+    if !is_socket(&std::fs::symlink_metadata(path).map_err(stale)?) {
+        return Err(replaced());
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        ControlError::Chmod {
-            path: path.to_path_buf(),
-            mode,
-            source,
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| replaced())?;
+    if let Some(gid) = gid {
+        // SAFETY: `cpath` is a valid C string; -1 keeps the owner.
+        let rc = unsafe {
+            libc::fchownat(
+                libc::AT_FDCWD,
+                cpath.as_ptr(),
+                libc::uid_t::MAX,
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(ControlError::Chown {
+                path: path.to_path_buf(),
+                gid,
+                source: io::Error::last_os_error(),
+            });
         }
-    })?;
+    }
+    // SAFETY: `cpath` is a valid C string.
+    let rc = unsafe {
+        libc::fchmodat(
+            libc::AT_FDCWD,
+            cpath.as_ptr(),
+            mode as libc::mode_t,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        // Where the C library cannot change a mode without following
+        // (no /proc to go through), the directories checked above keep
+        // anyone else from swapping the socket we just saw.
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(ControlError::Chmod {
+                path: path.to_path_buf(),
+                mode,
+                source: err,
+            });
+        }
+        if !is_socket(&std::fs::symlink_metadata(path).map_err(stale)?) {
+            return Err(replaced());
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| ControlError::Chmod {
+                path: path.to_path_buf(),
+                mode,
+                source,
+            },
+        )?;
+    }
     listener
         .set_nonblocking(true)
         .map_err(ControlError::Runtime)?;
-    std::fs::metadata(path).map_err(|source| ControlError::Stale {
-        path: path.to_path_buf(),
-        source,
-    })
+    let meta = std::fs::symlink_metadata(path).map_err(stale)?;
+    if !is_socket(&meta) {
+        return Err(replaced());
+    }
+    Ok(meta)
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {

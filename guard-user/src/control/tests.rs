@@ -1169,3 +1169,66 @@ async fn heavy_reads_run_one_at_a_time() {
     assert_eq!(srv.snapshot().reads_waiting, 0);
     srv.stop().await;
 }
+
+fn bind_in(dir: &Path) -> Result<ControlServer, ControlError> {
+    ControlServer::bind(ControlServerConfig::new(dir.join("control.sock")))
+}
+
+#[tokio::test]
+async fn a_parent_anyone_may_write_to_without_the_sticky_bit_is_refused() {
+    let tmp = TestDir::new("control");
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = bind_in(&open).err().expect("refused");
+    assert!(matches!(err, ControlError::UnsafeDirMode { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("sticky") && text.contains("open"), "{text}");
+    assert!(!open.join("control.sock").exists(), "nothing bound");
+    // Below it, in a folder the agent creates itself, the open one still
+    // lets anyone swap that folder.
+    let err = bind_in(&open.join("sub")).err().expect("refused");
+    assert!(matches!(err, ControlError::UnsafeDirMode { .. }), "{err}");
+    // With the sticky bit (like /tmp) only owners may remove or rename.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    drop(bind_in(&open).expect("a sticky parent is fine"));
+}
+
+#[tokio::test]
+async fn a_parent_owned_by_another_user_is_refused() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: giving a folder to uid 65534 needs root");
+        return;
+    }
+    let tmp = TestDir::new("control");
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = bind_in(&theirs).err().expect("refused");
+    assert!(
+        matches!(err, ControlError::UnsafeDirOwner { uid: 65534, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("65534"), "{err}");
+    assert!(!theirs.join("control.sock").exists(), "nothing bound");
+}
+
+#[test]
+fn owner_and_mode_are_never_applied_through_a_symlink() {
+    let tmp = TestDir::new("control");
+    let target = tmp.path().join("precious");
+    std::fs::write(&target, b"keep").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::metadata(&target).unwrap();
+    // Where the socket was bound, something swapped in a symlink.
+    let link = tmp.path().join("control.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(tmp.path().join("elsewhere.sock")).unwrap();
+    let err = restrict(&link, 0o666, Some(65534), &listener).expect_err("refused");
+    assert!(matches!(err, ControlError::Replaced { .. }), "{err}");
+    let after = std::fs::metadata(&target).unwrap();
+    assert_eq!(after.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(after.gid(), before.gid());
+}
