@@ -203,7 +203,7 @@ fn common_layout(pkt: &Packet, start: usize, len: usize) -> Option<TcpOptions> {
                 18 = 3
             );
             linux.then(|| TcpOptions {
-                mss: u16::from_be(h.raw::<u16, 2>()),
+                mss: h.be16_at::<2>(),
                 wscale: Some(h.u8_at::<19>()),
                 sack: true,
                 timestamps: Some((h.be32_at::<8>(), h.be32_at::<12>())),
@@ -224,7 +224,7 @@ fn common_layout(pkt: &Packet, start: usize, len: usize) -> Option<TcpOptions> {
                 11 = 2
             );
             windows.then(|| TcpOptions {
-                mss: u16::from_be(h.raw::<u16, 2>()),
+                mss: h.be16_at::<2>(),
                 wscale: Some(h.u8_at::<7>()),
                 sack: true,
                 timestamps: None,
@@ -248,7 +248,7 @@ fn common_layout(pkt: &Packet, start: usize, len: usize) -> Option<TcpOptions> {
                 22 = 0
             );
             apple.then(|| TcpOptions {
-                mss: u16::from_be(h.raw::<u16, 2>()),
+                mss: h.be16_at::<2>(),
                 wscale: Some(h.u8_at::<7>()),
                 sack: true,
                 timestamps: Some((h.be32_at::<12>(), h.be32_at::<16>())),

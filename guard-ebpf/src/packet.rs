@@ -95,7 +95,7 @@ impl<const N: usize> Header<N> {
     }
 
     #[inline(always)]
-    fn be16_at<const OFFSET: usize>(&self) -> u16 {
+    pub fn be16_at<const OFFSET: usize>(&self) -> u16 {
         u16::from_be(self.read::<u16, OFFSET>())
     }
 

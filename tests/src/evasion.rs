@@ -581,8 +581,7 @@ fn ipv4_header(
     payload_len: usize,
     whole: bool,
 ) -> Vec<u8> {
-    // Options travel in the first fragment only, as a sender that honours their copy bits
-    // would send those without it; copying all of them keeps the header alike.
+    // Options travel in the first fragment only; a later fragment's header needs none.
     let mut options = if offset == 0 || whole {
         extra.options.clone()
     } else {

@@ -9,6 +9,7 @@ use aya::maps::{MapData, RingBuf};
 use guard_common::{
     addr::Prefix,
     stats::{Stat, STAT_SLOTS},
+    syncookie::{CookieKey, KEY_SLOTS, MODE_ALWAYS},
     BlockEntry, LiveConfig, OverCapEvent,
 };
 use guard_user::{
@@ -163,6 +164,35 @@ impl Dp {
             }
         }
         (pass, drop)
+    }
+}
+
+/// The cookie key [`Dp::with_cookies`] puts in `slot`.
+pub fn cookie_key(slot: u32) -> CookieKey {
+    CookieKey {
+        k0: 0x0123_4567_89ab_cdef ^ u64::from(slot),
+        k1: 0xfedc_ba98_7654_3210 ^ (u64::from(slot) << 32),
+    }
+}
+
+impl Dp {
+    /// A program answering every unproven SYN with a cookie: a key in every slot, a
+    /// full-sized MSS for each family, window scale 7.
+    pub fn with_cookies() -> Self {
+        let mut dp = Self::new();
+        for slot in 0..KEY_SLOTS {
+            dp.dp
+                .maps_mut()
+                .set_cookie_key(slot, &cookie_key(slot))
+                .expect("set a cookie key");
+        }
+        dp.config(|c| {
+            c.syn_cookies = MODE_ALWAYS;
+            c.cookie_mss_v4 = 1460;
+            c.cookie_mss_v6 = 1440;
+            c.cookie_wscale = 7;
+        });
+        dp
     }
 }
 

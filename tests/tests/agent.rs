@@ -835,11 +835,8 @@ fn every_metric_the_deploy_files_query_is_exported() {
     assert!(both.is_empty(), "{both:?}");
 }
 
-#[test]
-fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
-    if !require_root("a_source_over_its_cap_for_long_enough_is_escalated_to_a_block") {
-        return;
-    }
+/// A lab and an agent with a cap of 5 SYN/s that escalates after 3 s over it.
+fn escalation_lab() -> (Lab, AgentHome, Agent) {
     let lab = Lab::new().expect("build the lab");
     let home = AgentHome::new().expect("agent home");
     let config = "[limits]\nsyn_rate = 5\nsyn_burst = 5\n\n\
@@ -849,6 +846,15 @@ fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
         &lab.server,
         &RunOpts::new(ROLE_IF, PORT).config(config),
     );
+    (lab, home, agent)
+}
+
+#[test]
+fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
+    if !require_root("a_source_over_its_cap_for_long_enough_is_escalated_to_a_block") {
+        return;
+    }
+    let (lab, home, agent) = escalation_lab();
     // The source proves its address first: one real connection.
     let listener =
         Listener::new(&lab.server, SocketAddr::new(SERVER_V4.into(), PORT)).expect("listen");
@@ -907,15 +913,7 @@ fn an_over_cap_streak_from_a_source_that_never_completed_a_handshake_blocks_noth
     ) {
         return;
     }
-    let lab = Lab::new().expect("build the lab");
-    let home = AgentHome::new().expect("agent home");
-    let config = "[limits]\nsyn_rate = 5\nsyn_burst = 5\n\n\
-                  [escalation]\nover_cap_secs = 3\nttl_secs = 60\n";
-    let agent = start(
-        &home,
-        &lab.server,
-        &RunOpts::new(ROLE_IF, PORT).config(config),
-    );
+    let (lab, home, agent) = escalation_lab();
     // The same flood as above, but its source never answers a SYN-ACK (as a spoofed one
     // cannot): it carries a victim's address as far as the agent can tell.
     send_syns(&lab, 800, 100);

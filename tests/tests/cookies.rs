@@ -9,11 +9,11 @@ use guard_common::{
     addr::{from_ip, AddrWords},
     config::FLAG_DRY_RUN,
     stats::Stat,
-    syncookie::{self, CookieKey, Flow, KEY_SLOTS, MODE_ALWAYS, MODE_UNDER_ATTACK},
+    syncookie::{self, CookieKey, Flow, MODE_ALWAYS, MODE_UNDER_ATTACK},
 };
 use guard_tests::{
     frames::{decode_tcp, v4, v6, Ext, Frame, Segment, TCP_ACK, TCP_FIN, TCP_SYN},
-    testdp::{Dp, XdpOutcome, PORT, V},
+    testdp::{cookie_key, Dp, XdpOutcome, PORT, V},
 };
 use guard_user::{
     datapath::monotonic_ns,
@@ -26,31 +26,6 @@ const TCX_NEXT: u32 = u32::MAX;
 
 const CLIENT_ISN: u32 = 0x1000_0000;
 const CLIENT_TSVAL: u32 = 777_000;
-
-fn key(slot: u32) -> CookieKey {
-    CookieKey {
-        k0: 0x0123_4567_89ab_cdef ^ u64::from(slot),
-        k1: 0xfedc_ba98_7654_3210 ^ (u64::from(slot) << 32),
-    }
-}
-
-/// A program answering every unproven SYN with a cookie.
-fn cookie_dp() -> Dp {
-    let mut dp = Dp::new();
-    for slot in 0..KEY_SLOTS {
-        dp.dp
-            .maps_mut()
-            .set_cookie_key(slot, &key(slot))
-            .expect("set cookie key");
-    }
-    dp.config(|c| {
-        c.syn_cookies = MODE_ALWAYS;
-        c.cookie_mss_v4 = 1460;
-        c.cookie_mss_v6 = 1440;
-        c.cookie_wscale = 7;
-    });
-    dp
-}
 
 fn linux_syn(src: IpAddr) -> Frame {
     Frame::syn(src, PORT)
@@ -72,7 +47,7 @@ fn flow_of(syn: &Frame, port: u16) -> Flow {
 fn host_check(flow: &Flow, client_isn: u32, cookie: u32) -> Option<syncookie::Negotiated> {
     let epoch = syncookie::epoch_for(cookie, syncookie::epoch_of(monotonic_ns()));
     syncookie::check(
-        &key(syncookie::key_slot(epoch)),
+        &cookie_key(syncookie::key_slot(epoch)),
         flow,
         client_isn,
         cookie,
@@ -113,7 +88,7 @@ fn an_unproven_syn_gets_a_synack_with_a_valid_cookie_and_its_options() {
         (v6("2001:2::5:1"), 0),
         (v6("2001:2::5:2"), 1),
     ] {
-        let dp = cookie_dp();
+        let dp = Dp::with_cookies();
         let mut syn = linux_syn(src);
         for i in 0..vlans {
             syn = syn.vlan(i == 0 && vlans == 2);
@@ -155,7 +130,7 @@ fn an_unproven_syn_gets_a_synack_with_a_valid_cookie_and_its_options() {
 
 #[test]
 fn a_bare_syn_gets_only_what_it_asked_for_and_payload_is_not_echoed() {
-    let dp = cookie_dp();
+    let dp = Dp::with_cookies();
     let syn = Frame::syn(v4(198, 19, 1, 1), PORT)
         .tcp_seq_ack(u32::MAX, 0)
         .tcp_payload(&[0xaa; 100]);
@@ -174,7 +149,7 @@ fn a_bare_syn_gets_only_what_it_asked_for_and_payload_is_not_echoed() {
 
 #[test]
 fn the_hosts_sysctls_limit_what_the_synack_offers() {
-    let dp = cookie_dp();
+    let dp = Dp::with_cookies();
     let mut dp = dp;
     dp.config(|c| c.cookie_opts = syncookie::OPT_TIMESTAMPS);
     let s = answered(&dp, &linux_syn(v4(198, 19, 1, 2)));
@@ -185,7 +160,7 @@ fn the_hosts_sysctls_limit_what_the_synack_offers() {
 
 #[test]
 fn sources_that_proved_themselves_or_are_listed_skip_cookies() {
-    let mut dp = cookie_dp();
+    let mut dp = Dp::with_cookies();
     let good = v4(198, 18, 0, 10);
     dp.dp
         .maps_mut()
@@ -211,7 +186,7 @@ fn sources_that_proved_themselves_or_are_listed_skip_cookies() {
 
 #[test]
 fn shapes_a_synack_cannot_mirror_go_the_ordinary_way_on_purpose() {
-    let dp = cookie_dp();
+    let dp = Dp::with_cookies();
     let src = v4(198, 19, 2, 2);
     for (name, frame) in [
         ("IPv4 options", linux_syn(src).ipv4_options(&[1, 1, 1, 0])),
@@ -243,7 +218,7 @@ fn no_key_means_no_cookie() {
 
 #[test]
 fn under_attack_cookies_start_when_the_budget_runs_dry_and_track_nothing() {
-    let mut dp = cookie_dp();
+    let mut dp = Dp::with_cookies();
     dp.config(|c| {
         // 1/s: the first SYN fills the bucket (its clock starts at zero),
         // and the test ends long before a second token.
@@ -270,7 +245,7 @@ fn under_attack_cookies_start_when_the_budget_runs_dry_and_track_nothing() {
 
 #[test]
 fn dry_run_counts_the_cookie_it_would_send_and_passes_the_syn() {
-    let mut dp = cookie_dp();
+    let mut dp = Dp::with_cookies();
     dp.config(|c| c.flags |= FLAG_DRY_RUN);
     assert_eq!(
         dp.verdict(&linux_syn(v4(198, 19, 6, 6)).bytes()),
@@ -280,7 +255,7 @@ fn dry_run_counts_the_cookie_it_would_send_and_passes_the_syn() {
 
 #[test]
 fn the_tc_attach_answers_by_redirecting_the_rewritten_frame() {
-    let dp = cookie_dp();
+    let dp = Dp::with_cookies();
     for src in [v4(198, 19, 7, 7), v6("2001:2::7:7")] {
         let syn = linux_syn(src);
         let (action, out) = dp.run_tc_frame(&syn.bytes());
@@ -300,7 +275,7 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
     let listen_port = 18_443;
     let _listener = TcpListener::bind(("0.0.0.0", listen_port)).expect("listen");
     let _listener6 = TcpListener::bind(("::", listen_port)).ok();
-    let mut dp = cookie_dp();
+    let mut dp = Dp::with_cookies();
     dp.dp
         .maps_mut()
         .set_ports(&[PORT, listen_port])
@@ -362,7 +337,13 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
         let now = syncookie::epoch_of(monotonic_ns());
         let n = syncookie::Negotiated::from_syn(false, 1460, true, Some(7), syncookie::OPT_ALL);
         let old = now - 2;
-        let stale = syncookie::make(&key(syncookie::key_slot(old)), &flow, CLIENT_ISN, old, &n);
+        let stale = syncookie::make(
+            &cookie_key(syncookie::key_slot(old)),
+            &flow,
+            CLIENT_ISN,
+            old,
+            &n,
+        );
         let mut stale_ack = reply_to(&syn, &s, 41002);
         stale_ack = stale_ack.tcp_seq_ack(CLIENT_ISN + 1, stale.wrapping_add(1));
         let b = before(&dp);
@@ -383,7 +364,10 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
     assert_eq!(dp.stat(Stat::CookieAckInvalid), b + 1, "rotated away");
     dp.dp
         .maps_mut()
-        .set_cookie_key(syncookie::key_slot(epoch), &key(syncookie::key_slot(epoch)))
+        .set_cookie_key(
+            syncookie::key_slot(epoch),
+            &cookie_key(syncookie::key_slot(epoch)),
+        )
         .expect("restore");
 
     // A proven source is capped like any other: burst 1, no refill.
@@ -412,7 +396,7 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
 fn acks_cost_no_check_while_no_cookie_can_be_outstanding() {
     let listen_port = 18_444;
     let _listener = TcpListener::bind(("0.0.0.0", listen_port)).expect("listen");
-    let mut dp = cookie_dp();
+    let mut dp = Dp::with_cookies();
     dp.dp
         .maps_mut()
         .set_ports(&[PORT, listen_port])

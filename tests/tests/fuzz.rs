@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use guard_common::syncookie::{CookieKey, KEY_SLOTS, MODE_ALWAYS};
 use guard_tests::evasion::{corpus, Endpoints};
 use guard_tests::frames::{arp, decode_tcp, v4, v6, Ext, Frame, TCP_ACK, TCP_SYN};
 use guard_tests::reference::{judge, Judged};
@@ -370,22 +369,10 @@ fn with_cookies_every_answer_is_a_well_formed_synack() {
     if !require_root("with_cookies_every_answer_is_a_well_formed_synack") {
         return;
     }
-    let mut dp = capped_dp();
-    for slot in 0..KEY_SLOTS {
-        let key = CookieKey {
-            k0: 0x1111 * u64::from(slot + 1),
-            k1: 0x2222 * u64::from(slot + 1),
-        };
-        dp.dp
-            .maps_mut()
-            .set_cookie_key(slot, &key)
-            .expect("set a cookie key");
-    }
+    let mut dp = Dp::with_cookies();
     dp.config(|c| {
-        c.syn_cookies = MODE_ALWAYS;
-        c.cookie_mss_v4 = 1460;
-        c.cookie_mss_v6 = 1440;
-        c.cookie_wscale = 7;
+        c.syn_rate = 0;
+        c.syn_burst = 1;
     });
     let kinds = fuzz(&dp, true);
     assert_coverage(&kinds, "cookies always");

@@ -17,7 +17,7 @@ use guard_tests::agent::{AgentHome, RunOpts};
 use guard_tests::lab::{Lab, LAB_V4_PREFIX, ROLE_IF, SERVER_V4};
 use serde::Serialize;
 
-use super::bench_table::Goal;
+use super::bench_table::{median, Goal};
 
 const PORT: u16 = 8080;
 const GOAL_RATIO: f64 = 0.90;
@@ -29,15 +29,6 @@ pub struct CookieReport {
     pub cookie_mb_s: Vec<f64>,
     pub normal_mb_s: Vec<f64>,
     pub ratio_of_medians: f64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return 0.0;
-    }
-    s[s.len() / 2]
 }
 
 pub fn run(quick: bool) -> Result<CookieReport> {

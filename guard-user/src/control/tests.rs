@@ -824,48 +824,12 @@ async fn an_unknown_group_fails_bind_with_a_hint() {
 
 #[tokio::test]
 async fn a_peer_with_another_uid_is_refused_before_a_byte_is_read() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: running a client as uid 65534 needs root");
-        return;
-    }
     // World-writable, so only the credential check stands in the way.
     let srv = Running::start(|c| c.mode = 0o666);
     std::fs::set_permissions(srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let path = srv.path.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(exe)
-            .args([
-                "control::tests::refused_peer_child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_SOCKET_ENV, &path)
-            .uid(65534)
-            .gid(65534)
-            .output()
-    })
-    .await
-    .unwrap();
-    let out = match out {
-        Ok(out) => out,
-        // E.g. a target directory under a home that other users cannot
-        // enter.
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            eprintln!("skipped: uid 65534 cannot execute the test binary: {e}");
-            return;
-        }
-        Err(e) => panic!("cannot run the child: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("refused_peer_child ... ok"),
-        "the child run failed:\n{stdout}\n{stderr}"
-    );
+    if !run_as_nobody("control::tests::refused_peer_child", &srv.path).await {
+        return;
+    }
     wait_until("the refusal counted", || srv.snapshot().refused_peer == 1).await;
     assert!(srv.mock.seen().is_empty());
     assert_eq!(srv.requests("hello"), (0, 0));
