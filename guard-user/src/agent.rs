@@ -41,6 +41,17 @@ struct BlockMeta {
     expires_ns: u64,
     reason: u32,
     origin: String,
+    /// When the block was last decided or extended (Unix ns; 0 when adopted
+    /// from an earlier run): a fleet unblock older than this does not lift it.
+    decided_unix_ns: u64,
+}
+
+/// Who decided a block: this host (the fleet hears of it) or another host
+/// of the fleet (applied here, never sent back).
+#[derive(Clone, Copy, Debug)]
+enum DecidedBy {
+    Here { level: u32 },
+    Fleet { decided_unix_ns: u64 },
 }
 
 /// Sources over their cap being watched for escalation at once. Only
@@ -74,6 +85,8 @@ pub struct Agent {
     cookie_host: crate::cookies::HostParams,
     cookies_unavailable: Option<&'static str>,
     cookie_keys: Mutex<crate::cookies::KeyRotation>,
+    /// Where this host's decisions go to the fleet, once it is linked.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Outbox>>,
 }
 
 /// What goes into the kernel's allowlist: loopback never reaches an
@@ -133,6 +146,7 @@ impl Agent {
             ),
             cookie_host,
             cookie_keys: Mutex::new(crate::cookies::KeyRotation::default()),
+            fleet: std::sync::OnceLock::new(),
             adaptive: Mutex::new((
                 crate::adaptive::Controller::new(),
                 crate::adaptive::read_distress_counters().unwrap_or(0),
@@ -302,6 +316,7 @@ impl Agent {
                     expires_ns: entry.expires_ns,
                     reason: entry.reason,
                     origin: "adopted".into(),
+                    decided_unix_ns: 0,
                 },
             );
         }
@@ -335,6 +350,35 @@ impl Agent {
         origin: &str,
         detected_at_unix_ns: u64,
         detail: &str,
+    ) -> Response {
+        self.block_decided(
+            prefix,
+            ttl,
+            reason_code,
+            origin,
+            detected_at_unix_ns,
+            detail,
+            DecidedBy::Here { level: 0 },
+        )
+    }
+
+    /// Tells the fleet, if linked, what this host decided.
+    fn share(&self, decision: crate::fleet::Decision) {
+        if let Some(outbox) = self.fleet.get() {
+            outbox.push(decision);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_decided(
+        &self,
+        prefix: Prefix,
+        ttl: Option<Duration>,
+        reason_code: u32,
+        origin: &str,
+        detected_at_unix_ns: u64,
+        detail: &str,
+        by: DecidedBy,
     ) -> Response {
         let result = |outcome: BlockOutcome, text: String, expires: u32| Response::BlockResult {
             outcome,
@@ -381,6 +425,11 @@ impl Agent {
             Some(old) => old.expires_ns.max(expires_ns),
             None => expires_ns,
         };
+        let extended = merged.as_ref().is_none_or(|old| old.expires_ns != expires_ns);
+        let decided_unix_ns = match by {
+            DecidedBy::Here { .. } => unix_now_ns(),
+            DecidedBy::Fleet { decided_unix_ns } => decided_unix_ns,
+        };
         let entry = BlockEntry {
             expires_ns,
             reason: merged.as_ref().map_or(reason_code, |m| m.reason),
@@ -410,9 +459,28 @@ impl Agent {
         };
         let detected = (detected_at_unix_ns != 0)
             .then(|| UNIX_EPOCH + Duration::from_nanos(detected_at_unix_ns));
+        if let (DecidedBy::Here { level }, true) = (by, extended) {
+            let expires_unix_ms = if expires_ns == 0 {
+                0
+            } else {
+                (decided_unix_ns + (expires_ns - now)) / 1_000_000
+            };
+            self.share(crate::fleet::Decision {
+                action: crate::fleet::Action::Block,
+                prefix: prefix.to_string(),
+                expires_unix_ms,
+                decided_unix_ms: decided_unix_ns / 1_000_000,
+                reason: reason::name(entry.reason).to_string(),
+                origin: origin.to_string(),
+                level,
+                detail: cap_str(detail, 200).to_string(),
+            });
+        }
         match merged {
             Some(_) => {
-                blocks.get_mut(&prefix).expect("present").expires_ns = expires_ns;
+                let meta = blocks.get_mut(&prefix).expect("present");
+                meta.expires_ns = expires_ns;
+                meta.decided_unix_ns = meta.decided_unix_ns.max(decided_unix_ns);
                 self.metrics
                     .block_reports
                     .with_label_values(&["merged"])
@@ -430,6 +498,7 @@ impl Agent {
                         expires_ns,
                         reason: reason_code,
                         origin: origin.to_string(),
+                        decided_unix_ns,
                     },
                 );
                 self.metrics.blocklist_entries.set(blocks.len() as i64);
@@ -458,6 +527,23 @@ impl Agent {
     }
 
     pub fn unblock(&self, prefix: &Prefix, origin: &str) -> Response {
+        let resp = self.unblock_entry(prefix, origin);
+        if matches!(resp, Response::Ok) {
+            self.share(crate::fleet::Decision {
+                action: crate::fleet::Action::Unblock,
+                prefix: prefix.to_string(),
+                expires_unix_ms: 0,
+                decided_unix_ms: unix_now_ns() / 1_000_000,
+                reason: String::new(),
+                origin: origin.to_string(),
+                level: 0,
+                detail: String::new(),
+            });
+        }
+        resp
+    }
+
+    fn unblock_entry(&self, prefix: &Prefix, origin: &str) -> Response {
         let existed = match self.maps().remove_block(prefix) {
             Ok(existed) => existed,
             Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
@@ -583,9 +669,10 @@ impl Agent {
             let ttl = esc.ttl.saturating_mul(factor).min(esc.max_ttl);
             o.strikes = o.strikes.saturating_add(1);
             o.streak_start_ns = now;
-            ttl
+            (ttl, o.strikes)
         };
-        let resp = self.block(
+        let (ttl, level) = ttl;
+        let resp = self.block_decided(
             prefix,
             Some(ttl),
             reason::ESCALATED_OVER_CAP,
@@ -597,6 +684,7 @@ impl Agent {
                 ev.syns,
                 ev.over_cap
             ),
+            DecidedBy::Here { level },
         );
         if matches!(
             resp,
@@ -799,6 +887,10 @@ impl Agent {
         if new.interfaces != old_ifaces {
             warn!("interfaces changed in the config file; restart the agent to attach elsewhere (keeping {old_ifaces:?})");
         }
+        let old_fleet = self.settings.lock().expect("settings lock").fleet.clone();
+        if new.fleet != old_fleet {
+            warn!("[fleet] changed in the config file; it takes effect when the agent restarts");
+        }
         match self.apply(&new) {
             Ok(()) => {
                 self.metrics
@@ -831,6 +923,93 @@ fn config_entries(c: &LiveConfig) -> Vec<(String, String)> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+}
+
+impl crate::fleet::Applier for Agent {
+    fn apply_remote(&self, host: &str, d: &crate::fleet::Decision) -> crate::fleet::Applied {
+        use crate::fleet::{Action, Applied};
+        let Ok(prefix) = d.prefix.parse::<Prefix>() else {
+            return Applied::Dropped("malformed");
+        };
+        let origin = cap_str(&format!("fleet:{host}"), MAX_ORIGIN_LEN).to_string();
+        let decided_unix_ns = d.decided_unix_ms.saturating_mul(1_000_000);
+        match d.action {
+            Action::Block => {
+                // Expiry is absolute: a late or replayed decision keeps only
+                // what is left of it, and one from a clock far ahead is held
+                // to this host's widest TTL by `block_decided`.
+                let now_ms = crate::fleet::unix_now_ms();
+                let ttl = if d.expires_unix_ms == 0 {
+                    None
+                } else if d.expires_unix_ms <= now_ms {
+                    return Applied::Dropped("expired");
+                } else {
+                    Some(Duration::from_millis(d.expires_unix_ms - now_ms))
+                };
+                if self.protected_overlap(&prefix).is_some() {
+                    return Applied::Dropped("allowlisted");
+                }
+                let ttl = ttl.unwrap_or(self.settings.lock().expect("settings lock").blocks.max_ttl);
+                let before = self
+                    .blocks
+                    .lock()
+                    .expect("blocks lock")
+                    .get(&prefix)
+                    .map(|m| m.expires_ns);
+                let reason_code = reason::from_name(&d.reason).unwrap_or(reason::OTHER);
+                let detail = format!("{} on {host}: {}", d.origin, d.detail);
+                match self.block_decided(
+                    prefix,
+                    Some(ttl),
+                    reason_code,
+                    &origin,
+                    0,
+                    cap_str(&detail, 240),
+                    DecidedBy::Fleet { decided_unix_ns },
+                ) {
+                    Response::BlockResult {
+                        outcome: BlockOutcome::Added,
+                        ..
+                    } => Applied::Changed,
+                    Response::BlockResult {
+                        outcome: BlockOutcome::Merged,
+                        ..
+                    } => {
+                        let after = self
+                            .blocks
+                            .lock()
+                            .expect("blocks lock")
+                            .get(&prefix)
+                            .map(|m| m.expires_ns);
+                        if after != before {
+                            Applied::Changed
+                        } else {
+                            Applied::Unchanged
+                        }
+                    }
+                    Response::BlockResult { .. } => Applied::Dropped("blocklist_full"),
+                    _ => Applied::Dropped("kernel_error"),
+                }
+            }
+            Action::Unblock => {
+                let newer_here = self
+                    .blocks
+                    .lock()
+                    .expect("blocks lock")
+                    .get(&prefix)
+                    .map(|m| m.decided_unix_ns > decided_unix_ns);
+                match newer_here {
+                    None => Applied::Unchanged,
+                    // Blocked again here after that host lifted it.
+                    Some(true) => Applied::Dropped("superseded"),
+                    Some(false) => match self.unblock_entry(&prefix, &origin) {
+                        Response::Ok => Applied::Changed,
+                        _ => Applied::Unchanged,
+                    },
+                }
+            }
+        }
+    }
 }
 
 impl ControlHandler for Agent {
@@ -959,6 +1138,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .set(1);
     }
 
+    let fleet = match settings.fleet.clone() {
+        Some(fs) => {
+            let metrics = Arc::new(crate::fleet::FleetMetrics::register(&agent.metrics.registry));
+            let link = crate::fleet::Fleet::start(
+                fs,
+                settings.blocks.max_ttl,
+                metrics,
+                agent.clone() as Arc<dyn crate::fleet::Applier>,
+            )
+            .await?;
+            let _ = agent.fleet.set(link.outbox.clone());
+            Some(link)
+        }
+        None => None,
+    };
+
     let control = ControlServer::bind(ControlServerConfig::from_settings(&settings))?;
     *agent.control_stats.lock().expect("stats lock") = Some(control.stats());
 
@@ -1025,6 +1220,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let _ = events_task.await;
     if let Some(t) = log_task {
         let _ = t.await;
+    }
+    if let Some(link) = fleet {
+        link.shutdown(Duration::from_secs(3)).await;
     }
     drop(dp);
     Ok(())

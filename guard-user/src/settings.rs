@@ -46,6 +46,7 @@ pub struct FileConfig {
     pub escalation: EscalationFile,
     pub adaptive: AdaptiveFile,
     pub maps: MapsFile,
+    pub fleet: crate::fleet::FleetFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +151,13 @@ pub struct RunArgs {
     /// A live-config change, e.g. `--set syn_rate=50` (repeat).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// NATS server URL of the fleet's JetStream (repeat, or comma-separate);
+    /// turns block sharing on. See `[fleet]` in guard.toml.
+    #[arg(long = "fleet-url", env = "GUARD_FLEET_URL", value_delimiter = ',')]
+    pub fleet_urls: Vec<String>,
+    /// This host's name in the fleet (default: the kernel's hostname).
+    #[arg(long, env = "GUARD_FLEET_HOST")]
+    pub fleet_host: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +211,8 @@ pub struct Settings {
     pub escalation: EscalationSettings,
     pub adaptive: AdaptiveSettings,
     pub map_sizes: MapSizes,
+    /// Block sharing through NATS JetStream; `None` is a single host.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 fn parse_prefixes(what: &str, items: &[String]) -> Result<Vec<Prefix>> {
@@ -381,6 +391,11 @@ impl Settings {
             allow: file.maps.allow.unwrap_or(defaults.allow),
             block: blocks.capacity,
         };
+        let fleet = crate::fleet::FleetSettings::resolve(
+            &file.fleet,
+            &args.fleet_urls,
+            args.fleet_host.as_deref(),
+        )?;
         Ok(Self {
             config_file: args.config.clone(),
             interfaces,
@@ -411,6 +426,7 @@ impl Settings {
             escalation,
             adaptive,
             map_sizes,
+            fleet,
         })
     }
 }
