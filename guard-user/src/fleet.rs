@@ -440,6 +440,7 @@ async fn connect(s: &FleetSettings, metrics: Arc<FleetMetrics>) -> Result<async_
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(3))
+        .ping_interval(Duration::from_secs(10))
         .reconnect_delay_callback(|attempt| {
             Duration::from_millis((100u64 << attempt.min(5)).min(2000))
         })

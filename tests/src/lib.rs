@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod evasion;
+pub mod fleet;
 pub mod frames;
 pub mod lab;
 pub mod measure;

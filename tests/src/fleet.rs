@@ -1,0 +1,328 @@
+//! A fleet lab: guard hosts sharing blocks through a real three-node NATS JetStream cluster.
+//!
+//! ```text
+//!   host a  198.18.0.11/24  eth0 ──┐
+//!   host b  198.18.0.12/24  eth0 ──┤
+//!   host c  198.18.0.13/24  eth0 ──┼── br0 (switch netns)
+//!   nats    198.18.0.200/24 eth0 ──┤     n0 :4222, n1 :4223, n2 :4224 (cluster 6222–6224)
+//!   attacker 198.18.0.3/24  eth0 ──┘
+//! ```
+//!
+//! Each host runs its own agent (XDP on its `eth0`, the service port [`SERVICE_PORT`]) and
+//! reaches NATS across the bridge, so cutting a host off (`partition`) is taking its link down,
+//! and killing a NATS node is stopping its process. Everything is torn down on drop: agents by
+//! their guards, pins by their homes, NATS processes, then the namespaces.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use guard_common::client::Connection;
+use guard_common::proto::{Request, Response};
+
+use crate::agent::{block_on, wait_for, Agent, AgentHome, RunOpts};
+use crate::lab::{fmt_mac, LAB_V4_PREFIX, ROLE_IF};
+use crate::netns::Netns;
+use crate::process::ChildGuard;
+use crate::tools::TempDir;
+
+/// Where the fleet tests and the lab expect `nats-server` (`cargo xtask setup` puts it there).
+pub const NATS_SERVER: &str = "/usr/local/bin/nats-server";
+pub const NATS_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+pub const ATTACKER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// The port every host's agent protects (and a test listener serves).
+pub const SERVICE_PORT: u16 = 8080;
+const NATS_NODES: u16 = 3;
+const CLIENT_PORT: u16 = 4222;
+const CLUSTER_PORT: u16 = 6222;
+const BRIDGE: &str = "br0";
+
+/// Host `i`'s address (198.18.0.11 for the first).
+pub fn host_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 11 + i as u8)
+}
+
+/// The host names the agents use on the stream.
+pub fn host_name(i: usize) -> String {
+    format!("host-{}", (b'a' + i as u8) as char)
+}
+
+/// A namespace joined to the bridge with one IPv4 address on `eth0`.
+fn join(switch: &Netns, role: &str, port: &str, mac_last: u8, v4: Ipv4Addr) -> Result<Netns> {
+    let ns = Netns::new(role)?;
+    let mac = fmt_mac([0x02, 0x67, 0x64, 0, 1, mac_last]);
+    ns.ip(&[
+        "link", "add", ROLE_IF, "address", &mac, "type", "veth", "peer", "name", port, "netns",
+        switch.name(),
+    ])
+    .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
+    switch.ip(&["link", "set", port, "master", BRIDGE, "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{v4}/{LAB_V4_PREFIX}"),
+        "dev",
+        ROLE_IF,
+    ])?;
+    ns.ip(&["link", "set", ROLE_IF, "up"])?;
+    Ok(ns)
+}
+
+/// Three `nats-server` processes with JetStream, clustered, in one namespace.
+pub struct NatsCluster {
+    nodes: Vec<Option<ChildGuard>>,
+    dir: TempDir,
+    ns: Netns,
+}
+
+impl NatsCluster {
+    fn start(ns: Netns) -> Result<Self> {
+        ensure!(
+            std::path::Path::new(NATS_SERVER).is_file(),
+            "{NATS_SERVER} is missing: run `cargo xtask setup`"
+        );
+        let mut cluster = Self {
+            nodes: (0..NATS_NODES).map(|_| None).collect(),
+            dir: TempDir::new("nats")?,
+            ns,
+        };
+        for i in 0..NATS_NODES as usize {
+            cluster.start_node(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The client URLs of every node, as an agent's `[fleet] urls`.
+    pub fn urls(&self) -> Vec<String> {
+        (0..NATS_NODES)
+            .map(|i| format!("nats://{NATS_V4}:{}", CLIENT_PORT + i))
+            .collect()
+    }
+
+    fn store(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}"))
+    }
+
+    /// Starts node `i` (again, on its old store after a kill).
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        ensure!(self.nodes[i].is_none(), "NATS node {i} is already running");
+        let routes: Vec<String> = (0..NATS_NODES)
+            .filter(|j| *j as usize != i)
+            .map(|j| format!("nats://{NATS_V4}:{}", CLUSTER_PORT + j))
+            .collect();
+        let mut cmd = self.ns.command(NATS_SERVER);
+        cmd.args(["-n", &format!("n{i}"), "-a", &NATS_V4.to_string()])
+            .args(["-p", &(CLIENT_PORT + i as u16).to_string()])
+            .args(["-js", "-sd"])
+            .arg(self.store(i))
+            .args(["--cluster_name", "gd-fleet"])
+            .args([
+                "--cluster",
+                &format!("nats://{NATS_V4}:{}", CLUSTER_PORT + i as u16),
+            ])
+            .args(["--routes", &routes.join(",")]);
+        let mut child = ChildGuard::spawn(&format!("nats-server n{i}"), &mut cmd)?
+            .with_grace(Duration::from_secs(5));
+        child.wait_for_stderr("Server is ready", Duration::from_secs(30))?;
+        self.nodes[i] = Some(child);
+        Ok(())
+    }
+
+    /// Kills node `i` outright (SIGKILL), as a crash would.
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        let child = self.nodes[i].take().context("that node is not running")?;
+        let pid = libc::pid_t::try_from(child.pid()).context("pid out of range")?;
+        // SAFETY: our own child's PID, not reaped yet (the guard reaps it just below).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        child.wait_timeout(Duration::from_secs(10))?;
+        Ok(())
+    }
+}
+
+/// One guard host of the fleet.
+pub struct FleetHost {
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub home: AgentHome,
+    pub ns: Netns,
+}
+
+impl FleetHost {
+    /// `guard run` on this host, in the fleet, with `extra` TOML appended to its config.
+    pub fn start(&self, urls: &[String], extra: &str) -> Result<Agent> {
+        let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        let config = format!(
+            "[fleet]\nurls = [{}]\nhost = \"{}\"\nreplicas = 3\n\n[blocks]\ncapacity = 131072\nmax_ttl_secs = 86400\n{extra}",
+            urls.join(", "),
+            self.name
+        );
+        self.home.start(
+            &self.ns,
+            &RunOpts::new(ROLE_IF, SERVICE_PORT)
+                .config(&config)
+                .log("info,guard_user::fleet=debug"),
+        )
+    }
+
+    /// Cuts the host off the fleet (and everything else): its link goes down.
+    pub fn partition(&self) -> Result<()> {
+        self.ns.ip(&["link", "set", ROLE_IF, "down"]).map(drop)
+    }
+
+    pub fn heal(&self) -> Result<()> {
+        self.ns.ip(&["link", "set", ROLE_IF, "up"]).map(drop)
+    }
+
+    /// The prefixes in this host's kernel blocklist.
+    pub fn kernel_blocks(&self) -> Result<Vec<String>> {
+        let maps = self.home.pins().maps()?;
+        Ok(maps
+            .blocks()?
+            .into_iter()
+            .map(|(p, _)| p.to_string())
+            .collect())
+    }
+}
+
+/// The whole fleet lab. Field order is drop order: hosts (pins unloaded), NATS, then the
+/// attacker and the switch.
+pub struct FleetLab {
+    pub hosts: Vec<FleetHost>,
+    pub nats: NatsCluster,
+    pub attacker: Netns,
+    pub switch: Netns,
+}
+
+impl FleetLab {
+    pub fn new(hosts: usize) -> Result<Self> {
+        ensure!((1..=8).contains(&hosts), "1 to 8 hosts");
+        let switch = Netns::new("fsw")?;
+        switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        switch.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        switch.ip(&["link", "set", BRIDGE, "up"])?;
+        let nats_ns = join(&switch, "nats", "p-nats", 200, NATS_V4)?;
+        let attacker = join(&switch, "fatk", "p-atk", 3, ATTACKER_V4)?;
+        let mut list = Vec::new();
+        for i in 0..hosts {
+            let ns = join(
+                &switch,
+                &format!("fh{i}"),
+                &format!("p-h{i}"),
+                11 + i as u8,
+                host_v4(i),
+            )?;
+            list.push(FleetHost {
+                name: host_name(i),
+                v4: host_v4(i),
+                home: AgentHome::new()?,
+                ns,
+            });
+        }
+        let nats = NatsCluster::start(nats_ns)?;
+        Ok(Self {
+            hosts: list,
+            nats,
+            attacker,
+            switch,
+        })
+    }
+
+    /// Starts every host's agent.
+    pub fn start_all(&self, extra: &str) -> Result<Vec<Agent>> {
+        let urls = self.nats.urls();
+        self.hosts.iter().map(|h| h.start(&urls, extra)).collect()
+    }
+}
+
+/// A metric of an agent, 0 when absent.
+pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    Ok(agent.scrape()?.value(name, labels).unwrap_or(0.0))
+}
+
+/// Waits until the agent subscribed and replayed the stream.
+pub fn wait_caught_up(agent: &Agent, limit: Duration) -> Result<()> {
+    wait_for("the agent to catch up with the fleet stream", limit, || {
+        Ok((metric(agent, "guard_fleet_caught_up", &[])? == 1.0).then_some(()))
+    })
+}
+
+/// Waits until the agent's blocklist holds exactly `n` entries.
+pub fn wait_blocklist_len(agent: &Agent, n: u64, limit: Duration) -> Result<()> {
+    let mut last = 0.0;
+    wait_for(&format!("{n} blocks"), limit, || {
+        last = metric(agent, "guard_blocklist_entries", &[])?;
+        Ok((last as u64 == n).then_some(()))
+    })
+    .with_context(|| format!("the blocklist holds {last}"))
+}
+
+/// The `n` distinct /32 prefixes the fleet tests block, numbered from `first`: from 198.18.1.0
+/// upward, clear of every lab host.
+pub fn test_prefixes(first: u32, n: u32) -> Vec<String> {
+    let base = u32::from(Ipv4Addr::new(198, 18, 1, 0));
+    (first..first + n)
+        .map(|i| format!("{}/32", Ipv4Addr::from(base + i)))
+        .collect()
+}
+
+/// Blocks every prefix through the host's control socket over `connections` concurrent
+/// sessions (the way many apps report at once), each block `ttl_secs` long.
+pub fn block_all(
+    home: &AgentHome,
+    prefixes: &[String],
+    ttl_secs: u32,
+    connections: usize,
+) -> Result<()> {
+    let socket = home.socket();
+    block_on(async {
+        let chunk = prefixes.len().div_ceil(connections.max(1)).max(1);
+        let mut tasks = Vec::new();
+        for part in prefixes.chunks(chunk) {
+            let socket = socket.clone();
+            let part: Vec<String> = part.to_vec();
+            tasks.push(async move {
+                let mut conn = Connection::connect(&socket, "guard-fleet-test")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
+                for p in part {
+                    let resp = conn
+                        .call(Request::Block {
+                            prefix: p.parse().map_err(|e| anyhow::anyhow!("{p}: {e:?}"))?,
+                            ttl_secs,
+                            reason: guard_common::state::reason::OPERATOR,
+                            detected_at_unix_ns: 0,
+                            detail: "fleet test".into(),
+                        })
+                        .await
+                        .map_err(|e| anyhow::anyhow!("block {p}: {e}"))?;
+                    ensure!(
+                        matches!(resp, Response::BlockResult { .. }),
+                        "block {p}: {resp:?}"
+                    );
+                }
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+        for r in futures_util::future::join_all(tasks).await {
+            r?;
+        }
+        Ok(())
+    })
+}
+
+/// Whether `nats-server` is where the fleet tests expect it.
+pub fn nats_available() -> bool {
+    Command::new(NATS_SERVER)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `SocketAddr` of host `i`'s service.
+pub fn service(i: usize) -> SocketAddr {
+    SocketAddr::from((host_v4(i), SERVICE_PORT))
+}

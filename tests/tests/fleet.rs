@@ -1,0 +1,198 @@
+//! The fleet: blocks shared across three guard hosts through a real three-node NATS JetStream
+//! cluster (tests/src/fleet.rs builds it). Run serially: they build namespaces and pin maps.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use guard_tests::agent::{connects, Listener};
+use guard_tests::fleet::{
+    block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len,
+    wait_caught_up, FleetLab, ATTACKER_V4,
+};
+use guard_tests::require_root;
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+fn ready() -> bool {
+    if !require_root("fleet") {
+        return false;
+    }
+    // `cargo xtask test` installs it: missing, the run fails here rather than skipping.
+    assert!(nats_available(), "nats-server is missing: run `cargo xtask setup`");
+    true
+}
+
+fn p99(agent: &guard_tests::agent::Agent) -> Result<f64> {
+    agent
+        .scrape()?
+        .histogram_quantile("guard_fleet_apply_lag_seconds", 0.99)
+        .ok_or_else(|| anyhow::anyhow!("no guard_fleet_apply_lag_seconds samples"))
+}
+
+#[test]
+fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_lifts_it(
+) -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let lab = FleetLab::new(3)?;
+    let agents = lab.start_all("")?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
+    let listeners: Vec<Listener> = (0..3)
+        .map(|i| Listener::new(&lab.hosts[i].ns, service(i)))
+        .collect::<Result<_>>()?;
+    for i in 1..3 {
+        ensure!(
+            connects(&lab.attacker, service(i), 2, Duration::from_secs(2))? == 2,
+            "host {i} must serve the attacker before any block"
+        );
+    }
+
+    let attacker = format!("{ATTACKER_V4}/32");
+    lab.hosts[0]
+        .home
+        .ctl(&["block", &attacker, "--ttl", "10m", "--reason", "operator"])?;
+    for (i, a) in agents.iter().enumerate().skip(1) {
+        wait_blocklist_len(a, 1, SETTLE)?;
+        ensure!(
+            lab.hosts[i].kernel_blocks()?.contains(&attacker),
+            "host {i}'s kernel lacks the block"
+        );
+        ensure!(
+            connects(&lab.attacker, service(i), 3, Duration::from_secs(1))? == 0,
+            "host {i} must drop the attacker now"
+        );
+        let audit = lab.hosts[i].home.audit_events("block", &attacker)?;
+        ensure!(audit.len() == 1, "host {i} audit: {audit:?}");
+        ensure!(
+            audit[0]["origin"] == "fleet:host-a",
+            "the audit names the deciding host: {}",
+            audit[0]
+        );
+        let detail = audit[0]["detail"].as_str().unwrap_or_default();
+        ensure!(detail.contains("on host-a"), "detail: {detail}");
+    }
+    // Its own decision echoes back from the stream and is not applied twice.
+    std::thread::sleep(Duration::from_millis(500));
+    let own = lab.hosts[0].home.audit_events("block", &attacker)?;
+    ensure!(own.len() == 1, "host a audited its block {} times", own.len());
+    ensure!(own[0]["origin"] != "fleet:host-a");
+
+    // 1 000 decisions, one at a time, the way reports trickle in.
+    let prefixes = test_prefixes(0, 1000);
+    block_all(&lab.hosts[0].home, &prefixes, 3600, 1)?;
+    for (i, a) in agents.iter().enumerate().skip(1) {
+        wait_blocklist_len(a, 1001, SETTLE)?;
+        let q = p99(a)?;
+        println!("host {i}: decision-to-applied p99 {:.1} ms over 1001 decisions", q * 1e3);
+        ensure!(q < 1.0, "host {i}: p99 {q} s is over the 1 s goal");
+        let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
+        ensure!(
+            prefixes.iter().all(|p| kernel.contains(p)),
+            "host {i}'s kernel misses decisions"
+        );
+    }
+    ensure!(metric(&agents[0], "guard_fleet_decisions_published_total", &[])? == 1001.0);
+    ensure!(metric(&agents[0], "guard_fleet_decisions_applied_total", &[("action", "block")])? == 0.0);
+
+    // An unblock on another host than the one that blocked lifts it everywhere.
+    lab.hosts[1].home.ctl(&["unblock", &attacker])?;
+    for (i, a) in agents.iter().enumerate() {
+        wait_blocklist_len(a, 1000, SETTLE)?;
+        ensure!(!lab.hosts[i].kernel_blocks()?.contains(&attacker));
+    }
+    ensure!(
+        connects(&lab.attacker, service(2), 2, Duration::from_secs(2))? == 2,
+        "host c serves the attacker again"
+    );
+    let lifted = lab.hosts[2].home.audit_events("unblock", &attacker)?;
+    ensure!(lifted.len() == 1 && lifted[0]["origin"] == "fleet:host-b", "{lifted:?}");
+    drop(listeners);
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_100k_decisions_is_applied_on_every_host() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let lab = FleetLab::new(3)?;
+    let agents = lab.start_all("")?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
+    let prefixes = test_prefixes(0, 100_000);
+    block_all(&lab.hosts[0].home, &prefixes, 3600, 8)?;
+    for (i, a) in agents.iter().enumerate() {
+        wait_blocklist_len(a, 100_000, Duration::from_secs(300))?;
+        let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
+        ensure!(kernel.len() == 100_000, "host {i}: {} in the kernel", kernel.len());
+        ensure!(prefixes.iter().all(|p| kernel.contains(p)), "host {i} misses some");
+    }
+    let a = &agents[0];
+    ensure!(metric(a, "guard_fleet_decisions_published_total", &[])? == 100_000.0);
+    ensure!(metric(a, "guard_fleet_decisions_dropped_total", &[("reason", "queue_full")])? == 0.0);
+    for b in &agents[1..] {
+        ensure!(metric(b, "guard_fleet_decisions_applied_total", &[("action", "block")])? == 100_000.0);
+        println!("p99 lag in the burst: {:.0} ms", p99(b)? * 1e3);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_killed_nats_node_a_partition_and_a_restart_lose_no_decision() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let mut lab = FleetLab::new(3)?;
+    let mut agents = lab.start_all("")?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
+    // A NATS node dies; the other two keep quorum.
+    lab.nats.kill_node(0)?;
+    block_all(&lab.hosts[0].home, &test_prefixes(0, 200), 3600, 1)?;
+
+    // Host c is cut off while a and b go on deciding.
+    lab.hosts[2].partition()?;
+    block_all(&lab.hosts[0].home, &test_prefixes(200, 200), 3600, 1)?;
+    block_all(&lab.hosts[1].home, &test_prefixes(400, 100), 3600, 1)?;
+    wait_blocklist_len(&agents[0], 500, SETTLE)?;
+    wait_blocklist_len(&agents[1], 500, SETTLE)?;
+
+    // Host a is cut off too: what it decides meanwhile waits in its queue.
+    lab.hosts[0].partition()?;
+    block_all(&lab.hosts[0].home, &test_prefixes(500, 100), 3600, 1)?;
+    guard_tests::agent::wait_for("host a to notice it cannot publish", SETTLE, || {
+        Ok((metric(&agents[0], "guard_fleet_publish_queue_depth", &[])? > 0.0).then_some(()))
+    })?;
+    lab.hosts[0].heal()?;
+    lab.hosts[2].heal()?;
+    lab.nats.start_node(0)?;
+    for a in &agents {
+        wait_blocklist_len(a, 600, SETTLE)?;
+    }
+    ensure!(metric(&agents[0], "guard_fleet_publish_queue_depth", &[])? == 0.0);
+
+    // Host b restarts (its kernel keeps the pinned blocks) and misses decisions while down.
+    let b = agents.remove(1);
+    b.stop()?;
+    block_all(&lab.hosts[0].home, &test_prefixes(600, 50), 3600, 1)?;
+    let lifted = test_prefixes(0, 10);
+    for p in &lifted {
+        lab.hosts[0].home.ctl(&["unblock", p])?;
+    }
+    let urls = lab.nats.urls();
+    agents.insert(1, lab.hosts[1].start(&urls, "")?);
+    wait_caught_up(&agents[1], SETTLE)?;
+    let expected: BTreeSet<String> = test_prefixes(10, 640).into_iter().collect();
+    for (i, a) in agents.iter().enumerate() {
+        wait_blocklist_len(a, 640, SETTLE)?;
+        let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
+        ensure!(kernel == expected, "host {i} diverged: {} entries", kernel.len());
+    }
+    Ok(())
+}
