@@ -425,7 +425,9 @@ impl Agent {
             Some(old) => old.expires_ns.max(expires_ns),
             None => expires_ns,
         };
-        let extended = merged.as_ref().is_none_or(|old| old.expires_ns != expires_ns);
+        let extended = merged
+            .as_ref()
+            .is_none_or(|old| old.expires_ns != expires_ns);
         let decided_unix_ns = match by {
             DecidedBy::Here { .. } => unix_now_ns(),
             DecidedBy::Fleet { decided_unix_ns } => decided_unix_ns,
@@ -949,7 +951,8 @@ impl crate::fleet::Applier for Agent {
                 if self.protected_overlap(&prefix).is_some() {
                     return Applied::Dropped("allowlisted");
                 }
-                let ttl = ttl.unwrap_or(self.settings.lock().expect("settings lock").blocks.max_ttl);
+                let ttl =
+                    ttl.unwrap_or(self.settings.lock().expect("settings lock").blocks.max_ttl);
                 let before = self
                     .blocks
                     .lock()
@@ -1140,7 +1143,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let fleet = match settings.fleet.clone() {
         Some(fs) => {
-            let metrics = Arc::new(crate::fleet::FleetMetrics::register(&agent.metrics.registry));
+            let metrics = Arc::new(crate::fleet::FleetMetrics::register(
+                &agent.metrics.registry,
+            ));
             let link = crate::fleet::Fleet::start(
                 fs,
                 settings.blocks.max_ttl,

@@ -23,9 +23,7 @@ use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt as _;
 use log::{debug, info, warn};
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -111,11 +109,7 @@ fn kernel_hostname() -> Option<String> {
 impl FleetSettings {
     /// `None` when no URL is configured (the fleet is off). `urls` and
     /// `host` from the command line win over the file's.
-    pub fn resolve(
-        file: &FleetFile,
-        urls: &[String],
-        host: Option<&str>,
-    ) -> Result<Option<Self>> {
+    pub fn resolve(file: &FleetFile, urls: &[String], host: Option<&str>) -> Result<Option<Self>> {
         let urls: Vec<String> = if urls.is_empty() {
             file.urls.clone()
         } else {
@@ -502,9 +496,7 @@ async fn connect(s: &FleetSettings, metrics: Arc<FleetMetrics>) -> Result<async_
         .iter()
         .map(|u| u.parse().expect("validated in FleetSettings::resolve"))
         .collect();
-    opts.connect(addrs)
-        .await
-        .context("fleet: connect to NATS")
+    opts.connect(addrs).await.context("fleet: connect to NATS")
 }
 
 fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::stream::Config {
@@ -733,10 +725,7 @@ async fn follow_loop(
                 }
             };
             let Ok(info) = msg.info() else {
-                metrics
-                    .dropped
-                    .with_label_values(&["malformed"])
-                    .inc();
+                metrics.dropped.with_label_values(&["malformed"]).inc();
                 continue;
             };
             let seq = info.stream_sequence;
@@ -766,10 +755,7 @@ pub fn handle_batch(
     let batch: Batch = match serde_json::from_slice(payload) {
         Ok(b) => b,
         Err(e) => {
-            metrics
-                .dropped
-                .with_label_values(&["malformed"])
-                .inc();
+            metrics.dropped.with_label_values(&["malformed"]).inc();
             debug!("fleet: a message that is not a decision batch: {e}");
             return;
         }
@@ -882,7 +868,11 @@ mod tests {
         assert_eq!(b.ttl(10_000, max), Duration::from_secs(91));
         let mut u = b.clone();
         u.decisions.push(decision(Action::Unblock, 0));
-        assert_eq!(u.ttl(10_000, max), max, "an unblock outlives what it cancels");
+        assert_eq!(
+            u.ttl(10_000, max),
+            max,
+            "an unblock outlives what it cancels"
+        );
         let expired = Batch {
             decisions: vec![decision(Action::Block, 5_000)],
             ..b
@@ -931,7 +921,10 @@ mod tests {
         assert!(rec.0.lock().unwrap().is_empty());
         assert_eq!(metrics.dropped.with_label_values(&["malformed"]).get(), 1);
         assert_eq!(
-            metrics.dropped.with_label_values(&["unknown_version"]).get(),
+            metrics
+                .dropped
+                .with_label_values(&["unknown_version"])
+                .get(),
             1
         );
     }
@@ -949,6 +942,10 @@ mod tests {
         out.push(decision(Action::Block, 9));
         out.put_back(vec![decision(Action::Block, 7), decision(Action::Block, 8)]);
         let order: Vec<u64> = out.take(10).iter().map(|d| d.expires_unix_ms).collect();
-        assert_eq!(order, vec![7, 8, 9], "a failed batch goes back in front, in order");
+        assert_eq!(
+            order,
+            vec![7, 8, 9],
+            "a failed batch goes back in front, in order"
+        );
     }
 }

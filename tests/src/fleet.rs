@@ -5,7 +5,7 @@
 //!   host b  198.18.0.12/24  eth0 ──┤
 //!   host c  198.18.0.13/24  eth0 ──┼── br0 (switch netns)
 //!   nats    198.18.0.200/24 eth0 ──┤     n0 :4222, n1 :4223, n2 :4224 (cluster 6222–6224)
-//!   attacker 198.18.0.3/24  eth0 ──┘
+//!   attackers 198.18.0.3, .4, .5 (one namespace each) ──┘
 //! ```
 //!
 //! Each host runs its own agent (XDP on its `eth0`, the service port [`SERVICE_PORT`]) and
@@ -31,7 +31,13 @@ use crate::tools::TempDir;
 /// Where the fleet tests and the lab expect `nats-server` (`cargo xtask setup` puts it there).
 pub const NATS_SERVER: &str = "/usr/local/bin/nats-server";
 pub const NATS_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+/// The first attacker's address; attacker `i` is 198.18.0.(3+i).
 pub const ATTACKER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const ATTACKERS: usize = 3;
+
+pub fn attacker_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 3 + i as u8)
+}
 /// The port every host's agent protects (and a test listener serves).
 pub const SERVICE_PORT: u16 = 8080;
 const NATS_NODES: u16 = 3;
@@ -54,7 +60,17 @@ fn join(switch: &Netns, role: &str, port: &str, mac_last: u8, v4: Ipv4Addr) -> R
     let ns = Netns::new(role)?;
     let mac = fmt_mac([0x02, 0x67, 0x64, 0, 1, mac_last]);
     ns.ip(&[
-        "link", "add", ROLE_IF, "address", &mac, "type", "veth", "peer", "name", port, "netns",
+        "link",
+        "add",
+        ROLE_IF,
+        "address",
+        &mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
         switch.name(),
     ])
     .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
@@ -191,7 +207,7 @@ impl FleetHost {
 pub struct FleetLab {
     pub hosts: Vec<FleetHost>,
     pub nats: NatsCluster,
-    pub attacker: Netns,
+    pub attackers: Vec<Netns>,
     pub switch: Netns,
 }
 
@@ -204,7 +220,17 @@ impl FleetLab {
         switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         switch.ip(&["link", "set", BRIDGE, "up"])?;
         let nats_ns = join(&switch, "nats", "p-nats", 200, NATS_V4)?;
-        let attacker = join(&switch, "fatk", "p-atk", 3, ATTACKER_V4)?;
+        let attackers = (0..ATTACKERS)
+            .map(|i| {
+                join(
+                    &switch,
+                    &format!("fat{i}"),
+                    &format!("p-atk{i}"),
+                    3 + i as u8,
+                    attacker_v4(i),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut list = Vec::new();
         for i in 0..hosts {
             let ns = join(
@@ -225,7 +251,7 @@ impl FleetLab {
         Ok(Self {
             hosts: list,
             nats,
-            attacker,
+            attackers,
             switch,
         })
     }
@@ -325,4 +351,181 @@ pub fn nats_available() -> bool {
 /// `SocketAddr` of host `i`'s service.
 pub fn service(i: usize) -> SocketAddr {
     SocketAddr::from((host_v4(i), SERVICE_PORT))
+}
+
+/// Whether host `i` drops attacker `a` now: none of two connects gets through.
+pub fn drops(lab: &FleetLab, a: usize, i: usize) -> Result<bool> {
+    Ok(crate::agent::connects(&lab.attackers[a], service(i), 2, Duration::from_secs(1))? == 0)
+}
+
+/// One step of the fleet scenario, as the report shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetStep {
+    pub what: String,
+    pub source: String,
+    /// Hosts that drop the source after the step.
+    pub dropped_on: Vec<String>,
+    /// Hosts that still serve it.
+    pub served_on: Vec<String>,
+    /// From the decision to the block in the last other host's kernel (polled every 5 ms).
+    pub propagation_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetDemo {
+    pub hosts: Vec<String>,
+    pub nats_nodes: u16,
+    pub steps: Vec<FleetStep>,
+}
+
+/// Reports a block the way an app does (client name and reason), on host `on`.
+fn app_report(home: &AgentHome, prefix: &str) -> Result<()> {
+    let socket = home.socket();
+    block_on(async {
+        let mut conn = Connection::connect(&socket, "chat-app")
+            .await
+            .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
+        let resp = conn
+            .call(Request::Block {
+                prefix: prefix
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{prefix}: {e:?}"))?,
+                ttl_secs: 600,
+                reason: guard_common::state::reason::MESSAGE_FLOOD,
+                detected_at_unix_ns: 0,
+                detail: "fleet demo: message flood".into(),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("block {prefix}: {e}"))?;
+        ensure!(matches!(resp, Response::BlockResult { .. }), "{resp:?}");
+        Ok(())
+    })
+}
+
+/// Milliseconds until every host in `on` has `prefix` in its kernel (or lacks it, `present`
+/// false), polled every 5 ms for at most 30 s.
+fn propagation(lab: &FleetLab, on: &[usize], prefix: &str, present: bool) -> Result<u64> {
+    let start = std::time::Instant::now();
+    let mut pending: Vec<usize> = on.to_vec();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for &i in &pending {
+            if lab.hosts[i].kernel_blocks()?.iter().any(|p| p == prefix) != present {
+                still.push(i);
+            }
+        }
+        pending = still;
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "{prefix} did not reach hosts {pending:?} within 120 s"
+        );
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(start.elapsed().as_millis() as u64)
+}
+
+/// The fleet scenario of `cargo xtask demo` (and of its test): three hosts, three NATS nodes.
+/// An attacker flagged on host a is dropped on b and c; a NATS node is killed and a decision
+/// on b still reaches everyone; host c restarts while a decides and catches up; an unblock on
+/// c lifts a block everywhere. `say` narrates.
+pub fn demo_scenario(mut say: impl FnMut(&str)) -> Result<FleetDemo> {
+    let mut lab = FleetLab::new(3)?;
+    let mut agents: Vec<Option<Agent>> = lab.start_all("")?.into_iter().map(Some).collect();
+    for a in agents.iter().flatten() {
+        wait_caught_up(a, Duration::from_secs(120))?;
+    }
+    let _listeners: Vec<crate::agent::Listener> = (0..lab.hosts.len())
+        .map(|i| crate::agent::Listener::new(&lab.hosts[i].ns, service(i)))
+        .collect::<Result<_>>()?;
+    let names: Vec<String> = lab.hosts.iter().map(|h| h.name.clone()).collect();
+    let mut steps = Vec::new();
+    let mut record = |lab: &FleetLab, what: &str, a: usize, ms: Option<u64>| -> Result<()> {
+        let (mut dropped_on, mut served_on) = (Vec::new(), Vec::new());
+        for (i, name) in names.iter().enumerate() {
+            if drops(lab, a, i)? {
+                dropped_on.push(name.clone());
+            } else {
+                served_on.push(name.clone());
+            }
+        }
+        let step = FleetStep {
+            what: what.to_string(),
+            source: attacker_v4(a).to_string(),
+            dropped_on,
+            served_on,
+            propagation_ms: ms,
+        };
+        say(&format!(
+            "fleet: {what}: {} dropped on {:?}, served on {:?}{}",
+            step.source,
+            step.dropped_on,
+            step.served_on,
+            ms.map(|m| format!(", in every kernel after {m} ms"))
+                .unwrap_or_default()
+        ));
+        steps.push(step);
+        Ok(())
+    };
+    record(&lab, "before any decision", 0, None)?;
+
+    let first = format!("{}/32", attacker_v4(0));
+    app_report(&lab.hosts[0].home, &first)?;
+    let ms = propagation(&lab, &[1, 2], &first, true)?;
+    record(&lab, "flagged by the app on host-a", 0, Some(ms))?;
+
+    lab.nats.kill_node(1)?;
+    let second = format!("{}/32", attacker_v4(1));
+    app_report(&lab.hosts[1].home, &second)?;
+    let ms = propagation(&lab, &[0, 2], &second, true).with_context(|| {
+        let logs: Vec<String> = agents
+            .iter()
+            .flatten()
+            .map(|a| {
+                a.log()
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        format!("agent logs (newest first):\n{}", logs.join("\n---\n"))
+    })?;
+    record(
+        &lab,
+        "NATS node n1 killed, then flagged on host-b",
+        1,
+        Some(ms),
+    )?;
+
+    if let Some(c) = agents[2].take() {
+        c.stop()?;
+    }
+    let third = format!("{}/32", attacker_v4(2));
+    app_report(&lab.hosts[0].home, &third)?;
+    propagation(&lab, &[1], &third, true)?;
+    let urls = lab.nats.urls();
+    let restarted = std::time::Instant::now();
+    agents[2] = Some(lab.hosts[2].start(&urls, "")?);
+    propagation(&lab, &[2], &third, true)?;
+    let ms = restarted.elapsed().as_millis() as u64;
+    record(
+        &lab,
+        "flagged on host-a while host-c was down; host-c restarted (ms: restart to caught up)",
+        2,
+        Some(ms),
+    )?;
+    lab.nats.start_node(1)?;
+
+    lab.hosts[2].home.ctl(&["unblock", &first])?;
+    let ms = propagation(&lab, &[0, 1], &first, false)?;
+    record(&lab, "unblocked by the operator on host-c", 0, Some(ms))?;
+    drop(agents);
+    Ok(FleetDemo {
+        hosts: lab.hosts.iter().map(|h| h.name.clone()).collect(),
+        nats_nodes: NATS_NODES,
+        steps,
+    })
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use guard_tests::agent::{connects, Listener};
+use guard_tests::fleet::demo_scenario;
 use guard_tests::fleet::{
-    block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len,
-    wait_caught_up, FleetLab, ATTACKER_V4,
+    block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len, wait_caught_up,
+    FleetLab, ATTACKER_V4,
 };
 use guard_tests::require_root;
 
@@ -19,7 +20,10 @@ fn ready() -> bool {
         return false;
     }
     // `cargo xtask test` installs it: missing, the run fails here rather than skipping.
-    assert!(nats_available(), "nats-server is missing: run `cargo xtask setup`");
+    assert!(
+        nats_available(),
+        "nats-server is missing: run `cargo xtask setup`"
+    );
     true
 }
 
@@ -46,7 +50,7 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
         .collect::<Result<_>>()?;
     for i in 1..3 {
         ensure!(
-            connects(&lab.attacker, service(i), 2, Duration::from_secs(2))? == 2,
+            connects(&lab.attackers[0], service(i), 2, Duration::from_secs(2))? == 2,
             "host {i} must serve the attacker before any block"
         );
     }
@@ -62,7 +66,7 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
             "host {i}'s kernel lacks the block"
         );
         ensure!(
-            connects(&lab.attacker, service(i), 3, Duration::from_secs(1))? == 0,
+            connects(&lab.attackers[0], service(i), 3, Duration::from_secs(1))? == 0,
             "host {i} must drop the attacker now"
         );
         let audit = lab.hosts[i].home.audit_events("block", &attacker)?;
@@ -78,7 +82,11 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
     // Its own decision echoes back from the stream and is not applied twice.
     std::thread::sleep(Duration::from_millis(500));
     let own = lab.hosts[0].home.audit_events("block", &attacker)?;
-    ensure!(own.len() == 1, "host a audited its block {} times", own.len());
+    ensure!(
+        own.len() == 1,
+        "host a audited its block {} times",
+        own.len()
+    );
     ensure!(own[0]["origin"] != "fleet:host-a");
 
     // 1 000 decisions, one at a time, the way reports trickle in.
@@ -87,7 +95,10 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
     for (i, a) in agents.iter().enumerate().skip(1) {
         wait_blocklist_len(a, 1001, SETTLE)?;
         let q = p99(a)?;
-        println!("host {i}: decision-to-applied p99 {:.1} ms over 1001 decisions", q * 1e3);
+        println!(
+            "host {i}: decision-to-applied p99 {:.1} ms over 1001 decisions",
+            q * 1e3
+        );
         ensure!(q < 1.0, "host {i}: p99 {q} s is over the 1 s goal");
         let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
         ensure!(
@@ -96,7 +107,13 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
         );
     }
     ensure!(metric(&agents[0], "guard_fleet_decisions_published_total", &[])? == 1001.0);
-    ensure!(metric(&agents[0], "guard_fleet_decisions_applied_total", &[("action", "block")])? == 0.0);
+    ensure!(
+        metric(
+            &agents[0],
+            "guard_fleet_decisions_applied_total",
+            &[("action", "block")]
+        )? == 0.0
+    );
 
     // An unblock on another host than the one that blocked lifts it everywhere.
     lab.hosts[1].home.ctl(&["unblock", &attacker])?;
@@ -105,11 +122,14 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
         ensure!(!lab.hosts[i].kernel_blocks()?.contains(&attacker));
     }
     ensure!(
-        connects(&lab.attacker, service(2), 2, Duration::from_secs(2))? == 2,
+        connects(&lab.attackers[0], service(2), 2, Duration::from_secs(2))? == 2,
         "host c serves the attacker again"
     );
     let lifted = lab.hosts[2].home.audit_events("unblock", &attacker)?;
-    ensure!(lifted.len() == 1 && lifted[0]["origin"] == "fleet:host-b", "{lifted:?}");
+    ensure!(
+        lifted.len() == 1 && lifted[0]["origin"] == "fleet:host-b",
+        "{lifted:?}"
+    );
     drop(listeners);
     Ok(())
 }
@@ -129,14 +149,33 @@ fn a_burst_of_100k_decisions_is_applied_on_every_host() -> Result<()> {
     for (i, a) in agents.iter().enumerate() {
         wait_blocklist_len(a, 100_000, Duration::from_secs(300))?;
         let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
-        ensure!(kernel.len() == 100_000, "host {i}: {} in the kernel", kernel.len());
-        ensure!(prefixes.iter().all(|p| kernel.contains(p)), "host {i} misses some");
+        ensure!(
+            kernel.len() == 100_000,
+            "host {i}: {} in the kernel",
+            kernel.len()
+        );
+        ensure!(
+            prefixes.iter().all(|p| kernel.contains(p)),
+            "host {i} misses some"
+        );
     }
     let a = &agents[0];
     ensure!(metric(a, "guard_fleet_decisions_published_total", &[])? == 100_000.0);
-    ensure!(metric(a, "guard_fleet_decisions_dropped_total", &[("reason", "queue_full")])? == 0.0);
+    ensure!(
+        metric(
+            a,
+            "guard_fleet_decisions_dropped_total",
+            &[("reason", "queue_full")]
+        )? == 0.0
+    );
     for b in &agents[1..] {
-        ensure!(metric(b, "guard_fleet_decisions_applied_total", &[("action", "block")])? == 100_000.0);
+        ensure!(
+            metric(
+                b,
+                "guard_fleet_decisions_applied_total",
+                &[("action", "block")]
+            )? == 100_000.0
+        );
         println!("p99 lag in the burst: {:.0} ms", p99(b)? * 1e3);
     }
     Ok(())
@@ -192,7 +231,33 @@ fn a_killed_nats_node_a_partition_and_a_restart_lose_no_decision() -> Result<()>
     for (i, a) in agents.iter().enumerate() {
         wait_blocklist_len(a, 640, SETTLE)?;
         let kernel: BTreeSet<String> = lab.hosts[i].kernel_blocks()?.into_iter().collect();
-        ensure!(kernel == expected, "host {i} diverged: {} entries", kernel.len());
+        ensure!(
+            kernel == expected,
+            "host {i} diverged: {} entries",
+            kernel.len()
+        );
     }
+    Ok(())
+}
+
+/// The demo's fleet scenario, asserted: what the report shows is what happened.
+#[test]
+fn the_demo_fleet_scenario_drops_everywhere_and_converges() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let demo = demo_scenario(|line| println!("{line}"))?;
+    let all = ["host-a", "host-b", "host-c"];
+    let steps = &demo.steps;
+    ensure!(steps.len() == 5, "{steps:?}");
+    ensure!(steps[0].dropped_on.is_empty(), "{:?}", steps[0]);
+    for s in &steps[1..4] {
+        ensure!(s.dropped_on == all, "not dropped everywhere: {s:?}");
+    }
+    ensure!(
+        steps[4].dropped_on.is_empty(),
+        "the unblock did not lift it: {:?}",
+        steps[4]
+    );
     Ok(())
 }

