@@ -102,6 +102,11 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     let filter: Vec<String> = filter.into_iter().collect();
+    // Lint first: a formatting slip fails in minutes, not after the whole run.
+    if filter.is_empty() {
+        lint()?;
+        std::env::set_current_dir(&root)?;
+    }
     let mut tally = Tally::default();
     // Host tests: pure logic, parallel.
     tally.run(
@@ -129,7 +134,6 @@ fn test(filter: Option<String>) -> Result<()> {
     )?;
     if filter.is_empty() {
         run(Command::new("bash").arg(root.join("guard-user/deploy/check.sh")))?;
-        lint()?;
     }
     // One closing line for the whole run: the last runner printed may be a
     // crate's (empty) doc-test pass, which says nothing about the rest.
