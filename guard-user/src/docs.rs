@@ -96,7 +96,7 @@ mod tests {
             completions(&mut sample(), shell, &mut out);
             let text = String::from_utf8(out).unwrap();
             assert!(
-                text.contains("status") && text.contains("--iface"),
+                text.contains("status") && text.contains("iface"),
                 "{shell}: {text}"
             );
         }
