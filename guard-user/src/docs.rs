@@ -36,8 +36,10 @@ pub fn man_page(cmd: clap::Command, out: &mut dyn Write) -> Result<(), DocsError
 /// One page per command and subcommand (`guard.1`, `guard-run.1`, ...) into `dir`; the paths
 /// written, the top page first.
 pub fn man_pages_to(cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, DocsError> {
-    let write_err = |what: String| move |source| DocsError::Write { what, source };
-    std::fs::create_dir_all(dir).map_err(write_err(format!("folder {}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|source| DocsError::Write {
+        what: format!("folder {}", dir.display()),
+        source,
+    })?;
     let mut cmd = cmd;
     // Subcommand pages are named after their full path, which needs the built command.
     cmd.build();

@@ -108,7 +108,7 @@ enum Cmd {
     /// Live tuning: show state, change limits, or observe real traffic and
     /// suggest limits.
     Tune(TuneArgs),
-    /// Print the shell completion script for bash, zsh or fish.
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: guard_user::docs::Shell },
     /// Print the man page, or with --out-dir write one page per subcommand there.
     Man {

@@ -65,7 +65,7 @@ impl Notifier {
     /// From `$NOTIFY_SOCKET`; unset or empty means "nobody listens" (no-op notifier).
     pub fn from_env() -> Result<Self, NotifyError> {
         match std::env::var(NOTIFY_SOCKET_ENV) {
-            Ok(text) if !text.is_empty() => Self::to(&text),
+            Ok(text) if !text.is_empty() => Self::connect(&text),
             _ => Ok(Self::disabled()),
         }
     }
@@ -76,7 +76,7 @@ impl Notifier {
 
     /// A notifier for the socket `text` (a path or an `@abstract` name). Connecting now
     /// surfaces a wrong address at start instead of at the first notification.
-    pub fn to(text: &str) -> Result<Self, NotifyError> {
+    pub fn connect(text: &str) -> Result<Self, NotifyError> {
         let addr = NotifyAddr::parse(text)?;
         let unreachable = |source| NotifyError::Unreachable {
             addr: text.to_string(),
@@ -179,7 +179,7 @@ mod tests {
         server
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let n = Notifier::to(path.to_str().unwrap()).unwrap();
+        let n = Notifier::connect(path.to_str().unwrap()).unwrap();
         n.ready("attached to eth0\nsecond line").unwrap();
         assert_eq!(
             recv(&server),
@@ -206,7 +206,7 @@ mod tests {
         server
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        Notifier::to(&format!("@{name}"))
+        Notifier::connect(&format!("@{name}"))
             .unwrap()
             .stopping()
             .unwrap();
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn a_missing_socket_is_an_error_and_no_socket_is_a_no_op() {
-        let err = Notifier::to("/nonexistent/guard/notify.sock").unwrap_err();
+        let err = Notifier::connect("/nonexistent/guard/notify.sock").unwrap_err();
         assert!(matches!(err, NotifyError::Unreachable { .. }), "{err}");
         let off = Notifier::disabled();
         assert!(!off.is_enabled());

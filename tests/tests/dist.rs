@@ -64,6 +64,62 @@ fn path_without_toolchains() -> String {
     kept.join(":")
 }
 
+/// Runs the package's postinst as dpkg would (`configure` on a first install, then on an
+/// upgrade) in a private mount namespace whose /etc is a throwaway copy and whose
+/// /run/systemd is empty, so the host's groups and service manager stay untouched; checks it
+/// creates the `guard` group once and only says what to do next on the first install.
+fn postinst_creates_the_group_once(postinst: &Path) {
+    let host_groups = || std::fs::read_to_string("/etc/group").expect("read /etc/group");
+    let before = host_groups();
+    let etc = TempDir::new("dist-etc").expect("a temp dir");
+    sh(Command::new("cp").arg("-a").arg("/etc/.").arg(etc.path()));
+    // Without a guard group in the copy, "created once" means created by the postinst.
+    sh(Command::new("sed")
+        .arg("-i")
+        .arg("/^guard:/d")
+        .arg(etc.path().join("group"))
+        .arg(etc.path().join("gshadow")));
+    let script = r#"set -e
+mount --make-rprivate /
+mount --bind "$1" /etc
+if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; fi
+echo "--- install"
+sh "$2" configure ""
+echo "--- upgrade"
+sh "$2" configure 0.0.1
+echo "--- groups"
+getent group guard
+"#;
+    let out = sh(Command::new("unshare")
+        .args(["--mount", "sh", "-c", script, "sh"])
+        .arg(etc.path())
+        .arg(postinst));
+    let (install, rest) = out
+        .split_once("--- upgrade")
+        .unwrap_or_else(|| panic!("{out}"));
+    let (upgrade, groups) = rest
+        .split_once("--- groups")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(install.contains("systemctl enable --now guard"), "{out}");
+    assert!(!upgrade.contains("systemctl enable"), "{out}");
+    assert_eq!(
+        groups.lines().filter(|l| l.starts_with("guard:")).count(),
+        1,
+        "{out}"
+    );
+    let copied = std::fs::read_to_string(etc.path().join("group")).expect("the copied group");
+    assert_eq!(
+        copied.lines().filter(|l| l.starts_with("guard:")).count(),
+        1,
+        "{copied}"
+    );
+    assert_eq!(
+        host_groups(),
+        before,
+        "the postinst changed the host's /etc/group"
+    );
+}
+
 #[test]
 fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
     if !require_root("the_dist_tarball_alone_installs_an_agent_that_protects_a_server") {
@@ -175,6 +231,12 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
         .arg(&deb)
         .arg("postinst"));
     assert!(postinst.contains("groupadd --system guard"), "{postinst}");
+    let control = TempDir::new("dist-control").expect("a temp dir");
+    sh(Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(control.path()));
+    postinst_creates_the_group_once(&control.path().join("postinst"));
     let contents = sh(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     for path in [
         "./usr/bin/guard",
