@@ -75,6 +75,12 @@ fn deb_arch(arch: &str) -> Result<&'static str> {
     }
 }
 
+/// The tarball's top folder, and its name without `.tar.gz` (the Dockerfile's ADD spells it
+/// with its build args).
+fn tarball_top(version: &str, arch: &str) -> String {
+    format!("guard-{version}-{arch}-linux")
+}
+
 pub fn dist(root: &Path, profile: &str, out: &Path) -> Result<Written> {
     let mut build = cargo();
     build.current_dir(root).args([
@@ -117,7 +123,7 @@ pub fn dist(root: &Path, profile: &str, out: &Path) -> Result<Written> {
     fs::create_dir_all(&work)?;
 
     let docs = generate_docs(&bin, &work.join("generated"))?;
-    let top = format!("guard-{version}-{arch}-linux");
+    let top = tarball_top(&version, arch);
     let tarball = out.join(format!("{top}.tar.gz"));
     stage_tarball(root, &bin, &docs, &work.join(&top))?;
     archive(&work, &top, &tarball, epoch)?;
@@ -565,6 +571,36 @@ mod tests {
         let text =
             fs::read_to_string(workspace_root().join("guard-user/deploy/guard.service")).unwrap();
         deb_unit(&text).unwrap();
+    }
+
+    /// The image k8s-sidecar.yaml runs is the one the Dockerfile builds from this version's
+    /// tarball: same version, same tarball name, same guard GID, and arguments that suit the
+    /// `guard run` entrypoint.
+    #[test]
+    fn the_dockerfile_and_the_k8s_sidecar_agree() {
+        let deploy = workspace_root().join("guard-user/deploy");
+        let docker = fs::read_to_string(deploy.join("Dockerfile")).unwrap();
+        let k8s = fs::read_to_string(deploy.join("k8s-sidecar.yaml")).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            docker.contains(&format!("\nARG VERSION={version}\n")),
+            "Dockerfile VERSION"
+        );
+        assert!(docker.contains("\nFROM debian:bookworm-slim\n"));
+        let add = format!("ADD {}.tar.gz /tmp/", tarball_top("${VERSION}", "${ARCH}"));
+        assert!(docker.contains(&add), "the Dockerfile does not ADD `{add}`");
+        assert!(docker.contains(r#"ENTRYPOINT ["/usr/bin/guard", "run"]"#));
+        assert!(docker.contains("groupadd --system --gid 9940 guard"));
+        assert!(
+            k8s.contains(&format!("image: registry.example.com/guard:{version}\n")),
+            "k8s-sidecar.yaml does not run guard {version}"
+        );
+        assert!(docker.contains(&format!("registry.example.com/guard:{version}")));
+        assert!(k8s.contains("runAsGroup: 9940") && k8s.contains("supplementalGroups: [9940]"));
+        assert!(
+            k8s.contains(r#"args: ["--config", "/etc/guard/guard.toml"]"#),
+            "the sidecar's args must not repeat the entrypoint's `run`"
+        );
     }
 
     #[test]
