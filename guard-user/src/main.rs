@@ -108,6 +108,13 @@ enum Cmd {
     /// Live tuning: show state, change limits, or observe real traffic and
     /// suggest limits.
     Tune(TuneArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: guard_user::docs::Shell },
+    /// Print the man page, or with --out-dir write one page per subcommand there.
+    Man {
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// `guard tune`: live tuning (also what `cargo xtask tune` runs).
@@ -490,6 +497,23 @@ async fn real_main(cli: Cli) -> Result<()> {
             socket,
         } => history(&socket, &since, p.as_deref(), limit).await,
         Cmd::Tune(args) => tune_cmd(args).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            guard_user::docs::completions(&mut Cli::command(), shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { out_dir } => {
+            use clap::CommandFactory as _;
+            match out_dir {
+                None => guard_user::docs::man_page(Cli::command(), &mut std::io::stdout())?,
+                Some(dir) => {
+                    for page in guard_user::docs::man_pages_to(Cli::command(), &dir)? {
+                        println!("{}", page.display());
+                    }
+                }
+            }
+            Ok(())
+        }
     }
 }
 

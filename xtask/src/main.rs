@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod tune;
 
@@ -39,6 +40,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build what operators install: a tarball, a .deb and SHA256SUMS (default target/dist).
+    Dist(dist::DistArgs),
     /// `cargo fmt --check` and clippy `-D warnings` on the host crates and
     /// on the eBPF crate for its own target.
     Lint,
@@ -240,6 +243,7 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::main(args),
         Cmd::Bench(args) => bench::main(args),
         Cmd::Lint => lint(),
+        Cmd::Dist(args) => dist::main(args),
         Cmd::Tune { args } => tune::main(args),
     }
 }
