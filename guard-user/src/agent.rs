@@ -1121,18 +1121,35 @@ pub async fn run(args: RunArgs) -> Result<()> {
             0
         }
     };
-    let cgroup = settings
-        .cgroup
-        .clone()
-        .or_else(crate::datapath::cgroup2_mount);
-    match &cgroup {
-        Some(path) => {
-            if let Err(e) = dp.attach_sockops(path) {
-                let e = anyhow::Error::new(e);
-                warn!("connection tracking is off ({e:#}): conn_limit and the known-good budget cannot work");
+    let cgroup = match (&settings.cgroup, &settings.host_cgroup_mount) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(host)) => match crate::pod_cgroup::pod_cgroup(host) {
+            Ok(found) => {
+                info!(
+                    "connection tracking counts the pod's cgroup {} (this container: {})",
+                    found.pod.display(),
+                    found.container.display()
+                );
+                Some(found.pod)
             }
+            Err(e) => {
+                warn!("connection tracking is off (conn_limit, known-good): the pod's cgroup was not found: {e}");
+                None
+            }
+        },
+        (None, None) => {
+            let root = crate::datapath::cgroup2_mount();
+            if root.is_none() {
+                warn!("no cgroup v2 mount found: connection tracking (conn_limit, known-good) is off; pass --cgroup");
+            }
+            root
         }
-        None => warn!("no cgroup v2 mount found: connection tracking (conn_limit, known-good) is off; pass --cgroup"),
+    };
+    if let Some(path) = &cgroup {
+        if let Err(e) = dp.attach_sockops(path) {
+            let e = anyhow::Error::new(e);
+            warn!("connection tracking is off ({e:#}): conn_limit and the known-good budget cannot work");
+        }
     }
     let agent = Arc::new(Agent::new(
         maps,

@@ -13,6 +13,7 @@ pub mod kfunc;
 pub mod metrics;
 pub mod notify;
 pub mod paths;
+pub mod pod_cgroup;
 pub mod settings;
 pub mod testrun;
 pub mod tune;

@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// cgroup v2 folder whose sockets are counted (connection cap, known-good).
     pub cgroup: Option<PathBuf>,
+    /// The host's cgroup2 root mounted into a sidecar container: count the whole pod.
+    pub host_cgroup_mount: Option<PathBuf>,
     /// Keys of guard_common::config_kv (the live config).
     pub limits: toml::Table,
     pub blocks: BlocksFile,
@@ -143,8 +145,13 @@ pub struct RunArgs {
     pub audit_log: Option<PathBuf>,
     /// cgroup v2 folder of the app, for connection tracking (default: the
     /// cgroup2 root, i.e. every process on the host).
-    #[arg(long, env = "GUARD_CGROUP")]
+    #[arg(long, env = "GUARD_CGROUP", conflicts_with = "host_cgroup_mount")]
     pub cgroup: Option<PathBuf>,
+    /// In a pod sidecar: where the host's cgroup2 root is mounted into this container
+    /// (e.g. /host/sys/fs/cgroup). Connection tracking then counts every container of the
+    /// pod, found as the parent of this container's cgroup.
+    #[arg(long, env = "GUARD_HOST_CGROUP_MOUNT")]
+    pub host_cgroup_mount: Option<PathBuf>,
     /// Tighten per-source limits while the server drops handshakes.
     #[arg(long, env = "GUARD_ADAPTIVE")]
     pub adaptive: bool,
@@ -207,6 +214,7 @@ pub struct Settings {
     pub audit_log: Option<PathBuf>,
     pub log_level: Option<String>,
     pub cgroup: Option<PathBuf>,
+    pub host_cgroup_mount: Option<PathBuf>,
     pub blocks: BlockSettings,
     pub escalation: EscalationSettings,
     pub adaptive: AdaptiveSettings,
@@ -396,6 +404,16 @@ impl Settings {
             &args.fleet_urls,
             args.fleet_host.as_deref(),
         )?;
+        let cgroup = args.cgroup.clone().or(file.cgroup);
+        let host_cgroup_mount = args.host_cgroup_mount.clone().or(file.host_cgroup_mount);
+        if let (Some(c), Some(h)) = (&cgroup, &host_cgroup_mount) {
+            bail!(
+                "both cgroup ({}) and host_cgroup_mount ({}) are set: cgroup names the folder \
+                 to count, host_cgroup_mount finds the pod's; keep one",
+                c.display(),
+                h.display()
+            );
+        }
         Ok(Self {
             config_file: args.config.clone(),
             interfaces,
@@ -421,7 +439,8 @@ impl Settings {
                 .unwrap_or_else(|| paths::DEFAULT_PIN_ROOT.into()),
             audit_log: args.audit_log.clone().or(file.audit_log),
             log_level: file.log_level,
-            cgroup: args.cgroup.clone().or(file.cgroup),
+            cgroup,
+            host_cgroup_mount,
             blocks,
             escalation,
             adaptive,

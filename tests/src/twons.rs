@@ -27,17 +27,51 @@ pub struct Cgroup(pub PathBuf);
 impl Cgroup {
     pub fn new(tag: &str) -> Result<Self> {
         let root = cgroup2_mount().context("no cgroup2 mount on this machine")?;
-        let path = root.join(format!("gd-{tag}-{}", std::process::id()));
+        Self::under(&root, &format!("gd-{tag}-{}", std::process::id()))
+    }
+
+    /// A child cgroup `name` of `parent` (drop it before the parent).
+    pub fn under(parent: &Path, name: &str) -> Result<Self> {
+        let path = parent.join(name);
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Self(path))
     }
 }
 
+/// A pod's cgroups as a container runtime lays them out: the pod's folder with one child per
+/// container. The app's server runs in `app`, the agent in `sidecar`, in a cgroup namespace
+/// rooted there (what a container sees).
+pub struct PodCgroups {
+    pub sidecar: Cgroup,
+    // Dropped after its children.
+    pub pod: Cgroup,
+    /// Where the agent's mount namespace shows the host's cgroup2 root.
+    pub host_mount: PathBuf,
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        // Only ever a mount point inside the agent's own mount namespace: empty here.
+        let _ = std::fs::remove_dir(&self.host_mount);
+    }
+}
+
+/// How the agent of a [`Setup`] sees cgroups.
+pub enum AgentCgroup {
+    /// `--cgroup` with the server's folder, as on a host.
+    Server,
+    /// Inside a pod sidecar: its own cgroup namespace (rooted at the sidecar's container
+    /// cgroup) and mount namespace; with `--host-cgroup-mount` pointing at the host's tree
+    /// when true, with the defaults when false (what a sidecar got before that option).
+    Sidecar(bool),
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // The server is gone by now (its guard drops first); rmdir fails
-        // while a process is still inside, so retry briefly.
-        for _ in 0..20 {
+        // while a process is still inside, and a parent's while a removed
+        // child is still dying in the kernel, so retry for a while.
+        for _ in 0..100 {
             if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
                 return;
             }
@@ -98,11 +132,24 @@ pub struct Setup {
     pub pins: Pins,
     pub socket: PathBuf,
     pub agent: ChildGuard,
+    /// Last: the agent lives in the sidecar's cgroup until it is gone.
+    pub pod: Option<PodCgroups>,
 }
 
 impl Setup {
     /// Starts the agent with `extra` arguments and waits until it serves.
     pub fn new(tag: &str, extra: &[&str]) -> Result<Self> {
+        Self::with(tag, extra, AgentCgroup::Server)
+    }
+
+    /// A pod layout: the server in the pod's `app` container cgroup, the agent in its
+    /// `sidecar` one, seeing only its own cgroup namespace at /sys/fs/cgroup and the host's
+    /// cgroup2 root at [`PodCgroups::host_mount`].
+    pub fn in_pod(tag: &str, host_cgroup_mount: bool) -> Result<Self> {
+        Self::with(tag, &[], AgentCgroup::Sidecar(host_cgroup_mount))
+    }
+
+    fn with(tag: &str, extra: &[&str], how: AgentCgroup) -> Result<Self> {
         let server_ns = Netns::new("csrv")?;
         let client_ns = Netns::new("ccli")?;
         server_ns.ip(&["link", "set", "lo", "up"])?;
@@ -123,12 +170,10 @@ impl Setup {
         client_ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])?;
         server_ns.ip(&["link", "set", "eth0", "up"])?;
         client_ns.ip(&["link", "set", "eth0", "up"])?;
-        let cgroup = Cgroup::new(tag)?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gd-{tag}-{}", std::process::id()));
         let pins = Pins(pin_dir.clone());
         let socket = std::env::temp_dir().join(format!("gd-{tag}-{}.sock", std::process::id()));
-        let mut cmd = server_ns.command(guard_bin());
-        cmd.args([
+        let mut run: Vec<std::ffi::OsString> = [
             "run",
             "-i",
             "eth0",
@@ -136,14 +181,65 @@ impl Setup {
             &PORT.to_string(),
             "--metrics-addr",
             "127.0.0.1:0",
-        ])
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .arg("--control-socket")
-        .arg(&socket)
-        .arg("--cgroup")
-        .arg(&cgroup.0)
-        .args(extra);
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        run.extend(["--pin-dir".into(), pin_dir.clone().into_os_string()]);
+        run.extend(["--control-socket".into(), socket.clone().into_os_string()]);
+        let (cgroup, pod, mut cmd) = match how {
+            AgentCgroup::Server => {
+                let cgroup = Cgroup::new(tag)?;
+                run.extend(["--cgroup".into(), cgroup.0.clone().into_os_string()]);
+                run.extend(extra.iter().map(Into::into));
+                let mut cmd = server_ns.command(guard_bin());
+                cmd.args(&run);
+                (cgroup, None, cmd)
+            }
+            AgentCgroup::Sidecar(pass_host_mount) => {
+                let pod = Cgroup::new(tag)?;
+                let app = Cgroup::under(&pod.0, "app")?;
+                let sidecar = Cgroup::under(&pod.0, "sidecar")?;
+                let host_mount =
+                    std::env::temp_dir().join(format!("gd-{tag}-hostcg-{}", std::process::id()));
+                std::fs::create_dir_all(&host_mount)?;
+                if pass_host_mount {
+                    run.extend([
+                        "--host-cgroup-mount".into(),
+                        host_mount.clone().into_os_string(),
+                    ]);
+                }
+                // Join the sidecar's cgroup, then take a cgroup namespace rooted there and a
+                // private mount namespace: the host's tree stays visible only where a pod
+                // spec would mount it, and the cgroup2 mount point shows the container's own
+                // root (the host's mount is lifted first: the kernel refuses the same
+                // filesystem twice on one mount point).
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(
+                        r#"echo $$ > "$1/cgroup.procs" && shift && exec unshare --cgroup --mount --propagation private sh -c '{ [ "$2" = - ] || mount --bind "$1" "$2"; } && umount -l "$1" && mount -t cgroup2 none "$1" && shift 2 && exec "$@"' sh "$@""#,
+                    )
+                    .arg("sh")
+                    .arg(&sidecar.0)
+                    .arg(cgroup2_mount().context("no cgroup2 mount on this machine")?)
+                    // Without the option the pod spec would not mount the host's tree either.
+                    .arg(if pass_host_mount {
+                        host_mount.as_os_str()
+                    } else {
+                        "-".as_ref()
+                    })
+                    .arg("nsenter")
+                    .arg(format!("--net={}", server_ns.path().display()))
+                    .arg(guard_bin())
+                    .args(&run);
+                let pod = PodCgroups {
+                    sidecar,
+                    pod,
+                    host_mount,
+                };
+                (app, Some(pod), cmd)
+            }
+        };
         let agent = ChildGuard::spawn("guard agent", &mut cmd)?;
         for _ in 0..100 {
             if socket.exists() && PinLayout::new(&pin_dir).sockops_link().exists() {
@@ -154,6 +250,7 @@ impl Setup {
                     pins,
                     socket,
                     agent,
+                    pod,
                 });
             }
             sleep(Duration::from_millis(100));

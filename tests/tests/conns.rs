@@ -176,3 +176,44 @@ fn conn_limit_drops_syns_while_a_source_holds_its_maximum() -> Result<()> {
     assert_eq!(setup.open_tracked(), 0);
     Ok(())
 }
+
+/// Holds `n` connections from the client to the server in the pod's app container and
+/// returns what the kernel counted for them.
+fn counted_in_pod(setup: &Setup, n: usize) -> Result<u64> {
+    let _server = setup.server()?;
+    let mut hold = hold_connections(setup, n)?;
+    sleep(Duration::from_millis(300));
+    let counted = setup.open_tracked();
+    drop(hold.stdin.take());
+    hold.wait()?;
+    Ok(counted)
+}
+
+#[test]
+fn in_a_pod_sidecar_the_app_containers_connections_are_counted() -> Result<()> {
+    if !guard_tests::require_root("in_a_pod_sidecar_the_app_containers_connections_are_counted") {
+        return Ok(());
+    }
+    let setup = Setup::in_pod("podcg", true)?;
+    assert_eq!(
+        counted_in_pod(&setup, 7)?,
+        7,
+        "attached to the pod's cgroup, the sidecar counts the app container's sockets"
+    );
+    assert_eq!(setup.stat(Stat::ConnOpened), 7);
+    Ok(())
+}
+
+/// What a sidecar counted before `host_cgroup_mount`: its cgroup namespace's root is its own
+/// container, which holds none of the app's sockets. Kept as the control for the test above.
+#[test]
+fn in_a_pod_sidecar_its_own_cgroup_root_counts_nothing_of_the_app() -> Result<()> {
+    if !guard_tests::require_root("in_a_pod_sidecar_its_own_cgroup_root_counts_nothing_of_the_app")
+    {
+        return Ok(());
+    }
+    let setup = Setup::in_pod("podcg0", false)?;
+    assert_eq!(counted_in_pod(&setup, 7)?, 0);
+    assert_eq!(setup.stat(Stat::ConnOpened), 0);
+    Ok(())
+}
