@@ -7,6 +7,7 @@ pub mod audit;
 pub mod control;
 pub mod cookies;
 pub mod datapath;
+pub mod duration;
 pub mod fleet;
 pub mod kfunc;
 pub mod metrics;

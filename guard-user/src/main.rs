@@ -141,19 +141,7 @@ struct TuneArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration> {
-    let t = text.trim();
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("`{text}` is not a duration (e.g. 90s, 10m, 2h)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => bail!("`{text}` has an unknown unit (use s, m, h or d)"),
-    };
-    Ok(Duration::from_secs(secs))
+    Ok(guard_user::duration::parse_duration(text)?)
 }
 
 fn prefix(text: &str) -> Result<Prefix> {

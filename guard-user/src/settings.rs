@@ -52,7 +52,9 @@ pub struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BlocksFile {
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub default_ttl_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub max_ttl_secs: Option<u64>,
     pub capacity: Option<u32>,
 }
@@ -68,6 +70,7 @@ pub struct ControlFile {
     pub widest_report_v6: Option<u8>,
     pub widest_block_v4: Option<u8>,
     pub widest_block_v6: Option<u8>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub idle_timeout_secs: Option<u64>,
 }
 
@@ -75,8 +78,11 @@ pub struct ControlFile {
 #[serde(default, deny_unknown_fields)]
 pub struct EscalationFile {
     pub enabled: Option<bool>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub over_cap_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub ttl_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub max_ttl_secs: Option<u64>,
 }
 
@@ -87,6 +93,7 @@ pub struct AdaptiveFile {
     pub floor_syn_rate: Option<u32>,
     pub floor_syn_burst: Option<u32>,
     pub step_percent: Option<u32>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub calm_secs: Option<u64>,
 }
 
@@ -518,6 +525,28 @@ mod tests {
         let lo: Prefix = "127.0.0.0/8".parse().unwrap();
         let proxy: Prefix = "198.18.0.254/32".parse().unwrap();
         assert!(s.allow.contains(&lo) && s.allow.contains(&proxy));
+    }
+
+    #[test]
+    fn secs_keys_take_compound_durations() {
+        let s = Settings::merge(
+            &args(&["eth0"], &[8080]),
+            toml::from_str(
+                "[blocks]\ndefault_ttl_secs = \"1h30m\"\nmax_ttl_secs = \"2d\"\n\
+                 [escalation]\nttl_secs = \"90s\"\nover_cap_secs = 20\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.blocks.default_ttl, Duration::from_secs(5_400));
+        assert_eq!(s.blocks.max_ttl, Duration::from_secs(172_800));
+        assert_eq!(s.escalation.ttl, Duration::from_secs(90));
+        assert_eq!(s.escalation.over_cap_for, Duration::from_secs(20));
+        let e = toml::from_str::<FileConfig>("[blocks]\nmax_ttl_secs = \"1h1h\"\n")
+            .err()
+            .expect("a repeated unit is refused")
+            .to_string();
+        assert!(e.contains("1h1h"), "{e}");
     }
 
     #[test]
