@@ -8,6 +8,7 @@ pub mod control;
 pub mod cookies;
 pub mod datapath;
 pub mod duration;
+pub mod explain;
 pub mod fleet;
 pub mod kfunc;
 pub mod metrics;
