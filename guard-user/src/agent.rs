@@ -889,6 +889,15 @@ impl Agent {
         if new.interfaces != old_ifaces {
             warn!("interfaces changed in the config file; restart the agent to attach elsewhere (keeping {old_ifaces:?})");
         }
+        let old_level = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .log_level
+            .clone();
+        if new.log_level != old_level {
+            apply_log_level(new.log_level.as_deref());
+        }
         let old_fleet = self.settings.lock().expect("settings lock").fleet.clone();
         if new.fleet != old_fleet {
             warn!("[fleet] changed in the config file; it takes effect when the agent restarts");
@@ -917,6 +926,24 @@ impl Agent {
             }
             Err(e) => error!("reload failed half-way: {e:#}"),
         }
+    }
+}
+
+/// Puts guard.toml's `log_level` in force (at start and on SIGHUP).
+fn apply_log_level(level: Option<&str>) {
+    match crate::logging::apply_level(level) {
+        Ok(crate::logging::Applied::Set) => {
+            info!(
+                "log level: {}",
+                level.unwrap_or(crate::logging::DEFAULT_FILTER)
+            )
+        }
+        Ok(crate::logging::Applied::EnvWins) if level.is_some() => {
+            warn!("RUST_LOG is set, so log_level in the config file is not applied")
+        }
+        Ok(_) => {}
+        // Settings::load checked it; kept for a caller that did not.
+        Err(e) => warn!("{e}"),
     }
 }
 
@@ -1073,6 +1100,7 @@ impl ControlHandler for Agent {
 /// `guard run`.
 pub async fn run(args: RunArgs) -> Result<()> {
     let settings = Settings::load(&args)?;
+    apply_log_level(settings.log_level.as_deref());
     let layout = PinLayout::new(&settings.pin_root);
     let mut dp = Datapath::load(&settings.map_sizes, Some(&layout))?;
     let fresh = dp.is_fresh();

@@ -46,7 +46,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let mut rest = t;
     while !rest.is_empty() {
         rest = rest.trim_start();
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(DurationError::NotANumber(text.to_string()));
         }
@@ -192,7 +194,10 @@ mod tests {
             Err(DurationError::Overflow(_))
         ));
         let msg = parse_duration("5w").unwrap_err().to_string();
-        assert!(msg.contains("`5w`") && msg.contains("s, m, h or d"), "{msg}");
+        assert!(
+            msg.contains("`5w`") && msg.contains("s, m, h or d"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -207,7 +212,7 @@ mod tests {
 
     #[test]
     fn toml_keys_take_numbers_or_text() {
-        #[derive(serde::Deserialize)]
+        #[derive(Debug, serde::Deserialize)]
         struct T {
             #[serde(default, deserialize_with = "de_opt_secs")]
             ttl_secs: Option<u64>,
@@ -219,8 +224,7 @@ mod tests {
         let t: T = toml::from_str("").unwrap();
         assert_eq!(t.ttl_secs, None);
         let e = toml::from_str::<T>("ttl_secs = \"5w\"")
-            .err()
-            .expect("an unknown unit is refused")
+            .expect_err("an unknown unit is refused")
             .to_string();
         assert!(e.contains("unknown unit"), "{e}");
     }

@@ -124,11 +124,7 @@ fn tokens_now(b: Option<TokenBucket>, now: u64, rate: u32, burst: u32) -> u64 {
 pub fn next_syn(cfg: &LiveConfig, i: &Inputs) -> NextSyn {
     let verdict = |decided: Action, cause: Cause| NextSyn {
         decided,
-        effective: if cfg.dry_run() {
-            Action::Pass
-        } else {
-            decided
-        },
+        effective: if cfg.dry_run() { Action::Pass } else { decided },
         cause,
         dry_run: cfg.dry_run(),
     };
@@ -148,9 +144,7 @@ pub fn next_syn(cfg: &LiveConfig, i: &Inputs) -> NextSyn {
     let global_has_token = !cfg.global_budget_enabled()
         || tokens_now(i.global, now, cfg.global_syn_rate, cfg.global_syn_burst) > 0;
     let cookies = cfg.cookies_enabled();
-    if cookies
-        && !i.known_good
-        && (cfg.syn_cookies == syncookie::MODE_ALWAYS || !global_has_token)
+    if cookies && !i.known_good && (cfg.syn_cookies == syncookie::MODE_ALWAYS || !global_has_token)
     {
         return verdict(Action::Cookie, Cause::UnknownSourceCookie);
     }
@@ -178,14 +172,14 @@ pub fn next_syn(cfg: &LiveConfig, i: &Inputs) -> NextSyn {
 /// of every time `guard -o json` prints).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Instant {
-    pub at: String,
+    pub rfc3339: String,
     pub unix: u64,
 }
 
 impl Instant {
     pub fn from_unix(unix: u64) -> Self {
         Self {
-            at: crate::audit::rfc3339(UNIX_EPOCH + Duration::from_secs(unix)),
+            rfc3339: crate::audit::rfc3339(UNIX_EPOCH + Duration::from_secs(unix)),
             unix,
         }
     }
@@ -197,14 +191,19 @@ impl Instant {
         } else {
             now_unix + Duration::from_nanos(t_ns - now_ns)
         };
-        Self::from_unix(wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+        Self::from_unix(
+            wall.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        )
     }
 }
 
 /// The blocklist entry that covers the address.
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockHit {
-    pub prefix: String,
+    #[serde(serialize_with = "as_text")]
+    pub prefix: Prefix,
     pub reason: &'static str,
     /// False for an entry past its expiry that the agent has not swept yet
     /// (the program ignores it).
@@ -272,6 +271,24 @@ pub struct Explanation {
     pub next_syn: NextSyn,
     /// The one-line answer, e.g. `DROP (blocked by 198.18.0.0/24, operator)`.
     pub summary: String,
+    /// What could not be found out, in words.
+    pub notes: Vec<String>,
+}
+
+impl Explanation {
+    /// Adds who made the block and when, as the agent's audit log says.
+    pub fn set_block_meta(&mut self, meta: BlockMeta) {
+        if let Some(b) = &mut self.blocked_by {
+            b.origin = meta.origin;
+            b.since = meta.since_unix.map(Instant::from_unix);
+            b.detail = meta.detail;
+        }
+        self.summary = summary(self);
+    }
+}
+
+fn as_text<S: serde::Serializer>(p: &Prefix, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(p)
 }
 
 fn bucket(
@@ -296,13 +313,9 @@ fn bucket(
     }
 }
 
-/// Gathers the explanation from the pinned maps. `block_meta` names who
-/// blocked a prefix and when (the agent's audit log), if it can be asked.
-pub fn explain(
-    maps: &GuardMaps,
-    ip: IpAddr,
-    block_meta: impl FnOnce(&Prefix) -> Option<BlockMeta>,
-) -> Result<Explanation, DatapathError> {
+/// Gathers the explanation from the pinned maps; who made a block and when
+/// is the agent's to tell ([`Explanation::set_block_meta`]).
+pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathError> {
     let cfg = maps.config()?;
     let ports = maps.ports()?;
     let now_ns = monotonic_ns();
@@ -325,20 +338,17 @@ pub fn explain(
             .max_by_key(|(b, _)| b.prefix_len()),
         None => None,
     };
-    let blocked_by = block_prefix.map(|(prefix, entry)| {
-        let meta = block_meta(&prefix).unwrap_or_default();
-        BlockHit {
-            prefix: prefix.to_string(),
-            reason: reason::name(entry.reason),
-            active: entry.is_active(now_ns),
-            until: (entry.expires_ns != 0)
-                .then(|| Instant::from_monotonic(entry.expires_ns, now_ns, now_unix)),
-            expires_in_secs: (entry.expires_ns != 0)
-                .then(|| entry.expires_ns.saturating_sub(now_ns) / 1_000_000_000),
-            origin: meta.origin,
-            since: meta.since_unix.map(Instant::from_unix),
-            detail: meta.detail,
-        }
+    let blocked_by = block_prefix.map(|(prefix, entry)| BlockHit {
+        prefix,
+        reason: reason::name(entry.reason),
+        active: entry.is_active(now_ns),
+        until: (entry.expires_ns != 0)
+            .then(|| Instant::from_monotonic(entry.expires_ns, now_ns, now_unix)),
+        expires_in_secs: (entry.expires_ns != 0)
+            .then(|| entry.expires_ns.saturating_sub(now_ns) / 1_000_000_000),
+        origin: None,
+        since: None,
+        detail: None,
     });
     let known_good = p
         .last_handshake_ns
@@ -369,7 +379,11 @@ pub fn explain(
         now_unix,
     );
     // The one global slot always exists; "tracked" means nothing for it.
-    (global_budget.syns, global_budget.over_cap, global_budget.first_seen) = (None, None, None);
+    (
+        global_budget.syns,
+        global_budget.over_cap,
+        global_budget.first_seen,
+    ) = (None, None, None);
     let mut e = Explanation {
         address: ip.to_string(),
         protected_ports: ports,
@@ -412,6 +426,7 @@ pub fn explain(
         global_budget,
         next_syn: next,
         summary: String::new(),
+        notes: Vec::new(),
     };
     e.summary = summary(&e);
     Ok(e)
@@ -444,6 +459,102 @@ impl BlockMeta {
             })
         })
     }
+}
+
+fn bucket_line(name: &str, b: &BucketState) -> String {
+    if !b.enabled {
+        return format!("{name}: cap off\n");
+    }
+    let key = b
+        .key
+        .as_deref()
+        .map(|k| format!(" {k}"))
+        .unwrap_or_default();
+    let mut line = format!(
+        "{name}:{key} {} of {} tokens (refills {}/s)",
+        b.tokens, b.burst, b.rate_per_sec
+    );
+    match (b.syns, b.over_cap) {
+        (Some(syns), Some(over)) => line.push_str(&format!(", {syns} SYNs, {over} over cap")),
+        _ if b.key.is_some() => line.push_str(", not tracked yet (starts full)"),
+        _ => {}
+    }
+    line.push('\n');
+    line
+}
+
+/// The text form of `guard explain`.
+pub fn render_text(e: &Explanation) -> String {
+    let mut t = format!("{}\n", e.address);
+    t.push_str(&format!(
+        "allow list: {}\n",
+        e.allowlisted_by
+            .as_ref()
+            .map(|p| format!("allow-listed by {p}"))
+            .unwrap_or_else(|| "not allow-listed".into())
+    ));
+    match &e.blocked_by {
+        None => t.push_str("blocklist: not blocked\n"),
+        Some(b) => {
+            t.push_str(&format!(
+                "blocklist: blocked by {} (reason {}{})\n",
+                b.prefix,
+                b.reason,
+                if b.active {
+                    ""
+                } else {
+                    ", expired, not swept yet"
+                }
+            ));
+            if let Some(o) = &b.origin {
+                t.push_str(&format!("  by: {o}\n"));
+            }
+            if let Some(s) = &b.since {
+                t.push_str(&format!("  since: {}\n", s.rfc3339));
+            }
+            match (&b.until, b.expires_in_secs) {
+                (Some(u), Some(left)) => {
+                    t.push_str(&format!("  until: {} ({left}s left)\n", u.rfc3339))
+                }
+                _ => t.push_str("  until: never expires\n"),
+            }
+            if let Some(d) = b.detail.as_deref().filter(|d| !d.is_empty()) {
+                t.push_str(&format!("  detail: {d}\n"));
+            }
+        }
+    }
+    t.push_str(&bucket_line("source", &e.source));
+    t.push_str(&bucket_line("aggregate", &e.aggregate));
+    t.push_str(&format!(
+        "connections: {} open{}\n",
+        e.connections.open,
+        if e.connections.limit == 0 {
+            ", no cap".to_string()
+        } else {
+            format!(", cap {}", e.connections.limit)
+        }
+    ));
+    t.push_str(&format!(
+        "known good: {}\n",
+        match (&e.known_good.last_handshake, e.known_good.known_good) {
+            (Some(at), true) => format!("yes (last handshake {})", at.rfc3339),
+            (Some(at), false) => format!("no (last handshake {}, expired)", at.rfc3339),
+            (None, _) => "no".into(),
+        }
+    ));
+    t.push_str(&bucket_line("global budget", &e.global_budget));
+    t.push_str(&format!(
+        "dry-run: {}; syn cookies: {}; protected ports: {:?}\n",
+        if e.dry_run { "on" } else { "off" },
+        e.syn_cookies,
+        e.protected_ports
+    ));
+    for n in &e.notes {
+        t.push_str(&format!("note: {n}\n"));
+    }
+    t.push_str(&e.summary);
+    t.push('\n');
+    t
 }
 
 /// "next SYN to a protected port would be: ..." for the text output.
@@ -535,7 +646,12 @@ mod tests {
             blocked: true,
             ..base()
         };
-        check(&LiveConfig::DEFAULT, &i, Action::Pass, Cause::NoProtectedPort);
+        check(
+            &LiveConfig::DEFAULT,
+            &i,
+            Action::Pass,
+            Cause::NoProtectedPort,
+        );
     }
 
     #[test]
@@ -552,9 +668,15 @@ mod tests {
             ..base()
         };
         check(&cfg, &i, Action::Pass, Cause::Allowlisted);
-        let i = Inputs { allowed: false, ..i };
+        let i = Inputs {
+            allowed: false,
+            ..i
+        };
         check(&cfg, &i, Action::Drop, Cause::Blocked);
-        let i = Inputs { blocked: false, ..i };
+        let i = Inputs {
+            blocked: false,
+            ..i
+        };
         check(&cfg, &i, Action::Drop, Cause::ConnLimit);
         let i = Inputs {
             open_connections: 0,
@@ -647,8 +769,18 @@ mod tests {
             syn_cookies: syncookie::MODE_UNDER_ATTACK,
             ..cfg
         };
-        check(&under_attack, &dry, Action::Cookie, Cause::UnknownSourceCookie);
-        check(&under_attack, &good, Action::Pass, Cause::KnownGoodOverBudget);
+        check(
+            &under_attack,
+            &dry,
+            Action::Cookie,
+            Cause::UnknownSourceCookie,
+        );
+        check(
+            &under_attack,
+            &good,
+            Action::Pass,
+            Cause::KnownGoodOverBudget,
+        );
         let full = Inputs {
             global: None,
             ..base()

@@ -640,7 +640,7 @@ async fn publish_loop(
                 outbox.put_back(msg.decisions);
                 // A stream that does not exist yet (first host of a fleet)
                 // is made here as well as by the follower.
-                if failures % 8 == 0 {
+                if failures.is_multiple_of(8) {
                     let _ = ensure_stream(&js, &s, max_ttl).await;
                 }
                 tokio::time::sleep(backoff(failures)).await;

@@ -11,6 +11,7 @@ pub mod duration;
 pub mod explain;
 pub mod fleet;
 pub mod kfunc;
+pub mod logging;
 pub mod metrics;
 pub mod paths;
 pub mod settings;

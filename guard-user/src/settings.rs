@@ -138,14 +138,20 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<String>,
+    /// HOST:PORT to serve Prometheus /metrics on (default 127.0.0.1:9940).
     #[arg(long, env = "GUARD_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Unix socket the CLI and the app talk to (default /run/guard/control.sock).
     #[arg(long, env = "GUARD_CONTROL_SOCKET")]
     pub control_socket: Option<PathBuf>,
+    /// Group that owns the control socket (its members may connect).
     #[arg(long, env = "GUARD_CONTROL_GROUP")]
     pub control_group: Option<String>,
+    /// Folder under bpffs for the pins (default /sys/fs/bpf/guard).
     #[arg(long, env = "GUARD_PIN_DIR")]
     pub pin_dir: Option<PathBuf>,
+    /// JSON-lines audit log of every block, unblock and change (default:
+    /// none, records go to the log only).
     #[arg(long, env = "GUARD_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
     /// cgroup v2 folder of the app, for connection tracking (default: the
@@ -427,7 +433,10 @@ impl Settings {
                 .or(file.pin_dir)
                 .unwrap_or_else(|| paths::DEFAULT_PIN_ROOT.into()),
             audit_log: args.audit_log.clone().or(file.audit_log),
-            log_level: file.log_level,
+            log_level: {
+                crate::logging::check_filter(file.log_level.as_deref())?;
+                file.log_level
+            },
             cgroup: args.cgroup.clone().or(file.cgroup),
             blocks,
             escalation,
@@ -543,8 +552,7 @@ mod tests {
         assert_eq!(s.escalation.ttl, Duration::from_secs(90));
         assert_eq!(s.escalation.over_cap_for, Duration::from_secs(20));
         let e = toml::from_str::<FileConfig>("[blocks]\nmax_ttl_secs = \"1h1h\"\n")
-            .err()
-            .expect("a repeated unit is refused")
+            .expect_err("a repeated unit is refused")
             .to_string();
         assert!(e.contains("1h1h"), "{e}");
     }
