@@ -365,8 +365,13 @@ fn unload_leaves_nothing_behind() {
             Ok((!prog_exists(prog_id)).then_some(()))
         })
         .unwrap_or_else(|e| panic!("{mode}: program {prog_id} still loaded: {e:#}"));
-        let status = home.status().expect("guard status");
-        assert!(status.contains("not loaded"), "{status}");
+        let root = home.pins().root().to_str().expect("UTF-8").to_string();
+        let status = home
+            .cli_output(&["status", "--pin-dir", &root])
+            .expect("guard status");
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(text.contains("not loaded"), "{text}");
+        assert_eq!(status.status.code(), Some(3), "not loaded exits 3");
     }
 }
 
