@@ -595,12 +595,16 @@ pub fn summary(e: &Explanation) -> String {
         ),
         other => other.text().to_string(),
     };
-    let head = if n.dry_run && n.decided != Action::Pass {
-        format!("PASS (dry-run; would be {})", n.decided.upper())
-    } else {
-        n.effective.upper().to_string()
-    };
-    format!("next SYN to a protected port would be: {head} ({why})")
+    if n.dry_run && n.decided != Action::Pass {
+        return format!(
+            "next SYN to a protected port would be: PASS in dry-run, else {} ({why})",
+            n.decided.upper()
+        );
+    }
+    format!(
+        "next SYN to a protected port would be: {} ({why})",
+        n.effective.upper()
+    )
 }
 
 #[cfg(test)]
