@@ -5,10 +5,12 @@
 //!
 //! Run as root, one at a time: `cargo test -p guard-tests --test cli_json -- --test-threads=1`.
 
+use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use guard_tests::agent::{connects, host_prefix, AgentHome, Listener, RunOpts};
+use guard_tests::agent::{connects, host_prefix, wait_for, AgentHome, Listener, RunOpts};
 use guard_tests::lab::{Lab, ATTACKER_V4, LEGIT_V4, ROLE_IF, SERVER_V4};
 use guard_tests::require_root;
 use serde_json::Value;
@@ -272,4 +274,67 @@ fn config_check_prints_the_effective_settings_or_fails() {
         .cli_output(&["block", "198.18.0.3", "--ttl", "1x"])
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Sends the agent a frame with a zero length, which it answers with an error and logs at
+/// debug level only.
+fn send_bad_frame(home: &AgentHome) {
+    let mut s = UnixStream::connect(home.socket()).expect("connect to the control socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0, 0, 0, 0]).expect("write");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        reply.len() > 5 && reply[4] == 0x80,
+        "an error reply, not a panic: {reply:?}"
+    );
+}
+
+#[test]
+fn log_level_changes_on_sighup() {
+    if !require_root("log_level_changes_on_sighup") {
+        return;
+    }
+    let lab = Lab::new().expect("build the lab");
+    let home = AgentHome::new().expect("agent home");
+    let mut opts = RunOpts::new(ROLE_IF, PORT).config("log_level = \"info\"\n");
+    opts.no_rust_log = true;
+    let agent = home
+        .start(&lab.server, &opts)
+        .unwrap_or_else(|e| panic!("start the agent: {e:#}"));
+    const DEBUG_LINE: &str = "sent a bad frame";
+    send_bad_frame(&home);
+    // The reply comes after the line would have been logged; give the stderr reader a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!agent.log().contains(DEBUG_LINE), "{}", agent.log());
+
+    std::fs::write(home.dir().join("guard.toml"), "log_level = \"debug\"\n").unwrap();
+    agent.hup().expect("SIGHUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        Ok(agent.log().contains("log level: debug").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
+    send_bad_frame(&home);
+    wait_for("the debug line", Duration::from_secs(10), || {
+        Ok(agent.log().contains(DEBUG_LINE).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
+
+    // And back: a bad level is refused and the running one kept.
+    std::fs::write(
+        home.dir().join("guard.toml"),
+        "log_level = \"info,x=loud\"\n",
+    )
+    .unwrap();
+    agent.hup().expect("SIGHUP");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        Ok(agent.log().contains("reload refused").then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
+    let before = agent.log().matches(DEBUG_LINE).count();
+    send_bad_frame(&home);
+    wait_for("debug still on", Duration::from_secs(10), || {
+        Ok((agent.log().matches(DEBUG_LINE).count() > before).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
 }
