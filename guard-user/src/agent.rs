@@ -816,6 +816,37 @@ impl Agent {
         Response::Ok
     }
 
+    /// Where `prefix` stands toward escalation (for `guard explain`).
+    fn escalation(&self, prefix: &Prefix) -> Response {
+        let interval_ns = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .live
+            .event_interval_ns();
+        let offenders = self.offenders.lock().expect("offenders lock");
+        let Some(o) = offenders.get(prefix) else {
+            return Response::Escalation {
+                tracked: false,
+                strikes: 0,
+                streak_secs: 0,
+            };
+        };
+        // Event times are the kernel's monotonic clock, as on_event sees them.
+        let now = monotonic_ns();
+        // The same gap that on_event takes as the end of a streak.
+        let ongoing = now.saturating_sub(o.last_event_ns) <= 2 * interval_ns + 1_000_000_000;
+        Response::Escalation {
+            tracked: true,
+            strikes: o.strikes,
+            streak_secs: if ongoing {
+                (now.saturating_sub(o.streak_start_ns) / 1_000_000_000) as u32
+            } else {
+                0
+            },
+        }
+    }
+
     fn stats_counters(&self) -> Response {
         let totals = match self.maps().stat_totals() {
             Ok(t) => t,
@@ -1093,6 +1124,7 @@ impl ControlHandler for Agent {
                 Ok(lines) => Response::History { lines },
                 Err(e) => Response::error(ErrorCode::Internal, format!("read the audit log: {e}")),
             },
+            Request::Escalation { prefix } => self.escalation(&prefix),
         }
     }
 }

@@ -271,8 +271,28 @@ pub struct Explanation {
     pub next_syn: NextSyn,
     /// The one-line answer, e.g. `DROP (blocked by 198.18.0.0/24, operator)`.
     pub summary: String,
+    /// The agent's escalation state for the source key and (when that cap
+    /// is on) the aggregate key; empty when the agent could not be asked.
+    pub escalation: Vec<EscalationState>,
     /// What could not be found out, in words.
     pub notes: Vec<String>,
+    /// The source and aggregate map keys, for asking the agent about them.
+    #[serde(skip)]
+    pub keys: (Prefix, Option<Prefix>),
+}
+
+/// How far a prefix is along escalation (the agent's over-cap streaks).
+#[derive(Debug, Clone, Serialize)]
+pub struct EscalationState {
+    #[serde(serialize_with = "as_text")]
+    pub prefix: Prefix,
+    /// The agent watches a streak for it (it completed a handshake and went
+    /// over its cap).
+    pub tracked: bool,
+    /// Escalations so far; each doubles the next block's TTL.
+    pub strikes: u32,
+    /// How long the current over-cap streak has lasted (0: none).
+    pub streak_secs: u32,
 }
 
 impl Explanation {
@@ -426,7 +446,12 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
         global_budget,
         next_syn: next,
         summary: String::new(),
+        escalation: Vec::new(),
         notes: Vec::new(),
+        keys: (
+            p.source_key,
+            cfg.aggregate_cap_enabled().then_some(p.aggregate_key),
+        ),
     };
     e.summary = summary(&e);
     Ok(e)
@@ -543,6 +568,17 @@ pub fn render_text(e: &Explanation) -> String {
         }
     ));
     t.push_str(&bucket_line("global budget", &e.global_budget));
+    for x in &e.escalation {
+        t.push_str(&format!(
+            "escalation: {} {}\n",
+            x.prefix,
+            if !x.tracked {
+                "no over-cap streak watched".to_string()
+            } else {
+                format!("{} strikes, current streak {}s", x.strikes, x.streak_secs)
+            }
+        ));
+    }
     t.push_str(&format!(
         "dry-run: {}; syn cookies: {}; protected ports: {:?}\n",
         if e.dry_run { "on" } else { "off" },

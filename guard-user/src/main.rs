@@ -583,6 +583,33 @@ async fn explain_cmd(addr: IpAddr, pins: &PinArg, socket: &SocketArg, out: Outpu
             )),
         }
     }
+    let (source_key, aggregate_key) = e.keys;
+    for key in std::iter::once(source_key).chain(aggregate_key) {
+        match call(socket, Request::Escalation { prefix: key }).await {
+            Ok(Response::Escalation {
+                tracked,
+                strikes,
+                streak_secs,
+            }) => e.escalation.push(explain::EscalationState {
+                prefix: key,
+                tracked,
+                strikes,
+                streak_secs,
+            }),
+            Ok(other) => {
+                e.notes.push(format!(
+                    "the agent answered `{}` to an escalation request",
+                    other.name()
+                ));
+                break;
+            }
+            Err(err) => {
+                e.notes
+                    .push(format!("escalation strikes are unknown ({err:#})"));
+                break;
+            }
+        }
+    }
     if out == Output::Json {
         return emit(&e);
     }

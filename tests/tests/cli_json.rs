@@ -152,6 +152,10 @@ fn json_documents_carry_what_the_agent_did() {
         hit["until"]["unix"].as_u64().unwrap().abs_diff(until) <= 2,
         "{e}"
     );
+    // The agent answers for the source key: no streak, since nothing went over its cap.
+    assert_eq!(e["escalation"][0]["prefix"], attacker, "{e}");
+    assert_eq!(e["escalation"][0]["tracked"], false, "{e}");
+    assert_eq!(e["notes"], serde_json::json!([]), "{e}");
     assert_eq!(e["next_syn"]["decided"], "drop");
     assert_eq!(e["next_syn"]["effective"], "drop");
     assert_eq!(e["next_syn"]["cause"], "blocked");
