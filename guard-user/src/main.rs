@@ -771,14 +771,26 @@ async fn tune_cmd(a: TuneArgs, out: Output) -> Result<()> {
         acted = true;
     }
     if !acted {
-        if out == Output::Text {
-            println!("live config:");
+        let config = call(&socket, Request::GetConfig).await?;
+        let stats = call(&socket, Request::Stats).await?;
+        match (out, &config, &stats) {
+            // One document, as every other command prints.
+            (Output::Json, Response::Config { entries }, Response::Stats { counters }) => {
+                let config: BTreeMap<&str, &str> = entries
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let counters: BTreeMap<&str, u64> =
+                    counters.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                emit(&serde_json::json!({ "config": config, "counters": counters }))?;
+            }
+            _ => {
+                println!("live config:");
+                print_response(&config, out)?;
+                println!("counters:");
+                print_response(&stats, out)?;
+            }
         }
-        print_response(&call(&socket, Request::GetConfig).await?, out)?;
-        if out == Output::Text {
-            println!("counters:");
-        }
-        print_response(&call(&socket, Request::Stats).await?, out)?;
     }
     Ok(())
 }
