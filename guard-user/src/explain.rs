@@ -872,4 +872,34 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn block_meta_is_the_newest_block_of_exactly_that_prefix() {
+        let p: Prefix = "198.18.0.0/24".parse().unwrap();
+        let lines: Vec<String> = [
+            r#"{"ts_unix":100,"event":"block","prefix":"198.18.0.0/24","origin":"old","detail":"a"}"#,
+            r#"{"ts_unix":200,"event":"escalate","prefix":"198.18.0.0/24","origin":"kernel:over_cap","detail":"b"}"#,
+            r#"{"ts_unix":300,"event":"block","prefix":"198.18.0.3/32","origin":"narrower"}"#,
+            r#"{"ts_unix":400,"event":"unblock","prefix":"198.18.0.0/24","origin":"op"}"#,
+            "not json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let m = BlockMeta::from_audit(&lines, &p).expect("found");
+        assert_eq!(m.origin.as_deref(), Some("kernel:over_cap"));
+        assert_eq!(m.since_unix, Some(200));
+        assert_eq!(m.detail.as_deref(), Some("b"));
+        let other: Prefix = "10.0.0.0/8".parse().unwrap();
+        assert!(BlockMeta::from_audit(&lines, &other).is_none());
+    }
+
+    #[test]
+    fn monotonic_times_become_wall_clock_times() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |t_ns| Instant::from_monotonic(t_ns, 50 * SEC, now).unix;
+        assert_eq!(at(50 * SEC), 1_000_000);
+        assert_eq!(at(40 * SEC), 999_990);
+        assert_eq!(at(110 * SEC), 1_000_060);
+        assert_eq!(Instant::from_unix(0).rfc3339, "1970-01-01T00:00:00.000Z");
+    }
 }

@@ -550,6 +550,35 @@ fn status(pins: &PinArg, out: Output) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// Who made the block on `prefix` and when, from the agent's audit log.
+/// Most blocks are hours old, so the recent past is asked first: the agent
+/// then opens only the files written since (a full read can mean months of
+/// rotated, compressed logs). Only a block extended for longer than that
+/// needs the whole log.
+async fn block_meta(socket: &SocketArg, prefix: Prefix) -> Result<Option<BlockMeta>> {
+    let now = unix_now();
+    for since in [
+        now.saturating_sub(2 * 86_400),
+        now.saturating_sub(30 * 86_400),
+        0,
+    ] {
+        let req = Request::History {
+            since_unix_secs: since,
+            prefix: Some(prefix),
+            limit: guard_common::proto::MAX_LIST_ENTRIES,
+        };
+        match call(socket, req).await? {
+            Response::History { lines } => {
+                if let Some(meta) = BlockMeta::from_audit(&lines, &prefix) {
+                    return Ok(Some(meta));
+                }
+            }
+            other => bail!("the agent answered `{}` to a history request", other.name()),
+        }
+    }
+    Ok(None)
+}
+
 async fn explain_cmd(addr: IpAddr, pins: &PinArg, socket: &SocketArg, out: Output) -> Result<()> {
     let layout = PinLayout::new(&pins.pin_dir);
     if !layout.map(guard_common::maps::CONFIG).exists() {
@@ -561,23 +590,11 @@ async fn explain_cmd(addr: IpAddr, pins: &PinArg, socket: &SocketArg, out: Outpu
     let maps = datapath::GuardMaps::open_pinned(&layout)?;
     let mut e = explain::explain(&maps, addr)?;
     if let Some(hit) = &e.blocked_by {
-        // Who blocked it and when is only in the agent's audit log.
-        let req = Request::History {
-            since_unix_secs: 0,
-            prefix: Some(hit.prefix),
-            limit: guard_common::proto::MAX_LIST_ENTRIES,
-        };
-        match call(socket, req).await {
-            Ok(Response::History { lines }) => match BlockMeta::from_audit(&lines, &hit.prefix) {
-                Some(meta) => e.set_block_meta(meta),
-                None => e
-                    .notes
-                    .push("the audit log has no record of this block".into()),
-            },
-            Ok(other) => e.notes.push(format!(
-                "the agent answered `{}` to a history request",
-                other.name()
-            )),
+        match block_meta(socket, hit.prefix).await {
+            Ok(Some(meta)) => e.set_block_meta(meta),
+            Ok(None) => e
+                .notes
+                .push("the audit log has no record of this block".into()),
             Err(err) => e.notes.push(format!(
                 "who made the block is unknown: the agent could not be asked ({err:#})"
             )),
