@@ -579,6 +579,18 @@ pub enum AttachRequest {
     Tc,
 }
 
+impl AttachRequest {
+    /// The name `--attach` takes for it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+}
+
 impl std::str::FromStr for AttachRequest {
     type Err = String;
 
@@ -1327,4 +1339,22 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttachRequest;
+
+    #[test]
+    fn attach_names_parse_back() {
+        for a in [
+            AttachRequest::Xdp,
+            AttachRequest::XdpNative,
+            AttachRequest::XdpGeneric,
+            AttachRequest::Tc,
+        ] {
+            assert_eq!(a.name().parse::<AttachRequest>(), Ok(a));
+        }
+        assert!("ebpf".parse::<AttachRequest>().is_err());
+    }
 }

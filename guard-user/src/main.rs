@@ -670,7 +670,7 @@ fn config_check(file: Option<PathBuf>, mut run: RunArgs, out: Output) -> Result<
         file: s.config_file.as_ref().map(|p| p.display().to_string()),
         interfaces: s.interfaces.clone(),
         ports: s.ports.clone(),
-        attach: format!("{:?}", s.attach),
+        attach: s.attach.name().to_string(),
         limits: config_kv::config_entries(&s.live).into_iter().collect(),
         allow: s.allow.iter().map(ToString::to_string).collect(),
         trusted_proxies: s.trusted_proxies.iter().map(ToString::to_string).collect(),
