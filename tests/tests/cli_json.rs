@@ -214,6 +214,34 @@ fn json_documents_carry_what_the_agent_did() {
         .iter()
         .any(|r| r["event"] == "allow" && r["prefix"] == legit));
 
+    // logrotate's move-and-SIGHUP: the block now lives in audit.jsonl.1, and history still
+    // finds it, before the lines of the new file.
+    std::fs::rename(home.audit_log(), home.dir().join("audit.jsonl.1")).expect("rotate");
+    agent.hup().expect("SIGHUP");
+    wait_for("the reopened audit log", Duration::from_secs(10), || {
+        Ok(home.audit_log().exists().then_some(()))
+    })
+    .unwrap();
+    json(&home, &["config", "--set", "syn_rate=34"]);
+    let out = home
+        .ctl(&["-o", "json", "history", "--since", "1h"])
+        .expect("history");
+    let events: Vec<Value> = out.lines().map(parse).collect();
+    let block_at = events
+        .iter()
+        .position(|r| r["event"] == "block" && r["prefix"] == attacker)
+        .unwrap_or_else(|| panic!("the rotated block is missing: {out}"));
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "config", "{out}");
+    assert!(
+        last["detail"].as_str().unwrap().contains("syn_rate=34"),
+        "{out}"
+    );
+    assert!(
+        block_at < events.len() - 1,
+        "time order across files: {out}"
+    );
+
     // status counts what was done.
     let (code, out) = with_pins(&home, &["-o", "json", "status"]);
     assert_eq!(code, Some(0));
