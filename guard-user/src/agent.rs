@@ -1133,6 +1133,17 @@ impl ControlHandler for Agent {
 pub async fn run(args: RunArgs) -> Result<()> {
     let settings = Settings::load(&args)?;
     apply_log_level(settings.log_level.as_deref());
+    // A broken $NOTIFY_SOCKET must not keep protection from starting: under systemd a missing
+    // READY=1 still shows up (the start times out), so a warning is enough here.
+    let notifier = crate::notify::Notifier::from_env().unwrap_or_else(|e| {
+        warn!("readiness notifications are off: {e}");
+        crate::notify::Notifier::disabled()
+    });
+    let notify = |what: &str, sent: Result<(), crate::notify::NotifyError>| {
+        if let Err(e) = sent {
+            warn!("cannot tell the service manager {what}: {e}");
+        }
+    };
     let layout = PinLayout::new(&settings.pin_root);
     let mut dp = Datapath::load(&settings.map_sizes, Some(&layout))?;
     let fresh = dp.is_fresh();
@@ -1259,6 +1270,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         settings.metrics_addr,
         settings.control_socket.display()
     );
+    // Only now: the program is attached, the control socket and metrics listen, so whatever
+    // systemd starts after guard (the app) can report at once.
+    let status = format!(
+        "protecting ports {:?} on {}",
+        settings.ports,
+        attached
+            .iter()
+            .map(|(iface, kind)| format!("{iface} ({})", kind.metric_label()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    notify("it is ready", notifier.ready(&status));
     loop {
         tokio::select! {
             _ = sweep.tick() => {
@@ -1270,11 +1293,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     agent.prune_connections();
                 }
             }
-            _ = hup.recv() => agent.reload(&args),
+            _ = hup.recv() => {
+                notify("a reload starts", notifier.reloading());
+                agent.reload(&args);
+                notify("the reload ended", notifier.ready(&status));
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    notify("it stops", notifier.stopping());
     info!(
         "stopping: the program stays attached and pinned under {} (`guard unload` removes it)",
         layout.dir().display()

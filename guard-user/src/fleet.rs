@@ -287,6 +287,7 @@ pub struct FleetMetrics {
     pub connection_events: IntCounterVec,
     pub caught_up: IntGauge,
     pub stream_sequence: IntGauge,
+    pub follower_restarts: IntCounter,
 }
 
 impl FleetMetrics {
@@ -303,7 +304,7 @@ impl FleetMetrics {
             )
         };
         let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help).expect("valid"));
-        Self {
+        let m = Self {
             published: counter(
                 "guard_fleet_decisions_published_total",
                 "Block and unblock decisions of this host acknowledged by JetStream.",
@@ -361,9 +362,36 @@ impl FleetMetrics {
                 "guard_fleet_stream_sequence",
                 "The last stream sequence this agent has read.",
             ),
+            follower_restarts: counter(
+                "guard_fleet_follower_restarts_total",
+                "Times the agent re-subscribed to the stream from its last sequence (a read \
+                 error, or messages owed that did not arrive).",
+            ),
+        };
+        // Every series exists from the start, so `increase()` in an alert sees the first one.
+        for action in ["block", "unblock"] {
+            m.applied.with_label_values(&[action]);
         }
+        for reason in DROP_REASONS {
+            m.dropped.with_label_values(&[reason]);
+        }
+        m
     }
 }
+
+/// Every `reason` of `guard_fleet_decisions_dropped_total`: not published (`queue_full`),
+/// unreadable (`malformed`, `unknown_version`), or refused by this host (the rest, from the
+/// agent's `Applier`).
+pub const DROP_REASONS: [&str; 8] = [
+    "queue_full",
+    "malformed",
+    "unknown_version",
+    "expired",
+    "allowlisted",
+    "blocklist_full",
+    "kernel_error",
+    "superseded",
+];
 
 /// Where this host's decisions wait for JetStream. Pushing never blocks:
 /// the agent calls it with its locks held.
@@ -583,8 +611,13 @@ impl Fleet {
     }
 }
 
+/// How long one pull of the follower waits for messages (see `follow_loop`).
+const FOLLOW_PULL_EXPIRY: Duration = Duration::from_secs(3);
+
+/// Retry delay: short, because the usual failure is a stream leader election (seconds) and
+/// every retry is one small request; a decision should not wait for a long sleep after it.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.min(5)).min(2000))
+    Duration::from_millis((50u64 << attempt.min(4)).min(500))
 }
 
 async fn publish_loop(
@@ -663,6 +696,7 @@ async fn follow_loop(
     // there are applied too (after a reboot the kernel lost them).
     let mut catch_up_until: Option<u64> = None;
     let mut failures: u32 = 0;
+    let filter = s.all_subjects();
     loop {
         let stream = match ensure_stream(&js, &s, max_ttl).await {
             Ok(st) => st,
@@ -676,9 +710,11 @@ async fn follow_loop(
             }
         };
         if catch_up_until.is_none() {
-            let tail = stream.cached_info().state.last_sequence;
+            let state = &stream.cached_info().state;
+            let tail = state.last_sequence;
             catch_up_until = Some(tail);
-            if tail == 0 {
+            // Nothing left to replay (an empty stream, or every message expired).
+            if state.messages == 0 {
                 metrics.caught_up.set(1);
             }
         }
@@ -691,8 +727,12 @@ async fn follow_loop(
         };
         let consumer = stream
             .create_consumer(OrderedConfig {
-                filter_subject: s.all_subjects(),
+                filter_subject: filter.clone(),
                 deliver_policy,
+                // The client's idle heartbeat is half the pull expiry, capped at 15 s, and it
+                // recreates the consumer after two missed ones: with the defaults a consumer
+                // on a NATS node that died goes unnoticed for 30 s. Short pulls notice in ~3 s.
+                max_expires: FOLLOW_PULL_EXPIRY,
                 ..Default::default()
             })
             .await;
@@ -716,11 +756,36 @@ async fn follow_loop(
             }
         };
         failures = 0;
-        while let Some(next) = messages.next().await {
+        let mut watchdog = tokio::time::interval(STALL_CHECK);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watchdog.tick().await;
+        let mut check = StallCheck::default();
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = watchdog.tick() => {
+                    let stall = stalled(&stream, &filter, last_seq, &mut check).await;
+                    // The stream's tail message may have expired before it was read.
+                    if catch_up_until.is_some_and(|t| check.settled_at >= t) {
+                        metrics.caught_up.set(1);
+                    }
+                    if stall {
+                        warn!(
+                            "fleet: the stream is past sequence {last_seq} but nothing arrives; \
+                             following again from there"
+                        );
+                        metrics.follower_restarts.inc();
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             let msg = match next {
                 Ok(m) => m,
                 Err(e) => {
                     warn!("fleet: reading the stream failed ({e}); resuming after sequence {last_seq}");
+                    metrics.follower_restarts.inc();
                     break;
                 }
             };
@@ -739,8 +804,62 @@ async fn follow_loop(
             if catch_up_until == Some(seq) {
                 metrics.caught_up.set(1);
                 info!("fleet: caught up with the stream (sequence {seq})");
+            } else if catch_up_until.is_some_and(|t| seq > t) {
+                metrics.caught_up.set(1);
             }
         }
+    }
+}
+
+/// How often the follower compares the stream's last sequence with its own.
+const STALL_CHECK: Duration = Duration::from_secs(2);
+
+/// What the follower's watchdog remembers between two checks.
+#[derive(Default)]
+struct StallCheck {
+    /// The follower's sequence when the last check found the stream ahead of it.
+    behind_at: Option<u64>,
+    /// The stream's last sequence when nothing after the follower was left in it (every
+    /// message past it expired by its TTL): being "behind" that is not a stall.
+    settled_at: u64,
+}
+
+/// Whether the follower has made no progress for a whole check while the stream holds
+/// messages it has not read. The client library only notices a consumer that died with its
+/// NATS node after missed heartbeats and retries, and a pull that times out can keep it
+/// waiting for a minute; the stream says at once that something is owed. A failed request
+/// (a stream leader election) proves nothing either way.
+async fn stalled(
+    stream: &jetstream::stream::Stream,
+    filter: &str,
+    last_seq: u64,
+    check: &mut StallCheck,
+) -> bool {
+    let Ok(Ok(info)) = tokio::time::timeout(STALL_CHECK, stream.get_info()).await else {
+        return false;
+    };
+    let tail = info.state.last_sequence;
+    if tail <= last_seq || tail <= check.settled_at {
+        check.behind_at = None;
+        return false;
+    }
+    // Behind now: stalled only if it was already behind at the same place last time.
+    if check.behind_at.replace(last_seq) != Some(last_seq) {
+        return false;
+    }
+    let next = stream
+        .raw_message_builder()
+        .sequence(last_seq + 1)
+        .next_by_subject(filter)
+        .send();
+    match tokio::time::timeout(STALL_CHECK, next).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            check.settled_at = tail;
+            check.behind_at = None;
+            false
+        }
+        _ => false,
     }
 }
 

@@ -176,6 +176,17 @@ enum Cmd {
     /// Live tuning: show state, change limits, or observe real traffic and
     /// suggest limits.
     Tune(TuneArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: guard_user::docs::Shell,
+    },
+    /// Print the man page, or with --out-dir write one page per subcommand there.
+    Man {
+        /// Write guard.1, guard-status.1, ... into this folder instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -947,6 +958,21 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             socket,
         } => history(&socket, since, p.as_deref(), limit, out).await?,
         Cmd::Tune(args) => tune_cmd(args, out).await?,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            guard_user::docs::completions(&mut Cli::command(), shell, &mut std::io::stdout());
+        }
+        Cmd::Man { out_dir } => {
+            use clap::CommandFactory as _;
+            match out_dir {
+                None => guard_user::docs::man_page(Cli::command(), &mut std::io::stdout())?,
+                Some(dir) => {
+                    for page in guard_user::docs::man_pages_to(Cli::command(), &dir)? {
+                        println!("{}", page.display());
+                    }
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -192,6 +192,8 @@ pub struct RunOpts {
     pub no_rust_log: bool,
     /// Audit log path; `None` is the agent's temp dir.
     pub audit_log: Option<PathBuf>,
+    /// Extra environment for the agent (`NOTIFY_SOCKET`, a stripped `PATH`), set last.
+    pub envs: Vec<(String, String)>,
 }
 
 impl RunOpts {
@@ -205,7 +207,13 @@ impl RunOpts {
             log: None,
             no_rust_log: false,
             audit_log: None,
+            envs: Vec::new(),
         }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn attach(mut self, mode: &str) -> Self {
@@ -246,8 +254,14 @@ pub struct AgentHome {
 
 impl AgentHome {
     pub fn new() -> Result<Self> {
+        Self::with_bin(guard_bin()?)
+    }
+
+    /// A home whose agent and CLI are `bin` (e.g. the one unpacked from a dist tarball).
+    pub fn with_bin(bin: PathBuf) -> Result<Self> {
+        ensure!(bin.is_file(), "{} is not a file", bin.display());
         Ok(Self {
-            bin: guard_bin()?,
+            bin,
             pins: Pins::new()?,
             dir: TempDir::new("agent")?,
         })
@@ -329,6 +343,14 @@ impl AgentHome {
 
     /// Starts `guard run` inside `ns` and waits until it serves.
     pub fn start(&self, ns: &Netns, opts: &RunOpts) -> Result<Agent> {
+        let mut agent = self.spawn(ns, opts)?;
+        agent.wait_ready(Duration::from_secs(60))?;
+        Ok(agent)
+    }
+
+    /// Starts `guard run` inside `ns` without waiting for it (for tests that watch the start
+    /// itself); `Agent::wait_ready` waits.
+    pub fn spawn(&self, ns: &Netns, opts: &RunOpts) -> Result<Agent> {
         let mut cmd = ns.command(&self.bin);
         cmd.args(["run", "-i", &opts.iface, "-p", &opts.port.to_string()])
             .arg("--pin-dir")
@@ -361,11 +383,15 @@ impl AgentHome {
         } else {
             cmd.env("RUST_LOG", opts.log.as_deref().unwrap_or("info"));
         }
+        // A NOTIFY_SOCKET of the developer's session (or of a unit running the tests) is not
+        // the test's to receive; a test that wants one passes it in `envs`.
+        cmd.env_remove("NOTIFY_SOCKET");
+        for (key, value) in &opts.envs {
+            cmd.env(key, value);
+        }
         // `nsenter --net` execs the agent in place (no fork without --pid), so the child's
         // PID is the agent's own: signals and /proc/PID reach the agent itself.
-        let mut child =
-            ChildGuard::spawn("guard run", &mut cmd)?.with_grace(Duration::from_secs(10));
-        child.wait_for_stderr(READY_LINE, Duration::from_secs(60))?;
+        let child = ChildGuard::spawn("guard run", &mut cmd)?.with_grace(Duration::from_secs(10));
         Ok(Agent {
             child: Some(child),
             ns: ns.path().to_path_buf(),
@@ -415,6 +441,14 @@ impl Agent {
             .as_ref()
             .map(ChildGuard::stderr_so_far)
             .unwrap_or_default()
+    }
+
+    /// Waits until it logs that it serves (`READY_LINE`).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.child
+            .as_mut()
+            .context("agent already stopped")?
+            .wait_for_stderr(READY_LINE, timeout)
     }
 
     pub fn is_running(&mut self) -> Result<bool> {

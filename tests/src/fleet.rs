@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use guard_common::client::Connection;
@@ -43,6 +43,8 @@ pub const SERVICE_PORT: u16 = 8080;
 const NATS_NODES: u16 = 3;
 const CLIENT_PORT: u16 = 4222;
 const CLUSTER_PORT: u16 = 6222;
+/// Each node's HTTP monitoring port (`/jsz` tells who leads the stream) is this plus its index.
+const MONITOR_PORT: u16 = 8222;
 const BRIDGE: &str = "br0";
 
 /// Host `i`'s address (198.18.0.11 for the first).
@@ -138,12 +140,41 @@ impl NatsCluster {
                 "--cluster",
                 &format!("nats://{NATS_V4}:{}", CLUSTER_PORT + i as u16),
             ])
-            .args(["--routes", &routes.join(",")]);
+            .args(["--routes", &routes.join(",")])
+            .args(["-m", &(MONITOR_PORT + i as u16).to_string()]);
         let mut child = ChildGuard::spawn(&format!("nats-server n{i}"), &mut cmd)?
             .with_grace(Duration::from_secs(5));
         child.wait_for_stderr("Server is ready", Duration::from_secs(30))?;
         self.nodes[i] = Some(child);
         Ok(())
+    }
+
+    /// The node that leads `stream` now, as a live node's `/jsz` reports it.
+    pub fn stream_leader(&self, stream: &str) -> Result<usize> {
+        let live = self
+            .nodes
+            .iter()
+            .position(Option::is_some)
+            .context("no NATS node is running")?;
+        let url = format!(
+            "http://{NATS_V4}:{}/jsz?accounts=true&streams=true",
+            MONITOR_PORT + live as u16
+        );
+        let out = crate::process::run_checked(self.ns.command("curl").args(["-sf", &url]))?;
+        let jsz: serde_json::Value = serde_json::from_str(&out).context("parse /jsz")?;
+        let leader = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|st| st["name"] == stream)
+            .and_then(|st| st["cluster"]["leader"].as_str())
+            .with_context(|| format!("/jsz names no leader for {stream}"))?;
+        leader
+            .strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .filter(|n: &usize| *n < self.nodes.len())
+            .with_context(|| format!("unexpected leader name {leader:?}"))
     }
 
     /// Kills node `i` outright (SIGKILL), as a crash would.
@@ -404,8 +435,15 @@ fn app_report(home: &AgentHome, prefix: &str) -> Result<()> {
 
 /// Milliseconds until every host in `on` has `prefix` in its kernel (or lacks it, `present`
 /// false), polled every 5 ms for at most 30 s.
-fn propagation(lab: &FleetLab, on: &[usize], prefix: &str, present: bool) -> Result<u64> {
-    let start = std::time::Instant::now();
+/// Polls until the kernels of hosts `on` hold (or no longer hold) `prefix`; the time is counted
+/// from `start`, taken just before the decision was made.
+fn propagation(
+    lab: &FleetLab,
+    on: &[usize],
+    prefix: &str,
+    present: bool,
+    start: std::time::Instant,
+) -> Result<u64> {
     let mut pending: Vec<usize> = on.to_vec();
     while !pending.is_empty() {
         let mut still = Vec::new();
@@ -471,14 +509,19 @@ pub fn demo_scenario(mut say: impl FnMut(&str)) -> Result<FleetDemo> {
     record(&lab, "before any decision", 0, None)?;
 
     let first = format!("{}/32", attacker_v4(0));
+    let decided = Instant::now();
     app_report(&lab.hosts[0].home, &first)?;
-    let ms = propagation(&lab, &[1, 2], &first, true)?;
+    let ms = propagation(&lab, &[1, 2], &first, true, decided)?;
     record(&lab, "flagged by the app on host-a", 0, Some(ms))?;
 
-    lab.nats.kill_node(1)?;
+    // The worst node to lose: the stream's leader, so that writes wait for JetStream to
+    // elect another.
+    let leader = lab.nats.stream_leader("GUARD_BLOCKS")?;
+    lab.nats.kill_node(leader)?;
     let second = format!("{}/32", attacker_v4(1));
+    let decided = Instant::now();
     app_report(&lab.hosts[1].home, &second)?;
-    let ms = propagation(&lab, &[0, 2], &second, true).with_context(|| {
+    let ms = propagation(&lab, &[0, 2], &second, true, decided).with_context(|| {
         let logs: Vec<String> = agents
             .iter()
             .flatten()
@@ -495,7 +538,7 @@ pub fn demo_scenario(mut say: impl FnMut(&str)) -> Result<FleetDemo> {
     })?;
     record(
         &lab,
-        "NATS node n1 killed, then flagged on host-b",
+        &format!("NATS node n{leader} (the stream's leader) killed, then flagged on host-b"),
         1,
         Some(ms),
     )?;
@@ -504,23 +547,30 @@ pub fn demo_scenario(mut say: impl FnMut(&str)) -> Result<FleetDemo> {
         c.stop()?;
     }
     let third = format!("{}/32", attacker_v4(2));
+    let decided = Instant::now();
     app_report(&lab.hosts[0].home, &third)?;
-    propagation(&lab, &[1], &third, true)?;
-    let urls = lab.nats.urls();
-    let restarted = std::time::Instant::now();
-    agents[2] = Some(lab.hosts[2].start(&urls, "")?);
-    propagation(&lab, &[2], &third, true)?;
-    let ms = restarted.elapsed().as_millis() as u64;
+    let ms = propagation(&lab, &[1], &third, true, decided)?;
     record(
         &lab,
-        "flagged on host-a while host-c was down; host-c restarted (ms: restart to caught up)",
+        "flagged on host-a while host-c's agent is down",
         2,
         Some(ms),
     )?;
-    lab.nats.start_node(1)?;
+    let urls = lab.nats.urls();
+    let restarted = Instant::now();
+    agents[2] = Some(lab.hosts[2].start(&urls, "")?);
+    let ms = propagation(&lab, &[2], &third, true, restarted)?;
+    record(
+        &lab,
+        "host-c's agent restarted (time: from its start to the block in its kernel)",
+        2,
+        Some(ms),
+    )?;
+    lab.nats.start_node(leader)?;
 
+    let decided = Instant::now();
     lab.hosts[2].home.ctl(&["unblock", &first])?;
-    let ms = propagation(&lab, &[0, 1], &first, false)?;
+    let ms = propagation(&lab, &[0, 1], &first, false, decided)?;
     record(&lab, "unblocked by the operator on host-c", 0, Some(ms))?;
     drop(agents);
     Ok(FleetDemo {

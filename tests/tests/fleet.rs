@@ -249,15 +249,62 @@ fn the_demo_fleet_scenario_drops_everywhere_and_converges() -> Result<()> {
     let demo = demo_scenario(|line| println!("{line}"))?;
     let all = ["host-a", "host-b", "host-c"];
     let steps = &demo.steps;
-    ensure!(steps.len() == 5, "{steps:?}");
+    ensure!(steps.len() == 6, "{steps:?}");
     ensure!(steps[0].dropped_on.is_empty(), "{:?}", steps[0]);
-    for s in &steps[1..4] {
+    for s in [&steps[1], &steps[2], &steps[4]] {
         ensure!(s.dropped_on == all, "not dropped everywhere: {s:?}");
     }
+    // With its agent down, host c keeps the program but learns nothing new.
     ensure!(
-        steps[4].dropped_on.is_empty(),
+        steps[3].dropped_on == all[..2] && steps[3].served_on == all[2..],
+        "{:?}",
+        steps[3]
+    );
+    ensure!(
+        steps[5].dropped_on.is_empty(),
         "the unblock did not lift it: {:?}",
-        steps[4]
+        steps[5]
+    );
+    Ok(())
+}
+
+/// The fleet series the alerts and the dashboard query exist on a fleet agent from its
+/// start (tests/tests/agent.rs checks every other queried name against a plain agent).
+#[test]
+fn every_fleet_metric_the_deploy_files_query_is_exported_by_a_fleet_agent() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guard-user/deploy/metric_names.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let queried: Vec<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .filter(|n| n.starts_with("guard_fleet_"))
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        !queried.is_empty(),
+        "the deploy files query no fleet series"
+    );
+    let lab = FleetLab::new(1)?;
+    let agents = lab.start_all("")?;
+    wait_caught_up(&agents[0], SETTLE)?;
+    let exported = agents[0].scrape()?.families;
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|n| !exported.contains_key(n.as_str()))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "queried by alerts.yml/dashboard.json but not exported by a fleet agent: {missing:?}"
     );
     Ok(())
 }

@@ -27,7 +27,8 @@ pub struct DemoArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only this scenario (repeatable): syn-flood, conn-flood, storms, message-flood,
-    /// slowloris, random-sources, slot-hoarder, returning-clients, adaptive.
+    /// slowloris, random-sources, slot-hoarder, returning-clients, adaptive, fleet (three
+    /// guard hosts sharing blocks through a three-node NATS JetStream cluster).
     #[arg(long = "only", value_name = "SCENARIO")]
     only: Vec<String>,
 }
@@ -56,6 +57,7 @@ mod lab {
 
     use anyhow::{bail, Context as _, Result};
     use guard_common::stats::Stat;
+    use guard_tests::fleet::{self, FleetDemo};
     use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
     use guard_tests::slowhttptest;
     use serde::Serialize;
@@ -366,12 +368,24 @@ mod lab {
         napi_thread_pinned: bool,
         timing: Timing,
         scenarios: Vec<ScenarioReport>,
+        /// The fleet scenario (no with/without phases: it shows one decision reaching every
+        /// host, through a NATS node failure and a host restart).
+        fleet: Option<FleetDemo>,
     }
+
+    const FLEET_KEY: &str = "fleet";
 
     pub fn main(a: DemoArgs) -> Result<()> {
         if !guard_tests::is_root() {
             bail!("the lab builds network namespaces and loads BPF programs: run it as root");
         }
+        let known = |o: &str| o == FLEET_KEY || SCENARIOS.iter().any(|s| s.key == o);
+        if let Some(unknown) = a.only.iter().find(|o| !known(o)) {
+            let mut keys: Vec<&str> = SCENARIOS.iter().map(|s| s.key).collect();
+            keys.push(FLEET_KEY);
+            bail!("no scenario is called {unknown:?}; known: {keys:?}");
+        }
+        let want_fleet = a.only.is_empty() || a.only.iter().any(|o| o == FLEET_KEY);
         let scenarios: Vec<&Scenario> = SCENARIOS
             .iter()
             .filter(|s| {
@@ -382,10 +396,6 @@ mod lab {
                 }
             })
             .collect();
-        if scenarios.is_empty() {
-            let keys: Vec<&str> = SCENARIOS.iter().map(|s| s.key).collect();
-            bail!("no scenario matches --only {:?}; known: {keys:?}", a.only);
-        }
         let out = a
             .out
             .clone()
@@ -407,10 +417,66 @@ mod lab {
 
         eprintln!("demo: building the agent, the demo app and lab-client");
         let bins = Binaries::build(a.release)?;
+        // The fleet lab starts its agents through the test harness, which takes the binary
+        // from here; set before any lab thread runs.
+        std::env::set_var(guard_tests::agent::GUARD_BIN_ENV, &bins.guard);
         let cpus = Cpus::detect();
-        // Blocks outlive every phase; each phase with guard starts a fresh agent and fresh
-        // pins anyway, so nothing carries over from one scenario to the next.
-        let mut stack = Stack::new(bins, cpus, Duration::from_secs(300))?;
+        let mut stack = None;
+        let mut reports = Vec::new();
+        if !scenarios.is_empty() {
+            // Blocks outlive every phase; each phase with guard starts a fresh agent and
+            // fresh pins anyway, so nothing carries over from one scenario to the next.
+            let s = stack.insert(Stack::new(bins, cpus, Duration::from_secs(300))?);
+            reports = single_host(s, &scenarios, cpus, &timing)?;
+        }
+        let fleet = if want_fleet {
+            println!();
+            println!(
+                "fleet: three guard hosts, a three-node NATS JetStream cluster, attackers on \
+                 the same bridge"
+            );
+            Some(fleet::demo_scenario(|line| println!("{line}")).context("scenario fleet")?)
+        } else {
+            None
+        };
+        let report = Report {
+            generated_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            mode: if a.short { "short" } else { "full" },
+            release_build: a.release,
+            server_core: cpus.server,
+            attacker_core: cpus.attacker,
+            measured_core: cpus.measured(),
+            napi_thread_pinned: stack.as_ref().is_some_and(|s| s.napi_pid().is_some()),
+            timing,
+            scenarios: reports,
+            fleet,
+        };
+        write_report(&out, &report)?;
+        if a.keep {
+            match stack.as_mut() {
+                Some(s) => keep(s)?,
+                None => println!("--keep keeps the single-host lab, which this run did not build"),
+            }
+        }
+        drop(stack);
+        println!();
+        println!(
+            "report: {} (report.md, report.json, chart.svg)",
+            out.display()
+        );
+        Ok(())
+    }
+
+    /// The single-host scenarios, each without guard and then with it.
+    fn single_host(
+        stack: &mut Stack,
+        scenarios: &[&Scenario],
+        cpus: Cpus,
+        timing: &Timing,
+    ) -> Result<Vec<ScenarioReport>> {
         println!(
             "lab up: server {} (app {}, agent metrics {}), legit {}, attacker {}",
             stack.lab.server.name(),
@@ -431,10 +497,10 @@ mod lab {
         println!("{}", header());
 
         let mut reports = Vec::new();
-        for sc in &scenarios {
+        for sc in scenarios {
             let mut phases = Vec::new();
             for guarded in [false, true] {
-                let phase = run_phase(&mut stack, sc, guarded, &timing).with_context(|| {
+                let phase = run_phase(stack, sc, guarded, timing).with_context(|| {
                     format!(
                         "scenario {} ({})",
                         sc.key,
@@ -457,31 +523,7 @@ mod lab {
                 phases,
             });
         }
-        let report = Report {
-            generated_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-            mode: if a.short { "short" } else { "full" },
-            release_build: a.release,
-            server_core: cpus.server,
-            attacker_core: cpus.attacker,
-            measured_core: cpus.measured(),
-            napi_thread_pinned: stack.napi_pid().is_some(),
-            timing,
-            scenarios: reports,
-        };
-        write_report(&out, &report)?;
-        if a.keep {
-            keep(&mut stack)?;
-        }
-        drop(stack);
-        println!();
-        println!(
-            "report: {} (report.md, report.json, chart.svg)",
-            out.display()
-        );
-        Ok(())
+        Ok(reports)
     }
 
     fn run_phase(
@@ -983,6 +1025,12 @@ mod lab {
     fn markdown(r: &Report) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# guard lab report\n");
+        if r.scenarios.is_empty() {
+            if let Some(f) = &r.fleet {
+                fleet_markdown(&mut md, f);
+            }
+            return md;
+        }
         let _ = writeln!(
             md,
             "Each scenario ran twice for {}s of attack between {:.1}s of warm-up and {:.1}s of \
@@ -1068,7 +1116,50 @@ mod lab {
                 let _ = writeln!(md, "```\n");
             }
         }
+        if let Some(f) = &r.fleet {
+            fleet_markdown(&mut md, f);
+        }
         md
+    }
+
+    fn fleet_markdown(md: &mut String, f: &FleetDemo) {
+        let _ = writeln!(md, "## Fleet: blocks shared through NATS JetStream\n");
+        let _ = writeln!(
+            md,
+            "Hosts {} (a guard agent each, in its own namespace), a JetStream cluster of {} \
+             nats-server nodes (stream replicated three times) and attackers on the same \
+             bridge. A step's time runs from the decision (the app's report, the operator's \
+             unblock, or the restart) until the last other host's kernel agrees, polled every \
+             5 ms.\n",
+            f.hosts.join(", "),
+            f.nats_nodes
+        );
+        let _ = writeln!(
+            md,
+            "| step | source | dropped on | served on | in every kernel after |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for st in &f.steps {
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                st.what.replace('|', "/"),
+                st.source,
+                list(&st.dropped_on),
+                list(&st.served_on),
+                st.propagation_ms
+                    .map(|m| format!("{m} ms"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        let _ = writeln!(md);
     }
 
     fn chart(r: &Report) -> String {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 mod tune;
 
@@ -39,6 +40,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build what operators install: a tarball, a .deb and SHA256SUMS (default target/dist).
+    Dist(dist::DistArgs),
     /// `cargo fmt --check` and clippy `-D warnings` on the host crates and
     /// on the eBPF crate for its own target.
     Lint,
@@ -102,6 +105,11 @@ fn test(filter: Option<String>) -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     let filter: Vec<String> = filter.into_iter().collect();
+    // Lint first: a formatting slip fails in minutes, not after the whole run.
+    if filter.is_empty() {
+        lint()?;
+        std::env::set_current_dir(&root)?;
+    }
     let mut tally = Tally::default();
     // Host tests: pure logic, parallel.
     tally.run(
@@ -129,7 +137,6 @@ fn test(filter: Option<String>) -> Result<()> {
     )?;
     if filter.is_empty() {
         run(Command::new("bash").arg(root.join("guard-user/deploy/check.sh")))?;
-        lint()?;
     }
     // One closing line for the whole run: the last runner printed may be a
     // crate's (empty) doc-test pass, which says nothing about the rest.
@@ -236,6 +243,7 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::main(args),
         Cmd::Bench(args) => bench::main(args),
         Cmd::Lint => lint(),
+        Cmd::Dist(args) => dist::main(args),
         Cmd::Tune { args } => tune::main(args),
     }
 }
