@@ -816,6 +816,37 @@ impl Agent {
         Response::Ok
     }
 
+    /// Where `prefix` stands toward escalation (for `guard explain`).
+    fn escalation(&self, prefix: &Prefix) -> Response {
+        let interval_ns = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .live
+            .event_interval_ns();
+        let offenders = self.offenders.lock().expect("offenders lock");
+        let Some(o) = offenders.get(prefix) else {
+            return Response::Escalation {
+                tracked: false,
+                strikes: 0,
+                streak_secs: 0,
+            };
+        };
+        // Event times are the kernel's monotonic clock, as on_event sees them.
+        let now = monotonic_ns();
+        // The same gap that on_event takes as the end of a streak.
+        let ongoing = now.saturating_sub(o.last_event_ns) <= 2 * interval_ns + 1_000_000_000;
+        Response::Escalation {
+            tracked: true,
+            strikes: o.strikes,
+            streak_secs: if ongoing {
+                (now.saturating_sub(o.streak_start_ns) / 1_000_000_000) as u32
+            } else {
+                0
+            },
+        }
+    }
+
     fn stats_counters(&self) -> Response {
         let totals = match self.maps().stat_totals() {
             Ok(t) => t,
@@ -889,6 +920,15 @@ impl Agent {
         if new.interfaces != old_ifaces {
             warn!("interfaces changed in the config file; restart the agent to attach elsewhere (keeping {old_ifaces:?})");
         }
+        let old_level = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .log_level
+            .clone();
+        if new.log_level != old_level {
+            apply_log_level(new.log_level.as_deref());
+        }
         let old_fleet = self.settings.lock().expect("settings lock").fleet.clone();
         if new.fleet != old_fleet {
             warn!("[fleet] changed in the config file; it takes effect when the agent restarts");
@@ -917,6 +957,24 @@ impl Agent {
             }
             Err(e) => error!("reload failed half-way: {e:#}"),
         }
+    }
+}
+
+/// Puts guard.toml's `log_level` in force (at start and on SIGHUP).
+fn apply_log_level(level: Option<&str>) {
+    match crate::logging::apply_level(level) {
+        Ok(crate::logging::Applied::Set) => {
+            info!(
+                "log level: {}",
+                level.unwrap_or(crate::logging::DEFAULT_FILTER)
+            )
+        }
+        Ok(crate::logging::Applied::EnvWins) if level.is_some() => {
+            warn!("RUST_LOG is set, so log_level in the config file is not applied")
+        }
+        Ok(_) => {}
+        // Settings::load checked it; kept for a caller that did not.
+        Err(e) => warn!("{e}"),
     }
 }
 
@@ -1066,6 +1124,7 @@ impl ControlHandler for Agent {
                 Ok(lines) => Response::History { lines },
                 Err(e) => Response::error(ErrorCode::Internal, format!("read the audit log: {e}")),
             },
+            Request::Escalation { prefix } => self.escalation(&prefix),
         }
     }
 }
@@ -1073,6 +1132,7 @@ impl ControlHandler for Agent {
 /// `guard run`.
 pub async fn run(args: RunArgs) -> Result<()> {
     let settings = Settings::load(&args)?;
+    apply_log_level(settings.log_level.as_deref());
     // A broken $NOTIFY_SOCKET must not keep protection from starting: under systemd a missing
     // READY=1 still shows up (the start times out), so a warning is enough here.
     let notifier = crate::notify::Notifier::from_env().unwrap_or_else(|e| {

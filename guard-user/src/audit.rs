@@ -4,7 +4,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead, BufReader, Write as _},
     path::{Path, PathBuf},
     sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
@@ -136,40 +136,132 @@ impl AuditLog {
     }
 }
 
+/// Lines of the audit log at `path` and of the files logrotate made of it
+/// (`audit.jsonl.1`, `audit.jsonl.2.gz`, or with `dateext`
+/// `audit.jsonl-20261204-1796400000[.gz]`), at or after `since_unix`, about
+/// `prefix` (overlapping) if given: the newest `limit`, oldest first.
 pub fn read_history(
     path: &Path,
     since_unix: u64,
     prefix: Option<&Prefix>,
     limit: usize,
 ) -> std::io::Result<Vec<String>> {
-    let file = File::open(path)?;
     let mut out = std::collections::VecDeque::new();
-    for line in BufReader::new(file).lines() {
-        let line = line?;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v.get("ts_unix").and_then(|t| t.as_u64()).unwrap_or(0) < since_unix {
+    for (file, mtime) in rotated_files(path)? {
+        // A file last written before `since` holds only older lines (the log
+        // is appended in time order), so it need not be opened.
+        if mtime < since_unix {
             continue;
         }
-        if let Some(want) = prefix {
-            let Some(p) = v
-                .get("prefix")
-                .and_then(|p| p.as_str())
-                .and_then(|p| p.parse::<Prefix>().ok())
-            else {
-                continue;
-            };
-            if !(want.contains_prefix(&p) || p.contains_prefix(want)) {
-                continue;
+        let reader: Box<dyn BufRead> = match File::open(&file) {
+            Ok(f) if file.extension().is_some_and(|e| e == "gz") => {
+                Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(f)))
             }
-        }
-        out.push_back(line);
-        if out.len() > limit {
-            out.pop_front();
+            Ok(f) => Box::new(BufReader::new(f)),
+            // Rotated away or compressed meanwhile: its lines are elsewhere.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file != path => continue,
+            Err(e) => return Err(e),
+        };
+        for line in reader.lines() {
+            let line = match line {
+                Ok(l) => l,
+                // A damaged or half-compressed rotated file: keep what the
+                // others hold rather than answer nothing.
+                Err(e) if file != path => {
+                    log::warn!("audit history: stopped reading {}: {e}", file.display());
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(line) = keep(line, since_unix, prefix) {
+                out.push_back(line);
+                if out.len() > limit {
+                    out.pop_front();
+                }
+            }
         }
     }
     Ok(out.into())
+}
+
+fn keep(line: String, since_unix: u64, prefix: Option<&Prefix>) -> Option<String> {
+    let v = serde_json::from_str::<serde_json::Value>(&line).ok()?;
+    if v.get("ts_unix").and_then(|t| t.as_u64()).unwrap_or(0) < since_unix {
+        return None;
+    }
+    if let Some(want) = prefix {
+        let p = v
+            .get("prefix")
+            .and_then(|p| p.as_str())
+            .and_then(|p| p.parse::<Prefix>().ok())?;
+        if !(want.contains_prefix(&p) || p.contains_prefix(want)) {
+            return None;
+        }
+    }
+    Some(line)
+}
+
+/// The audit log's rotated siblings, oldest first, then the log itself,
+/// each with its modification time (Unix seconds). Order is by that time;
+/// on a tie a higher rotation number (`.2` before `.1`) is older, as
+/// logrotate numbers them.
+pub fn rotated_files(path: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    let mtime = |p: &Path| -> Option<u64> {
+        let m = std::fs::metadata(p).ok()?.modified().ok()?;
+        Some(m.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+    };
+    let mut rotated = Vec::new();
+    if let (Some(dir), Some(base)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => Some(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.into_iter().flatten() {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix(base) else {
+                continue;
+            };
+            let rest = rest.strip_suffix(".gz").unwrap_or(rest);
+            // `.N` (numbered) or `-DATE...` (dateext); nothing else is ours.
+            let number = if let Some(n) = rest.strip_prefix('.') {
+                match n.parse::<u64>() {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                }
+            } else if rest.starts_with('-') && rest[1..].starts_with(|c: char| c.is_ascii_digit()) {
+                0
+            } else {
+                continue;
+            };
+            let p = entry.path();
+            if let Some(t) = mtime(&p) {
+                rotated.push((p, t, number));
+            }
+        }
+    }
+    rotated.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+    let mut files: Vec<(PathBuf, u64)> = rotated.into_iter().map(|(p, t, _)| (p, t)).collect();
+    match mtime(path) {
+        Some(t) => files.push((path.to_path_buf(), t)),
+        // No current file yet (just rotated, not reopened): the rotated
+        // ones are all there is. Without any file at all, say so.
+        None if files.is_empty() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} does not exist", path.display()),
+            ))
+        }
+        None => {}
+    }
+    Ok(files)
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -226,13 +318,115 @@ mod tests {
         );
         log.record("unblock", Some(&a), None, None, "operator:uid=0", None, "");
         let all = log.history(0, None, 100).unwrap();
-        assert_eq!(all.len(), 2, "the new file holds what came after rotation");
+        assert_eq!(all.len(), 3, "the rotated file is read too");
+        assert!(all[0].contains("198.18.0.3/32") && all[0].contains("\"event\":\"block\""));
         let only_a = log
             .history(0, Some(&"198.18.0.0/24".parse().unwrap()), 100)
             .unwrap();
-        assert_eq!(only_a.len(), 1);
-        assert!(only_a[0].contains("\"event\":\"unblock\""));
+        assert_eq!(only_a.len(), 2);
+        assert!(only_a[1].contains("\"event\":\"unblock\""));
         assert!(log.history(u64::MAX, None, 100).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn line(ts: u64, prefix: &str) -> String {
+        format!(
+            "{{\"ts_unix\":{ts},\"event\":\"block\",\"prefix\":\"{prefix}\",\"origin\":\"t\"}}\n"
+        )
+    }
+
+    fn write_at(path: &Path, text: &str, mtime: u64, gz: bool) {
+        use std::io::Write as _;
+        let f = File::create(path).unwrap();
+        if gz {
+            let mut enc = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            enc.write_all(text.as_bytes()).unwrap();
+            enc.finish()
+                .unwrap()
+                .set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+                .unwrap();
+        } else {
+            let mut f = f;
+            f.write_all(text.as_bytes()).unwrap();
+            f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn history_reads_numbered_dated_and_compressed_rotations_in_time_order() {
+        let dir = std::env::temp_dir().join(format!("guard-audit-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        // Oldest first: a dated, compressed one; .2.gz; .1 (delaycompress); the live file.
+        write_at(
+            &dir.join("audit.jsonl-20261201-1000.gz"),
+            &line(1_000, "198.18.0.1/32"),
+            1_000,
+            true,
+        );
+        write_at(
+            &dir.join("audit.jsonl.2.gz"),
+            &(line(2_000, "198.18.0.2/32") + &line(2_001, "198.18.0.2/32")),
+            2_001,
+            true,
+        );
+        write_at(
+            &dir.join("audit.jsonl.1"),
+            &line(3_000, "198.18.0.3/32"),
+            3_000,
+            false,
+        );
+        write_at(&path, &line(4_000, "198.18.0.4/32"), 4_000, false);
+        // Not ours: left alone.
+        write_at(
+            &dir.join("audit.jsonl.bak"),
+            &line(5_000, "198.18.0.5/32"),
+            5_000,
+            false,
+        );
+        write_at(
+            &dir.join("other.jsonl.1"),
+            &line(5_000, "198.18.0.6/32"),
+            5_000,
+            false,
+        );
+        let ts = |lines: Vec<String>| -> Vec<u64> {
+            lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["ts_unix"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(
+            ts(read_history(&path, 0, None, 100).unwrap()),
+            [1_000, 2_000, 2_001, 3_000, 4_000]
+        );
+        assert_eq!(
+            ts(read_history(&path, 2_001, None, 100).unwrap()),
+            [2_001, 3_000, 4_000]
+        );
+        assert_eq!(
+            ts(read_history(&path, 0, None, 2).unwrap()),
+            [3_000, 4_000],
+            "the newest"
+        );
+        let p: Prefix = "198.18.0.2/32".parse().unwrap();
+        assert_eq!(
+            ts(read_history(&path, 0, Some(&p), 100).unwrap()),
+            [2_000, 2_001]
+        );
+        // Rotated, not reopened yet: the rotated files still answer.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(ts(read_history(&path, 3_000, None, 100).unwrap()), [3_000]);
+        let _ = std::fs::remove_dir_all(dir);
+        assert!(
+            read_history(&path, 0, None, 100).is_err(),
+            "no log at all is an error"
+        );
     }
 }

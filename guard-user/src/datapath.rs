@@ -28,7 +28,7 @@ use guard_common::{
     state::AllowEntry,
     stats::{Stat, STAT_SLOTS},
     syncookie::{CookieKey, CookieState, KEY_SLOTS},
-    Addr, BlockEntry, LiveConfig, SourceState,
+    Addr, BlockEntry, LiveConfig, SourceState, TokenBucket,
 };
 use log::{info, warn};
 
@@ -256,6 +256,24 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// What the maps hold for one address: its source and aggregate keys and
+/// every entry the program would consult for a SYN from it.
+#[derive(Debug, Clone)]
+pub struct PointState {
+    pub source_key: Prefix,
+    pub aggregate_key: Prefix,
+    pub source: Option<SourceState>,
+    pub aggregate: Option<SourceState>,
+    pub open_connections: u64,
+    /// Monotonic ns of the source's last completed handshake.
+    pub last_handshake_ns: Option<u64>,
+    /// The allowlist's longest match exists (which prefix: see `allows`).
+    pub allowed: bool,
+    /// The blocklist's longest match, active or not.
+    pub block: Option<BlockEntry>,
+    pub global: Option<TokenBucket>,
+}
+
 /// Typed handles on the program's maps.
 pub struct GuardMaps {
     pub config: Array<MapData, LiveConfig>,
@@ -269,6 +287,8 @@ pub struct GuardMaps {
     /// guard-ebpf/src/conns.rs).
     pub conns: HashMap<MapData, Addr, u64>,
     pub known_good: HashMap<MapData, Addr, u64>,
+    /// The global new-connection budget's bucket (one slot).
+    pub global: Array<MapData, TokenBucket>,
     pub cookie_keys: Array<MapData, CookieKey>,
     pub cookie_state: Array<MapData, CookieState>,
 }
@@ -303,6 +323,7 @@ impl GuardMaps {
             block: open_pinned(layout, names::BLOCK)?,
             conns: open_pinned(layout, names::CONNS)?,
             known_good: open_pinned(layout, names::KNOWN_GOOD)?,
+            global: open_pinned(layout, names::GLOBAL)?,
             cookie_keys: open_pinned(layout, names::COOKIE_KEYS)?,
             cookie_state: open_pinned(layout, names::COOKIE_STATE)?,
         })
@@ -503,6 +524,30 @@ impl GuardMaps {
             .collect()
     }
 
+    /// One address's entries, as the program looks them up (for `guard
+    /// explain`): reads only, so explaining never changes a verdict.
+    pub fn point(&self, ip: std::net::IpAddr, cfg: &LiveConfig) -> PointState {
+        let source_key = Prefix::of(ip, cfg.source_prefix_v4, cfg.source_prefix_v6);
+        let aggregate_key = Prefix::of(ip, cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+        let host = Key::new(guard_common::addr::MAX_PREFIX_LEN, Prefix::host(ip).addr());
+        PointState {
+            source: self.sources.get(&source_key.addr(), 0).ok(),
+            aggregate: self.aggregates.get(&aggregate_key.addr(), 0).ok(),
+            // Negative counts are transient (see guard-ebpf/src/conns.rs); the
+            // program reads them as zero too.
+            open_connections: self
+                .conns
+                .get(&source_key.addr(), 0)
+                .map_or(0, |v| (v as i64).max(0) as u64),
+            last_handshake_ns: self.known_good.get(&source_key.addr(), 0).ok(),
+            allowed: self.allow.get(&host, 0).is_ok(),
+            block: self.block.get(&host, 0).ok(),
+            global: self.global.get(&0, 0).ok(),
+            source_key,
+            aggregate_key,
+        }
+    }
+
     /// Reads every per-source entry (the tuner's view); does not modify
     /// them, so observing never changes what the program decides.
     pub fn sources(&self) -> Result<Vec<(Addr, SourceState)>, DatapathError> {
@@ -532,6 +577,18 @@ pub enum AttachRequest {
     XdpNative,
     XdpGeneric,
     Tc,
+}
+
+impl AttachRequest {
+    /// The name `--attach` takes for it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
 }
 
 impl std::str::FromStr for AttachRequest {
@@ -650,6 +707,7 @@ impl Datapath {
             block: take(&mut ebpf, names::BLOCK)?,
             conns: take(&mut ebpf, names::CONNS)?,
             known_good: take(&mut ebpf, names::KNOWN_GOOD)?,
+            global: take(&mut ebpf, names::GLOBAL)?,
             cookie_keys: take(&mut ebpf, names::COOKIE_KEYS)?,
             cookie_state: take(&mut ebpf, names::COOKIE_STATE)?,
         };
@@ -1281,4 +1339,22 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttachRequest;
+
+    #[test]
+    fn attach_names_parse_back() {
+        for a in [
+            AttachRequest::Xdp,
+            AttachRequest::XdpNative,
+            AttachRequest::XdpGeneric,
+            AttachRequest::Tc,
+        ] {
+            assert_eq!(a.name().parse::<AttachRequest>(), Ok(a));
+        }
+        assert!("ebpf".parse::<AttachRequest>().is_err());
+    }
 }

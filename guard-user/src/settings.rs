@@ -54,7 +54,9 @@ pub struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BlocksFile {
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub default_ttl_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub max_ttl_secs: Option<u64>,
     pub capacity: Option<u32>,
 }
@@ -70,6 +72,7 @@ pub struct ControlFile {
     pub widest_report_v6: Option<u8>,
     pub widest_block_v4: Option<u8>,
     pub widest_block_v6: Option<u8>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub idle_timeout_secs: Option<u64>,
 }
 
@@ -77,8 +80,11 @@ pub struct ControlFile {
 #[serde(default, deny_unknown_fields)]
 pub struct EscalationFile {
     pub enabled: Option<bool>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub over_cap_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub ttl_secs: Option<u64>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub max_ttl_secs: Option<u64>,
 }
 
@@ -89,6 +95,7 @@ pub struct AdaptiveFile {
     pub floor_syn_rate: Option<u32>,
     pub floor_syn_burst: Option<u32>,
     pub step_percent: Option<u32>,
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub calm_secs: Option<u64>,
 }
 
@@ -133,14 +140,20 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<String>,
+    /// HOST:PORT to serve Prometheus /metrics on (default 127.0.0.1:9940).
     #[arg(long, env = "GUARD_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Unix socket the CLI and the app talk to (default /run/guard/control.sock).
     #[arg(long, env = "GUARD_CONTROL_SOCKET")]
     pub control_socket: Option<PathBuf>,
+    /// Group that owns the control socket (its members may connect).
     #[arg(long, env = "GUARD_CONTROL_GROUP")]
     pub control_group: Option<String>,
+    /// Folder under bpffs for the pins (default /sys/fs/bpf/guard).
     #[arg(long, env = "GUARD_PIN_DIR")]
     pub pin_dir: Option<PathBuf>,
+    /// JSON-lines audit log of every block, unblock and change (default:
+    /// none, records go to the log only).
     #[arg(long, env = "GUARD_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
     /// cgroup v2 folder of the app, for connection tracking (default: the
@@ -438,7 +451,10 @@ impl Settings {
                 .or(file.pin_dir)
                 .unwrap_or_else(|| paths::DEFAULT_PIN_ROOT.into()),
             audit_log: args.audit_log.clone().or(file.audit_log),
-            log_level: file.log_level,
+            log_level: {
+                crate::logging::check_filter(file.log_level.as_deref())?;
+                file.log_level
+            },
             cgroup,
             host_cgroup_mount,
             blocks,
@@ -537,6 +553,27 @@ mod tests {
         let lo: Prefix = "127.0.0.0/8".parse().unwrap();
         let proxy: Prefix = "198.18.0.254/32".parse().unwrap();
         assert!(s.allow.contains(&lo) && s.allow.contains(&proxy));
+    }
+
+    #[test]
+    fn secs_keys_take_compound_durations() {
+        let s = Settings::merge(
+            &args(&["eth0"], &[8080]),
+            toml::from_str(
+                "[blocks]\ndefault_ttl_secs = \"1h30m\"\nmax_ttl_secs = \"2d\"\n\
+                 [escalation]\nttl_secs = \"90s\"\nover_cap_secs = 20\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.blocks.default_ttl, Duration::from_secs(5_400));
+        assert_eq!(s.blocks.max_ttl, Duration::from_secs(172_800));
+        assert_eq!(s.escalation.ttl, Duration::from_secs(90));
+        assert_eq!(s.escalation.over_cap_for, Duration::from_secs(20));
+        let e = toml::from_str::<FileConfig>("[blocks]\nmax_ttl_secs = \"1h1h\"\n")
+            .expect_err("a repeated unit is refused")
+            .to_string();
+        assert!(e.contains("1h1h"), "{e}");
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub struct RunOpts {
     pub config: Option<String>,
     /// `RUST_LOG` for the agent; `None` is its default (info).
     pub log: Option<String>,
+    /// Leave `RUST_LOG` unset, so guard.toml's `log_level` decides (`log` is then ignored).
+    pub no_rust_log: bool,
     /// Audit log path; `None` is the agent's temp dir.
     pub audit_log: Option<PathBuf>,
     /// Extra environment for the agent (`NOTIFY_SOCKET`, a stripped `PATH`), set last.
@@ -203,6 +205,7 @@ impl RunOpts {
             sets: Vec::new(),
             config: None,
             log: None,
+            no_rust_log: false,
             audit_log: None,
             envs: Vec::new(),
         }
@@ -375,7 +378,11 @@ impl AgentHome {
                 cmd.env_remove(key);
             }
         }
-        cmd.env("RUST_LOG", opts.log.as_deref().unwrap_or("info"));
+        if opts.no_rust_log {
+            cmd.env_remove("RUST_LOG");
+        } else {
+            cmd.env("RUST_LOG", opts.log.as_deref().unwrap_or("info"));
+        }
         // A NOTIFY_SOCKET of the developer's session (or of a unit running the tests) is not
         // the test's to receive; a test that wants one passes it in `envs`.
         cmd.env_remove("NOTIFY_SOCKET");
@@ -459,6 +466,21 @@ impl Agent {
         // cannot have been recycled for another process.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         child.wait_timeout(Duration::from_secs(10))
+    }
+
+    /// SIGHUP: re-read the config file, reopen the audit log.
+    pub fn hup(&self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.pid()).context("pid out of range")?;
+        ensure!(pid > 0, "agent already stopped");
+        // SAFETY: the PID of our own running child, not reaped yet (the guard reaps it), so
+        // it cannot have been recycled for another process.
+        let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+        ensure!(
+            rc == 0,
+            "kill -HUP {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
     }
 
     /// A graceful stop (SIGINT, as SIGTERM would be).

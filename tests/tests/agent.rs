@@ -365,8 +365,13 @@ fn unload_leaves_nothing_behind() {
             Ok((!prog_exists(prog_id)).then_some(()))
         })
         .unwrap_or_else(|e| panic!("{mode}: program {prog_id} still loaded: {e:#}"));
-        let status = home.status().expect("guard status");
-        assert!(status.contains("not loaded"), "{status}");
+        let root = home.pins().root().to_str().expect("UTF-8").to_string();
+        let status = home
+            .cli_output(&["status", "--pin-dir", &root])
+            .expect("guard status");
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(text.contains("not loaded"), "{text}");
+        assert_eq!(status.status.code(), Some(3), "not loaded exits 3");
     }
 }
 
@@ -909,6 +914,28 @@ fn a_source_over_its_cap_for_long_enough_is_escalated_to_a_block() {
     );
     assert_eq!(blocked + capped + admitted, sent, "each SYN judged once");
     assert!(agent.log().contains("escalated"), "{}", agent.log());
+    // `guard explain` tells the same story: blocked by the escalation, one strike.
+    let root = home.pins().root().to_str().unwrap().to_string();
+    let out = ctl(
+        &home,
+        &[
+            "-o",
+            "json",
+            "explain",
+            &ATTACKER_V4.to_string(),
+            "--pin-dir",
+            &root,
+        ],
+    );
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["blocked_by"]["prefix"], atk, "{e}");
+    assert_eq!(e["blocked_by"]["reason"], "escalated_over_cap", "{e}");
+    assert_eq!(e["blocked_by"]["origin"], "kernel:over_cap", "{e}");
+    assert_eq!(e["escalation"][0]["prefix"], atk, "{e}");
+    assert_eq!(e["escalation"][0]["tracked"], true, "{e}");
+    assert_eq!(e["escalation"][0]["strikes"], 1, "{e}");
+    assert!(e["source"]["over_cap"].as_u64().unwrap() >= capped, "{e}");
+    assert_eq!(e["next_syn"]["cause"], "blocked", "{e}");
 }
 
 #[test]

@@ -72,9 +72,10 @@ fn encode_request(r: &Request, dst: &mut BytesMut, start: usize) -> Result<(), P
             dst.put_u64(*detected_at_unix_ns);
             put_str(dst, "detail", detail, MAX_DETAIL_LEN)?;
         }
-        Request::Unblock { prefix } | Request::Allow { prefix } | Request::Disallow { prefix } => {
-            put_prefix(dst, prefix)
-        }
+        Request::Unblock { prefix }
+        | Request::Allow { prefix }
+        | Request::Disallow { prefix }
+        | Request::Escalation { prefix } => put_prefix(dst, prefix),
         Request::ListBlocks { offset, limit } => {
             dst.put_u32(*offset);
             dst.put_u32(*limit);
@@ -154,6 +155,15 @@ fn encode_response(r: &Response, dst: &mut BytesMut, start: usize) -> Result<(),
                 put_str(dst, "history line", line, u16::MAX as usize)?;
                 check_size(dst, start)?;
             }
+        }
+        Response::Escalation {
+            tracked,
+            strikes,
+            streak_secs,
+        } => {
+            dst.put_u8(u8::from(*tracked));
+            dst.put_u32(*strikes);
+            dst.put_u32(*streak_secs);
         }
         Response::Error { code, message } => {
             dst.put_u16(code.to_u16());
@@ -397,6 +407,12 @@ fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
                 limit: r.u32("limit")?,
             })
         }
+        ty::ESCALATION => {
+            r.what = "escalation request";
+            Message::Request(Request::Escalation {
+                prefix: r.prefix("prefix")?,
+            })
+        }
         ty::ERROR => {
             r.what = "error reply";
             Message::Response(Response::Error {
@@ -475,6 +491,24 @@ fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
                 lines.push(r.string("history line", u16::MAX as usize)?);
             }
             Message::Response(Response::History { lines })
+        }
+        ty::ESCALATION_REPLY => {
+            r.what = "escalation reply";
+            let tracked = match r.u8("tracked")? {
+                0 => false,
+                1 => true,
+                value => {
+                    return Err(ProtoError::BadTag {
+                        field: "tracked",
+                        value: value.into(),
+                    })
+                }
+            };
+            Message::Response(Response::Escalation {
+                tracked,
+                strikes: r.u32("strikes")?,
+                streak_secs: r.u32("streak_secs")?,
+            })
         }
         other => return Err(ProtoError::UnknownType(other)),
     };

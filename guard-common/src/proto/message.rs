@@ -56,6 +56,13 @@ pub enum Request {
         prefix: Option<Prefix>,
         limit: u32,
     },
+    /// Where a prefix stands toward escalation: the agent's over-cap streak
+    /// and strikes for exactly this prefix (the source or aggregate prefix
+    /// an over-cap event names). Added after protocol version 1 shipped; an
+    /// older agent answers `unknown_type`.
+    Escalation {
+        prefix: Prefix,
+    },
 }
 
 /// How the agent handled a block request.
@@ -236,6 +243,15 @@ pub enum Response {
     History {
         lines: Vec<String>,
     },
+    /// `tracked` is false when the agent watches no streak for the prefix
+    /// (then `strikes` and `streak_secs` are 0). `strikes` counts the
+    /// escalations so far (each doubles the next block's TTL);
+    /// `streak_secs` how long the current over-cap streak has lasted.
+    Escalation {
+        tracked: bool,
+        strikes: u32,
+        streak_secs: u32,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -284,6 +300,7 @@ pub(crate) mod ty {
     pub const GET_CONFIG: u8 = 0x09;
     pub const SET_CONFIG: u8 = 0x0a;
     pub const HISTORY: u8 = 0x0b;
+    pub const ESCALATION: u8 = 0x0c;
 
     pub const ERROR: u8 = 0x80;
     pub const HELLO_OK: u8 = 0x81;
@@ -294,12 +311,13 @@ pub(crate) mod ty {
     pub const STATS_REPLY: u8 = 0x86;
     pub const CONFIG: u8 = 0x87;
     pub const HISTORY_REPLY: u8 = 0x88;
+    pub const ESCALATION_REPLY: u8 = 0x89;
 }
 
 impl Request {
     /// Every request kind, in type-byte order; [`Request::kind_index`]
     /// indexes into it (per-kind counters use both).
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "hello",
         "block",
         "unblock",
@@ -311,6 +329,7 @@ impl Request {
         "get_config",
         "set_config",
         "history",
+        "escalation",
     ];
 
     pub(crate) const fn type_byte(&self) -> u8 {
@@ -326,6 +345,7 @@ impl Request {
             Self::GetConfig => ty::GET_CONFIG,
             Self::SetConfig { .. } => ty::SET_CONFIG,
             Self::History { .. } => ty::HISTORY,
+            Self::Escalation { .. } => ty::ESCALATION,
         }
     }
 
@@ -352,6 +372,7 @@ impl Response {
             Self::Stats { .. } => ty::STATS_REPLY,
             Self::Config { .. } => ty::CONFIG,
             Self::History { .. } => ty::HISTORY_REPLY,
+            Self::Escalation { .. } => ty::ESCALATION_REPLY,
         }
     }
 
@@ -367,6 +388,7 @@ impl Response {
             Self::Stats { .. } => "stats",
             Self::Config { .. } => "config",
             Self::History { .. } => "history",
+            Self::Escalation { .. } => "escalation",
         }
     }
 }

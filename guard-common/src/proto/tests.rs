@@ -68,6 +68,9 @@ fn requests() -> Vec<Request> {
             prefix: None,
             limit: 0,
         },
+        Request::Escalation {
+            prefix: p("198.18.0.3"),
+        },
     ]
 }
 
@@ -129,6 +132,16 @@ fn responses() -> Vec<Response> {
                 String::new(),
             ],
         },
+        Response::Escalation {
+            tracked: true,
+            strikes: 3,
+            streak_secs: u32::MAX,
+        },
+        Response::Escalation {
+            tracked: false,
+            strikes: 0,
+            streak_secs: 0,
+        },
         Response::Error {
             code: ErrorCode::BadVersion,
             message: "agent speaks protocol 1".into(),
@@ -175,8 +188,8 @@ fn every_message_round_trips() {
         assert_eq!(back, msg);
         assert_eq!(used, bytes.len());
     }
-    // 11 request kinds and 9 response kinds, each covered above.
-    assert_eq!(seen_types.len(), 20);
+    // 12 request kinds and 10 response kinds, each covered above.
+    assert_eq!(seen_types.len(), 22);
 }
 
 #[test]
@@ -492,6 +505,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 .into()
             }),
         pairs().prop_map(|changes| Request::SetConfig { changes }.into()),
+        arb_prefix().prop_map(|prefix| Request::Escalation { prefix }.into()),
         (
             any::<u64>(),
             proptest::option::of(arb_prefix()),
@@ -533,6 +547,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
         proptest::collection::vec((arb_text(50), any::<u64>()), 0..5)
             .prop_map(|counters| Response::Stats { counters }.into()),
         pairs().prop_map(|entries| Response::Config { entries }.into()),
+        (any::<bool>(), any::<u32>(), any::<u32>()).prop_map(|(tracked, strikes, streak_secs)| {
+            Response::Escalation {
+                tracked,
+                strikes,
+                streak_secs,
+            }
+            .into()
+        }),
         (any::<u16>(), arb_text(200)).prop_map(|(code, message)| Response::Error {
             code: ErrorCode::from_u16(code),
             message,
@@ -652,4 +674,17 @@ fn history_keeps_the_newest_lines_that_fit_one_frame() {
     odd = newest_history_lines(odd, 500);
     assert_eq!(odd, ["old", "new"]);
     assert!(newest_history_lines(lines, 0).is_empty());
+}
+
+#[test]
+fn an_escalation_reply_with_a_bad_tracked_flag_is_refused() {
+    let mut body = vec![0x89, 2];
+    body.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        decode_frame(&raw_frame(&body)),
+        Err(ProtoError::BadTag {
+            field: "tracked",
+            value: 2
+        })
+    );
 }

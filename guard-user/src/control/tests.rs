@@ -276,6 +276,12 @@ fn every_request() -> Vec<(Request, bool)> {
             },
             false,
         ),
+        (
+            Request::Escalation {
+                prefix: prefix("198.18.0.3"),
+            },
+            false,
+        ),
     ]
 }
 
@@ -451,7 +457,14 @@ async fn the_apps_credentials_may_report_and_read_but_not_configure() {
     let seen: Vec<&str> = srv.mock.seen().iter().map(|(_, r)| r.name()).collect();
     assert_eq!(
         seen,
-        ["block", "list_blocks", "stats", "get_config", "history"],
+        [
+            "block",
+            "list_blocks",
+            "stats",
+            "get_config",
+            "history",
+            "escalation"
+        ],
         "refused requests never reach the agent"
     );
     assert!(srv
