@@ -236,7 +236,7 @@ impl Metrics {
             "WebSocket messages received, control frames included.",
         )?;
         let received_bytes = IntCounter::new(
-            "guard_app_message_bytes_received_total",
+            "guard_app_messages_received_bytes_total",
             "Payload bytes of received WebSocket messages.",
         )?;
         let dropped = IntCounterVec::new(

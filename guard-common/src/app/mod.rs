@@ -404,7 +404,7 @@ mod tests {
             "guard_app_connections_admitted_total",
             "guard_app_connections_rejected_total",
             "guard_app_messages_received_total",
-            "guard_app_message_bytes_received_total",
+            "guard_app_messages_received_bytes_total",
             "guard_app_messages_dropped_total",
             "guard_app_violations_total",
             "guard_app_floods_detected_total",
