@@ -130,6 +130,7 @@ impl Agent {
         metrics
             .blocklist_capacity
             .set(settings.blocks.capacity as i64);
+        metrics.mark_config_loaded();
         Self {
             maps: Mutex::new(maps),
             settings: Mutex::new(settings),
@@ -908,6 +909,7 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 error!("reload refused, keeping the running config: {e:#}");
+                self.metrics.reload_success.set(0);
                 return;
             }
         };
@@ -953,9 +955,13 @@ impl Agent {
                 *self.settings.lock().expect("settings lock") = new;
                 self.audit
                     .record("config", None, None, None, "operator:sighup", None, &detail);
+                self.metrics.mark_config_loaded();
                 info!("configuration reloaded");
             }
-            Err(e) => error!("reload failed half-way: {e:#}"),
+            Err(e) => {
+                self.metrics.reload_success.set(0);
+                error!("reload failed half-way: {e:#}")
+            }
         }
     }
 }

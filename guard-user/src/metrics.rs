@@ -20,6 +20,10 @@ pub struct Metrics {
     pub blocklist_capacity: IntGauge,
     pub allowlist_entries: IntGauge,
     tracked_sources: IntGauge,
+    sources_created: IntCounter,
+    /// 1 when the last SIGHUP reload applied, 0 when it was refused or failed.
+    pub reload_success: IntGauge,
+    pub reload_success_time: IntGauge,
     pub block_reports: IntCounterVec,
     pub escalations: IntCounter,
     pub escalations_skipped: IntCounterVec,
@@ -103,6 +107,12 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …:
+        // what an operator compares across agents and against MemoryMax.
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
         let metrics = Self {
             packets: counter_vec(
                 &r,
@@ -136,6 +146,22 @@ impl Metrics {
                 &r,
                 "guard_tracked_sources",
                 "Sources with per-source state in the kernel (upper bound: the LRU evicts silently).",
+            ),
+            sources_created: counter(
+                &r,
+                "guard_sources_created_total",
+                "Per-source entries the kernel created (new sources; the table is an LRU, so \
+                 rate() of this, not guard_tracked_sources, shows how many new sources arrive).",
+            ),
+            reload_success: gauge(
+                &r,
+                "guard_config_last_reload_successful",
+                "1 when the last reload (SIGHUP) of the config file applied, 0 when it was refused.",
+            ),
+            reload_success_time: gauge(
+                &r,
+                "guard_config_last_reload_success_timestamp_seconds",
+                "When the config was last loaded or reloaded successfully (unix seconds).",
             ),
             block_reports: counter_vec(
                 &r,
@@ -225,8 +251,19 @@ impl Metrics {
         let opened = totals[Stat::ConnOpened.index() as usize];
         let closed = totals[Stat::ConnClosed.index() as usize];
         self.conns_tracked.set(opened.saturating_sub(closed) as i64);
+        let created = totals[Stat::SourcesCreated.index() as usize];
         self.tracked_sources
-            .set(totals[Stat::SourcesCreated.index() as usize].min(sources_capacity as u64) as i64);
+            .set(created.min(sources_capacity as u64) as i64);
+        sync_counter(&self.sources_created, created);
+    }
+
+    /// The config (file and flags) is in force as loaded: at start and after a reload.
+    pub fn mark_config_loaded(&self) {
+        self.reload_success.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.reload_success_time.set(now.as_secs() as i64);
     }
 
     pub fn sync_config(&self, cfg: &guard_common::LiveConfig) {

@@ -757,6 +757,14 @@ fn metrics_pass_promtool_and_count_exactly_what_was_sent() {
         stat(&home, Stat::DropBlocked) as f64,
         packets(&m3, "drop", "blocked")
     );
+    assert_eq!(
+        stat(&home, Stat::SourcesCreated) as f64,
+        get("guard_sources_created_total", &[])
+    );
+    assert!(
+        get("guard_sources_created_total", &[]) >= 1.0,
+        "the admitted sources count"
+    );
 }
 
 /// Metric names the deploy files query but nothing exports yet, each with the feature that

@@ -335,6 +335,17 @@ fn log_level_changes_on_sighup() {
         .start(&lab.server, &opts)
         .unwrap_or_else(|e| panic!("start the agent: {e:#}"));
     const DEBUG_LINE: &str = "sent a bad frame";
+    let value = |name: &str| {
+        agent
+            .scrape()
+            .expect("scrape")
+            .value(name, &[])
+            .unwrap_or_else(|| panic!("{name} is not exported"))
+    };
+    assert_eq!(value("guard_config_last_reload_successful"), 1.0);
+    let loaded_at = value("guard_config_last_reload_success_timestamp_seconds");
+    assert!(loaded_at > 1.7e9, "{loaded_at}");
+    assert!(value("process_resident_memory_bytes") > 0.0);
     send_bad_frame(&home);
     // The reply comes after the line would have been logged; give the stderr reader a moment.
     std::thread::sleep(Duration::from_millis(500));
@@ -346,6 +357,8 @@ fn log_level_changes_on_sighup() {
         Ok(agent.log().contains("log level: debug").then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
+    assert_eq!(value("guard_config_last_reload_successful"), 1.0);
+    assert!(value("guard_config_last_reload_success_timestamp_seconds") >= loaded_at);
     send_bad_frame(&home);
     wait_for("the debug line", Duration::from_secs(10), || {
         Ok(agent.log().contains(DEBUG_LINE).then_some(()))
@@ -363,6 +376,7 @@ fn log_level_changes_on_sighup() {
         Ok(agent.log().contains("reload refused").then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
+    assert_eq!(value("guard_config_last_reload_successful"), 0.0);
     let before = agent.log().matches(DEBUG_LINE).count();
     send_bad_frame(&home);
     wait_for("debug still on", Duration::from_secs(10), || {
