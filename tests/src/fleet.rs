@@ -23,7 +23,7 @@ use guard_common::client::Connection;
 use guard_common::proto::{Request, Response};
 
 use crate::agent::{block_on, wait_for, Agent, AgentHome, RunOpts};
-use crate::lab::{fmt_mac, LAB_V4_PREFIX, ROLE_IF};
+use crate::lab::ROLE_IF;
 use crate::netns::Netns;
 use crate::process::ChildGuard;
 use crate::tools::TempDir;
@@ -45,7 +45,6 @@ const CLIENT_PORT: u16 = 4222;
 const CLUSTER_PORT: u16 = 6222;
 /// Each node's HTTP monitoring port (`/jsz` tells who leads the stream) is this plus its index.
 const MONITOR_PORT: u16 = 8222;
-const BRIDGE: &str = "br0";
 
 /// Host `i`'s address (198.18.0.11 for the first).
 pub fn host_v4(i: usize) -> Ipv4Addr {
@@ -60,30 +59,7 @@ pub fn host_name(i: usize) -> String {
 /// A namespace joined to the bridge with one IPv4 address on `eth0`.
 fn join(switch: &Netns, role: &str, port: &str, mac_last: u8, v4: Ipv4Addr) -> Result<Netns> {
     let ns = Netns::new(role)?;
-    let mac = fmt_mac([0x02, 0x67, 0x64, 0, 1, mac_last]);
-    ns.ip(&[
-        "link",
-        "add",
-        ROLE_IF,
-        "address",
-        &mac,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        switch.name(),
-    ])
-    .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
-    switch.ip(&["link", "set", port, "master", BRIDGE, "up"])?;
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{v4}/{LAB_V4_PREFIX}"),
-        "dev",
-        ROLE_IF,
-    ])?;
+    crate::lab::plug(switch, &ns, port, [0x02, 0x67, 0x64, 0, 1, mac_last], v4)?;
     ns.ip(&["link", "set", ROLE_IF, "up"])?;
     Ok(ns)
 }
@@ -245,11 +221,7 @@ pub struct FleetLab {
 impl FleetLab {
     pub fn new(hosts: usize) -> Result<Self> {
         ensure!((1..=8).contains(&hosts), "1 to 8 hosts");
-        let switch = Netns::new("fsw")?;
-        switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        switch.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-        switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-        switch.ip(&["link", "set", BRIDGE, "up"])?;
+        let switch = crate::lab::new_switch("fsw")?;
         let nats_ns = join(&switch, "nats", "p-nats", 200, NATS_V4)?;
         let attackers = (0..ATTACKERS)
             .map(|i| {

@@ -88,17 +88,53 @@ pub struct Lab {
     peer_xdp: Option<crate::raw_xdp::RawXdp>,
 }
 
+/// A namespace holding only a bridge (`BRIDGE`), up, for [`plug`] to join others to.
+pub fn new_switch(role: &str) -> Result<Netns> {
+    let switch = Netns::new(role)?;
+    // The switch only bridges frames; without IPv6 on its ports it stays silent (no
+    // router solicitations or MLD reports mixed into captures).
+    switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+    switch.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    switch.ip(&["link", "set", BRIDGE, "up"])?;
+    Ok(switch)
+}
+
+/// Joins `ns` to the switch's bridge: its `ROLE_IF` (with `mac`) paired with the switch port
+/// `port`, and `v4` on it. The caller brings `ROLE_IF` up once its addresses are in place.
+pub fn plug(switch: &Netns, ns: &Netns, port: &str, mac: [u8; 6], v4: Ipv4Addr) -> Result<()> {
+    let mac = fmt_mac(mac);
+    ns.ip(&[
+        "link",
+        "add",
+        ROLE_IF,
+        "address",
+        &mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        switch.name(),
+    ])
+    .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
+    switch.ip(&["link", "set", port, "master", BRIDGE, "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{v4}/{LAB_V4_PREFIX}"),
+        "dev",
+        ROLE_IF,
+    ])?;
+    Ok(())
+}
+
 impl Lab {
     /// Builds the topology and checks that the server answers both clients over
     /// IPv4 and IPv6 (`check_connectivity`).
     pub fn new() -> Result<Self> {
-        let switch = Netns::new("sw")?;
-        // The switch only bridges frames; without IPv6 on its ports it stays silent (no
-        // router solicitations or MLD reports mixed into captures).
-        switch.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        switch.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-        switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
-        switch.ip(&["link", "set", BRIDGE, "up"])?;
+        let switch = new_switch("sw")?;
 
         let server = Netns::new("srv")?;
         let legit = Netns::new("leg")?;
@@ -115,30 +151,7 @@ impl Lab {
             ),
         ];
         for (ns, port, mac, v4, v6) in roles {
-            let mac = fmt_mac(mac);
-            ns.ip(&[
-                "link",
-                "add",
-                ROLE_IF,
-                "address",
-                &mac,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                switch.name(),
-            ])
-            .with_context(|| format!("cannot create the veth pair for {}", ns.name()))?;
-            switch.ip(&["link", "set", port, "master", BRIDGE, "up"])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{v4}/{LAB_V4_PREFIX}"),
-                "dev",
-                ROLE_IF,
-            ])?;
+            plug(&switch, ns, port, mac, v4)?;
             // nodad: the address is usable at once instead of after ~1 s of duplicate
             // detection, and the lab owns the whole segment anyway.
             ns.ip(&[
