@@ -1,8 +1,20 @@
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use guard_common::addr::Prefix;
 use guard_common::client::{ClientError, Connection};
-use guard_common::proto::{BlockOutcome, MAX_FRAME, MAX_LIST_ENTRIES};
+use guard_common::proto::{
+    BlockOutcome, BytesMut, ErrorCode, FrameDecoder, Message, MAX_FRAME, MAX_LIST_ENTRIES,
+    PROTO_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
