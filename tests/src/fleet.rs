@@ -64,21 +64,113 @@ fn join(switch: &Netns, role: &str, port: &str, mac_last: u8, v4: Ipv4Addr) -> R
     Ok(ns)
 }
 
+/// A throwaway certificate authority and a server certificate it signed for `NATS_V4`, made
+/// with openssl, for the fleet over TLS.
+pub struct TestPki {
+    dir: TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> Result<Self> {
+        let pki = Self {
+            dir: TempDir::new("pki")?,
+        };
+        let d = pki.dir.path();
+        let openssl = |args: &[&str]| -> Result<()> {
+            crate::process::run_checked(Command::new("openssl").current_dir(d).args(args)).map(drop)
+        };
+        const EC: [&str; 5] = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        for (key, pem, cn) in [
+            ("ca.key", "ca.pem", "/CN=gd-test-ca"),
+            ("other-ca.key", "other-ca.pem", "/CN=gd-test-other-ca"),
+        ] {
+            let args = [
+                &["req", "-x509"][..],
+                &EC,
+                &["-keyout", key, "-out", pem, "-subj", cn, "-days", "1"],
+            ]
+            .concat();
+            openssl(&args).context("make a test CA (openssl)")?;
+        }
+        std::fs::write(
+            d.join("san.ext"),
+            format!("subjectAltName=IP:{NATS_V4}\nbasicConstraints=CA:FALSE\n"),
+        )?;
+        let csr = [
+            &["req"][..],
+            &EC,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=gd-test-nats",
+            ],
+        ]
+        .concat();
+        openssl(&csr)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ])?;
+        Ok(pki)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that signed nothing here: a client trusting it must refuse the server.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    fn server(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("server.pem"),
+            self.dir.path().join("server.key"),
+        )
+    }
+}
+
 /// Three `nats-server` processes with JetStream, clustered, in one namespace.
 pub struct NatsCluster {
     nodes: Vec<Option<ChildGuard>>,
+    /// Client connections over TLS with this certificate and key.
+    tls: Option<(PathBuf, PathBuf)>,
     dir: TempDir,
     ns: Netns,
 }
 
 impl NatsCluster {
-    fn start(ns: Netns) -> Result<Self> {
+    fn start(ns: Netns, tls: Option<(PathBuf, PathBuf)>) -> Result<Self> {
         ensure!(
             std::path::Path::new(NATS_SERVER).is_file(),
             "{NATS_SERVER} is missing: run `cargo xtask setup`"
         );
         let mut cluster = Self {
             nodes: (0..NATS_NODES).map(|_| None).collect(),
+            tls,
             dir: TempDir::new("nats")?,
             ns,
         };
@@ -90,8 +182,9 @@ impl NatsCluster {
 
     /// The client URLs of every node, as an agent's `[fleet] urls`.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
         (0..NATS_NODES)
-            .map(|i| format!("nats://{NATS_V4}:{}", CLIENT_PORT + i))
+            .map(|i| format!("{scheme}://{NATS_V4}:{}", CLIENT_PORT + i))
             .collect()
     }
 
@@ -118,6 +211,13 @@ impl NatsCluster {
             ])
             .args(["--routes", &routes.join(",")])
             .args(["-m", &(MONITOR_PORT + i as u16).to_string()]);
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--tls")
+                .arg("--tlscert")
+                .arg(cert)
+                .arg("--tlskey")
+                .arg(key);
+        }
         let mut child = ChildGuard::spawn(&format!("nats-server n{i}"), &mut cmd)?
             .with_grace(Duration::from_secs(5));
         child.wait_for_stderr("Server is ready", Duration::from_secs(30))?;
@@ -175,9 +275,14 @@ pub struct FleetHost {
 impl FleetHost {
     /// `guard run` on this host, in the fleet, with `extra` TOML appended to its config.
     pub fn start(&self, urls: &[String], extra: &str) -> Result<Agent> {
+        self.start_with(urls, "", extra)
+    }
+
+    /// Like `start`, with `fleet_extra` lines in its `[fleet]` section.
+    pub fn start_with(&self, urls: &[String], fleet_extra: &str, extra: &str) -> Result<Agent> {
         let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
         let config = format!(
-            "[fleet]\nurls = [{}]\nhost = \"{}\"\nreplicas = 3\n\n[blocks]\ncapacity = 131072\nmax_ttl_secs = 86400\n{extra}",
+            "[fleet]\nurls = [{}]\nhost = \"{}\"\nreplicas = 3\n{fleet_extra}\n[blocks]\ncapacity = 131072\nmax_ttl_secs = 86400\n{extra}",
             urls.join(", "),
             self.name
         );
@@ -220,6 +325,16 @@ pub struct FleetLab {
 
 impl FleetLab {
     pub fn new(hosts: usize) -> Result<Self> {
+        Self::build(hosts, None)
+    }
+
+    /// The lab with the NATS nodes taking clients over TLS only, with `pki`'s server
+    /// certificate.
+    pub fn with_tls(hosts: usize, pki: &TestPki) -> Result<Self> {
+        Self::build(hosts, Some(pki.server()))
+    }
+
+    fn build(hosts: usize, tls: Option<(PathBuf, PathBuf)>) -> Result<Self> {
         ensure!((1..=8).contains(&hosts), "1 to 8 hosts");
         let switch = crate::lab::new_switch("fsw")?;
         let nats_ns = join(&switch, "nats", "p-nats", 200, NATS_V4)?;
@@ -250,7 +365,7 @@ impl FleetLab {
                 ns,
             });
         }
-        let nats = NatsCluster::start(nats_ns)?;
+        let nats = NatsCluster::start(nats_ns, tls)?;
         Ok(Self {
             hosts: list,
             nats,

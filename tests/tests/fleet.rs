@@ -9,7 +9,7 @@ use guard_tests::agent::{connects, Listener};
 use guard_tests::fleet::demo_scenario;
 use guard_tests::fleet::{
     block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len, wait_caught_up,
-    FleetLab, ATTACKER_V4,
+    FleetLab, TestPki, ATTACKER_V4,
 };
 use guard_tests::require_root;
 
@@ -305,6 +305,65 @@ fn every_fleet_metric_the_deploy_files_query_is_exported_by_a_fleet_agent() -> R
     ensure!(
         missing.is_empty(),
         "queried by alerts.yml/dashboard.json but not exported by a fleet agent: {missing:?}"
+    );
+    Ok(())
+}
+
+/// `[fleet]` over TLS: agents that trust the servers' CA share blocks; one that trusts another
+/// CA refuses the servers, stays disconnected and keeps protecting its own host.
+#[test]
+fn over_tls_the_fleet_verifies_the_servers_and_still_shares_blocks() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let pki = TestPki::new()?;
+    let lab = FleetLab::with_tls(2, &pki)?;
+    let urls = lab.nats.urls();
+    ensure!(urls.iter().all(|u| u.starts_with("tls://")), "{urls:?}");
+    let trust = |ca: &std::path::Path| format!("tls_ca_file = {:?}\ntls_required = true\n", ca);
+
+    let wrong = lab.hosts[1].start_with(&urls, &trust(&pki.other_ca()), "")?;
+    lab.hosts[1].home.ctl(&[
+        "block",
+        "198.18.1.9/32",
+        "--ttl",
+        "10m",
+        "--reason",
+        "operator",
+    ])?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        metric(&wrong, "guard_fleet_connected", &[])? == 0.0,
+        "an agent that does not trust the servers' CA must not connect"
+    );
+    ensure!(
+        lab.hosts[1]
+            .kernel_blocks()?
+            .contains(&"198.18.1.9/32".to_string()),
+        "local protection goes on without the fleet"
+    );
+    ensure!(
+        metric(&wrong, "guard_fleet_publish_queue_depth", &[])? == 1.0,
+        "its decision waits in the queue"
+    );
+    wrong.stop()?;
+
+    let agents = [
+        lab.hosts[0].start_with(&urls, &trust(&pki.ca()), "")?,
+        lab.hosts[1].start_with(&urls, &trust(&pki.ca()), "")?,
+    ];
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+        ensure!(metric(a, "guard_fleet_connected", &[])? == 1.0);
+    }
+    let attacker = format!("{ATTACKER_V4}/32");
+    lab.hosts[0]
+        .home
+        .ctl(&["block", &attacker, "--ttl", "10m", "--reason", "operator"])?;
+    wait_blocklist_len(&agents[1], 2, SETTLE)?;
+    ensure!(
+        lab.hosts[1].kernel_blocks()?.contains(&attacker),
+        "the block reached host b over TLS"
     );
     Ok(())
 }

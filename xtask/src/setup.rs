@@ -27,6 +27,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "setpriv"),
     ("python3", "python3"),
     ("curl", "curl"),
+    // The fleet's TLS test makes its certificates with it.
+    ("openssl", "openssl"),
 ];
 
 /// The bpf-linker release and LLVM major that work with this machine's
