@@ -33,6 +33,9 @@ pub mod proto;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(all(feature = "client", any(test, feature = "test-support")))]
+pub mod test_support;
+
 #[cfg(feature = "warp")]
 pub mod app;
 

@@ -1,6 +1,6 @@
 //! Admission: caps, rates, `Retry-After`, and permits given back on every
 //! way a connection can end.
-#![cfg(feature = "warp")]
+#![cfg(all(feature = "warp", feature = "test-support"))]
 
 mod common;
 

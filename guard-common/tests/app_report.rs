@@ -1,13 +1,13 @@
 //! Reporting: what reaches the agent, what never does, and an app that
 //! behaves the same whether the agent is there or not.
-#![cfg(feature = "warp")]
+#![cfg(all(feature = "warp", feature = "test-support"))]
 
 mod common;
 
 use std::time::Duration;
 
 use common::{
-    eventually, flood, metric, recv_until, serve, ws_connect, FakeAgent, SseHub, TestDir,
+    eventually, flood, metric, recv_until, serve, ws_connect, FakeAgent, Mode, SseHub, TestDir,
 };
 use futures_util::SinkExt;
 use guard_common::addr::Prefix;
@@ -75,7 +75,7 @@ async fn an_absent_agent_changes_nothing_but_the_failure_count() {
     assert_eq!(metric(&registry, "guard_app_reports_sent_total"), 0.0);
 
     // The agent comes up: what was queued is delivered.
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let block = agent.next_block().await;
     assert_eq!(block.prefix, "198.18.30.1/32".parse::<Prefix>().unwrap());
     assert_eq!(block.reason, reason::MESSAGE_FLOOD);
@@ -88,7 +88,7 @@ async fn an_absent_agent_changes_nothing_but_the_failure_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_trusted_proxies_and_the_allowlist_are_never_reported() {
     let dir = TestDir::new("exempt");
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let registry = Registry::new();
     let guard = Guard::builder()
         .limits(flood_limits())

@@ -1,14 +1,14 @@
 //! Guarded SSE against real HTTP clients (raw sockets reading the event
 //! stream).
-#![cfg(feature = "warp")]
+#![cfg(all(feature = "warp", feature = "test-support"))]
 
 mod common;
 
 use std::time::Duration;
 
 use common::{
-    contains, eventually, head, metric, read_until, serve, sse_connect, within, FakeAgent, SseHub,
-    TestDir,
+    contains, eventually, head, metric, read_until, serve, sse_connect, within, FakeAgent, Mode,
+    SseHub, TestDir,
 };
 use guard_common::addr::Prefix;
 use guard_common::app::{Limits, SlowConsumerPolicy};
@@ -289,7 +289,7 @@ async fn a_slow_subscriber_can_lose_old_events_instead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_is_counted_and_reported_once() {
     let dir = TestDir::new("storm");
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let registry = Registry::new();
     let guard = common::guard(
         Limits {

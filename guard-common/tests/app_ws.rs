@@ -1,5 +1,5 @@
 //! Guarded WebSockets against real clients over real sockets.
-#![cfg(feature = "warp")]
+#![cfg(all(feature = "warp", feature = "test-support"))]
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     close_frame, eventually, flood, metric, recv_until, serve, unix_ns_now, within, ws_connect,
-    FakeAgent, SseHub, TestDir,
+    FakeAgent, Mode, SseHub, TestDir,
 };
 use futures_util::{SinkExt, StreamExt};
 use guard_common::addr::Prefix;
@@ -40,7 +40,7 @@ fn flood_limits() -> Limits {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_closed_with_1008_and_reported_while_others_keep_chatting() {
     let dir = TestDir::new("flood");
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let registry = Registry::new();
     let guard = common::guard(
         flood_limits(),
@@ -171,7 +171,7 @@ async fn send_all(c: &mut common::Client, msgs: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_apps_check_with_each_violation_policy() {
     let dir = TestDir::new("invalid");
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     for policy in [
         ViolationPolicy::Warn,
         ViolationPolicy::Drop,
@@ -430,7 +430,7 @@ async fn a_slow_consumer_loses_old_messages_but_gets_the_newest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_identity_behind_a_shared_address_does_not_get_it_reported() {
     let dir = TestDir::new("ident");
-    let mut agent = FakeAgent::start(&dir.sock());
+    let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let registry = Registry::new();
     let guard = common::guard(
         Limits {

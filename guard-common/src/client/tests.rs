@@ -1,209 +1,13 @@
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::string::String;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, UNIX_EPOCH};
 use std::vec::Vec;
 use std::{format, vec};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
-
 use super::*;
-use crate::proto::{BlockOutcome, ErrorCode, FrameDecoder, Message, Request, Response};
+use crate::proto::{ErrorCode, Request, Response};
 use crate::state::reason;
-
-/// Generous bound on waits for things that should happen within
-/// milliseconds; only a broken client runs into it.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "guard-client-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.0.join("control.sock")
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Answers every request.
-    Answer,
-    /// Accepts connections and holds them without reading a byte.
-    NeverRead,
-    /// Closes every connection as soon as it is accepted.
-    CloseAtOnce,
-    /// Answers the handshake, then reads requests but never answers.
-    StallAfterHello,
-    /// Answers the handshake with another protocol version.
-    WrongVersion,
-    /// Closes the first session once its handshake is answered, as an
-    /// agent does with an idle session; answers every later one.
-    CloseFirstAfterHello,
-}
-
-#[derive(Debug, PartialEq)]
-enum Event {
-    Hello(String),
-    Request(Request),
-    Closed,
-}
-
-/// An agent stand-in speaking the real codec over a real Unix socket.
-struct FakeAgent {
-    task: JoinHandle<()>,
-    events: mpsc::UnboundedReceiver<Event>,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl FakeAgent {
-    fn start(path: &Path, mode: Mode) -> Self {
-        // A previous fake at this path leaves its socket file behind.
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).unwrap();
-        let (tx, events) = mpsc::unbounded_channel();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        let task = tokio::spawn(async move {
-            // Dropping the set (when this task is aborted) closes every
-            // connection, as an agent exiting would.
-            let mut conns = JoinSet::new();
-            let mut held = Vec::new();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let earlier = counter.fetch_add(1, Ordering::Relaxed);
-                let mode = match mode {
-                    Mode::CloseFirstAfterHello if earlier > 0 => Mode::Answer,
-                    other => other,
-                };
-                match mode {
-                    Mode::NeverRead => held.push(stream),
-                    Mode::CloseAtOnce => drop(stream),
-                    _ => {
-                        conns.spawn(serve_fake(stream, mode, tx.clone()));
-                    }
-                }
-            }
-        });
-        Self {
-            task,
-            events,
-            accepted,
-        }
-    }
-
-    async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-
-    async fn next_event(&mut self) -> Event {
-        match tokio::time::timeout(PATIENCE, self.events.recv()).await {
-            Ok(Some(e)) => e,
-            Ok(None) => panic!("the fake agent stopped"),
-            Err(_) => panic!("the fake agent saw nothing within {PATIENCE:?}"),
-        }
-    }
-
-    /// The next request, skipping handshakes.
-    async fn next_request(&mut self) -> Request {
-        loop {
-            match self.next_event().await {
-                Event::Request(r) => return r,
-                Event::Hello(_) | Event::Closed => {}
-            }
-        }
-    }
-}
-
-async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSender<Event>) {
-    let mut dec = FrameDecoder::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let msg = match dec.decode() {
-            Ok(Some(Message::Request(r))) => r,
-            Ok(Some(Message::Response(_))) | Err(_) => break,
-            Ok(None) => match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    dec.feed(&buf[..n]);
-                    continue;
-                }
-            },
-        };
-        let hello = matches!(msg, Request::Hello { .. });
-        let answer = match msg {
-            Request::Hello { client_name, .. } => {
-                let _ = tx.send(Event::Hello(client_name));
-                Some(Response::HelloOk {
-                    version: if mode == Mode::WrongVersion {
-                        PROTO_VERSION + 1
-                    } else {
-                        PROTO_VERSION
-                    },
-                    agent_version: "fake-1".into(),
-                })
-            }
-            other => {
-                let answer = match &other {
-                    _ if mode == Mode::StallAfterHello => None,
-                    Request::Block { ttl_secs, .. } => Some(Response::BlockResult {
-                        outcome: BlockOutcome::Added,
-                        reason_text: "blocked".into(),
-                        expires_in_secs: *ttl_secs,
-                    }),
-                    Request::Stats => Some(Response::Stats {
-                        counters: vec![("packets".into(), 7)],
-                    }),
-                    Request::Unblock { .. } => {
-                        Some(Response::error(ErrorCode::NotFound, "not blocked"))
-                    }
-                    Request::ListAllows => None,
-                    _ => Some(Response::Ok),
-                };
-                let _ = tx.send(Event::Request(other));
-                answer
-            }
-        };
-        if let Some(answer) = answer {
-            let mut out = BytesMut::new();
-            answer.encode(&mut out).unwrap();
-            if stream.write_all(&out).await.is_err() {
-                break;
-            }
-        }
-        if hello && mode == Mode::CloseFirstAfterHello {
-            break;
-        }
-    }
-    let _ = tx.send(Event::Closed);
-}
+use crate::test_support::{within, Event, FakeAgent, Mode, TestDir, PATIENCE};
 
 fn fast_cfg(path: &Path) -> ClientConfig {
     let mut cfg = ClientConfig::new(path, "test-app");
@@ -233,12 +37,6 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took longer than {PATIENCE:?}"))
-}
-
 fn block_prefix(r: &Request) -> Prefix {
     match r {
         Request::Block { prefix, .. } => *prefix,
@@ -248,7 +46,7 @@ fn block_prefix(r: &Request) -> Prefix {
 
 #[tokio::test]
 async fn reports_arrive_with_their_fields() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
 
@@ -288,7 +86,7 @@ async fn reports_arrive_with_their_fields() {
 
 #[tokio::test]
 async fn with_no_agent_reports_queue_then_count_as_dropped() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut cfg = fast_cfg(&dir.sock());
     cfg.queue_capacity = 4;
     let client = AgentClient::spawn(cfg);
@@ -315,7 +113,7 @@ async fn with_no_agent_reports_queue_then_count_as_dropped() {
 
 #[tokio::test]
 async fn queued_reports_are_delivered_once_the_agent_appears() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
     for i in 0..5 {
         client.report(report(&format!("198.18.0.{i}"), 60)).unwrap();
@@ -337,7 +135,7 @@ async fn queued_reports_are_delivered_once_the_agent_appears() {
 
 #[tokio::test]
 async fn the_client_reconnects_when_the_agent_restarts() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
     client.report(report("198.18.0.1", 60)).unwrap();
@@ -362,7 +160,7 @@ async fn the_client_reconnects_when_the_agent_restarts() {
 
 #[tokio::test]
 async fn an_agent_that_never_reads_cannot_block_report() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let agent = FakeAgent::start(&dir.sock(), Mode::NeverRead);
     let mut cfg = fast_cfg(&dir.sock());
     cfg.queue_capacity = 4;
@@ -377,7 +175,7 @@ async fn an_agent_that_never_reads_cannot_block_report() {
         .all(|r| *r == Err(ReportError::QueueFull)));
 
     // The client gives up on each stuck handshake and tries again.
-    let accepted = agent.accepted.clone();
+    let accepted = agent.accepted_counter();
     wait_until("a second connection attempt", || {
         accepted.load(Ordering::Relaxed) >= 2
     })
@@ -394,7 +192,7 @@ async fn an_agent_that_never_reads_cannot_block_report() {
 
 #[tokio::test]
 async fn a_report_the_agent_never_answers_is_retried_then_counted_failed() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::StallAfterHello);
     let mut cfg = fast_cfg(&dir.sock());
     cfg.request_timeout = Duration::from_millis(20);
@@ -417,7 +215,7 @@ async fn a_report_the_agent_never_answers_is_retried_then_counted_failed() {
 
 #[tokio::test]
 async fn an_agent_closing_an_idle_session_is_no_outage_and_the_next_report_reconnects_at_once() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::CloseFirstAfterHello);
     let mut cfg = fast_cfg(&dir.sock());
     // An outage's backoff would outlast the test's patience many times.
@@ -431,11 +229,7 @@ async fn an_agent_closing_an_idle_session_is_no_outage_and_the_next_report_recon
     })
     .await;
     assert!(!client.stats().connected);
-    assert_eq!(
-        agent.accepted.load(Ordering::Relaxed),
-        1,
-        "no reconnect while idle"
-    );
+    assert_eq!(agent.accepted(), 1, "no reconnect while idle");
     client.report(report("198.18.0.3", 60)).unwrap();
     assert_eq!(
         block_prefix(&agent.next_request().await),
@@ -448,7 +242,7 @@ async fn an_agent_closing_an_idle_session_is_no_outage_and_the_next_report_recon
 
 #[tokio::test]
 async fn duplicates_merge_while_queued() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
     let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut a = report("198.18.0.9", 10);
@@ -490,7 +284,7 @@ async fn duplicates_merge_while_queued() {
 
 #[tokio::test]
 async fn a_long_detail_is_cut_to_the_protocol_limit() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
     let mut r = report("198.18.0.1", 60);
@@ -508,7 +302,7 @@ async fn a_long_detail_is_cut_to_the_protocol_limit() {
 
 #[tokio::test]
 async fn dropping_every_handle_ends_the_session() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let client = AgentClient::spawn(fast_cfg(&dir.sock()));
     let clone = client.clone();
@@ -531,7 +325,7 @@ fn a_client_whose_runtime_is_gone_reports_closed() {
         .enable_all()
         .build()
         .unwrap();
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let client = rt.block_on(async { AgentClient::spawn(fast_cfg(&dir.sock())) });
     client.report(report("198.18.0.1", 60)).unwrap();
     drop(rt);
@@ -576,7 +370,7 @@ fn report_to_request_rounds_and_clamps() {
 
 #[tokio::test]
 async fn a_connection_calls_and_maps_error_replies() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let mut conn = Connection::connect(dir.sock(), "guard-cli").await.unwrap();
     assert_eq!(conn.agent_version(), "fake-1");
@@ -610,7 +404,7 @@ async fn a_connection_calls_and_maps_error_replies() {
 
 #[tokio::test]
 async fn a_missing_agent_says_what_to_check() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let err = Connection::connect(dir.sock(), "guard-cli")
         .await
         .err()
@@ -623,7 +417,7 @@ async fn a_missing_agent_says_what_to_check() {
 
 #[tokio::test]
 async fn an_agent_closing_at_the_handshake_hints_at_permissions() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let agent = FakeAgent::start(&dir.sock(), Mode::CloseAtOnce);
     let err = Connection::connect(dir.sock(), "guard-cli")
         .await
@@ -645,7 +439,7 @@ async fn an_agent_closing_at_the_handshake_hints_at_permissions() {
 
 #[tokio::test]
 async fn a_version_mismatch_is_refused() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let agent = FakeAgent::start(&dir.sock(), Mode::WrongVersion);
     let err = Connection::connect(dir.sock(), "guard-cli")
         .await
@@ -660,7 +454,7 @@ async fn a_version_mismatch_is_refused() {
 
 #[tokio::test]
 async fn a_timed_out_call_breaks_the_connection() {
-    let dir = TestDir::new();
+    let dir = TestDir::new("client");
     let agent = FakeAgent::start(&dir.sock(), Mode::Answer);
     let mut conn = Connection::connect(dir.sock(), "guard-cli").await.unwrap();
     conn.set_timeout(Duration::from_millis(20));

@@ -4,19 +4,13 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use guard_common::addr::Prefix;
 use guard_common::app::{Guard, GuardedWebSocket, SseSubscription, WsSender, WsUpgrade};
-use guard_common::proto::{BlockOutcome, FrameDecoder, Message, Request, Response, PROTO_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -25,16 +19,9 @@ use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response as HttpResponse};
 use warp::Filter;
 
-/// Bound on waits for what should take milliseconds; only a broken guard
-/// runs into it (it fails the test, it measures nothing).
-pub const PATIENCE: Duration = Duration::from_secs(20);
-
-pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(PATIENCE, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
+// Each test crate uses a different part of these.
+#[allow(unused_imports)]
+pub use guard_common::test_support::{within, Blocked, FakeAgent, Mode, TestDir, PATIENCE};
 
 /// Polls `cond` until it holds (the guard updates counters from other
 /// tasks).
@@ -45,119 +32,6 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         }
     })
     .await
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TestDir(pub PathBuf);
-
-impl TestDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "guard-app-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn sock(&self) -> PathBuf {
-        self.0.join("control.sock")
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One block request as the agent decoded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blocked {
-    pub prefix: Prefix,
-    pub reason: u32,
-    pub ttl_secs: u32,
-    pub detected_at_unix_ns: u64,
-    pub detail: String,
-}
-
-/// An agent stand-in: real socket, real codec, answers every block.
-pub struct FakeAgent {
-    pub blocks: mpsc::UnboundedReceiver<Blocked>,
-}
-
-impl FakeAgent {
-    pub fn start(path: &Path) -> Self {
-        let listener = UnixListener::bind(path).unwrap();
-        let (tx, blocks) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(serve_agent(stream, tx.clone()));
-            }
-        });
-        Self { blocks }
-    }
-
-    pub async fn next_block(&mut self) -> Blocked {
-        within("a block report", self.blocks.recv())
-            .await
-            .expect("fake agent stopped")
-    }
-}
-
-async fn serve_agent(mut stream: UnixStream, tx: mpsc::UnboundedSender<Blocked>) {
-    let mut decoder = FrameDecoder::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let msg = loop {
-            match decoder.decode() {
-                Ok(Some(msg)) => break msg,
-                Ok(None) => {}
-                Err(e) => panic!("the client sent a bad frame: {e}"),
-            }
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => decoder.feed(&buf[..n]),
-            }
-        };
-        let answer = match msg {
-            Message::Request(Request::Hello { .. }) => Response::HelloOk {
-                version: PROTO_VERSION,
-                agent_version: "fake".into(),
-            },
-            Message::Request(Request::Block {
-                prefix,
-                ttl_secs,
-                reason,
-                detected_at_unix_ns,
-                detail,
-            }) => {
-                let _ = tx.send(Blocked {
-                    prefix,
-                    reason,
-                    ttl_secs,
-                    detected_at_unix_ns,
-                    detail,
-                });
-                Response::BlockResult {
-                    outcome: BlockOutcome::Added,
-                    reason_text: String::new(),
-                    expires_in_secs: ttl_secs,
-                }
-            }
-            other => panic!("the app sent an unexpected {other:?}"),
-        };
-        let mut out = BytesMut::new();
-        answer.encode(&mut out).unwrap();
-        if stream.write_all(&out).await.is_err() {
-            return;
-        }
-    }
 }
 
 pub fn unix_ns_now() -> u64 {

@@ -1,0 +1,270 @@
+//! What the client's unit tests and the warp side's integration tests share: a fake agent
+//! speaking the real codec over a real Unix socket, a temp directory for its socket, and a
+//! bounded wait. Built for this crate's tests and, with the `test-support` feature, for other
+//! crates' tests; never part of a release build.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::string::String;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::vec::Vec;
+use std::{format, vec};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::addr::Prefix;
+use crate::proto::{
+    BlockOutcome, ErrorCode, FrameDecoder, Message, Request, Response, PROTO_VERSION,
+};
+
+/// Bound on waits for what should take milliseconds; only a broken client or guard runs
+/// into it (it fails the test, it measures nothing).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// `fut`, or a panic naming `what` after [`PATIENCE`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what} ({PATIENCE:?})"))
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "guard-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a test directory");
+        Self(dir)
+    }
+
+    /// Where a control socket goes in it.
+    pub fn sock(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How the fake agent behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Answers every request.
+    Answer,
+    /// Accepts connections and holds them without reading a byte.
+    NeverRead,
+    /// Closes every connection as soon as it is accepted.
+    CloseAtOnce,
+    /// Answers the handshake, then reads requests but never answers.
+    StallAfterHello,
+    /// Answers the handshake with another protocol version.
+    WrongVersion,
+    /// Closes the first session once its handshake is answered, as an agent does with an
+    /// idle session; answers every later one.
+    CloseFirstAfterHello,
+}
+
+/// What the fake agent saw.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    Hello(String),
+    Request(Request),
+    Closed,
+}
+
+/// One block request as the agent decoded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub prefix: Prefix,
+    pub reason: u32,
+    pub ttl_secs: u32,
+    pub detected_at_unix_ns: u64,
+    pub detail: String,
+}
+
+/// An agent stand-in speaking the real codec over a real Unix socket.
+pub struct FakeAgent {
+    task: JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<Event>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl FakeAgent {
+    /// Listens at `path` (replacing a socket file an earlier fake left there).
+    pub fn start(path: &Path, mode: Mode) -> Self {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind the fake agent's socket");
+        let (tx, events) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) closes every connection, as an
+            // agent exiting would.
+            let mut conns = JoinSet::new();
+            let mut held = Vec::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let earlier = counter.fetch_add(1, Ordering::Relaxed);
+                let mode = match mode {
+                    Mode::CloseFirstAfterHello if earlier > 0 => Mode::Answer,
+                    other => other,
+                };
+                match mode {
+                    Mode::NeverRead => held.push(stream),
+                    Mode::CloseAtOnce => drop(stream),
+                    _ => {
+                        conns.spawn(serve_fake(stream, mode, tx.clone()));
+                    }
+                }
+            }
+        });
+        Self {
+            task,
+            events,
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// The live count of accepted connections, to watch while the agent is borrowed.
+    pub fn accepted_counter(&self) -> Arc<AtomicUsize> {
+        self.accepted.clone()
+    }
+
+    /// Stops listening and closes every connection.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    pub async fn next_event(&mut self) -> Event {
+        match tokio::time::timeout(PATIENCE, self.events.recv()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => panic!("the fake agent stopped"),
+            Err(_) => panic!("the fake agent saw nothing within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next request, skipping handshakes and closes.
+    pub async fn next_request(&mut self) -> Request {
+        loop {
+            match self.next_event().await {
+                Event::Request(r) => return r,
+                Event::Hello(_) | Event::Closed => {}
+            }
+        }
+    }
+
+    /// The next block report; any other request in between fails the test.
+    pub async fn next_block(&mut self) -> Blocked {
+        match self.next_request().await {
+            Request::Block {
+                prefix,
+                ttl_secs,
+                reason,
+                detected_at_unix_ns,
+                detail,
+            } => Blocked {
+                prefix,
+                reason,
+                ttl_secs,
+                detected_at_unix_ns,
+                detail,
+            },
+            other => panic!("expected a block report, got {other:?}"),
+        }
+    }
+
+    /// Drops what was seen so far.
+    pub fn clear(&mut self) {
+        while self.events.try_recv().is_ok() {}
+    }
+}
+
+async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSender<Event>) {
+    let mut dec = FrameDecoder::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let msg = match dec.decode() {
+            Ok(Some(Message::Request(r))) => r,
+            Ok(Some(Message::Response(_))) | Err(_) => break,
+            Ok(None) => match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    dec.feed(&buf[..n]);
+                    continue;
+                }
+            },
+        };
+        let hello = matches!(msg, Request::Hello { .. });
+        let answer = match msg {
+            Request::Hello { client_name, .. } => {
+                let _ = tx.send(Event::Hello(client_name));
+                Some(Response::HelloOk {
+                    version: if mode == Mode::WrongVersion {
+                        PROTO_VERSION + 1
+                    } else {
+                        PROTO_VERSION
+                    },
+                    agent_version: "fake-1".into(),
+                })
+            }
+            other => {
+                let answer = match &other {
+                    _ if mode == Mode::StallAfterHello => None,
+                    Request::Block { ttl_secs, .. } => Some(Response::BlockResult {
+                        outcome: BlockOutcome::Added,
+                        reason_text: "blocked".into(),
+                        expires_in_secs: *ttl_secs,
+                    }),
+                    Request::Stats => Some(Response::Stats {
+                        counters: vec![("packets".into(), 7)],
+                    }),
+                    Request::Unblock { .. } => {
+                        Some(Response::error(ErrorCode::NotFound, "not blocked"))
+                    }
+                    Request::ListAllows => None,
+                    _ => Some(Response::Ok),
+                };
+                let _ = tx.send(Event::Request(other));
+                answer
+            }
+        };
+        if let Some(answer) = answer {
+            let mut out = BytesMut::new();
+            answer.encode(&mut out).expect("encode an answer");
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+        if hello && mode == Mode::CloseFirstAfterHello {
+            break;
+        }
+    }
+    let _ = tx.send(Event::Closed);
+}
