@@ -30,10 +30,16 @@ impl Agent {
     /// What the kernel runs with: the operator's config, tightened by the
     /// adaptive level, with this namespace's cookie for connection tracking.
     pub(super) fn effective(&self, s: &Settings) -> LiveConfig {
+        self.effective_with(s, &s.live)
+    }
+
+    /// [`Self::effective`] for the operator's config `live` in place of
+    /// `s.live` (a change not committed yet).
+    fn effective_with(&self, s: &Settings, live: &LiveConfig) -> LiveConfig {
         let level = self.adaptive.lock().expect("adaptive lock").0.level;
         let mut c = LiveConfig {
             conn_netns_cookie: self.netns_cookie,
-            ..crate::adaptive::effective(&s.live, &s.adaptive, level)
+            ..crate::adaptive::effective(live, &s.adaptive, level)
         };
         self.cookie_host.apply(&mut c);
         c.flags &= !(FLAG_ALLOW_EMPTY | FLAG_BLOCK_EMPTY);
@@ -145,23 +151,25 @@ impl Agent {
         Ok(())
     }
 
+    /// `guard config set`: the kernel first, then the agent's view (see
+    /// [`change_live`]); the settings lock is held throughout, so changes
+    /// do not interleave.
     pub(super) fn set_config(&self, changes: &[(String, String)], origin: &str) -> Response {
         let mut s = self.settings.lock().expect("settings lock");
-        let new = match config_kv::apply_config_changes(&s.live, changes) {
+        let changed = change_live(
+            &s.live,
+            changes,
+            |new| self.check_cookies(new),
+            |new| {
+                let effective = self.effective_with(&s, new);
+                self.maps().set_config(&effective).map(|()| effective)
+            },
+        );
+        let (new, effective) = match changed {
             Ok(c) => c,
-            Err(e) => return Response::error(ErrorCode::Invalid, e.to_string()),
+            Err(refused) => return refused,
         };
-        if let Err(e) = new.validate() {
-            return Response::error(ErrorCode::Invalid, e.to_string());
-        }
-        if let Err(why) = self.check_cookies(&new) {
-            return Response::error(ErrorCode::Invalid, why);
-        }
         s.live = new;
-        let effective = self.effective(&s);
-        if let Err(e) = self.maps().set_config(&effective) {
-            return Response::error(ErrorCode::Invalid, e.to_string());
-        }
         self.metrics.sync_config(&effective);
         drop(s);
         let detail: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -293,6 +301,34 @@ impl Agent {
     }
 }
 
+/// One live config change, in the order that keeps the agent and the kernel
+/// in agreement: `changes` are applied to `current` and the result checked
+/// once (the config's own rules, then `check`, e.g. cookies on a host that
+/// cannot do them); then `write` puts it in the kernel. The caller commits
+/// the returned config (with what `write` returned) only on `Ok`, so a
+/// refusal or a failed write leaves the agent's view as it was. A refusal
+/// is `Invalid`; a failed write is the agent's failure (`Internal`), as the
+/// request itself was fine.
+pub(super) fn change_live<W, E: std::fmt::Display>(
+    current: &LiveConfig,
+    changes: &[(String, String)],
+    check: impl FnOnce(&LiveConfig) -> Result<(), &'static str>,
+    write: impl FnOnce(&LiveConfig) -> Result<W, E>,
+) -> Result<(LiveConfig, W), Response> {
+    // apply_config_changes validates the whole result.
+    let new = config_kv::apply_config_changes(current, changes)
+        .map_err(|e| Response::error(ErrorCode::Invalid, e.to_string()))?;
+    check(&new).map_err(|why| Response::error(ErrorCode::Invalid, why))?;
+    let written = write(&new).map_err(|e| {
+        error!("config set: write the live config: {e}");
+        Response::error(
+            ErrorCode::Internal,
+            format!("writing the live config to the kernel failed ({e}); the running config is unchanged, retry"),
+        )
+    })?;
+    Ok((new, written))
+}
+
 /// Puts guard.toml's `log_level` in force (at start and on SIGHUP).
 pub(super) fn apply_log_level(level: Option<&str>) {
     match crate::logging::apply_level(level) {
@@ -316,4 +352,117 @@ pub(super) fn config_entries(c: &LiveConfig) -> Vec<(String, String)> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn code(r: &Response) -> ErrorCode {
+        match r {
+            Response::Error { code, .. } => *code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// What `Agent::set_config` does with the result: commit only on `Ok`.
+    fn set(
+        live: &mut LiveConfig,
+        kv: &[(&str, &str)],
+        check: impl FnOnce(&LiveConfig) -> Result<(), &'static str>,
+        write: impl FnOnce(&LiveConfig) -> Result<(), String>,
+    ) -> Result<(), Response> {
+        let (new, ()) = change_live(live, &changes(kv), check, write)?;
+        *live = new;
+        Ok(())
+    }
+
+    #[test]
+    fn a_change_is_written_to_the_kernel_before_it_is_committed() {
+        let base = LiveConfig::default();
+        let mut live = base;
+        let mut written = None;
+        set(
+            &mut live,
+            &[("syn_rate", "50")],
+            |_| Ok(()),
+            |new| {
+                written = Some(*new);
+                Ok(())
+            },
+        )
+        .expect("a valid change");
+        assert_eq!(live.syn_rate, 50);
+        assert_eq!(written, Some(live), "the kernel got what the agent kept");
+        assert_ne!(live, base);
+    }
+
+    #[test]
+    fn a_failed_kernel_write_is_internal_and_leaves_the_agents_view_alone() {
+        let base = LiveConfig::default();
+        let mut live = base;
+        let mut tried = None;
+        let err = set(
+            &mut live,
+            &[("syn_rate", "50")],
+            |_| Ok(()),
+            |new| {
+                tried = Some(new.syn_rate);
+                Err("map config: EPERM".to_string())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(code(&err), ErrorCode::Internal);
+        let Response::Error { message, .. } = &err else {
+            unreachable!()
+        };
+        assert!(message.contains("EPERM"), "{message}");
+        assert_eq!(tried, Some(50), "the write was attempted with the change");
+        assert_eq!(live, base, "the agent still agrees with the kernel");
+    }
+
+    #[test]
+    fn an_invalid_change_is_refused_before_the_kernel_is_touched() {
+        let base = LiveConfig::default();
+        let mut live = base;
+        for kv in [
+            &[("syn_rate", "fast")][..],
+            &[("no_such_key", "1")],
+            &[("event_interval_ms", "0")],
+            &[("syn_rate", "5"), ("syn_rate", "6")],
+        ] {
+            let err = set(&mut live, kv, |_| Ok(()), |_| panic!("wrote {kv:?}")).unwrap_err();
+            assert_eq!(code(&err), ErrorCode::Invalid, "{kv:?}");
+            assert_eq!(live, base);
+        }
+    }
+
+    #[test]
+    fn a_check_refusal_is_invalid_with_its_reason_and_writes_nothing() {
+        let base = LiveConfig::default();
+        let mut live = base;
+        let mut checked = None;
+        let err = set(
+            &mut live,
+            &[("syn_rate", "50")],
+            |new| {
+                checked = Some(new.syn_rate);
+                Err("cookies cannot work here")
+            },
+            |_| panic!("wrote a refused change"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            Response::error(ErrorCode::Invalid, "cookies cannot work here")
+        );
+        assert_eq!(checked, Some(50), "the check saw the new config");
+        assert_eq!(live, base);
+    }
 }
