@@ -1,0 +1,478 @@
+//! The agent's blocklist: adopting, adding, extending, lifting, expiring and
+//! listing blocks, and escalating sources over their cap — the kernel writes
+//! and bookkeeping around the decisions `blocks` makes.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use guard_common::{
+    addr::{Addr, Prefix, MAX_PREFIX_LEN},
+    event::{EVENT_AGGREGATE_OVER_CAP, EVENT_CONN_LIMIT, EVENT_SOURCE_OVER_CAP},
+    proto::{
+        cap_str, BlockInfo, BlockOutcome, ErrorCode, Response, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN,
+    },
+    state::reason,
+    BlockEntry, OverCapEvent,
+};
+use log::{error, info, warn};
+
+use super::{
+    blocks::{
+        allow_overlap, block_ttl, decide_block, expires_unix_ms, handshake_proves, is_expired,
+        offender_admitted, proof_window_ns, remaining_secs, BlockDecision, BlockMeta, DecidedBy,
+    },
+    unix_now_ns, Agent,
+};
+use crate::datapath::monotonic_ns;
+
+impl Agent {
+    /// Loads the blocks an earlier run left in the kernel.
+    pub(super) fn adopt_blocks(&self) -> Result<()> {
+        let entries = self.maps().blocks().context("read pinned blocks")?;
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        for (prefix, entry) in entries {
+            blocks.insert(
+                prefix,
+                BlockMeta {
+                    expires_ns: entry.expires_ns,
+                    reason: entry.reason,
+                    origin: "adopted".into(),
+                    decided_unix_ns: 0,
+                },
+            );
+        }
+        self.metrics.blocklist_entries.set(blocks.len() as i64);
+        self.blocks_len.store(blocks.len(), Ordering::SeqCst);
+        if !blocks.is_empty() {
+            info!("adopted {} blocks from the pinned blocklist", blocks.len());
+        }
+        drop(blocks);
+        self.refresh_config();
+        Ok(())
+    }
+
+    /// Refuses what must never be blocked: anything overlapping the
+    /// allow-list (loopback and trusted proxies are on it).
+    pub(super) fn protected_overlap(&self, prefix: &Prefix) -> Option<Prefix> {
+        allow_overlap(&self.settings.lock().expect("settings lock").allow, prefix)
+    }
+
+    /// Keeps `blocks_len` in step; when the blocklist just emptied, lets
+    /// the program skip its lookup again.
+    pub(super) fn blocks_changed(&self, len: usize) {
+        let before = self.blocks_len.swap(len, Ordering::SeqCst);
+        if len == 0 && before != 0 {
+            self.refresh_config();
+        }
+    }
+
+    /// Adds or extends a block. `detected_at_unix_ns` feeds the latency
+    /// histogram.
+    pub fn block(
+        &self,
+        prefix: Prefix,
+        ttl: Option<Duration>,
+        reason_code: u32,
+        origin: &str,
+        detected_at_unix_ns: u64,
+        detail: &str,
+    ) -> Response {
+        self.block_decided(
+            prefix,
+            ttl,
+            reason_code,
+            origin,
+            detected_at_unix_ns,
+            detail,
+            DecidedBy::Here { level: 0 },
+        )
+    }
+
+    /// Tells the fleet, if linked, what this host decided.
+    pub(super) fn share(&self, decision: crate::fleet::Decision) {
+        if let Some(outbox) = self.fleet.get() {
+            outbox.push(decision);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_decided(
+        &self,
+        prefix: Prefix,
+        ttl: Option<Duration>,
+        reason_code: u32,
+        origin: &str,
+        detected_at_unix_ns: u64,
+        detail: &str,
+        by: DecidedBy,
+    ) -> Response {
+        let result = |outcome: BlockOutcome, text: String, expires: u32| Response::BlockResult {
+            outcome,
+            reason_text: text,
+            expires_in_secs: expires,
+        };
+        if let Some(allowed) = self.protected_overlap(&prefix) {
+            self.metrics
+                .block_reports
+                .with_label_values(&["refused"])
+                .inc();
+            return result(
+                BlockOutcome::Refused,
+                format!("{prefix} overlaps allow-listed {allowed} (loopback, trusted proxy or operator allow-list)"),
+                0,
+            );
+        }
+        let limits = self.settings.lock().expect("settings lock").blocks.clone();
+        let ttl = block_ttl(ttl, &limits);
+        let now = monotonic_ns();
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        let decision = decide_block(
+            blocks.get(&prefix),
+            blocks.len(),
+            limits.capacity,
+            now + ttl.as_nanos() as u64,
+            reason_code,
+        );
+        let (expires_ns, entry_reason, merged, extended) = match decision {
+            BlockDecision::Full { capacity } => {
+                self.metrics
+                    .block_reports
+                    .with_label_values(&["refused"])
+                    .inc();
+                return result(
+                    BlockOutcome::Refused,
+                    format!("blocklist full ({capacity} entries)"),
+                    0,
+                );
+            }
+            BlockDecision::Write {
+                expires_ns,
+                reason,
+                merged,
+                extended,
+            } => (expires_ns, reason, merged, extended),
+        };
+        let decided_unix_ns = match by {
+            DecidedBy::Here { .. } => unix_now_ns(),
+            DecidedBy::Fleet { decided_unix_ns } => decided_unix_ns,
+        };
+        let entry = BlockEntry {
+            expires_ns,
+            reason: entry_reason,
+            _pad: 0,
+        };
+        if blocks.is_empty() {
+            // The program skips the blocklist while it is empty: tell it
+            // to look before the first entry lands.
+            self.blocks_len.store(1, Ordering::SeqCst);
+            self.refresh_config();
+        }
+        if let Err(e) = self.maps().insert_block(&prefix, &entry) {
+            error!("block {prefix}: {e}");
+            return Response::error(
+                ErrorCode::Internal,
+                format!("kernel map update failed: {e}"),
+            );
+        }
+        if detected_at_unix_ns != 0 {
+            let latency = unix_now_ns().saturating_sub(detected_at_unix_ns);
+            self.metrics.block_latency.observe(latency as f64 / 1e9);
+        }
+        let remaining = remaining_secs(expires_ns, now);
+        let detected = (detected_at_unix_ns != 0)
+            .then(|| UNIX_EPOCH + Duration::from_nanos(detected_at_unix_ns));
+        if let (DecidedBy::Here { level }, true) = (by, extended) {
+            self.share(crate::fleet::Decision {
+                action: crate::fleet::Action::Block,
+                prefix: prefix.to_string(),
+                expires_unix_ms: expires_unix_ms(expires_ns, now, decided_unix_ns),
+                decided_unix_ms: decided_unix_ns / 1_000_000,
+                reason: reason::name(entry.reason).to_string(),
+                origin: origin.to_string(),
+                level,
+                detail: cap_str(detail, 200).to_string(),
+            });
+        }
+        if merged {
+            let meta = blocks.get_mut(&prefix).expect("present");
+            meta.expires_ns = expires_ns;
+            meta.decided_unix_ns = meta.decided_unix_ns.max(decided_unix_ns);
+            self.metrics
+                .block_reports
+                .with_label_values(&["merged"])
+                .inc();
+            result(
+                BlockOutcome::Merged,
+                format!("{prefix} was already blocked; expiry extended"),
+                remaining,
+            )
+        } else {
+            blocks.insert(
+                prefix,
+                BlockMeta {
+                    expires_ns,
+                    reason: reason_code,
+                    origin: origin.to_string(),
+                    decided_unix_ns,
+                },
+            );
+            self.metrics.blocklist_entries.set(blocks.len() as i64);
+            self.blocks_len.store(blocks.len(), Ordering::SeqCst);
+            self.metrics
+                .block_reports
+                .with_label_values(&["added"])
+                .inc();
+            drop(blocks);
+            self.audit.record(
+                if reason_code == reason::ESCALATED_OVER_CAP {
+                    "escalate"
+                } else {
+                    "block"
+                },
+                Some(&prefix),
+                Some(ttl.as_secs()),
+                Some(reason::name(reason_code)),
+                origin,
+                detected,
+                detail,
+            );
+            result(BlockOutcome::Added, format!("{prefix} blocked"), remaining)
+        }
+    }
+
+    pub fn unblock(&self, prefix: &Prefix, origin: &str) -> Response {
+        let resp = self.unblock_entry(prefix, origin);
+        if matches!(resp, Response::Ok) {
+            self.share(crate::fleet::Decision {
+                action: crate::fleet::Action::Unblock,
+                prefix: prefix.to_string(),
+                expires_unix_ms: 0,
+                decided_unix_ms: unix_now_ns() / 1_000_000,
+                reason: String::new(),
+                origin: origin.to_string(),
+                level: 0,
+                detail: String::new(),
+            });
+        }
+        resp
+    }
+
+    pub(super) fn unblock_entry(&self, prefix: &Prefix, origin: &str) -> Response {
+        let existed = match self.maps().remove_block(prefix) {
+            Ok(existed) => existed,
+            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+        };
+        let mut blocks = self.blocks.lock().expect("blocks lock");
+        let known = blocks.remove(prefix).is_some();
+        self.metrics.blocklist_entries.set(blocks.len() as i64);
+        let len = blocks.len();
+        drop(blocks);
+        self.blocks_changed(len);
+        if existed || known {
+            self.metrics.unblocks.inc();
+            self.audit
+                .record("unblock", Some(prefix), None, None, origin, None, "");
+            Response::Ok
+        } else {
+            Response::error(ErrorCode::NotFound, format!("{prefix} is not blocked"))
+        }
+    }
+
+    /// Removes blocks whose time is up. The kernel already ignores them;
+    /// this keeps the map and the counts honest.
+    pub fn sweep_expired(&self) {
+        let now = monotonic_ns();
+        let expired: Vec<(Prefix, BlockMeta)> = {
+            let blocks = self.blocks.lock().expect("blocks lock");
+            blocks
+                .iter()
+                .filter(|(_, m)| is_expired(m.expires_ns, now))
+                .map(|(p, m)| (*p, m.clone()))
+                .collect()
+        };
+        for (prefix, meta) in expired {
+            if let Err(e) = self.maps().remove_block(&prefix) {
+                warn!("expire {prefix}: {e}");
+                continue;
+            }
+            let mut blocks = self.blocks.lock().expect("blocks lock");
+            blocks.remove(&prefix);
+            self.metrics.blocklist_entries.set(blocks.len() as i64);
+            let len = blocks.len();
+            drop(blocks);
+            self.blocks_changed(len);
+            self.metrics.blocks_expired.inc();
+            self.audit.record(
+                "expire",
+                Some(&prefix),
+                None,
+                Some(reason::name(meta.reason)),
+                &meta.origin,
+                None,
+                "",
+            );
+        }
+        // Offenders that went quiet long ago are forgotten, keeping the
+        // table bounded by the sources actually over their cap.
+        let mut offenders = self.offenders.lock().expect("offenders lock");
+        offenders.retain(|_, o| o.is_recent(now));
+    }
+
+    /// One over-cap event from the kernel.
+    pub fn on_event(&self, ev: &OverCapEvent) {
+        let kind = match ev.kind {
+            EVENT_SOURCE_OVER_CAP => "source",
+            EVENT_AGGREGATE_OVER_CAP => "aggregate",
+            EVENT_CONN_LIMIT => "conn_limit",
+            _ => "other",
+        };
+        self.metrics
+            .over_cap_events
+            .with_label_values(&[kind])
+            .inc();
+        let prefix = Prefix::new(ev.addr, (ev.prefix_len as u32).min(MAX_PREFIX_LEN));
+        // Escalation only ever blocks a single source: an aggregate prefix
+        // holds legitimate neighbours too.
+        if ev.kind != EVENT_SOURCE_OVER_CAP || ev.dry_run != 0 {
+            return;
+        }
+        let (esc, interval_ns) = {
+            let s = self.settings.lock().expect("settings lock");
+            (s.escalation.clone(), s.live.event_interval_ns())
+        };
+        if !esc.enabled {
+            return;
+        }
+        let now = ev.ts_ns;
+        // Only a source that proved its address can be blocked for its rate:
+        // SYNs carry any source address an attacker writes, so a streak of
+        // over-cap SYNs alone would let anyone get a victim blocked (about 21
+        // spoofed SYN/s for 10 s did it). Proof is a handshake completed by
+        // this kernel during the streak or just before it; a SYN-only flood
+        // stays where the cap already drops it, and never enters the table.
+        let window = proof_window_ns(esc.over_cap_for, interval_ns);
+        if !self.completed_handshake_within(&ev.addr, now, window) {
+            self.metrics
+                .escalations_skipped
+                .with_label_values(&["unproven_source"])
+                .inc();
+            return;
+        }
+        let escalated = {
+            let mut offenders = self.offenders.lock().expect("offenders lock");
+            if !offender_admitted(offenders.len(), offenders.contains_key(&prefix)) {
+                self.metrics
+                    .escalations_skipped
+                    .with_label_values(&["offenders_full"])
+                    .inc();
+                return;
+            }
+            offenders
+                .entry(prefix)
+                .or_default()
+                .over_cap(now, &esc, interval_ns)
+        };
+        let Some((ttl, level)) = escalated else {
+            return;
+        };
+        let resp = self.block_decided(
+            prefix,
+            Some(ttl),
+            reason::ESCALATED_OVER_CAP,
+            "kernel:over_cap",
+            0,
+            &format!(
+                "over its SYN cap for {}s ({} SYNs, {} over)",
+                esc.over_cap_for.as_secs(),
+                ev.syns,
+                ev.over_cap
+            ),
+            DecidedBy::Here { level },
+        );
+        if matches!(
+            resp,
+            Response::BlockResult {
+                outcome: BlockOutcome::Added,
+                ..
+            }
+        ) {
+            self.metrics.escalations.inc();
+            warn!(
+                "escalated {prefix} to the blocklist for {}s: over its SYN cap for {}s",
+                ttl.as_secs(),
+                esc.over_cap_for.as_secs()
+            );
+        }
+    }
+
+    /// Whether the kernel saw `key` (a source, as the datapath keys it)
+    /// complete a handshake toward a protected port within `window` before
+    /// `now` (both on the kernel's monotonic clock).
+    pub(super) fn completed_handshake_within(&self, key: &Addr, now: u64, window: u64) -> bool {
+        match self.maps().known_good.get(key, 0) {
+            Ok(at) => handshake_proves(at, now, window),
+            Err(_) => false,
+        }
+    }
+
+    /// Where `prefix` stands toward escalation (for `guard explain`).
+    pub(super) fn escalation(&self, prefix: &Prefix) -> Response {
+        let interval_ns = self
+            .settings
+            .lock()
+            .expect("settings lock")
+            .live
+            .event_interval_ns();
+        let offenders = self.offenders.lock().expect("offenders lock");
+        let Some(o) = offenders.get(prefix) else {
+            return Response::Escalation {
+                tracked: false,
+                strikes: 0,
+                streak_secs: 0,
+            };
+        };
+        // Event times are the kernel's monotonic clock, as on_event sees them.
+        let now = monotonic_ns();
+        Response::Escalation {
+            tracked: true,
+            strikes: o.strikes,
+            // The same gap that on_event takes as the end of a streak.
+            streak_secs: o.streak_secs(now, interval_ns),
+        }
+    }
+
+    pub(super) fn list_blocks(&self, offset: u32, limit: u32) -> Response {
+        let now = monotonic_ns();
+        // Only the keys are copied under the lock (reports wait on it); the
+        // page is picked outside it, and its origins looked up after.
+        let mut all: Vec<Prefix> = self
+            .blocks
+            .lock()
+            .expect("blocks lock")
+            .keys()
+            .copied()
+            .collect();
+        let total = all.len() as u64;
+        let page = guard_common::proto::page_sorted(
+            &mut all,
+            offset as usize,
+            limit.min(MAX_LIST_ENTRIES) as usize,
+        );
+        let blocks = self.blocks.lock().expect("blocks lock");
+        let entries = page
+            .iter()
+            // Gone meanwhile (unblocked or expired): no longer blocked.
+            .filter_map(|p| blocks.get(p).map(|m| (p, m)))
+            .map(|(p, m)| BlockInfo {
+                prefix: *p,
+                reason: m.reason,
+                expires_in_secs: remaining_secs(m.expires_ns, now),
+                origin: cap_str(&m.origin, MAX_ORIGIN_LEN).to_string(),
+            })
+            .collect();
+        Response::Blocks { total, entries }
+    }
+}
