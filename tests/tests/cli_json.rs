@@ -218,8 +218,11 @@ fn json_documents_carry_what_the_agent_did() {
     // finds it, before the lines of the new file.
     std::fs::rename(home.audit_log(), home.dir().join("audit.jsonl.1")).expect("rotate");
     agent.hup().expect("SIGHUP");
-    wait_for("the reopened audit log", Duration::from_secs(10), || {
-        Ok(home.audit_log().exists().then_some(()))
+    // The file reappears when the reload starts; its own "reloaded" record comes once the
+    // reload applied, and the change below must come after it.
+    wait_for("the reload's record", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(home.audit_log()).unwrap_or_default();
+        Ok(text.contains("operator:sighup").then_some(()))
     })
     .unwrap();
     json(&home, &["config", "--set", "syn_rate=34"]);
