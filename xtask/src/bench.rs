@@ -110,8 +110,8 @@ mod lab {
     use super::bench_table::Goal;
     use super::{bench_cookies, bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
 
-    pub use crate::demo::lab_stack::check_interrupted;
-    use crate::demo::lab_stack::install_signal_handlers;
+    pub use guard_tests::stack::check_interrupted;
+    use guard_tests::stack::install_signal_handlers;
 
     /// Everything one run measured, for `--json`.
     #[derive(Debug, Serialize)]

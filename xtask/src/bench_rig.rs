@@ -25,6 +25,7 @@ use guard_tests::measure::{
 };
 use guard_tests::process::{pin_to_cpu, run_checked};
 use guard_tests::report::ProbeReport;
+use guard_tests::stack::artifacts;
 use guard_tests::tools::TempDir;
 use guard_tests::twons::{Cgroup, Pins};
 use guard_tests::{ChildGuard, ClientRun, LabClient};
@@ -34,7 +35,6 @@ use serde::Serialize;
 
 use super::bench_wire::{disable_checksum_offload, Wire};
 use super::lab::check_interrupted;
-use crate::demo::lab_stack::artifacts;
 
 /// The port the server listens on and every protection guards.
 pub const PORT: u16 = 8080;

@@ -44,9 +44,6 @@ pub use lab::main;
 #[cfg(feature = "lab")]
 #[path = "lab_chart.rs"]
 mod lab_chart;
-#[cfg(feature = "lab")]
-#[path = "lab_stack.rs"]
-pub(crate) mod lab_stack;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -64,12 +61,12 @@ mod lab {
     use serde_json::json;
 
     use super::lab_chart::{self, Row};
-    use super::lab_stack::{
+    use super::DemoArgs;
+    use guard_tests::stack::{
         args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
         Adaptive, AppOptions, Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome,
         Sample, SlotHoarder, Stack, SLICE_SECS,
     };
-    use super::DemoArgs;
 
     /// How long each phase's parts last.
     #[derive(Debug, Clone, Copy, Serialize)]
@@ -399,7 +396,7 @@ mod lab {
         let out = a
             .out
             .clone()
-            .unwrap_or_else(|| super::lab_stack::workspace_root().join("lab-report"));
+            .unwrap_or_else(|| guard_tests::stack::workspace_root().join("lab-report"));
         install_signal_handlers();
         let timing = if a.short {
             Timing {
