@@ -22,6 +22,7 @@ pub mod process;
 pub mod raw_xdp;
 pub mod reference;
 pub mod report;
+pub mod rig;
 pub mod stack;
 pub mod testdp;
 pub mod tools;

@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context as _, Result};
 
-pub(super) fn cargo() -> Command {
+/// `cargo`, the one running this build if any.
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
