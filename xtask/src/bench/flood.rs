@@ -26,8 +26,8 @@ use guard_tests::tools::paced_syn_flood;
 use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler, SynFlood};
 use serde::Serialize;
 
-use super::bench_table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 use super::lab::check_interrupted;
+use super::table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 
 /// The flood's one source: spoofed inside 198.19.0.0/16, which the server routes back to the
 /// attacker, so SYN-ACKs die there instead of leaving.

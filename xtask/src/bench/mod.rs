@@ -20,6 +20,9 @@
 //!
 //! Like the demo, plain xtask stays free of the eBPF build: it runs setup, then re-runs itself
 //! with the `lab` feature, which holds the bench itself.
+//!
+//! One submodule per section (`datapath`, `flood`, `global`, `cookies`) plus `table` (printed
+//! tables and goals); the flood and global sections run on the lab rig, `guard_tests::rig`.
 
 use std::path::PathBuf;
 
@@ -79,20 +82,15 @@ pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
 pub use lab::main;
 
 #[cfg(feature = "lab")]
-#[path = "bench_cookies.rs"]
-mod bench_cookies;
+mod cookies;
 #[cfg(feature = "lab")]
-#[path = "bench_datapath.rs"]
-mod bench_datapath;
+mod datapath;
 #[cfg(feature = "lab")]
-#[path = "bench_flood.rs"]
-mod bench_flood;
+mod flood;
 #[cfg(feature = "lab")]
-#[path = "bench_global.rs"]
-mod bench_global;
+mod global;
 #[cfg(feature = "lab")]
-#[path = "bench_table.rs"]
-mod bench_table;
+mod table;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -101,8 +99,8 @@ mod lab {
     use anyhow::{bail, Context as _, Result};
     use serde::Serialize;
 
-    use super::bench_table::Goal;
-    use super::{bench_cookies, bench_datapath, bench_flood, bench_global, BenchArgs};
+    use super::table::Goal;
+    use super::{cookies, datapath, flood, global, BenchArgs};
 
     pub use guard_tests::stack::check_interrupted;
     use guard_tests::stack::install_signal_handlers;
@@ -114,10 +112,10 @@ mod lab {
         quick: bool,
         /// How flood frames reached the server (absent without a flood section).
         rx_model: Option<guard_tests::rig::RxModel>,
-        datapath: Option<bench_datapath::DatapathReport>,
-        flood: Option<bench_flood::FloodReport>,
-        global: Option<bench_global::GlobalReport>,
-        cookies: Option<bench_cookies::CookieReport>,
+        datapath: Option<datapath::DatapathReport>,
+        flood: Option<flood::FloodReport>,
+        global: Option<global::GlobalReport>,
+        cookies: Option<cookies::CookieReport>,
         goals: Vec<Goal>,
         elapsed_s: f64,
     }
@@ -163,7 +161,7 @@ mod lab {
         let mut goals = Vec::new();
 
         let datapath = if all || args.datapath {
-            let report = bench_datapath::run(args.quick)?;
+            let report = datapath::run(args.quick)?;
             goals.extend(report.goals());
             Some(report)
         } else {
@@ -171,7 +169,7 @@ mod lab {
         };
 
         let cookies = if all || args.cookies {
-            let report = bench_cookies::run(args.quick)?;
+            let report = cookies::run(args.quick)?;
             goals.extend(report.goals());
             Some(report)
         } else {
@@ -196,14 +194,14 @@ mod lab {
             guard_tests::process::pin_to_cpu(std::process::id(), rig.attacker_cpu)?;
             let flood = if all || args.flood {
                 let modes = guard_tests::rig::Mode::parse_list(&args.modes)?;
-                let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;
+                let report = flood::run(&mut rig, args.quick, args.rate, &modes)?;
                 goals.extend(report.goals());
                 Some(report)
             } else {
                 None
             };
             let global = if all || args.global {
-                let report = bench_global::run(&mut rig, args.quick)?;
+                let report = global::run(&mut rig, args.quick)?;
                 goals.extend(report.goals());
                 Some(report)
             } else {
@@ -215,7 +213,7 @@ mod lab {
         };
 
         println!("\n== Goals");
-        super::bench_table::print_goals(&goals);
+        super::table::print_goals(&goals);
         let report = Report {
             machine,
             quick: args.quick,

@@ -7,6 +7,9 @@
 //! that needs what `cargo xtask setup` installs. So plain xtask (no features) runs setup and
 //! then re-runs itself with the `lab` feature, which holds the lab itself. Building xtask on a
 //! fresh machine therefore never needs the eBPF toolchain.
+//!
+//! The scenarios and the report live here, the SVG chart in `chart`; the stack they run on
+//! (app, agent, legit load, floods) is the lab toolkit's, `guard_tests::stack`.
 
 use std::path::PathBuf;
 
@@ -42,8 +45,7 @@ pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
 pub use lab::main;
 
 #[cfg(feature = "lab")]
-#[path = "lab_chart.rs"]
-mod lab_chart;
+mod chart;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -60,7 +62,7 @@ mod lab {
     use serde::Serialize;
     use serde_json::json;
 
-    use super::lab_chart::{self, Row};
+    use super::chart::{self, Row};
     use super::DemoArgs;
     use guard_tests::stack::{
         args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
@@ -1199,7 +1201,7 @@ mod lab {
                 row
             })
             .collect();
-        lab_chart::render(&rows)
+        chart::render(&rows)
     }
 
     fn write_report(out: &Path, r: &Report) -> Result<()> {

@@ -21,8 +21,8 @@ use guard_tests::tools::trafgen_flat_out;
 use guard_tests::CpuSampler;
 use serde::Serialize;
 
-use super::bench_table::{fmt_rate, mean, Goal, Table};
 use super::lab::check_interrupted;
+use super::table::{fmt_rate, mean, Goal, Table};
 
 const FLOOD_NET: &str = "198.19.0.0/16";
 /// The budget: all new connections together, per second, and at once.
