@@ -32,9 +32,9 @@ use crate::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
 use crate::measure::{
     allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
 };
-use crate::process::{pin_to_cpu, run_checked};
+use crate::process::{pin_to_cpu, run_checked, without_guard_env};
 use crate::report::ProbeReport;
-use crate::stack::binaries::cargo;
+use crate::stack::binaries::{built, cargo};
 use crate::stack::{artifacts, check_interrupted};
 use crate::tools::TempDir;
 use crate::twons::{Cgroup, Pins};
@@ -75,12 +75,7 @@ impl Binaries {
             "guard-tests",
             "--bins",
         ]))?;
-        let take = |name: &str| {
-            found
-                .get(name)
-                .cloned()
-                .with_context(|| format!("cargo built no executable named {name}"))
-        };
+        let take = |name: &str| built(&found, name);
         Ok(Self {
             guard: take("guard")?,
             lab_client: take("lab-client")?,
@@ -617,11 +612,7 @@ impl Rig {
             cmd.args(["--set", set]);
         }
         // clap reads GUARD_* variables as defaults: none of the caller's may leak in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_guard_env(&mut cmd);
         let mut child = ChildGuard::spawn("guard agent", &mut cmd)?;
         child
             .wait_for_stderr("guard running on", Duration::from_secs(30))

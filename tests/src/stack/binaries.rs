@@ -53,18 +53,21 @@ impl Binaries {
                 ])
                 .args(profile),
         )?);
-        let take = |name: &str| {
-            found
-                .get(name)
-                .cloned()
-                .with_context(|| format!("cargo built no executable named {name}"))
-        };
+        let take = |name: &str| built(&found, name);
         Ok(Self {
             guard: take("guard")?,
             demo: take("demo")?,
             lab_client: take("lab-client")?,
         })
     }
+}
+
+/// The executable named `name` among what [`artifacts`] found.
+pub fn built(found: &BTreeMap<String, PathBuf>, name: &str) -> Result<PathBuf> {
+    found
+        .get(name)
+        .cloned()
+        .with_context(|| format!("cargo built no executable named {name}"))
 }
 
 /// Runs a cargo build with JSON messages on stdout (diagnostics still rendered on stderr) and

@@ -48,7 +48,7 @@ pub use interrupt::{
 pub use legit::{LegitLoad, LegitOutcome, Sample, SLICE_SECS};
 
 use crate::lab::{self, Lab, SERVER_MAC, SERVER_V4};
-use crate::process::run_checked;
+use crate::process::{run_checked, without_guard_env};
 use crate::report::{ConnFloodReport, ProbeReport};
 use crate::tools::{paced_syn_flood, Flood, SynFlood, TempDir};
 use crate::twons::Cgroup;
@@ -323,11 +323,7 @@ impl Stack {
             }
             None => ns.command(program),
         };
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_guard_env(&mut cmd);
         cmd
     }
 
