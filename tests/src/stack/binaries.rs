@@ -12,7 +12,7 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// The workspace root: both xtask and the tests crate sit one level below it.
+/// The workspace root, one level above this (the tests) crate.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -95,4 +95,17 @@ pub fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_names_what_cargo_did_not_build() {
+        let found = BTreeMap::from([("guard".to_string(), PathBuf::from("/t/debug/guard"))]);
+        assert_eq!(built(&found, "guard").unwrap(), Path::new("/t/debug/guard"));
+        let err = built(&found, "lab-client").unwrap_err().to_string();
+        assert!(err.contains("lab-client"), "{err}");
+    }
 }

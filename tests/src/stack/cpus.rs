@@ -78,3 +78,22 @@ pub(super) fn enter_netns(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_and_attacker_never_share_a_core() {
+        let cpus = Cpus::detect();
+        if let (Some(s), Some(a)) = (cpus.server, cpus.attacker) {
+            assert_ne!(s, a);
+            assert_eq!(cpus.measured(), s);
+        }
+        let unpinned = Cpus {
+            server: None,
+            attacker: None,
+        };
+        assert_eq!(unpinned.measured(), 0);
+    }
+}

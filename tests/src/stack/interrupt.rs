@@ -66,3 +66,22 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> R
         pause(Duration::from_millis(100))?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_until_is_a_bounded_yes_or_no() {
+        assert!(wait_until(Duration::from_secs(5), || Ok(true)).unwrap());
+        let mut polls = 0;
+        let seen = wait_until(Duration::from_millis(150), || {
+            polls += 1;
+            Ok(false)
+        })
+        .unwrap();
+        assert!(!seen);
+        assert!(polls >= 2, "{polls}");
+        assert!(wait_until(Duration::from_secs(5), || bail!("broken")).is_err());
+    }
+}
