@@ -373,11 +373,7 @@ impl AgentHome {
             cmd.arg("--config").arg(path);
         }
         // The agent reads only its own options: keep a developer's GUARD_* settings out.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        crate::process::without_guard_env(&mut cmd);
         if opts.no_rust_log {
             cmd.env_remove("RUST_LOG");
         } else {

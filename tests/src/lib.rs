@@ -22,6 +22,8 @@ pub mod process;
 pub mod raw_xdp;
 pub mod reference;
 pub mod report;
+pub mod rig;
+pub mod stack;
 pub mod testdp;
 pub mod tools;
 pub mod twons;

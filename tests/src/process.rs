@@ -37,6 +37,17 @@ pub fn run_checked(cmd: &mut Command) -> Result<String> {
     String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed non-UTF-8"))
 }
 
+/// Removes every `GUARD_*` variable of the caller's environment from `cmd`: clap reads them as
+/// defaults of `guard run`, and a developer's settings must not leak into a lab's agent.
+pub fn without_guard_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GUARD_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Whether this process runs as root (the lab needs CAP_NET_ADMIN and CAP_SYS_ADMIN).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

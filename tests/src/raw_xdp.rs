@@ -2,7 +2,7 @@
 //! directly: a few instructions each, lab-only, with no business in guard's object file.
 //! Closing the link detaches one; closing the program then unloads it.
 //!
-//! * [`redirect_program`]: the bench's "NIC" (xtask's `bench_wire`): every frame a switch
+//! * [`redirect_program`]: the bench's "NIC" (`rig::wire`): every frame a switch
 //!   port receives goes straight into another port, arriving as a raw frame.
 //! * [`pass_program`]: gives a veth NAPI, which it needs to receive frames its peer's XDP
 //!   program sends back (`XDP_TX`, SYN cookies); since Linux 6.12 GRO no longer does.

@@ -4,13 +4,10 @@
 //! kernel (read from the program's own counters), reports travel app → agent → kernel, blocks
 //! expire, and live tuning takes effect without restarting anything. Plus the demo itself.
 //!
-//! The stack is xtask's own (`xtask/src/lab_stack.rs`, included by path), so these tests
+//! The stack is the demo's own (`guard_tests::stack`, which xtask's demo drives), so these tests
 //! exercise exactly what the demo shows. Rates are chosen far from every threshold: a loaded
 //! two-core machine slows things down, it must not flip a verdict. Needs root; run serially
 //! (`cargo xtask test` does both). Without root each test says it was skipped.
-
-#[path = "../../xtask/src/lab_stack.rs"]
-mod lab_stack;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::MetadataExt as _;
@@ -22,13 +19,13 @@ use std::time::Duration;
 use guard_common::stats::Stat;
 use guard_tests::lab::SERVER_V4;
 use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
-use guard_tests::tools::TempDir;
-use guard_tests::{hping3_syn_flood, require_root, slowhttptest};
-use guard_tests::{ChildGuard, FloodReport};
-use lab_stack::{
+use guard_tests::stack::{
     args, attacker_ip, metric, pause, wait_until, Adaptive, AppOptions, Binaries, Counters, Cpus,
     FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder, Stack, APP_PORT,
 };
+use guard_tests::tools::TempDir;
+use guard_tests::{hping3_syn_flood, require_root, slowhttptest};
+use guard_tests::{ChildGuard, FloodReport};
 
 /// Long enough to outlast any test that does not wait for expiry.
 const LONG_TTL: Duration = Duration::from_secs(300);
@@ -755,7 +752,7 @@ fn per_source_cap_and_dry_run_change_live_without_restarts() {
 /// after setup (`cargo xtask demo` only adds the setup step in front).
 fn demo_command(extra: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(lab_stack::workspace_root())
+    cmd.current_dir(guard_tests::stack::workspace_root())
         .args([
             "run",
             "-q",

@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
+use guard_tests::rig::{legit_sources, Counters, CpuShares, Mode, Probes, Rig, PORT};
+use guard_tests::stack::pause;
 use guard_tests::tools::paced_syn_flood;
 use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler, SynFlood};
 use serde::Serialize;
 
-use super::bench_rig::{legit_sources, Counters, CpuShares, Mode, Probes, Rig, PORT};
-use super::bench_table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 use super::lab::check_interrupted;
-use crate::demo::lab_stack::pause;
+use super::table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
 
 /// The flood's one source: spoofed inside 198.19.0.0/16, which the server routes back to the
 /// attacker, so SYN-ACKs die there instead of leaving.

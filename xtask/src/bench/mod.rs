@@ -8,7 +8,7 @@
 //!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
 //!   shared/LAB.md, at a fixed offered rate (sent as LAB.md did, and evenly paced) and at the
 //!   flood tool's maximum; frames reach the
-//!   server as from a NIC unless `--veth-raw` (see `bench_rig::Rig::new`);
+//!   server as from a NIC unless `--veth-raw` (see `guard_tests::rig::Rig::new`);
 //! - `--global`: a random-source flood while returning ("known good") clients keep
 //!   connecting, with and without the global new-connection budget;
 //! - `--cookies`: WebSocket bulk throughput through connections admitted by a SYN cookie
@@ -20,6 +20,9 @@
 //!
 //! Like the demo, plain xtask stays free of the eBPF build: it runs setup, then re-runs itself
 //! with the `lab` feature, which holds the bench itself.
+//!
+//! One submodule per section (`datapath`, `flood`, `global`, `cookies`) plus `table` (printed
+//! tables and goals); the flood and global sections run on the lab rig, `guard_tests::rig`.
 
 use std::path::PathBuf;
 
@@ -59,7 +62,7 @@ pub struct BenchArgs {
     /// Flood the plain veth: every frame then wakes the server's NAPI thread and arrives as
     /// the sender's socket buffer, which XDP must free (or first copy into a page), costs a NIC
     /// does not have. Default: the flood arrives as raw frames, as from a NIC, with interrupt
-    /// coalescing; see `Rig::new` in xtask/src/bench_rig.rs.
+    /// coalescing; see `Rig::new` in tests/src/rig/mod.rs.
     #[arg(long)]
     veth_raw: bool,
     /// The flood's fixed offered rate in SYNs per second from one source, sent both as
@@ -79,26 +82,15 @@ pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
 pub use lab::main;
 
 #[cfg(feature = "lab")]
-#[path = "bench_cookies.rs"]
-mod bench_cookies;
+mod cookies;
 #[cfg(feature = "lab")]
-#[path = "bench_datapath.rs"]
-mod bench_datapath;
+mod datapath;
 #[cfg(feature = "lab")]
-#[path = "bench_flood.rs"]
-mod bench_flood;
+mod flood;
 #[cfg(feature = "lab")]
-#[path = "bench_global.rs"]
-mod bench_global;
+mod global;
 #[cfg(feature = "lab")]
-#[path = "bench_rig.rs"]
-mod bench_rig;
-#[cfg(feature = "lab")]
-#[path = "bench_table.rs"]
-mod bench_table;
-#[cfg(feature = "lab")]
-#[path = "bench_wire.rs"]
-mod bench_wire;
+mod table;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -107,11 +99,11 @@ mod lab {
     use anyhow::{bail, Context as _, Result};
     use serde::Serialize;
 
-    use super::bench_table::Goal;
-    use super::{bench_cookies, bench_datapath, bench_flood, bench_global, bench_rig, BenchArgs};
+    use super::table::Goal;
+    use super::{cookies, datapath, flood, global, BenchArgs};
 
-    pub use crate::demo::lab_stack::check_interrupted;
-    use crate::demo::lab_stack::install_signal_handlers;
+    pub use guard_tests::stack::check_interrupted;
+    use guard_tests::stack::install_signal_handlers;
 
     /// Everything one run measured, for `--json`.
     #[derive(Debug, Serialize)]
@@ -119,11 +111,11 @@ mod lab {
         machine: Machine,
         quick: bool,
         /// How flood frames reached the server (absent without a flood section).
-        rx_model: Option<bench_rig::RxModel>,
-        datapath: Option<bench_datapath::DatapathReport>,
-        flood: Option<bench_flood::FloodReport>,
-        global: Option<bench_global::GlobalReport>,
-        cookies: Option<bench_cookies::CookieReport>,
+        rx_model: Option<guard_tests::rig::RxModel>,
+        datapath: Option<datapath::DatapathReport>,
+        flood: Option<flood::FloodReport>,
+        global: Option<global::GlobalReport>,
+        cookies: Option<cookies::CookieReport>,
         goals: Vec<Goal>,
         elapsed_s: f64,
     }
@@ -169,7 +161,7 @@ mod lab {
         let mut goals = Vec::new();
 
         let datapath = if all || args.datapath {
-            let report = bench_datapath::run(args.quick)?;
+            let report = datapath::run(args.quick)?;
             goals.extend(report.goals());
             Some(report)
         } else {
@@ -177,7 +169,7 @@ mod lab {
         };
 
         let cookies = if all || args.cookies {
-            let report = bench_cookies::run(args.quick)?;
+            let report = cookies::run(args.quick)?;
             goals.extend(report.goals());
             Some(report)
         } else {
@@ -186,30 +178,30 @@ mod lab {
 
         let mut rx_model = None;
         let (flood, global) = if all || args.flood || args.global {
-            let bins = bench_rig::Binaries::build()?;
+            let bins = guard_tests::rig::Binaries::build()?;
             check_interrupted()?;
             let rx = if args.veth_raw {
-                bench_rig::RxModel::Veth
+                guard_tests::rig::RxModel::Veth
             } else {
-                bench_rig::RxModel::Nic
+                guard_tests::rig::RxModel::Nic
             };
             println!("\nlab receive model: {}", rx.describe());
             rx_model = Some(rx);
-            let mut rig =
-                bench_rig::Rig::new(bins, args.napi_rt, rx).context("cannot set up the lab")?;
+            let mut rig = guard_tests::rig::Rig::new(bins, args.napi_rt, rx)
+                .context("cannot set up the lab")?;
             // The harness (spawning probes and tools, reading counters) runs beside the
             // attacker, never on the core being measured; what it starts there pins itself.
             guard_tests::process::pin_to_cpu(std::process::id(), rig.attacker_cpu)?;
             let flood = if all || args.flood {
-                let modes = bench_rig::Mode::parse_list(&args.modes)?;
-                let report = bench_flood::run(&mut rig, args.quick, args.rate, &modes)?;
+                let modes = guard_tests::rig::Mode::parse_list(&args.modes)?;
+                let report = flood::run(&mut rig, args.quick, args.rate, &modes)?;
                 goals.extend(report.goals());
                 Some(report)
             } else {
                 None
             };
             let global = if all || args.global {
-                let report = bench_global::run(&mut rig, args.quick)?;
+                let report = global::run(&mut rig, args.quick)?;
                 goals.extend(report.goals());
                 Some(report)
             } else {
@@ -221,7 +213,7 @@ mod lab {
         };
 
         println!("\n== Goals");
-        super::bench_table::print_goals(&goals);
+        super::table::print_goals(&goals);
         let report = Report {
             machine,
             quick: args.quick,

@@ -7,6 +7,9 @@
 //! that needs what `cargo xtask setup` installs. So plain xtask (no features) runs setup and
 //! then re-runs itself with the `lab` feature, which holds the lab itself. Building xtask on a
 //! fresh machine therefore never needs the eBPF toolchain.
+//!
+//! The scenarios and the report live here, the SVG chart in `chart`; the stack they run on
+//! (app, agent, legit load, floods) is the lab toolkit's, `guard_tests::stack`.
 
 use std::path::PathBuf;
 
@@ -42,11 +45,7 @@ pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
 pub use lab::main;
 
 #[cfg(feature = "lab")]
-#[path = "lab_chart.rs"]
-mod lab_chart;
-#[cfg(feature = "lab")]
-#[path = "lab_stack.rs"]
-pub(crate) mod lab_stack;
+mod chart;
 
 #[cfg(feature = "lab")]
 mod lab {
@@ -63,13 +62,13 @@ mod lab {
     use serde::Serialize;
     use serde_json::json;
 
-    use super::lab_chart::{self, Row};
-    use super::lab_stack::{
+    use super::chart::{self, Row};
+    use super::DemoArgs;
+    use guard_tests::stack::{
         args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
         Adaptive, AppOptions, Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome,
         Sample, SlotHoarder, Stack, SLICE_SECS,
     };
-    use super::DemoArgs;
 
     /// How long each phase's parts last.
     #[derive(Debug, Clone, Copy, Serialize)]
@@ -399,7 +398,7 @@ mod lab {
         let out = a
             .out
             .clone()
-            .unwrap_or_else(|| super::lab_stack::workspace_root().join("lab-report"));
+            .unwrap_or_else(|| guard_tests::stack::workspace_root().join("lab-report"));
         install_signal_handlers();
         let timing = if a.short {
             Timing {
@@ -1202,7 +1201,7 @@ mod lab {
                 row
             })
             .collect();
-        lab_chart::render(&rows)
+        chart::render(&rows)
     }
 
     fn write_report(out: &Path, r: &Report) -> Result<()> {

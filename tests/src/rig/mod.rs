@@ -10,6 +10,11 @@
 //! Everything is owned by a guard and removed on every way out: the server is stopped, the
 //! agent stopped and its program unloaded (pins removed), then the cgroup and the namespaces
 //! (taking nftables and iptables rules with them) are deleted.
+//!
+//! `cargo xtask bench` drives it (its flood and global-budget sections); [`wire`] is its
+//! "NIC", the redirect that hands the attacker's frames to the server as raw frames.
+
+pub mod wire;
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -19,22 +24,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
-use guard_tests::measure::{
-    allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
-};
-use guard_tests::process::{pin_to_cpu, run_checked};
-use guard_tests::report::ProbeReport;
-use guard_tests::tools::TempDir;
-use guard_tests::twons::{Cgroup, Pins};
-use guard_tests::{ChildGuard, ClientRun, LabClient};
 use guard_user::datapath::GuardMaps;
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
-use super::bench_wire::{disable_checksum_offload, Wire};
-use super::lab::check_interrupted;
-use crate::demo::lab_stack::artifacts;
+use crate::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
+use crate::measure::{
+    allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
+};
+use crate::process::{pin_to_cpu, run_checked, without_guard_env};
+use crate::report::ProbeReport;
+use crate::stack::binaries::{built, cargo};
+use crate::stack::{artifacts, check_interrupted};
+use crate::tools::TempDir;
+use crate::twons::{Cgroup, Pins};
+use crate::{ChildGuard, ClientRun, LabClient};
+use wire::{disable_checksum_offload, Wire};
 
 /// The port the server listens on and every protection guards.
 pub const PORT: u16 = 8080;
@@ -48,7 +53,7 @@ const SERVER_PEER: &str = "p-srv";
 /// them in parallel keeps each one under the per-source cap while the total stays high (8 x 50
 /// connects make the 400 that shared/LAB.md counts lost SYNs in).
 pub fn legit_sources() -> Vec<Ipv4Addr> {
-    guard_tests::lab::legit_extra_v4()
+    crate::lab::legit_extra_v4()
 }
 
 /// The agent and lab-client, release builds: the probes and the server share the measured
@@ -61,7 +66,7 @@ pub struct Binaries {
 
 impl Binaries {
     pub fn build() -> Result<Self> {
-        let found = artifacts(crate::cargo().args([
+        let found = artifacts(cargo().args([
             "build",
             "--release",
             "-p",
@@ -70,12 +75,7 @@ impl Binaries {
             "guard-tests",
             "--bins",
         ]))?;
-        let take = |name: &str| {
-            found
-                .get(name)
-                .cloned()
-                .with_context(|| format!("cargo built no executable named {name}"))
-        };
+        let take = |name: &str| built(&found, name);
         Ok(Self {
             guard: take("guard")?,
             lab_client: take("lab-client")?,
@@ -394,7 +394,7 @@ impl Rig {
     ///   a frame without headroom is first copied into a page (`veth_convert_skb_to_xdp_buff`),
     ///   both on the server's core, while the filters after XDP get their socket buffer built
     ///   for free on the sender's core. A redirect on the switch's attacker port
-    ///   ([`super::bench_wire::Wire`]) hands the attacker's frames to the server's veth as raw
+    ///   ([`wire::Wire`]) hands the attacker's frames to the server's veth as raw
     ///   frames instead, so the server's core does what a NIC driver's poll does: run XDP on
     ///   the frame, and build a socket buffer only for what passes;
     /// - interrupt coalescing ([`Lab::coalesce_server_rx`]), applied to every mode alike.
@@ -612,11 +612,7 @@ impl Rig {
             cmd.args(["--set", set]);
         }
         // clap reads GUARD_* variables as defaults: none of the caller's may leak in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_guard_env(&mut cmd);
         let mut child = ChildGuard::spawn("guard agent", &mut cmd)?;
         child
             .wait_for_stderr("guard running on", Duration::from_secs(30))

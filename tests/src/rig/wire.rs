@@ -8,11 +8,12 @@
 //! after XDP get their socket buffer built for free. With it, the server's core does what a
 //! NIC driver's poll does: run XDP on the raw frame and, for frames that pass (or when no
 //! XDP program is attached), build the socket buffer the stack needs. The program itself is
-//! the lab's (`guard_tests::raw_xdp`).
+//! the lab's (`crate::raw_xdp`).
 
 use anyhow::{Context as _, Result};
-use guard_tests::netns::Netns;
-use guard_tests::raw_xdp::{redirect_program, RawXdp};
+
+use crate::netns::Netns;
+use crate::raw_xdp::{redirect_program, RawXdp};
 
 /// The redirect attached to `from` (a port of the `switch` namespace), sending everything it
 /// receives out of `to` (another port there). Dropping it detaches and unloads the program.
@@ -48,7 +49,7 @@ mod tests {
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::time::Duration;
 
-    use guard_tests::lab::{Lab, ATTACKER_PORT, ROLE_IF, SERVER_V4};
+    use crate::lab::{Lab, ATTACKER_PORT, ROLE_IF, SERVER_V4};
 
     use super::*;
 
@@ -67,7 +68,7 @@ mod tests {
     /// bridge back).
     #[test]
     fn the_redirect_carries_the_attackers_frames_past_the_bridge() {
-        if !guard_tests::require_root("the_redirect_carries_the_attackers_frames_past_the_bridge") {
+        if !crate::require_root("the_redirect_carries_the_attackers_frames_past_the_bridge") {
             return;
         }
         let lab = Lab::new().unwrap();

@@ -15,14 +15,14 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use guard_common::stats::Stat;
 use guard_tests::lab::{Lab, SERVER_MAC, SERVER_V4};
+use guard_tests::rig::{legit_sources, CpuShares, Mode, Probes, Protection, Rig, PORT};
+use guard_tests::stack::pause;
 use guard_tests::tools::trafgen_flat_out;
 use guard_tests::CpuSampler;
 use serde::Serialize;
 
-use super::bench_rig::{legit_sources, CpuShares, Mode, Probes, Protection, Rig, PORT};
-use super::bench_table::{fmt_rate, mean, Goal, Table};
 use super::lab::check_interrupted;
-use crate::demo::lab_stack::pause;
+use super::table::{fmt_rate, mean, Goal, Table};
 
 const FLOOD_NET: &str = "198.19.0.0/16";
 /// The budget: all new connections together, per second, and at once.

@@ -41,8 +41,8 @@ use guard_user::paths::{AttachKind, PinLayout};
 use guard_user::testrun::{test_run, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS};
 use serde::Serialize;
 
-use super::bench_table::{fmt_ratio, median, ratio, Goal, Table};
 use super::lab::check_interrupted;
+use super::table::{fmt_ratio, median, ratio, Goal, Table};
 
 const PORT: u16 = 8080;
 /// The big table: what the million tracked sources live in.
@@ -469,7 +469,7 @@ impl Loaded {
         Ok(CookieFlood {
             sources: n,
             median_ns: median(&ns),
-            mean_ns: super::bench_table::mean(&ns),
+            mean_ns: super::table::mean(&ns),
             sources_before,
             sources_after: self.count_sources(),
             cookies_sent,
@@ -579,7 +579,7 @@ fn rotation(few: &Loaded, many: &Loaded, n: u32) -> Result<Vec<RotationResult>> 
                 tracked: u64::from(t.tracked),
                 runs: ns.len() as u64,
                 median_ns: median(&ns),
-                mean_ns: super::bench_table::mean(&ns),
+                mean_ns: super::table::mean(&ns),
                 reinserted,
             });
         }

@@ -17,7 +17,7 @@ use guard_tests::agent::{AgentHome, RunOpts};
 use guard_tests::lab::{Lab, LAB_V4_PREFIX, ROLE_IF, SERVER_V4};
 use serde::Serialize;
 
-use super::bench_table::{median, Goal};
+use super::table::{median, Goal};
 
 const PORT: u16 = 8080;
 const GOAL_RATIO: f64 = 0.90;

@@ -3,44 +3,56 @@
 //! measurements around them (kernel counters, agent metrics, audit log, server-core CPU, a
 //! timeline of legit connects).
 //!
-//! `cargo xtask demo` drives it, and so do the end-to-end tests: tests/tests/e2e.rs includes
-//! this file by path, so the tests assert on exactly the stack the demo shows. It therefore
-//! only uses crates both have (the lab toolkit `guard_tests`, `guard_user`, `guard_common`,
-//! `anyhow`, `libc`, `serde_json`).
+//! `cargo xtask demo` drives it, and so do the end-to-end tests (tests/tests/e2e.rs), so the
+//! tests assert on exactly the stack the demo shows. This file holds [`Stack`] itself and
+//! what reads it (counters, metrics, audit); the rest is split by concern:
+//! - [`binaries`]: building the programs it runs and finding them;
+//! - [`cpus`]: the server and attacker cores, thread pinning, entering a namespace;
+//! - [`interrupt`]: Ctrl-C handling and the bounded waits that honour it;
+//! - [`legit`]: the legitimate load of a phase and its timeline;
+//! - [`attacks`]: the slot hoarder and the flat-out random-source flood.
 //!
 //! Everything started here is owned by a guard: `Stack` stops the app and the agent, unloads
 //! the program and removes its pins, then deletes the namespaces, on every path out (error,
 //! panic, Ctrl-C). Only processes it started are ever signalled, by PID.
 
-// Two crates compile this file and each uses its own part of it.
-#![allow(dead_code)]
+pub mod attacks;
+pub mod binaries;
+pub mod cpus;
+pub mod interrupt;
+pub mod legit;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_tests::lab::{self, Lab, SERVER_MAC, SERVER_V4};
-use guard_tests::measure::{allowed_cpus, proc_cpu_ticks, server_and_attacker_cpus};
-use guard_tests::process::run_checked;
-use guard_tests::report::{ConnFloodReport, ProbeReport, SseReport, WsChatReport};
-use guard_tests::tools::{paced_syn_flood, trafgen_flat_out, Flood, SynFlood, TempDir};
-use guard_tests::twons::Cgroup;
-use guard_tests::{ChildGuard, ClientRun, CpuSampler, LabClient};
 use guard_user::datapath::{self, GuardMaps};
 use guard_user::paths::PinLayout;
 use serde::de::DeserializeOwned;
+
+pub use attacks::{attacker_ip, FlatOutFlood, HoardReport, SlotHoarder};
+pub use binaries::{artifacts, workspace_root, Binaries};
+pub use cpus::Cpus;
+pub use interrupt::{
+    check_interrupted, install_signal_handlers, interrupted, pause, wait_until, INTERRUPTED,
+};
+pub use legit::{LegitLoad, LegitOutcome, Sample, SLICE_SECS};
+
+use crate::lab::{self, Lab, SERVER_MAC, SERVER_V4};
+use crate::process::{run_checked, without_guard_env};
+use crate::report::{ConnFloodReport, ProbeReport};
+use crate::tools::{paced_syn_flood, Flood, SynFlood, TempDir};
+use crate::twons::Cgroup;
+use crate::{ChildGuard, ClientRun, LabClient};
 
 /// The port the demo app serves and guard protects.
 pub const APP_PORT: u16 = 8080;
@@ -53,214 +65,9 @@ pub const LEGIT_CHAT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 pub const LEGIT_SSE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
 pub const LEGIT_PROBE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
-/// The switch's end of the server's veth pair (named by the lab toolkit).
-const SERVER_PEER: &str = "p-srv";
-
-/// Set by the SIGINT/SIGTERM handler of the demo and the bench; every wait checks it, so an
-/// interrupted run unwinds through the guards (floods stopped, guard unloaded, namespaces
-/// deleted) instead of waiting for its scenarios to end.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::Relaxed)
-}
-
-/// Fails once Ctrl-C was pressed; called between steps.
-pub fn check_interrupted() -> Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Routes SIGINT and SIGTERM to [`INTERRUPTED`].
-pub fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int);
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
-}
-
-/// Sleeps `d` in short slices; fails as soon as the run is interrupted.
-pub fn pause(d: Duration) -> Result<()> {
-    let end = Instant::now() + d;
-    loop {
-        check_interrupted()?;
-        let now = Instant::now();
-        if now >= end {
-            return Ok(());
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(50)));
-    }
-}
-
 /// `lab-client` arguments from string slices.
 pub fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
-}
-
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
-/// The workspace root: both xtask and the tests crate sit one level below it.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("a workspace member lives inside the workspace")
-        .to_path_buf()
-}
-
-/// The programs the stack runs.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    /// The agent and its CLI.
-    pub guard: PathBuf,
-    /// guard-common's demo app (examples/demo.rs).
-    pub demo: PathBuf,
-    pub lab_client: PathBuf,
-}
-
-impl Binaries {
-    /// Builds the agent, lab-client and the demo app with cargo and takes their paths from
-    /// cargo's own artifact messages, so a custom target dir or profile cannot mislead it.
-    pub fn build(release: bool) -> Result<Self> {
-        let profile: &[&str] = if release { &["--release"] } else { &[] };
-        let mut found = artifacts(
-            cargo()
-                .args(["build", "-p", "guard-user", "-p", "guard-tests", "--bins"])
-                .args(profile),
-        )?;
-        found.extend(artifacts(
-            cargo()
-                .args([
-                    "build",
-                    "-p",
-                    "guard-common",
-                    "--example",
-                    "demo",
-                    "--features",
-                    "warp",
-                ])
-                .args(profile),
-        )?);
-        let take = |name: &str| {
-            found
-                .get(name)
-                .cloned()
-                .with_context(|| format!("cargo built no executable named {name}"))
-        };
-        Ok(Self {
-            guard: take("guard")?,
-            demo: take("demo")?,
-            lab_client: take("lab-client")?,
-        })
-    }
-}
-
-/// Runs a cargo build with JSON messages on stdout (diagnostics still rendered on stderr) and
-/// returns executable paths by target name.
-pub fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
-    cmd.current_dir(workspace_root())
-        .arg("--message-format=json-render-diagnostics")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    let line = guard_tests::process::describe(cmd);
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{line}`"))?;
-    ensure!(out.status.success(), "`{line}` failed ({})", out.status);
-    let mut found = BTreeMap::new();
-    for msg in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(msg) else {
-            continue;
-        };
-        if v["reason"] != "compiler-artifact" {
-            continue;
-        }
-        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
-            found.insert(name.to_string(), PathBuf::from(exe));
-        }
-    }
-    Ok(found)
-}
-
-/// Which cores the server side and the attacker use. With at least two usable cores the
-/// server (app, agent, its NAPI thread, legit clients) shares one and the attack tools get
-/// another, as in shared/LAB.md: otherwise the flood tool itself is the bottleneck and every
-/// mode looks alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cpus {
-    pub server: Option<usize>,
-    pub attacker: Option<usize>,
-}
-
-impl Cpus {
-    /// A server core and an attacker core, or no pinning on a one-core machine.
-    ///
-    /// The attacker gets CPU 0 where it may (`measure::server_and_attacker_cpus`): trafgen
-    /// sends from CPU 0 whatever it is pinned to, so the flood tool never lands on the server's
-    /// core. Fixed-rate floods use the evenly paced sender (`Stack::syn_flood`): trafgen's
-    /// `-b` sends each second's SYNs in one burst at full speed, which from another core
-    /// overflowed the server veth's 256-frame ring and lost a third of a 3000/s flood before
-    /// XDP saw it.
-    pub fn detect() -> Self {
-        let allowed = allowed_cpus();
-        if let Some((server, attacker)) = server_and_attacker_cpus(&allowed) {
-            return Self {
-                server: Some(server),
-                attacker: Some(attacker),
-            };
-        }
-        match allowed.as_slice() {
-            [s, a, ..] => Self {
-                server: Some(*s),
-                attacker: Some(*a),
-            },
-            _ => Self {
-                server: None,
-                attacker: None,
-            },
-        }
-    }
-
-    /// The core whose busy share is "server CPU" (cpu0 when nothing is pinned).
-    pub fn measured(&self) -> usize {
-        self.server.unwrap_or(0)
-    }
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_this_thread(cpu: usize) -> Result<()> {
-    // SAFETY: as above; pid 0 is the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot pin a thread to cpu {cpu}"));
-        }
-    }
-    Ok(())
-}
-
-/// Moves the calling thread into the network namespace at `path`.
-fn enter_netns(path: &Path) -> Result<()> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: setns on a valid namespace fd; it changes only the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot enter {}", path.display()));
-    }
-    Ok(())
 }
 
 /// A pin folder of its own under bpffs, unloaded and removed on drop, so a failed run never
@@ -356,7 +163,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// A plain HTTP/1.0 GET from inside `ns`; returns the body of a 200 answer.
-pub fn http_get_in(ns: &guard_tests::Netns, addr: SocketAddr, path: &str) -> Result<String> {
+pub fn http_get_in(ns: &crate::Netns, addr: SocketAddr, path: &str) -> Result<String> {
     let text = ns.run_in(|| -> Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .with_context(|| format!("cannot connect to {addr}"))?;
@@ -507,7 +314,7 @@ impl Stack {
 
     /// A command in `ns`, pinned to `cpu` when given, with no `GUARD_*` variable of the
     /// caller's environment leaking in (clap reads them as defaults).
-    fn command_in(&self, ns: &guard_tests::Netns, cpu: Option<usize>, program: &Path) -> Command {
+    fn command_in(&self, ns: &crate::Netns, cpu: Option<usize>, program: &Path) -> Command {
         let mut cmd = match cpu {
             Some(cpu) => {
                 let mut c = ns.command("taskset");
@@ -516,11 +323,7 @@ impl Stack {
             }
             None => ns.command(program),
         };
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_guard_env(&mut cmd);
         cmd
     }
 
@@ -966,7 +769,7 @@ fn limit_open_files(pid: u32, slots: u32) -> Result<u64> {
 
 /// Adds 198.18.0.`first`.. (`n` addresses, /24 like the rest of the lab's segment) to the role
 /// interface of `ns`; `replace` makes a second call with the same range a no-op.
-fn add_addresses(ns: &guard_tests::Netns, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
+fn add_addresses(ns: &crate::Netns, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
     let last = first.checked_add(n).context("address range past .255")?;
     ensure!(
         first > 17 && last < 255,
@@ -985,383 +788,6 @@ fn add_addresses(ns: &guard_tests::Netns, first: u8, n: u8) -> Result<Vec<Ipv4Ad
         out.push(addr);
     }
     Ok(out)
-}
-
-/// The timeline's resolution.
-pub const SLICE_SECS: u64 = 1;
-
-/// One slice of a phase's timeline.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Sample {
-    /// Seconds since the legit load started (end of the slice).
-    pub t: f64,
-    /// CPU the server side itself used in this slice (its packet thread, the app and the
-    /// agent), in percent of one core. Read per process, so other work on a shared machine
-    /// does not count.
-    pub server_cpu: f64,
-    /// Busy share of the whole server core in this slice, 0–100, whoever used it.
-    pub core_busy: f64,
-    /// Timeline probe connects started in this slice (ten a second, open loop), and how many
-    /// completed within a second (a lost SYN is resent after ~1 s, so a slower one means its
-    /// first SYN died).
-    pub connects: u32,
-    pub connects_ok: u32,
-}
-
-/// A sampler thread and the readings it returns.
-type Worker<T> = JoinHandle<Result<Vec<T>>>;
-
-/// (seconds, server-side CPU percent, core busy percent) per slice.
-type CpuReading = (f64, f64, f64);
-
-/// Background measurement: the server side's CPU and the server core's busy share per slice,
-/// and a steady trickle of
-/// TCP connects from the legit namespace's main address to the app.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    cpu: Option<Worker<CpuReading>>,
-    /// (seconds, completed within a second) per connect.
-    conn: Option<Worker<(f64, bool)>>,
-    slice: Duration,
-}
-
-impl Sampler {
-    const SLICE: Duration = Duration::from_secs(SLICE_SECS);
-    const CONNECT_EVERY: Duration = Duration::from_millis(100);
-
-    fn start(stack: &Stack, t0: Instant) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let cpu_no = stack.cpus.measured();
-        let slice = Self::SLICE;
-        let pids = stack.server_pids();
-        let cpu = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || -> Result<Vec<CpuReading>> {
-                let mut core = CpuSampler::new(cpu_no)?;
-                let mut server = ProcessCpu::new(pids);
-                let mut out = Vec::new();
-                let mut next = t0 + slice;
-                while !stop.load(Ordering::Relaxed) {
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
-                        continue;
-                    }
-                    out.push((
-                        (next - t0).as_secs_f64(),
-                        server.percent(),
-                        core.busy_percent()?,
-                    ));
-                    next += slice;
-                }
-                Ok(out)
-            })
-        };
-        let conn = {
-            let stop = Arc::clone(&stop);
-            let ns = stack.lab.legit.path().to_path_buf();
-            let to = stack.app_addr();
-            let pin = stack.cpus.server;
-            std::thread::spawn(move || -> Result<Vec<(f64, bool)>> {
-                enter_netns(&ns)?;
-                if let Some(cpu) = pin {
-                    pin_this_thread(cpu)?;
-                }
-                // Open loop: a connect starts every 100 ms whether or not the previous one
-                // finished, each on a short-lived thread (which inherits this thread's
-                // namespace and core). A client that waited for each answer would make one
-                // attempt a second while the server ignores it, and an outage would shrink
-                // to a handful of failures in the timeline.
-                let mut pending = Vec::new();
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
-                        continue;
-                    }
-                    let at = (now - t0).as_secs_f64();
-                    pending.push(std::thread::spawn(move || {
-                        (
-                            at,
-                            TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok(),
-                        )
-                    }));
-                    // Keep the pace; after a stall, skip rather than catch up in a burst.
-                    next = (next + Self::CONNECT_EVERY).max(Instant::now());
-                }
-                // Each connect gives up after a second, so this wait is bounded.
-                pending
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .map_err(|_| anyhow::anyhow!("a timeline connect panicked"))
-                    })
-                    .collect()
-            })
-        };
-        Self {
-            stop,
-            cpu: Some(cpu),
-            conn: Some(conn),
-            slice,
-        }
-    }
-
-    fn finish(mut self) -> Result<Vec<Sample>> {
-        self.stop.store(true, Ordering::Relaxed);
-        let cpu = join(self.cpu.take())?;
-        let conns = join(self.conn.take())?;
-        let slice = self.slice.as_secs_f64();
-        Ok(cpu
-            .iter()
-            .map(|&(t, server_cpu, core_busy)| {
-                let inside = conns.iter().filter(|(ct, _)| *ct >= t - slice && *ct < t);
-                let (mut n, mut ok) = (0, 0);
-                for (_, good) in inside {
-                    n += 1;
-                    ok += u32::from(*good);
-                }
-                Sample {
-                    t,
-                    server_cpu,
-                    core_busy,
-                    connects: n,
-                    connects_ok: ok,
-                }
-            })
-            .collect())
-    }
-}
-
-/// CPU time of a set of processes (or kernel threads), from /proc/PID/stat.
-struct ProcessCpu {
-    /// pid → last utime + stime in clock ticks.
-    last: Vec<(u32, u64)>,
-    at: Instant,
-    ticks_per_sec: f64,
-}
-
-impl ProcessCpu {
-    fn new(pids: Vec<u32>) -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        Self {
-            last: pids
-                .into_iter()
-                .map(|p| (p, proc_cpu_ticks(p).unwrap_or(0)))
-                .collect(),
-            at: Instant::now(),
-            ticks_per_sec: if hz > 0 { hz as f64 } else { 100.0 },
-        }
-    }
-
-    /// Percent of one core the processes used since the previous call. A process that is
-    /// gone adds nothing (its last reading stays).
-    fn percent(&mut self) -> f64 {
-        let mut used = 0u64;
-        for (pid, last) in &mut self.last {
-            if let Some(now) = proc_cpu_ticks(*pid) {
-                used += now.saturating_sub(*last);
-                *last = now;
-            }
-        }
-        let secs = self.at.elapsed().as_secs_f64();
-        self.at = Instant::now();
-        if secs <= 0.0 {
-            return 0.0;
-        }
-        used as f64 / self.ticks_per_sec / secs * 100.0
-    }
-}
-
-fn join<T>(handle: Option<JoinHandle<Result<T>>>) -> Result<T> {
-    handle
-        .context("sampler already finished")?
-        .join()
-        .map_err(|_| anyhow::anyhow!("a sampler thread panicked"))?
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.cpu.take() {
-            let _ = h.join();
-        }
-        if let Some(h) = self.conn.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// The legit clients of one phase: WebSocket chatters, SSE subscribers, the SYN-loss probe
-/// (all pinned with the server, as in shared/LAB.md) and the timeline sampler.
-pub struct LegitLoad {
-    chat: ClientRun<WsChatReport>,
-    sse: ClientRun<SseReport>,
-    probe: ClientRun<ProbeReport>,
-    sampler: Sampler,
-    t0: Instant,
-    /// `t0` on the wall clock (Unix seconds), to place audit records on the timeline.
-    t0_unix: f64,
-    secs: u32,
-}
-
-/// What the legit clients got.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LegitOutcome {
-    pub chat: WsChatReport,
-    pub sse: SseReport,
-    pub probe: ProbeReport,
-    pub timeline: Vec<Sample>,
-    /// When the timeline's 0 was, in Unix seconds.
-    pub started_unix: f64,
-}
-
-impl LegitOutcome {
-    /// (succeeded, attempted) over every legit connection attempt: probe connects, WebSocket
-    /// handshakes, SSE subscriptions and the timeline's connects.
-    pub fn connections(&self) -> (u64, u64) {
-        let rejected = |m: &BTreeMap<u16, u64>| m.values().sum::<u64>();
-        let chat_tries = self.chat.connects + rejected(&self.chat.rejected) + self.chat.errors;
-        let sse_tries = self.sse.subscriptions + rejected(&self.sse.rejected) + self.sse.errors;
-        let (tl_ok, tl_all) = self.timeline.iter().fold((0u64, 0u64), |(ok, all), s| {
-            (ok + u64::from(s.connects_ok), all + u64::from(s.connects))
-        });
-        (
-            self.probe.connected + self.chat.connects + self.sse.subscriptions + tl_ok,
-            self.probe.attempted + chat_tries + sse_tries + tl_all,
-        )
-    }
-
-    /// Succeeded share of legit connection attempts, 0–100.
-    pub fn success_pct(&self) -> f64 {
-        let (ok, all) = self.connections();
-        if all == 0 {
-            return 0.0;
-        }
-        ok as f64 * 100.0 / all as f64
-    }
-
-    /// Chat messages and feed events that reached legit clients.
-    pub fn delivered(&self) -> u64 {
-        self.chat.received + self.sse.events
-    }
-}
-
-impl LegitLoad {
-    /// Starts the legit clients for `secs` seconds.
-    pub fn start(stack: &Stack, secs: u32) -> Result<Self> {
-        let s = secs.to_string();
-        let budget = Duration::from_secs(u64::from(secs) + 15);
-        let cpu = stack.cpus.server;
-        let ns = &stack.lab.legit;
-        let t0 = Instant::now();
-        let t0_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let chat = stack.client.spawn(
-            ns,
-            &args(&[
-                "ws-chat",
-                "--url",
-                &stack.ws_url(),
-                "--bind",
-                &LEGIT_CHAT.to_string(),
-                "--clients",
-                "4",
-                "--rate",
-                "2",
-                "--secs",
-                &s,
-            ]),
-            cpu,
-            budget,
-        )?;
-        let sse = stack.client.spawn(
-            ns,
-            &args(&[
-                "sse",
-                "--url",
-                &stack.sse_url(),
-                "--bind",
-                &LEGIT_SSE.to_string(),
-                "--clients",
-                "4",
-                "--secs",
-                &s,
-            ]),
-            cpu,
-            budget,
-        )?;
-        // 10 connects a second: half the kernel's default per-source cap, so only an attack
-        // can make this source lose a SYN.
-        let probe = stack.client.spawn(
-            ns,
-            &args(&[
-                "probe",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &LEGIT_PROBE.to_string(),
-                "--count",
-                "100000",
-                "--interval-ms",
-                "100",
-                "--connect-timeout-ms",
-                "3000",
-                "--secs",
-                &s,
-            ]),
-            cpu,
-            budget,
-        )?;
-        let sampler = Sampler::start(stack, t0);
-        Ok(Self {
-            chat,
-            sse,
-            probe,
-            sampler,
-            t0,
-            t0_unix,
-            secs,
-        })
-    }
-
-    /// Seconds since the load started.
-    pub fn elapsed(&self) -> f64 {
-        self.t0.elapsed().as_secs_f64()
-    }
-
-    /// Waits for the clients' own end and collects what they saw.
-    pub fn finish(self) -> Result<LegitOutcome> {
-        let end = self.t0 + Duration::from_secs(u64::from(self.secs));
-        pause(end.saturating_duration_since(Instant::now()))?;
-        let timeline = self.sampler.finish()?;
-        Ok(LegitOutcome {
-            chat: self.chat.wait()?,
-            sse: self.sse.wait()?,
-            probe: self.probe.wait()?,
-            timeline,
-            started_unix: self.t0_unix,
-        })
-    }
-}
-
-/// Polls `check` every 100 ms until it returns true or `limit` passes; the bound keeps a
-/// broken run from hanging, and the answer is a yes/no, never a time.
-pub fn wait_until(limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<bool> {
-    let end = Instant::now() + limit;
-    loop {
-        if check()? {
-            return Ok(true);
-        }
-        if Instant::now() >= end {
-            return Ok(false);
-        }
-        pause(Duration::from_millis(100))?;
-    }
 }
 
 /// An audit record's `ts` (RFC 3339 in UTC with milliseconds, as the agent writes it, e.g.
@@ -1388,140 +814,6 @@ pub fn audit_ts_unix(ts: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3_600 + min * 60) as f64 + sec)
-}
-
-/// The attacker's own address as a lab address, for assertions and commands.
-pub fn attacker_ip() -> IpAddr {
-    lab::ATTACKER_V4.into()
-}
-
-/// What a slot hoarder did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct HoardReport {
-    pub attempted: u64,
-    /// Connections it got and kept open to the end.
-    pub connected: u64,
-    /// Connects whose SYN went unanswered for `SlotHoarder::CONNECT_TIMEOUT`: one SYN each.
-    pub timed_out: u64,
-    /// Refused or failed otherwise.
-    pub failed: u64,
-}
-
-/// One source that opens TCP connections to the app at a steady pace, under any per-source
-/// rate cap, and closes none of them until it is finished: the slot hoarder. It never sends a
-/// byte, so the app's own admission (which judges requests) never sees it; only the count of
-/// connections it holds gives it away. It is a thread in the attacker namespace (source: the
-/// namespace's own 198.18.0.3), pinned to the attacker's core.
-pub struct SlotHoarder {
-    stop: Arc<AtomicBool>,
-    held: Arc<AtomicU64>,
-    worker: Option<JoinHandle<Result<HoardReport>>>,
-}
-
-impl SlotHoarder {
-    /// Shorter than the first SYN retransmission (1 s), so an attempt the server ignores costs
-    /// exactly one SYN and the drop counters can be compared with the attempts one to one.
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(900);
-
-    /// Opens up to `per_sec` connections a second for `open_secs`, then keeps them until
-    /// `finish`. Connects are sequential: a slow one delays the next instead of piling up.
-    pub fn start(stack: &Stack, per_sec: u32, open_secs: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let held = Arc::new(AtomicU64::new(0));
-        let ns = stack.lab.attacker.path().to_path_buf();
-        let to = stack.app_addr();
-        let pin = stack.cpus.attacker;
-        let every = Duration::from_secs(1) / per_sec.max(1);
-        let open_for = Duration::from_secs(u64::from(open_secs));
-        let worker = {
-            let (stop, held) = (Arc::clone(&stop), Arc::clone(&held));
-            std::thread::spawn(move || -> Result<HoardReport> {
-                enter_netns(&ns)?;
-                if let Some(cpu) = pin {
-                    pin_this_thread(cpu)?;
-                }
-                let mut r = HoardReport::default();
-                let mut kept = Vec::new();
-                let start = Instant::now();
-                let mut next = start;
-                while !stop.load(Ordering::Relaxed) && start.elapsed() < open_for {
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep((next - now).min(Duration::from_millis(20)));
-                        continue;
-                    }
-                    r.attempted += 1;
-                    match TcpStream::connect_timeout(&to, Self::CONNECT_TIMEOUT) {
-                        Ok(s) => {
-                            kept.push(s);
-                            r.connected += 1;
-                            held.store(r.connected, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => r.timed_out += 1,
-                        Err(_) => r.failed += 1,
-                    }
-                    next = (next + every).max(Instant::now());
-                }
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                drop(kept);
-                Ok(r)
-            })
-        };
-        Self {
-            stop,
-            held,
-            worker: Some(worker),
-        }
-    }
-
-    /// Connections it holds right now.
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
-    }
-
-    /// Closes every connection and reports.
-    pub fn finish(mut self) -> Result<HoardReport> {
-        self.stop.store(true, Ordering::Relaxed);
-        join(self.worker.take())
-    }
-}
-
-impl Drop for SlotHoarder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// A SYN flood from random sources as fast as the attacker core sends (see
-/// `guard_tests::tools::trafgen_flat_out`).
-pub struct FlatOutFlood(Flood);
-
-impl FlatOutFlood {
-    pub fn start(stack: &Stack, subnet: &str, secs: u32) -> Result<Self> {
-        Ok(Self(trafgen_flat_out(
-            &stack.lab.attacker,
-            Lab::attacker_if(),
-            subnet,
-            SERVER_V4,
-            SERVER_MAC,
-            APP_PORT,
-            secs,
-            stack.cpus.attacker,
-        )?))
-    }
-
-    /// Waits for it to end by itself; returns the packets it reports sent.
-    pub fn wait(self) -> Result<u64> {
-        let report = self.0.wait()?;
-        report
-            .sent
-            .with_context(|| format!("trafgen did not say what it sent: {}", report.output.trim()))
-    }
 }
 
 #[cfg(test)]

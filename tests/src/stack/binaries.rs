@@ -1,0 +1,111 @@
+//! The programs the stack runs (the agent, lab-client, the demo app), built with cargo and
+//! found through cargo's own artifact messages, and the workspace they are built in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{ensure, Context as _, Result};
+
+/// `cargo`, the one running this build if any.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The workspace root, one level above this (the tests) crate.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("a workspace member lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The programs the stack runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The agent and its CLI.
+    pub guard: PathBuf,
+    /// guard-common's demo app (examples/demo.rs).
+    pub demo: PathBuf,
+    pub lab_client: PathBuf,
+}
+
+impl Binaries {
+    /// Builds the agent, lab-client and the demo app with cargo and takes their paths from
+    /// cargo's own artifact messages, so a custom target dir or profile cannot mislead it.
+    pub fn build(release: bool) -> Result<Self> {
+        let profile: &[&str] = if release { &["--release"] } else { &[] };
+        let mut found = artifacts(
+            cargo()
+                .args(["build", "-p", "guard-user", "-p", "guard-tests", "--bins"])
+                .args(profile),
+        )?;
+        found.extend(artifacts(
+            cargo()
+                .args([
+                    "build",
+                    "-p",
+                    "guard-common",
+                    "--example",
+                    "demo",
+                    "--features",
+                    "warp",
+                ])
+                .args(profile),
+        )?);
+        let take = |name: &str| built(&found, name);
+        Ok(Self {
+            guard: take("guard")?,
+            demo: take("demo")?,
+            lab_client: take("lab-client")?,
+        })
+    }
+}
+
+/// The executable named `name` among what [`artifacts`] found.
+pub fn built(found: &BTreeMap<String, PathBuf>, name: &str) -> Result<PathBuf> {
+    found
+        .get(name)
+        .cloned()
+        .with_context(|| format!("cargo built no executable named {name}"))
+}
+
+/// Runs a cargo build with JSON messages on stdout (diagnostics still rendered on stderr) and
+/// returns executable paths by target name.
+pub fn artifacts(cmd: &mut Command) -> Result<BTreeMap<String, PathBuf>> {
+    cmd.current_dir(workspace_root())
+        .arg("--message-format=json-render-diagnostics")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let line = crate::process::describe(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    ensure!(out.status.success(), "`{line}` failed ({})", out.status);
+    let mut found = BTreeMap::new();
+    for msg in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(msg) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            found.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_names_what_cargo_did_not_build() {
+        let found = BTreeMap::from([("guard".to_string(), PathBuf::from("/t/debug/guard"))]);
+        assert_eq!(built(&found, "guard").unwrap(), Path::new("/t/debug/guard"));
+        let err = built(&found, "lab-client").unwrap_err().to_string();
+        assert!(err.contains("lab-client"), "{err}");
+    }
+}
