@@ -199,11 +199,6 @@ impl FakeAgent {
             other => panic!("expected a block report, got {other:?}"),
         }
     }
-
-    /// Drops what was seen so far.
-    pub fn clear(&mut self) {
-        while self.events.try_recv().is_ok() {}
-    }
 }
 
 async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSender<Event>) {

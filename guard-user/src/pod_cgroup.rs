@@ -53,14 +53,13 @@ pub enum PodCgroupError {
 pub fn pod_cgroup(host_mount: &Path) -> Result<PodCgroup, PodCgroupError> {
     // A node with the hybrid layout keeps cgroup2 in `unified` under its /sys/fs/cgroup.
     let hybrid = host_mount.join("unified");
-    let host_mount = if !is_cgroup2(host_mount)? && is_cgroup2(&hybrid).unwrap_or(false) {
+    let host_mount = if is_cgroup2(host_mount)? {
+        host_mount
+    } else if is_cgroup2(&hybrid).unwrap_or(false) {
         hybrid.as_path()
     } else {
-        host_mount
-    };
-    if !is_cgroup2(host_mount)? {
         return Err(PodCgroupError::NotCgroup2(host_mount.to_path_buf()));
-    }
+    };
     let own = own_cgroup_dir()?;
     let id = inode(&own)?;
     let found =

@@ -127,11 +127,10 @@ pub(super) async fn follow_loop(
             metrics.stream_sequence.set(seq as i64);
             let catching_up = catch_up_until.is_some_and(|t| seq <= t);
             handle_batch(&s.host, &msg.payload, catching_up, &*applier, &metrics);
-            if catch_up_until == Some(seq) {
+            // At or past where the stream stood (its tail may have expired unread).
+            if metrics.caught_up.get() == 0 && catch_up_until.is_some_and(|t| seq >= t) {
                 metrics.caught_up.set(1);
                 info!("fleet: caught up with the stream (sequence {seq})");
-            } else if catch_up_until.is_some_and(|t| seq > t) {
-                metrics.caught_up.set(1);
             }
         }
     }
