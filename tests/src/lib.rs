@@ -10,14 +10,18 @@
 //! prints them, and the context (which command, which namespace) is what a reader needs.
 
 pub mod agent;
+pub mod binaries;
+pub mod cgroup;
 pub mod evasion;
 pub mod fleet;
 pub mod frames;
 pub mod lab;
+pub mod launch;
 pub mod measure;
 pub mod netns;
 pub mod paced_syn;
 pub mod packet_socket;
+pub mod pins;
 pub mod process;
 pub mod raw_xdp;
 pub mod reference;

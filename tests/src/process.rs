@@ -40,10 +40,14 @@ pub fn run_checked(cmd: &mut Command) -> Result<String> {
 /// Removes every `GUARD_*` variable of the caller's environment from `cmd`: clap reads them as
 /// defaults of `guard run`, and a developer's settings must not leak into a lab's agent.
 pub fn without_guard_env(cmd: &mut Command) -> &mut Command {
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("GUARD_") {
-            cmd.env_remove(key);
-        }
+    // Inherited ones, and any set on the command before (a wrapper's own environment).
+    let keys: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(key, _)| key)
+        .chain(cmd.get_envs().map(|(key, _)| key.to_os_string()))
+        .filter(|key| key.to_string_lossy().starts_with("GUARD_"))
+        .collect();
+    for key in keys {
+        cmd.env_remove(key);
     }
     cmd
 }

@@ -3,40 +3,20 @@
 //! the rig for tests of kernel-driven limits (connection tracking, adaptive
 //! limits). Everything it creates is removed on drop.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    thread::sleep,
-    time::Duration,
-};
+use std::{ffi::OsStr, path::PathBuf, process::Command, thread::sleep, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_user::{
-    datapath::{cgroup2_mount, GuardMaps},
-    paths::PinLayout,
-};
+use guard_user::datapath::{cgroup2_mount, GuardMaps};
 
+pub use crate::binaries::guard_bin;
+pub use crate::cgroup::Cgroup;
+use crate::launch::GuardRun;
+use crate::pins::Pins;
+use crate::tools::TempDir;
 use crate::{ChildGuard, Netns};
 
 pub const PORT: u16 = 9000;
-
-/// A cgroup v2 folder for the test's server, removed on drop.
-pub struct Cgroup(pub PathBuf);
-
-impl Cgroup {
-    pub fn new(tag: &str) -> Result<Self> {
-        let root = cgroup2_mount().context("no cgroup2 mount on this machine")?;
-        Self::under(&root, &format!("gd-{tag}-{}", std::process::id()))
-    }
-
-    /// A child cgroup `name` of `parent` (drop it before the parent).
-    pub fn under(parent: &Path, name: &str) -> Result<Self> {
-        let path = parent.join(name);
-        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
 
 /// A pod's cgroups as a container runtime lays them out: the pod's folder with one child per
 /// container. The app's server runs in `app`, the agent in `sidecar`, in a cgroup namespace
@@ -64,39 +44,6 @@ pub enum AgentCgroup {
     /// cgroup) and mount namespace; with `--host-cgroup-mount` pointing at the host's tree
     /// when true, with the defaults when false (what a sidecar got before that option).
     Sidecar(bool),
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // The server is gone by now (its guard drops first); rmdir fails
-        // while a process is still inside, and a parent's while a removed
-        // child is still dying in the kernel, so retry for a while.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// Pins of the agent under test, unloaded on drop even if the test fails.
-pub struct Pins(pub PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = guard_user::datapath::unload(&PinLayout::new(&self.0));
-    }
-}
-
-/// The agent binary next to the running test binary.
-pub fn guard_bin() -> PathBuf {
-    // tests run from target/<profile>/deps/
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("guard")
 }
 
 const SERVER: &str = r#"
@@ -132,6 +79,8 @@ pub struct Setup {
     pub pins: Pins,
     pub socket: PathBuf,
     pub agent: ChildGuard,
+    /// The control socket and the audit log.
+    pub dir: TempDir,
     /// Last: the agent lives in the sidecar's cgroup until it is gone.
     pub pod: Option<PodCgroups>,
 }
@@ -170,31 +119,17 @@ impl Setup {
         client_ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])?;
         server_ns.ip(&["link", "set", "eth0", "up"])?;
         client_ns.ip(&["link", "set", "eth0", "up"])?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gd-{tag}-{}", std::process::id()));
-        let pins = Pins(pin_dir.clone());
-        let socket = std::env::temp_dir().join(format!("gd-{tag}-{}.sock", std::process::id()));
-        let mut run: Vec<std::ffi::OsString> = [
-            "run",
-            "-i",
-            "eth0",
-            "-p",
-            &PORT.to_string(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(Into::into)
-        .collect();
-        run.extend(["--pin-dir".into(), pin_dir.clone().into_os_string()]);
-        run.extend(["--control-socket".into(), socket.clone().into_os_string()]);
-        let (cgroup, pod, mut cmd) = match how {
+        let pins = Pins::new(tag)?;
+        let dir = TempDir::new(tag)?;
+        let socket = dir.path().join("control.sock");
+        let mut run = GuardRun::new("eth0", PORT, pins.root(), &socket)
+            .audit_log(dir.path().join("audit.jsonl"));
+        let guard = guard_bin()?;
+        let (cgroup, pod, cmd) = match how {
             AgentCgroup::Server => {
                 let cgroup = Cgroup::new(tag)?;
-                run.extend(["--cgroup".into(), cgroup.0.clone().into_os_string()]);
-                run.extend(extra.iter().map(Into::into));
-                let mut cmd = server_ns.command(guard_bin());
-                cmd.args(&run);
-                (cgroup, None, cmd)
+                run = run.cgroup(cgroup.path()).args(extra.iter().copied());
+                (cgroup, None, server_ns.command(&guard))
             }
             AgentCgroup::Sidecar(pass_host_mount) => {
                 let pod = Cgroup::new(tag)?;
@@ -204,10 +139,7 @@ impl Setup {
                     std::env::temp_dir().join(format!("gd-{tag}-hostcg-{}", std::process::id()));
                 std::fs::create_dir_all(&host_mount)?;
                 if pass_host_mount {
-                    run.extend([
-                        "--host-cgroup-mount".into(),
-                        host_mount.clone().into_os_string(),
-                    ]);
+                    run = run.args([OsStr::new("--host-cgroup-mount"), host_mount.as_os_str()]);
                 }
                 // Join the sidecar's cgroup, then take a cgroup namespace rooted there and a
                 // private mount namespace: the host's tree stays visible only where a pod
@@ -230,8 +162,7 @@ impl Setup {
                     })
                     .arg("nsenter")
                     .arg(format!("--net={}", server_ns.path().display()))
-                    .arg(guard_bin())
-                    .args(&run);
+                    .arg(&guard);
                 let pod = PodCgroups {
                     sidecar,
                     pod,
@@ -240,9 +171,9 @@ impl Setup {
                 (app, Some(pod), cmd)
             }
         };
-        let agent = ChildGuard::spawn("guard agent", &mut cmd)?;
+        let agent = run.spawn("guard agent", cmd)?;
         for _ in 0..100 {
-            if socket.exists() && PinLayout::new(&pin_dir).sockops_link().exists() {
+            if socket.exists() && pins.layout().sockops_link().exists() {
                 return Ok(Self {
                     server_ns,
                     client_ns,
@@ -250,16 +181,25 @@ impl Setup {
                     pins,
                     socket,
                     agent,
+                    dir,
                     pod,
                 });
             }
             sleep(Duration::from_millis(100));
         }
-        bail!("the agent did not come up (no control socket or sockops link after 10 s)")
+        bail!(
+            "the agent did not come up (no control socket or sockops link after 10 s): {}",
+            agent.stderr_so_far().trim()
+        )
+    }
+
+    /// Where the agent writes its audit log.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
     }
 
     pub fn maps(&self) -> GuardMaps {
-        GuardMaps::open_pinned(&PinLayout::new(&self.pins.0)).expect("open the agent's pins")
+        self.pins.maps().expect("open the agent's pins")
     }
 
     /// Starts the Python server inside the cgroup (joined before the

@@ -35,16 +35,7 @@ fn overflowing_server_tightens_limits_and_calm_relaxes_them() -> Result<()> {
         &config,
         "[limits]\nsyn_rate = 40\nsyn_burst = 80\n\n[adaptive]\nenabled = true\nfloor_syn_rate = 10\nfloor_syn_burst = 20\nstep_percent = 50\ncalm_secs = 2\n",
     )?;
-    let audit = std::env::temp_dir().join(format!("gd-adaptive-{}.jsonl", std::process::id()));
-    let setup = Setup::new(
-        "adapt",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--audit-log",
-            audit.to_str().unwrap(),
-        ],
-    );
+    let setup = Setup::new("adapt", &["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     let setup = setup?;
     let live = || setup.maps().config().expect("read the live config");
@@ -97,8 +88,7 @@ fn overflowing_server_tightens_limits_and_calm_relaxes_them() -> Result<()> {
         "back to the configured limits once calm: {:?}",
         live()
     );
-    let log = std::fs::read_to_string(&audit)?;
-    let _ = std::fs::remove_file(&audit);
+    let log = std::fs::read_to_string(setup.audit_log())?;
     let steps = log
         .lines()
         .filter(|l| l.contains("\"event\":\"adaptive\""))

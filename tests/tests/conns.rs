@@ -156,7 +156,7 @@ fn conn_limit_drops_syns_while_a_source_holds_its_maximum() -> Result<()> {
     assert!(setup.stat(Stat::DropConnLimit) >= 1);
 
     // Raising the limit live lets it in without restarting anything.
-    let status = Command::new(guard_bin())
+    let status = Command::new(guard_bin().unwrap())
         .args(["config", "--set", "conn_limit=6", "--control-socket"])
         .arg(&setup.socket)
         .stdout(Stdio::null())

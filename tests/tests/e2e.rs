@@ -17,11 +17,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use guard_common::stats::Stat;
+use guard_tests::binaries::Binaries;
 use guard_tests::lab::SERVER_V4;
-use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
+use guard_tests::report::ProbeReport;
 use guard_tests::stack::{
-    args, attacker_ip, metric, pause, wait_until, Adaptive, AppOptions, Binaries, Counters, Cpus,
-    FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder, Stack, APP_PORT,
+    metric, pause, wait_until, Adaptive, AppOptions, ConnFlood, Counters, Cpus, FlatOutFlood,
+    LegitLoad, LegitOutcome, Sample, SlotHoarder, Stack, Storm, StormKind, APP_PORT,
 };
 use guard_tests::tools::TempDir;
 use guard_tests::{hping3_syn_flood, require_root, slowhttptest};
@@ -128,27 +129,14 @@ fn connection_flood_from_one_source_is_capped_in_the_kernel() {
     let before = counters(&stack);
     let legit = LegitLoad::start(&stack, 8).unwrap();
     pause(Duration::from_secs(1)).unwrap();
-    let flood: ConnFloodReport = stack
-        .attacker(
-            args(&[
-                "conn-flood",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                "100000",
-                "--parallel",
-                "100",
-                "--hold-ms",
-                "50",
-                "--connect-timeout-ms",
-                "700",
-                "--secs",
-                "5",
-            ]),
-            Duration::from_secs(20),
-        )
+    let flood = stack
+        .conn_flood(ConnFlood {
+            count: 100_000,
+            parallel: 100,
+            hold_ms: 50,
+            connect_timeout_ms: 700,
+            secs: 5,
+        })
         .unwrap()
         .wait()
         .unwrap();
@@ -183,34 +171,19 @@ fn websocket_and_sse_storms_are_refused_reported_and_blocked() {
     let before = counters(&stack);
     let legit = LegitLoad::start(&stack, 8).unwrap();
     pause(Duration::from_secs(1)).unwrap();
-    let storm = |cmd: &str, url: &str| {
+    let storm = |kind| {
         stack
-            .attacker::<StormReport>(
-                args(&[
-                    cmd,
-                    "--url",
-                    url,
-                    "--bind",
-                    &attacker_ip().to_string(),
-                    "--count",
-                    "100000",
-                    "--parallel",
-                    "50",
-                    "--hold-ms",
-                    "1000",
-                    "--timeout-ms",
-                    "700",
-                    "--secs",
-                    "5",
-                ]),
-                Duration::from_secs(20),
-            )
+            .storm(Storm {
+                kind,
+                count: 100_000,
+                parallel: 50,
+                hold_ms: 1000,
+                timeout_ms: 700,
+                secs: 5,
+            })
             .unwrap()
     };
-    let (ws, sse) = (
-        storm("ws-storm", &stack.ws_url()),
-        storm("sse-storm", &stack.sse_url()),
-    );
+    let (ws, sse) = (storm(StormKind::WebSocket), storm(StormKind::Sse));
     let (ws, sse) = (ws.wait().unwrap(), sse.wait().unwrap());
     let outcome = legit.finish().unwrap();
     let d = counters(&stack).since(&before);
@@ -257,24 +230,7 @@ fn message_flood_is_closed_reported_blocked_and_the_block_expires() {
     let attacker = "198.18.0.3/32";
     let legit = LegitLoad::start(&stack, 6).unwrap();
     pause(Duration::from_secs(1)).unwrap();
-    let flood: WsFloodReport = stack
-        .attacker(
-            args(&[
-                "ws-flood",
-                "--url",
-                &stack.ws_url(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--rate",
-                "5000",
-                "--secs",
-                "3",
-            ]),
-            Duration::from_secs(15),
-        )
-        .unwrap()
-        .wait()
-        .unwrap();
+    let flood = stack.ws_flood(5000, 3).unwrap().wait().unwrap();
     assert!(flood.connected, "the flooder was never admitted: {flood:?}");
     assert_eq!(flood.close_code, Some(1008), "{flood:?}");
 
@@ -316,25 +272,14 @@ fn message_flood_is_closed_reported_blocked_and_the_block_expires() {
     // The attacker comes back: every SYN dies in XDP. 500 ms per connect keeps each attempt
     // to a single SYN (the first resend would come after 1 s).
     let before = counters(&stack);
-    let back: ConnFloodReport = stack
-        .attacker(
-            args(&[
-                "conn-flood",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                "20",
-                "--parallel",
-                "5",
-                "--connect-timeout-ms",
-                "500",
-                "--secs",
-                "10",
-            ]),
-            Duration::from_secs(20),
-        )
+    let back = stack
+        .conn_flood(ConnFlood {
+            count: 20,
+            parallel: 5,
+            hold_ms: 100,
+            connect_timeout_ms: 500,
+            secs: 10,
+        })
         .unwrap()
         .wait()
         .unwrap();
@@ -354,24 +299,7 @@ fn message_flood_is_closed_reported_blocked_and_the_block_expires() {
         stack.kernel_blocks()
     );
     let before = counters(&stack);
-    let probe: ProbeReport = stack
-        .attacker(
-            args(&[
-                "probe",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                "10",
-                "--interval-ms",
-                "50",
-            ]),
-            Duration::from_secs(60),
-        )
-        .unwrap()
-        .wait()
-        .unwrap();
+    let probe = stack.attacker_probe(10, 50).unwrap().wait().unwrap();
     assert_eq!((probe.attempted, probe.connected), (10, 10), "{probe:?}");
     assert_eq!(
         counters(&stack).since(&before).get(Stat::DropBlocked),
@@ -620,7 +548,18 @@ fn adaptive_mode_restores_legit_connects_under_a_many_source_overload() {
         let legit = LegitLoad::start(&stack, 11).unwrap();
         pause(Duration::from_millis(1500)).unwrap();
         let start = legit.elapsed();
-        let floods = stack.conn_floods(&sources, 40, 1000, 8).unwrap();
+        let floods = stack
+            .conn_floods(
+                &sources,
+                ConnFlood {
+                    count: 1_000_000,
+                    parallel: 40,
+                    hold_ms: 1000,
+                    connect_timeout_ms: 1000,
+                    secs: 8,
+                },
+            )
+            .unwrap();
         pause(Duration::from_secs(8)).unwrap();
         let live_rate = stack.live_syn_rate().unwrap();
         let end = legit.elapsed();
@@ -752,7 +691,7 @@ fn per_source_cap_and_dry_run_change_live_without_restarts() {
 /// after setup (`cargo xtask demo` only adds the setup step in front).
 fn demo_command(extra: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(guard_tests::stack::workspace_root())
+    cmd.current_dir(guard_tests::binaries::workspace_root())
         .args([
             "run",
             "-q",

@@ -18,7 +18,7 @@ pub mod wire;
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,16 +28,18 @@ use guard_user::datapath::GuardMaps;
 use guard_user::paths::PinLayout;
 use serde::Serialize;
 
+use crate::binaries::Binaries;
+use crate::cgroup::Cgroup;
 use crate::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
+use crate::launch::GuardRun;
 use crate::measure::{
     allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
 };
-use crate::process::{pin_to_cpu, run_checked, without_guard_env};
+use crate::pins::Pins;
+use crate::process::{pin_to_cpu, run_checked};
 use crate::report::ProbeReport;
-use crate::stack::binaries::{built, cargo};
-use crate::stack::{artifacts, check_interrupted};
+use crate::stack::check_interrupted;
 use crate::tools::TempDir;
-use crate::twons::{Cgroup, Pins};
 use crate::{ChildGuard, ClientRun, LabClient};
 use wire::{disable_checksum_offload, Wire};
 
@@ -54,33 +56,6 @@ const SERVER_PEER: &str = "p-srv";
 /// connects make the 400 that shared/LAB.md counts lost SYNs in).
 pub fn legit_sources() -> Vec<Ipv4Addr> {
     crate::lab::legit_extra_v4()
-}
-
-/// The agent and lab-client, release builds: the probes and the server share the measured
-/// core, and a debug build of them would add its own overhead to every mode's number.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    pub guard: PathBuf,
-    pub lab_client: PathBuf,
-}
-
-impl Binaries {
-    pub fn build() -> Result<Self> {
-        let found = artifacts(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "guard-user",
-            "-p",
-            "guard-tests",
-            "--bins",
-        ]))?;
-        let take = |name: &str| built(&found, name);
-        Ok(Self {
-            guard: take("guard")?,
-            lab_client: take("lab-client")?,
-        })
-    }
 }
 
 /// A protection under comparison.
@@ -226,7 +201,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn layout(&self) -> PinLayout {
-        PinLayout::new(&self.pins.0)
+        self.pins.layout()
     }
 
     pub fn maps(&self) -> Result<GuardMaps> {
@@ -588,35 +563,27 @@ impl Rig {
     fn start_agent(&self, attach: &str, sets: &[String]) -> Result<Agent> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/gd-bench-{}-a{n}", std::process::id()));
-        let pins = Pins(pin_dir.clone());
+        let pins = Pins::new("bench")?;
         let mut cmd = self.lab.server.command("taskset");
         cmd.args(["-c", &self.server_cpu.to_string()])
-            .arg(&self.bins.guard)
-            .args(["run", "-i", Lab::server_if(), "-p", &PORT.to_string()])
-            .args(["--attach", attach])
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--control-socket")
-            .arg(self.dir.path().join(format!("control-{n}.sock")))
-            .arg("--audit-log")
-            .arg(self.dir.path().join(format!("audit-{n}.jsonl")))
-            .arg("--config")
-            .arg(self.dir.path().join("guard.toml"))
-            .arg("--cgroup")
-            .arg(self.cgroup())
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--set", &format!("syn_rate={SYN_RATE}")])
-            .args(["--set", &format!("syn_burst={SYN_BURST}")]);
-        for set in sets {
-            cmd.args(["--set", set]);
-        }
-        // clap reads GUARD_* variables as defaults: none of the caller's may leak in.
-        without_guard_env(&mut cmd);
-        let mut child = ChildGuard::spawn("guard agent", &mut cmd)?;
-        child
-            .wait_for_stderr("guard running on", Duration::from_secs(30))
-            .context("the agent did not come up")?;
+            .arg(&self.bins.guard);
+        let child = GuardRun::new(
+            Lab::server_if(),
+            PORT,
+            pins.root(),
+            &self.dir.path().join(format!("control-{n}.sock")),
+        )
+        .attach(attach)
+        .audit_log(self.dir.path().join(format!("audit-{n}.jsonl")))
+        .config(self.dir.path().join("guard.toml"))
+        .cgroup(self.cgroup())
+        .sets([
+            format!("syn_rate={SYN_RATE}"),
+            format!("syn_burst={SYN_BURST}"),
+        ])
+        .sets(sets)
+        .start("guard agent", cmd, Duration::from_secs(30))
+        .context("the agent did not come up")?;
         Ok(Agent {
             child: Some(child),
             pins,

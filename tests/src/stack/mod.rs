@@ -6,18 +6,19 @@
 //! `cargo xtask demo` drives it, and so do the end-to-end tests (tests/tests/e2e.rs), so the
 //! tests assert on exactly the stack the demo shows. This file holds [`Stack`] itself and
 //! what reads it (counters, metrics, audit); the rest is split by concern:
-//! - [`binaries`]: building the programs it runs and finding them;
 //! - [`cpus`]: the server and attacker cores, thread pinning, entering a namespace;
 //! - [`interrupt`]: Ctrl-C handling and the bounded waits that honour it;
 //! - [`legit`]: the legitimate load of a phase and its timeline;
-//! - [`attacks`]: the slot hoarder and the flat-out random-source flood.
+//! - [`attacks`]: the slot hoarder and the flat-out random-source flood;
+//! - [`clients`]: the lab-client attacks (connection floods, storms, message floods, probes)
+//!   that a demo scenario and its end-to-end test both start.
 //!
 //! Everything started here is owned by a guard: `Stack` stops the app and the agent, unloads
 //! the program and removes its pins, then deletes the namespaces, on every path out (error,
 //! panic, Ctrl-C). Only processes it started are ever signalled, by PID.
 
 pub mod attacks;
-pub mod binaries;
+pub mod clients;
 pub mod cpus;
 pub mod interrupt;
 pub mod legit;
@@ -35,23 +36,24 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use guard_common::stats::Stat;
-use guard_user::datapath::{self, GuardMaps};
-use guard_user::paths::PinLayout;
 use serde::de::DeserializeOwned;
 
 pub use attacks::{attacker_ip, FlatOutFlood, HoardReport, SlotHoarder};
-pub use binaries::{artifacts, workspace_root, Binaries};
+pub use clients::{ConnFlood, Storm, StormKind};
 pub use cpus::Cpus;
 pub use interrupt::{
     check_interrupted, install_signal_handlers, interrupted, pause, wait_until, INTERRUPTED,
 };
 pub use legit::{LegitLoad, LegitOutcome, Sample, SLICE_SECS};
 
+use crate::binaries::Binaries;
+use crate::cgroup::Cgroup;
 use crate::lab::{self, Lab, SERVER_MAC, SERVER_V4};
+use crate::launch::GuardRun;
+use crate::pins::Pins;
 use crate::process::{run_checked, without_guard_env};
-use crate::report::{ConnFloodReport, ProbeReport};
+use crate::report::ProbeReport;
 use crate::tools::{paced_syn_flood, Flood, SynFlood, TempDir};
-use crate::twons::Cgroup;
 use crate::{ChildGuard, ClientRun, LabClient};
 
 /// The port the demo app serves and guard protects.
@@ -68,42 +70,6 @@ pub const LEGIT_PROBE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// `lab-client` arguments from string slices.
 pub fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
-}
-
-/// A pin folder of its own under bpffs, unloaded and removed on drop, so a failed run never
-/// leaves a program attached or maps pinned.
-#[derive(Debug)]
-struct PinDir {
-    path: PathBuf,
-}
-
-impl PinDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        // "gd-" like the namespaces: leftovers are easy to spot and tell apart by PID.
-        Self {
-            path: PathBuf::from(guard_user::paths::BPFFS_ROOT).join(format!(
-                "gd-stack-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            )),
-        }
-    }
-
-    /// Detaches whatever this folder's pins hold and removes them.
-    fn unload(&self) -> Result<()> {
-        datapath::unload(&PinLayout::new(&self.path))
-            .with_context(|| format!("cannot unload the pins under {}", self.path.display()))?;
-        Ok(())
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = self.unload() {
-            eprintln!("warning: {e:#}");
-        }
-    }
 }
 
 /// Kernel verdict counters, by their `guard status` names.
@@ -223,7 +189,7 @@ pub struct Adaptive {
 pub struct Stack {
     app: Option<ChildGuard>,
     agent: Option<ChildGuard>,
-    pins: PinDir,
+    pins: Pins,
     /// The app runs in a cgroup of its own and the agent counts connections (sockops) there:
     /// exactly the app's sockets, as on a host where the app has its own systemd unit.
     cgroup: Cgroup,
@@ -260,7 +226,7 @@ impl Stack {
         let mut stack = Self {
             app: None,
             agent: None,
-            pins: PinDir::new(),
+            pins: Pins::new("stack")?,
             cgroup,
             lab,
             dir,
@@ -289,7 +255,7 @@ impl Stack {
     }
 
     pub fn pin_dir(&self) -> &Path {
-        &self.pins.path
+        self.pins.root()
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -382,27 +348,22 @@ impl Stack {
         }
         let config = self.dir.path().join("guard.toml");
         std::fs::write(&config, toml).context("cannot write the agent's config file")?;
-        let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.guard);
-        cmd.args(["run", "-i", Lab::server_if(), "-p", &APP_PORT.to_string()])
-            .arg("--pin-dir")
-            .arg(self.pin_dir())
-            .arg("--control-socket")
-            .arg(self.control_socket())
-            .arg("--audit-log")
-            .arg(self.audit_log())
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup")
-            .arg(&self.cgroup.0)
-            .args(["--metrics-addr", &self.metrics_addr().to_string()]);
+        let mut run = GuardRun::new(
+            Lab::server_if(),
+            APP_PORT,
+            self.pin_dir(),
+            &self.control_socket(),
+        )
+        .audit_log(self.audit_log())
+        .config(&config)
+        .cgroup(&self.cgroup.0)
+        .metrics_addr(self.metrics_addr())
+        .sets(sets);
         if adaptive.is_some() {
-            cmd.arg("--adaptive");
+            run = run.args(["--adaptive"]);
         }
-        for set in sets {
-            cmd.args(["--set", set]);
-        }
-        let mut agent = ChildGuard::spawn("guard agent", &mut cmd)?;
-        agent.wait_for_stderr("guard running on", Duration::from_secs(30))?;
+        let cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.guard);
+        let agent = run.start("guard agent", cmd, Duration::from_secs(30))?;
         self.agent = Some(agent);
         self.check_napi_pin();
         Ok(())
@@ -514,21 +475,16 @@ impl Stack {
         cmd.args(cli_args)
             .arg("--control-socket")
             .arg(self.control_socket());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("GUARD_") {
-                cmd.env_remove(key);
-            }
-        }
+        without_guard_env(&mut cmd);
         run_checked(&mut cmd)
     }
 
     /// The kernel's counters, read from the pinned maps; `None` while guard is not loaded.
     pub fn counters(&self) -> Result<Option<Counters>> {
-        let layout = PinLayout::new(self.pin_dir());
-        if !layout.map(guard_common::maps::CONFIG).exists() {
+        if !self.pins.layout().map(guard_common::maps::CONFIG).exists() {
             return Ok(None);
         }
-        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let maps = self.pins.maps()?;
         let totals = maps
             .stat_totals()
             .context("cannot read the kernel counters")?;
@@ -542,8 +498,7 @@ impl Stack {
 
     /// Prefixes blocked in the kernel right now.
     pub fn kernel_blocks(&self) -> Result<Vec<String>> {
-        let layout = PinLayout::new(self.pin_dir());
-        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let maps = self.pins.maps()?;
         Ok(maps
             .blocks()
             .context("cannot read the blocklist")?
@@ -580,8 +535,7 @@ impl Stack {
 
     /// Established connections the kernel counts for `source` right now (conn_limit's view).
     pub fn tracked_connections(&self, source: Ipv4Addr) -> Result<u64> {
-        let layout = PinLayout::new(self.pin_dir());
-        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let maps = self.pins.maps()?;
         let want = source.to_ipv6_mapped().octets();
         Ok(maps
             .connections()
@@ -594,8 +548,7 @@ impl Stack {
 
     /// The per-source SYN rate the kernel runs with now (adaptive mode changes it).
     pub fn live_syn_rate(&self) -> Result<u32> {
-        let layout = PinLayout::new(self.pin_dir());
-        let maps = GuardMaps::open_pinned(&layout).context("cannot open the pinned maps")?;
+        let maps = self.pins.maps()?;
         Ok(maps
             .config()
             .context("cannot read the live config")?
@@ -620,47 +573,6 @@ impl Stack {
     /// The same in the legit namespace: sources that have never talked to the server.
     pub fn fresh_legit_sources(&self, first: u8, n: u8) -> Result<Vec<Ipv4Addr>> {
         add_addresses(&self.lab.legit, first, n)
-    }
-
-    /// Many real sources at once: one `lab-client conn-flood` per address of `sources` (see
-    /// `attacker_sources`), each keeping `parallel` connections in flight and holding each
-    /// for `hold_ms` before it closes it and opens the next, for `secs` seconds. A connect
-    /// the server does not answer within a second is given up (so every failed attempt costs
-    /// about one SYN, and a source never exceeds `parallel * 1000 / hold_ms` connects a
-    /// second).
-    pub fn conn_floods(
-        &self,
-        sources: &[Ipv4Addr],
-        parallel: u32,
-        hold_ms: u32,
-        secs: u32,
-    ) -> Result<Vec<ClientRun<ConnFloodReport>>> {
-        let (app, secs_text) = (self.app_addr().to_string(), secs.to_string());
-        sources
-            .iter()
-            .map(|ip| {
-                self.attacker(
-                    args(&[
-                        "conn-flood",
-                        "--target",
-                        &app,
-                        "--bind",
-                        &ip.to_string(),
-                        "--count",
-                        "1000000",
-                        "--parallel",
-                        &parallel.to_string(),
-                        "--hold-ms",
-                        &hold_ms.to_string(),
-                        "--connect-timeout-ms",
-                        "1000",
-                        "--secs",
-                        &secs_text,
-                    ]),
-                    Duration::from_secs(u64::from(secs) + 10),
-                )
-            })
-            .collect()
     }
 
     /// One connect to the app from the legit address `source`, given `timeout` (TCP resends

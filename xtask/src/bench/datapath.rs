@@ -24,7 +24,6 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::BorrowedFd;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context as _, Result};
@@ -34,10 +33,10 @@ use guard_common::maps as names;
 use guard_common::stats::{Stat, STAT_SLOTS};
 use guard_common::{BlockEntry, LiveConfig, SourceState};
 use guard_tests::frames::{v4, Frame, TCP_ACK};
+use guard_tests::pins::Pins;
 use guard_tests::process::run_checked;
-use guard_tests::twons::Pins;
 use guard_user::datapath::{monotonic_ns, Datapath, MapSizes};
-use guard_user::paths::{AttachKind, PinLayout};
+use guard_user::paths::AttachKind;
 use guard_user::testrun::{test_run, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS};
 use serde::Serialize;
 
@@ -598,15 +597,9 @@ fn spread(n: u32, below: u32) -> Vec<u32> {
 
 /// `bytes_memlock` of the `SOURCES` map when created with `entries` entries.
 fn sources_memlock(entries: u32) -> Result<u64> {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/gd-bench-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
     // Removed (unloaded) on every way out, like the agent's own pins.
-    let _pins = Pins(dir.clone());
-    let layout = PinLayout::new(&dir);
+    let pins = Pins::new("bench")?;
+    let layout = pins.layout();
     let sizes = MapSizes {
         sources: entries,
         ..small_sizes()

@@ -178,7 +178,7 @@ mod lab {
 
         let mut rx_model = None;
         let (flood, global) = if all || args.flood || args.global {
-            let bins = guard_tests::rig::Binaries::build()?;
+            let bins = guard_tests::binaries::Binaries::build(true)?;
             check_interrupted()?;
             let rx = if args.veth_raw {
                 guard_tests::rig::RxModel::Veth

@@ -57,17 +57,18 @@ mod lab {
     use anyhow::{bail, Context as _, Result};
     use guard_common::stats::Stat;
     use guard_tests::fleet::{self, FleetDemo};
-    use guard_tests::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
+    use guard_tests::report::{ConnFloodReport, ProbeReport};
     use guard_tests::slowhttptest;
     use serde::Serialize;
     use serde_json::json;
 
     use super::chart::{self, Row};
     use super::DemoArgs;
+    use guard_tests::binaries::Binaries;
     use guard_tests::stack::{
-        args, attacker_ip, audit_ts_unix, install_signal_handlers, interrupted, metric, pause,
-        Adaptive, AppOptions, Binaries, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome,
-        Sample, SlotHoarder, Stack, SLICE_SECS,
+        audit_ts_unix, install_signal_handlers, interrupted, metric, pause, Adaptive, AppOptions,
+        ConnFlood, Counters, Cpus, FlatOutFlood, LegitLoad, LegitOutcome, Sample, SlotHoarder,
+        Stack, Storm, StormKind, SLICE_SECS,
     };
 
     /// How long each phase's parts last.
@@ -398,7 +399,7 @@ mod lab {
         let out = a
             .out
             .clone()
-            .unwrap_or_else(|| guard_tests::stack::workspace_root().join("lab-report"));
+            .unwrap_or_else(|| guard_tests::binaries::workspace_root().join("lab-report"));
         install_signal_handlers();
         let timing = if a.short {
             Timing {
@@ -667,27 +668,13 @@ mod lab {
     }
 
     fn conn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
-        let secs = t.attack_secs.to_string();
-        let run = stack.attacker::<ConnFloodReport>(
-            args(&[
-                "conn-flood",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                "1000000",
-                "--parallel",
-                "200",
-                "--hold-ms",
-                "100",
-                "--connect-timeout-ms",
-                "1000",
-                "--secs",
-                &secs,
-            ]),
-            Duration::from_secs(u64::from(t.attack_secs) + 10),
-        )?;
+        let run = stack.conn_flood(ConnFlood {
+            count: 1_000_000,
+            parallel: 200,
+            hold_ms: 100,
+            connect_timeout_ms: 1000,
+            secs: t.attack_secs,
+        })?;
         pause(Duration::from_secs(u64::from(t.attack_secs)))?;
         let r = run.wait()?;
         Ok(Attack {
@@ -697,31 +684,18 @@ mod lab {
     }
 
     fn storms(stack: &Stack, t: &Timing) -> Result<Attack> {
-        let secs = t.attack_secs.to_string();
-        let storm = |cmd: &str, url: &str| {
-            stack.attacker::<StormReport>(
-                args(&[
-                    cmd,
-                    "--url",
-                    url,
-                    "--bind",
-                    &attacker_ip().to_string(),
-                    "--count",
-                    "1000000",
-                    "--parallel",
-                    "50",
-                    "--hold-ms",
-                    "1000",
-                    "--timeout-ms",
-                    "1000",
-                    "--secs",
-                    &secs,
-                ]),
-                Duration::from_secs(u64::from(t.attack_secs) + 10),
-            )
+        let storm = |kind| {
+            stack.storm(Storm {
+                kind,
+                count: 1_000_000,
+                parallel: 50,
+                hold_ms: 1000,
+                timeout_ms: 1000,
+                secs: t.attack_secs,
+            })
         };
-        let ws = storm("ws-storm", &stack.ws_url())?;
-        let sse = storm("sse-storm", &stack.sse_url())?;
+        let ws = storm(StormKind::WebSocket)?;
+        let sse = storm(StormKind::Sse)?;
         pause(Duration::from_secs(u64::from(t.attack_secs)))?;
         let (ws, sse) = (ws.wait()?, sse.wait()?);
         Ok(Attack {
@@ -741,45 +715,17 @@ mod lab {
         // The flood itself ends at the server's close; then the attacker tries to come back
         // for the rest of the attack window.
         let flood_secs = 2u32.min(t.attack_secs);
-        let flood = stack
-            .attacker::<WsFloodReport>(
-                args(&[
-                    "ws-flood",
-                    "--url",
-                    &stack.ws_url(),
-                    "--bind",
-                    &attacker_ip().to_string(),
-                    "--rate",
-                    "5000",
-                    "--secs",
-                    &flood_secs.to_string(),
-                ]),
-                Duration::from_secs(u64::from(flood_secs) + 10),
-            )?
-            .wait()?;
+        let flood = stack.ws_flood(5000, flood_secs)?.wait()?;
         // Give the report a moment to reach the agent and the kernel.
         pause(Duration::from_millis(500))?;
         let back_secs = t.attack_secs.saturating_sub(flood_secs + 1).max(1);
-        let back = stack.attacker::<ConnFloodReport>(
-            args(&[
-                "conn-flood",
-                "--target",
-                &stack.app_addr().to_string(),
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                "1000",
-                "--parallel",
-                "5",
-                "--hold-ms",
-                "10",
-                "--connect-timeout-ms",
-                "1000",
-                "--secs",
-                &back_secs.to_string(),
-            ]),
-            Duration::from_secs(u64::from(back_secs) + 10),
-        )?;
+        let back = stack.conn_flood(ConnFlood {
+            count: 1000,
+            parallel: 5,
+            hold_ms: 10,
+            connect_timeout_ms: 1000,
+            secs: back_secs,
+        })?;
         pause(Duration::from_secs(u64::from(back_secs)))?;
         let back = back.wait()?;
         let close = flood
@@ -937,8 +883,16 @@ mod lab {
     fn adaptive_overload(stack: &Stack, t: &Timing) -> Result<Attack> {
         let sources = stack.attacker_sources(OVERLOAD_SOURCE_BASE, OVERLOAD_SOURCES)?;
         let lost_before = stack.server_handshake_losses()?;
-        let runs =
-            stack.conn_floods(&sources, OVERLOAD_PARALLEL, OVERLOAD_HOLD_MS, t.attack_secs)?;
+        let runs = stack.conn_floods(
+            &sources,
+            ConnFlood {
+                count: 1_000_000,
+                parallel: OVERLOAD_PARALLEL,
+                hold_ms: OVERLOAD_HOLD_MS,
+                connect_timeout_ms: 1000,
+                secs: t.attack_secs,
+            },
+        )?;
         pause(Duration::from_secs(u64::from(t.attack_secs)))?;
         let reports = runs
             .into_iter()

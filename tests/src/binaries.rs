@@ -1,11 +1,16 @@
-//! The programs the stack runs (the agent, lab-client, the demo app), built with cargo and
-//! found through cargo's own artifact messages, and the workspace they are built in.
+//! The programs the lab runs (the agent, lab-client, the demo app), built with cargo and
+//! found through cargo's own artifact messages, and the workspace they are built in. The
+//! privileged tests take the agent beside their own executable ([`guard_bin`]); the demo and
+//! the bench build all three ([`Binaries`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use anyhow::{ensure, Context as _, Result};
+
+use crate::process::run_checked;
 
 /// `cargo`, the one running this build if any.
 pub fn cargo() -> Command {
@@ -60,6 +65,74 @@ impl Binaries {
             lab_client: take("lab-client")?,
         })
     }
+}
+
+pub const GUARD_BIN_ENV: &str = "GUARD_BIN";
+
+/// The `guard` binary of this workspace: `$GUARD_BIN`, else `target/<profile>/guard` beside
+/// the running test executable. It is (re)built with `cargo build -p guard-user` when missing
+/// or older than the test executable, which links the same guard-user library: an older binary
+/// would test yesterday's agent. Built at most once per process.
+pub fn guard_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(bin) = BIN.get() {
+        return Ok(bin.clone());
+    }
+    let bin = locate_guard_bin()?;
+    Ok(BIN.get_or_init(|| bin).clone())
+}
+
+fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn locate_guard_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(GUARD_BIN_ENV) {
+        let path = PathBuf::from(path);
+        ensure!(
+            path.is_file(),
+            "${GUARD_BIN_ENV} points to {}, which is not a file",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    // Test binaries live in target/<profile>/deps/, binaries in target/<profile>/.
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().context("deps/ has no parent")?
+    } else {
+        dir
+    };
+    let bin = profile_dir.join("guard");
+    let fresh = match (mtime(&bin), mtime(&exe)) {
+        (Some(b), Some(e)) => b >= e,
+        _ => false,
+    };
+    if !fresh {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-p",
+            "guard-user",
+            "--bin",
+            "guard",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        run_checked(&mut cmd).context("cannot build the guard binary")?;
+    }
+    ensure!(
+        bin.is_file(),
+        "{} is missing after `cargo build -p guard-user`; set ${GUARD_BIN_ENV}",
+        bin.display()
+    );
+    Ok(bin)
 }
 
 /// The executable named `name` among what [`artifacts`] found.

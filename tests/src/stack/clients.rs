@@ -1,0 +1,167 @@
+//! The lab-client workloads the demo's scenarios and their end-to-end tests launch from the
+//! attacker namespace, typed: a scenario and its test start the same attack through the same
+//! function and differ only in the numbers they pass.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{args, attacker_ip, Stack};
+use crate::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
+use crate::ClientRun;
+
+/// How long past its own end a workload may run before it is killed: room for its last
+/// connects to time out and for it to print its report.
+const SLACK: Duration = Duration::from_secs(15);
+
+fn budget(secs: u32) -> Duration {
+    Duration::from_secs(u64::from(secs)) + SLACK
+}
+
+/// `lab-client conn-flood`: up to `count` connects, `parallel` in flight, each held `hold_ms`
+/// and given up after `connect_timeout_ms` (so an unanswered attempt costs about one SYN
+/// below 1 s), for `secs` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnFlood {
+    pub count: u64,
+    pub parallel: u32,
+    pub hold_ms: u32,
+    pub connect_timeout_ms: u32,
+    pub secs: u32,
+}
+
+/// Which handshake a storm repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StormKind {
+    WebSocket,
+    Sse,
+}
+
+/// `lab-client ws-storm` / `sse-storm`: up to `count` handshakes, `parallel` at a time,
+/// each held `hold_ms`, given up after `timeout_ms`, for `secs` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storm {
+    pub kind: StormKind,
+    pub count: u64,
+    pub parallel: u32,
+    pub hold_ms: u32,
+    pub timeout_ms: u32,
+    pub secs: u32,
+}
+
+impl Stack {
+    /// A connection flood from the attacker's own address.
+    pub fn conn_flood(&self, f: ConnFlood) -> Result<ClientRun<ConnFloodReport>> {
+        self.conn_flood_from(attacker_ip(), f)
+    }
+
+    /// A connection flood from `source`, one of the attacker namespace's addresses.
+    pub fn conn_flood_from(
+        &self,
+        source: IpAddr,
+        f: ConnFlood,
+    ) -> Result<ClientRun<ConnFloodReport>> {
+        self.attacker(
+            args(&[
+                "conn-flood",
+                "--target",
+                &self.app_addr().to_string(),
+                "--bind",
+                &source.to_string(),
+                "--count",
+                &f.count.to_string(),
+                "--parallel",
+                &f.parallel.to_string(),
+                "--hold-ms",
+                &f.hold_ms.to_string(),
+                "--connect-timeout-ms",
+                &f.connect_timeout_ms.to_string(),
+                "--secs",
+                &f.secs.to_string(),
+            ]),
+            budget(f.secs),
+        )
+    }
+
+    /// Many real sources at once: one connection flood per address of `sources` (see
+    /// `attacker_sources`).
+    pub fn conn_floods(
+        &self,
+        sources: &[std::net::Ipv4Addr],
+        f: ConnFlood,
+    ) -> Result<Vec<ClientRun<ConnFloodReport>>> {
+        sources
+            .iter()
+            .map(|ip| self.conn_flood_from((*ip).into(), f))
+            .collect()
+    }
+
+    /// A handshake storm from the attacker's address against the app's WebSocket or SSE
+    /// endpoint.
+    pub fn storm(&self, s: Storm) -> Result<ClientRun<StormReport>> {
+        let (cmd, url) = match s.kind {
+            StormKind::WebSocket => ("ws-storm", self.ws_url()),
+            StormKind::Sse => ("sse-storm", self.sse_url()),
+        };
+        self.attacker(
+            args(&[
+                cmd,
+                "--url",
+                &url,
+                "--bind",
+                &attacker_ip().to_string(),
+                "--count",
+                &s.count.to_string(),
+                "--parallel",
+                &s.parallel.to_string(),
+                "--hold-ms",
+                &s.hold_ms.to_string(),
+                "--timeout-ms",
+                &s.timeout_ms.to_string(),
+                "--secs",
+                &s.secs.to_string(),
+            ]),
+            budget(s.secs),
+        )
+    }
+
+    /// One admitted WebSocket client sending `rate` messages a second for at most `secs`
+    /// seconds (it stops early when the server closes it).
+    pub fn ws_flood(&self, rate: u32, secs: u32) -> Result<ClientRun<WsFloodReport>> {
+        self.attacker(
+            args(&[
+                "ws-flood",
+                "--url",
+                &self.ws_url(),
+                "--bind",
+                &attacker_ip().to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--secs",
+                &secs.to_string(),
+            ]),
+            budget(secs),
+        )
+    }
+
+    /// `count` sequential connects from the attacker's address, `interval_ms` apart: whether
+    /// it can reach the app at all.
+    pub fn attacker_probe(&self, count: u32, interval_ms: u32) -> Result<ClientRun<ProbeReport>> {
+        self.attacker(
+            args(&[
+                "probe",
+                "--target",
+                &self.app_addr().to_string(),
+                "--bind",
+                &attacker_ip().to_string(),
+                "--count",
+                &count.to_string(),
+                "--interval-ms",
+                &interval_ms.to_string(),
+            ]),
+            // Each connect may take its 3 s default connect timeout.
+            Duration::from_secs(u64::from(count) * (3 + u64::from(interval_ms) / 1000 + 1)) + SLACK,
+        )
+    }
+}
