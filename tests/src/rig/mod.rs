@@ -12,8 +12,12 @@
 //! (taking nftables and iptables rules with them) are deleted.
 //!
 //! `cargo xtask bench` drives it (its flood and global-budget sections); [`wire`] is its
-//! "NIC", the redirect that hands the attacker's frames to the server as raw frames.
+//! "NIC", the redirect that hands the attacker's frames to the server as raw frames;
+//! `baselines` the nftables and iptables rules compared with guard; `cpu` the server side's
+//! CPU accounting.
 
+mod baselines;
+mod cpu;
 pub mod wire;
 
 use std::io::Write as _;
@@ -32,15 +36,16 @@ use crate::binaries::Binaries;
 use crate::cgroup::Cgroup;
 use crate::lab::{fmt_mac, Lab, ATTACKER_MAC, ATTACKER_PORT, ROLE_IF, SERVER_V4};
 use crate::launch::GuardRun;
-use crate::measure::{
-    allowed_cpus, clock_ticks, proc_cpu_ticks, server_and_attacker_cpus, spawn_syn_loss_probe,
-};
+use crate::measure::{allowed_cpus, server_and_attacker_cpus, spawn_syn_loss_probe};
 use crate::pins::Pins;
 use crate::process::{pin_to_cpu, run_checked};
 use crate::report::ProbeReport;
 use crate::stack::check_interrupted;
 use crate::tools::TempDir;
 use crate::{ChildGuard, ClientRun, LabClient};
+use baselines::{ipt_counter, ipt_rule, iptables, nft_counter, nft_ruleset};
+use cpu::{process_cpu, thread_runtime};
+pub use cpu::{CpuShares, CpuSnapshot};
 use wire::{disable_checksum_offload, Wire};
 
 /// The port the server listens on and every protection guards.
@@ -126,71 +131,6 @@ impl Mode {
             _ => None,
         }
     }
-}
-
-/// The nftables baseline: a per-source meter with guard's rate and burst on connection-opening
-/// SYNs, at the earliest IP hook (prerouting, raw priority), dropping what is over.
-fn nft_ruleset() -> String {
-    format!(
-        "table inet gdbench {{
-  chain pre {{
-    type filter hook prerouting priority -300; policy accept;
-    tcp dport {PORT} tcp flags & (syn | ack) == syn meter gdsyn size 65535 {{ ip saddr limit rate over {SYN_RATE}/second burst {SYN_BURST} packets }} counter drop
-  }}
-}}
-"
-    )
-}
-
-/// The iptables baseline: hashlimit per source IP with the same limit, in the raw table's
-/// PREROUTING (the same point in the path as the nftables chain).
-fn ipt_rule() -> Vec<String> {
-    [
-        "-t",
-        "raw",
-        "-I",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        &PORT.to_string(),
-        "--tcp-flags",
-        "SYN,ACK",
-        "SYN",
-        "-m",
-        "hashlimit",
-        "--hashlimit-above",
-        &format!("{SYN_RATE}/second"),
-        "--hashlimit-burst",
-        &SYN_BURST.to_string(),
-        "--hashlimit-mode",
-        "srcip",
-        "--hashlimit-name",
-        "gdbench",
-        "-j",
-        "DROP",
-    ]
-    .map(String::from)
-    .into()
-}
-
-/// The classic iptables if installed (what "iptables hashlimit" usually means), else the
-/// nf_tables-backed one.
-fn iptables() -> &'static str {
-    static BIN: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let legacy = Command::new("iptables-legacy")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if legacy {
-            "iptables-legacy"
-        } else {
-            "iptables"
-        }
-    })
 }
 
 /// A running agent; dropping it stops the agent, then unloads its program and pins.
@@ -681,108 +621,9 @@ impl ProbeRun {
     }
 }
 
-fn nft_counter(json: &str) -> Result<u64> {
-    let v: serde_json::Value = serde_json::from_str(json).context("nft -j")?;
-    let items = v["nftables"].as_array().context("nft -j: no list")?;
-    for item in items {
-        if let Some(exprs) = item["rule"]["expr"].as_array() {
-            for e in exprs {
-                if let Some(p) = e["counter"]["packets"].as_u64() {
-                    return Ok(p);
-                }
-            }
-        }
-    }
-    bail!("no counter in the nft chain: {json}")
-}
-
-/// The packet count of the (only) hashlimit rule in `iptables -L -v -x -n` output.
-fn ipt_counter(text: &str) -> Result<u64> {
-    text.lines()
-        .find(|l| l.contains("gdbench") || l.contains("limit: above"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no hashlimit rule in: {text}"))
-}
-
-/// A reading of [`Rig::cpu_snapshot`].
-#[derive(Debug, Clone, Copy)]
-pub struct CpuSnapshot {
-    at: Instant,
-    napi: Duration,
-    processes: Duration,
-}
-
-/// Shares of one window, in percent of one core.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct CpuShares {
-    /// The NAPI thread alone: the receive path.
-    pub napi_pct: f64,
-    /// NAPI thread + server + agent.
-    pub server_side_pct: f64,
-}
-
-impl CpuSnapshot {
-    pub fn shares_since(&self, before: &CpuSnapshot) -> CpuShares {
-        let window = (self.at - before.at).as_secs_f64();
-        if window <= 0.0 {
-            return CpuShares::default();
-        }
-        let pct = |d: Duration| d.as_secs_f64() * 100.0 / window;
-        let napi = self.napi.saturating_sub(before.napi);
-        CpuShares {
-            napi_pct: pct(napi),
-            server_side_pct: pct(napi + self.processes.saturating_sub(before.processes)),
-        }
-    }
-}
-
-/// User + system CPU time of a process, all its threads (those that exited too), from
-/// /proc/<pid>/stat: exact in total, in steps of one clock tick (10 ms).
-fn process_cpu(pid: u32) -> Result<Duration> {
-    let ticks = proc_cpu_ticks(pid)
-        .with_context(|| format!("cannot read the CPU times in /proc/{pid}/stat"))?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
-}
-
-/// Time one thread has run, to the nanosecond, from /proc/<tid>/schedstat: the NAPI thread's
-/// share is a few percent of a core, where /proc/<pid>/stat's 10 ms steps would show.
-fn thread_runtime(tid: u32) -> Result<Duration> {
-    let path = format!("/proc/{tid}/schedstat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let ns = parse_schedstat_runtime(&text).with_context(|| format!("bad {path}: {text}"))?;
-    Ok(Duration::from_nanos(ns))
-}
-
-/// The first field of /proc/<tid>/schedstat: nanoseconds on a CPU.
-fn parse_schedstat_runtime(text: &str) -> Option<u64> {
-    text.split_whitespace().next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counters_parse() {
-        let nft = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"chain": {"name": "pre"}}, {"rule": {"expr": [{"match": {}}, {"counter": {"packets": 4711, "bytes": 188440}}, {"drop": null}]}}]}"#;
-        assert_eq!(nft_counter(nft).unwrap(), 4711);
-        assert!(nft_counter(r#"{"nftables": []}"#).is_err());
-        let ipt = "Chain PREROUTING (policy ACCEPT 0 packets, 0 bytes)\n    pkts      bytes target     prot opt in     out     source               destination\n   12345   493800 DROP       6    --  *      *       0.0.0.0/0            0.0.0.0/0            tcp dpt:8080 flags:0x12/0x02 limit: above 20/sec burst 40 mode srcip\n";
-        assert_eq!(ipt_counter(ipt).unwrap(), 12_345);
-        assert!(ipt_counter("Chain PREROUTING\n").is_err());
-    }
-
-    #[test]
-    fn cpu_times_of_this_process() {
-        assert!(process_cpu(std::process::id()).is_ok());
-        assert!(thread_runtime(std::process::id()).unwrap() > Duration::ZERO);
-        assert_eq!(
-            parse_schedstat_runtime("123456789 4242 17\n"),
-            Some(123_456_789)
-        );
-        assert_eq!(parse_schedstat_runtime(""), None);
-    }
 
     #[test]
     fn probe_totals() {
@@ -796,20 +637,5 @@ mod tests {
         assert_eq!(p.lost_per_400(), 6.0);
         assert!((p.success_pct() - 99.5).abs() < 1e-9);
         assert!(Probes::default().lost_per_400().is_nan());
-    }
-
-    #[test]
-    fn baselines_use_guards_limit() {
-        let nft = nft_ruleset();
-        assert!(
-            nft.contains("limit rate over 20/second burst 40 packets"),
-            "{nft}"
-        );
-        assert!(nft.contains("tcp dport 8080"), "{nft}");
-        let ipt = ipt_rule().join(" ");
-        assert!(
-            ipt.contains("--hashlimit-above 20/second --hashlimit-burst 40"),
-            "{ipt}"
-        );
     }
 }

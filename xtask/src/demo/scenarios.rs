@@ -1,0 +1,176 @@
+//! The single-host scenarios: what each attacks with, how the app runs, what the run with
+//! guard tunes first.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::attacks::*;
+use guard_tests::stack::{Adaptive, AppOptions, Stack};
+
+/// How long each phase's parts last.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Timing {
+    /// Legit clients alone first: the baseline.
+    pub(super) warmup_secs: f64,
+    pub(super) attack_secs: u32,
+    /// Legit clients alone after the attack: recovery.
+    pub(super) tail_secs: f64,
+}
+
+impl Timing {
+    pub(super) fn legit_secs(&self) -> u32 {
+        (self.warmup_secs + f64::from(self.attack_secs) + self.tail_secs).ceil() as u32
+    }
+}
+
+/// What the attack tool reported.
+pub(super) struct Attack {
+    pub(super) summary: String,
+    pub(super) detail: serde_json::Value,
+}
+
+pub(super) struct Scenario {
+    pub(super) key: &'static str,
+    pub(super) title: &'static str,
+    /// Live config the run with guard sets through the control socket before the attack
+    /// (`guard config --set`), without restarting anything.
+    pub(super) tune: &'static [&'static str],
+    /// The agent's adaptive mode, for the run with guard.
+    pub(super) adaptive: Option<Adaptive>,
+    /// How the app runs, the same in both runs.
+    pub(super) app: AppOptions,
+    pub(super) attack: fn(&Stack, &Timing) -> Result<Attack>,
+    pub(super) in_short: bool,
+}
+
+pub(super) const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 7);
+/// The floods' fixed offered rates (shared/LAB.md: measure cost at a fixed rate): high
+/// enough to load the server core without guard, low enough that a shared attacker core
+/// sustains them.
+pub(super) const ONE_SOURCE_PPS: u32 = 50_000;
+pub(super) const RANDOM_SOURCES_PPS: u32 = 40_000;
+
+/// The slot hoarder's pace: three quarters of the default per-source cap (20/s), so the
+/// rate cap never fires, and the app it starves: 48 connection slots behind a backlog of 32
+/// (a small server, so that one source fills it within the attack).
+pub(super) const HOARD_PER_SEC: u32 = 15;
+pub(super) const HOARD_APP: AppOptions = AppOptions {
+    backlog: 32,
+    slots: Some(48),
+};
+/// First-time clients during the random-source flood: fresh legit addresses
+/// 198.18.0.40.. that never connected before.
+pub(super) const FIRST_TIMER_BASE: u8 = 40;
+pub(super) const FIRST_TIMERS: u8 = 16;
+/// The overload: many real sources (198.18.0.100..), each keeping 40 connections in
+/// flight and holding each for a second: 40 new connections a second per source, under
+/// the generous static cap of 50/s the scenario sets, and together far more than the app's
+/// slots hold.
+pub(super) const OVERLOAD_SOURCE_BASE: u8 = 100;
+pub(super) const OVERLOAD_SOURCES: u8 = 10;
+pub(super) const OVERLOAD_PARALLEL: u32 = 40;
+pub(super) const OVERLOAD_HOLD_MS: u32 = 1000;
+pub(super) const OVERLOAD_APP: AppOptions = AppOptions {
+    backlog: 64,
+    slots: Some(200),
+};
+
+pub(super) const SCENARIOS: [Scenario; 9] = [
+    Scenario {
+        key: "syn-flood",
+        title: "1. SYN flood, one spoofed source (198.19.0.7, 50k SYN/s evenly paced)",
+        tune: &[],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: syn_flood,
+        in_short: true,
+    },
+    Scenario {
+        key: "conn-flood",
+        title: "2. TCP connection flood, one real source (lab-client conn-flood)",
+        tune: &[],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: conn_flood,
+        in_short: false,
+    },
+    Scenario {
+        key: "storms",
+        title: "3. WebSocket handshake + SSE subscription storms, one source",
+        tune: &[],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: storms,
+        in_short: false,
+    },
+    Scenario {
+        key: "message-flood",
+        title: "4. WebSocket message flood from an admitted client, then its reconnects",
+        tune: &[],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: message_flood,
+        in_short: true,
+    },
+    Scenario {
+        key: "slowloris",
+        title: "5. slowloris (slowhttptest, 1000 slow connections)",
+        tune: &[],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: slowloris,
+        in_short: false,
+    },
+    Scenario {
+        key: "random-sources",
+        title: "6. SYN flood, random sources in 198.19.0.0/16 (40k SYN/s evenly paced), aggregate /16 cap",
+        tune: &[
+            "aggregate_prefix_v4=16",
+            "aggregate_rate=200",
+            "aggregate_burst=400",
+        ],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: random_sources,
+        in_short: true,
+    },
+    Scenario {
+        key: "slot-hoarder",
+        title: "7. Slot hoarder: one source, 15 new connections/s (under its cap), none closed; app with 48 slots; conn_limit=20",
+        tune: &["conn_limit=20"],
+        adaptive: None,
+        app: HOARD_APP,
+        attack: slot_hoarder,
+        in_short: false,
+    },
+    Scenario {
+        key: "returning-clients",
+        title: "8. Random-source SYN flood (trafgen flat out) vs returning and first-time clients; global budget 1000/s, SYN cookies under attack",
+        tune: &[
+            "global_syn_rate=1000",
+            "global_syn_burst=2000",
+            "known_good_ttl_s=600",
+            "syn_cookies=under-attack",
+        ],
+        adaptive: None,
+        app: AppOptions::ROOMY,
+        attack: returning_clients,
+        in_short: true,
+    },
+    Scenario {
+        key: "adaptive",
+        title: "9. Overload: 10 real sources at 40 connections/s each (under a static cap of 50/s); app with 200 slots; --adaptive",
+        tune: &["syn_rate=50", "syn_burst=100"],
+        adaptive: Some(Adaptive {
+            floor_syn_rate: 12,
+            floor_syn_burst: 12,
+            step_percent: 50,
+            calm_secs: 30,
+        }),
+        app: OVERLOAD_APP,
+        attack: adaptive_overload,
+        in_short: false,
+    },
+];
