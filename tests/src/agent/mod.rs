@@ -32,7 +32,9 @@ pub use crate::pins::Pins;
 pub use kernel::{link_exists, parse_xdp_prog, pinned_link_ids, prog_exists, xdp_prog};
 pub use metrics::{parse_http_response, promtool_check, Sample, Scrape};
 pub use opts::RunOpts;
-pub use traffic::{connects, host_prefix, hping3_syns, wait_for, Listener};
+pub use traffic::{
+    connects, host_prefix, hping3_syns, send_syns, settle, solo_netns, wait_for, Listener,
+};
 
 use crate::launch::{GuardRun, LogFilter};
 use crate::netns::Netns;
@@ -129,6 +131,11 @@ impl AgentHome {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--control-socket", path_str(&socket)?]);
         self.cli(&all)
+    }
+
+    /// A kernel verdict counter, summed over CPUs, from the pinned maps.
+    pub fn stat(&self, stat: guard_common::stats::Stat) -> Result<u64> {
+        Ok(self.pins.maps()?.stat(stat)?)
     }
 
     /// `guard status --pin-dir ROOT`.

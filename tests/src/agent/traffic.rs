@@ -152,3 +152,48 @@ pub fn wait_for<T>(
 pub fn host_prefix(ip: IpAddr) -> String {
     guard_common::addr::Prefix::host(ip).to_string()
 }
+
+/// A namespace with one veth pair (`eth0` ↔ `eth1`), for tests that need an interface to
+/// attach to but no traffic.
+pub fn solo_netns() -> Result<Netns> {
+    let ns = Netns::new("agt")?;
+    ns.ip(&[
+        "link",
+        "add",
+        crate::lab::ROLE_IF,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+    ])
+    .context("add a veth pair")?;
+    for dev in [crate::lab::ROLE_IF, "eth1"] {
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    Ok(ns)
+}
+
+/// Sends exactly `count` SYNs from the lab attacker's own address to the server's `port` at
+/// `rate` per second; an error unless hping3 reports every one sent.
+pub fn send_syns(lab: &crate::Lab, port: u16, count: u32, rate: u32) -> Result<u64> {
+    let sent = hping3_syns(
+        &lab.attacker,
+        crate::lab::SERVER_V4.into(),
+        port,
+        count,
+        rate,
+    )?;
+    ensure!(sent == u64::from(count), "hping3 sent {sent} of {count}");
+    Ok(sent)
+}
+
+/// Waits until `read()` reaches at least `target`, then lets stragglers arrive and returns the
+/// final value. Settling only: the caller asserts on the count.
+pub fn settle(what: &str, target: u64, mut read: impl FnMut() -> u64) -> u64 {
+    let _ = wait_for(what, Duration::from_secs(15), || {
+        Ok((read() >= target).then_some(()))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    read()
+}

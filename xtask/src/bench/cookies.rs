@@ -8,6 +8,7 @@
 //! The lab has no netem, so its round trip is tens of microseconds and window scaling is
 //! barely exercised here; that both ends negotiated it is proven by the e2e test
 //! (`tests/tests/syncookies.rs`, from `TCP_INFO`).
+#![cfg(feature = "lab")]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 

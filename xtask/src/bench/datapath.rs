@@ -21,6 +21,7 @@
 //! Sources for the million come from 2001:2::/48 (the IPv6 benchmarking range) with the source
 //! prefix set to /128 for the run: no real traffic is involved, but every address stays in the
 //! lab's ranges.
+#![cfg(feature = "lab")]
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::BorrowedFd;
@@ -40,8 +41,8 @@ use guard_user::paths::AttachKind;
 use guard_user::testrun::{test_run, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS};
 use serde::Serialize;
 
-use super::lab::check_interrupted;
 use super::table::{fmt_ratio, median, ratio, Goal, Table};
+use guard_tests::stack::check_interrupted;
 
 const PORT: u16 = 8080;
 /// The big table: what the million tracked sources live in.

@@ -14,6 +14,7 @@
 //! parallel, each under the cap), the probes' connects whose first SYN was lost, what the
 //! protection dropped (its own counters), and what the kernel dropped on its own because the
 //! server's receive ring was full.
+#![cfg(feature = "lab")]
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -26,8 +27,8 @@ use guard_tests::tools::paced_syn_flood;
 use guard_tests::{hping3_syn_flood, trafgen_random_sources, CpuSampler, SynFlood};
 use serde::Serialize;
 
-use super::lab::check_interrupted;
 use super::table::{fmt_rate, fmt_ratio, mean, median, ratio, Goal, Table};
+use guard_tests::stack::check_interrupted;
 
 /// The flood's one source: spoofed inside 198.19.0.0/16, which the server routes back to the
 /// attacker, so SYN-ACKs die there instead of leaving.

@@ -9,6 +9,7 @@
 //! and once with the global budget; runs alternate. Reported: their connection success (the
 //! handshake completed within 3 s, which allows one SYN retransmission), their connects that
 //! lost the first SYN, the server core's CPU, and what the program counted.
+#![cfg(feature = "lab")]
 
 use std::time::Duration;
 
@@ -21,8 +22,8 @@ use guard_tests::tools::trafgen_flat_out;
 use guard_tests::CpuSampler;
 use serde::Serialize;
 
-use super::lab::check_interrupted;
 use super::table::{fmt_rate, mean, Goal, Table};
+use guard_tests::stack::check_interrupted;
 
 const FLOOD_NET: &str = "198.19.0.0/16";
 /// The budget: all new connections together, per second, and at once.

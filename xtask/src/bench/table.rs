@@ -1,4 +1,5 @@
 //! Plain-text tables and the goal list the bench prints.
+#![cfg(feature = "lab")]
 
 use serde::Serialize;
 

@@ -1,4 +1,5 @@
 //! The attack of each scenario, started on the stack and summed up for the report.
+#![cfg(feature = "lab")]
 
 use std::time::Duration;
 

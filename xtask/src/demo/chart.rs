@@ -1,6 +1,7 @@
 //! The demo's chart, written as SVG by hand: one row per scenario, two panels per row (legit
 //! connects that completed within a second, and the CPU the server side used), each with the
 //! run without guard and the run with guard over the same seconds, the attack shaded.
+#![cfg(feature = "lab")]
 
 use std::fmt::Write as _;
 

@@ -47,15 +47,9 @@ pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
 #[cfg(feature = "lab")]
 pub use run::main;
 
-#[cfg(feature = "lab")]
 mod attacks;
-#[cfg(feature = "lab")]
 mod chart;
-#[cfg(feature = "lab")]
 mod phase;
-#[cfg(feature = "lab")]
 mod report;
-#[cfg(feature = "lab")]
 mod run;
-#[cfg(feature = "lab")]
 mod scenarios;

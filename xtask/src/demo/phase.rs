@@ -1,4 +1,5 @@
 //! What one run of a scenario measured, and the report the runs make.
+#![cfg(feature = "lab")]
 
 use guard_tests::fleet::FleetDemo;
 use serde::Serialize;

@@ -1,4 +1,5 @@
 //! The report: the terminal table, Markdown, JSON and the SVG chart.
+#![cfg(feature = "lab")]
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! Running the demo: the single-host scenarios without and with guard, then the fleet, then
 //! the report; `--keep` leaves the lab up.
+#![cfg(feature = "lab")]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,6 @@
 //! The single-host scenarios: what each attacks with, how the app runs, what the run with
 //! guard tunes first.
+#![cfg(feature = "lab")]
 
 use std::net::Ipv4Addr;
 
