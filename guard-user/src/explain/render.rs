@@ -158,3 +158,101 @@ pub fn summary(e: &Explanation) -> String {
         n.effective.upper()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use guard_common::addr::Prefix;
+
+    use super::*;
+    use crate::explain::{BlockHit, Connections, Instant, KnownGood, NextSyn};
+
+    fn bucket(enabled: bool, key: Option<&str>, tracked: bool) -> BucketState {
+        BucketState {
+            enabled,
+            key: key.map(str::to_string),
+            tracked,
+            rate_per_sec: 20,
+            burst: 40,
+            tokens: 0,
+            syns: tracked.then_some(7),
+            over_cap: tracked.then_some(3),
+            first_seen: None,
+        }
+    }
+
+    fn blocked(dry_run: bool) -> Explanation {
+        let prefix: Prefix = "198.18.0.0/24".parse().unwrap();
+        let mut e = Explanation {
+            address: "198.18.0.3".into(),
+            protected_ports: vec![8080],
+            dry_run,
+            syn_cookies: "off",
+            allowlisted_by: None,
+            blocked_by: Some(BlockHit {
+                prefix,
+                reason: "operator",
+                active: true,
+                until: None,
+                expires_in_secs: None,
+                origin: Some("guard-cli".into()),
+                since: Some(Instant::from_unix(0)),
+                detail: None,
+            }),
+            source: bucket(true, Some("198.18.0.3/32"), true),
+            aggregate: bucket(false, Some("198.18.0.0/24"), false),
+            connections: Connections { open: 2, limit: 0 },
+            known_good: KnownGood {
+                known_good: false,
+                last_handshake: None,
+                ttl_secs: 300,
+            },
+            global_budget: bucket(true, None, false),
+            next_syn: NextSyn {
+                decided: Action::Drop,
+                effective: if dry_run { Action::Pass } else { Action::Drop },
+                cause: Cause::Blocked,
+                dry_run,
+            },
+            summary: String::new(),
+            escalation: Vec::new(),
+            notes: vec!["the agent could not be asked".into()],
+            keys: (prefix, None),
+        };
+        e.summary = summary(&e);
+        e
+    }
+
+    #[test]
+    fn the_summary_names_the_block_and_what_dry_run_lets_through() {
+        let why = "(blocked by 198.18.0.0/24, operator, by guard-cli)";
+        assert_eq!(
+            blocked(false).summary,
+            format!("next SYN to a protected port would be: DROP {why}")
+        );
+        assert_eq!(
+            blocked(true).summary,
+            format!("next SYN to a protected port would be: PASS in dry-run, else DROP {why}")
+        );
+    }
+
+    #[test]
+    fn the_text_form_has_one_line_per_input_then_the_summary() {
+        let e = blocked(false);
+        let want = "\
+198.18.0.3
+allow list: not allow-listed
+blocklist: blocked by 198.18.0.0/24 (reason operator)
+  by: guard-cli
+  since: 1970-01-01T00:00:00.000Z
+  until: never expires
+source: 198.18.0.3/32 0 of 40 tokens (refills 20/s), 7 SYNs, 3 over cap
+aggregate: cap off
+connections: 2 open, no cap
+known good: no
+global budget: 0 of 40 tokens (refills 20/s)
+dry-run: off; syn cookies: off; protected ports: [8080]
+note: the agent could not be asked
+";
+        assert_eq!(render_text(&e), format!("{want}{}\n", e.summary));
+    }
+}
