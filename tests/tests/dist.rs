@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use guard_common::stats::Stat;
 use guard_tests::agent::{connects, host_prefix, AgentHome, Listener, RunOpts};
+use guard_tests::binaries::workspace_root;
 use guard_tests::lab::{Lab, ATTACKER_V4, ROLE_IF, SERVER_V4};
 use guard_tests::process::run_checked;
 use guard_tests::require_root;
@@ -20,13 +21,6 @@ use guard_tests::tools::TempDir;
 
 const PORT: u16 = 8080;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is inside the workspace")
-        .to_path_buf()
-}
 
 fn sh(cmd: &mut Command) -> String {
     run_checked(cmd).unwrap_or_else(|e| panic!("{e:#}"))
@@ -128,7 +122,7 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
     let out = TempDir::new("dist").expect("a temp dir");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     sh(Command::new(cargo)
-        .current_dir(workspace())
+        .current_dir(workspace_root())
         .args([
             "run",
             "--quiet",
@@ -195,7 +189,7 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
     ]
     .map(String::from)
     .to_vec();
-    for e in std::fs::read_dir(workspace().join("guard-user/deploy")).unwrap() {
+    for e in std::fs::read_dir(workspace_root().join("guard-user/deploy")).unwrap() {
         let e = e.unwrap();
         if e.path().is_file() {
             expected.push(format!("deploy/{}", e.file_name().to_string_lossy()));
