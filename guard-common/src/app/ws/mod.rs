@@ -1,30 +1,36 @@
 //! A WebSocket under guard: inbound limits, validation, idle timeout and a
 //! bounded outbound queue, all driven from the one task that owns the
 //! socket (no extra task or channel hop per message).
+//!
+//! The socket and its public API are here; what arrives is checked in
+//! `inbound`, what goes out waits in `outbound`, and `stream` drives both.
+
+mod inbound;
+mod outbound;
+mod stream;
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
-use std::error::Error as _;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::prelude::rust_2021::*;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::task::AtomicWaker;
-use futures_util::{Sink, Stream};
+use futures_util::Sink;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use warp::filters::ws::{Message, WebSocket, Ws};
 use warp::reply::Reply;
 
-use super::admission::{duration_ns, Permit};
-use super::metrics::{CloseReason, DropReason, Violation};
-use super::{Guard, Peer, SlowConsumerPolicy, ViolationPolicy};
-use crate::bucket::{TokenBucket, NANO_TOKENS};
-use crate::state::reason;
+use super::admission::Permit;
+use super::metrics::CloseReason;
+use super::{Guard, Peer};
+use crate::bucket::TokenBucket;
+use inbound::Violations;
+use outbound::Outbound;
+
+pub use outbound::{SendError, WsSender};
 
 /// Close codes (RFC 6455, 7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
@@ -32,13 +38,6 @@ const CLOSE_PROTOCOL: u16 = 1002;
 const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
-
-/// Messages read on one clock reading at most.
-const CLOCK_EVERY: u32 = 16;
-
-/// Inbound messages handled in one poll before yielding, so a client
-/// whose messages are all being dropped cannot hog its worker thread.
-const DROPS_PER_POLL: u32 = 64;
 
 /// Why the app's check refused a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,15 +62,6 @@ impl From<String> for Invalid {
 }
 
 type Validator = Arc<dyn Fn(&Message) -> Result<(), Invalid> + Send + Sync>;
-
-/// Why a message could not be queued toward the client.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    #[error("the connection is closed")]
-    Closed,
-    #[error("the client is not reading fast enough; the connection is being closed")]
-    SlowConsumer,
-}
 
 /// An admitted WebSocket upgrade, from [`Guard::websocket`].
 pub struct WsUpgrade {
@@ -129,116 +119,6 @@ impl WsUpgrade {
     }
 }
 
-/// The bounded queue toward one client.
-struct Outbound {
-    state: Mutex<OutState>,
-    /// The socket's task, to wake when something is queued from elsewhere.
-    waker: AtomicWaker,
-    capacity: usize,
-    policy: SlowConsumerPolicy,
-    guard: Guard,
-    /// `items.len()`, readable without the lock: the socket's task looks
-    /// at the queue on every poll and it is almost always empty.
-    queued: AtomicUsize,
-    /// Full under [`SlowConsumerPolicy::Close`]: the socket closes itself.
-    overflowed: AtomicBool,
-}
-
-struct OutState {
-    items: VecDeque<Message>,
-    closed: bool,
-}
-
-impl Outbound {
-    fn lock(&self) -> MutexGuard<'_, OutState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn push(&self, msg: Message, wake: bool) -> Result<(), SendError> {
-        let dropped = self.guard.inner.metrics.dropped(DropReason::SlowConsumer);
-        let mut s = self.lock();
-        if s.closed {
-            return Err(SendError::Closed);
-        }
-        if self.overflowed.load(Ordering::Relaxed) {
-            return Err(SendError::SlowConsumer);
-        }
-        if s.items.len() >= self.capacity {
-            dropped.inc();
-            match self.policy {
-                SlowConsumerPolicy::DropOldest => {
-                    s.items.pop_front();
-                }
-                SlowConsumerPolicy::Close => {
-                    self.overflowed.store(true, Ordering::Relaxed);
-                    s.items.clear();
-                    self.queued.store(0, Ordering::Release);
-                    drop(s);
-                    self.waker.wake();
-                    return Err(SendError::SlowConsumer);
-                }
-            }
-        }
-        s.items.push_back(msg);
-        self.queued.store(s.items.len(), Ordering::Release);
-        drop(s);
-        if wake {
-            self.waker.wake();
-        }
-        Ok(())
-    }
-
-    fn pop(&self) -> Option<Message> {
-        if self.queued.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        let mut s = self.lock();
-        let msg = s.items.pop_front();
-        self.queued.store(s.items.len(), Ordering::Release);
-        msg
-    }
-
-    fn close(&self) {
-        let mut s = self.lock();
-        s.closed = true;
-        s.items.clear();
-        self.queued.store(0, Ordering::Release);
-    }
-
-    /// Takes no more, but keeps what is queued.
-    fn seal(&self) {
-        self.lock().closed = true;
-    }
-}
-
-/// A cloneable handle that queues messages toward one client, from any
-/// task, without waiting. Keep it in a broadcast hub; drop it when
-/// [`WsSender::send`] says the connection is closed.
-#[derive(Clone)]
-pub struct WsSender {
-    out: Arc<Outbound>,
-}
-
-impl fmt::Debug for WsSender {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WsSender")
-            .field("closed", &self.is_closed())
-            .finish()
-    }
-}
-
-impl WsSender {
-    /// Queues `msg`. When the queue is full the slow-consumer policy
-    /// applies: the oldest message is dropped, or the connection is closed.
-    pub fn send(&self, msg: Message) -> Result<(), SendError> {
-        self.out.push(msg, true)
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.out.overflowed.load(Ordering::Relaxed) || self.out.lock().closed
-    }
-}
-
 enum Phase {
     Open,
     /// Our close frame (if any) still to go out, then the peer's reply or
@@ -253,38 +133,12 @@ enum Phase {
     Done,
 }
 
-/// Charges `len` bytes to a byte bucket (the shared bucket takes one
-/// token at a time).
-fn take_bytes(bucket: &mut TokenBucket, now: u64, len: usize, rate: u32, burst: u32) -> bool {
-    bucket.refill(now, rate, burst);
-    let need = u64::try_from(len)
-        .unwrap_or(u64::MAX)
-        .saturating_mul(NANO_TOKENS);
-    if bucket.tokens >= need {
-        bucket.tokens -= need;
-        true
-    } else {
-        false
-    }
-}
-
-/// Violations in the current window.
-#[derive(Default)]
-struct Violations {
-    start_ns: u64,
-    total: u32,
-    rate: u32,
-    /// The threshold was crossed in this window (acted on once).
-    crossed: bool,
-    /// One log line per connection is enough to see what happens.
-    logged: bool,
-}
-
 /// An admitted, upgraded WebSocket.
 ///
-/// Read it as a [`Stream`] of text and binary messages that passed every
-/// limit (pings, pongs and close frames are handled inside); it ends when
-/// the connection does, for whatever reason ([`GuardedWebSocket::close_reason`]).
+/// Read it as a [`Stream`](futures_util::Stream) of text and binary
+/// messages that passed every limit (pings, pongs and close frames are
+/// handled inside); it ends when the connection does, for whatever reason
+/// ([`GuardedWebSocket::close_reason`]).
 /// Write with [`GuardedWebSocket::send`] or a [`WsSender`] (for other
 /// tasks): neither waits, both are bounded, and what they send reaches the
 /// socket **while the stream is being polled**, so keep awaiting `next()`
@@ -338,18 +192,11 @@ impl GuardedWebSocket {
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         });
-        let out = Arc::new(Outbound {
-            state: Mutex::new(OutState {
-                items: VecDeque::new(),
-                closed: false,
-            }),
-            waker: AtomicWaker::new(),
-            capacity: limits.outbound_queue,
-            policy: limits.slow_consumer_policy,
-            guard: guard.clone(),
-            queued: AtomicUsize::new(0),
-            overflowed: AtomicBool::new(false),
-        });
+        let out = Arc::new(Outbound::new(
+            limits.outbound_queue,
+            limits.slow_consumer_policy,
+            guard.clone(),
+        ));
         Self {
             messages: TokenBucket::full(limits.message_burst, now),
             bytes: TokenBucket::full(limits.byte_burst, now),
@@ -357,10 +204,7 @@ impl GuardedWebSocket {
             out,
             permit,
             validator,
-            violations: Violations {
-                start_ns: now,
-                ..Violations::default()
-            },
+            violations: Violations::starting(now),
             last_activity_ns: now,
             idle,
             ping,
@@ -472,370 +316,6 @@ impl GuardedWebSocket {
                 sent: false,
                 deadline: Box::pin(tokio::time::sleep(self.guard().limits().close_timeout)),
             };
-        }
-    }
-
-    /// Hands what is queued to the codec, and flushes it to the socket if
-    /// `flush`. Pending means the socket is not taking more right now (it
-    /// wakes the task when it does); reading goes on regardless.
-    fn poll_write(&mut self, cx: &mut Context<'_>, flush: bool) -> Poll<Result<(), warp::Error>> {
-        loop {
-            if self.pending.is_none() {
-                self.pending = if std::mem::take(&mut self.ping_due) {
-                    Some(Message::ping(Vec::new()))
-                } else {
-                    self.out.pop()
-                };
-            }
-            if self.pending.is_none() {
-                break;
-            }
-            match Pin::new(&mut self.socket).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-            if let Some(msg) = self.pending.take() {
-                Pin::new(&mut self.socket).start_send(msg)?;
-                self.unflushed = true;
-            }
-        }
-        if self.unflushed && flush {
-            match Pin::new(&mut self.socket).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Drives the close: our frame out, then the peer's reply or EOF.
-    /// Ready when the connection is over.
-    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Phase::Closing {
-            deadline, drain, ..
-        } = &mut self.phase
-        else {
-            return Poll::Ready(());
-        };
-        if deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        if *drain {
-            match self.poll_write(cx, false) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
-            }
-            if let Phase::Closing { drain, .. } = &mut self.phase {
-                *drain = false;
-            }
-        }
-        let Phase::Closing { frame, sent, .. } = &mut self.phase else {
-            return Poll::Ready(());
-        };
-        if let Some(msg) = frame.take() {
-            let mut socket = Pin::new(&mut self.socket);
-            match socket.as_mut().poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if socket.start_send(msg).is_err() {
-                        return Poll::Ready(());
-                    }
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => {
-                    *frame = Some(msg);
-                    return Poll::Pending;
-                }
-            }
-        }
-        if !*sent {
-            match Pin::new(&mut self.socket).poll_close(cx) {
-                Poll::Ready(Ok(())) => *sent = true,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        // Read until the peer's close reply (the codec then ends the
-        // stream) so that dropping the socket is a clean FIN: closing with
-        // unread data would send a RST that can destroy our close frame
-        // before the client reads it.
-        for _ in 0..DROPS_PER_POLL {
-            match Pin::new(&mut self.socket).poll_next(cx) {
-                Poll::Ready(Some(Ok(_))) => continue,
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-
-    /// Applies every inbound limit; `Some` is a message for the app.
-    fn inspect(&mut self, msg: Message, now: u64) -> Option<Message> {
-        let guard = self.permit.guard();
-        let limits = guard.limits();
-        self.last_activity_ns = now;
-        let len = msg.as_bytes().len();
-        self.received += 1;
-        self.received_bytes += len as u64;
-        if msg.is_close() {
-            self.peer_closed();
-            return None;
-        }
-        let data = msg.is_text() || msg.is_binary();
-        let violation = if len > limits.max_message_size {
-            Some((Violation::Size, Cow::Borrowed("message too big")))
-        } else if !self
-            .messages
-            .try_take(now, limits.message_rate, limits.message_burst)
-        {
-            Some((Violation::Rate, Cow::Borrowed("over the message rate")))
-        } else if !take_bytes(
-            &mut self.bytes,
-            now,
-            len,
-            limits.byte_rate,
-            limits.byte_burst,
-        ) {
-            Some((Violation::Rate, Cow::Borrowed("over the byte rate")))
-        } else {
-            match (&self.validator, data) {
-                (Some(check), true) => check(&msg).err().map(|e| (Violation::Invalid, e.0)),
-                _ => None,
-            }
-        };
-        if let Some((v, why)) = violation {
-            if !self.violate(v, &why, now) {
-                return None;
-            }
-        }
-        data.then_some(msg)
-    }
-
-    /// Counts a violation and applies the policy; true when the message is
-    /// still delivered.
-    fn violate(&mut self, v: Violation, why: &str, now: u64) -> bool {
-        let guard = self.permit.guard().clone();
-        let limits = guard.limits();
-        let metrics = &guard.inner.metrics;
-        metrics.violation(v).inc();
-        let policy = limits.violation_policy;
-        let deliver = policy == ViolationPolicy::Warn;
-        if !deliver {
-            metrics.dropped(v.dropped()).inc();
-        }
-        let w = &mut self.violations;
-        if now.saturating_sub(w.start_ns) >= duration_ns(limits.violation_window) {
-            *w = Violations {
-                start_ns: now,
-                logged: w.logged,
-                ..Violations::default()
-            };
-        }
-        w.total += 1;
-        if v == Violation::Rate {
-            w.rate += 1;
-        }
-        if !w.logged {
-            w.logged = true;
-            log::info!(
-                "{}: {why} ({policy:?} policy; further violations are only counted)",
-                self.permit.peer()
-            );
-        }
-        if w.total < limits.violation_threshold || w.crossed {
-            return deliver;
-        }
-        w.crossed = true;
-        let flood = w.rate * 2 > w.total;
-        let detail = format!(
-            "{} violations ({} rate) within {:?}; last: {why}",
-            w.total, w.rate, limits.violation_window
-        );
-        if flood {
-            metrics.floods.inc();
-        }
-        let peer = self.permit.peer().clone();
-        if policy != ViolationPolicy::Close {
-            log::warn!("{peer}: {detail}; left open ({policy:?} policy)");
-            return deliver;
-        }
-        let (close, code, text) = if flood {
-            (CloseReason::Flood, reason::MESSAGE_FLOOD, "message flood")
-        } else {
-            (
-                CloseReason::Violations,
-                reason::INVALID_MESSAGES,
-                "too many invalid messages",
-            )
-        };
-        log::warn!("{peer}: {detail}; closing");
-        self.start_close(close, CLOSE_POLICY, text);
-        guard.offense(&peer, code, detail);
-        false
-    }
-
-    /// A read error: the codec has ended the stream. Oversized and invalid
-    /// messages still get a close frame saying why.
-    fn read_failed(&mut self, e: &warp::Error) {
-        let cause = e.source().and_then(|s| s.downcast_ref::<WsError>());
-        let (v, code, text) = match cause {
-            Some(WsError::Capacity(_)) => (Violation::Size, CLOSE_TOO_BIG, "message too big"),
-            Some(WsError::Utf8(_)) => (Violation::Invalid, CLOSE_INVALID_PAYLOAD, "invalid UTF-8"),
-            Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) | None => {
-                // The client just went away.
-                self.phase = Phase::Done;
-                return;
-            }
-            Some(WsError::Protocol(_)) => (Violation::Invalid, CLOSE_PROTOCOL, "protocol error"),
-            Some(_) => {
-                self.phase = Phase::Done;
-                return;
-            }
-        };
-        let metrics = &self.permit.guard().inner.metrics;
-        metrics.violation(v).inc();
-        metrics.dropped(v.dropped()).inc();
-        log::info!("{}: {text} ({e}); closing with {code}", self.permit.peer());
-        self.start_close(CloseReason::Violations, code, text);
-    }
-
-    /// The guard's clock, read once per burst of messages (a read costs
-    /// about as much as everything else done per message). A stale time
-    /// only makes the buckets stricter, and a burst is read back to back,
-    /// so it is stale by microseconds; `CLOCK_EVERY` bounds it when the app
-    /// is slow and input keeps waiting.
-    fn clock(&mut self) -> u64 {
-        if self.clock_reads == 0 {
-            self.now_ns = self.guard().now_ns();
-        }
-        self.clock_reads = (self.clock_reads + 1) % CLOCK_EVERY;
-        self.now_ns
-    }
-
-    fn flush_counts(&mut self) {
-        if self.received > 0 {
-            let metrics = &self.permit.guard().inner.metrics;
-            metrics.received.inc_by(std::mem::take(&mut self.received));
-            metrics
-                .received_bytes
-                .inc_by(std::mem::take(&mut self.received_bytes));
-        }
-    }
-
-    /// Whether the idle timer says the connection is idle; re-arms it when
-    /// there was activity since it was set (cheaper than resetting a timer
-    /// on every message).
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(timeout) = self.guard().limits().idle_timeout else {
-            return false;
-        };
-        let deadline = self.guard().instant_at(self.last_activity_ns) + timeout;
-        let Some(idle) = &mut self.idle else {
-            return false;
-        };
-        loop {
-            if idle.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if idle.deadline() >= deadline {
-                return true;
-            }
-            idle.as_mut().reset(deadline);
-        }
-    }
-}
-
-impl Stream for GuardedWebSocket {
-    type Item = Message;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        let this = &mut *self;
-        let mut handled = 0;
-        loop {
-            match this.phase {
-                Phase::Open => {}
-                Phase::Closing { .. } => {
-                    return match this.poll_closing(cx) {
-                        Poll::Ready(()) => {
-                            this.phase = Phase::Done;
-                            Poll::Ready(None)
-                        }
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
-                Phase::Done => return Poll::Ready(None),
-            }
-
-            if this.out.overflowed.load(Ordering::Relaxed) {
-                log::info!("{}: not reading fast enough; closing", this.permit.peer());
-                this.start_close(CloseReason::SlowConsumer, CLOSE_POLICY, "slow consumer");
-                continue;
-            }
-            // Like `forward`, flush only once nothing more is coming in:
-            // flushing mid-burst makes small TCP segments, which Nagle holds
-            // until the peer's (delayed) ACK, up to 40 ms each. Meanwhile the
-            // codec still writes out whenever its buffer fills, so nothing
-            // piles up.
-            if let Poll::Ready(Err(_)) = this.poll_write(cx, false) {
-                // The socket is broken; nothing more will go through it.
-                this.phase = Phase::Done;
-                continue;
-            }
-
-            match Pin::new(&mut this.socket).poll_next(cx) {
-                Poll::Ready(Some(Ok(msg))) => {
-                    let now = this.clock();
-                    if let Some(msg) = this.inspect(msg, now) {
-                        return Poll::Ready(Some(msg));
-                    }
-                    handled += 1;
-                    if handled >= DROPS_PER_POLL {
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    continue;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.read_failed(&e);
-                    continue;
-                }
-                Poll::Ready(None) => {
-                    this.phase = Phase::Done;
-                    continue;
-                }
-                Poll::Pending => {}
-            }
-
-            // The peer is quiet for now: the next message comes after a
-            // wait, and timers and counters get their turn.
-            this.clock_reads = 0;
-            this.flush_counts();
-            if let Some(ping) = &mut this.ping {
-                while ping.poll_tick(cx).is_ready() {
-                    this.ping_due = true;
-                }
-            }
-            let write = this.poll_write(cx, true);
-            if let Poll::Ready(Err(_)) = write {
-                this.phase = Phase::Done;
-                continue;
-            }
-            if this.poll_idle(cx) {
-                log::info!("{}: idle; closing", this.permit.peer());
-                this.start_close(CloseReason::Idle, CLOSE_NORMAL, "idle timeout");
-                continue;
-            }
-            // Registered only now, then the queue checked once more, so a
-            // message queued from another task meanwhile is not missed.
-            this.out.waker.register(cx.waker());
-            let queued = write.is_ready() && this.out.queued.load(Ordering::Acquire) > 0;
-            if queued || this.out.overflowed.load(Ordering::Relaxed) {
-                continue;
-            }
-            return Poll::Pending;
         }
     }
 }
