@@ -328,3 +328,33 @@ impl core::fmt::Debug for AgentClient {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::reason;
+
+    #[test]
+    fn report_to_request_rounds_and_clamps() {
+        let p: Prefix = "198.18.0.1".parse().unwrap();
+        let secs = |ttl: Duration| {
+            let mut r = BlockReport::new(p, ttl, reason::OPERATOR, "");
+            r.detected_at = UNIX_EPOCH - Duration::from_secs(1);
+            match r.to_request() {
+                Request::Block {
+                    ttl_secs,
+                    detected_at_unix_ns,
+                    ..
+                } => {
+                    assert_eq!(detected_at_unix_ns, 0, "before the epoch reads as unknown");
+                    ttl_secs
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(secs(Duration::ZERO), 0);
+        assert_eq!(secs(Duration::from_nanos(1)), 1);
+        assert_eq!(secs(Duration::from_secs(59)), 59);
+        assert_eq!(secs(Duration::from_secs(u64::MAX)), u32::MAX);
+    }
+}

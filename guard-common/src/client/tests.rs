@@ -347,30 +347,6 @@ fn spawning_outside_a_runtime_is_an_error() {
     assert!(matches!(err, ClientError::NoRuntime), "{err}");
 }
 
-#[test]
-fn report_to_request_rounds_and_clamps() {
-    let p: Prefix = "198.18.0.1".parse().unwrap();
-    let secs = |ttl: Duration| {
-        let mut r = BlockReport::new(p, ttl, reason::OPERATOR, "");
-        r.detected_at = UNIX_EPOCH - Duration::from_secs(1);
-        match r.to_request() {
-            Request::Block {
-                ttl_secs,
-                detected_at_unix_ns,
-                ..
-            } => {
-                assert_eq!(detected_at_unix_ns, 0, "before the epoch reads as unknown");
-                ttl_secs
-            }
-            other => panic!("{other:?}"),
-        }
-    };
-    assert_eq!(secs(Duration::ZERO), 0);
-    assert_eq!(secs(Duration::from_nanos(1)), 1);
-    assert_eq!(secs(Duration::from_secs(59)), 59);
-    assert_eq!(secs(Duration::from_secs(u64::MAX)), u32::MAX);
-}
-
 #[tokio::test]
 async fn a_connection_calls_and_maps_error_replies() {
     let dir = TestDir::new("client");
