@@ -1,11 +1,14 @@
 use std::path::Path;
+use std::string::ToString;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, UNIX_EPOCH};
 use std::vec::Vec;
 use std::{format, vec};
 
+use super::reporter::MAX_ATTEMPTS;
 use super::*;
-use crate::proto::{ErrorCode, Request, Response};
+use crate::addr::Prefix;
+use crate::proto::{ErrorCode, Request, Response, MAX_DETAIL_LEN, PROTO_VERSION};
 use crate::state::reason;
 use crate::test_support::{within, Event, FakeAgent, Mode, TestDir, PATIENCE};
 
@@ -344,30 +347,6 @@ fn spawning_outside_a_runtime_is_an_error() {
     assert!(matches!(err, ClientError::NoRuntime), "{err}");
 }
 
-#[test]
-fn report_to_request_rounds_and_clamps() {
-    let p: Prefix = "198.18.0.1".parse().unwrap();
-    let secs = |ttl: Duration| {
-        let mut r = BlockReport::new(p, ttl, reason::OPERATOR, "");
-        r.detected_at = UNIX_EPOCH - Duration::from_secs(1);
-        match r.to_request() {
-            Request::Block {
-                ttl_secs,
-                detected_at_unix_ns,
-                ..
-            } => {
-                assert_eq!(detected_at_unix_ns, 0, "before the epoch reads as unknown");
-                ttl_secs
-            }
-            other => panic!("{other:?}"),
-        }
-    };
-    assert_eq!(secs(Duration::ZERO), 0);
-    assert_eq!(secs(Duration::from_nanos(1)), 1);
-    assert_eq!(secs(Duration::from_secs(59)), 59);
-    assert_eq!(secs(Duration::from_secs(u64::MAX)), u32::MAX);
-}
-
 #[tokio::test]
 async fn a_connection_calls_and_maps_error_replies() {
     let dir = TestDir::new("client");
@@ -464,48 +443,4 @@ async fn a_timed_out_call_breaks_the_connection() {
     let err = conn.call(Request::Stats).await.unwrap_err();
     assert!(matches!(err, ClientError::Broken { .. }), "{err}");
     agent.stop().await;
-}
-
-#[test]
-fn backoff_doubles_with_jitter_up_to_the_cap() {
-    let min = Duration::from_millis(100);
-    let max = Duration::from_secs(5);
-    for seed in [0, 1, 42, u64::MAX] {
-        let mut b = Backoff::new(min, max, seed);
-        let mut step = min;
-        for _ in 0..12 {
-            let d = b.next_delay();
-            assert!(
-                d >= step / 2 && d <= step,
-                "{d:?} outside [{:?}, {step:?}]",
-                step / 2
-            );
-            step = (step * 2).min(max);
-        }
-        b.reset();
-        let d = b.next_delay();
-        assert!(d >= min / 2 && d <= min, "{d:?} after reset");
-    }
-    // Absurd settings saturate instead of overflowing.
-    let mut b = Backoff::new(Duration::MAX, Duration::MAX, 3);
-    for _ in 0..3 {
-        assert!(b.next_delay() >= Duration::MAX / 2);
-    }
-    // Jitter actually varies.
-    let mut b = Backoff::new(max, max, 7);
-    let delays: std::collections::BTreeSet<_> = (0..8).map(|_| b.next_delay()).collect();
-    assert!(delays.len() > 1);
-}
-
-#[test]
-fn an_outage_is_logged_once_however_many_attempts() {
-    let mut o = Outage::default();
-    assert_eq!(o.recovered(), None, "no outage yet");
-    assert!(o.failed(), "the first failure starts an outage");
-    assert!(!o.failed());
-    assert!(!o.failed());
-    let (_, attempts) = o.recovered().unwrap();
-    assert_eq!(attempts, 3);
-    assert_eq!(o.recovered(), None);
-    assert!(o.failed(), "a new outage after recovering");
 }
