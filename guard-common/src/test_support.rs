@@ -34,6 +34,16 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what} ({PATIENCE:?})"))
 }
 
+/// Polls `cond` every 2 ms until it holds, or panics naming `what` after [`PATIENCE`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TestDir(pub PathBuf);
 
@@ -53,9 +63,20 @@ impl TestDir {
         Self(dir)
     }
 
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// Where a control socket goes in it.
     pub fn sock(&self) -> PathBuf {
         self.0.join("control.sock")
+    }
+
+    /// Writes `content` at `relative`, creating its folders.
+    pub fn write(&self, relative: &str, content: &str) {
+        let p = self.0.join(relative);
+        std::fs::create_dir_all(p.parent().expect("a file path")).expect("create folders");
+        std::fs::write(p, content).expect("write a test file");
     }
 }
 

@@ -242,7 +242,7 @@ fn key_err(source: std::io::Error) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::TestDir;
+    use guard_common::test_support::TestDir;
 
     #[test]
     fn window_scale_follows_the_buffer_as_linux_computes_it() {

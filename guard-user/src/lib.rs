@@ -20,6 +20,3 @@ pub mod pod_cgroup;
 pub mod settings;
 pub mod testrun;
 pub mod tune;
-
-#[cfg(test)]
-mod test_support;

@@ -10,7 +10,7 @@ use super::*;
 use crate::addr::Prefix;
 use crate::proto::{ErrorCode, Request, Response, MAX_DETAIL_LEN, PROTO_VERSION};
 use crate::state::reason;
-use crate::test_support::{within, Event, FakeAgent, Mode, TestDir, PATIENCE};
+use crate::test_support::{wait_until, within, Event, FakeAgent, Mode, TestDir};
 
 fn fast_cfg(path: &Path) -> ClientConfig {
     let mut cfg = ClientConfig::new(path, "test-app");
@@ -27,17 +27,6 @@ fn report(prefix: &str, ttl_secs: u64) -> BlockReport {
         reason::MESSAGE_FLOOD,
         format!("flood from {prefix}"),
     )
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let poll = async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    };
-    if tokio::time::timeout(PATIENCE, poll).await.is_err() {
-        panic!("still waiting for {what} after {PATIENCE:?}");
-    }
 }
 
 fn block_prefix(r: &Request) -> Prefix {

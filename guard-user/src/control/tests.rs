@@ -1,4 +1,3 @@
-use std::future::Future;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -20,14 +19,10 @@ use tokio::task::JoinHandle;
 
 use super::*;
 
-/// Bound on waits for things that should take milliseconds; only a broken
-/// server runs into it.
-const PATIENCE: Duration = Duration::from_secs(20);
-
 /// Tells the helper test which socket to try when run as another user.
 const CHILD_SOCKET_ENV: &str = "GUARD_CONTROL_TEST_SOCKET";
 
-use crate::test_support::TestDir;
+use guard_common::test_support::{wait_until, within, TestDir, PATIENCE};
 
 fn sock(dir: &TestDir) -> PathBuf {
     dir.path().join("run").join("control.sock")
@@ -136,21 +131,6 @@ impl Running {
             .unwrap();
         self.dir
     }
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took longer than {PATIENCE:?}"))
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
 }
 
 fn frame(msg: impl Into<Message>) -> Vec<u8> {
