@@ -39,6 +39,22 @@ pub(crate) enum Cmd {
     ServeEcho(EchoArgs),
 }
 
+impl Cmd {
+    /// `--secs`: every subcommand has one.
+    pub(crate) fn secs(&self) -> u64 {
+        match self {
+            Cmd::Probe(a) => a.secs,
+            Cmd::WsChat(a) => a.crowd.secs,
+            Cmd::Sse(a) => a.crowd.secs,
+            Cmd::WsFlood(a) => a.secs,
+            Cmd::ConnFlood(a) => a.secs,
+            Cmd::SynFlood(a) => u64::from(a.secs),
+            Cmd::WsStorm(a) | Cmd::SseStorm(a) => a.secs,
+            Cmd::ServeEcho(a) => a.secs,
+        }
+    }
+}
+
 /// Where connections come from; the address must belong to the namespace it runs in.
 #[derive(Args, Clone, Copy)]
 pub(crate) struct Source {
@@ -71,17 +87,24 @@ pub(crate) struct ProbeArgs {
     pub(crate) start_delay_ms: u64,
 }
 
+/// The well-behaved clients of ws-chat and sse: how many, from where, for how long.
 #[derive(Args)]
-pub(crate) struct WsChatArgs {
-    /// e.g. ws://198.18.0.1:8080/ws
-    #[arg(long)]
-    pub(crate) url: String,
+pub(crate) struct Crowd {
     #[command(flatten)]
     pub(crate) src: Source,
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) clients: u64,
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) secs: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct WsChatArgs {
+    /// e.g. ws://198.18.0.1:8080/ws
+    #[arg(long)]
+    pub(crate) url: String,
+    #[command(flatten)]
+    pub(crate) crowd: Crowd,
     /// Messages per second per client.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub(crate) rate: u64,
@@ -100,11 +123,7 @@ pub(crate) struct SseArgs {
     #[arg(long)]
     pub(crate) url: String,
     #[command(flatten)]
-    pub(crate) src: Source,
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub(crate) clients: u64,
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub(crate) secs: u64,
+    pub(crate) crowd: Crowd,
     /// Connect + response head timeout.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub(crate) timeout_ms: u64,

@@ -2,6 +2,7 @@
 //! WebSocket handshakes or SSE subscriptions from one source.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -9,12 +10,12 @@ use anyhow::{Context, Result};
 use futures_util::stream::StreamExt;
 use guard_tests::paced_syn::{self, SynSpec};
 use guard_tests::report::{ConnFloodReport, StormReport};
-use guard_tests::wire::{ensure_lab_ip, parse_target_url};
+use guard_tests::wire::ensure_lab_ip;
 use tokio::time::{sleep, timeout};
 
 use crate::cli::{ConnFloodArgs, StormArgs, SynFloodArgs};
 use crate::net::{
-    connect, socket_for, until_stopped, ConnectError, ErrorLog, HandshakeError, Stop,
+    connect, lab_url, socket_for, until_stopped, ConnectError, ErrorLog, HandshakeError, Stop,
 };
 use crate::sse::http_get;
 use crate::ws::ws_connect;
@@ -50,11 +51,8 @@ pub(crate) async fn conn_flood(a: ConnFloodArgs, stop: &Stop) -> Result<ConnFloo
         cmd: "conn-flood".into(),
         ..Default::default()
     });
-    let in_flight = Cell::new(0u64);
     let errors = ErrorLog::new();
-    let one = |_| async {
-        r.borrow_mut().attempted += 1;
-        in_flight.set(in_flight.get() + 1);
+    let one = || async {
         match connect(a.src.bind, a.target, limit).await {
             Ok(Ok(stream)) => {
                 r.borrow_mut().connected += 1;
@@ -72,14 +70,45 @@ pub(crate) async fn conn_flood(a: ConnFloodArgs, stop: &Stop) -> Result<ConnFloo
                 r.borrow_mut().failed += 1;
             }
         }
+    };
+    let done = concurrently(a.count, a.parallel, stop, one).await;
+    let mut r = r.into_inner();
+    (r.attempted, r.unfinished, r.not_started) =
+        (done.attempted, done.unfinished, done.not_started);
+    Ok(r)
+}
+
+/// How far a run of attempts got.
+struct Progress {
+    attempted: u64,
+    /// Started but cut off by `--secs` or SIGINT.
+    unfinished: u64,
+    /// Never started because time ran out.
+    not_started: u64,
+}
+
+/// Runs `one` attempt after another, `parallel` at once, until `count` are done or the run
+/// ends.
+async fn concurrently<F, Fut>(count: u64, parallel: u64, stop: &Stop, one: F) -> Progress
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let attempted = Cell::new(0u64);
+    let in_flight = Cell::new(0u64);
+    let each = |_| async {
+        attempted.set(attempted.get() + 1);
+        in_flight.set(in_flight.get() + 1);
+        one().await;
         in_flight.set(in_flight.get() - 1);
     };
-    let work = futures_util::stream::iter(0..a.count).for_each_concurrent(a.parallel as usize, one);
+    let work = futures_util::stream::iter(0..count).for_each_concurrent(parallel as usize, each);
     until_stopped(stop, work).await;
-    let mut r = r.into_inner();
-    r.unfinished = in_flight.get();
-    r.not_started = a.count - r.attempted;
-    Ok(r)
+    Progress {
+        attempted: attempted.get(),
+        unfinished: in_flight.get(),
+        not_started: count - attempted.get(),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -93,19 +122,15 @@ pub(crate) async fn storm(a: StormArgs, kind: StormKind, stop: &Stop) -> Result<
         StormKind::Ws => ("ws-storm", "ws"),
         StormKind::Sse => ("sse-storm", "http"),
     };
-    let target = parse_target_url(&a.url, &[scheme])?;
-    socket_for(a.src.bind, target.addr)?;
+    let target = lab_url(&a.url, scheme, a.src.bind)?;
     let limit = Duration::from_millis(a.timeout_ms);
     let hold = Duration::from_millis(a.hold_ms);
     let r = RefCell::new(StormReport {
         cmd: cmd.into(),
         ..Default::default()
     });
-    let in_flight = Cell::new(0u64);
     let errors = ErrorLog::new();
-    let one = |_| async {
-        r.borrow_mut().attempted += 1;
-        in_flight.set(in_flight.get() + 1);
+    let one = || async {
         let outcome = match kind {
             StormKind::Ws => match ws_connect(a.src.bind, &target, limit).await {
                 Ok(Ok(mut ws)) => {
@@ -142,13 +167,11 @@ pub(crate) async fn storm(a: StormArgs, kind: StormKind, stop: &Stop) -> Result<
                 r.failed += 1;
             }
         }
-        in_flight.set(in_flight.get() - 1);
     };
-    let work = futures_util::stream::iter(0..a.count).for_each_concurrent(a.parallel as usize, one);
-    until_stopped(stop, work).await;
+    let done = concurrently(a.count, a.parallel, stop, one).await;
     let mut r = r.into_inner();
-    r.unfinished = in_flight.get();
-    r.not_started = a.count - r.attempted;
+    (r.attempted, r.unfinished, r.not_started) =
+        (done.attempted, done.unfinished, done.not_started);
     Ok(r)
 }
 

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use serde::Serialize;
 
 mod cli;
 mod echo;
@@ -68,59 +69,34 @@ fn finish(outcome: Result<String>) -> ExitCode {
 async fn run(cmd: Cmd) -> Result<String> {
     raise_fd_limit();
     let started = Instant::now();
-    let ms = || started.elapsed().as_millis() as u64;
-    let json = match cmd {
-        Cmd::Probe(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = probe(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
-        Cmd::WsChat(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = ws_chat(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
-        Cmd::Sse(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = sse(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
-        Cmd::WsFlood(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = ws_flood(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
-        Cmd::ConnFlood(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = conn_flood(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
+    let stop = Stop::after(cmd.secs());
+    match cmd {
+        Cmd::Probe(a) => encode(probe(a, &stop).await?, started, |r| &mut r.elapsed_ms),
+        Cmd::WsChat(a) => encode(ws_chat(a, &stop).await?, started, |r| &mut r.elapsed_ms),
+        Cmd::Sse(a) => encode(sse(a, &stop).await?, started, |r| &mut r.elapsed_ms),
+        Cmd::WsFlood(a) => encode(ws_flood(a, &stop).await?, started, |r| &mut r.elapsed_ms),
+        Cmd::ConnFlood(a) => encode(conn_flood(a, &stop).await?, started, |r| &mut r.elapsed_ms),
         Cmd::WsStorm(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = storm(a, StormKind::Ws, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
+            let r = storm(a, StormKind::Ws, &stop).await?;
+            encode(r, started, |r| &mut r.elapsed_ms)
         }
         Cmd::SseStorm(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = storm(a, StormKind::Sse, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
+            let r = storm(a, StormKind::Sse, &stop).await?;
+            encode(r, started, |r| &mut r.elapsed_ms)
         }
-        Cmd::ServeEcho(a) => {
-            let stop = Stop::after(a.secs);
-            let mut r = serve_echo(a, &stop).await?;
-            r.elapsed_ms = ms();
-            serde_json::to_string(&r)
-        }
+        Cmd::ServeEcho(a) => encode(serve_echo(a, &stop).await?, started, |r| &mut r.elapsed_ms),
         Cmd::SynFlood(_) => unreachable!("handled before the runtime starts"),
-    };
-    json.context("cannot encode the report")
+    }
+}
+
+/// A report as its JSON line, with the run's duration (from `started`) in its `elapsed_ms`.
+fn encode<R: Serialize>(
+    mut report: R,
+    started: Instant,
+    elapsed_ms: impl FnOnce(&mut R) -> &mut u64,
+) -> Result<String> {
+    *elapsed_ms(&mut report) = started.elapsed().as_millis() as u64;
+    serde_json::to_string(&report).context("cannot encode the report")
 }
 
 /// Floods and storms hold many sockets; the default soft limit (1024) would turn a

@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use guard_tests::wire::{parse_target_url, Target};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, timeout};
@@ -64,6 +65,24 @@ pub(crate) async fn until_stopped<F: Future>(stop: &Stop, work: F) -> bool {
         _ = work => true,
         _ = stop.wait() => false,
     }
+}
+
+/// The lab target `url` names (in `scheme`), once a socket from `bind` can be made for it: a
+/// bad `--bind` fails the run before anything is counted.
+pub(crate) fn lab_url(url: &str, scheme: &str, bind: Option<IpAddr>) -> Result<Target> {
+    let target = parse_target_url(url, &[scheme])?;
+    socket_for(bind, target.addr)?;
+    Ok(target)
+}
+
+/// Runs clients `0..n` at once until every one has ended; the first error of the run fails it.
+pub(crate) async fn all_clients<F, Fut>(n: u64, client: F) -> Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let results = futures_util::future::join_all((0..n).map(client)).await;
+    results.into_iter().collect()
 }
 
 /// A TCP socket of the target's family, bound to `bind` if given.
@@ -128,6 +147,35 @@ pub(crate) enum HandshakeError {
     Status(u16),
     TimedOut,
     Failed(String),
+}
+
+/// A handshake starts with a connect; how that failed is how the handshake did.
+impl From<ConnectError> for HandshakeError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::TimedOut => Self::TimedOut,
+            ConnectError::Refused => Self::Failed("connection refused".into()),
+            ConnectError::Other(e) => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+impl HandshakeError {
+    /// For the legit clients, which count refusals by status and everything else as one kind
+    /// of error: the refusal's status, or `None` once the error is noted as `what`.
+    pub(crate) fn refusal(self, what: &str, errors: &ErrorLog) -> Option<u16> {
+        match self {
+            Self::Status(code) => Some(code),
+            Self::TimedOut => {
+                errors.note(what, &"timed out");
+                None
+            }
+            Self::Failed(e) => {
+                errors.note(what, &e);
+                None
+            }
+        }
+    }
 }
 
 /// Retransmissions so far on `stream`; right after connect these can only be SYNs.

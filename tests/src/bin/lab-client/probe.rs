@@ -71,9 +71,24 @@ pub(crate) async fn probe(a: ProbeArgs, stop: &Stop) -> Result<ProbeReport> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
     use crate::cli::Source;
     use crate::net::testing::{block_on, loopback_listener};
+
+    /// A short probe of `target` from the kernel's choice of source, with no start delay.
+    fn probe_of(target: SocketAddr, count: u64) -> ProbeArgs {
+        ProbeArgs {
+            target,
+            src: Source { bind: None },
+            count,
+            interval_ms: 1,
+            connect_timeout_ms: 3000,
+            secs: 30,
+            start_delay_ms: 0,
+        }
+    }
 
     /// Loopback end-to-end: the probe path, no privileges needed.
     #[test]
@@ -82,22 +97,14 @@ mod tests {
             let addr = loopback_listener().await;
             let stop = Stop::after(30);
             let started = Instant::now();
-            let p = probe(
-                ProbeArgs {
-                    target: addr,
-                    src: Source {
-                        bind: Some("127.0.0.1".parse().unwrap()),
-                    },
-                    count: 5,
-                    interval_ms: 1,
-                    connect_timeout_ms: 3000,
-                    secs: 30,
-                    start_delay_ms: 200,
+            let from_loopback = ProbeArgs {
+                src: Source {
+                    bind: Some("127.0.0.1".parse().unwrap()),
                 },
-                &stop,
-            )
-            .await
-            .unwrap();
+                start_delay_ms: 200,
+                ..probe_of(addr, 5)
+            };
+            let p = probe(from_loopback, &stop).await.unwrap();
             assert_eq!((p.attempted, p.connected, p.lost_syn), (5, 5, 0));
             // A lower bound only: a sleep never ends early, however busy the machine.
             assert!(started.elapsed() >= Duration::from_millis(200));
@@ -106,36 +113,15 @@ mod tests {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 l.local_addr().unwrap()
             };
-            let p = probe(
-                ProbeArgs {
-                    target: closed,
-                    src: Source { bind: None },
-                    count: 2,
-                    interval_ms: 1,
-                    connect_timeout_ms: 3000,
-                    secs: 30,
-                    start_delay_ms: 0,
-                },
-                &stop,
-            )
-            .await
-            .unwrap();
+            let p = probe(probe_of(closed, 2), &stop).await.unwrap();
             assert_eq!((p.failed, p.lost_syn), (2, 2));
             // Outside the lab: refused before any packet.
-            let err = probe(
-                ProbeArgs {
-                    target: "10.1.2.3:80".parse().unwrap(),
-                    src: Source { bind: None },
-                    count: 1,
-                    interval_ms: 1,
-                    connect_timeout_ms: 10,
-                    secs: 1,
-                    start_delay_ms: 0,
-                },
-                &stop,
-            )
-            .await
-            .unwrap_err();
+            let outside = ProbeArgs {
+                connect_timeout_ms: 10,
+                secs: 1,
+                ..probe_of("10.1.2.3:80".parse().unwrap(), 1)
+            };
+            let err = probe(outside, &stop).await.unwrap_err();
             assert!(err.to_string().contains("outside the lab"), "{err}");
         });
     }

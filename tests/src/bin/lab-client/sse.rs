@@ -7,15 +7,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use guard_tests::report::SseReport;
-use guard_tests::wire::{
-    parse_response_head, parse_target_url, ChunkedDecoder, ResponseHead, SseParser, Target,
-};
+use guard_tests::wire::{parse_response_head, ChunkedDecoder, ResponseHead, SseParser, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::cli::SseArgs;
-use crate::net::{connect, socket_for, ConnectError, ErrorLog, HandshakeError, Stop};
+use crate::net::{all_clients, connect, lab_url, ErrorLog, HandshakeError, Stop};
 
 /// An HTTP/1.1 GET over a fresh connection from `bind`; returns the response head and any body
 /// bytes that arrived with it.
@@ -27,11 +25,7 @@ pub(crate) async fn http_get(
 ) -> Result<std::result::Result<(TcpStream, ResponseHead, Vec<u8>), HandshakeError>> {
     let mut stream = match connect(bind, target.addr, limit).await? {
         Ok(s) => s,
-        Err(ConnectError::TimedOut) => return Ok(Err(HandshakeError::TimedOut)),
-        Err(ConnectError::Refused) => {
-            return Ok(Err(HandshakeError::Failed("connection refused".into())))
-        }
-        Err(ConnectError::Other(e)) => return Ok(Err(HandshakeError::Failed(e.to_string()))),
+        Err(e) => return Ok(Err(e.into())),
     };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: {accept}\r\nCache-Control: no-cache\r\n\
@@ -69,12 +63,11 @@ pub(crate) async fn http_get(
 }
 
 pub(crate) async fn sse(a: SseArgs, stop: &Stop) -> Result<SseReport> {
-    let target = parse_target_url(&a.url, &["http"])?;
-    socket_for(a.src.bind, target.addr)?;
+    let target = lab_url(&a.url, "http", a.crowd.src.bind)?;
     let limit = Duration::from_millis(a.timeout_ms);
     let r = RefCell::new(SseReport {
         cmd: "sse".into(),
-        clients: a.clients,
+        clients: a.crowd.clients,
         ..Default::default()
     });
     let errors = ErrorLog::new();
@@ -85,7 +78,7 @@ pub(crate) async fn sse(a: SseArgs, stop: &Stop) -> Result<SseReport> {
             let mut backoff = Duration::from_millis(500);
             loop {
                 let got = tokio::select! {
-                    got = http_get(a.src.bind, target, "text/event-stream", limit) => got?,
+                    got = http_get(a.crowd.src.bind, target, "text/event-stream", limit) => got?,
                     _ = stop.wait() => break,
                 };
                 match got {
@@ -106,17 +99,10 @@ pub(crate) async fn sse(a: SseArgs, stop: &Stop) -> Result<SseReport> {
                     Ok((_, head, _)) => {
                         *r.borrow_mut().rejected.entry(head.status).or_default() += 1;
                     }
-                    Err(HandshakeError::Status(code)) => {
-                        *r.borrow_mut().rejected.entry(code).or_default() += 1;
-                    }
-                    Err(HandshakeError::TimedOut) => {
-                        errors.note("subscribe", &"timed out");
-                        r.borrow_mut().errors += 1;
-                    }
-                    Err(HandshakeError::Failed(e)) => {
-                        errors.note("subscribe", &e);
-                        r.borrow_mut().errors += 1;
-                    }
+                    Err(e) => match e.refusal("subscribe", errors) {
+                        Some(code) => *r.borrow_mut().rejected.entry(code).or_default() += 1,
+                        None => r.borrow_mut().errors += 1,
+                    },
                 }
                 if !stop.pause(backoff).await {
                     break;
@@ -125,8 +111,7 @@ pub(crate) async fn sse(a: SseArgs, stop: &Stop) -> Result<SseReport> {
             anyhow::Ok(())
         }
     };
-    let results = futures_util::future::join_all((0..a.clients).map(client)).await;
-    results.into_iter().collect::<Result<Vec<()>>>()?;
+    all_clients(a.crowd.clients, client).await?;
     Ok(r.into_inner())
 }
 

@@ -17,9 +17,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::cli::{WsChatArgs, WsFloodArgs};
-use crate::net::{
-    connect, socket_for, until_stopped, ConnectError, ErrorLog, HandshakeError, Stop,
-};
+use crate::net::{all_clients, connect, lab_url, until_stopped, ErrorLog, HandshakeError, Stop};
 
 /// TCP connect from `bind`, then the WebSocket handshake over that socket.
 pub(crate) async fn ws_connect(
@@ -29,11 +27,7 @@ pub(crate) async fn ws_connect(
 ) -> Result<std::result::Result<WebSocketStream<TcpStream>, HandshakeError>> {
     let stream = match connect(bind, target.addr, limit).await? {
         Ok(s) => s,
-        Err(ConnectError::TimedOut) => return Ok(Err(HandshakeError::TimedOut)),
-        Err(ConnectError::Refused) => {
-            return Ok(Err(HandshakeError::Failed("connection refused".into())))
-        }
-        Err(ConnectError::Other(e)) => return Ok(Err(HandshakeError::Failed(e.to_string()))),
+        Err(e) => return Ok(Err(e.into())),
     };
     let url = format!("ws://{}{}", target.host_header, target.path);
     Ok(
@@ -46,23 +40,30 @@ pub(crate) async fn ws_connect(
     )
 }
 
+/// The normal close a client sends when the run ends.
+fn goodbye() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "lab-client done".into(),
+    }))
+}
+
 /// The close code of a close frame; 1005 ("no status received") for a bare close.
 fn close_code(frame: &Option<CloseFrame>) -> u16 {
     frame.as_ref().map_or(1005, |f| u16::from(f.code))
 }
 
 pub(crate) async fn ws_chat(a: WsChatArgs, stop: &Stop) -> Result<WsChatReport> {
-    let target = parse_target_url(&a.url, &["ws"])?;
-    socket_for(a.src.bind, target.addr)?;
+    let target = lab_url(&a.url, "ws", a.crowd.src.bind)?;
     let limit = Duration::from_millis(a.timeout_ms);
     let r = RefCell::new(WsChatReport {
         cmd: "ws-chat".into(),
-        clients: a.clients,
+        clients: a.crowd.clients,
         ..Default::default()
     });
     let errors = ErrorLog::new();
     let period = Duration::from_micros(1_000_000 / a.rate);
-    let (bind, message) = (a.src.bind, a.message.as_str());
+    let (bind, message) = (a.crowd.src.bind, a.message.as_str());
     let client = |id: u64| {
         let (r, errors, target) = (&r, &errors, &target);
         async move {
@@ -76,17 +77,10 @@ pub(crate) async fn ws_chat(a: WsChatArgs, stop: &Stop) -> Result<WsChatReport> 
                         r.borrow_mut().connects += 1;
                         chat_session(id, ws, message, period, stop, r, errors).await;
                     }
-                    Err(HandshakeError::Status(code)) => {
-                        *r.borrow_mut().rejected.entry(code).or_default() += 1;
-                    }
-                    Err(HandshakeError::TimedOut) => {
-                        errors.note("handshake", &"timed out");
-                        r.borrow_mut().errors += 1;
-                    }
-                    Err(HandshakeError::Failed(e)) => {
-                        errors.note("handshake", &e);
-                        r.borrow_mut().errors += 1;
-                    }
+                    Err(e) => match e.refusal("handshake", errors) {
+                        Some(code) => *r.borrow_mut().rejected.entry(code).or_default() += 1,
+                        None => r.borrow_mut().errors += 1,
+                    },
                 }
                 // A legit client comes back after a pause, not in a tight loop.
                 if !stop.pause(Duration::from_millis(500)).await {
@@ -96,8 +90,7 @@ pub(crate) async fn ws_chat(a: WsChatArgs, stop: &Stop) -> Result<WsChatReport> 
             anyhow::Ok(())
         }
     };
-    let results = futures_util::future::join_all((0..a.clients).map(client)).await;
-    results.into_iter().collect::<Result<Vec<()>>>()?;
+    all_clients(a.crowd.clients, client).await?;
     Ok(r.into_inner())
 }
 
@@ -152,11 +145,7 @@ async fn chat_session(
                 }
             },
             _ = stop.wait() => {
-                let bye = Message::Close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "lab-client done".into(),
-                }));
-                if tx.send(bye).await.is_ok() {
+                if tx.send(goodbye()).await.is_ok() {
                     // Wait (bounded) for the server's close reply so it sees a clean close;
                     // replies to messages sent just before still count.
                     let _ = timeout(Duration::from_secs(1), async {
@@ -252,11 +241,7 @@ pub(crate) async fn ws_flood(a: WsFloodArgs, stop: &Stop) -> Result<WsFloodRepor
         w = &mut writer => {
             match w {
                 Ok(mut tx) => {
-                    let bye = Message::Close(Some(CloseFrame {
-                        code: CloseCode::Normal,
-                        reason: "lab-client done".into(),
-                    }));
-                    let _ = timeout(Duration::from_secs(1), tx.send(bye)).await;
+                    let _ = timeout(Duration::from_secs(1), tx.send(goodbye())).await;
                 }
                 Err(e) => {
                     let e: WsError = e;
