@@ -37,81 +37,44 @@ pub struct Insn {
 }
 
 impl Insn {
-    const fn mov64_imm(dst: u8, imm: i32) -> Self {
+    const fn new(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Self {
         Self {
-            code: 0xb7,
-            regs: dst,
-            off: 0,
+            code,
+            regs: (src << 4) | dst,
+            off,
             imm,
         }
     }
+    const fn mov64_imm(dst: u8, imm: i32) -> Self {
+        Self::new(0xb7, dst, 0, 0, imm)
+    }
     const fn call(helper: i32) -> Self {
-        Self {
-            code: 0x85,
-            regs: 0,
-            off: 0,
-            imm: helper,
-        }
+        Self::new(0x85, 0, 0, 0, helper)
     }
     /// `dst = *(u32 *)(src + off)`
     const fn load32(dst: u8, src: u8, off: i16) -> Self {
-        Self {
-            code: 0x61,
-            regs: (src << 4) | dst,
-            off,
-            imm: 0,
-        }
+        Self::new(0x61, dst, src, off, 0)
     }
     /// `dst = *(u16 *)(src + off)`
     const fn load16(dst: u8, src: u8, off: i16) -> Self {
-        Self {
-            code: 0x69,
-            regs: (src << 4) | dst,
-            off,
-            imm: 0,
-        }
+        Self::new(0x69, dst, src, off, 0)
     }
     const fn mov64_reg(dst: u8, src: u8) -> Self {
-        Self {
-            code: 0xbf,
-            regs: (src << 4) | dst,
-            off: 0,
-            imm: 0,
-        }
+        Self::new(0xbf, dst, src, 0, 0)
     }
     const fn add64_imm(dst: u8, imm: i32) -> Self {
-        Self {
-            code: 0x07,
-            regs: dst,
-            off: 0,
-            imm,
-        }
+        Self::new(0x07, dst, 0, 0, imm)
     }
     /// `if dst > src goto +off`
     const fn jgt_reg(dst: u8, src: u8, off: i16) -> Self {
-        Self {
-            code: 0x2d,
-            regs: (src << 4) | dst,
-            off,
-            imm: 0,
-        }
+        Self::new(0x2d, dst, src, off, 0)
     }
     /// `if dst != imm goto +off`
     const fn jne_imm(dst: u8, imm: i32, off: i16) -> Self {
-        Self {
-            code: 0x55,
-            regs: dst,
-            off,
-            imm,
-        }
+        Self::new(0x55, dst, 0, off, imm)
     }
     const fn exit() -> Self {
-        Self {
-            code: 0x95,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        }
+        Self::new(0x95, 0, 0, 0, 0)
     }
 }
 
@@ -295,5 +258,9 @@ mod tests {
         assert_eq!(b[7], [0x69, 0x25, 30, 0, 0, 0, 0, 0]);
         assert_eq!(b[8], [0x55, 0x05, 2, 0, 0xc6, 0x13, 0, 0]);
         assert_eq!(b[4], [0x2d, 0x34, 6, 0, 0, 0, 0, 0]);
+        // r2 = *(u32 *)(r1 + 0); r4 = r2; r4 += 34
+        assert_eq!(b[0], [0x61, 0x12, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[2], [0xbf, 0x24, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b[3], [0x07, 0x04, 0, 0, 34, 0, 0, 0]);
     }
 }
