@@ -317,17 +317,7 @@ pub fn trafgen_random_sources(flood: &SynFlood) -> Result<Flood> {
         "rate {} pps must be 1..=10000000",
         flood.pps
     );
-    trafgen_syn(
-        flood.ns,
-        flood.iface,
-        flood.src_subnet,
-        flood.dst,
-        flood.dst_mac,
-        flood.port,
-        Some(flood.pps),
-        flood.secs,
-        flood.cpu,
-    )
+    trafgen_syn(flood, true)
 }
 
 /// The same flood as fast as one core sends. A rate (`-b`) puts trafgen on its slow path (one
@@ -345,45 +335,47 @@ pub fn trafgen_flat_out(
     secs: u32,
     cpu: Option<usize>,
 ) -> Result<Flood> {
-    trafgen_syn(ns, iface, src_subnet, dst, dst_mac, port, None, secs, cpu)
+    let flood = SynFlood {
+        ns,
+        iface,
+        src_subnet,
+        dst,
+        dst_mac,
+        port,
+        pps: FLAT_OUT_PPS,
+        secs,
+        cpu,
+    };
+    trafgen_syn(&flood, false)
 }
 
 /// Packets per second no single core reaches: the count bound of a flat-out flood.
-const FLAT_OUT_PPS: u64 = 5_000_000;
+const FLAT_OUT_PPS: u32 = 5_000_000;
 
-#[allow(clippy::too_many_arguments)]
-fn trafgen_syn(
-    ns: &Netns,
-    iface: &str,
-    src_subnet: &str,
-    dst: Ipv4Addr,
-    dst_mac: [u8; 6],
-    port: u16,
-    pps: Option<u32>,
-    secs: u32,
-    cpu: Option<usize>,
-) -> Result<Flood> {
-    check_secs(secs)?;
-    let src_net = crate::wire::parse_v4_net(src_subnet)?;
-    let src_mac = ns.mac(iface)?;
-    let config = trafgen_syn_config(src_net, dst, src_mac, dst_mac, port)?;
+/// `flood` with trafgen: `paced`, at `flood.pps` (`-b`); otherwise flat out, where `pps` only
+/// bounds the count.
+fn trafgen_syn(flood: &SynFlood, paced: bool) -> Result<Flood> {
+    check_secs(flood.secs)?;
+    let src_net = crate::wire::parse_v4_net(flood.src_subnet)?;
+    let src_mac = flood.ns.mac(flood.iface)?;
+    let config = trafgen_syn_config(src_net, flood.dst, src_mac, flood.dst_mac, flood.port)?;
     let dir = TempDir::new("trafgen")?;
     let conf = dir.path().join("syn.cfg");
     std::fs::write(&conf, config).with_context(|| format!("cannot write {}", conf.display()))?;
-    let count = pps.map_or(FLAT_OUT_PPS, u64::from) * u64::from(secs);
-    let mut cmd = bounded(ns, secs, cpu);
+    let count = u64::from(flood.pps) * u64::from(flood.secs);
+    let mut cmd = bounded(flood.ns, flood.secs, flood.cpu);
     cmd.arg("trafgen")
-        .args(["--dev", iface, "--conf"])
+        .args(["--dev", flood.iface, "--conf"])
         .arg(&conf)
         .args(["-n", &count.to_string()]);
-    if let Some(pps) = pps {
-        cmd.args(["-b", &format!("{pps}pps")]);
+    if paced {
+        cmd.args(["-b", &format!("{}pps", flood.pps)]);
     }
     cmd.args(["-P", "1", "--no-sock-mem", "-Q"]);
     Ok(Flood {
         tool: Tool::Trafgen,
         child: ChildGuard::spawn("trafgen", &mut cmd)?,
-        budget: Duration::from_secs(u64::from(secs) + 5),
+        budget: Duration::from_secs(u64::from(flood.secs) + 5),
         dir: Some(dir),
     })
 }
