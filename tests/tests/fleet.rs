@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use guard_tests::agent::{connects, Listener};
+use guard_tests::agent::{connects, Agent, Listener};
 use guard_tests::fleet::demo_scenario;
 use guard_tests::fleet::{
     block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len, wait_caught_up,
@@ -27,11 +27,20 @@ fn ready() -> bool {
     true
 }
 
-fn p99(agent: &guard_tests::agent::Agent) -> Result<f64> {
+fn p99(agent: &Agent) -> Result<f64> {
     agent
         .scrape()?
         .histogram_quantile("guard_fleet_apply_lag_seconds", 0.99)
         .ok_or_else(|| anyhow::anyhow!("no guard_fleet_apply_lag_seconds samples"))
+}
+
+/// An agent on every host of `lab`, each once it has read the fleet stream to its end.
+fn caught_up(lab: &FleetLab) -> Result<Vec<Agent>> {
+    let agents = lab.start_all("")?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
+    Ok(agents)
 }
 
 #[test]
@@ -41,10 +50,7 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
         return Ok(());
     }
     let lab = FleetLab::new(3)?;
-    let agents = lab.start_all("")?;
-    for a in &agents {
-        wait_caught_up(a, SETTLE)?;
-    }
+    let agents = caught_up(&lab)?;
     let listeners: Vec<Listener> = (0..3)
         .map(|i| Listener::new(&lab.hosts[i].ns, service(i)))
         .collect::<Result<_>>()?;
@@ -140,10 +146,7 @@ fn a_burst_of_100k_decisions_is_applied_on_every_host() -> Result<()> {
         return Ok(());
     }
     let lab = FleetLab::new(3)?;
-    let agents = lab.start_all("")?;
-    for a in &agents {
-        wait_caught_up(a, SETTLE)?;
-    }
+    let agents = caught_up(&lab)?;
     let prefixes = test_prefixes(0, 100_000);
     block_all(&lab.hosts[0].home, &prefixes, 3600, 8)?;
     for (i, a) in agents.iter().enumerate() {
@@ -187,10 +190,7 @@ fn a_killed_nats_node_a_partition_and_a_restart_lose_no_decision() -> Result<()>
         return Ok(());
     }
     let mut lab = FleetLab::new(3)?;
-    let mut agents = lab.start_all("")?;
-    for a in &agents {
-        wait_caught_up(a, SETTLE)?;
-    }
+    let mut agents = caught_up(&lab)?;
     // A NATS node dies; the other two keep quorum.
     lab.nats.kill_node(0)?;
     block_all(&lab.hosts[0].home, &test_prefixes(0, 200), 3600, 1)?;
@@ -295,8 +295,7 @@ fn every_fleet_metric_the_deploy_files_query_is_exported_by_a_fleet_agent() -> R
         "the deploy files query no fleet series"
     );
     let lab = FleetLab::new(1)?;
-    let agents = lab.start_all("")?;
-    wait_caught_up(&agents[0], SETTLE)?;
+    let agents = caught_up(&lab)?;
     let exported = agents[0].scrape()?.families;
     let missing: Vec<&String> = queried
         .iter()
