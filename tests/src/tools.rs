@@ -386,25 +386,23 @@ fn trafgen_syn(flood: &SynFlood, paced: bool) -> Result<Flood> {
 pub fn paced_syn_flood(client: &crate::LabClient, flood: &SynFlood) -> Result<Flood> {
     check_secs(flood.secs)?;
     let src_mac = flood.ns.mac(flood.iface)?;
-    let args: Vec<String> = vec![
-        "syn-flood".into(),
-        "--iface".into(),
-        flood.iface.into(),
-        "--src-net".into(),
-        flood.src_subnet.into(),
-        "--dst".into(),
-        flood.dst.to_string(),
-        "--src-mac".into(),
-        crate::lab::fmt_mac(src_mac),
-        "--dst-mac".into(),
-        crate::lab::fmt_mac(flood.dst_mac),
-        "--port".into(),
-        flood.port.to_string(),
-        "--rate".into(),
-        flood.pps.to_string(),
-        "--secs".into(),
-        flood.secs.to_string(),
+    let flags = [
+        ("--iface", flood.iface.to_string()),
+        ("--src-net", flood.src_subnet.to_string()),
+        ("--dst", flood.dst.to_string()),
+        ("--src-mac", crate::lab::fmt_mac(src_mac)),
+        ("--dst-mac", crate::lab::fmt_mac(flood.dst_mac)),
+        ("--port", flood.port.to_string()),
+        ("--rate", flood.pps.to_string()),
+        ("--secs", flood.secs.to_string()),
     ];
+    let args: Vec<String> = std::iter::once("syn-flood".to_string())
+        .chain(
+            flags
+                .into_iter()
+                .flat_map(|(flag, value)| [flag.to_string(), value]),
+        )
+        .collect();
     let mut cmd = client.command(flood.ns, &args, flood.cpu);
     Ok(Flood {
         tool: Tool::PacedSyn,
