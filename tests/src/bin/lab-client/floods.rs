@@ -181,6 +181,23 @@ mod tests {
     use crate::cli::Source;
     use crate::net::testing::{block_on, loopback_listener};
 
+    #[test]
+    fn concurrently_counts_what_the_end_of_the_run_cut_off() {
+        block_on(async {
+            let stop = Stop::after(1);
+            let done = concurrently(10, 3, &stop, || async {}).await;
+            assert_eq!(
+                (done.attempted, done.unfinished, done.not_started),
+                (10, 0, 0)
+            );
+            let stuck = concurrently(10, 3, &stop, std::future::pending::<()>).await;
+            assert_eq!(
+                (stuck.attempted, stuck.unfinished, stuck.not_started),
+                (3, 3, 7)
+            );
+        });
+    }
+
     /// Loopback end-to-end: the connection flood, no privileges needed.
     #[test]
     fn conn_flood_against_a_loopback_listener() {

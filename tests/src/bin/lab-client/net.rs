@@ -231,6 +231,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_connect_is_a_failed_handshake_and_only_statuses_are_refusals() {
+        let timed_out = HandshakeError::from(ConnectError::TimedOut);
+        assert!(matches!(timed_out, HandshakeError::TimedOut));
+        let refused = HandshakeError::from(ConnectError::Refused);
+        assert!(matches!(&refused, HandshakeError::Failed(e) if e == "connection refused"));
+        let errors = ErrorLog::new();
+        assert_eq!(
+            HandshakeError::Status(429).refusal("test", &errors),
+            Some(429)
+        );
+        assert_eq!(timed_out.refusal("test", &errors), None);
+        assert_eq!(refused.refusal("test", &errors), None);
+    }
+
+    #[test]
     fn percentiles() {
         assert_eq!(percentile(&[], 0.5), 0.0);
         let v = [1.0, 2.0, 3.0, 4.0, 1000.0];
