@@ -8,6 +8,21 @@
 //!
 //! Errors are `anyhow` with context: every caller is a test or a developer command that
 //! prints them, and the context (which command, which namespace) is what a reader needs.
+//!
+//! What lives where:
+//! - one of each thing every set-up needs: [`launch`] (the `guard run` command line and its
+//!   environment), [`pins`] (a pin folder unloaded on drop), [`cgroup`], [`binaries`] (building
+//!   and finding the agent, lab-client and the demo app), [`process`] (guarded children),
+//!   [`netns`];
+//! - the set-ups, each a topology around those: [`agent`] (one agent in a namespace, for the
+//!   agent's tests), [`stack`] (the demo: app, agent, legit load, attacks; the e2e tests drive
+//!   it too), [`rig`] (the bench's server and the baselines), [`twons`] (two namespaces and a
+//!   Python server), [`fleet`] (three hosts and a NATS cluster), [`lab`] (the shared topology);
+//! - traffic and what it measures: [`tools`] (hping3, trafgen, slowhttptest), [`paced_syn`],
+//!   [`packet_socket`], [`measure`], [`report`] (lab-client's reports), [`ws_bulk`], and
+//!   [`wire`] (the pure pieces lab-client shares: address rules, URLs, pacing, HTTP/SSE);
+//! - crafted packets: [`frames`], [`testdp`] (`BPF_PROG_TEST_RUN` on the real program),
+//!   [`raw_xdp`], the evasion corpus [`evasion`] and the kernel-rules decoder [`reference`].
 
 pub mod agent;
 pub mod binaries;
