@@ -30,8 +30,9 @@ pub fn workspace_root() -> PathBuf {
 pub struct Binaries {
     /// The agent and its CLI.
     pub guard: PathBuf,
-    /// guard-common's demo app (examples/demo.rs).
-    pub demo: PathBuf,
+    /// guard-common's demo app (examples/demo.rs); `None` for the bench, whose server is
+    /// lab-client's echo server (the app and its warp build are not needed there).
+    pub demo: Option<PathBuf>,
     pub lab_client: PathBuf,
 }
 
@@ -39,12 +40,29 @@ impl Binaries {
     /// Builds the agent, lab-client and the demo app with cargo and takes their paths from
     /// cargo's own artifact messages, so a custom target dir or profile cannot mislead it.
     pub fn build(release: bool) -> Result<Self> {
+        Self::build_with(release, true)
+    }
+
+    /// The agent and lab-client only.
+    pub fn build_without_demo(release: bool) -> Result<Self> {
+        Self::build_with(release, false)
+    }
+
+    fn build_with(release: bool, with_demo: bool) -> Result<Self> {
         let profile: &[&str] = if release { &["--release"] } else { &[] };
         let mut found = artifacts(
             cargo()
                 .args(["build", "-p", "guard-user", "-p", "guard-tests", "--bins"])
                 .args(profile),
         )?;
+        if !with_demo {
+            let take = |name: &str| built(&found, name);
+            return Ok(Self {
+                guard: take("guard")?,
+                demo: None,
+                lab_client: take("lab-client")?,
+            });
+        }
         found.extend(artifacts(
             cargo()
                 .args([
@@ -61,12 +79,13 @@ impl Binaries {
         let take = |name: &str| built(&found, name);
         Ok(Self {
             guard: take("guard")?,
-            demo: take("demo")?,
+            demo: Some(take("demo")?),
             lab_client: take("lab-client")?,
         })
     }
 }
 
+/// Environment variable that overrides where the `guard` binary is looked for.
 pub const GUARD_BIN_ENV: &str = "GUARD_BIN";
 
 /// The `guard` binary of this workspace: `$GUARD_BIN`, else `target/<profile>/guard` beside
@@ -110,18 +129,9 @@ fn locate_guard_bin() -> Result<PathBuf> {
         _ => false,
     };
     if !fresh {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-p",
-            "guard-user",
-            "--bin",
-            "guard",
-            "--manifest-path",
-        ])
-        .arg(&manifest);
+        let mut cmd = cargo();
+        cmd.current_dir(workspace_root())
+            .args(["build", "-p", "guard-user", "--bin", "guard"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -24,6 +24,13 @@ pub enum LogFilter {
     Unset,
 }
 
+impl Default for LogFilter {
+    /// What the lab's readiness check needs to see: `info`.
+    fn default() -> Self {
+        Self::Filter("info".to_string())
+    }
+}
+
 /// The command line and environment of one `guard run`.
 #[derive(Debug, Clone)]
 pub struct GuardRun {
@@ -64,7 +71,7 @@ impl GuardRun {
             attach: None,
             sets: Vec::new(),
             extra: Vec::new(),
-            log: LogFilter::Filter("info".to_string()),
+            log: LogFilter::default(),
             envs: Vec::new(),
         }
     }

@@ -18,6 +18,9 @@ use crate::{ChildGuard, Netns};
 
 pub const PORT: u16 = 9000;
 
+/// The agent's audit log, in the set-up's temp dir.
+const AUDIT_LOG: &str = "audit.jsonl";
+
 /// A pod's cgroups as a container runtime lays them out: the pod's folder with one child per
 /// container. The app's server runs in `app`, the agent in `sidecar`, in a cgroup namespace
 /// rooted there (what a container sees).
@@ -122,8 +125,8 @@ impl Setup {
         let pins = Pins::new(tag)?;
         let dir = TempDir::new(tag)?;
         let socket = dir.path().join("control.sock");
-        let mut run = GuardRun::new("eth0", PORT, pins.root(), &socket)
-            .audit_log(dir.path().join("audit.jsonl"));
+        let mut run =
+            GuardRun::new("eth0", PORT, pins.root(), &socket).audit_log(dir.path().join(AUDIT_LOG));
         let guard = guard_bin()?;
         let (cgroup, pod, cmd) = match how {
             AgentCgroup::Server => {
@@ -195,7 +198,7 @@ impl Setup {
 
     /// Where the agent writes its audit log.
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.jsonl")
+        self.dir.path().join(AUDIT_LOG)
     }
 
     pub fn maps(&self) -> GuardMaps {

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use guard_tests::agent::{connects, host_prefix, wait_for, AgentHome, Listener, RunOpts};
 use guard_tests::lab::{Lab, ATTACKER_V4, LEGIT_V4, ROLE_IF, SERVER_V4};
+use guard_tests::launch::LogFilter;
 use guard_tests::require_root;
 use serde_json::Value;
 
@@ -333,7 +334,7 @@ fn log_level_changes_on_sighup() {
     let lab = Lab::new().expect("build the lab");
     let home = AgentHome::new().expect("agent home");
     let mut opts = RunOpts::new(ROLE_IF, PORT).config("log_level = \"info\"\n");
-    opts.no_rust_log = true;
+    opts.log = LogFilter::Unset;
     let agent = home
         .start(&lab.server, &opts)
         .unwrap_or_else(|e| panic!("start the agent: {e:#}"));

@@ -36,7 +36,7 @@ pub use traffic::{
     connects, host_prefix, hping3_syns, send_syns, settle, solo_netns, wait_for, Listener,
 };
 
-use crate::launch::{GuardRun, LogFilter};
+use crate::launch::GuardRun;
 use crate::netns::Netns;
 use crate::process::{describe, run_checked, ChildGuard, Finished};
 use crate::tools::TempDir;
@@ -162,11 +162,7 @@ impl AgentHome {
             .metrics_addr(METRICS_ADDR)
             .audit_log(opts.audit_log.clone().unwrap_or_else(|| self.audit_log()))
             .sets(&opts.sets)
-            .log(if opts.no_rust_log {
-                LogFilter::Unset
-            } else {
-                LogFilter::Filter(opts.log.clone().unwrap_or_else(|| "info".to_string()))
-            });
+            .log(opts.log.clone());
         run.attach.clone_from(&opts.attach);
         run.envs.clone_from(&opts.envs);
         if let Some(toml) = &opts.config {

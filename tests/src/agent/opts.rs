@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::launch::LogFilter;
+
 /// How to start `guard run`.
 #[derive(Debug, Clone)]
 pub struct RunOpts {
@@ -13,10 +15,9 @@ pub struct RunOpts {
     pub sets: Vec<String>,
     /// A TOML config file's text, written into the agent's temp dir.
     pub config: Option<String>,
-    /// `RUST_LOG` for the agent; `None` is its default (info).
-    pub log: Option<String>,
-    /// Leave `RUST_LOG` unset, so guard.toml's `log_level` decides (`log` is then ignored).
-    pub no_rust_log: bool,
+    /// `RUST_LOG` for the agent (info unless set); [`LogFilter::Unset`] lets guard.toml's
+    /// `log_level` decide.
+    pub log: LogFilter,
     /// Audit log path; `None` is the agent's temp dir.
     pub audit_log: Option<PathBuf>,
     /// Extra environment for the agent (`NOTIFY_SOCKET`, a stripped `PATH`), set last.
@@ -31,8 +32,7 @@ impl RunOpts {
             attach: None,
             sets: Vec::new(),
             config: None,
-            log: None,
-            no_rust_log: false,
+            log: LogFilter::default(),
             audit_log: None,
             envs: Vec::new(),
         }
@@ -59,7 +59,7 @@ impl RunOpts {
     }
 
     pub fn log(mut self, filter: &str) -> Self {
-        self.log = Some(filter.to_string());
+        self.log = LogFilter::Filter(filter.to_string());
         self
     }
 

@@ -160,8 +160,8 @@ impl Stack {
                 "--interval-ms",
                 &interval_ms.to_string(),
             ]),
-            // Each connect may take its 3 s default connect timeout.
-            Duration::from_secs(u64::from(count) * (3 + u64::from(interval_ms) / 1000 + 1)) + SLACK,
+            // Each connect may take its 3 s default connect timeout, then the interval.
+            Duration::from_millis(u64::from(count) * (3000 + u64::from(interval_ms))) + SLACK,
         )
     }
 }

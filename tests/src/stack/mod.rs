@@ -324,7 +324,11 @@ impl Stack {
     /// `start_app` with a given backlog and number of connection slots.
     pub fn start_app_with(&mut self, report: bool, opts: AppOptions) -> Result<()> {
         ensure!(self.app.is_none(), "the app is already running");
-        let mut cmd = self.command_in(&self.lab.server, self.cpus.server, &self.bins.demo);
+        let demo =
+            self.bins.demo.as_deref().context(
+                "the stack's binaries were built without the demo app (Binaries::build)",
+            )?;
+        let mut cmd = self.command_in(&self.lab.server, self.cpus.server, demo);
         cmd.args([
             "--listen",
             &self.app_addr().to_string(),

@@ -84,7 +84,9 @@ pub fn main(args: BenchArgs) -> Result<()> {
 
     let mut rx_model = None;
     let (flood, global) = if all || args.flood || args.global {
-        let bins = guard_tests::binaries::Binaries::build(true)?;
+        // Release builds: the probes and the server share the measured core, and a debug
+        // build of them would add its own overhead to every mode's number.
+        let bins = guard_tests::binaries::Binaries::build_without_demo(true)?;
         check_interrupted()?;
         let rx = if args.veth_raw {
             guard_tests::rig::RxModel::Veth
