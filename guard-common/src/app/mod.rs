@@ -60,6 +60,7 @@ mod limits;
 mod metrics;
 mod peer;
 mod report;
+mod served;
 mod sse;
 mod ws;
 
@@ -247,7 +248,7 @@ impl Guard {
         &self,
     ) -> impl Filter<Extract = (Peer,), Error = Rejection> + Clone + Send + Sync + 'static {
         let guard = self.clone();
-        warp::addr::remote()
+        served::remote_addr()
             .and(warp::header::headers_cloned())
             .and_then(move |remote, headers: HeaderMap| {
                 let peer = admission::require_remote(remote).and_then(|addr| {
