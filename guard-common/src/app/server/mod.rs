@@ -54,11 +54,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tower_service::Service as _;
 use warp::reply::Reply;
 use warp::Filter;
@@ -124,6 +123,8 @@ const FREED_WAIT: Duration = Duration::from_millis(100);
 /// A pause after an accept error that is not about descriptors or one
 /// connection (ENOBUFS, ENOMEM), so the loop does not spin on it.
 const OTHER_ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// How much later than `head_timeout` hyper's own header timer fires.
+const HYPER_HEAD_BACKSTOP: Duration = Duration::from_secs(1);
 /// At most one warning per this long for descriptor exhaustion.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -197,7 +198,7 @@ impl ServerShared {
         }
     }
 
-    /// Puts `conn` in the budget (unless it is busy, upgraded or closing),
+    /// Puts `conn` in the budget (unless it is busy, done or closing),
     /// closing whoever must go to make room.
     fn enter(&self, guard: &Guard, conn: &Arc<Conn>, phase: Phase) {
         let deadline = guard.now_ns() + super::admission::duration_ns(self.deadline(phase));
@@ -205,7 +206,7 @@ impl ServerShared {
         {
             let mut table = self.lock_waiting();
             if conn.in_flight.load(Ordering::Relaxed) > 0
-                || conn.upgraded.load(Ordering::Relaxed)
+                || conn.done.load(Ordering::Relaxed)
                 || conn.closing.load(Ordering::Relaxed) != 0
             {
                 return;
@@ -380,9 +381,9 @@ struct Conn {
     /// Requests whose response is not done yet. Changed under the table's
     /// lock.
     in_flight: AtomicU32,
-    /// Switched protocols: a WebSocket, governed by its admission permit
-    /// from now on and never waiting again.
-    upgraded: AtomicBool,
+    /// Never waits again: it switched protocols (a WebSocket, governed by
+    /// its admission permit from now on), or its last response closes it.
+    done: AtomicBool,
     /// Why the server is closing it (a [`ServerClose`] code), 0 if not.
     closing: AtomicU8,
     close: Notify,
@@ -398,7 +399,7 @@ impl Conn {
             remote,
             seq: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
-            upgraded: AtomicBool::new(false),
+            done: AtomicBool::new(false),
             closing: AtomicU8::new(0),
             close: Notify::new(),
             bytes_read: AtomicU64::new(0),
@@ -678,8 +679,10 @@ impl Server {
         let tls = tls.map(|config| {
             tokio_rustls::TlsAcceptor::from(tls::with_alpn(config, limits.http2.is_some()))
         });
-        let builder = Arc::new(hyper_builder(&limits));
-        let graceful = GracefulShutdown::new();
+        let protocols = Arc::new(Protocols::new(&limits));
+        // Connections hold a receiver; the sender sees them all gone once
+        // every connection has ended.
+        let (stop, stopped) = watch::channel(false);
         let _sweeper = AbortOnDrop(tokio::spawn(sweep(guard.clone())));
         let mut reserve = fd::Reserve::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(future::pending()));
@@ -710,8 +713,8 @@ impl Server {
                 guard: guard.clone(),
                 conn,
                 handler: handler.clone(),
-                builder: builder.clone(),
-                watcher: graceful.watcher(),
+                protocols: protocols.clone(),
+                stop: stopped.clone(),
             };
             #[cfg(feature = "tls")]
             if let Some(acceptor) = &tls {
@@ -721,33 +724,90 @@ impl Server {
             tokio::spawn(task.run(stream, ticket));
         }
         drop(listener);
-        graceful.shutdown().await;
+        drop(stopped);
+        let _ = stop.send(true);
+        stop.closed().await;
     }
 }
 
-fn hyper_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout)
-        .max_buf_size(limits.max_head_size)
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    match &limits.http2 {
-        None => builder.http1_only(),
-        Some(h2) => {
-            builder
-                .http2()
+/// hyper's connection settings. Without HTTP/2, hyper's HTTP/1 builder
+/// itself: hyper-util's `auto::Builder::http1_only` does nothing once
+/// upgrades are on (its own docs say so), so it would still serve h2c.
+enum Protocols {
+    Http1(hyper::server::conn::http1::Builder),
+    Auto(auto::Builder<TokioExecutor>),
+}
+
+impl Protocols {
+    fn new(limits: &ServerLimits) -> Self {
+        // The sweeper closes (and counts, and strikes) slow heads at
+        // head_timeout; hyper's own timer is a backstop for what it might
+        // miss.
+        let header_read_timeout = limits.head_timeout + HYPER_HEAD_BACKSTOP;
+        let Some(h2) = &limits.http2 else {
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(h2.max_concurrent_streams)
-                .max_header_list_size(h2.max_header_list_size)
-                .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
-                .max_local_error_reset_streams(h2.max_local_error_reset_streams)
-                .keep_alive_interval(h2.keep_alive_interval)
-                .keep_alive_timeout(h2.keep_alive_timeout);
-            builder
-        }
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(limits.max_head_size)
+                .max_headers(limits.max_headers)
+                .keep_alive(true);
+            return Self::Http1(http1);
+        };
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(limits.max_head_size)
+            .max_headers(limits.max_headers)
+            .keep_alive(true);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .max_header_list_size(h2.max_header_list_size)
+            .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(h2.max_local_error_reset_streams)
+            .keep_alive_interval(h2.keep_alive_interval)
+            .keep_alive_timeout(h2.keep_alive_timeout);
+        Self::Auto(auto)
+    }
+}
+
+/// A connection being served that can be asked to finish gracefully.
+trait Serving: Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display;
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Serving for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Serving for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -844,8 +904,9 @@ struct Connection {
     guard: Guard,
     conn: Arc<Conn>,
     handler: Handler,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    protocols: Arc<Protocols>,
+    /// Turns true when the server shuts down gracefully.
+    stop: watch::Receiver<bool>,
 }
 
 impl Connection {
@@ -883,8 +944,8 @@ impl Connection {
             guard,
             conn,
             handler,
-            builder,
-            watcher,
+            protocols,
+            stop,
         } = self;
         let io = TokioIo::new(CountingIo {
             io,
@@ -895,18 +956,47 @@ impl Connection {
             let (guard, conn) = (guard.clone(), conn.clone());
             hyper::service::service_fn(move |req| respond(&guard, &conn, &handler, req))
         };
-        let serving = watcher.watch(builder.serve_connection_with_upgrades(io, service));
+        // Boxed so that the task's Send-ness is proven here, on concrete
+        // types, rather than through the generic `drive`.
+        let driving: BoxFuture<'_, ()> = match &*protocols {
+            Protocols::Http1(http1) => {
+                let serving = http1.serve_connection(io, service).with_upgrades();
+                Box::pin(drive(serving, &conn, stop))
+            }
+            Protocols::Auto(auto) => {
+                let serving = auto.serve_connection_with_upgrades(io, service);
+                Box::pin(drive(serving, &conn, stop))
+            }
+        };
+        driving.await;
+        guard.inner.server.leave(&conn);
+    }
+}
+
+/// Serves one connection until it ends or the server closes it, finishing
+/// gracefully (requests in flight first) once the server stops.
+async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<bool>) {
+    let mut serving = std::pin::pin!(serving);
+    let mut stopping = *stop.borrow_and_update();
+    if stopping {
+        serving.as_mut().shut_down();
+    }
+    loop {
         tokio::select! {
-            served = serving => {
+            served = serving.as_mut() => {
                 if let Err(e) = served {
                     log::debug!("connection from {} ended: {e}", conn.remote);
                 }
+                return;
             }
             // Dropping the connection closes the socket (unless it was
             // upgraded, which never waits and so is never closed here).
-            () = conn.close.notified() => {}
+            () = conn.close.notified() => return,
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                serving.as_mut().shut_down();
+            }
         }
-        guard.inner.server.leave(&conn);
     }
 }
 
@@ -921,16 +1011,69 @@ fn respond(
     let upgrade = (req.version() < Version::HTTP_2).then(|| hyper::upgrade::on(&mut req));
     req.extensions_mut()
         .insert(Served::new(conn.remote, upgrade));
+    let last_request = closes_after(req.version(), req.headers());
     let in_flight = InFlight::begin(guard.clone(), conn.clone());
     let response = handler(req);
     Box::pin(async move {
         let response = response.await;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            in_flight.conn.upgraded.store(true, Ordering::Relaxed);
+        // A connection that ends with this response must not take a place
+        // in the budget (evicting someone) on its way out.
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || last_request
+            || closes_after(Version::HTTP_11, response.headers())
+        {
+            in_flight.conn.done.store(true, Ordering::Relaxed);
         }
         Ok(response.map(|body| Tracked {
             body,
             in_flight: Some(in_flight),
         }))
     })
+}
+
+/// Whether an HTTP/1 message with these headers ends its connection: a
+/// `Connection: close`, or HTTP/1.0 without `keep-alive`.
+fn closes_after(version: Version, headers: &hyper::HeaderMap) -> bool {
+    if version >= Version::HTTP_2 {
+        return false;
+    }
+    let has = |token: &str| {
+        headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    has("close") || (version < Version::HTTP_11 && !has("keep-alive"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::{HeaderValue, CONNECTION};
+
+    fn headers(connection: Option<&'static str>) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        if let Some(v) = connection {
+            h.insert(CONNECTION, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn which_messages_end_their_connection() {
+        assert!(!closes_after(Version::HTTP_11, &headers(None)));
+        assert!(closes_after(Version::HTTP_11, &headers(Some("close"))));
+        assert!(closes_after(
+            Version::HTTP_11,
+            &headers(Some("Upgrade, Close"))
+        ));
+        assert!(closes_after(Version::HTTP_10, &headers(None)));
+        assert!(!closes_after(
+            Version::HTTP_10,
+            &headers(Some("keep-alive"))
+        ));
+        assert!(!closes_after(Version::HTTP_2, &headers(Some("close"))));
+    }
 }
