@@ -5,7 +5,7 @@
 //! # In an app
 //!
 //! ```no_run
-//! # async fn app() -> Result<(), guard_common::app::GuardError> {
+//! # async fn app() -> Result<(), Box<dyn std::error::Error>> {
 //! use futures_util::StreamExt;
 //! use guard_common::app::{self, Guard, GuardedWebSocket, SseSubscription, WsUpgrade};
 //! use guard_common::client::{AgentClient, ClientConfig};
@@ -30,6 +30,13 @@
 //!     reply
 //! });
 //! let routes = ws.or(events).recover(app::recover);
+//! // guard's own server, not `warp::serve`: deadlines, a budget for
+//! // connections that have not sent a request yet, descriptor reserve.
+//! guard
+//!     .serve(routes)
+//!     .graceful(async { tokio::signal::ctrl_c().await.unwrap_or(()) })
+//!     .run(([0, 0, 0, 0], 8080))
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -51,9 +58,14 @@
 //!   trusted proxies. Loopback, trusted proxies and allow-listed prefixes are
 //!   never reported. An app-supplied identity keys limits per user, and a
 //!   shared address is reported only when several of its users misbehave.
+//! * **Serving** ([`Guard::serve`]): guard's own server instead of
+//!   `warp::serve`: a request-head deadline with a real timer, an idle
+//!   deadline, a budget for connections that have not sent a request yet
+//!   (the longest-waiting closed first), a descriptor reserve so accept
+//!   never stalls, HTTP/2 off unless bounded, slow sources reported.
 //! * **Metrics**: `guard_app_*`, in the registry the app passes in.
 //!
-//! All limits and their defaults are in [`Limits`].
+//! All limits and their defaults are in [`Limits`] and [`ServerLimits`].
 
 mod admission;
 mod limits;
