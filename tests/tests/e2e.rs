@@ -412,6 +412,7 @@ fn slot_hoarder_is_held_to_conn_limit_in_the_kernel() {
             AppOptions {
                 backlog: 32,
                 slots: Some(48),
+                ..AppOptions::ROOMY
             },
         )
         .expect("start the demo app");
@@ -532,6 +533,7 @@ fn adaptive_mode_restores_legit_connects_under_a_many_source_overload() {
     let app = AppOptions {
         backlog: 64,
         slots: Some(200),
+        ..AppOptions::ROOMY
     };
     let overload = |adaptive: Option<&Adaptive>| {
         let mut stack = Stack::new(bins(), Cpus::detect(), LONG_TTL).expect("build the lab stack");

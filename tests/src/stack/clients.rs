@@ -51,10 +51,10 @@ pub struct Storm {
     pub secs: u32,
 }
 
-/// Where the slow-heads sources live: 1 022 host addresses (four /24s) outside the spoofed
+/// Where the slow-heads sources live: 2 046 host addresses (eight /24s) outside the spoofed
 /// floods' range, so that neither their routes nor the switch's sink for forged sources
 /// touch them.
-pub const SLOW_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 64, 0), 22);
+pub const SLOW_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 64, 0), 21);
 
 /// `lab-client slow-heads`: the first `sources` addresses of [`SLOW_NET`], each holding one
 /// request head that never ends (a header line every `interval_ms`), reopened `reconnect_ms`
@@ -95,6 +95,30 @@ impl Stack {
             ]),
             budget(s.secs),
         )
+    }
+
+    /// The distinct sources in [`SLOW_NET`] the agent blocked for slow connections, from the
+    /// audit records after the first `skip`.
+    pub fn slow_sources_blocked(&self, skip: usize) -> Result<usize> {
+        let in_slow_net = |prefix: &str| {
+            prefix
+                .split('/')
+                .next()
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                .is_some_and(|ip| {
+                    let mask = u32::MAX << (32 - u32::from(SLOW_NET.1));
+                    u32::from(ip) & mask == u32::from(SLOW_NET.0)
+                })
+        };
+        let blocked: std::collections::BTreeSet<String> = self
+            .audit()?
+            .into_iter()
+            .skip(skip)
+            .filter(|r| r["event"] == "block" && r["reason"] == "slow_connections")
+            .filter_map(|r| r["prefix"].as_str().map(str::to_owned))
+            .filter(|p| in_slow_net(p))
+            .collect();
+        Ok(blocked.len())
     }
 
     /// Gives the attacker namespace every address of [`SLOW_NET`] at once (a `local` route:

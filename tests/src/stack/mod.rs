@@ -83,6 +83,14 @@ pub struct AppOptions {
     /// open files plus this); past it warp cannot accept, and connections wait in the backlog.
     /// `None` keeps the limit it inherits.
     pub slots: Option<u32>,
+    /// The open-files soft limit the app starts with (the hard limit stays), e.g. the 1 024
+    /// a systemd service gets; `None` inherits it. Set before exec, so the app sees it from
+    /// its first instruction (guard's server raises it to the hard limit, plain warp does not).
+    pub start_nofile: Option<u64>,
+    /// Without guard, serve the app with plain `warp::serve` (`--server warp`): guard's server
+    /// (request deadlines, the waiting budget, the descriptor reserve) is part of guard, so the
+    /// run without guard runs without it. With guard the app always runs on guard's server.
+    pub warp_server_unguarded: bool,
 }
 
 impl AppOptions {
@@ -90,6 +98,8 @@ impl AppOptions {
     pub const ROOMY: Self = Self {
         backlog: 4096,
         slots: None,
+        start_nofile: None,
+        warp_server_unguarded: false,
     };
 }
 
@@ -337,6 +347,14 @@ impl Stack {
         ]);
         if report {
             cmd.arg("--agent-socket").arg(self.control_socket());
+        } else if opts.warp_server_unguarded {
+            cmd.args(["--server", "warp"]);
+        }
+        if let Some(soft) = opts.start_nofile {
+            // SAFETY: the hook only calls getrlimit/setrlimit on this process's own limits.
+            unsafe {
+                cmd.pre_exec(move || lower_soft_nofile(soft));
+            }
         }
         // Into the cgroup before exec, so the listening socket and every socket accepted from
         // it belong to the cgroup the agent's connection tracking watches.
@@ -518,6 +536,23 @@ fn limit_open_files(pid: u32, slots: u32) -> Result<u64> {
         }
     }
     Ok(limit)
+}
+
+/// Lowers the calling process's soft open-files limit to `soft` (never above the hard one).
+/// Runs between fork and exec: async-signal-safe calls only.
+fn lower_soft_nofile(soft: u64) -> std::io::Result<()> {
+    // SAFETY: getrlimit/setrlimit with a pointer to a local rlimit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = soft.min(lim.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Adds 198.18.0.`first`.. (`n` addresses, /24 like the rest of the lab's segment) to the role

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::scenarios::*;
 use guard_tests::stack::{
-    metric, pause, ConnFlood, FlatOutFlood, SlotHoarder, Stack, Storm, StormKind,
+    metric, pause, ConnFlood, FlatOutFlood, SlotHoarder, SlowHeads, Stack, Storm, StormKind,
 };
 
 pub(super) fn syn_flood(stack: &Stack, t: &Timing) -> Result<Attack> {
@@ -132,6 +132,33 @@ pub(super) fn slowloris(stack: &Stack, t: &Timing) -> Result<Attack> {
             "peak_connected": peak,
             "service_available": r.service_available,
         }),
+    })
+}
+
+pub(super) fn slow_sources(stack: &Stack, t: &Timing) -> Result<Attack> {
+    let audit_before = stack.audit()?.len();
+    let heads = stack.slow_heads(SlowHeads {
+        sources: SLOW_SOURCES,
+        // A header line every 5 s keeps a head alive under any per-read timeout.
+        interval_ms: 5000,
+        reconnect_ms: 1000,
+        ramp_ms: 5000,
+        connect_timeout_ms: 3000,
+        secs: t.attack_secs,
+    })?;
+    pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+    let r = heads.wait()?;
+    let blocked = stack.slow_sources_blocked(audit_before)?;
+    Ok(Attack {
+        summary: format!(
+            "{} sources held up to {} slow heads; the server closed {}; {blocked} sources blocked, \
+             {} connects then unanswered or refused",
+            r.sources,
+            r.peak_open,
+            r.closed_by_server,
+            r.timed_out + r.refused
+        ),
+        detail: json!({ "tool": "lab-client slow-heads", "report": r, "sources_blocked": blocked }),
     })
 }
 

@@ -33,8 +33,8 @@ pub struct DemoArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run only this scenario (repeatable): syn-flood, conn-flood, storms, message-flood,
-    /// slowloris, random-sources, slot-hoarder, returning-clients, adaptive, fleet (three
-    /// guard hosts sharing blocks through a three-node NATS JetStream cluster).
+    /// slowloris, random-sources, slot-hoarder, returning-clients, adaptive, slow-sources,
+    /// fleet (three guard hosts sharing blocks through a three-node NATS JetStream cluster).
     #[arg(long = "only", value_name = "SCENARIO")]
     only: Vec<String>,
 }

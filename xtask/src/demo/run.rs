@@ -145,6 +145,7 @@ pub(super) fn single_host(
     let mut reports = Vec::new();
     for sc in scenarios {
         let mut phases = Vec::new();
+        let timing = &sc.timing(timing);
         for guarded in [false, true] {
             let phase = run_phase(stack, sc, guarded, timing).with_context(|| {
                 format!(

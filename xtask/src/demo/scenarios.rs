@@ -44,6 +44,19 @@ pub(super) struct Scenario {
     pub(super) app: AppOptions,
     pub(super) attack: fn(&Stack, &Timing) -> Result<Attack>,
     pub(super) in_short: bool,
+    /// An attack that needs longer than the run's to show its effect (e.g. one that only
+    /// bites once connections outlive a deadline) runs at least this many seconds.
+    pub(super) min_attack_secs: u32,
+}
+
+impl Scenario {
+    /// The run's timing, with this scenario's own attack length if it needs a longer one.
+    pub(super) fn timing(&self, run: &Timing) -> Timing {
+        Timing {
+            attack_secs: run.attack_secs.max(self.min_attack_secs),
+            ..*run
+        }
+    }
 }
 
 pub(super) const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 7);
@@ -60,6 +73,7 @@ pub(super) const HOARD_PER_SEC: u32 = 15;
 pub(super) const HOARD_APP: AppOptions = AppOptions {
     backlog: 32,
     slots: Some(48),
+    ..AppOptions::ROOMY
 };
 /// First-time clients during the random-source flood: fresh legit addresses
 /// 198.18.0.40.. that never connected before.
@@ -76,9 +90,24 @@ pub(super) const OVERLOAD_HOLD_MS: u32 = 1000;
 pub(super) const OVERLOAD_APP: AppOptions = AppOptions {
     backlog: 64,
     slots: Some(200),
+    ..AppOptions::ROOMY
 };
 
-pub(super) const SCENARIOS: [Scenario; 9] = [
+/// Slow request heads: 1 500 real sources (in 198.18.64.0/21), one never-ending head each,
+/// against an app that starts at the open-files soft limit a systemd service gets (1 024), so
+/// that together they hold more descriptors than it has. Without guard the app runs on plain
+/// `warp::serve`, which bounds neither.
+pub(super) const SLOW_SOURCES: u32 = 1500;
+pub(super) const SLOW_APP: AppOptions = AppOptions {
+    start_nofile: Some(1024),
+    warp_server_unguarded: true,
+    ..AppOptions::ROOMY
+};
+/// Long enough for guard's head deadline (10 s) to close the first heads several times over,
+/// and for the sources it reports to be seen blocked.
+pub(super) const SLOW_ATTACK_SECS: u32 = 30;
+
+pub(super) const SCENARIOS: [Scenario; 10] = [
     Scenario {
         key: "syn-flood",
         title: "1. SYN flood, one spoofed source (198.19.0.7, 50k SYN/s evenly paced)",
@@ -87,6 +116,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: syn_flood,
         in_short: true,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "conn-flood",
@@ -96,6 +126,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: conn_flood,
         in_short: false,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "storms",
@@ -105,6 +136,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: storms,
         in_short: false,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "message-flood",
@@ -114,6 +146,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: message_flood,
         in_short: true,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "slowloris",
@@ -123,6 +156,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: slowloris,
         in_short: false,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "random-sources",
@@ -136,6 +170,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: random_sources,
         in_short: true,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "slot-hoarder",
@@ -145,6 +180,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: HOARD_APP,
         attack: slot_hoarder,
         in_short: false,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "returning-clients",
@@ -159,6 +195,7 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: AppOptions::ROOMY,
         attack: returning_clients,
         in_short: true,
+        min_attack_secs: 0,
     },
     Scenario {
         key: "adaptive",
@@ -173,5 +210,16 @@ pub(super) const SCENARIOS: [Scenario; 9] = [
         app: OVERLOAD_APP,
         attack: adaptive_overload,
         in_short: false,
+        min_attack_secs: 0,
+    },
+    Scenario {
+        key: "slow-sources",
+        title: "10. Slow request heads from 1500 sources, one each (app at a 1024 open-files soft limit; without guard on plain warp::serve)",
+        tune: &[],
+        adaptive: None,
+        app: SLOW_APP,
+        attack: slow_sources,
+        in_short: false,
+        min_attack_secs: SLOW_ATTACK_SECS,
     },
 ];
