@@ -25,8 +25,8 @@ use warp::Filter;
 /// a loaded machine is never caught by them.
 fn quick(limits: ServerLimits) -> ServerLimits {
     ServerLimits {
-        head_timeout: Duration::from_millis(400),
-        idle_timeout: Duration::from_millis(400),
+        head_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
         ..limits
     }
 }
@@ -248,6 +248,41 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_stream_is_not() {
     assert_eq!(hub.send("still here"), 1);
     assert!(common::read_until(&mut sub, &mut buf, "still here").await);
     assert_eq!(closed(&registry, "head_deadline"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_stops_accepting_and_ends_streams_after_the_grace() {
+    let registry = Registry::new();
+    let server = ServerLimits {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, serving) = guard
+        .serve(routes(&guard))
+        .graceful(async {
+            let _ = stopped.await;
+        })
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .unwrap();
+    let server = tokio::spawn(serving);
+
+    let mut sub = common::sse_connect(addr, "198.18.80.1").await;
+    let mut buf = Vec::new();
+    assert!(common::read_until(&mut sub, &mut buf, "retry:").await);
+    let mut keep = connect_from(localhost(1), addr).await;
+    let response = get(&mut keep, "/hello", false).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    stop.send(()).unwrap();
+    // The SSE stream never ends by itself: the server returns only because
+    // the grace period closes it.
+    within("the server to stop", server).await.unwrap();
+    until_closed(&mut keep).await;
+    until_closed(&mut sub).await;
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

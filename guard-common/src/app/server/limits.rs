@@ -84,6 +84,13 @@ pub struct ServerLimits {
     /// Turn it on with [`Http2Limits::default`] for direct h2 clients.
     pub http2: Option<Http2Limits>,
 
+    // --- Shutdown ---
+    /// After the graceful signal, how long requests in flight may take to
+    /// finish before their connections are closed. An SSE stream never
+    /// finishes by itself, so without it a graceful shutdown would wait
+    /// forever (as `warp::serve`'s does). Default 10 s.
+    pub shutdown_grace: Duration,
+
     // --- Offenders ---
     /// A source (as [`Limits`](crate::app::Limits) defines it) whose
     /// connections are closed this many times within `offender_window` while
@@ -153,6 +160,7 @@ impl Default for ServerLimits {
             raise_nofile_limit: true,
             fd_low_water: 64,
             http2: None,
+            shutdown_grace: Duration::from_secs(10),
             offender_threshold: 5,
             offender_window: Duration::from_secs(60),
             max_tracked_offenders: 65_536,

@@ -607,8 +607,9 @@ pub struct Server {
 
 impl Server {
     /// Stops accepting when `signal` completes, lets requests in flight
-    /// finish, then returns. Upgraded WebSockets are the app's to end (as
-    /// with `warp::serve`).
+    /// finish for up to [`ServerLimits::shutdown_grace`] (an SSE stream
+    /// never finishes by itself), closes what is left, then returns.
+    /// Upgraded WebSockets are the app's to end (as with `warp::serve`).
     pub fn graceful(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
         self.shutdown = Some(Box::pin(signal));
         self
@@ -682,7 +683,7 @@ impl Server {
         let protocols = Arc::new(Protocols::new(&limits));
         // Connections hold a receiver; the sender sees them all gone once
         // every connection has ended.
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Running);
         let _sweeper = AbortOnDrop(tokio::spawn(sweep(guard.clone())));
         let mut reserve = fd::Reserve::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(future::pending()));
@@ -725,8 +726,19 @@ impl Server {
         }
         drop(listener);
         drop(stopped);
-        let _ = stop.send(true);
-        stop.closed().await;
+        let _ = stop.send(Stop::Draining);
+        if tokio::time::timeout(limits.shutdown_grace, stop.closed())
+            .await
+            .is_err()
+        {
+            log::info!(
+                "closing the {} connections still open {:?} after the shutdown signal",
+                stop.receiver_count(),
+                limits.shutdown_grace
+            );
+            let _ = stop.send(Stop::Now);
+            stop.closed().await;
+        }
     }
 }
 
@@ -850,6 +862,7 @@ async fn accept_failed(
             if reserve.is_held() {
                 let took = reserve.spend(|| accept_now(listener));
                 if took {
+                    shared.metrics.connections.inc();
                     shared.metrics.closed(ServerClose::FdShed).inc();
                 }
                 if took && reserve.is_held() {
@@ -905,8 +918,7 @@ struct Connection {
     conn: Arc<Conn>,
     handler: Handler,
     protocols: Arc<Protocols>,
-    /// Turns true when the server shuts down gracefully.
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Stop>,
 }
 
 impl Connection {
@@ -973,15 +985,35 @@ impl Connection {
     }
 }
 
-/// Serves one connection until it ends or the server closes it, finishing
-/// gracefully (requests in flight first) once the server stops.
-async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<bool>) {
+/// Where a graceful shutdown is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// No new requests; those in flight finish.
+    Draining,
+    /// `shutdown_grace` is over: whatever is left is closed.
+    Now,
+}
+
+/// Serves one connection until it ends or the server closes it; once the
+/// server stops, finishes gracefully (requests in flight first), and is
+/// dropped when the grace period is over.
+async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<Stop>) {
     let mut serving = std::pin::pin!(serving);
-    let mut stopping = *stop.borrow_and_update();
-    if stopping {
-        serving.as_mut().shut_down();
-    }
+    let mut draining = false;
+    // Without a sender (the server future was dropped) connections run on,
+    // as with warp::serve.
+    let mut watching = true;
     loop {
+        match *stop.borrow_and_update() {
+            Stop::Running => {}
+            Stop::Draining if !draining => {
+                draining = true;
+                serving.as_mut().shut_down();
+            }
+            Stop::Draining => {}
+            Stop::Now => return,
+        }
         tokio::select! {
             served = serving.as_mut() => {
                 if let Err(e) = served {
@@ -992,10 +1024,7 @@ async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<bo
             // Dropping the connection closes the socket (unless it was
             // upgraded, which never waits and so is never closed here).
             () = conn.close.notified() => return,
-            _ = stop.changed(), if !stopping => {
-                stopping = true;
-                serving.as_mut().shut_down();
-            }
+            changed = stop.changed(), if watching => watching = changed.is_ok(),
         }
     }
 }
