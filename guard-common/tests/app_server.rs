@@ -26,7 +26,7 @@ use warp::Filter;
 fn quick(limits: ServerLimits) -> ServerLimits {
     ServerLimits {
         head_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(1),
+        keep_alive_idle: Duration::from_secs(1),
         ..limits
     }
 }
@@ -172,7 +172,7 @@ async fn a_full_budget_closes_the_oldest_waiting_and_admits_the_prompt_one() {
     let server = ServerLimits {
         // Long deadlines: only the budget closes anything here.
         head_timeout: Duration::from_secs(600),
-        idle_timeout: Duration::from_secs(600),
+        keep_alive_idle: Duration::from_secs(600),
         max_waiting: 3,
         max_waiting_per_network: 3,
         max_waiting_per_source: 2,
@@ -212,7 +212,13 @@ async fn a_full_budget_closes_the_oldest_waiting_and_admits_the_prompt_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_and_a_stream_is_not() {
     let registry = Registry::new();
-    let guard = server_guard(quick(ServerLimits::default()), Limits::default(), &registry);
+    // Idle longer than a head may take: hyper's own header timer also runs
+    // while a connection idles, and must not close it before this does.
+    let server = ServerLimits {
+        keep_alive_idle: Duration::from_secs(3),
+        ..quick(ServerLimits::default())
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
     let hub = SseHub::default();
     let app = warp::path("hello")
         .map(|| "hello".into_response())

@@ -25,14 +25,15 @@ pub struct ServerLimits {
     /// included) within this, or it is closed. Browsers send theirs in
     /// milliseconds; 10 s leaves room for a slow mobile link while making a
     /// slow-head attacker pay a reconnect every 10 s. Also set as hyper's
-    /// `header_read_timeout` (with a timer, so it is really on). Default
+    /// `header_read_timeout` (with a timer, so it is really on), a second
+    /// later and never before `keep_alive_idle`, as a backstop. Default
     /// 10 s.
     pub head_timeout: Duration,
     /// A keep-alive connection with no request in flight is closed after
     /// this long. A WS/SSE service gains little from long keep-alive (its
     /// clients upgrade or stream at once) and each idle connection holds a
     /// descriptor. Default 30 s.
-    pub idle_timeout: Duration,
+    pub keep_alive_idle: Duration,
     /// Largest request head (and read buffer) of an HTTP/1 connection; a
     /// bigger head is answered 431. Bounds what a waiting connection can
     /// make the server hold. hyper's floor is 8 KiB. Default 32 KiB.
@@ -149,7 +150,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             head_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
+            keep_alive_idle: Duration::from_secs(30),
             max_head_size: 32 * 1024,
             max_headers: 64,
             max_waiting: 1024,
@@ -175,8 +176,8 @@ impl ServerLimits {
     /// Rejects combinations that could never work, with what to change.
     pub fn validate(&self) -> Result<(), GuardError> {
         let bad = |what: &str| Err(GuardError::Limits(what.to_owned()));
-        if self.head_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return bad("head_timeout and idle_timeout must be longer than zero");
+        if self.head_timeout.is_zero() || self.keep_alive_idle.is_zero() {
+            return bad("head_timeout and keep_alive_idle must be longer than zero");
         }
         if self.max_head_size < HYPER_MIN_BUF {
             return bad("max_head_size must be at least 8192 (hyper's smallest HTTP/1 buffer)");

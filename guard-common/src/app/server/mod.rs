@@ -123,7 +123,8 @@ const FREED_WAIT: Duration = Duration::from_millis(100);
 /// A pause after an accept error that is not about descriptors or one
 /// connection (ENOBUFS, ENOMEM), so the loop does not spin on it.
 const OTHER_ERROR_PAUSE: Duration = Duration::from_millis(10);
-/// How much later than `head_timeout` hyper's own header timer fires.
+/// How much later than the sweeper's deadlines hyper's own header timer
+/// fires.
 const HYPER_HEAD_BACKSTOP: Duration = Duration::from_secs(1);
 /// At most one warning per this long for descriptor exhaustion.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -194,7 +195,7 @@ impl ServerShared {
     fn deadline(&self, phase: Phase) -> Duration {
         match phase {
             Phase::Head => self.limits.head_timeout,
-            Phase::Idle => self.limits.idle_timeout,
+            Phase::Idle => self.limits.keep_alive_idle,
         }
     }
 
@@ -753,9 +754,12 @@ enum Protocols {
 impl Protocols {
     fn new(limits: &ServerLimits) -> Self {
         // The sweeper closes (and counts, and strikes) slow heads at
-        // head_timeout; hyper's own timer is a backstop for what it might
-        // miss.
-        let header_read_timeout = limits.head_timeout + HYPER_HEAD_BACKSTOP;
+        // head_timeout and idle connections at keep_alive_idle; hyper's
+        // own timer is a backstop for what it might miss. hyper also runs
+        // that timer while a keep-alive connection idles before its next
+        // head, so it must not fire before keep_alive_idle either.
+        let header_read_timeout =
+            limits.head_timeout.max(limits.keep_alive_idle) + HYPER_HEAD_BACKSTOP;
         let Some(h2) = &limits.http2 else {
             let mut http1 = hyper::server::conn::http1::Builder::new();
             http1
@@ -891,7 +895,10 @@ fn accept_now(listener: &TcpListener) -> bool {
 /// count honest and forgets old offenders.
 async fn sweep(guard: Guard) {
     let shared = &guard.inner.server;
-    let shortest = shared.limits.head_timeout.min(shared.limits.idle_timeout);
+    let shortest = shared
+        .limits
+        .head_timeout
+        .min(shared.limits.keep_alive_idle);
     let tick = (shortest / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
