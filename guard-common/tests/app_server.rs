@@ -167,6 +167,27 @@ async fn a_head_that_never_ends_is_closed_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_larger_than_max_head_size_is_refused_with_431() {
+    let registry = Registry::new();
+    let server = ServerLimits {
+        max_head_size: 8192,
+        ..ServerLimits::default()
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
+    let addr = common::serve_with(&guard, routes(&guard)).await;
+    let mut s = connect_from(localhost(1), addr).await;
+    let cookie = "a".repeat(16 * 1024);
+    // The server may stop reading once it has refused: ignore write errors.
+    let _ = s
+        .write_all(
+            format!("GET /hello HTTP/1.1\r\nHost: guard\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    let response = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_budget_closes_the_oldest_waiting_and_admits_the_prompt_one() {
     let registry = Registry::new();
     let server = ServerLimits {

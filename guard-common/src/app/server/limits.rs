@@ -82,6 +82,9 @@ pub struct ServerLimits {
     /// stream is a connection the kernel's per-source cap sees; on, one
     /// connection multiplexes up to `max_concurrent_streams` of them behind
     /// one descriptor, each still admitted per request by the same filters.
+    /// Off really is off: hyper-util's `auto::Builder::http1_only` is
+    /// ignored once upgrades are on (it served h2c prior knowledge in this
+    /// server's test), so HTTP/1-only runs hyper's HTTP/1 builder itself.
     /// Turn it on with [`Http2Limits::default`] for direct h2 clients.
     pub http2: Option<Http2Limits>,
 

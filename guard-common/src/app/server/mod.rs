@@ -1088,6 +1088,7 @@ fn closes_after(version: Version, headers: &hyper::HeaderMap) -> bool {
 mod tests {
     use super::*;
     use hyper::header::{HeaderValue, CONNECTION};
+    use std::prelude::rust_2021::*;
 
     fn headers(connection: Option<&'static str>) -> hyper::HeaderMap {
         let mut h = hyper::HeaderMap::new();
@@ -1095,6 +1096,38 @@ mod tests {
             h.insert(CONNECTION, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn the_builder_registers_the_server_metrics_once() {
+        let registry = Registry::new();
+        Guard::builder().registry(&registry).build().unwrap();
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for expected in [
+            "guard_app_server_connections_waiting",
+            "guard_app_server_connections_total",
+            "guard_app_server_closed_total",
+            "guard_app_server_fd_headroom",
+            "guard_app_server_accept_errors_total",
+            "guard_app_server_tls_handshake_failures_total",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from {names:?}"
+            );
+        }
+        let bad = Guard::builder()
+            .server_limits(ServerLimits {
+                max_waiting: 0,
+                ..ServerLimits::default()
+            })
+            .build()
+            .unwrap_err();
+        assert!(bad.to_string().contains("max_waiting"), "{bad}");
     }
 
     #[test]
