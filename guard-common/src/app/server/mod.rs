@@ -478,8 +478,8 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The socket as hyper sees it: counts what the peer sends, and gives the
-/// descriptor back to the server's count when dropped (for an upgraded
+/// The socket (under TLS, if any): counts what the peer sends, and gives
+/// the descriptor back to the server's count when dropped (for an upgraded
 /// connection, when the WebSocket ends).
 struct CountingIo<I> {
     io: I,
@@ -936,17 +936,32 @@ impl Connection {
         stream: tokio::net::TcpStream,
         ticket: FdTicket,
     ) {
-        // The handshake is part of the head deadline: a client that stalls
-        // in it is closed like one that stalls in its head.
+        // Counted below TLS, so a client that stalls inside the handshake
+        // has sent a partial head as far as strikes go...
+        let counted = CountingIo {
+            io: stream,
+            conn: self.conn.clone(),
+            _ticket: ticket,
+        };
+        // ...and the handshake is part of the head deadline: such a client
+        // is closed like one that stalls in its head.
         let handshake = tokio::select! {
-            done = acceptor.accept(stream) => done,
+            done = acceptor.accept(counted) => done,
             () = self.conn.close.notified() => {
                 self.guard.inner.server.leave(&self.conn);
                 return;
             }
         };
         match handshake {
-            Ok(stream) => self.run(stream, ticket).await,
+            Ok(stream) => {
+                // A finished handshake is not a partial head: a browser's
+                // TLS preconnect that sends no request is not held against
+                // its source.
+                let conn = &self.conn;
+                conn.bytes_at_wait
+                    .store(conn.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.serve(stream).await;
+            }
             Err(e) => {
                 log::debug!("TLS handshake with {} failed: {e}", self.conn.remote);
                 self.guard.inner.server.metrics.tls_failures.inc();
@@ -955,7 +970,16 @@ impl Connection {
         }
     }
 
-    async fn run<I>(self, io: I, ticket: FdTicket)
+    async fn run(self, stream: tokio::net::TcpStream, ticket: FdTicket) {
+        let counted = CountingIo {
+            io: stream,
+            conn: self.conn.clone(),
+            _ticket: ticket,
+        };
+        self.serve(counted).await;
+    }
+
+    async fn serve<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -966,11 +990,7 @@ impl Connection {
             protocols,
             stop,
         } = self;
-        let io = TokioIo::new(CountingIo {
-            io,
-            conn: conn.clone(),
-            _ticket: ticket,
-        });
+        let io = TokioIo::new(io);
         let service = {
             let (guard, conn) = (guard.clone(), conn.clone());
             hyper::service::service_fn(move |req| respond(&guard, &conn, &handler, req))
