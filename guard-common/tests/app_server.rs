@@ -25,8 +25,8 @@ use warp::Filter;
 /// a loaded machine is never caught by them.
 fn quick(limits: ServerLimits) -> ServerLimits {
     ServerLimits {
-        head_timeout: Duration::from_millis(400),
-        idle_timeout: Duration::from_millis(400),
+        head_timeout: Duration::from_secs(1),
+        keep_alive_idle: Duration::from_secs(1),
         ..limits
     }
 }
@@ -167,12 +167,33 @@ async fn a_head_that_never_ends_is_closed_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_larger_than_max_head_size_is_refused_with_431() {
+    let registry = Registry::new();
+    let server = ServerLimits {
+        max_head_size: 8192,
+        ..ServerLimits::default()
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
+    let addr = common::serve_with(&guard, routes(&guard)).await;
+    let mut s = connect_from(localhost(1), addr).await;
+    let cookie = "a".repeat(16 * 1024);
+    // The server may stop reading once it has refused: ignore write errors.
+    let _ = s
+        .write_all(
+            format!("GET /hello HTTP/1.1\r\nHost: guard\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    let response = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_budget_closes_the_oldest_waiting_and_admits_the_prompt_one() {
     let registry = Registry::new();
     let server = ServerLimits {
         // Long deadlines: only the budget closes anything here.
         head_timeout: Duration::from_secs(600),
-        idle_timeout: Duration::from_secs(600),
+        keep_alive_idle: Duration::from_secs(600),
         max_waiting: 3,
         max_waiting_per_network: 3,
         max_waiting_per_source: 2,
@@ -212,7 +233,13 @@ async fn a_full_budget_closes_the_oldest_waiting_and_admits_the_prompt_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_and_a_stream_is_not() {
     let registry = Registry::new();
-    let guard = server_guard(quick(ServerLimits::default()), Limits::default(), &registry);
+    // Idle longer than a head may take: hyper's own header timer also runs
+    // while a connection idles, and must not close it before this does.
+    let server = ServerLimits {
+        keep_alive_idle: Duration::from_secs(3),
+        ..quick(ServerLimits::default())
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
     let hub = SseHub::default();
     let app = warp::path("hello")
         .map(|| "hello".into_response())
@@ -248,6 +275,41 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_stream_is_not() {
     assert_eq!(hub.send("still here"), 1);
     assert!(common::read_until(&mut sub, &mut buf, "still here").await);
     assert_eq!(closed(&registry, "head_deadline"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_stops_accepting_and_ends_streams_after_the_grace() {
+    let registry = Registry::new();
+    let server = ServerLimits {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let guard = server_guard(server, Limits::default(), &registry);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, serving) = guard
+        .serve(routes(&guard))
+        .graceful(async {
+            let _ = stopped.await;
+        })
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .unwrap();
+    let server = tokio::spawn(serving);
+
+    let mut sub = common::sse_connect(addr, "198.18.80.1").await;
+    let mut buf = Vec::new();
+    assert!(common::read_until(&mut sub, &mut buf, "retry:").await);
+    let mut keep = connect_from(localhost(1), addr).await;
+    let response = get(&mut keep, "/hello", false).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    stop.send(()).unwrap();
+    // The SSE stream never ends by itself: the server returns only because
+    // the grace period closes it.
+    within("the server to stop", server).await.unwrap();
+    until_closed(&mut keep).await;
+    until_closed(&mut sub).await;
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,7 +414,7 @@ async fn tls_serves_with_a_pem_certificate_and_bad_files_are_a_clear_error() {
     assert!(made.status.success(), "{made:?}");
 
     let registry = Registry::new();
-    let guard = server_guard(ServerLimits::default(), Limits::default(), &registry);
+    let guard = server_guard(quick(ServerLimits::default()), Limits::default(), &registry);
     let missing = guard
         .serve(routes(&guard))
         .tls_pem(dir.path().join("nope.pem"), &key)
@@ -393,12 +455,16 @@ async fn tls_serves_with_a_pem_certificate_and_bad_files_are_a_clear_error() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("hello"), "{response}");
 
-    // A client that stalls in the handshake is closed at the head deadline
-    // like a slow head (default 10 s is too long to wait for here, so it
-    // is only checked that the handshake counts as waiting).
-    let _stalled = connect_from(localhost(1), addr).await;
-    eventually("the stalled handshake to wait", || {
-        waiting(&registry) == 1.0
+    // A client that stalls in the handshake (half a ClientHello) is closed
+    // at the head deadline like a slow head.
+    let mut stalled = connect_from(localhost(1), addr).await;
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    until_closed(&mut stalled).await;
+    eventually("a head_deadline close", || {
+        closed(&registry, "head_deadline") == 1.0
     })
     .await;
 }

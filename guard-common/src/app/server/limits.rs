@@ -25,14 +25,15 @@ pub struct ServerLimits {
     /// included) within this, or it is closed. Browsers send theirs in
     /// milliseconds; 10 s leaves room for a slow mobile link while making a
     /// slow-head attacker pay a reconnect every 10 s. Also set as hyper's
-    /// `header_read_timeout` (with a timer, so it is really on). Default
+    /// `header_read_timeout` (with a timer, so it is really on), a second
+    /// later and never before `keep_alive_idle`, as a backstop. Default
     /// 10 s.
     pub head_timeout: Duration,
     /// A keep-alive connection with no request in flight is closed after
     /// this long. A WS/SSE service gains little from long keep-alive (its
     /// clients upgrade or stream at once) and each idle connection holds a
     /// descriptor. Default 30 s.
-    pub idle_timeout: Duration,
+    pub keep_alive_idle: Duration,
     /// Largest request head (and read buffer) of an HTTP/1 connection; a
     /// bigger head is answered 431. Bounds what a waiting connection can
     /// make the server hold. hyper's floor is 8 KiB. Default 32 KiB.
@@ -81,8 +82,18 @@ pub struct ServerLimits {
     /// stream is a connection the kernel's per-source cap sees; on, one
     /// connection multiplexes up to `max_concurrent_streams` of them behind
     /// one descriptor, each still admitted per request by the same filters.
+    /// Off really is off: hyper-util's `auto::Builder::http1_only` is
+    /// ignored once upgrades are on (it served h2c prior knowledge in this
+    /// server's test), so HTTP/1-only runs hyper's HTTP/1 builder itself.
     /// Turn it on with [`Http2Limits::default`] for direct h2 clients.
     pub http2: Option<Http2Limits>,
+
+    // --- Shutdown ---
+    /// After the graceful signal, how long requests in flight may take to
+    /// finish before their connections are closed. An SSE stream never
+    /// finishes by itself, so without it a graceful shutdown would wait
+    /// forever (as `warp::serve`'s does). Default 10 s.
+    pub shutdown_grace: Duration,
 
     // --- Offenders ---
     /// A source (as [`Limits`](crate::app::Limits) defines it) whose
@@ -142,7 +153,7 @@ impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             head_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
+            keep_alive_idle: Duration::from_secs(30),
             max_head_size: 32 * 1024,
             max_headers: 64,
             max_waiting: 1024,
@@ -153,6 +164,7 @@ impl Default for ServerLimits {
             raise_nofile_limit: true,
             fd_low_water: 64,
             http2: None,
+            shutdown_grace: Duration::from_secs(10),
             offender_threshold: 5,
             offender_window: Duration::from_secs(60),
             max_tracked_offenders: 65_536,
@@ -167,8 +179,8 @@ impl ServerLimits {
     /// Rejects combinations that could never work, with what to change.
     pub fn validate(&self) -> Result<(), GuardError> {
         let bad = |what: &str| Err(GuardError::Limits(what.to_owned()));
-        if self.head_timeout.is_zero() || self.idle_timeout.is_zero() {
-            return bad("head_timeout and idle_timeout must be longer than zero");
+        if self.head_timeout.is_zero() || self.keep_alive_idle.is_zero() {
+            return bad("head_timeout and keep_alive_idle must be longer than zero");
         }
         if self.max_head_size < HYPER_MIN_BUF {
             return bad("max_head_size must be at least 8192 (hyper's smallest HTTP/1 buffer)");

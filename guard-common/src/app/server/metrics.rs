@@ -12,7 +12,7 @@ use super::super::GuardError;
 pub enum ServerClose {
     /// No complete request head within `head_timeout`.
     HeadDeadline,
-    /// Idle between requests past `idle_timeout`.
+    /// Idle between requests past `keep_alive_idle`.
     IdleDeadline,
     /// The oldest waiting connection when the global budget was full.
     BudgetGlobal,

@@ -123,7 +123,8 @@ const FREED_WAIT: Duration = Duration::from_millis(100);
 /// A pause after an accept error that is not about descriptors or one
 /// connection (ENOBUFS, ENOMEM), so the loop does not spin on it.
 const OTHER_ERROR_PAUSE: Duration = Duration::from_millis(10);
-/// How much later than `head_timeout` hyper's own header timer fires.
+/// How much later than the sweeper's deadlines hyper's own header timer
+/// fires.
 const HYPER_HEAD_BACKSTOP: Duration = Duration::from_secs(1);
 /// At most one warning per this long for descriptor exhaustion.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -194,7 +195,7 @@ impl ServerShared {
     fn deadline(&self, phase: Phase) -> Duration {
         match phase {
             Phase::Head => self.limits.head_timeout,
-            Phase::Idle => self.limits.idle_timeout,
+            Phase::Idle => self.limits.keep_alive_idle,
         }
     }
 
@@ -477,8 +478,8 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The socket as hyper sees it: counts what the peer sends, and gives the
-/// descriptor back to the server's count when dropped (for an upgraded
+/// The socket (under TLS, if any): counts what the peer sends, and gives
+/// the descriptor back to the server's count when dropped (for an upgraded
 /// connection, when the WebSocket ends).
 struct CountingIo<I> {
     io: I,
@@ -607,8 +608,9 @@ pub struct Server {
 
 impl Server {
     /// Stops accepting when `signal` completes, lets requests in flight
-    /// finish, then returns. Upgraded WebSockets are the app's to end (as
-    /// with `warp::serve`).
+    /// finish for up to [`ServerLimits::shutdown_grace`] (an SSE stream
+    /// never finishes by itself), closes what is left, then returns.
+    /// Upgraded WebSockets are the app's to end (as with `warp::serve`).
     pub fn graceful(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
         self.shutdown = Some(Box::pin(signal));
         self
@@ -682,7 +684,7 @@ impl Server {
         let protocols = Arc::new(Protocols::new(&limits));
         // Connections hold a receiver; the sender sees them all gone once
         // every connection has ended.
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Running);
         let _sweeper = AbortOnDrop(tokio::spawn(sweep(guard.clone())));
         let mut reserve = fd::Reserve::new();
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(future::pending()));
@@ -725,8 +727,19 @@ impl Server {
         }
         drop(listener);
         drop(stopped);
-        let _ = stop.send(true);
-        stop.closed().await;
+        let _ = stop.send(Stop::Draining);
+        if tokio::time::timeout(limits.shutdown_grace, stop.closed())
+            .await
+            .is_err()
+        {
+            log::info!(
+                "closing the {} connections still open {:?} after the shutdown signal",
+                stop.receiver_count(),
+                limits.shutdown_grace
+            );
+            let _ = stop.send(Stop::Now);
+            stop.closed().await;
+        }
     }
 }
 
@@ -741,9 +754,12 @@ enum Protocols {
 impl Protocols {
     fn new(limits: &ServerLimits) -> Self {
         // The sweeper closes (and counts, and strikes) slow heads at
-        // head_timeout; hyper's own timer is a backstop for what it might
-        // miss.
-        let header_read_timeout = limits.head_timeout + HYPER_HEAD_BACKSTOP;
+        // head_timeout and idle connections at keep_alive_idle; hyper's
+        // own timer is a backstop for what it might miss. hyper also runs
+        // that timer while a keep-alive connection idles before its next
+        // head, so it must not fire before keep_alive_idle either.
+        let header_read_timeout =
+            limits.head_timeout.max(limits.keep_alive_idle) + HYPER_HEAD_BACKSTOP;
         let Some(h2) = &limits.http2 else {
             let mut http1 = hyper::server::conn::http1::Builder::new();
             http1
@@ -850,6 +866,7 @@ async fn accept_failed(
             if reserve.is_held() {
                 let took = reserve.spend(|| accept_now(listener));
                 if took {
+                    shared.metrics.connections.inc();
                     shared.metrics.closed(ServerClose::FdShed).inc();
                 }
                 if took && reserve.is_held() {
@@ -878,7 +895,10 @@ fn accept_now(listener: &TcpListener) -> bool {
 /// count honest and forgets old offenders.
 async fn sweep(guard: Guard) {
     let shared = &guard.inner.server;
-    let shortest = shared.limits.head_timeout.min(shared.limits.idle_timeout);
+    let shortest = shared
+        .limits
+        .head_timeout
+        .min(shared.limits.keep_alive_idle);
     let tick = (shortest / 8).clamp(Duration::from_millis(10), Duration::from_millis(250));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -905,8 +925,7 @@ struct Connection {
     conn: Arc<Conn>,
     handler: Handler,
     protocols: Arc<Protocols>,
-    /// Turns true when the server shuts down gracefully.
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Stop>,
 }
 
 impl Connection {
@@ -917,17 +936,32 @@ impl Connection {
         stream: tokio::net::TcpStream,
         ticket: FdTicket,
     ) {
-        // The handshake is part of the head deadline: a client that stalls
-        // in it is closed like one that stalls in its head.
+        // Counted below TLS, so a client that stalls inside the handshake
+        // has sent a partial head as far as strikes go...
+        let counted = CountingIo {
+            io: stream,
+            conn: self.conn.clone(),
+            _ticket: ticket,
+        };
+        // ...and the handshake is part of the head deadline: such a client
+        // is closed like one that stalls in its head.
         let handshake = tokio::select! {
-            done = acceptor.accept(stream) => done,
+            done = acceptor.accept(counted) => done,
             () = self.conn.close.notified() => {
                 self.guard.inner.server.leave(&self.conn);
                 return;
             }
         };
         match handshake {
-            Ok(stream) => self.run(stream, ticket).await,
+            Ok(stream) => {
+                // A finished handshake is not a partial head: a browser's
+                // TLS preconnect that sends no request is not held against
+                // its source.
+                let conn = &self.conn;
+                conn.bytes_at_wait
+                    .store(conn.bytes_read.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.serve(stream).await;
+            }
             Err(e) => {
                 log::debug!("TLS handshake with {} failed: {e}", self.conn.remote);
                 self.guard.inner.server.metrics.tls_failures.inc();
@@ -936,7 +970,16 @@ impl Connection {
         }
     }
 
-    async fn run<I>(self, io: I, ticket: FdTicket)
+    async fn run(self, stream: tokio::net::TcpStream, ticket: FdTicket) {
+        let counted = CountingIo {
+            io: stream,
+            conn: self.conn.clone(),
+            _ticket: ticket,
+        };
+        self.serve(counted).await;
+    }
+
+    async fn serve<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -947,11 +990,7 @@ impl Connection {
             protocols,
             stop,
         } = self;
-        let io = TokioIo::new(CountingIo {
-            io,
-            conn: conn.clone(),
-            _ticket: ticket,
-        });
+        let io = TokioIo::new(io);
         let service = {
             let (guard, conn) = (guard.clone(), conn.clone());
             hyper::service::service_fn(move |req| respond(&guard, &conn, &handler, req))
@@ -973,15 +1012,35 @@ impl Connection {
     }
 }
 
-/// Serves one connection until it ends or the server closes it, finishing
-/// gracefully (requests in flight first) once the server stops.
-async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<bool>) {
+/// Where a graceful shutdown is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// No new requests; those in flight finish.
+    Draining,
+    /// `shutdown_grace` is over: whatever is left is closed.
+    Now,
+}
+
+/// Serves one connection until it ends or the server closes it; once the
+/// server stops, finishes gracefully (requests in flight first), and is
+/// dropped when the grace period is over.
+async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<Stop>) {
     let mut serving = std::pin::pin!(serving);
-    let mut stopping = *stop.borrow_and_update();
-    if stopping {
-        serving.as_mut().shut_down();
-    }
+    let mut draining = false;
+    // Without a sender (the server future was dropped) connections run on,
+    // as with warp::serve.
+    let mut watching = true;
     loop {
+        match *stop.borrow_and_update() {
+            Stop::Running => {}
+            Stop::Draining if !draining => {
+                draining = true;
+                serving.as_mut().shut_down();
+            }
+            Stop::Draining => {}
+            Stop::Now => return,
+        }
         tokio::select! {
             served = serving.as_mut() => {
                 if let Err(e) = served {
@@ -992,10 +1051,7 @@ async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<bo
             // Dropping the connection closes the socket (unless it was
             // upgraded, which never waits and so is never closed here).
             () = conn.close.notified() => return,
-            _ = stop.changed(), if !stopping => {
-                stopping = true;
-                serving.as_mut().shut_down();
-            }
+            changed = stop.changed(), if watching => watching = changed.is_ok(),
         }
     }
 }
@@ -1052,6 +1108,7 @@ fn closes_after(version: Version, headers: &hyper::HeaderMap) -> bool {
 mod tests {
     use super::*;
     use hyper::header::{HeaderValue, CONNECTION};
+    use std::prelude::rust_2021::*;
 
     fn headers(connection: Option<&'static str>) -> hyper::HeaderMap {
         let mut h = hyper::HeaderMap::new();
@@ -1059,6 +1116,38 @@ mod tests {
             h.insert(CONNECTION, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn the_builder_registers_the_server_metrics_once() {
+        let registry = Registry::new();
+        Guard::builder().registry(&registry).build().unwrap();
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for expected in [
+            "guard_app_server_connections_waiting",
+            "guard_app_server_connections_total",
+            "guard_app_server_closed_total",
+            "guard_app_server_fd_headroom",
+            "guard_app_server_accept_errors_total",
+            "guard_app_server_tls_handshake_failures_total",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from {names:?}"
+            );
+        }
+        let bad = Guard::builder()
+            .server_limits(ServerLimits {
+                max_waiting: 0,
+                ..ServerLimits::default()
+            })
+            .build()
+            .unwrap_err();
+        assert!(bad.to_string().contains("max_waiting"), "{bad}");
     }
 
     #[test]

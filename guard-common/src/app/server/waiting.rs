@@ -28,7 +28,7 @@ pub(crate) enum Eviction {
 pub(crate) enum Phase {
     /// Accepted, no request yet: `head_timeout`.
     Head,
-    /// Between keep-alive requests: `idle_timeout`.
+    /// Between keep-alive requests: `keep_alive_idle`.
     Idle,
 }
 
