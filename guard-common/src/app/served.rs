@@ -25,7 +25,7 @@ pub(crate) struct Served {
     upgrade: Arc<Mutex<Option<OnUpgrade>>>,
 }
 
-// The server and the WebSocket upgrade that use these land on their own branches.
+// `new` is for guard's server, which lands on its own branch.
 #[allow(dead_code)]
 impl Served {
     pub fn new(remote: SocketAddr, upgrade: Option<OnUpgrade>) -> Self {
