@@ -244,10 +244,14 @@ impl Limits {
             return bad("source_prefix_v6 must be 1..=128");
         }
         if self.aggregate_prefix_v4 == 0 || self.aggregate_prefix_v4 > self.source_prefix_v4 {
-            return bad("aggregate_prefix_v4 must be 1..=source_prefix_v4 (an aggregate holds sources)");
+            return bad(
+                "aggregate_prefix_v4 must be 1..=source_prefix_v4 (an aggregate holds sources)",
+            );
         }
         if self.aggregate_prefix_v6 == 0 || self.aggregate_prefix_v6 > self.source_prefix_v6 {
-            return bad("aggregate_prefix_v6 must be 1..=source_prefix_v6 (an aggregate holds sources)");
+            return bad(
+                "aggregate_prefix_v6 must be 1..=source_prefix_v6 (an aggregate holds sources)",
+            );
         }
         if self.per_prefix_max_connections_v4 < self.per_ip_max_connections
             || self.per_prefix_max_connections_v6 < self.per_ip_max_connections

@@ -27,6 +27,9 @@ pub(super) const FRAMES_PER_YIELD: u32 = 64;
 pub(crate) struct Arrived {
     /// Frames whose header is complete.
     pub frames: u64,
+    /// Of those, the ones that end a message: a control frame, or the last
+    /// (FIN) frame of a text or binary message.
+    pub messages: u64,
     /// Their announced payload lengths, added up (whether or not the
     /// payload has arrived yet: it is on its way and the codec will buffer
     /// it).
@@ -93,6 +96,10 @@ impl FrameMeter {
             }
             let len = payload_len(&self.header[..self.have]);
             self.arrived.frames += 1;
+            let (fin, control) = (self.header[0] & 0x80 != 0, self.header[0] & 0x08 != 0);
+            if fin || control {
+                self.arrived.messages += 1;
+            }
             self.arrived.payload = self.arrived.payload.saturating_add(len);
             self.skip = len;
             self.have = 0;
@@ -226,6 +233,7 @@ mod tests {
             m.take(),
             Arrived {
                 frames: 3,
+                messages: 3,
                 payload: 2 + 300 + 70_000
             }
         );
@@ -245,6 +253,7 @@ mod tests {
             m.take(),
             Arrived {
                 frames: 1002,
+                messages: 1,
                 payload: 1
             }
         );
@@ -252,8 +261,9 @@ mod tests {
 
     #[test]
     fn unmasked_headers_are_shorter() {
-        // A server-to-client frame: no mask, 16-bit length.
-        let mut wire = vec![0x82, 126, 0x01, 0x00];
+        // Server-to-client frames: no mask, 16-bit length; a ping (FIN
+        // set, as control frames always have) in the middle of a message.
+        let mut wire = vec![0x02, 126, 0x01, 0x00];
         wire.extend([0u8; 256]);
         wire.extend([0x89, 0x00]);
         let mut m = FrameMeter::default();
@@ -262,23 +272,23 @@ mod tests {
             m.take(),
             Arrived {
                 frames: 2,
+                messages: 1,
                 payload: 256
             }
         );
     }
 
-    /// A frame's payload length and its bytes on the wire.
-    fn arb_frame() -> impl Strategy<Value = (u64, Vec<u8>)> {
+    /// A frame's payload length, whether it ends a message, and its bytes
+    /// on the wire.
+    fn arb_frame() -> impl Strategy<Value = (u64, bool, Vec<u8>)> {
         (
             any::<bool>(),
             prop_oneof![Just(0u8), Just(1), Just(2), Just(9), Just(10)],
-            prop_oneof![
-                0usize..130,
-                120usize..300,
-                65_530usize..65_545,
-            ],
+            prop_oneof![0usize..130, 120usize..300, 65_530usize..65_545,],
         )
-            .prop_map(|(fin, op, len)| (len as u64, frame(fin, op, &vec![0xa5; len])))
+            .prop_map(|(fin, op, len)| {
+                (len as u64, fin || op >= 8, frame(fin, op, &vec![0xa5; len]))
+            })
     }
 
     proptest! {
@@ -287,9 +297,10 @@ mod tests {
             frames in prop::collection::vec(arb_frame(), 1..20),
             cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..40),
         ) {
-            let wire: Vec<u8> = frames.iter().flat_map(|f| f.1.iter().copied()).collect();
+            let wire: Vec<u8> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
             let expected = Arrived {
                 frames: frames.len() as u64,
+                messages: frames.iter().filter(|f| f.1).count() as u64,
                 payload: frames.iter().map(|f| f.0).sum(),
             };
             let mut whole = FrameMeter::default();
@@ -311,7 +322,7 @@ mod tests {
 
         #[test]
         fn byte_at_a_time(frames in prop::collection::vec(arb_frame(), 1..6)) {
-            let wire: Vec<u8> = frames.iter().flat_map(|f| f.1.iter().copied()).collect();
+            let wire: Vec<u8> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
             let mut m = FrameMeter::default();
             for b in &wire {
                 m.feed(std::slice::from_ref(b));

@@ -80,7 +80,12 @@ impl GuardedWebSocket {
             if self.frame_debt > 0 {
                 self.frame_debt -= 1;
                 if data {
-                    self.permit.guard().inner.metrics.dropped(Violation::Rate.dropped()).inc();
+                    self.permit
+                        .guard()
+                        .inner
+                        .metrics
+                        .dropped(Violation::Rate.dropped())
+                        .inc();
                 }
                 return None;
             }
@@ -120,10 +125,11 @@ impl GuardedWebSocket {
     /// included, and their payload bytes, before the codec has assembled
     /// anything. Each frame over the message rate is a rate violation, so
     /// a flood of empty fragments closes like any message flood. Under
-    /// `Drop` and `Close` as many messages are then discarded as frames
-    /// (and byte overruns) went over, starting with the next one delivered:
-    /// which message a frame belongs to is not known this early, and a
-    /// flood is a flood whichever of its messages are the ones dropped.
+    /// `Drop` and `Close` the messages those frames belong to are then
+    /// discarded: one per frame over (and one for a byte overrun), never
+    /// more than the batch touched, starting with the next one delivered.
+    /// A message in progress counts as touched by each batch it spans, so
+    /// a long fragmented one can cost the message after it too.
     pub(super) fn charge_frames(&mut self, arrived: Arrived, now: u64) {
         if arrived.frames == 0 {
             return;
@@ -150,7 +156,8 @@ impl GuardedWebSocket {
             self.violate_counted(Violation::Rate, "over the byte rate", now);
         }
         if !warn {
-            self.frame_debt += over + u64::from(bytes_over);
+            let touched = arrived.messages.max(1);
+            self.frame_debt += (over + u64::from(bytes_over)).min(touched);
         }
     }
 
