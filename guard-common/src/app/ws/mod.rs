@@ -8,6 +8,8 @@
 //! itself with sized buffers and frames metered by `frames`.
 
 mod frames;
+#[cfg(test)]
+mod idle_memory;
 mod inbound;
 mod outbound;
 mod socket;

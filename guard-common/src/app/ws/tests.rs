@@ -57,7 +57,7 @@ where
 
 /// A guard that believes loopback's `X-Forwarded-For`, reporting to
 /// `agent` if given.
-fn guard(limits: Limits, registry: &Registry, agent: Option<ClientConfig>) -> Guard {
+pub(super) fn guard(limits: Limits, registry: &Registry, agent: Option<ClientConfig>) -> Guard {
     let mut b = Guard::builder()
         .limits(limits)
         .registry(registry)
