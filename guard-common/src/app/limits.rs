@@ -114,14 +114,17 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_frame_size: usize,
     /// Messages per second per connection (control frames included), and
-    /// the burst. A rate of 0 makes the burst a budget for the connection's
-    /// lifetime. Per connection even with an identity: an identity's total
+    /// the burst. When guard's server did the upgrade every frame counts,
+    /// as it arrives: a message sent in ten fragments costs ten, so empty
+    /// continuation frames are a flood like any other. A rate of 0 makes
+    /// the burst a budget for the connection's lifetime. Per connection even with an identity: an identity's total
     /// is bounded by `per_identity_max_connections` times this. Defaults
     /// 50/s, burst 100.
     pub message_rate: u32,
     pub message_burst: u32,
     /// Bytes per second per connection, and the burst (at least
-    /// `max_message_size`). Defaults 256 KiB/s, burst 1 MiB.
+    /// `max_message_size`); payload bytes, charged per frame as they arrive
+    /// when guard's server did the upgrade. Defaults 256 KiB/s, burst 1 MiB.
     pub byte_rate: u32,
     pub byte_burst: u32,
     /// Default [`ViolationPolicy::Close`].

@@ -36,14 +36,18 @@
 //! # What it does
 //!
 //! * **Admission** ([`Guard::websocket`], [`Guard::sse`], [`Guard::admit`]):
-//!   a global cap (503), per-source caps and connect rates (429), always
-//!   with `Retry-After`. Each admitted connection holds a [`Permit`] that
+//!   a global cap (503), per-source and per-network (/24, /48) caps and
+//!   per-source connect rates (429), always with `Retry-After`. Each admitted connection holds a [`Permit`] that
 //!   gives its slot back when dropped, however the connection ends.
 //! * **WebSockets** ([`GuardedWebSocket`]): size limits in the codec,
 //!   message and byte rate buckets, validation, a [`ViolationPolicy`], an
 //!   idle timeout with keep-alive pings, and a bounded outbound queue with a
 //!   [`SlowConsumerPolicy`]. A flooding connection is closed with 1008 and
-//!   its source reported.
+//!   its source reported. Under guard's own server, guard finishes the
+//!   upgrade itself: the codec's buffers are sized by [`Limits`] (an idle
+//!   WebSocket costs a few KiB instead of tungstenite's 128 KiB read
+//!   buffer), and every frame, fragments included, is charged as it
+//!   arrives.
 //! * **SSE** ([`SseSubscription`]): a bounded queue per subscriber,
 //!   keep-alive comments, slow subscribers evicted with a jittered `retry:`,
 //!   and reconnect storms per source counted and reported.

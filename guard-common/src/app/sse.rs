@@ -46,7 +46,9 @@ impl SseSubscription {
     ///
     /// When the stream ends, so does the connection (`Connection: close`):
     /// an evicted subscriber must not keep its socket as an idle keep-alive
-    /// one, and a client whose event stream ended reconnects anyway.
+    /// one, and a client whose event stream ended reconnects anyway. (Over
+    /// HTTP/2, where the header has no place, hyper drops it and only the
+    /// stream ends.)
     pub fn channel(self) -> (SseSender, impl Reply) {
         let keep_alive = self.permit.guard().limits().sse_keep_alive;
         let (sender, stream) = self.split();
