@@ -217,7 +217,7 @@ async fn guard_answers_the_handshake_and_echoes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_upgrade_is_answered_429_and_the_connection_stays_http() {
+async fn a_network_over_its_cap_is_answered_429_instead_of_upgraded() {
     let registry = Registry::new();
     let guard = guard(
         Limits {
@@ -379,4 +379,37 @@ async fn under_drop_over_rate_fragments_cost_messages_not_the_connection() {
     };
     assert_eq!(dropped(), 1.0, "the fragmented message only");
     assert_eq!(guard.open_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_validation_holds_on_guards_upgrade() {
+    let registry = Registry::new();
+    let guard = guard(
+        Limits {
+            violation_policy: ViolationPolicy::Drop,
+            ..quiet_limits()
+        },
+        &registry,
+        None,
+    );
+    let app = warp::path("echo")
+        .and(guard.websocket())
+        .map(|up: WsUpgrade| {
+            up.validate(|msg| match msg.to_str() {
+                Ok(t) if t.contains("bad") => Err("no bad words".into()),
+                _ => Ok(()),
+            })
+            .on_upgrade(|mut ws: GuardedWebSocket| async move {
+                while let Some(msg) = ws.next().await {
+                    let _ = ws.send(msg);
+                }
+            })
+        })
+        .recover(crate::app::recover);
+    let addr = serve_handing_over(app).await;
+    let (mut s, _) = raw_upgrade(addr, "198.18.46.1").await;
+    s.write_all(&frame(true, 0x1, b"a bad one")).await.unwrap();
+    s.write_all(&frame(true, 0x1, b"a good one")).await.unwrap();
+    let got = within("the echo", read_frame(&mut s)).await;
+    assert_eq!(got, Some((0x1, b"a good one".to_vec())));
 }
