@@ -1,6 +1,7 @@
 //! A guarded warp app: a WebSocket chat (`/ws`), an SSE feed (`/events`:
 //! a tick every 500 ms plus the chat), a page using both (`/`), and the
-//! app's metrics (`/metrics`).
+//! app's metrics (`/metrics`), served by guard's own server (or, with
+//! `--server warp`, by plain `warp::serve` for comparison).
 //!
 //! ```text
 //! cargo run -p guard-common --example demo --features warp -- \
@@ -17,7 +18,8 @@ use clap::Parser;
 use futures_util::StreamExt;
 use guard_common::addr::Prefix;
 use guard_common::app::{
-    self, Guard, GuardedWebSocket, SseSender, SseSubscription, WsSender, WsUpgrade,
+    self, Guard, GuardedWebSocket, Http2Limits, ServerLimits, SseSender, SseSubscription, WsSender,
+    WsUpgrade,
 };
 use guard_common::client::{AgentClient, ClientConfig};
 use prometheus::{Registry, TextEncoder};
@@ -48,6 +50,25 @@ struct Args {
     /// Listen backlog: connections the kernel queues before accept.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
+    /// Which server runs the app: guard's own (deadlines, waiting budget,
+    /// descriptor reserve), or plain `warp::serve` to compare against.
+    #[arg(long, value_enum, default_value_t = ServerKind::Guard)]
+    server: ServerKind,
+    /// Seconds a new connection has to send a complete request head.
+    #[arg(long, value_name = "SECS")]
+    head_timeout: Option<u64>,
+    /// Connections waiting for a request (not yet admitted), all sources.
+    #[arg(long)]
+    max_waiting: Option<usize>,
+    /// Serve HTTP/2 (h2c prior knowledge) too, with guard's bounds.
+    #[arg(long)]
+    http2: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerKind {
+    Guard,
+    Warp,
 }
 
 /// Everyone connected: chat members and feed subscribers.
@@ -107,8 +128,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
 
     let registry = Registry::new();
+    let defaults = ServerLimits::default();
+    let server_limits = ServerLimits {
+        head_timeout: args
+            .head_timeout
+            .map_or(defaults.head_timeout, Duration::from_secs),
+        max_waiting: args.max_waiting.unwrap_or(defaults.max_waiting),
+        http2: args.http2.then(Http2Limits::default),
+        ..defaults
+    };
     let mut builder = Guard::builder()
         .registry(&registry)
+        .server_limits(server_limits)
         .trusted_proxies(args.trusted_proxies.iter().copied())
         .allowlist(args.allowlist.iter().copied());
     if let Some(path) = &args.agent_socket {
@@ -172,14 +203,30 @@ async fn main() -> anyhow::Result<()> {
         .recover(app::recover);
 
     let listener = listener(args.listen, args.backlog)?;
-    log::info!("serving on http://{}", args.listen);
-    warp::serve(routes)
-        .incoming(listener)
-        .graceful(async {
-            let _ = tokio::signal::ctrl_c().await;
-            log::info!("shutting down");
-        })
-        .run()
-        .await;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        log::info!("shutting down");
+    };
+    match args.server {
+        ServerKind::Guard => {
+            log::info!("serving on http://{} (guard's server)", args.listen);
+            guard
+                .serve(routes)
+                .graceful(shutdown)
+                .incoming(listener)
+                .await;
+        }
+        ServerKind::Warp => {
+            log::warn!(
+                "serving on http://{} with plain warp::serve: no head deadline, no waiting budget",
+                args.listen
+            );
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(shutdown)
+                .run()
+                .await;
+        }
+    }
     Ok(())
 }

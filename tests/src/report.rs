@@ -120,6 +120,26 @@ pub struct ConnFloodReport {
     pub elapsed_ms: u64,
 }
 
+/// `lab-client slow-heads`: one never-ending request head per source, reopened when closed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlowHeadsReport {
+    pub cmd: String,
+    pub sources: u64,
+    /// Connects started, first ones and reconnects.
+    pub connects: u64,
+    pub connected: u64,
+    /// Answered with RST (or dropped and then refused): a block or a full backlog.
+    pub refused: u64,
+    pub timed_out: u64,
+    pub failed: u64,
+    /// Connections the server ended (a close, a reset or an answer to the unfinished head).
+    pub closed_by_server: u64,
+    /// Most slow connections open at once.
+    pub peak_open: u64,
+    pub open_at_end: u64,
+    pub elapsed_ms: u64,
+}
+
 /// `lab-client ws-storm` / `sse-storm`: handshake or subscription storms from one source.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StormReport {

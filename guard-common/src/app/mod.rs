@@ -5,7 +5,7 @@
 //! # In an app
 //!
 //! ```no_run
-//! # async fn app() -> Result<(), guard_common::app::GuardError> {
+//! # async fn app() -> Result<(), Box<dyn std::error::Error>> {
 //! use futures_util::StreamExt;
 //! use guard_common::app::{self, Guard, GuardedWebSocket, SseSubscription, WsUpgrade};
 //! use guard_common::client::{AgentClient, ClientConfig};
@@ -30,6 +30,13 @@
 //!     reply
 //! });
 //! let routes = ws.or(events).recover(app::recover);
+//! // guard's own server, not `warp::serve`: deadlines, a budget for
+//! // connections that have not sent a request yet, descriptor reserve.
+//! guard
+//!     .serve(routes)
+//!     .graceful(async { tokio::signal::ctrl_c().await.unwrap_or(()) })
+//!     .run(([0, 0, 0, 0], 8080))
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -55,9 +62,14 @@
 //!   trusted proxies. Loopback, trusted proxies and allow-listed prefixes are
 //!   never reported. An app-supplied identity keys limits per user, and a
 //!   shared address is reported only when several of its users misbehave.
+//! * **Serving** ([`Guard::serve`]): guard's own server instead of
+//!   `warp::serve`: a request-head deadline with a real timer, an idle
+//!   deadline, a budget for connections that have not sent a request yet
+//!   (the longest-waiting closed first), a descriptor reserve so accept
+//!   never stalls, HTTP/2 off unless bounded, slow sources reported.
 //! * **Metrics**: `guard_app_*`, in the registry the app passes in.
 //!
-//! All limits and their defaults are in [`Limits`].
+//! All limits and their defaults are in [`Limits`] and [`ServerLimits`].
 
 mod admission;
 mod limits;
@@ -65,6 +77,7 @@ mod metrics;
 mod peer;
 mod report;
 mod served;
+mod server;
 mod sse;
 mod ws;
 
@@ -88,6 +101,9 @@ pub use admission::{recover, Permit, Rejected, UnknownPeer};
 pub use limits::{Limits, SlowConsumerPolicy, ViolationPolicy};
 pub use metrics::{CloseReason, ConnKind, DropReason, RejectReason, Violation};
 pub use peer::{Peer, ProxyHeader, UnreadableProxyHeader};
+#[cfg(feature = "tls")]
+pub use server::rustls;
+pub use server::{Http2Limits, ServeError, Server, ServerClose, ServerLimits};
 pub use sse::{SseSender, SseSubscription};
 pub use ws::{GuardedWebSocket, Invalid, SendError, WsSender, WsUpgrade};
 
@@ -98,6 +114,7 @@ use metrics::Metrics;
 use peer::ProxyConfig;
 use report::{ReportCollector, ReportCounters, Reporter};
 use served::Served;
+use server::ServerShared;
 use ws::Handshake;
 
 /// Why a [`Guard`] could not be built.
@@ -123,6 +140,8 @@ struct Inner {
     metrics: Metrics,
     reporter: Reporter,
     report_counters: Arc<ReportCounters>,
+    /// guard's own server: its limits, waiting budget and metrics.
+    server: ServerShared,
     /// Zero of the guard's monotonic clock (tokio's, so tests can pause it).
     epoch: Instant,
     /// Keys identities without storing them; random per process so no one
@@ -152,6 +171,7 @@ impl fmt::Debug for Guard {
 #[must_use]
 pub struct GuardBuilder {
     limits: Limits,
+    server_limits: ServerLimits,
     agent: Option<AgentClient>,
     registry: Option<Registry>,
     trusted_proxies: Vec<Prefix>,
@@ -163,6 +183,13 @@ impl GuardBuilder {
     /// The limits to enforce (default [`Limits::default`]).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The limits of guard's own server, [`Guard::serve`] (default
+    /// [`ServerLimits::default`]).
+    pub fn server_limits(mut self, limits: ServerLimits) -> Self {
+        self.server_limits = limits;
         self
     }
 
@@ -201,6 +228,12 @@ impl GuardBuilder {
     pub fn build(self) -> Result<Guard, GuardError> {
         self.limits.validate()?;
         let metrics = Metrics::new(self.registry.as_ref())?;
+        let server = ServerShared::new(
+            self.server_limits,
+            self.limits.source_prefix_v4,
+            self.limits.source_prefix_v6,
+            self.registry.as_ref(),
+        )?;
         let report_counters = Arc::new(ReportCounters::new(self.agent.clone())?);
         if let Some(registry) = &self.registry {
             registry.register(Box::new(ReportCollector(report_counters.clone())))?;
@@ -220,6 +253,7 @@ impl GuardBuilder {
                     refusing: AtomicBool::new(false),
                 },
                 report_counters,
+                server,
                 epoch: Instant::now(),
                 hasher: RandomState::new(),
             }),

@@ -25,8 +25,6 @@ pub(crate) struct Served {
     upgrade: Arc<Mutex<Option<OnUpgrade>>>,
 }
 
-// `new` is for guard's server, which lands on its own branch.
-#[allow(dead_code)]
 impl Served {
     pub fn new(remote: SocketAddr, upgrade: Option<OnUpgrade>) -> Self {
         Self {
@@ -35,6 +33,8 @@ impl Served {
         }
     }
 
+    // Read by the WebSocket upgrade, which lands on its own branch.
+    #[allow(dead_code)]
     /// The upgrade handle, once; `None` if already taken or never there.
     pub fn take_upgrade(&self) -> Option<OnUpgrade> {
         self.upgrade

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt, StreamExt};
 use guard_common::app::{Guard, GuardedWebSocket, SseSubscription, WsSender, WsUpgrade};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -41,11 +41,22 @@ pub fn unix_ns_now() -> u64 {
         .as_nanos() as u64
 }
 
-/// Serves `routes` on an ephemeral loopback port.
+/// Serves `routes` with guard's server (default server limits) on an
+/// ephemeral loopback port. The serving guard is not the app's: the budget
+/// and deadlines need no admission state, and the app's guard keeps its
+/// registry to itself.
 pub async fn serve(routes: BoxedFilter<(HttpResponse,)>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    serve_with(&Guard::builder().build().unwrap(), routes).await
+}
+
+/// Serves `routes` with `guard`'s server on an ephemeral loopback port.
+pub async fn serve_with(guard: &Guard, routes: BoxedFilter<(HttpResponse,)>) -> SocketAddr {
+    let (addr, serving) = guard
+        .serve(routes)
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .expect("bind an ephemeral loopback port");
+    tokio::spawn(serving);
     addr
 }
 

@@ -2,13 +2,14 @@
 //! attacker namespace, typed: a scenario and its test start the same attack through the same
 //! function and differ only in the numbers they pass.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::Result;
 
 use super::{args, attacker_ip, Stack};
-use crate::report::{ConnFloodReport, ProbeReport, StormReport, WsFloodReport};
+use crate::lab::{ATTACKER_V4, ROLE_IF};
+use crate::report::{ConnFloodReport, ProbeReport, SlowHeadsReport, StormReport, WsFloodReport};
 use crate::ClientRun;
 
 /// How long past its own end a workload may run before it is killed: room for its last
@@ -50,7 +51,72 @@ pub struct Storm {
     pub secs: u32,
 }
 
+/// Where the slow-heads sources live: 1 022 host addresses (four /24s) outside the spoofed
+/// floods' range, so that neither their routes nor the switch's sink for forged sources
+/// touch them.
+pub const SLOW_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 64, 0), 22);
+
+/// `lab-client slow-heads`: the first `sources` addresses of [`SLOW_NET`], each holding one
+/// request head that never ends (a header line every `interval_ms`), reopened `reconnect_ms`
+/// after the server closes it; first connects spread over `ramp_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowHeads {
+    pub sources: u32,
+    pub interval_ms: u32,
+    pub reconnect_ms: u32,
+    pub ramp_ms: u32,
+    pub connect_timeout_ms: u32,
+    pub secs: u32,
+}
+
 impl Stack {
+    /// Slow request heads from many real sources (see [`SlowHeads`]).
+    pub fn slow_heads(&self, s: SlowHeads) -> Result<ClientRun<SlowHeadsReport>> {
+        self.own_slow_net()?;
+        self.attacker(
+            args(&[
+                "slow-heads",
+                "--target",
+                &self.app_addr().to_string(),
+                "--src-net",
+                &format!("{}/{}", SLOW_NET.0, SLOW_NET.1),
+                "--sources",
+                &s.sources.to_string(),
+                "--interval-ms",
+                &s.interval_ms.to_string(),
+                "--reconnect-ms",
+                &s.reconnect_ms.to_string(),
+                "--ramp-ms",
+                &s.ramp_ms.to_string(),
+                "--connect-timeout-ms",
+                &s.connect_timeout_ms.to_string(),
+                "--secs",
+                &s.secs.to_string(),
+            ]),
+            budget(s.secs),
+        )
+    }
+
+    /// Gives the attacker namespace every address of [`SLOW_NET`] at once (a `local` route:
+    /// the kernel's "AnyIP", instead of a thousand `ip addr add`) and routes the range to it
+    /// from the server. Idempotent; the routes go away with the namespaces.
+    fn own_slow_net(&self) -> Result<()> {
+        let net = format!("{}/{}", SLOW_NET.0, SLOW_NET.1);
+        self.lab
+            .attacker
+            .ip(&["route", "replace", "local", &net, "dev", "lo"])?;
+        self.lab.server.ip(&[
+            "route",
+            "replace",
+            &net,
+            "via",
+            &ATTACKER_V4.to_string(),
+            "dev",
+            ROLE_IF,
+        ])?;
+        Ok(())
+    }
+
     /// A connection flood from the attacker's own address.
     pub fn conn_flood(&self, f: ConnFlood) -> Result<ClientRun<ConnFloodReport>> {
         self.conn_flood_from(attacker_ip(), f)

@@ -38,7 +38,7 @@ use anyhow::{ensure, Context as _, Result};
 use serde::de::DeserializeOwned;
 
 pub use attacks::{attacker_ip, FlatOutFlood, HoardReport, SlotHoarder};
-pub use clients::{ConnFlood, Storm, StormKind};
+pub use clients::{ConnFlood, SlowHeads, Storm, StormKind, SLOW_NET};
 pub use cpus::Cpus;
 pub use interrupt::{
     check_interrupted, install_signal_handlers, interrupted, pause, wait_until, INTERRUPTED,

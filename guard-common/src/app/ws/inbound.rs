@@ -146,18 +146,24 @@ impl GuardedWebSocket {
             }
         }
         let bytes_over = !take_bytes(&mut self.bytes, now, arrived.payload, byte_rate, byte_burst);
+        if !warn {
+            let touched = arrived.messages.max(1);
+            self.frame_debt += (over + u64::from(bytes_over)).min(touched);
+        }
         for _ in 0..over {
             if !matches!(self.phase, Phase::Open) {
-                return;
+                break;
             }
             self.violate_counted(Violation::Rate, "over the message rate", now);
         }
         if bytes_over && matches!(self.phase, Phase::Open) {
             self.violate_counted(Violation::Rate, "over the byte rate", now);
         }
-        if !warn {
-            let touched = arrived.messages.max(1);
-            self.frame_debt += (over + u64::from(bytes_over)).min(touched);
+        if !matches!(self.phase, Phase::Open) {
+            // Closed for it: the messages in debt will never be delivered.
+            let discarded = std::mem::take(&mut self.frame_debt);
+            let metrics = &self.permit.guard().inner.metrics;
+            metrics.dropped(Violation::Rate.dropped()).inc_by(discarded);
         }
     }
 

@@ -37,6 +37,8 @@ pub(crate) enum Cmd {
     SseStorm(StormArgs),
     /// A TCP echo server with a real listen backlog (for lab plumbing tests).
     ServeEcho(EchoArgs),
+    /// One never-ending request head per source, from many sources; reopened when closed.
+    SlowHeads(SlowHeadsArgs),
 }
 
 impl Cmd {
@@ -51,6 +53,7 @@ impl Cmd {
             Cmd::SynFlood(a) => u64::from(a.secs),
             Cmd::WsStorm(a) | Cmd::SseStorm(a) => a.secs,
             Cmd::ServeEcho(a) => a.secs,
+            Cmd::SlowHeads(a) => a.secs,
         }
     }
 }
@@ -279,4 +282,29 @@ mod tests {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
         }
     }
+}
+
+#[derive(Args)]
+pub(crate) struct SlowHeadsArgs {
+    #[arg(long)]
+    pub(crate) target: SocketAddr,
+    /// The sources: the first `--sources` host addresses of this network, which the namespace
+    /// must own (e.g. a `local` route for it).
+    #[arg(long, value_parser = parse_v4_net)]
+    pub(crate) src_net: (Ipv4Addr, u8),
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub(crate) sources: u64,
+    /// One more header line per connection this often.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub(crate) interval_ms: u64,
+    /// Wait this long after the server closed a connection before opening the next.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub(crate) reconnect_ms: u64,
+    /// Spread the sources' first connects over this long.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub(crate) ramp_ms: u64,
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub(crate) connect_timeout_ms: u64,
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) secs: u64,
 }

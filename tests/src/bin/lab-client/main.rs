@@ -10,7 +10,8 @@
 //! What lives where: `cli` (the arguments), `net` (the run's end, sockets, connect outcomes,
 //! error logging), one module per workload family: `probe`, `ws` (chat and flood), `sse`
 //! (subscribers and the HTTP GET they share with the SSE storm), `floods` (connection and
-//! SYN floods, handshake storms), `echo`.
+//! SYN floods, handshake storms), `slow` (never-ending request heads from many sources),
+//! `echo`.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -24,6 +25,7 @@ mod echo;
 mod floods;
 mod net;
 mod probe;
+mod slow;
 mod sse;
 mod ws;
 
@@ -32,6 +34,7 @@ use echo::serve_echo;
 use floods::{conn_flood, storm, syn_flood, StormKind};
 use net::Stop;
 use probe::probe;
+use slow::slow_heads;
 use sse::sse;
 use ws::{ws_chat, ws_flood};
 
@@ -85,6 +88,7 @@ async fn run(cmd: Cmd) -> Result<String> {
             encode(r, started, |r| &mut r.elapsed_ms)
         }
         Cmd::ServeEcho(a) => encode(serve_echo(a, &stop).await?, started, |r| &mut r.elapsed_ms),
+        Cmd::SlowHeads(a) => encode(slow_heads(a, &stop).await?, started, |r| &mut r.elapsed_ms),
         Cmd::SynFlood(_) => unreachable!("handled before the runtime starts"),
     }
 }
