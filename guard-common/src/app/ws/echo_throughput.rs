@@ -1,5 +1,5 @@
-//! WebSocket echo throughput through warp's `Ws` and through guard's own
-//! upgrade, in one process: the sized buffers (4 KiB instead of 128 KiB),
+//! WebSocket echo throughput through `warp::serve` (warp's `Ws`) and
+//! through guard's server (guard's own upgrade), in one process: the sized buffers (4 KiB instead of 128 KiB),
 //! the frame meter and the message conversion must not cost throughput.
 //!
 //! Ignored by default (a measurement: it fails only if echoes are lost;
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use warp::reply::Reply;
 use warp::Filter;
 
-use super::tests::{guard, serve_handing_over};
+use super::tests::guard;
 use crate::app::{GuardedWebSocket, Limits, SlowConsumerPolicy, WsUpgrade};
 use crate::test_support::within;
 
@@ -95,7 +95,13 @@ async fn echo_throughput() {
             })
             .recover(crate::app::recover);
         let addr = if handed_over {
-            serve_handing_over(app).await
+            let (addr, serving) = guard
+                .serve(app)
+                .bind(([127, 0, 0, 1], 0))
+                .await
+                .expect("bind a loopback port");
+            tokio::spawn(serving);
+            addr
         } else {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

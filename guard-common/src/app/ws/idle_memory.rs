@@ -1,7 +1,8 @@
 //! Resident memory per idle connection, measured in this process: N idle
 //! WebSockets and N idle SSE subscribers against the same guarded app,
-//! once through `warp::serve` (warp's `Ws`) and once through a server that
-//! hands the upgrade over as guard's does.
+//! once through `warp::serve` (warp's `Ws`, warp's hyper settings) and once
+//! through guard's server ([`Guard::serve`]: guard's upgrade, its hyper
+//! settings).
 //!
 //! Ignored by default (it opens thousands of sockets and reads the whole
 //! process's RSS, which other tests running beside it would disturb):
@@ -28,7 +29,7 @@ use prometheus::Registry;
 use warp::reply::Reply;
 use warp::{Filter, Rejection};
 
-use super::tests::{guard, serve_handing_over};
+use super::tests::guard;
 use crate::app::{Guard, GuardedWebSocket, Limits, SseSubscription, WsUpgrade};
 use crate::test_support::wait_until;
 
@@ -167,7 +168,13 @@ async fn measure_one(n: usize, handed_over: bool, path: &'static str) {
     let senders = std::sync::Arc::default();
     let app = idle_app(&guard, std::sync::Arc::clone(&senders));
     let addr = if handed_over {
-        serve_handing_over(app).await
+        let (addr, serving) = guard
+            .serve(app)
+            .bind(([127, 0, 0, 1], 0))
+            .await
+            .expect("bind a loopback port");
+        tokio::spawn(serving);
+        addr
     } else {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -240,7 +247,7 @@ async fn idle_memory_per_connection() {
         .await
         .unwrap();
         let server = if handed_over {
-            "handed over (guard's upgrade)"
+            "guard's server (guard's upgrade)"
         } else {
             "warp::serve (warp's Ws)"
         };
