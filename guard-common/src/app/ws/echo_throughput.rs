@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use warp::reply::Reply;
 use warp::Filter;
 
-use super::tests::guard;
+use super::tests::{guard, serve_guarded};
 use crate::app::{GuardedWebSocket, Limits, SlowConsumerPolicy, WsUpgrade};
 use crate::test_support::within;
 
@@ -95,13 +95,7 @@ async fn echo_throughput() {
             })
             .recover(crate::app::recover);
         let addr = if handed_over {
-            let (addr, serving) = guard
-                .serve(app)
-                .bind(([127, 0, 0, 1], 0))
-                .await
-                .expect("bind a loopback port");
-            tokio::spawn(serving);
-            addr
+            serve_guarded(&guard, app).await
         } else {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();

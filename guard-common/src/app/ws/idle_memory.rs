@@ -29,7 +29,7 @@ use prometheus::Registry;
 use warp::reply::Reply;
 use warp::{Filter, Rejection};
 
-use super::tests::guard;
+use super::tests::{guard, serve_guarded};
 use crate::app::{Guard, GuardedWebSocket, Limits, SseSubscription, WsUpgrade};
 use crate::test_support::wait_until;
 
@@ -168,13 +168,7 @@ async fn measure_one(n: usize, handed_over: bool, path: &'static str) {
     let senders = std::sync::Arc::default();
     let app = idle_app(&guard, std::sync::Arc::clone(&senders));
     let addr = if handed_over {
-        let (addr, serving) = guard
-            .serve(app)
-            .bind(([127, 0, 0, 1], 0))
-            .await
-            .expect("bind a loopback port");
-        tokio::spawn(serving);
-        addr
+        serve_guarded(&guard, app).await
     } else {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,57 +1,35 @@
-//! The upgrade guard finishes itself, over real sockets: a minimal hyper
-//! server hands every request's upgrade over in a [`Served`], as guard's
-//! server does, and raw clients write frames by hand.
+//! The upgrade guard finishes itself, over real sockets: guard's server
+//! hands every request's upgrade over, and raw clients write frames by
+//! hand.
 
 use std::net::SocketAddr;
 use std::prelude::rust_2021::*;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use prometheus::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use warp::reply::Reply;
 use warp::{Filter, Rejection};
 
-use crate::app::served::Served;
 use crate::app::{Guard, GuardedWebSocket, Limits, ViolationPolicy, WsUpgrade};
 use crate::client::{AgentClient, ClientConfig};
 use crate::state::reason;
 use crate::test_support::{within, FakeAgent, Mode, TestDir};
 
-/// Serves `filter` on an ephemeral loopback port the way guard's server
-/// does: HTTP/1 with upgrades, a [`Served`] in every request.
-pub(crate) async fn serve_handing_over<F, R>(filter: F) -> SocketAddr
+/// Serves `filter` with `guard`'s server on an ephemeral loopback port.
+pub(super) async fn serve_guarded<F, R>(guard: &Guard, filter: F) -> SocketAddr
 where
     F: Filter<Extract = (R,), Error = Rejection> + Clone + Send + Sync + 'static,
     R: Reply,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = TowerToHyperService::new(warp::service(filter));
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
-                continue;
-            };
-            let app = app.clone();
-            let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-                let upgrade = hyper::upgrade::on(&mut req);
-                req.extensions_mut()
-                    .insert(Served::new(remote, Some(upgrade)));
-                hyper::service::Service::call(&app, req)
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades(),
-            );
-        }
-    });
+    let (addr, serving) = guard
+        .serve(filter)
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .expect("bind a loopback port");
+    tokio::spawn(serving);
     addr
 }
 
@@ -181,7 +159,7 @@ fn quiet_limits() -> Limits {
 async fn guard_answers_the_handshake_and_echoes() {
     let registry = Registry::new();
     let guard = guard(quiet_limits(), &registry, None);
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
     let (mut s, head) = raw_upgrade(addr, "198.18.40.1").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let lower = head.to_ascii_lowercase();
@@ -228,7 +206,7 @@ async fn a_network_over_its_cap_is_answered_429_instead_of_upgraded() {
         &registry,
         None,
     );
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
     let (_held, head) = raw_upgrade(addr, "198.18.41.1").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // Same /24, another address: the network's cap.
@@ -250,7 +228,7 @@ async fn oversized_messages_close_with_1009_whole_or_in_fragments() {
         ..quiet_limits()
     };
     let guard = guard(limits, &registry, None);
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
 
     // One frame over max_frame_size.
     let (s, _) = raw_upgrade(addr, "198.18.42.1").await;
@@ -294,7 +272,7 @@ async fn fragments_count_toward_the_message_rate_and_a_fragmented_flood_is_repor
         &registry,
         Some(ClientConfig::new(dir.sock(), "test-app")),
     );
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
 
     // One message of 40 small fragments: 40 frames against a burst of 5.
     let (s, _) = raw_upgrade(addr, "198.18.43.66").await;
@@ -325,7 +303,7 @@ async fn fragments_count_toward_the_message_rate_and_a_fragmented_flood_is_repor
 async fn an_empty_continuation_flood_is_closed_with_1008() {
     let registry = Registry::new();
     let guard = guard(flood_limits(), &registry, None);
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
     let (s, _) = raw_upgrade(addr, "198.18.44.66").await;
     // A message that never ends: 65 536 empty fragments after its first.
     let flood = std::iter::once(frame(false, 0x1, b"x"))
@@ -354,7 +332,7 @@ async fn under_drop_over_rate_fragments_cost_messages_not_the_connection() {
         &registry,
         None,
     );
-    let addr = serve_handing_over(echo_app(&guard)).await;
+    let addr = serve_guarded(&guard, echo_app(&guard)).await;
     let (mut s, _) = raw_upgrade(addr, "198.18.45.1").await;
     // Eight frames in one write: three over the burst, so the message is
     // dropped.
@@ -406,7 +384,7 @@ async fn the_apps_validation_holds_on_guards_upgrade() {
             })
         })
         .recover(crate::app::recover);
-    let addr = serve_handing_over(app).await;
+    let addr = serve_guarded(&guard, app).await;
     let (mut s, _) = raw_upgrade(addr, "198.18.46.1").await;
     s.write_all(&frame(true, 0x1, b"a bad one")).await.unwrap();
     s.write_all(&frame(true, 0x1, b"a good one")).await.unwrap();
