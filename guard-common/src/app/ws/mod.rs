@@ -136,15 +136,15 @@ impl WsUpgrade {
         F: FnOnce(GuardedWebSocket) -> U + Send + 'static,
         U: Future<Output = ()> + Send + 'static,
     {
-        let limits = self.permit.guard().limits().clone();
+        let limits = self.permit.guard().limits();
+        let config = limits.websocket_config();
+        let (max_message, max_frame) = (limits.max_message_size, limits.max_frame_size);
         let (permit, validator) = (self.permit, self.validator);
         match self.ws {
             Handshake::Warp(ws) => {
                 // The codec refuses bigger messages before buffering them;
                 // warp offers no way to size its buffers.
-                let ws = ws
-                    .max_message_size(limits.max_message_size)
-                    .max_frame_size(limits.max_frame_size);
+                let ws = ws.max_message_size(max_message).max_frame_size(max_frame);
                 ws.on_upgrade(move |socket| {
                     handler(GuardedWebSocket::new(
                         Socket::Warp(socket),
@@ -155,7 +155,6 @@ impl WsUpgrade {
                 .into_response()
             }
             Handshake::Sized { upgrade, key } => {
-                let config = limits.websocket_config();
                 // The connection is handed over once the 101 below has gone
                 // out; until then (and if it never does) the task only
                 // holds the permit, which a failed upgrade gives back.
