@@ -125,6 +125,59 @@ async fn per_ip_cap_is_429_with_retry_after_and_a_closed_slot_is_free_again() {
 }
 
 #[tokio::test]
+async fn a_network_is_capped_as_a_whole_per_24_and_per_48() {
+    let registry = Registry::new();
+    let guard = guard_with(
+        Limits {
+            per_ip_max_connections: 2,
+            per_prefix_max_connections_v4: 3,
+            per_prefix_max_connections_v6: 4,
+            retry_after_cap: Duration::from_secs(7),
+            ..Limits::default()
+        },
+        &registry,
+    );
+    // Three sources of one /24, each under its own cap, fill the network's.
+    let a = subscribe(&guard, "198.18.50.1:1000").await.unwrap();
+    let _b = subscribe(&guard, "198.18.50.2:1000").await.unwrap();
+    let _c = subscribe(&guard, "198.18.50.3:1000").await.unwrap();
+    let refused = subscribe(&guard, "198.18.50.4:1000").await.unwrap_err();
+    assert_eq!(refused.reason, RejectReason::PerPrefixCap);
+    let res = warp::test::request()
+        .path("/events")
+        .remote_addr(addr("198.18.50.200:1000"))
+        .reply(&sse_route(&guard))
+        .await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retry_after(&res), 7);
+    // The next /24 is another network.
+    let _d = subscribe(&guard, "198.18.51.1:1000").await.unwrap();
+    // A slot given back in the network is free for any of its sources.
+    drop(a);
+    let _e = subscribe(&guard, "198.18.50.4:1001").await.unwrap();
+
+    // IPv6: /64s are sources (two each), a /48 holds four.
+    let mut held = Vec::new();
+    for sub in ["1", "2"] {
+        for port in [1000, 1001] {
+            let from = format!("[2001:2:0:{sub}::1]:{port}");
+            held.push(subscribe(&guard, &from).await.unwrap());
+        }
+    }
+    let refused = subscribe(&guard, "[2001:2:0:3::1]:1000").await.unwrap_err();
+    assert_eq!(refused.reason, RejectReason::PerPrefixCap);
+    let _other_48 = subscribe(&guard, "[2001:2:1:1::1]:1000").await.unwrap();
+
+    assert_eq!(
+        common::metric(
+            &registry,
+            r#"guard_app_connections_rejected_total{kind="sse",reason="per_prefix_cap"}"#
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
 async fn global_cap_is_503_with_a_jittered_retry_after() {
     let registry = Registry::new();
     let guard = guard_with(

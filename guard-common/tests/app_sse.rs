@@ -15,7 +15,7 @@ use guard_common::app::{Limits, SlowConsumerPolicy};
 use guard_common::client::ClientConfig;
 use guard_common::state::reason;
 use prometheus::Registry;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every `retry:` value (ms) in `buf`.
 fn retries(buf: &[u8]) -> Vec<u64> {
@@ -163,6 +163,46 @@ async fn a_slow_subscriber_is_evicted_and_told_when_to_come_back() {
             r#"guard_app_messages_dropped_total{reason="slow_consumer"}"#
         ),
         1.0
+    );
+}
+
+/// Issue 23: the evicted subscriber's slot was given back but its
+/// connection stayed open, kept alive for a next request that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_subscriber_s_connection_is_closed() {
+    let registry = Registry::new();
+    let guard = common::guard(
+        Limits {
+            sse_buffer: 4,
+            slow_consumer_policy: SlowConsumerPolicy::Close,
+            ..Limits::default()
+        },
+        &registry,
+        None,
+    );
+    let hub = SseHub::default();
+    let addr = serve(common::app(&guard, hub.clone())).await;
+    let mut s = sse_connect(addr, "198.18.23.1").await;
+    eventually("the subscriber to join", || hub.len() == 1).await;
+    firehose(&hub, 100_000).await;
+    assert_eq!(hub.len(), 0, "evicted");
+    // Everything up to the server's FIN: the eviction, the end of the
+    // body, then the end of the connection.
+    let mut buf = Vec::new();
+    within(
+        "the server to close the connection",
+        s.read_to_end(&mut buf),
+    )
+    .await
+    .unwrap();
+    assert!(contains(&buf, "event:evicted"));
+    assert!(buf.ends_with(b"\r\n0\r\n\r\n"), "the body ended cleanly");
+    assert!(
+        head(&buf)
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        head(&buf)
     );
 }
 

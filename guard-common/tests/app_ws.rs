@@ -37,6 +37,34 @@ fn flood_limits() -> Limits {
     }
 }
 
+/// An app still on `warp::serve`: warp finishes the upgrade (no sized
+/// buffers, messages charged as assembled), and the limits hold the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_still_on_warp_serve_keeps_its_limits() {
+    let registry = Registry::new();
+    let guard = common::guard(flood_limits(), &registry, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = common::app(&guard, SseHub::default());
+    tokio::spawn(warp::serve(app).incoming(listener).run());
+
+    let mut alice = ws_connect(addr, "/chat", "198.18.19.1", None).await;
+    alice.send(WsMessage::text("alice here")).await.unwrap();
+    recv_until(&mut alice, "alice here").await;
+    let flooder = ws_connect(addr, "/chat", "198.18.19.66", None).await;
+    let (code, sent) = flood(flooder, "spam").await;
+    assert_eq!(code, Some(CloseCode::Policy), "after {sent} messages");
+    eventually("the flooder's close to be counted", || {
+        metric(
+            &registry,
+            r#"guard_app_connections_closed_total{reason="flood"}"#,
+        ) == 1.0
+    })
+    .await;
+    alice.send(WsMessage::text("still here")).await.unwrap();
+    recv_until(&mut alice, "still here").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_closed_with_1008_and_reported_while_others_keep_chatting() {
     let dir = TestDir::new("flood");

@@ -105,6 +105,7 @@ pub struct Permit {
     kind: ConnKind,
     peer: Peer,
     source: Prefix,
+    aggregate: Prefix,
     identity: Option<u64>,
     /// Counted when the permit goes, so every admitted connection is
     /// counted closed exactly once, including ones that never started.
@@ -132,6 +133,12 @@ impl Drop for Permit {
         t.open_total = t.open_total.saturating_sub(1);
         if let Some(s) = t.sources.get_mut(&self.source) {
             s.open = s.open.saturating_sub(1);
+        }
+        if let Some(open) = t.aggregates.get_mut(&self.aggregate) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                t.aggregates.remove(&self.aggregate);
+            }
         }
         if let Some(id) = self.identity {
             if let Some(e) = t.identities.get_mut(&id) {
@@ -169,6 +176,10 @@ pub(crate) struct IdentityEntry {
 pub(crate) struct Tables {
     pub open_total: u32,
     pub sources: HashMap<Prefix, SourceEntry>,
+    /// Open connections per aggregate prefix (see
+    /// [`Limits::per_prefix_max_connections_v4`]); an entry lives only while
+    /// something is open, so the map is bounded by `max_connections`.
+    pub aggregates: HashMap<Prefix, u32>,
     pub identities: HashMap<u64, IdentityEntry>,
     pub last_retain_ns: u64,
 }
@@ -361,6 +372,16 @@ impl Guard {
         let limits = &inner.limits;
         let now = self.now_ns();
         let source = Prefix::of(peer.ip(), limits.source_prefix_v4, limits.source_prefix_v6);
+        let aggregate = Prefix::of(
+            peer.ip(),
+            limits.aggregate_prefix_v4,
+            limits.aggregate_prefix_v6,
+        );
+        let aggregate_cap = if aggregate.is_v4() {
+            limits.per_prefix_max_connections_v4
+        } else {
+            limits.per_prefix_max_connections_v6
+        };
         let identity = peer.identity().map(|id| inner.hasher.hash_one(id));
         let reject = |reason: RejectReason, retry_after: Duration| {
             inner.metrics.rejected(kind, reason).inc();
@@ -398,6 +419,8 @@ impl Guard {
 
             if s.open >= limits.per_ip_max_connections {
                 Err(reject(RejectReason::PerIpCap, limits.retry_after_cap))
+            } else if t.aggregates.get(&aggregate).copied().unwrap_or(0) >= aggregate_cap {
+                Err(reject(RejectReason::PerPrefixCap, limits.retry_after_cap))
             } else if identity.is_some_and(|id| {
                 t.identities
                     .get(&id)
@@ -438,6 +461,7 @@ impl Guard {
                 .map(|()| {
                     let s = t.source(source, limits, now);
                     s.open += 1;
+                    *t.aggregates.entry(aggregate).or_insert(0) += 1;
                     t.open_total += 1;
                 })
             }
@@ -475,6 +499,7 @@ impl Guard {
             kind,
             peer: peer.clone(),
             source,
+            aggregate,
             identity,
             close_reason: CloseReason::Normal,
         })

@@ -3,6 +3,8 @@
 use std::prelude::rust_2021::*;
 use std::time::Duration;
 
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
 use super::GuardError;
 
 /// What happens to a message that breaks a limit (rate, size, validation).
@@ -64,6 +66,18 @@ pub struct Limits {
     /// the kernel's cap, so one host cannot spread over its /64.
     pub source_prefix_v4: u8,
     pub source_prefix_v6: u8,
+    /// Open connections per aggregate prefix (an IPv4 /24 and an IPv6 /48
+    /// by default, `aggregate_prefix_v4`/`_v6`), refused with 429 like the
+    /// per-source cap. Without it, sources of one network add up: a /48 is
+    /// what one customer is routinely given, 65 536 /64s, so a single site
+    /// could take every global slot 32 at a time. Defaults 1 024 each: a
+    /// tenth of `max_connections`, so no one network fills the service,
+    /// while a NAT or office behind a few addresses of a /24 keeps 30 times
+    /// what one source may hold. Raise it for big carrier-grade NAT pools.
+    pub per_prefix_max_connections_v4: u32,
+    pub per_prefix_max_connections_v6: u32,
+    pub aggregate_prefix_v4: u8,
+    pub aggregate_prefix_v6: u8,
     /// Most sources (and identities) tracked; past it, an eighth of them is
     /// forgotten early: those with the least at stake (a refilled bucket, no
     /// attempts in the storm window) first, then the longest unseen, never
@@ -75,6 +89,24 @@ pub struct Limits {
     /// Default 120 s.
     pub source_idle_ttl: Duration,
 
+    // --- WebSocket buffers (when guard's server did the upgrade) ---
+    /// What tungstenite allocates up front for reading, for the life of the
+    /// connection; longer messages are read in pieces of this size into a
+    /// buffer that grows to the message. Default 4 KiB: an idle connection
+    /// holds it forever, and at `byte_rate` a connection needs at most ~64
+    /// reads of it a second (tungstenite's own default, 128 KiB, made an
+    /// idle WebSocket cost 138 KiB).
+    pub ws_read_buffer_size: usize,
+    /// Outbound frames gather up to this much before they are written (a
+    /// flush writes them anyway); the buffer keeps what it grew to. Default
+    /// 4 KiB.
+    pub ws_write_buffer_size: usize,
+    /// The most the outbound buffer may hold while the socket refuses
+    /// writes (the bounded queue in front of it holds the rest). A single
+    /// outbound message bigger than this fails the connection. Must exceed
+    /// `ws_write_buffer_size`. Default 4 MiB.
+    pub ws_max_write_buffer_size: usize,
+
     // --- WebSocket messages ---
     /// Largest message and frame, enforced by the WebSocket codec itself so
     /// nothing bigger is ever buffered; a bigger one closes the connection
@@ -82,14 +114,17 @@ pub struct Limits {
     pub max_message_size: usize,
     pub max_frame_size: usize,
     /// Messages per second per connection (control frames included), and
-    /// the burst. A rate of 0 makes the burst a budget for the connection's
-    /// lifetime. Per connection even with an identity: an identity's total
+    /// the burst. When guard's server did the upgrade every frame counts,
+    /// as it arrives: a message sent in ten fragments costs ten, so empty
+    /// continuation frames are a flood like any other. A rate of 0 makes
+    /// the burst a budget for the connection's lifetime. Per connection even with an identity: an identity's total
     /// is bounded by `per_identity_max_connections` times this. Defaults
     /// 50/s, burst 100.
     pub message_rate: u32,
     pub message_burst: u32,
     /// Bytes per second per connection, and the burst (at least
-    /// `max_message_size`). Defaults 256 KiB/s, burst 1 MiB.
+    /// `max_message_size`); payload bytes, charged per frame as they arrive
+    /// when guard's server did the upgrade. Defaults 256 KiB/s, burst 1 MiB.
     pub byte_rate: u32,
     pub byte_burst: u32,
     /// Default [`ViolationPolicy::Close`].
@@ -155,8 +190,16 @@ impl Default for Limits {
             retry_after_global: Duration::from_secs(15),
             source_prefix_v4: 32,
             source_prefix_v6: 64,
+            per_prefix_max_connections_v4: 1024,
+            per_prefix_max_connections_v6: 1024,
+            aggregate_prefix_v4: 24,
+            aggregate_prefix_v6: 48,
             max_tracked_sources: 65_536,
             source_idle_ttl: Duration::from_secs(120),
+
+            ws_read_buffer_size: 4 * KIB,
+            ws_write_buffer_size: 4 * KIB,
+            ws_max_write_buffer_size: 4096 * KIB,
 
             max_message_size: 64 * KIB,
             max_frame_size: 64 * KIB,
@@ -203,6 +246,27 @@ impl Limits {
         if self.source_prefix_v6 == 0 || self.source_prefix_v6 > 128 {
             return bad("source_prefix_v6 must be 1..=128");
         }
+        if self.aggregate_prefix_v4 == 0 || self.aggregate_prefix_v4 > self.source_prefix_v4 {
+            return bad(
+                "aggregate_prefix_v4 must be 1..=source_prefix_v4 (an aggregate holds sources)",
+            );
+        }
+        if self.aggregate_prefix_v6 == 0 || self.aggregate_prefix_v6 > self.source_prefix_v6 {
+            return bad(
+                "aggregate_prefix_v6 must be 1..=source_prefix_v6 (an aggregate holds sources)",
+            );
+        }
+        if self.per_prefix_max_connections_v4 < self.per_ip_max_connections
+            || self.per_prefix_max_connections_v6 < self.per_ip_max_connections
+        {
+            return bad("per_prefix_max_connections_v4 and _v6 must be at least per_ip_max_connections, or a lone source could never reach its own cap");
+        }
+        if self.ws_read_buffer_size < 64 {
+            return bad("ws_read_buffer_size must be at least 64 bytes");
+        }
+        if self.ws_max_write_buffer_size <= self.ws_write_buffer_size {
+            return bad("ws_max_write_buffer_size must exceed ws_write_buffer_size");
+        }
         if self.max_message_size == 0 || self.max_frame_size == 0 {
             return bad("max_message_size and max_frame_size must be at least 1");
         }
@@ -238,6 +302,16 @@ impl Limits {
             return bad("storm_threshold and identity_offenders_to_report must be at least 1");
         }
         Ok(())
+    }
+
+    /// The codec's settings for a WebSocket guard upgraded itself.
+    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.ws_read_buffer_size)
+            .write_buffer_size(self.ws_write_buffer_size)
+            .max_write_buffer_size(self.ws_max_write_buffer_size)
+            .max_message_size(Some(self.max_message_size))
+            .max_frame_size(Some(self.max_frame_size))
     }
 }
 
@@ -276,6 +350,23 @@ mod tests {
             },
             Limits {
                 outbound_queue: 0,
+                ..Limits::default()
+            },
+            Limits {
+                ws_max_write_buffer_size: 4096,
+                ws_write_buffer_size: 4096,
+                ..Limits::default()
+            },
+            Limits {
+                ws_read_buffer_size: 0,
+                ..Limits::default()
+            },
+            Limits {
+                aggregate_prefix_v6: 80,
+                ..Limits::default()
+            },
+            Limits {
+                per_prefix_max_connections_v4: 4,
                 ..Limits::default()
             },
         ];

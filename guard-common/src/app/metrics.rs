@@ -43,15 +43,19 @@ pub enum RejectReason {
     /// The identity opens connections faster than
     /// `per_identity_connect_rate` (429).
     PerIdentityRate,
+    /// The source's network (its /24 or /48) is at
+    /// `per_prefix_max_connections_v4`/`_v6` (429).
+    PerPrefixCap,
 }
 
 impl RejectReason {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::PerIpCap,
         Self::GlobalCap,
         Self::PerIpRate,
         Self::PerIdentityCap,
         Self::PerIdentityRate,
+        Self::PerPrefixCap,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -61,6 +65,7 @@ impl RejectReason {
             Self::PerIpRate => "per_ip_rate",
             Self::PerIdentityCap => "per_identity_cap",
             Self::PerIdentityRate => "per_identity_rate",
+            Self::PerPrefixCap => "per_prefix_cap",
         }
     }
 
@@ -71,6 +76,7 @@ impl RejectReason {
             Self::PerIpRate => 2,
             Self::PerIdentityCap => 3,
             Self::PerIdentityRate => 4,
+            Self::PerPrefixCap => 5,
         }
     }
 }
@@ -193,7 +199,7 @@ impl CloseReason {
 pub(crate) struct Metrics {
     open: [IntGauge; 2],
     admitted: [IntCounter; 2],
-    rejected: [[IntCounter; 5]; 2],
+    rejected: [[IntCounter; RejectReason::ALL.len()]; 2],
     pub received: IntCounter,
     pub received_bytes: IntCounter,
     dropped: [IntCounter; 4],

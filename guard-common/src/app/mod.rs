@@ -43,14 +43,18 @@
 //! # What it does
 //!
 //! * **Admission** ([`Guard::websocket`], [`Guard::sse`], [`Guard::admit`]):
-//!   a global cap (503), per-source caps and connect rates (429), always
-//!   with `Retry-After`. Each admitted connection holds a [`Permit`] that
+//!   a global cap (503), per-source and per-network (/24, /48) caps and
+//!   per-source connect rates (429), always with `Retry-After`. Each admitted connection holds a [`Permit`] that
 //!   gives its slot back when dropped, however the connection ends.
 //! * **WebSockets** ([`GuardedWebSocket`]): size limits in the codec,
 //!   message and byte rate buckets, validation, a [`ViolationPolicy`], an
 //!   idle timeout with keep-alive pings, and a bounded outbound queue with a
 //!   [`SlowConsumerPolicy`]. A flooding connection is closed with 1008 and
-//!   its source reported.
+//!   its source reported. Under guard's own server, guard finishes the
+//!   upgrade itself: the codec's buffers are sized by [`Limits`] (an idle
+//!   WebSocket costs a few KiB instead of tungstenite's 128 KiB read
+//!   buffer), and every frame, fragments included, is charged as it
+//!   arrives.
 //! * **SSE** ([`SseSubscription`]): a bounded queue per subscriber,
 //!   keep-alive comments, slow subscribers evicted with a jittered `retry:`,
 //!   and reconnect storms per source counted and reported.
@@ -109,7 +113,9 @@ use admission::Tables;
 use metrics::Metrics;
 use peer::ProxyConfig;
 use report::{ReportCollector, ReportCounters, Reporter};
+use served::Served;
 use server::ServerShared;
+use ws::Handshake;
 
 /// Why a [`Guard`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -298,14 +304,21 @@ impl Guard {
 
     /// A WebSocket upgrade that passed admission; finish it with
     /// [`WsUpgrade::on_upgrade`]. Refused upgrades reject with [`Rejected`].
+    ///
+    /// Served by guard's server, guard finishes the upgrade itself, with
+    /// the codec's buffers sized by [`Limits`] and every frame charged as
+    /// it arrives; under `warp::serve`, warp finishes it (tungstenite's
+    /// 128 KiB buffers, messages charged as they are assembled).
     pub fn websocket(
         &self,
     ) -> impl Filter<Extract = (WsUpgrade,), Error = Rejection> + Clone + Send + Sync + 'static
     {
         let guard = self.clone();
-        warp::ws()
-            .and(self.peer())
-            .and_then(move |ws: Ws, peer: Peer| future::ready(guard.admit_ws(ws, peer)))
+        upgrade_request().and(self.peer()).and_then(
+            move |ws: Ws, served: Option<Served>, key: String, peer: Peer| {
+                future::ready(guard.admit_ws((ws, served, key), peer))
+            },
+        )
     }
 
     /// [`Guard::websocket`] with limits also keyed by the identity the
@@ -318,9 +331,9 @@ impl Guard {
         I: Filter<Extract = (Option<String>,), Error = Rejection> + Clone + Send + Sync + 'static,
     {
         let guard = self.clone();
-        warp::ws().and(self.peer()).and(identity).and_then(
-            move |ws: Ws, peer: Peer, id: Option<String>| {
-                future::ready(guard.admit_ws(ws, with_identity(peer, id)))
+        upgrade_request().and(self.peer()).and(identity).and_then(
+            move |ws: Ws, served: Option<Served>, key: String, peer: Peer, id: Option<String>| {
+                future::ready(guard.admit_ws((ws, served, key), with_identity(peer, id)))
             },
         )
     }
@@ -353,9 +366,13 @@ impl Guard {
         )
     }
 
-    fn admit_ws(&self, ws: Ws, peer: Peer) -> Result<WsUpgrade, Rejection> {
+    fn admit_ws(
+        &self,
+        (ws, served, key): (Ws, Option<Served>, String),
+        peer: Peer,
+    ) -> Result<WsUpgrade, Rejection> {
         self.admit(ConnKind::WebSocket, &peer)
-            .map(|permit| WsUpgrade::new(ws, permit))
+            .map(|permit| WsUpgrade::new(handshake(ws, served, key), permit))
             .map_err(warp::reject::custom)
     }
 
@@ -363,6 +380,27 @@ impl Guard {
         self.admit(ConnKind::Sse, &peer)
             .map(SseSubscription::new)
             .map_err(warp::reject::custom)
+    }
+}
+
+/// A valid WebSocket upgrade request: warp's `ws()` checks the method and
+/// headers, and finishes the upgrade unless guard's server handed the
+/// connection over ([`Served`]), in which case the key is all guard needs.
+fn upgrade_request(
+) -> impl Filter<Extract = (Ws, Option<Served>, String), Error = Rejection> + Clone + Send + Sync + 'static
+{
+    warp::ws()
+        .and(served::served())
+        .and(warp::header::<String>("sec-websocket-key"))
+}
+
+/// Who finishes the upgrade: guard, when its server handed the connection
+/// over, else warp. Decided only once the request is admitted, so a
+/// refused one leaves the upgrade where it was.
+fn handshake(ws: Ws, served: Option<Served>, key: String) -> Handshake {
+    match served.and_then(|s| s.take_upgrade()) {
+        Some(upgrade) => Handshake::Sized { upgrade, key },
+        None => Handshake::Warp(ws),
     }
 }
 

@@ -43,11 +43,22 @@ impl SseSubscription {
     /// that stops reading fills its socket, and then the body is not polled
     /// again for as long as the client likes. What was queued (or the
     /// eviction event) still goes out if the client reads again.
+    ///
+    /// When the stream ends, so does the connection (`Connection: close`):
+    /// an evicted subscriber must not keep its socket as an idle keep-alive
+    /// one, and a client whose event stream ended reconnects anyway. (Over
+    /// HTTP/2, where the header has no place, hyper drops it and only the
+    /// stream ends.)
     pub fn channel(self) -> (SseSender, impl Reply) {
         let keep_alive = self.permit.guard().limits().sse_keep_alive;
         let (sender, stream) = self.split();
         let stream = warp::sse::keep_alive().interval(keep_alive).stream(stream);
-        (sender, warp::sse::reply(stream))
+        let reply = warp::reply::with_header(
+            warp::sse::reply(stream),
+            warp::http::header::CONNECTION,
+            "close",
+        );
+        (sender, reply)
     }
 
     fn split(self) -> (SseSender, Subscriber) {
@@ -100,6 +111,19 @@ struct QueueState {
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Queues this long or shorter keep their room when they drain.
+const KEPT_CAPACITY: usize = 4;
+
+/// Gives back the room a burst made a queue grow to once it has drained:
+/// a subscriber spends most of its life idle, and a full queue's worth of
+/// events (up to `sse_buffer`) kept for each would be paid by every idle
+/// one. One reallocation per burst.
+pub(crate) fn shrink_drained<T>(items: &mut VecDeque<T>) {
+    if items.is_empty() && items.capacity() > KEPT_CAPACITY {
+        items.shrink_to(KEPT_CAPACITY);
     }
 }
 
@@ -248,6 +272,7 @@ impl Stream for Subscriber {
             return Poll::Ready(Some(Ok(evict)));
         }
         if let Some(event) = s.items.pop_front() {
+            shrink_drained(&mut s.items);
             return Poll::Ready(Some(Ok(event)));
         }
         if s.senders == 0 {
@@ -345,6 +370,20 @@ mod tests {
         assert_eq!(guard.open_connections(), 1);
         assert_eq!(closed(&registry, "slow_consumer"), 1);
         assert_eq!(closed(&registry, "normal"), 0);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_the_room_a_burst_took() {
+        let guard = Guard::builder().build().unwrap();
+        let (tx, mut sub) = subscribe(&guard, [198, 18, 32, 1]);
+        assert_eq!(sub.queue.lock().items.capacity(), 0, "nothing up front");
+        assert!(matches!(poll(&mut sub), Poll::Ready(Some(Ok(_)))), "retry");
+        for i in 0..32 {
+            tx.send(Event::default().data(i.to_string())).unwrap();
+        }
+        assert!(sub.queue.lock().items.capacity() >= 32);
+        while let Poll::Ready(Some(Ok(_))) = poll(&mut sub) {}
+        assert!(sub.queue.lock().items.capacity() <= KEPT_CAPACITY);
     }
 
     #[test]

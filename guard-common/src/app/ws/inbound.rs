@@ -2,7 +2,6 @@
 //! validation, the violation policy and the idle timeout.
 
 use std::borrow::Cow;
-use std::error::Error as _;
 use std::future::Future;
 use std::prelude::rust_2021::*;
 use std::task::Context;
@@ -10,6 +9,8 @@ use std::task::Context;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use warp::filters::ws::Message;
 
+use super::frames::Arrived;
+use super::socket::SocketError;
 use super::{
     GuardedWebSocket, Phase, CLOSE_INVALID_PAYLOAD, CLOSE_POLICY, CLOSE_PROTOCOL, CLOSE_TOO_BIG,
 };
@@ -24,11 +25,9 @@ const CLOCK_EVERY: u32 = 16;
 
 /// Charges `len` bytes to a byte bucket (the shared bucket takes one
 /// token at a time).
-fn take_bytes(bucket: &mut TokenBucket, now: u64, len: usize, rate: u32, burst: u32) -> bool {
+fn take_bytes(bucket: &mut TokenBucket, now: u64, len: u64, rate: u32, burst: u32) -> bool {
     bucket.refill(now, rate, burst);
-    let need = u64::try_from(len)
-        .unwrap_or(u64::MAX)
-        .saturating_mul(NANO_TOKENS);
+    let need = len.saturating_mul(NANO_TOKENS);
     if bucket.tokens >= need {
         bucket.tokens -= need;
         true
@@ -75,6 +74,25 @@ impl GuardedWebSocket {
         let data = msg.is_text() || msg.is_binary();
         let violation = if len > limits.max_message_size {
             Some((Violation::Size, Cow::Borrowed("message too big")))
+        } else if self.metered {
+            // Its frames were charged as they arrived (`charge_frames`),
+            // and counted as violations there if over a rate.
+            if self.frame_debt > 0 {
+                self.frame_debt -= 1;
+                if data {
+                    self.permit
+                        .guard()
+                        .inner
+                        .metrics
+                        .dropped(Violation::Rate.dropped())
+                        .inc();
+                }
+                return None;
+            }
+            match (&self.validator, data) {
+                (Some(check), true) => check(&msg).err().map(|e| (Violation::Invalid, e.0)),
+                _ => None,
+            }
         } else if !self
             .messages
             .try_take(now, limits.message_rate, limits.message_burst)
@@ -83,7 +101,7 @@ impl GuardedWebSocket {
         } else if !take_bytes(
             &mut self.bytes,
             now,
-            len,
+            len as u64,
             limits.byte_rate,
             limits.byte_burst,
         ) {
@@ -102,16 +120,73 @@ impl GuardedWebSocket {
         data.then_some(msg)
     }
 
+    /// Charges frames that just arrived (a metered socket only): one
+    /// message token each, control frames and continuation fragments
+    /// included, and their payload bytes, before the codec has assembled
+    /// anything. Each frame over the message rate is a rate violation, so
+    /// a flood of empty fragments closes like any message flood. Under
+    /// `Drop` and `Close` the messages those frames belong to are then
+    /// discarded: one per frame over (and one for a byte overrun), never
+    /// more than the batch touched, starting with the next one delivered.
+    /// A message in progress counts as touched by each batch it spans, so
+    /// a long fragmented one can cost the message after it too.
+    pub(super) fn charge_frames(&mut self, arrived: Arrived, now: u64) {
+        if arrived.frames == 0 {
+            return;
+        }
+        let limits = self.permit.guard().limits();
+        let (rate, burst) = (limits.message_rate, limits.message_burst);
+        let (byte_rate, byte_burst) = (limits.byte_rate, limits.byte_burst);
+        let warn = limits.violation_policy == ViolationPolicy::Warn;
+        self.last_activity_ns = now;
+        let mut over = 0u64;
+        for _ in 0..arrived.frames {
+            if !self.messages.try_take(now, rate, burst) {
+                over += 1;
+            }
+        }
+        let bytes_over = !take_bytes(&mut self.bytes, now, arrived.payload, byte_rate, byte_burst);
+        if !warn {
+            let touched = arrived.messages.max(1);
+            self.frame_debt += (over + u64::from(bytes_over)).min(touched);
+        }
+        for _ in 0..over {
+            if !matches!(self.phase, Phase::Open) {
+                break;
+            }
+            self.violate_counted(Violation::Rate, "over the message rate", now);
+        }
+        if bytes_over && matches!(self.phase, Phase::Open) {
+            self.violate_counted(Violation::Rate, "over the byte rate", now);
+        }
+        if !matches!(self.phase, Phase::Open) {
+            // Closed for it: the messages in debt will never be delivered.
+            let discarded = std::mem::take(&mut self.frame_debt);
+            let metrics = &self.permit.guard().inner.metrics;
+            metrics.dropped(Violation::Rate.dropped()).inc_by(discarded);
+        }
+    }
+
+    /// [`Self::violate`] for a violation whose message is not at hand: the
+    /// drop is counted when the message is discarded, not here.
+    fn violate_counted(&mut self, v: Violation, why: &str, now: u64) {
+        self.violate_inner(v, why, now, false);
+    }
+
     /// Counts a violation and applies the policy; true when the message is
     /// still delivered.
     fn violate(&mut self, v: Violation, why: &str, now: u64) -> bool {
+        self.violate_inner(v, why, now, true)
+    }
+
+    fn violate_inner(&mut self, v: Violation, why: &str, now: u64, count_drop: bool) -> bool {
         let guard = self.permit.guard().clone();
         let limits = guard.limits();
         let metrics = &guard.inner.metrics;
         metrics.violation(v).inc();
         let policy = limits.violation_policy;
         let deliver = policy == ViolationPolicy::Warn;
-        if !deliver {
+        if !deliver && count_drop {
             metrics.dropped(v.dropped()).inc();
         }
         let w = &mut self.violations;
@@ -167,9 +242,8 @@ impl GuardedWebSocket {
 
     /// A read error: the codec has ended the stream. Oversized and invalid
     /// messages still get a close frame saying why.
-    pub(super) fn read_failed(&mut self, e: &warp::Error) {
-        let cause = e.source().and_then(|s| s.downcast_ref::<WsError>());
-        let (v, code, text) = match cause {
+    pub(super) fn read_failed(&mut self, e: &SocketError) {
+        let (v, code, text) = match e.ws() {
             Some(WsError::Capacity(_)) => (Violation::Size, CLOSE_TOO_BIG, "message too big"),
             Some(WsError::Utf8(_)) => (Violation::Invalid, CLOSE_INVALID_PAYLOAD, "invalid UTF-8"),
             Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) | None => {

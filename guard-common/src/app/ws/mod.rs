@@ -4,10 +4,20 @@
 //!
 //! The socket and its public API are here; what arrives is checked in
 //! `inbound`, what goes out waits in `outbound`, and `stream` drives both.
+//! `socket` is the connection underneath: warp's, or one guard upgraded
+//! itself with sized buffers and frames metered by `frames`.
 
+#[cfg(test)]
+mod echo_throughput;
+mod frames;
+#[cfg(test)]
+mod idle_memory;
 mod inbound;
 mod outbound;
+mod socket;
 mod stream;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -19,16 +29,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::Sink;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::time::{Interval, MissedTickBehavior, Sleep};
-use warp::filters::ws::{Message, WebSocket, Ws};
-use warp::reply::Reply;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use warp::filters::ws::{Message, Ws};
+use warp::http::{header, HeaderValue, StatusCode};
+use warp::reply::{Reply, Response};
 
 use super::admission::Permit;
 use super::metrics::CloseReason;
 use super::{Guard, Peer};
 use crate::bucket::TokenBucket;
+use frames::Metered;
 use inbound::Violations;
 use outbound::Outbound;
+use socket::Socket;
 
 pub use outbound::{SendError, WsSender};
 
@@ -63,9 +81,19 @@ impl From<String> for Invalid {
 
 type Validator = Arc<dyn Fn(&Message) -> Result<(), Invalid> + Send + Sync>;
 
+/// How the upgrade is finished.
+pub(crate) enum Handshake {
+    /// By warp (the app is served by `warp::serve`).
+    Warp(Ws),
+    /// By guard, on the connection guard's server handed over: the
+    /// request's `Sec-WebSocket-Key` (already checked by warp's `ws()`
+    /// filter) answers with the accept key.
+    Sized { upgrade: OnUpgrade, key: String },
+}
+
 /// An admitted WebSocket upgrade, from [`Guard::websocket`].
 pub struct WsUpgrade {
-    ws: Ws,
+    ws: Handshake,
     permit: Permit,
     validator: Option<Validator>,
 }
@@ -79,7 +107,7 @@ impl fmt::Debug for WsUpgrade {
 }
 
 impl WsUpgrade {
-    pub(crate) fn new(ws: Ws, permit: Permit) -> Self {
+    pub(crate) fn new(ws: Handshake, permit: Permit) -> Self {
         Self {
             ws,
             permit,
@@ -109,14 +137,63 @@ impl WsUpgrade {
         U: Future<Output = ()> + Send + 'static,
     {
         let limits = self.permit.guard().limits();
-        // The codec refuses bigger messages before buffering them.
-        let ws = self
-            .ws
-            .max_message_size(limits.max_message_size)
-            .max_frame_size(limits.max_frame_size);
+        let config = limits.websocket_config();
+        let (max_message, max_frame) = (limits.max_message_size, limits.max_frame_size);
         let (permit, validator) = (self.permit, self.validator);
-        ws.on_upgrade(move |socket| handler(GuardedWebSocket::new(socket, permit, validator)))
+        match self.ws {
+            Handshake::Warp(ws) => {
+                // The codec refuses bigger messages before buffering them;
+                // warp offers no way to size its buffers.
+                let ws = ws.max_message_size(max_message).max_frame_size(max_frame);
+                ws.on_upgrade(move |socket| {
+                    handler(GuardedWebSocket::new(
+                        Socket::Warp(socket),
+                        permit,
+                        validator,
+                    ))
+                })
+                .into_response()
+            }
+            Handshake::Sized { upgrade, key } => {
+                // The connection is handed over once the 101 below has gone
+                // out; until then (and if it never does) the task only
+                // holds the permit, which a failed upgrade gives back.
+                tokio::spawn(async move {
+                    let upgraded = match upgrade.await {
+                        Ok(upgraded) => upgraded,
+                        Err(e) => {
+                            log::debug!("{}: WebSocket upgrade failed: {e}", permit.peer());
+                            return;
+                        }
+                    };
+                    let io = Metered::new(TokioIo::new(upgraded));
+                    let stream =
+                        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                    handler(GuardedWebSocket::new(
+                        Socket::Sized(stream),
+                        permit,
+                        validator,
+                    ))
+                    .await;
+                });
+                switching_protocols(&key)
+            }
+        }
     }
+}
+
+/// The 101 that completes a handshake (RFC 6455, 4.2.2).
+fn switching_protocols(key: &str) -> Response {
+    let mut res = Response::default();
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // Base64 is always a valid header value.
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    res
 }
 
 enum Phase {
@@ -145,7 +222,13 @@ enum Phase {
 /// (a `select!` with other work is fine). One task drives everything, so
 /// the guard adds no task hop or channel per message.
 pub struct GuardedWebSocket {
-    socket: WebSocket,
+    socket: Socket,
+    /// The socket counts frames as they arrive: the rate buckets are
+    /// charged per frame there, not per message here.
+    metered: bool,
+    /// Messages still to discard because frames of theirs went over a rate
+    /// (under `Drop` and `Close`); see `charge_frames`.
+    frame_debt: u64,
     out: Arc<Outbound>,
     permit: Permit,
     validator: Option<Validator>,
@@ -180,7 +263,7 @@ impl fmt::Debug for GuardedWebSocket {
 }
 
 impl GuardedWebSocket {
-    fn new(socket: WebSocket, permit: Permit, validator: Option<Validator>) -> Self {
+    fn new(socket: Socket, permit: Permit, validator: Option<Validator>) -> Self {
         let guard = permit.guard().clone();
         let limits = guard.limits();
         let now = guard.now_ns();
@@ -200,6 +283,8 @@ impl GuardedWebSocket {
         Self {
             messages: TokenBucket::full(limits.message_burst, now),
             bytes: TokenBucket::full(limits.byte_burst, now),
+            metered: matches!(socket, Socket::Sized(_)),
+            frame_debt: 0,
             socket,
             out,
             permit,

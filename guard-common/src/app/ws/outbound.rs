@@ -101,6 +101,7 @@ impl Outbound {
         }
         let mut s = self.lock();
         let msg = s.items.pop_front();
+        crate::app::sse::shrink_drained(&mut s.items);
         self.queued.store(s.items.len(), Ordering::Release);
         msg
     }

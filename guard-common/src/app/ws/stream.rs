@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use futures_util::{Sink, Stream};
 use warp::filters::ws::Message;
 
+use super::socket::SocketError;
 use super::{GuardedWebSocket, Phase, CLOSE_NORMAL, CLOSE_POLICY};
 use crate::app::metrics::CloseReason;
 
@@ -22,7 +23,7 @@ impl GuardedWebSocket {
     /// Hands what is queued to the codec, and flushes it to the socket if
     /// `flush`. Pending means the socket is not taking more right now (it
     /// wakes the task when it does); reading goes on regardless.
-    fn poll_write(&mut self, cx: &mut Context<'_>, flush: bool) -> Poll<Result<(), warp::Error>> {
+    fn poll_write(&mut self, cx: &mut Context<'_>, flush: bool) -> Poll<Result<(), SocketError>> {
         loop {
             if self.pending.is_none() {
                 self.pending = if std::mem::take(&mut self.ping_due) {
@@ -154,7 +155,18 @@ impl Stream for GuardedWebSocket {
                 continue;
             }
 
-            match Pin::new(&mut this.socket).poll_next(cx) {
+            let polled = Pin::new(&mut this.socket).poll_next(cx);
+            if let Some(arrived) = this.socket.take_arrived() {
+                if arrived.frames > 0 {
+                    let now = this.clock();
+                    this.charge_frames(arrived, now);
+                    if !matches!(this.phase, Phase::Open) {
+                        // A flood: what it sent is not for the app.
+                        continue;
+                    }
+                }
+            }
+            match polled {
                 Poll::Ready(Some(Ok(msg))) => {
                     let now = this.clock();
                     if let Some(msg) = this.inspect(msg, now) {
