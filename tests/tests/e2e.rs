@@ -20,7 +20,7 @@ use guard_tests::lab::SERVER_V4;
 use guard_tests::report::ProbeReport;
 use guard_tests::stack::{
     metric, pause, wait_until, Adaptive, AppOptions, ConnFlood, Counters, Cpus, FlatOutFlood,
-    LegitLoad, LegitOutcome, Sample, SlotHoarder, Stack, Storm, StormKind, APP_PORT,
+    LegitLoad, LegitOutcome, Sample, SlotHoarder, SlowHeads, Stack, Storm, StormKind, APP_PORT,
 };
 use guard_tests::FloodReport;
 use guard_tests::{hping3_syn_flood, require_root, slowhttptest};
@@ -684,4 +684,90 @@ fn per_source_cap_and_dry_run_change_live_without_restarts() {
     let (sent, d) = run([198, 19, 0, 23]);
     assert!(d.get(Stat::DropSourceRate) * 10 >= sent * 8, "{d:?}");
     assert_eq!((stack.agent_pid(), stack.app_pid()), (agent, app));
+}
+
+#[test]
+fn slow_heads_from_many_sources_are_closed_and_blocked_while_legit_clients_get_in() {
+    if !require_root(
+        "slow_heads_from_many_sources_are_closed_and_blocked_while_legit_clients_get_in",
+    ) {
+        return;
+    }
+    // More sources than the app has descriptors at the soft limit a systemd service starts
+    // with: on plain warp::serve they would hold every descriptor (the demo's scenario 10
+    // shows that side). Guard's server raises the limit, closes heads at their deadline,
+    // evicts the longest-waiting ones per network, and reports sources that keep at it.
+    const SOURCES: u32 = 1500;
+    const SECS: u32 = 30;
+    let mut stack = Stack::new(bins(), Cpus::detect(), LONG_TTL).expect("build the lab stack");
+    stack.start_agent(&[]).expect("start the agent");
+    stack
+        .start_app_with(
+            true,
+            AppOptions {
+                start_nofile: Some(1024),
+                ..AppOptions::ROOMY
+            },
+        )
+        .expect("start the demo app");
+    let audit_before = stack.audit().unwrap().len();
+    let legit = LegitLoad::start(&stack, SECS + 2).unwrap();
+    pause(Duration::from_secs(1)).unwrap();
+    let heads = stack
+        .slow_heads(SlowHeads {
+            sources: SOURCES,
+            interval_ms: 5000,
+            reconnect_ms: 1000,
+            ramp_ms: 5000,
+            connect_timeout_ms: 3000,
+            secs: SECS,
+        })
+        .unwrap();
+    // Newcomers arrive once the heads have taken hold: one handshake at a time from two fresh
+    // legit addresses, every one of which must get in.
+    const NEWCOMERS_AFTER: u32 = 15;
+    pause(Duration::from_secs(u64::from(NEWCOMERS_AFTER))).unwrap();
+    let fresh = stack.fresh_legit_sources(60, 2).unwrap();
+    let newcomer = |kind, from| {
+        let storm = Storm {
+            kind,
+            count: 1000,
+            parallel: 1,
+            hold_ms: 500,
+            timeout_ms: 5000,
+            secs: SECS - NEWCOMERS_AFTER,
+        };
+        stack.newcomers(storm, from).unwrap()
+    };
+    let ws = newcomer(StormKind::WebSocket, fresh[0]);
+    let sse = newcomer(StormKind::Sse, fresh[1]);
+    pause(Duration::from_secs(u64::from(SECS - NEWCOMERS_AFTER))).unwrap();
+    let (ws, sse) = (ws.wait().unwrap(), sse.wait().unwrap());
+    let slow = heads.wait().unwrap();
+    let outcome = legit.finish().unwrap();
+    let blocked = stack.slow_sources_blocked(audit_before).unwrap();
+
+    assert!(
+        slow.connected >= u64::from(SOURCES),
+        "every source got its first slow head in: {slow:?}"
+    );
+    assert!(
+        slow.closed_by_server >= u64::from(SOURCES),
+        "the server closed every source's slow head at least once: {slow:?}"
+    );
+    assert!(
+        blocked * 10 >= SOURCES as usize * 9,
+        "{blocked} of {SOURCES} slow sources blocked: {slow:?}"
+    );
+    assert!(
+        slow.timed_out + slow.refused > 0,
+        "blocked sources' connects died in the kernel: {slow:?}"
+    );
+    for newcomers in [&ws, &sse] {
+        assert!(
+            newcomers.attempted >= 5 && newcomers.accepted * 100 >= newcomers.attempted * 99,
+            "newcomers during the attack: {newcomers:?}"
+        );
+    }
+    assert_legit_ok(&outcome);
 }

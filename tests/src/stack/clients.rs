@@ -190,30 +190,43 @@ impl Stack {
     /// A handshake storm from the attacker's address against the app's WebSocket or SSE
     /// endpoint.
     pub fn storm(&self, s: Storm) -> Result<ClientRun<StormReport>> {
+        self.attacker(self.storm_args(s, attacker_ip()), budget(s.secs))
+    }
+
+    /// The same handshakes from `from`, an address of the legit namespace (see
+    /// `fresh_legit_sources`): newcomers arriving during an attack, every one of whom should
+    /// get in. They run on the server's core, like the other legit clients.
+    pub fn newcomers(&self, s: Storm, from: Ipv4Addr) -> Result<ClientRun<StormReport>> {
+        self.client.spawn(
+            &self.lab.legit,
+            &self.storm_args(s, IpAddr::V4(from)),
+            self.cpus.server,
+            budget(s.secs),
+        )
+    }
+
+    fn storm_args(&self, s: Storm, bind: IpAddr) -> Vec<String> {
         let (cmd, url) = match s.kind {
             StormKind::WebSocket => ("ws-storm", self.ws_url()),
             StormKind::Sse => ("sse-storm", self.sse_url()),
         };
-        self.attacker(
-            args(&[
-                cmd,
-                "--url",
-                &url,
-                "--bind",
-                &attacker_ip().to_string(),
-                "--count",
-                &s.count.to_string(),
-                "--parallel",
-                &s.parallel.to_string(),
-                "--hold-ms",
-                &s.hold_ms.to_string(),
-                "--timeout-ms",
-                &s.timeout_ms.to_string(),
-                "--secs",
-                &s.secs.to_string(),
-            ]),
-            budget(s.secs),
-        )
+        args(&[
+            cmd,
+            "--url",
+            &url,
+            "--bind",
+            &bind.to_string(),
+            "--count",
+            &s.count.to_string(),
+            "--parallel",
+            &s.parallel.to_string(),
+            "--hold-ms",
+            &s.hold_ms.to_string(),
+            "--timeout-ms",
+            &s.timeout_ms.to_string(),
+            "--secs",
+            &s.secs.to_string(),
+        ])
     }
 
     /// One admitted WebSocket client sending `rate` messages a second for at most `secs`

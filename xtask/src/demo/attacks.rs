@@ -146,19 +146,47 @@ pub(super) fn slow_sources(stack: &Stack, t: &Timing) -> Result<Attack> {
         connect_timeout_ms: 3000,
         secs: t.attack_secs,
     })?;
-    pause(Duration::from_secs(u64::from(t.attack_secs)))?;
+    pause(Duration::from_secs(u64::from(NEWCOMERS_AFTER_SECS)))?;
+    let fresh = stack.fresh_legit_sources(NEWCOMER_BASE, 2)?;
+    let newcomer = |kind, from| {
+        stack.newcomers(
+            Storm {
+                kind,
+                count: 1000,
+                parallel: 1,
+                hold_ms: 500,
+                timeout_ms: 5000,
+                secs: t.attack_secs - NEWCOMERS_AFTER_SECS,
+            },
+            from,
+        )
+    };
+    let ws = newcomer(StormKind::WebSocket, fresh[0])?;
+    let sse = newcomer(StormKind::Sse, fresh[1])?;
+    pause(Duration::from_secs(u64::from(
+        t.attack_secs - NEWCOMERS_AFTER_SECS,
+    )))?;
+    let (ws, sse) = (ws.wait()?, sse.wait()?);
     let r = heads.wait()?;
     let blocked = stack.slow_sources_blocked(audit_before)?;
     Ok(Attack {
         summary: format!(
-            "{} sources held up to {} slow heads; the server closed {}; {blocked} sources blocked, \
-             {} connects then unanswered or refused",
+            "newcomers got in: WebSocket {}/{}, SSE {}/{}; {} sources held up to {} slow \
+             heads, the server closed {}; {blocked} sources blocked",
+            ws.accepted,
+            ws.attempted,
+            sse.accepted,
+            sse.attempted,
             r.sources,
             r.peak_open,
             r.closed_by_server,
-            r.timed_out + r.refused
         ),
-        detail: json!({ "tool": "lab-client slow-heads", "report": r, "sources_blocked": blocked }),
+        detail: json!({
+            "tool": "lab-client slow-heads",
+            "report": r,
+            "sources_blocked": blocked,
+            "newcomers": { "ws": ws, "sse": sse },
+        }),
     })
 }
 

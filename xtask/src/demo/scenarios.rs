@@ -106,6 +106,11 @@ pub(super) const SLOW_APP: AppOptions = AppOptions {
 /// Long enough for guard's head deadline (10 s) to close the first heads several times over,
 /// and for the sources it reports to be seen blocked.
 pub(super) const SLOW_ATTACK_SECS: u32 = 30;
+/// Newcomers arrive once the slow heads had time to take hold (their ramp, then a head
+/// deadline): fresh legit addresses 198.18.0.60 (WebSocket) and .61 (SSE), one handshake at
+/// a time, each held half a second.
+pub(super) const NEWCOMERS_AFTER_SECS: u32 = 15;
+pub(super) const NEWCOMER_BASE: u8 = 60;
 
 pub(super) const SCENARIOS: [Scenario; 10] = [
     Scenario {
