@@ -36,7 +36,13 @@ pub(super) async fn follow_loop(
             Err(e) => {
                 if matches!(e, StreamError::Missing) && !lost {
                     lost = true;
-                    stream_lost(&metrics, &s.stream);
+                    if created.is_some() {
+                        stream_lost(&metrics, &s.stream);
+                    } else {
+                        // Never seen yet: nothing was reset, the stream is just not there.
+                        metrics.stream_present.set(0);
+                        info!("fleet: {e}");
+                    }
                 } else if failures == 0 {
                     warn!("{e}; retrying");
                 }

@@ -32,6 +32,7 @@ mod wire;
 
 pub use follow::handle_batch;
 pub use metrics::*;
+pub use nats::stream_config;
 pub use outbox::*;
 pub use settings::*;
 pub use wire::*;

@@ -82,7 +82,8 @@ pub(super) async fn connect(
     opts.connect(addrs).await.context("fleet: connect to NATS")
 }
 
-pub(super) fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::stream::Config {
+/// The stream as an agent creates it (also what a test recreates).
+pub fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::stream::Config {
     jetstream::stream::Config {
         name: s.stream.clone(),
         subjects: vec![s.all_subjects()],
