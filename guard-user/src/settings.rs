@@ -646,6 +646,44 @@ mod tests {
     }
 
     #[test]
+    fn block_rules_take_their_defaults_and_refuse_bad_bounds() {
+        let merge =
+            |f: &str| Settings::merge(&args(&["eth0"], &[8080]), toml::from_str(f).unwrap());
+        let b = merge("").unwrap().blocks;
+        assert_eq!(b.reserved_percent, DEFAULT_RESERVED_PERCENT);
+        assert_eq!(b.max_skew, DEFAULT_MAX_SKEW);
+        assert_eq!(b.reporter, ReporterLimits::DEFAULT);
+        let b = merge(
+            "[blocks]\nreserved_percent = 20\nmax_skew_secs = \"2m\"\nreporter_rate = 5\n\
+             reporter_burst = 50\nreporter_max_entries = 100\nreporter_share_percent = 0\n",
+        )
+        .unwrap()
+        .blocks;
+        assert_eq!(b.reserved_percent, 20);
+        assert_eq!(b.max_skew, Duration::from_secs(120));
+        assert_eq!(
+            b.reporter,
+            ReporterLimits {
+                rate: 5,
+                burst: 50,
+                max_entries: 100,
+                share_percent: 0
+            }
+        );
+        for bad in [
+            "reserved_percent = 91",
+            "reporter_share_percent = 101",
+            "reporter_rate = 0",
+            "reporter_burst = 0",
+        ] {
+            let e = merge(&format!("[blocks]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("blocks: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn command_line_overrides_the_file_and_loopback_is_always_allowed() {
         let file: FileConfig = toml::from_str(
             "interfaces = [\"eth0\"]\nports = [80]\n[limits]\nsyn_rate = 5\nsyn_burst = 7\n",
