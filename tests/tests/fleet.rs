@@ -55,7 +55,7 @@ fn caught_up(lab: &FleetLab) -> Result<Vec<Agent>> {
 }
 
 #[test]
-fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_lifts_it(
+fn a_block_on_one_host_drops_the_source_everywhere_and_an_unblock_where_it_was_decided_lifts_it(
 ) -> Result<()> {
     if !ready() {
         return Ok(());
