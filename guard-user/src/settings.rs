@@ -59,6 +59,18 @@ pub struct BlocksFile {
     #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub max_ttl_secs: Option<u64>,
     pub capacity: Option<u32>,
+    /// Share of the blocklist only operators and escalation may fill.
+    pub reserved_percent: Option<u32>,
+    /// How far ahead of this host's clock a decision may be dated.
+    #[serde(deserialize_with = "crate::duration::de_opt_secs")]
+    pub max_skew_secs: Option<u64>,
+    /// Block reports a reporting uid may make per second, and in a burst.
+    pub reporter_rate: Option<u32>,
+    pub reporter_burst: Option<u32>,
+    /// Active blocks one reporting uid may hold.
+    pub reporter_max_entries: Option<u32>,
+    /// Share of the blocklist every reporter together may hold.
+    pub reporter_share_percent: Option<u32>,
 }
 
 /// Who may do what on the control socket, and how long a session may idle.
@@ -74,6 +86,10 @@ pub struct ControlFile {
     pub widest_block_v6: Option<u8>,
     #[serde(deserialize_with = "crate::duration::de_opt_secs")]
     pub idle_timeout_secs: Option<u64>,
+    /// Sessions one uid may hold at once.
+    pub max_sessions_per_uid: Option<usize>,
+    /// Of the socket's sessions, how many only operators may take.
+    pub operator_slots: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,7 +201,39 @@ pub struct BlockSettings {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub capacity: u32,
+    /// Percent of `capacity` that reporters and the fleet may not fill:
+    /// there is always room for an operator's block and an escalation.
+    pub reserved_percent: u32,
+    /// A decision dated further ahead of this host's clock is refused.
+    pub max_skew: Duration,
+    pub reporter: ReporterLimits,
 }
+
+/// What one reporting peer (a uid that is not an operator) may add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReporterLimits {
+    /// Block reports per second, refilled continuously, and the burst.
+    pub rate: u32,
+    pub burst: u32,
+    /// Active blocks one reporting uid may hold.
+    pub max_entries: u32,
+    /// Percent of the blocklist's capacity every reporter together may hold.
+    pub share_percent: u32,
+}
+
+impl ReporterLimits {
+    pub const DEFAULT: Self = Self {
+        rate: 100,
+        burst: 1000,
+        max_entries: 4096,
+        share_percent: 50,
+    };
+}
+
+/// Default of `[blocks] reserved_percent`.
+pub const DEFAULT_RESERVED_PERCENT: u32 = 10;
+/// Default of `[blocks] max_skew_secs`.
+pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(30);
 
 /// The control socket's roles and session limits (`[control]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +244,10 @@ pub struct ControlSettings {
     pub widest_report: Widest,
     pub widest_block: Widest,
     pub idle_timeout: Duration,
+    /// Sessions one uid may hold at once (operators included).
+    pub max_sessions_per_uid: usize,
+    /// Of the socket's sessions, those only operators may take.
+    pub operator_slots: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -357,9 +409,46 @@ impl Settings {
                 .blocks
                 .capacity
                 .unwrap_or(guard_common::maps::DEFAULT_BLOCK),
+            reserved_percent: file
+                .blocks
+                .reserved_percent
+                .unwrap_or(DEFAULT_RESERVED_PERCENT),
+            max_skew: file
+                .blocks
+                .max_skew_secs
+                .map_or(DEFAULT_MAX_SKEW, Duration::from_secs),
+            reporter: ReporterLimits {
+                rate: file
+                    .blocks
+                    .reporter_rate
+                    .unwrap_or(ReporterLimits::DEFAULT.rate),
+                burst: file
+                    .blocks
+                    .reporter_burst
+                    .unwrap_or(ReporterLimits::DEFAULT.burst),
+                max_entries: file
+                    .blocks
+                    .reporter_max_entries
+                    .unwrap_or(ReporterLimits::DEFAULT.max_entries),
+                share_percent: file
+                    .blocks
+                    .reporter_share_percent
+                    .unwrap_or(ReporterLimits::DEFAULT.share_percent),
+            },
         };
         if blocks.default_ttl.is_zero() || blocks.default_ttl > blocks.max_ttl {
             bail!("blocks: default_ttl_secs must be between 1 and max_ttl_secs");
+        }
+        if blocks.reserved_percent > 90 {
+            bail!(
+                "blocks: reserved_percent must be 0..=90 (reporters and the fleet need room too)"
+            );
+        }
+        if blocks.reporter.share_percent > 100 {
+            bail!("blocks: reporter_share_percent is a percent of capacity, 0..=100");
+        }
+        if blocks.reporter.rate == 0 || blocks.reporter.burst == 0 {
+            bail!("blocks: reporter_rate and reporter_burst must be at least 1 (set reporter_share_percent = 0 to refuse every report)");
         }
         let c = &file.control;
         let control = ControlSettings {
@@ -375,7 +464,22 @@ impl Settings {
                 v6: c.widest_block_v6.unwrap_or(Widest::BLOCK.v6),
             },
             idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(30)),
+            max_sessions_per_uid: c
+                .max_sessions_per_uid
+                .unwrap_or(crate::control::DEFAULT_SESSIONS_PER_UID),
+            operator_slots: c
+                .operator_slots
+                .unwrap_or(crate::control::DEFAULT_OPERATOR_SLOTS),
         };
+        if control.max_sessions_per_uid == 0 {
+            bail!("control: max_sessions_per_uid must be at least 1");
+        }
+        if control.operator_slots >= crate::control::MAX_SESSIONS {
+            bail!(
+                "control: operator_slots must leave reporters at least one of the socket's {} sessions",
+                crate::control::MAX_SESSIONS
+            );
+        }
         for w in [control.widest_report, control.widest_block] {
             if w.v4 > 32 || w.v6 > 128 {
                 bail!("control: widest_*_v4 is a prefix length of at most 32, widest_*_v6 at most 128");
@@ -509,6 +613,8 @@ mod tests {
                 widest_report: Widest { v4: 24, v6: 48 },
                 widest_block: Widest { v4: 8, v6: 32 },
                 idle_timeout: Duration::from_secs(30),
+                max_sessions_per_uid: 16,
+                operator_slots: 8,
             }
         );
         let c = merge(
@@ -529,11 +635,51 @@ mod tests {
             "widest_report_v4 = 7",
             "widest_report_v6 = 31",
             "idle_timeout_secs = 0",
+            "max_sessions_per_uid = 0",
+            "operator_slots = 64",
         ] {
             let e = merge(&format!("[control]\n{bad}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(e.starts_with("control: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn block_rules_take_their_defaults_and_refuse_bad_bounds() {
+        let merge =
+            |f: &str| Settings::merge(&args(&["eth0"], &[8080]), toml::from_str(f).unwrap());
+        let b = merge("").unwrap().blocks;
+        assert_eq!(b.reserved_percent, DEFAULT_RESERVED_PERCENT);
+        assert_eq!(b.max_skew, DEFAULT_MAX_SKEW);
+        assert_eq!(b.reporter, ReporterLimits::DEFAULT);
+        let b = merge(
+            "[blocks]\nreserved_percent = 20\nmax_skew_secs = \"2m\"\nreporter_rate = 5\n\
+             reporter_burst = 50\nreporter_max_entries = 100\nreporter_share_percent = 0\n",
+        )
+        .unwrap()
+        .blocks;
+        assert_eq!(b.reserved_percent, 20);
+        assert_eq!(b.max_skew, Duration::from_secs(120));
+        assert_eq!(
+            b.reporter,
+            ReporterLimits {
+                rate: 5,
+                burst: 50,
+                max_entries: 100,
+                share_percent: 0
+            }
+        );
+        for bad in [
+            "reserved_percent = 91",
+            "reporter_share_percent = 101",
+            "reporter_rate = 0",
+            "reporter_burst = 0",
+        ] {
+            let e = merge(&format!("[blocks]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("blocks: "), "{bad}: {e}");
         }
     }
 

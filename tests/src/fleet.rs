@@ -376,8 +376,16 @@ impl FleetLab {
 
     /// Starts every host's agent.
     pub fn start_all(&self, extra: &str) -> Result<Vec<Agent>> {
+        self.start_all_with("", extra)
+    }
+
+    /// Starts every host's agent with `fleet_extra` lines in its `[fleet]` section.
+    pub fn start_all_with(&self, fleet_extra: &str, extra: &str) -> Result<Vec<Agent>> {
         let urls = self.nats.urls();
-        self.hosts.iter().map(|h| h.start(&urls, extra)).collect()
+        self.hosts
+            .iter()
+            .map(|h| h.start_with(&urls, fleet_extra, extra))
+            .collect()
     }
 }
 
@@ -655,14 +663,133 @@ pub fn demo_scenario(mut say: impl FnMut(&str)) -> Result<FleetDemo> {
     )?;
     lab.nats.start_node(leader)?;
 
+    // Where it was decided: another host's unblock lifts only the copies the fleet brought.
     let decided = Instant::now();
-    lab.hosts[2].home.ctl(&["unblock", &first])?;
-    let ms = propagation(&lab, &[0, 1], &first, false, decided)?;
-    record(&lab, "unblocked by the operator on host-c", 0, Some(ms))?;
+    lab.hosts[0].home.ctl(&["unblock", &first])?;
+    let ms = propagation(&lab, &[1, 2], &first, false, decided)?;
+    record(
+        &lab,
+        "unblocked by the operator on host-a, where it was decided",
+        0,
+        Some(ms),
+    )?;
     drop(agents);
     Ok(FleetDemo {
         hosts: lab.hosts.iter().map(|h| h.name.clone()).collect(),
         nats_nodes: NATS_NODES,
         steps,
     })
+}
+
+/// A NATS client of the test's own, on the lab's bridge (from the first attacker's namespace):
+/// what a rogue publisher, or an operator with JetStream rights, does to the fleet's stream.
+/// `f` gets a JetStream context and the stream's config as an agent of this lab makes it.
+pub fn with_jetstream<T, F, Fut>(lab: &FleetLab, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce(async_nats::jetstream::Context, async_nats::jetstream::stream::Config) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let urls = lab.nats.urls();
+    let settings = guard_user::fleet::FleetSettings::resolve(
+        &guard_user::fleet::FleetFile {
+            replicas: Some(3),
+            ..Default::default()
+        },
+        &urls,
+        Some("gd-test-admin"),
+    )?
+    .context("fleet settings with urls")?;
+    // What `[blocks] max_ttl_secs` is on every lab host (FleetHost::start_with).
+    let config = guard_user::fleet::stream_config(&settings, Duration::from_secs(86_400));
+    let tls = lab.nats.tls.is_some();
+    lab.attackers[0].run_in(move || {
+        block_on(async move {
+            ensure!(!tls, "with_jetstream speaks plain NATS only");
+            let addrs: Vec<async_nats::ServerAddr> = urls
+                .iter()
+                .map(|u| u.parse().context("a NATS URL"))
+                .collect::<Result<_>>()?;
+            let client = async_nats::ConnectOptions::new()
+                .connection_timeout(Duration::from_secs(5))
+                .connect(addrs)
+                .await
+                .context("connect to the lab's NATS")?;
+            f(async_nats::jetstream::new(client), config).await
+        })
+    })?
+}
+
+/// Publishes `payload` on host `host`'s subject as is (no agent wrote it), and waits for
+/// JetStream to store it.
+pub fn publish_raw(lab: &FleetLab, host: &str, payload: Vec<u8>) -> Result<()> {
+    let subject = format!("guard.blocks.{host}");
+    with_jetstream(lab, move |js, _| async move {
+        js.publish(subject, payload.into())
+            .await
+            .map_err(|e| anyhow::anyhow!("publish: {e}"))?
+            .await
+            .map_err(|e| anyhow::anyhow!("stored: {e}"))?;
+        Ok(())
+    })
+}
+
+/// Deletes the fleet's stream, as an operator cleaning up (or an accident) would.
+pub fn delete_stream(lab: &FleetLab) -> Result<()> {
+    with_jetstream(lab, |js, config| async move {
+        js.delete_stream(&config.name)
+            .await
+            .map_err(|e| anyhow::anyhow!("delete stream {}: {e}", config.name))?;
+        Ok(())
+    })
+}
+
+/// Whether the fleet's stream exists now.
+pub fn stream_exists(lab: &FleetLab) -> Result<bool> {
+    with_jetstream(lab, |js, config| async move {
+        Ok(js.get_stream(&config.name).await.is_ok())
+    })
+}
+
+/// Creates the fleet's stream (empty) as an agent would.
+pub fn create_stream(lab: &FleetLab) -> Result<()> {
+    with_jetstream(lab, |js, config| async move {
+        let name = config.name.clone();
+        js.create_stream(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("create stream {name}: {e}"))?;
+        Ok(())
+    })
+}
+
+/// A batch as an agent would write it, of `host`, with `decisions`.
+pub fn batch_json(host: &str, decisions: Vec<guard_user::fleet::Decision>) -> Vec<u8> {
+    serde_json::to_vec(&guard_user::fleet::Batch {
+        v: guard_user::fleet::WIRE_VERSION,
+        host: host.to_string(),
+        decisions,
+    })
+    .expect("a batch serialises")
+}
+
+/// A decision dated `decided_unix_ms`, blocking `prefix` for an hour from now (or lifting it).
+pub fn decision(
+    action: guard_user::fleet::Action,
+    prefix: &str,
+    decided_unix_ms: u64,
+) -> guard_user::fleet::Decision {
+    let now = guard_user::fleet::unix_now_ms();
+    guard_user::fleet::Decision {
+        action,
+        prefix: prefix.to_string(),
+        expires_unix_ms: match action {
+            guard_user::fleet::Action::Block => now + 3_600_000,
+            guard_user::fleet::Action::Unblock => 0,
+        },
+        decided_unix_ms,
+        reason: "operator".into(),
+        origin: "operator:uid=0".into(),
+        level: 0,
+        detail: "rogue publisher".into(),
+    }
 }

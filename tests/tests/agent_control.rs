@@ -248,3 +248,177 @@ fn garbage_on_the_socket_is_answered_or_closed_and_the_agent_keeps_serving() {
         agent.log()
     );
 }
+
+/// Issue 24, finding 4: a reporter (uid nobody through `allowed_uids`) reporting /24 after /24
+/// as fast as the agent answers. It used to fill the whole blocklist, and the operator's next
+/// block was refused. Now it is held to its share (half the blocklist by default) and its
+/// rate; every refusal is counted, the first of each kind audited; the operator still blocks.
+#[test]
+fn a_reporter_cannot_fill_the_blocklist_and_the_operator_still_blocks() {
+    use guard_tests::agent::reporter::{requests_as, NOBODY};
+    if !require_root("a_reporter_cannot_fill_the_blocklist_and_the_operator_still_blocks") {
+        return;
+    }
+    const CAPACITY: u32 = 2000;
+    let ns = solo_netns().expect("a namespace with a veth pair");
+    let home = AgentHome::new().expect("agent home");
+    let agent = home
+        .start(
+            &ns,
+            &RunOpts::new(ROLE_IF, PORT).config(&format!(
+                "allowed_uids = [{NOBODY}]\n[blocks]\ncapacity = {CAPACITY}\n"
+            )),
+        )
+        .expect("start the agent");
+    // As many /24s as the blocklist holds, a day each (held to max_ttl), from 100.64.0.0/10:
+    // map entries only, no traffic goes anywhere.
+    let reports: Vec<Request> = (0..CAPACITY)
+        .map(|i| Request::Block {
+            prefix: format!("100.{}.{}.0/24", 64 + i / 256, i % 256)
+                .parse()
+                .expect("a /24"),
+            ttl_secs: 86_400,
+            reason: guard_common::state::reason::MESSAGE_FLOOD,
+            detected_at_unix_ns: 0,
+            detail: "hostile reporter".into(),
+        })
+        .collect();
+    let replies = requests_as(NOBODY, &home.socket(), &reports).expect("report as nobody");
+    assert!(
+        matches!(replies[0], Response::HelloOk { .. }),
+        "nobody is a permitted reporter: {:?}",
+        replies[0]
+    );
+    assert_eq!(replies.len(), reports.len() + 1, "every report is answered");
+    let outcome = |r: &Response| match r {
+        Response::BlockResult { outcome, .. } => *outcome,
+        other => panic!("a report was answered {other:?}"),
+    };
+    let added = replies[1..]
+        .iter()
+        .filter(|r| outcome(r) == guard_common::proto::BlockOutcome::Added)
+        .count();
+    let refused = replies[1..]
+        .iter()
+        .filter(|r| outcome(r) == guard_common::proto::BlockOutcome::Refused)
+        .count();
+    println!("the reporter got {added} blocks in, {refused} refused");
+    assert!(
+        added <= CAPACITY as usize / 2,
+        "a reporter filled {added} of {CAPACITY} entries"
+    );
+    assert_eq!(added + refused, reports.len());
+
+    // The operator's block still lands.
+    let out = home
+        .ctl(&[
+            "block",
+            "198.18.9.9/32",
+            "--ttl",
+            "10m",
+            "--reason",
+            "operator",
+        ])
+        .expect("the operator's block is taken");
+    assert!(out.contains("198.18.9.9/32"), "{out}");
+
+    let m = agent.scrape().expect("scrape /metrics");
+    let counted: f64 = Refusals::REPORTER
+        .iter()
+        .map(|why| {
+            m.value(
+                "guard_block_refusals_total",
+                &[("origin", "reporter"), ("reason", why)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(counted as usize, refused, "every refusal is counted");
+    let audited = home.audit().expect("the audit log");
+    let refusals: Vec<_> = audited.iter().filter(|r| r["event"] == "refuse").collect();
+    assert!(
+        !refusals.is_empty()
+            && refusals
+                .iter()
+                .all(|r| r["origin"].as_str().unwrap_or("").contains("uid=65534")),
+        "refusals are audited with the reporter's uid: {refusals:?}"
+    );
+    // One line per kind and ten seconds, not one per refusal.
+    assert!(refusals.len() < refused, "{} audit lines", refusals.len());
+}
+
+/// The refusal reasons a reporter's flood meets.
+struct Refusals;
+impl Refusals {
+    const REPORTER: [&'static str; 4] = ["rate_limited", "reserved", "quota", "share"];
+}
+
+/// Issue 24, finding 5: a reporter that opens every session it can and holds them (a request
+/// now and then keeps them from idling out) used to lock root out of `guard block`. Now one
+/// uid holds at most `max_sessions_per_uid` (16), slots are kept for operators, and root is
+/// served while the reporter holds on.
+#[test]
+fn a_reporter_holding_sessions_does_not_lock_the_operator_out() {
+    use guard_tests::agent::reporter::{HeldSessions, NOBODY};
+    if !require_root("a_reporter_holding_sessions_does_not_lock_the_operator_out") {
+        return;
+    }
+    let ns = solo_netns().expect("a namespace with a veth pair");
+    let home = AgentHome::new().expect("agent home");
+    let agent = home
+        .start(
+            &ns,
+            &RunOpts::new(ROLE_IF, PORT).config(&format!(
+                "allowed_uids = [{NOBODY}]\n[control]\nidle_timeout_secs = 600\n"
+            )),
+        )
+        .expect("start the agent");
+    const TRIED: usize = 70;
+    let held = HeldSessions::open(NOBODY, &home.socket(), TRIED, Duration::from_secs(300))
+        .expect("open sessions as nobody");
+    let served = held
+        .replies
+        .iter()
+        .filter(|r| matches!(r, Response::HelloOk { .. }))
+        .count();
+    let busy = held
+        .replies
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                }
+            )
+        })
+        .count();
+    println!("nobody holds {served} sessions, {busy} turned away");
+    assert_eq!(served + busy, TRIED, "{:?}", held.replies);
+    assert!(
+        served <= 16,
+        "one uid holds {served} of the socket's sessions"
+    );
+
+    // While they are held, root is served.
+    let out = home
+        .ctl(&[
+            "block",
+            "198.18.9.9/32",
+            "--ttl",
+            "10m",
+            "--reason",
+            "operator",
+        ])
+        .expect("root's block is served while nobody holds its sessions");
+    assert!(out.contains("198.18.9.9/32"), "{out}");
+    let m = agent.scrape().expect("scrape /metrics");
+    assert_eq!(
+        m.get("guard_control_busy_total", &[("why", "per_uid")])
+            .expect("the busy series"),
+        busy as f64,
+        "every session turned away is counted by why"
+    );
+    held.close().expect("close the sessions");
+}

@@ -8,10 +8,12 @@ use anyhow::{ensure, Result};
 use guard_tests::agent::{connects, Agent, Listener};
 use guard_tests::fleet::demo_scenario;
 use guard_tests::fleet::{
-    block_all, metric, nats_available, service, test_prefixes, wait_blocklist_len, wait_caught_up,
+    batch_json, block_all, create_stream, decision, delete_stream, metric, nats_available,
+    publish_raw, service, stream_exists, test_prefixes, wait_blocklist_len, wait_caught_up,
     FleetLab, TestPki, ATTACKER_V4,
 };
 use guard_tests::require_root;
+use guard_user::fleet::{unix_now_ms, Action, Decision, MAX_BATCH};
 
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -25,6 +27,15 @@ fn ready() -> bool {
         "nats-server is missing: run `cargo xtask setup`"
     );
     true
+}
+
+/// `guard_fleet_decisions_dropped_total{reason}` of an agent.
+fn dropped(agent: &Agent, reason: &str) -> Result<f64> {
+    metric(
+        agent,
+        "guard_fleet_decisions_dropped_total",
+        &[("reason", reason)],
+    )
 }
 
 fn p99(agent: &Agent) -> Result<f64> {
@@ -44,7 +55,7 @@ fn caught_up(lab: &FleetLab) -> Result<Vec<Agent>> {
 }
 
 #[test]
-fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_lifts_it(
+fn a_block_on_one_host_drops_the_source_everywhere_and_an_unblock_where_it_was_decided_lifts_it(
 ) -> Result<()> {
     if !ready() {
         return Ok(());
@@ -121,8 +132,25 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
         )? == 0.0
     );
 
-    // An unblock on another host than the one that blocked lifts it everywhere.
+    // An unblock on another host lifts the copies that came from the fleet, never the deciding
+    // host's own block (`[fleet] unblocks = "fleet"`): no publisher can lift a host's blocks.
     lab.hosts[1].home.ctl(&["unblock", &attacker])?;
+    wait_blocklist_len(&agents[2], 1000, SETTLE)?;
+    ensure!(!lab.hosts[2].kernel_blocks()?.contains(&attacker));
+    let lifted = lab.hosts[2].home.audit_events("unblock", &attacker)?;
+    ensure!(
+        lifted.len() == 1 && lifted[0]["origin"] == "fleet:host-b",
+        "{lifted:?}"
+    );
+    guard_tests::agent::wait_for("host a to keep its own block", SETTLE, || {
+        Ok((dropped(&agents[0], "local_block")? == 1.0).then_some(()))
+    })?;
+    ensure!(
+        lab.hosts[0].kernel_blocks()?.contains(&attacker),
+        "host b's unblock lifted host a's own block"
+    );
+    // Lifted where it was decided, it is lifted everywhere.
+    lab.hosts[0].home.ctl(&["unblock", &attacker])?;
     for (i, a) in agents.iter().enumerate() {
         wait_blocklist_len(a, 1000, SETTLE)?;
         ensure!(!lab.hosts[i].kernel_blocks()?.contains(&attacker));
@@ -130,11 +158,6 @@ fn a_block_on_one_host_drops_the_source_on_the_others_and_an_unblock_anywhere_li
     ensure!(
         connects(&lab.attackers[0], service(2), 2, Duration::from_secs(2))? == 2,
         "host c serves the attacker again"
-    );
-    let lifted = lab.hosts[2].home.audit_events("unblock", &attacker)?;
-    ensure!(
-        lifted.len() == 1 && lifted[0]["origin"] == "fleet:host-b",
-        "{lifted:?}"
     );
     drop(listeners);
     Ok(())
@@ -146,7 +169,15 @@ fn a_burst_of_100k_decisions_is_applied_on_every_host() -> Result<()> {
         return Ok(());
     }
     let lab = FleetLab::new(3)?;
-    let agents = caught_up(&lab)?;
+    // One host deciding 100 000 blocks at once is what this test is about: lift the bounds
+    // on what one host may have applied elsewhere.
+    let agents = lab.start_all_with(
+        "host_rate = 1000000\nhost_burst = 1000000\nhost_share_percent = 100\n",
+        "",
+    )?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
     let prefixes = test_prefixes(0, 100_000);
     block_all(&lab.hosts[0].home, &prefixes, 3600, 8)?;
     for (i, a) in agents.iter().enumerate() {
@@ -364,5 +395,204 @@ fn over_tls_the_fleet_verifies_the_servers_and_still_shares_blocks() -> Result<(
         lab.hosts[1].kernel_blocks()?.contains(&attacker),
         "the block reached host b over TLS"
     );
+    Ok(())
+}
+
+/// Issue 24, finding 2: what anyone able to publish on `guard.blocks.*` sends meets the rules
+/// every local block meets, and the fleet's own bounds. Nothing here is applied: blocks of
+/// /1 to /3 (the operator's own `guard block 128.0.0.0/1` is refused), decisions dated ten
+/// years ahead (an unblock that would lift the operator's block, a block that would outrank
+/// later unblocks), an unblock of this host's own block, a batch of 4 000 decisions, a batch
+/// claiming another host than its subject. And one host gets at most its share of the
+/// blocklist at its rate. Every drop is counted by reason.
+#[test]
+fn fleet_decisions_meet_every_local_rule_and_bad_input_is_counted_not_applied() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let lab = FleetLab::new(1)?;
+    // A share of 1 % of the lab's 131 072 entries (1 310), a burst of 2 000, then 1 a second.
+    let agents = lab.start_all_with(
+        "host_rate = 1\nhost_burst = 2000\nhost_share_percent = 1\n",
+        "",
+    )?;
+    let a = &agents[0];
+    wait_caught_up(a, SETTLE)?;
+    let host = &lab.hosts[0];
+    let operators = "198.18.1.50/32";
+    host.home
+        .ctl(&["block", operators, "--ttl", "10m", "--reason", "operator"])?;
+
+    let now = unix_now_ms();
+    let decade = now + 10 * 365 * 86_400 * 1000;
+    let wide = ["0.0.0.0/2", "128.0.0.0/1", "2000::/3"];
+    let mut rogue: Vec<Decision> = wide
+        .iter()
+        .map(|p| decision(Action::Block, p, now))
+        .collect();
+    rogue.push(decision(Action::Block, "198.18.1.60/32", decade));
+    rogue.push(decision(Action::Unblock, operators, decade));
+    rogue.push(decision(Action::Unblock, operators, now));
+    publish_raw(&lab, "host-x", batch_json("host-x", rogue))?;
+    // 4 000 decisions in one message, as the review sent (about 800 KB).
+    let huge: Vec<Decision> = test_prefixes(2000, 4000)
+        .iter()
+        .map(|p| decision(Action::Block, p, now))
+        .collect();
+    publish_raw(&lab, "host-x", batch_json("host-x", huge))?;
+    // On host-y's subject, claiming to be host-a.
+    publish_raw(
+        &lab,
+        "host-y",
+        batch_json(
+            "host-a",
+            vec![decision(Action::Block, "198.18.1.61/32", now)],
+        ),
+    )?;
+    // 3 000 blocks from one host, in full batches.
+    let flood = test_prefixes(10_000, 3000);
+    for part in flood.chunks(MAX_BATCH) {
+        let batch = part
+            .iter()
+            .map(|p| decision(Action::Block, p, now))
+            .collect();
+        publish_raw(&lab, "host-z", batch_json("host-z", batch))?;
+    }
+
+    // Every decision of host-z was read: applied, or dropped for its share or its rate.
+    let share = 131_072 / 100;
+    guard_tests::agent::wait_for("host-z's flood to be read", SETTLE, || {
+        let read = metric(
+            a,
+            "guard_fleet_decisions_applied_total",
+            &[("action", "block")],
+        )? + dropped(a, "share")?
+            + dropped(a, "rate_limited")?;
+        Ok((read as usize == flood.len()).then_some(()))
+    })?;
+    let kernel: BTreeSet<String> = host.kernel_blocks()?.into_iter().collect();
+    for p in wide.iter().chain(&["198.18.1.60/32", "198.18.1.61/32"]) {
+        ensure!(!kernel.contains(*p), "{p} was applied");
+    }
+    ensure!(
+        kernel.contains(operators),
+        "the operator's block was lifted"
+    );
+    ensure!(
+        kernel.len() == 1 + share,
+        "host-z holds {} entries here, its share is {share}",
+        kernel.len() - 1
+    );
+    let rate_limited = dropped(a, "rate_limited")?;
+    println!(
+        "host-z: {share} applied, {} over its share, {rate_limited} over its rate",
+        dropped(a, "share")?
+    );
+    // 3 000 asked, 2 000 in the burst, then 1 a second: about 1 000 over the rate.
+    ensure!(rate_limited >= 900.0, "{rate_limited} dropped for the rate");
+    for (reason, n) in [
+        ("too_wide", 3.0),
+        ("future_dated", 2.0),
+        ("local_block", 1.0),
+        ("oversized", 1.0),
+        ("host_mismatch", 1.0),
+    ] {
+        ensure!(
+            dropped(a, reason)? == n,
+            "dropped {reason}: {}",
+            dropped(a, reason)?
+        );
+    }
+    ensure!(
+        metric(
+            a,
+            "guard_block_refusals_total",
+            &[("origin", "fleet"), ("reason", "too_wide")]
+        )? == 3.0,
+        "the fleet's refusals are counted with the others"
+    );
+    ensure!(
+        !host.home.audit_events("refuse", "0.0.0.0/2")?.is_empty(),
+        "refusals are audited"
+    );
+    Ok(())
+}
+
+/// Issue 24, finding 3: the stream deleted under running agents. They used to log `stream not
+/// found` while their metrics said all was well, and once the stream was back they resumed at
+/// their old sequence, skipping the first decisions in it. Now they count the reset, make the
+/// stream again (`missing_stream = "recreate"`, the default) and read it from its start.
+#[test]
+fn a_deleted_stream_is_noticed_recreated_and_read_from_its_start() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let lab = FleetLab::new(2)?;
+    let agents = caught_up(&lab)?;
+    block_all(&lab.hosts[0].home, &test_prefixes(0, 5), 3600, 1)?;
+    wait_blocklist_len(&agents[1], 5, SETTLE)?;
+
+    delete_stream(&lab)?;
+    let resets = |agent: &Agent| -> Result<f64> {
+        Ok(["deleted", "recreated"]
+            .iter()
+            .map(|k| {
+                metric(agent, "guard_fleet_stream_resets_total", &[("kind", k)]).unwrap_or(0.0)
+            })
+            .sum())
+    };
+    guard_tests::agent::wait_for("host b to notice the stream is gone", SETTLE, || {
+        Ok((resets(&agents[1])? >= 1.0).then_some(()))
+    })?;
+    guard_tests::agent::wait_for("the stream to be back", SETTLE, || {
+        Ok(stream_exists(&lab)?.then_some(()))
+    })?;
+    // Eight decisions in the new stream: sequences 1 to 8, below what host b had read.
+    block_all(&lab.hosts[0].home, &test_prefixes(5, 8), 3600, 1)?;
+    wait_blocklist_len(&agents[1], 13, SETTLE)?;
+    wait_caught_up(&agents[1], SETTLE)?;
+    ensure!(metric(&agents[1], "guard_fleet_stream_present", &[])? == 1.0);
+    Ok(())
+}
+
+/// Issue 24, finding 3 with `missing_stream = "wait"`: while the stream is gone the follower's
+/// metrics say so (not present, not caught up, a reset counted), nobody recreates it, and
+/// once someone does the follower reads it from its start.
+#[test]
+fn while_the_stream_is_missing_the_metrics_say_so_and_the_follower_waits() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let lab = FleetLab::new(2)?;
+    let agents = lab.start_all_with("missing_stream = \"wait\"\n", "")?;
+    // Waiting, the agents do not make the stream at start either.
+    create_stream(&lab)?;
+    for a in &agents {
+        wait_caught_up(a, SETTLE)?;
+    }
+    block_all(&lab.hosts[0].home, &test_prefixes(0, 5), 3600, 1)?;
+    wait_blocklist_len(&agents[1], 5, SETTLE)?;
+
+    delete_stream(&lab)?;
+    let b = &agents[1];
+    guard_tests::agent::wait_for("host b to say the stream is missing", SETTLE, || {
+        let gone = metric(b, "guard_fleet_stream_present", &[])? == 0.0
+            && metric(b, "guard_fleet_caught_up", &[])? == 0.0
+            && metric(b, "guard_fleet_stream_resets_total", &[("kind", "deleted")])? == 1.0;
+        Ok(gone.then_some(()))
+    })?;
+    // Host a decides meanwhile: it waits in its queue, and nobody made the stream.
+    block_all(&lab.hosts[0].home, &test_prefixes(5, 3), 3600, 1)?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        !stream_exists(&lab)?,
+        "an agent made the stream while told to wait"
+    );
+
+    create_stream(&lab)?;
+    block_all(&lab.hosts[0].home, &test_prefixes(8, 5), 3600, 1)?;
+    wait_blocklist_len(b, 13, SETTLE)?;
+    wait_caught_up(b, SETTLE)?;
+    ensure!(metric(b, "guard_fleet_stream_present", &[])? == 1.0);
     Ok(())
 }

@@ -21,9 +21,10 @@ use log::{error, info, warn};
 
 use super::{
     blocks::{
-        allow_overlap, block_ttl, decide_block, expires_unix_ms, handshake_proves, is_expired,
-        offender_admitted, proof_window_ns, remaining_secs, BlockDecision, BlockMeta, DecidedBy,
+        decide_block, expires_unix_ms, handshake_proves, is_expired, offender_admitted,
+        proof_window_ns, remaining_secs, BlockDecision, BlockMeta, DecidedBy,
     },
+    rules::{admit, Blocklist, FleetLimits, Owner, Proposal, Refusal, Rules},
     unix_now_ns, Agent,
 };
 use crate::datapath::monotonic_ns;
@@ -41,6 +42,7 @@ impl Agent {
                     reason: entry.reason,
                     origin: "adopted".into(),
                     decided_unix_ns: 0,
+                    owner: Owner::Adopted,
                 },
             );
         }
@@ -54,12 +56,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Refuses what must never be blocked: anything overlapping the
-    /// allow-list (loopback and trusted proxies are on it).
-    pub(super) fn protected_overlap(&self, prefix: &Prefix) -> Option<Prefix> {
-        allow_overlap(&self.settings.lock().expect("settings lock").allow, prefix)
-    }
-
     /// Keeps `blocks_len` in step; when the blocklist just emptied, lets
     /// the program skip its lookup again.
     pub(super) fn blocks_changed(&self, len: usize) {
@@ -69,9 +65,10 @@ impl Agent {
         }
     }
 
-    /// Adds or extends a block. `detected_at_unix_ns` feeds the latency
-    /// histogram.
-    pub fn block(
+    /// Adds or extends a block a peer of the control socket asked for.
+    /// `detected_at_unix_ns` feeds the latency histogram.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block(
         &self,
         prefix: Prefix,
         ttl: Option<Duration>,
@@ -79,6 +76,7 @@ impl Agent {
         origin: &str,
         detected_at_unix_ns: u64,
         detail: &str,
+        owner: Owner,
     ) -> Response {
         self.block_decided(
             prefix,
@@ -87,8 +85,65 @@ impl Agent {
             origin,
             detected_at_unix_ns,
             detail,
-            DecidedBy::Here { level: 0 },
+            DecidedBy::Peer { owner },
         )
+    }
+
+    /// The rules' settings as they stand (they reload with the config).
+    pub(super) fn rules(&self) -> Rules {
+        let s = self.settings.lock().expect("settings lock");
+        Rules {
+            allow: s.allow.clone(),
+            blocks: s.blocks.clone(),
+            widest_block: s.control.widest_block,
+            widest_report: s.control.widest_report,
+            fleet: s.fleet.as_ref().map(|f| FleetLimits {
+                rate: f.host_rate,
+                burst: f.host_burst,
+                share_percent: f.host_share_percent,
+            }),
+        }
+    }
+
+    /// Counts a refused block, and audits it unless the same owner had the same refusal
+    /// audited in the last seconds. Takes the blocklist's lock guard and releases it.
+    fn refused(
+        &self,
+        mut blocks: std::sync::MutexGuard<'_, Blocklist>,
+        prefix: &Prefix,
+        owner: &Owner,
+        refusal: &Refusal,
+        origin: &str,
+        now_ns: u64,
+    ) -> String {
+        let message = refusal.message(prefix, owner);
+        self.metrics
+            .block_reports
+            .with_label_values(&["refused"])
+            .inc();
+        self.rule_metrics
+            .refusals
+            .with_label_values(&[owner.class(), refusal.label()])
+            .inc();
+        let due = blocks.audit_due(owner, refusal.label(), now_ns);
+        drop(blocks);
+        if let Some(skipped) = due {
+            let detail = if skipped > 0 {
+                format!("{message} ({skipped} more refused alike since the last record)")
+            } else {
+                message.clone()
+            };
+            self.audit.record(
+                "refuse",
+                Some(prefix),
+                None,
+                Some(refusal.label()),
+                origin,
+                None,
+                &detail,
+            );
+        }
+        message
     }
 
     /// Tells the fleet, if linked, what this host decided.
@@ -98,6 +153,7 @@ impl Agent {
         }
     }
 
+    /// Decides a block by the rules every block meets, and writes it.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn block_decided(
         &self,
@@ -109,55 +165,81 @@ impl Agent {
         detail: &str,
         by: DecidedBy,
     ) -> Response {
+        self.block_ruled(
+            prefix,
+            ttl,
+            reason_code,
+            origin,
+            detected_at_unix_ns,
+            detail,
+            by,
+        )
+        .unwrap_or_else(|(_, message)| Response::BlockResult {
+            outcome: BlockOutcome::Refused,
+            reason_text: message,
+            expires_in_secs: 0,
+        })
+    }
+
+    /// `block_decided`, with the rule that refused it (and what its decider is told).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_ruled(
+        &self,
+        prefix: Prefix,
+        ttl: Option<Duration>,
+        reason_code: u32,
+        origin: &str,
+        detected_at_unix_ns: u64,
+        detail: &str,
+        by: DecidedBy,
+    ) -> Result<Response, (Refusal, String)> {
         let result = |outcome: BlockOutcome, text: String, expires: u32| Response::BlockResult {
             outcome,
             reason_text: text,
             expires_in_secs: expires,
         };
-        if let Some(allowed) = self.protected_overlap(&prefix) {
-            self.metrics
-                .block_reports
-                .with_label_values(&["refused"])
-                .inc();
-            return result(
-                BlockOutcome::Refused,
-                format!("{prefix} overlaps allow-listed {allowed} (loopback, trusted proxy or operator allow-list)"),
-                0,
-            );
-        }
-        let limits = self.settings.lock().expect("settings lock").blocks.clone();
-        let ttl = block_ttl(ttl, &limits);
+        let rules = self.rules();
+        let owner = by.owner();
         let now = monotonic_ns();
+        let now_unix = unix_now_ns();
+        let (dated_unix_ns, rated) = match &by {
+            DecidedBy::Fleet {
+                decided_unix_ns,
+                live,
+                ..
+            } => (*decided_unix_ns, *live),
+            _ => (detected_at_unix_ns, true),
+        };
         let mut blocks = self.blocks.lock().expect("blocks lock");
-        let decision = decide_block(
+        let proposal = Proposal {
+            prefix,
+            owner: &owner,
+            ttl,
+            dated_unix_ns,
+            rated,
+        };
+        let ttl = match admit(&rules, &proposal, &mut blocks, now, now_unix) {
+            Ok(ttl) => ttl,
+            Err(refusal) => {
+                let message = self.refused(blocks, &prefix, &owner, &refusal, origin, now);
+                return Err((refusal, message));
+            }
+        };
+        let BlockDecision {
+            expires_ns,
+            reason: entry_reason,
+            merged,
+            extended,
+        } = decide_block(
             blocks.get(&prefix),
-            blocks.len(),
-            limits.capacity,
             now + ttl.as_nanos() as u64,
             reason_code,
         );
-        let (expires_ns, entry_reason, merged, extended) = match decision {
-            BlockDecision::Full { capacity } => {
-                self.metrics
-                    .block_reports
-                    .with_label_values(&["refused"])
-                    .inc();
-                return result(
-                    BlockOutcome::Refused,
-                    format!("blocklist full ({capacity} entries)"),
-                    0,
-                );
-            }
-            BlockDecision::Write {
-                expires_ns,
-                reason,
-                merged,
-                extended,
-            } => (expires_ns, reason, merged, extended),
-        };
-        let decided_unix_ns = match by {
-            DecidedBy::Here { .. } => unix_now_ns(),
-            DecidedBy::Fleet { decided_unix_ns } => decided_unix_ns,
+        let decided_unix_ns = match &by {
+            DecidedBy::Fleet {
+                decided_unix_ns, ..
+            } => *decided_unix_ns,
+            _ => now_unix,
         };
         let entry = BlockEntry {
             expires_ns,
@@ -172,10 +254,10 @@ impl Agent {
         }
         if let Err(e) = self.maps().insert_block(&prefix, &entry) {
             error!("block {prefix}: {e}");
-            return Response::error(
+            return Ok(Response::error(
                 ErrorCode::Internal,
                 format!("kernel map update failed: {e}"),
-            );
+            ));
         }
         if detected_at_unix_ns != 0 {
             let latency = unix_now_ns().saturating_sub(detected_at_unix_ns);
@@ -184,7 +266,12 @@ impl Agent {
         let remaining = remaining_secs(expires_ns, now);
         let detected = (detected_at_unix_ns != 0)
             .then(|| UNIX_EPOCH + Duration::from_nanos(detected_at_unix_ns));
-        if let (DecidedBy::Here { level }, true) = (by, extended) {
+        let level = match &by {
+            DecidedBy::Here { level } => Some(*level),
+            DecidedBy::Peer { .. } => Some(0),
+            DecidedBy::Fleet { .. } => None,
+        };
+        if let (Some(level), true) = (level, extended) {
             self.share(crate::fleet::Decision {
                 action: crate::fleet::Action::Block,
                 prefix: prefix.to_string(),
@@ -197,18 +284,17 @@ impl Agent {
             });
         }
         if merged {
-            let meta = blocks.get_mut(&prefix).expect("present");
-            meta.expires_ns = expires_ns;
-            meta.decided_unix_ns = meta.decided_unix_ns.max(decided_unix_ns);
+            blocks.extend(&prefix, expires_ns, decided_unix_ns);
+            blocks.claim(&prefix, &owner);
             self.metrics
                 .block_reports
                 .with_label_values(&["merged"])
                 .inc();
-            result(
+            Ok(result(
                 BlockOutcome::Merged,
                 format!("{prefix} was already blocked; expiry extended"),
                 remaining,
-            )
+            ))
         } else {
             blocks.insert(
                 prefix,
@@ -217,6 +303,7 @@ impl Agent {
                     reason: reason_code,
                     origin: origin.to_string(),
                     decided_unix_ns,
+                    owner,
                 },
             );
             self.metrics.blocklist_entries.set(blocks.len() as i64);
@@ -239,7 +326,11 @@ impl Agent {
                 detected,
                 detail,
             );
-            result(BlockOutcome::Added, format!("{prefix} blocked"), remaining)
+            Ok(result(
+                BlockOutcome::Added,
+                format!("{prefix} blocked"),
+                remaining,
+            ))
         }
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use guard_common::addr::Prefix;
 
+use super::rules::Owner;
 use crate::settings::{BlockSettings, EscalationSettings};
 
 /// What the agent remembers about a block beyond the kernel entry.
@@ -16,14 +17,41 @@ pub(super) struct BlockMeta {
     /// When the block was last decided or extended (Unix ns; 0 when adopted
     /// from an earlier run): a fleet unblock older than this does not lift it.
     pub(super) decided_unix_ns: u64,
+    /// Whose block it is: the quota it counts against, and whether a fleet
+    /// unblock may lift it.
+    pub(super) owner: Owner,
 }
 
 /// Who decided a block: this host (the fleet hears of it) or another host
 /// of the fleet (applied here, never sent back).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) enum DecidedBy {
+    /// The agent itself: an escalation at this level.
     Here { level: u32 },
-    Fleet { decided_unix_ns: u64 },
+    /// A peer on the control socket: an operator or a reporter.
+    Peer { owner: Owner },
+    /// A host of the fleet, as the stream says: `host` is the subject it
+    /// published on; `own` marks this host's own decisions replayed after a
+    /// restart; `live` is false while the stream is being replayed.
+    Fleet {
+        decided_unix_ns: u64,
+        host: String,
+        own: bool,
+        live: bool,
+    },
+}
+
+impl DecidedBy {
+    /// The owner a new block of this decider gets.
+    pub(super) fn owner(&self) -> Owner {
+        match self {
+            Self::Here { .. } => Owner::Escalation,
+            Self::Peer { owner } => owner.clone(),
+            // Its own decisions replayed: made here by someone the stream does not name.
+            Self::Fleet { own: true, .. } => Owner::Adopted,
+            Self::Fleet { host, .. } => Owner::Fleet(host.clone()),
+        }
+    }
 }
 
 /// Sources over their cap being watched for escalation at once. Only
@@ -63,37 +91,28 @@ pub(super) fn block_ttl(requested: Option<Duration>, limits: &BlockSettings) -> 
         .min(limits.max_ttl)
 }
 
-/// What a block request does to the blocklist.
+/// What a block request does to the blocklist: write this entry.
+/// `merged`: the prefix was blocked already (its reason stays); `extended`:
+/// the expiry changed, so the fleet hears.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum BlockDecision {
-    /// Refused: the blocklist holds `capacity` entries and this prefix is
-    /// not one of them.
-    Full { capacity: u32 },
-    /// Write this entry. `merged`: the prefix was blocked already (its
-    /// reason stays); `extended`: the expiry changed, so the fleet hears.
-    Write {
-        expires_ns: u64,
-        reason: u32,
-        merged: bool,
-        extended: bool,
-    },
+pub(super) struct BlockDecision {
+    pub(super) expires_ns: u64,
+    pub(super) reason: u32,
+    pub(super) merged: bool,
+    pub(super) extended: bool,
 }
 
-/// Decides a block that would expire at `expires_ns` (kernel monotonic ns)
-/// given the current entry for the prefix, if any, and the blocklist's
-/// size. A block already there is never shortened, and a permanent one
-/// (expiry 0, adopted) never made to expire; a full blocklist still
-/// extends the blocks it holds.
+/// Decides a block the rules admitted, which would expire at `expires_ns`
+/// (kernel monotonic ns), given the current entry for the prefix, if any. A
+/// block already there is never shortened, and a permanent one (expiry 0,
+/// adopted) never made to expire.
 pub(super) fn decide_block(
     existing: Option<&BlockMeta>,
-    len: usize,
-    capacity: u32,
     expires_ns: u64,
     reason: u32,
 ) -> BlockDecision {
     match existing {
-        None if len as u32 >= capacity => BlockDecision::Full { capacity },
-        None => BlockDecision::Write {
+        None => BlockDecision {
             expires_ns,
             reason,
             merged: false,
@@ -105,7 +124,7 @@ pub(super) fn decide_block(
             } else {
                 old.expires_ns.max(expires_ns)
             };
-            BlockDecision::Write {
+            BlockDecision {
                 expires_ns: expires,
                 reason: old.reason,
                 merged: true,
@@ -247,6 +266,9 @@ mod tests {
             default_ttl: Duration::from_secs(600),
             max_ttl: Duration::from_secs(3600),
             capacity: 3,
+            reserved_percent: crate::settings::DEFAULT_RESERVED_PERCENT,
+            max_skew: crate::settings::DEFAULT_MAX_SKEW,
+            reporter: crate::settings::ReporterLimits::DEFAULT,
         }
     }
 
@@ -256,6 +278,7 @@ mod tests {
             reason,
             origin: "test".into(),
             decided_unix_ns: 0,
+            owner: Owner::Operator,
         }
     }
 
@@ -308,8 +331,8 @@ mod tests {
     #[test]
     fn a_new_block_is_written_with_its_own_expiry_and_reason() {
         assert_eq!(
-            decide_block(None, 0, 3, 100 * S, 7),
-            BlockDecision::Write {
+            decide_block(None, 100 * S, 7),
+            BlockDecision {
                 expires_ns: 100 * S,
                 reason: 7,
                 merged: false,
@@ -323,8 +346,8 @@ mod tests {
         let old = meta(500 * S, 2);
         // A shorter request leaves the expiry alone: nothing to tell the fleet.
         assert_eq!(
-            decide_block(Some(&old), 1, 3, 100 * S, 7),
-            BlockDecision::Write {
+            decide_block(Some(&old), 100 * S, 7),
+            BlockDecision {
                 expires_ns: 500 * S,
                 reason: 2,
                 merged: true,
@@ -333,8 +356,8 @@ mod tests {
         );
         // The same expiry is no extension either.
         assert_eq!(
-            decide_block(Some(&old), 1, 3, 500 * S, 7),
-            BlockDecision::Write {
+            decide_block(Some(&old), 500 * S, 7),
+            BlockDecision {
                 expires_ns: 500 * S,
                 reason: 2,
                 merged: true,
@@ -343,8 +366,8 @@ mod tests {
         );
         // A longer one extends it.
         assert_eq!(
-            decide_block(Some(&old), 1, 3, 900 * S, 7),
-            BlockDecision::Write {
+            decide_block(Some(&old), 900 * S, 7),
+            BlockDecision {
                 expires_ns: 900 * S,
                 reason: 2,
                 merged: true,
@@ -356,42 +379,12 @@ mod tests {
     #[test]
     fn a_permanent_block_never_becomes_one_that_expires() {
         assert_eq!(
-            decide_block(Some(&meta(0, 3)), 1, 3, 900 * S, 7),
-            BlockDecision::Write {
+            decide_block(Some(&meta(0, 3)), 900 * S, 7),
+            BlockDecision {
                 expires_ns: 0,
                 reason: 3,
                 merged: true,
                 extended: false
-            }
-        );
-    }
-
-    #[test]
-    fn a_full_blocklist_refuses_new_prefixes_but_still_extends_its_own() {
-        assert_eq!(
-            decide_block(None, 3, 3, 100 * S, 7),
-            BlockDecision::Full { capacity: 3 }
-        );
-        // Over capacity (a reload shrank it): still full.
-        assert_eq!(
-            decide_block(None, 5, 3, 100 * S, 7),
-            BlockDecision::Full { capacity: 3 }
-        );
-        assert_eq!(
-            decide_block(None, 0, 0, 100 * S, 7),
-            BlockDecision::Full { capacity: 0 }
-        );
-        assert!(matches!(
-            decide_block(None, 2, 3, 100 * S, 7),
-            BlockDecision::Write { merged: false, .. }
-        ));
-        assert_eq!(
-            decide_block(Some(&meta(50 * S, 2)), 3, 3, 100 * S, 7),
-            BlockDecision::Write {
-                expires_ns: 100 * S,
-                reason: 2,
-                merged: true,
-                extended: true
             }
         );
     }

@@ -6,8 +6,8 @@ use guard_common::proto::{
     cap_str, ErrorCode, Request, Response, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN,
 };
 
-use super::{config::config_entries, Agent};
-use crate::control::{ControlHandler, PeerInfo};
+use super::{config::config_entries, rules::Owner, Agent};
+use crate::control::{ControlHandler, PeerInfo, Role};
 
 fn origin_of(peer: &PeerInfo) -> String {
     let name = if peer.client_name.is_empty() {
@@ -38,6 +38,10 @@ impl ControlHandler for Agent {
                 &origin,
                 detected_at_unix_ns,
                 &detail,
+                match peer.role {
+                    Role::Operator => Owner::Operator,
+                    Role::Reporter => Owner::Reporter(peer.uid),
+                },
             ),
             Request::Unblock { prefix } => self.unblock(&prefix, &origin),
             Request::ListBlocks { offset, limit } => self.list_blocks(offset, limit),

@@ -1,4 +1,6 @@
-//! Decisions from the rest of the fleet, applied here: `impl Applier for Agent`.
+//! Decisions from the rest of the fleet, applied here: `impl Applier for Agent`. A fleet
+//! block meets the rules every block meets (`rules::admit`); an unblock lifts only what the
+//! fleet may lift here, and nothing dated ahead of this host's clock.
 
 use guard_common::{
     addr::Prefix,
@@ -8,29 +10,28 @@ use guard_common::{
 
 use super::{
     blocks::{remote_block_ttl, DecidedBy},
-    Agent,
+    rules::Owner,
+    unix_now_ns, Agent,
 };
+use crate::fleet::{Action, Applied, Decision, Remote, UnblockScope};
 
 impl crate::fleet::Applier for Agent {
-    fn apply_remote(&self, host: &str, d: &crate::fleet::Decision) -> crate::fleet::Applied {
-        use crate::fleet::{Action, Applied};
+    fn apply_remote(&self, from: &Remote<'_>, d: &Decision) -> Applied {
         let Ok(prefix) = d.prefix.parse::<Prefix>() else {
             return Applied::Dropped("malformed");
         };
+        let host = from.host;
         let origin = cap_str(&format!("fleet:{host}"), MAX_ORIGIN_LEN).to_string();
         let decided_unix_ns = d.decided_unix_ms.saturating_mul(1_000_000);
         match d.action {
             Action::Block => {
                 // Expiry is absolute: a late or replayed decision keeps only
                 // what is left of it, and one from a clock far ahead is held
-                // to this host's widest TTL by `block_decided`.
+                // to this host's widest TTL by the rules.
                 let ttl = match remote_block_ttl(d.expires_unix_ms, crate::fleet::unix_now_ms()) {
                     Ok(ttl) => ttl,
                     Err(why) => return Applied::Dropped(why),
                 };
-                if self.protected_overlap(&prefix).is_some() {
-                    return Applied::Dropped("allowlisted");
-                }
                 let ttl =
                     ttl.unwrap_or(self.settings.lock().expect("settings lock").blocks.max_ttl);
                 let before = self
@@ -41,23 +42,29 @@ impl crate::fleet::Applier for Agent {
                     .map(|m| m.expires_ns);
                 let reason_code = reason::from_name(&d.reason).unwrap_or(reason::OTHER);
                 let detail = format!("{} on {host}: {}", d.origin, d.detail);
-                match self.block_decided(
+                let by = DecidedBy::Fleet {
+                    decided_unix_ns,
+                    host: host.to_string(),
+                    own: from.own,
+                    live: from.live,
+                };
+                match self.block_ruled(
                     prefix,
                     Some(ttl),
                     reason_code,
                     &origin,
                     0,
                     cap_str(&detail, 240),
-                    DecidedBy::Fleet { decided_unix_ns },
+                    by,
                 ) {
-                    Response::BlockResult {
+                    Ok(Response::BlockResult {
                         outcome: BlockOutcome::Added,
                         ..
-                    } => Applied::Changed,
-                    Response::BlockResult {
+                    }) => Applied::Changed,
+                    Ok(Response::BlockResult {
                         outcome: BlockOutcome::Merged,
                         ..
-                    } => {
+                    }) => {
                         let after = self
                             .blocks
                             .lock()
@@ -70,22 +77,42 @@ impl crate::fleet::Applier for Agent {
                             Applied::Unchanged
                         }
                     }
-                    Response::BlockResult { .. } => Applied::Dropped("blocklist_full"),
-                    _ => Applied::Dropped("kernel_error"),
+                    Err((refusal, _)) => Applied::Dropped(refusal.label()),
+                    Ok(_) => Applied::Dropped("kernel_error"),
                 }
             }
             Action::Unblock => {
-                let newer_here = self
+                let (skew, scope) = {
+                    let s = self.settings.lock().expect("settings lock");
+                    let scope = s.fleet.as_ref().map_or(UnblockScope::Fleet, |f| f.unblocks);
+                    (s.blocks.max_skew, scope)
+                };
+                // Dated ahead, it would outrank every block decided until then.
+                if decided_unix_ns > unix_now_ns().saturating_add(skew.as_nanos() as u64) {
+                    return Applied::Dropped("future_dated");
+                }
+                let here = self
                     .blocks
                     .lock()
                     .expect("blocks lock")
                     .get(&prefix)
-                    .map(|m| m.decided_unix_ns > decided_unix_ns);
-                match newer_here {
+                    .map(|m| {
+                        (
+                            m.decided_unix_ns > decided_unix_ns,
+                            matches!(m.owner, Owner::Fleet(_)),
+                        )
+                    });
+                match here {
                     None => Applied::Unchanged,
                     // Blocked again here after that host lifted it.
-                    Some(true) => Applied::Dropped("superseded"),
-                    Some(false) => match self.unblock_entry(&prefix, &origin) {
+                    Some((true, _)) => Applied::Dropped("superseded"),
+                    // This host's own block: lifted where it was decided (its
+                    // own unblock replayed here is that), or everywhere when
+                    // the operator said so.
+                    Some((false, false)) if !from.own && scope == UnblockScope::Fleet => {
+                        Applied::Dropped("local_block")
+                    }
+                    Some((false, _)) => match self.unblock_entry(&prefix, &origin) {
                         Response::Ok => Applied::Changed,
                         _ => Applied::Unchanged,
                     },

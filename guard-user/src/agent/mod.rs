@@ -2,7 +2,9 @@
 //! reports and over-cap events into expiring kernel blocks, sweeps expiries,
 //! serves metrics, and reloads on SIGHUP. This module holds the `Agent` and
 //! what ties its parts together; the parts live in:
-//! - `blocks`: block policy as plain functions (TTL, merge, capacity, escalation),
+//! - `blocks`: block policy as plain functions (TTL, merge, escalation),
+//! - `rules`: the rules every block meets whatever its origin (allow-list,
+//!   width, clock, rates, quotas and shares), and the blocklist's counts,
 //! - `blocklist`: the agent's blocks and over-cap escalation, around that policy,
 //! - `config`: the live config, `guard config set`, the allow-list, reloads,
 //! - `control_handler`: the control socket's requests,
@@ -14,6 +16,7 @@ mod blocks;
 mod config;
 mod control_handler;
 mod fleet_apply;
+mod rules;
 mod run;
 
 pub use run::run;
@@ -32,7 +35,8 @@ use guard_common::{
 };
 use log::warn;
 
-use self::blocks::{BlockMeta, Offender};
+use self::blocks::Offender;
+use self::rules::{Blocklist, RuleMetrics};
 use crate::{
     audit::AuditLog, control::ControlStats, datapath::GuardMaps, metrics::Metrics,
     settings::Settings,
@@ -41,9 +45,10 @@ use crate::{
 pub struct Agent {
     maps: Mutex<GuardMaps>,
     settings: Mutex<Settings>,
-    blocks: Mutex<HashMap<Prefix, BlockMeta>>,
+    blocks: Mutex<Blocklist>,
     offenders: Mutex<HashMap<Prefix, Offender>>,
     pub metrics: Metrics,
+    rule_metrics: RuleMetrics,
     audit: AuditLog,
     control_stats: Mutex<Option<Arc<ControlStats>>>,
     /// Connection tracking counts only this namespace's sockets.
@@ -86,8 +91,9 @@ impl Agent {
         Self {
             maps: Mutex::new(maps),
             settings: Mutex::new(settings),
-            blocks: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(Blocklist::default()),
             offenders: Mutex::new(HashMap::new()),
+            rule_metrics: RuleMetrics::register(&metrics.registry),
             metrics,
             audit,
             control_stats: Mutex::new(None),
@@ -146,7 +152,15 @@ impl Agent {
             Err(e) => warn!("read kernel counters: {e}"),
         }
         if let Some(stats) = self.control_stats.lock().expect("stats lock").as_ref() {
-            self.metrics.sync_control(&stats.snapshot());
+            let snap = stats.snapshot();
+            self.metrics.sync_control(&snap);
+            for (why, n) in &snap.busy_by {
+                let c = self
+                    .rule_metrics
+                    .control_busy
+                    .with_label_values(&[why.label()]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
         }
         self.metrics.render()
     }

@@ -20,7 +20,8 @@
 //! agent's chown and chmod would follow) or for a listener of their own.
 //! Group and mode are applied without following symlinks all the same.
 //!
-//! Every connection runs in its own task behind a connection limit, with
+//! Every connection runs in its own task behind a connection limit (a cap per uid, and slots
+//! only operators may take, so no reporter can lock an operator out), with
 //! timeouts on the handshake, on each frame once it starts and on each
 //! write, so one slow or hostile (but permitted) client cannot hold up the
 //! others. A malformed frame gets an `Error` reply and the connection is
@@ -39,13 +40,15 @@ mod peer;
 mod policy;
 mod server;
 mod session;
+mod slots;
 mod socket;
 mod stats;
 
 pub use policy::*;
 pub use server::*;
+pub use slots::{Busy, DEFAULT_OPERATOR_SLOTS, DEFAULT_SESSIONS_PER_UID, MAX_SESSIONS};
 pub use stats::*;
-use {peer::*, session::*, socket::*};
+use {peer::*, session::*, slots::*, socket::*};
 
 /// What the agent does with each request. Synchronous: requests are map
 /// updates and lookups (a syscall each); the server runs the handler on the

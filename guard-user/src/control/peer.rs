@@ -72,6 +72,8 @@ pub(super) fn peer_info(stream: &UnixStream) -> io::Result<PeerInfo> {
 pub(super) struct RefusalLog {
     last: Option<Instant>,
     suppressed: u64,
+    busy_last: Option<Instant>,
+    busy_suppressed: u64,
 }
 
 impl RefusalLog {
@@ -93,6 +95,29 @@ impl RefusalLog {
             self.last = Some(Instant::now());
         } else {
             self.suppressed += 1;
+        }
+    }
+
+    /// A permitted peer turned away for want of a session it may take; a reporter that keeps
+    /// trying shows in the counter, and here once every 10 s.
+    pub(super) fn busy(&mut self, uid: u32, why: super::Busy) {
+        let due = self
+            .busy_last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            let more = std::mem::take(&mut self.busy_suppressed);
+            log::warn!(
+                "control socket busy for uid {uid} ({}){}",
+                why.label(),
+                if more > 0 {
+                    format!(" ({more} more turned away since the last report)")
+                } else {
+                    String::new()
+                }
+            );
+            self.busy_last = Some(Instant::now());
+        } else {
+            self.busy_suppressed += 1;
         }
     }
 }

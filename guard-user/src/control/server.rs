@@ -33,6 +33,10 @@ pub struct ControlServerConfig {
     pub widest_block: Widest,
     /// Connections served at once; more are answered `Busy` and closed.
     pub max_connections: usize,
+    /// Connections one uid may hold at once.
+    pub max_sessions_per_uid: usize,
+    /// Of `max_connections`, those only operators may take.
+    pub operator_slots: usize,
     /// From accepting a connection to receiving its complete `Hello`.
     pub handshake_timeout: Duration,
     /// Once a frame starts arriving, the rest must follow within this;
@@ -60,7 +64,9 @@ impl ControlServerConfig {
             reporter_uids: Vec::new(),
             widest_report: Widest::REPORT,
             widest_block: Widest::BLOCK,
-            max_connections: 64,
+            max_connections: MAX_SESSIONS,
+            max_sessions_per_uid: DEFAULT_SESSIONS_PER_UID,
+            operator_slots: DEFAULT_OPERATOR_SLOTS,
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(30)),
@@ -82,6 +88,8 @@ impl ControlServerConfig {
         cfg.widest_report = s.control.widest_report;
         cfg.widest_block = s.control.widest_block;
         cfg.idle_timeout = Some(s.control.idle_timeout);
+        cfg.max_sessions_per_uid = s.control.max_sessions_per_uid;
+        cfg.operator_slots = s.control.operator_slots;
         cfg
     }
 }
@@ -195,7 +203,11 @@ impl ControlServer {
             agent_version: self.cfg.agent_version.clone(),
             reads: Semaphore::new(1),
         });
-        let slots = Arc::new(Semaphore::new(self.cfg.max_connections.max(1)));
+        let slots = Slots::new(
+            self.cfg.max_connections,
+            self.cfg.operator_slots,
+            self.cfg.max_sessions_per_uid,
+        );
         let mut conns = JoinSet::new();
         let mut refusals = RefusalLog::default();
         log::info!("control socket listening at {}", self.cfg.path.display());
@@ -210,10 +222,14 @@ impl ControlServer {
                         else {
                             continue;
                         };
-                        let Ok(permit) = slots.clone().try_acquire_owned() else {
-                            ControlStats::bump(&self.stats.busy);
-                            refuse_busy(&stream);
-                            continue;
+                        let permit = match slots.take(peer.uid, peer.role) {
+                            Ok(permit) => permit,
+                            Err(why) => {
+                                self.stats.count_busy(why);
+                                refusals.busy(peer.uid, why);
+                                refuse_busy(&stream, &why.message(slots.per_uid()));
+                                continue;
+                            }
                         };
                         conns.spawn(connection(
                             stream,
@@ -290,12 +306,9 @@ fn admit(
 /// Tells a permitted peer over the limit why it is being closed, without
 /// waiting: if the reply does not fit in the socket buffer at once it is
 /// not sent.
-fn refuse_busy(stream: &UnixStream) {
+fn refuse_busy(stream: &UnixStream, message: &str) {
     let mut out = BytesMut::new();
-    let reply = Response::error(
-        ErrorCode::Busy,
-        "the agent is serving its maximum number of control connections; retry shortly",
-    );
+    let reply = Response::error(ErrorCode::Busy, message);
     if reply.encode(&mut out).is_ok() {
         let _ = stream.try_write(&out);
     }

@@ -10,7 +10,7 @@ use guard_common::proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::*;
 
@@ -177,7 +177,7 @@ pub(super) async fn connection(
     policy: Policy,
     limits: Arc<Limits>,
     stats: Arc<ControlStats>,
-    _permit: OwnedSemaphorePermit,
+    _permit: SlotPermit,
 ) {
     let _active = Active::new(stats.clone());
     let mut s = Session {

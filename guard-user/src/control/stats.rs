@@ -11,6 +11,8 @@ pub struct ControlStats {
     pub(super) refused_peer: AtomicU64,
     pub(super) not_permitted: AtomicU64,
     pub(super) busy: AtomicU64,
+    /// Per [`super::Busy::ALL`], in that order.
+    pub(super) busy_by: [AtomicU64; 3],
     pub(super) bad_frames: AtomicU64,
     pub(super) timeouts: AtomicU64,
     pub(super) idle_closed: AtomicU64,
@@ -44,6 +46,9 @@ pub struct ControlStatsSnapshot {
     pub not_permitted: u64,
     /// Closed because the connection limit was reached.
     pub busy: u64,
+    /// `busy` by why, in [`super::Busy::ALL`] order: every slot taken, the rest kept for
+    /// operators, or the uid's cap.
+    pub busy_by: Vec<(super::Busy, u64)>,
     /// Malformed, oversized or out-of-order frames (each closes its
     /// connection).
     pub bad_frames: u64,
@@ -73,6 +78,11 @@ impl ControlStats {
             refused_peer: get(&self.refused_peer),
             not_permitted: get(&self.not_permitted),
             busy: get(&self.busy),
+            busy_by: super::Busy::ALL
+                .iter()
+                .zip(&self.busy_by)
+                .map(|(why, n)| (*why, get(n)))
+                .collect(),
             bad_frames: get(&self.bad_frames),
             timeouts: get(&self.timeouts),
             idle_closed: get(&self.idle_closed),
@@ -95,6 +105,15 @@ impl ControlStats {
 
     pub(super) fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_busy(&self, why: super::Busy) {
+        Self::bump(&self.busy);
+        let i = super::Busy::ALL
+            .iter()
+            .position(|b| *b == why)
+            .expect("every Busy is in ALL");
+        Self::bump(&self.busy_by[i]);
     }
 
     pub(super) fn count_request(&self, kind: usize, resp: &Response) {

@@ -15,6 +15,8 @@ pub struct FleetMetrics {
     pub caught_up: IntGauge,
     pub stream_sequence: IntGauge,
     pub follower_restarts: IntCounter,
+    pub stream_present: IntGauge,
+    pub stream_resets: IntCounterVec,
 }
 
 impl FleetMetrics {
@@ -94,6 +96,18 @@ impl FleetMetrics {
                 "Times the agent re-subscribed to the stream from its last sequence (a read \
                  error, or messages owed that did not arrive).",
             ),
+            stream_present: gauge(
+                "guard_fleet_stream_present",
+                "1 while the stream this agent follows exists; 0 once it was found missing \
+                 (deleted), until it is created again.",
+            ),
+            stream_resets: counter_vec(
+                "guard_fleet_stream_resets_total",
+                "Times the stream was found deleted, recreated (another stream under its name) \
+                 or truncated (ending before what this agent had read); the agent then reads \
+                 it again from its start.",
+                &["kind"],
+            ),
         };
         // Every series exists from the start, so `increase()` in an alert sees the first one.
         for action in ["block", "unblock"] {
@@ -102,20 +116,32 @@ impl FleetMetrics {
         for reason in DROP_REASONS {
             m.dropped.with_label_values(&[reason]);
         }
+        for kind in ["deleted", "recreated", "truncated"] {
+            m.stream_resets.with_label_values(&[kind]);
+        }
         m
     }
 }
 
 /// Every `reason` of `guard_fleet_decisions_dropped_total`: not published (`queue_full`),
-/// unreadable (`malformed`, `unknown_version`), or refused by this host (the rest, from the
-/// agent's `Applier`).
-pub const DROP_REASONS: [&str; 8] = [
+/// unreadable or out of bounds (`malformed`, `unknown_version`, `oversized`,
+/// `host_mismatch`), or refused by this host (the rest, from the agent's `Applier`: the
+/// rules every block meets, and what a fleet unblock may not lift).
+pub const DROP_REASONS: [&str; 16] = [
     "queue_full",
     "malformed",
     "unknown_version",
+    "oversized",
+    "host_mismatch",
     "expired",
     "allowlisted",
+    "too_wide",
+    "future_dated",
+    "rate_limited",
     "blocklist_full",
+    "reserved",
+    "share",
     "kernel_error",
     "superseded",
+    "local_block",
 ];

@@ -32,6 +32,7 @@ mod wire;
 
 pub use follow::handle_batch;
 pub use metrics::*;
+pub use nats::stream_config;
 pub use outbox::*;
 pub use settings::*;
 pub use wire::*;
@@ -39,7 +40,14 @@ use {follow::*, nats::*, publish::*};
 
 /// Decisions in one JetStream message at most: a burst of 100 000 blocks
 /// becomes a few hundred messages, each far below NATS's 1 MiB payload cap.
+/// A message with more is dropped unread (`oversized`).
 pub const MAX_BATCH: usize = 256;
+
+/// The largest message a follower reads. The biggest batch this agent writes is
+/// `MAX_BATCH` decisions of at most ~600 bytes each (a 200-character detail, an origin, the
+/// keys), about 150 KiB; anything larger did not come from a guard agent and is dropped
+/// unparsed (`oversized`).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// What applying a decision of another host did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,9 +60,21 @@ pub enum Applied {
     Dropped(&'static str),
 }
 
+/// Where a decision read from the stream comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote<'a> {
+    /// The host, as the subject it was published on names it (NATS permissions can tie a
+    /// subject to a credential; the batch's own `host` field must agree).
+    pub host: &'a str,
+    /// This host's own decision, replayed after a restart.
+    pub own: bool,
+    /// Read as it arrived, not while replaying the stream at start.
+    pub live: bool,
+}
+
 /// The agent side of the fleet: applies what other hosts decided.
 pub trait Applier: Send + Sync + 'static {
-    fn apply_remote(&self, host: &str, decision: &Decision) -> Applied;
+    fn apply_remote(&self, from: &Remote<'_>, decision: &Decision) -> Applied;
 }
 
 /// The running fleet link: the outbox the agent pushes into, and the tasks.
@@ -157,6 +177,10 @@ mod tests {
             "urls = [\"nats://a:4222\"]\nhost = \"w\"\ntls_cert_file = \"/c\"",
             "urls = [\"nats://a:4222\"]\nhost = \"w\"\nqueue_limit = 0",
             "urls = [\"http://\"]\nhost = \"w\"",
+            "urls = [\"nats://a:4222\"]\nhost = \"w\"\nhost_rate = 0",
+            "urls = [\"nats://a:4222\"]\nhost = \"w\"\nhost_share_percent = 101",
+            "urls = [\"nats://a:4222\"]\nhost = \"w\"\nunblocks = \"all\"",
+            "urls = [\"nats://a:4222\"]\nhost = \"w\"\nmissing_stream = \"later\"",
         ];
         for text in bad {
             assert!(
@@ -167,6 +191,24 @@ mod tests {
         let ok = file("urls = [\"nats://a:4222\"]\nhost = \"w\"\ntoken = \"t\"");
         let s = FleetSettings::resolve(&ok, &[], None).unwrap().unwrap();
         assert_eq!(s.auth, Auth::Token("t".into()));
+        assert_eq!(
+            (s.host_rate, s.host_burst, s.host_share_percent),
+            (
+                DEFAULT_HOST_RATE,
+                DEFAULT_HOST_BURST,
+                DEFAULT_HOST_SHARE_PERCENT
+            )
+        );
+        assert_eq!(
+            (s.unblocks, s.missing_stream),
+            (UnblockScope::Fleet, MissingStream::Recreate)
+        );
+        let any = file("urls = [\"nats://a:4222\"]\nhost = \"w\"\nunblocks = \"any\"\nmissing_stream = \"wait\"");
+        let s = FleetSettings::resolve(&any, &[], None).unwrap().unwrap();
+        assert_eq!(
+            (s.unblocks, s.missing_stream),
+            (UnblockScope::Any, MissingStream::Wait)
+        );
     }
 
     fn decision(action: Action, expires: u64) -> Decision {
@@ -210,8 +252,8 @@ mod tests {
 
     struct Recorder(Mutex<Vec<(String, Decision)>>, Applied);
     impl Applier for Recorder {
-        fn apply_remote(&self, host: &str, d: &Decision) -> Applied {
-            self.0.lock().unwrap().push((host.into(), d.clone()));
+        fn apply_remote(&self, from: &Remote<'_>, d: &Decision) -> Applied {
+            self.0.lock().unwrap().push((from.host.into(), d.clone()));
             self.1
         }
     }
@@ -228,10 +270,10 @@ mod tests {
             })
             .unwrap()
         };
-        handle_batch("a", &batch("a"), false, &rec, &metrics);
+        handle_batch("a", "a", &batch("a"), false, &rec, &metrics);
         assert!(rec.0.lock().unwrap().is_empty());
-        handle_batch("a", &batch("a"), true, &rec, &metrics);
-        handle_batch("a", &batch("b"), false, &rec, &metrics);
+        handle_batch("a", "a", &batch("a"), true, &rec, &metrics);
+        handle_batch("a", "b", &batch("b"), false, &rec, &metrics);
         let seen = rec.0.lock().unwrap();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[1].0, "b");
@@ -243,9 +285,9 @@ mod tests {
     fn malformed_and_unknown_versions_are_counted_not_applied() {
         let metrics = FleetMetrics::register(&Registry::new());
         let rec = Recorder(Mutex::new(Vec::new()), Applied::Changed);
-        handle_batch("a", b"{not json", false, &rec, &metrics);
+        handle_batch("a", "b", b"{not json", false, &rec, &metrics);
         let future = br#"{"v":9,"host":"b","decisions":[]}"#;
-        handle_batch("a", future, false, &rec, &metrics);
+        handle_batch("a", "b", future, false, &rec, &metrics);
         assert!(rec.0.lock().unwrap().is_empty());
         assert_eq!(metrics.dropped.with_label_values(&["malformed"]).get(), 1);
         assert_eq!(
@@ -255,6 +297,35 @@ mod tests {
                 .get(),
             1
         );
+    }
+
+    #[test]
+    fn oversized_and_impersonating_messages_are_counted_not_applied() {
+        let metrics = FleetMetrics::register(&Registry::new());
+        let rec = Recorder(Mutex::new(Vec::new()), Applied::Changed);
+        let batch = |host: &str, n: usize| {
+            serde_json::to_vec(&Batch {
+                v: WIRE_VERSION,
+                host: host.into(),
+                decisions: vec![decision(Action::Block, u64::MAX / 2); n],
+            })
+            .unwrap()
+        };
+        // More decisions than a batch holds: none applied, each counted.
+        handle_batch("a", "b", &batch("b", MAX_BATCH + 1), false, &rec, &metrics);
+        // Past the byte bound: dropped unparsed, counted once.
+        let mut huge = batch("b", 1);
+        huge.resize(MAX_MESSAGE_BYTES + 1, b' ');
+        handle_batch("a", "b", &huge, false, &rec, &metrics);
+        // Published on c's subject, claiming to be b.
+        handle_batch("a", "c", &batch("b", 3), false, &rec, &metrics);
+        assert!(rec.0.lock().unwrap().is_empty());
+        let dropped = |r: &str| metrics.dropped.with_label_values(&[r]).get();
+        assert_eq!(dropped("oversized"), MAX_BATCH as u64 + 2);
+        assert_eq!(dropped("host_mismatch"), 3);
+        // A full batch is fine.
+        handle_batch("a", "b", &batch("b", MAX_BATCH), false, &rec, &metrics);
+        assert_eq!(rec.0.lock().unwrap().len(), MAX_BATCH);
     }
 
     #[test]

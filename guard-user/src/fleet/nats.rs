@@ -82,7 +82,8 @@ pub(super) async fn connect(
     opts.connect(addrs).await.context("fleet: connect to NATS")
 }
 
-pub(super) fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::stream::Config {
+/// The stream as an agent creates it (also what a test recreates).
+pub fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::stream::Config {
     jetstream::stream::Config {
         name: s.stream.clone(),
         subjects: vec![s.all_subjects()],
@@ -97,12 +98,43 @@ pub(super) fn stream_config(s: &FleetSettings, max_ttl: Duration) -> jetstream::
     }
 }
 
+/// The stream to follow and publish to. Missing, it is created again or waited for, as
+/// `[fleet] missing_stream` says.
 pub(super) async fn ensure_stream(
     js: &jetstream::Context,
     s: &FleetSettings,
     max_ttl: Duration,
-) -> Result<jetstream::stream::Stream> {
-    js.get_or_create_stream(stream_config(s, max_ttl))
-        .await
-        .map_err(|e| anyhow::anyhow!("fleet: get or create stream {}: {e}", s.stream))
+) -> Result<jetstream::stream::Stream, StreamError> {
+    match s.missing_stream {
+        MissingStream::Recreate => js
+            .get_or_create_stream(stream_config(s, max_ttl))
+            .await
+            .map_err(|e| StreamError::Other(format!("get or create stream {}: {e}", s.stream))),
+        MissingStream::Wait => js.get_stream(&s.stream).await.map_err(|e| match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                StreamError::Missing
+            }
+            _ => StreamError::Other(format!("get stream {}: {e}", s.stream)),
+        }),
+    }
+}
+
+/// Why the stream could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StreamError {
+    #[error(
+        "the stream is missing; waiting for it to be created ([fleet] missing_stream = \"wait\")"
+    )]
+    Missing,
+    #[error("fleet: {0}")]
+    Other(String),
+}
+
+/// Whether a request about the stream failed because the stream does not exist.
+pub(super) fn is_stream_not_found(e: &jetstream::stream::InfoError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }

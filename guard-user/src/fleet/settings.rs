@@ -28,7 +28,42 @@ pub struct FleetFile {
     pub tls_required: Option<bool>,
     /// Decisions held while NATS is unreachable before the oldest go.
     pub queue_limit: Option<usize>,
+    /// Decisions each other host may have applied here per second, and in a burst.
+    pub host_rate: Option<u32>,
+    pub host_burst: Option<u32>,
+    /// Percent of this host's blocklist each other host may hold.
+    pub host_share_percent: Option<u32>,
+    /// What another host's unblock may lift here: `fleet` (blocks that came from the fleet)
+    /// or `any` (this host's own blocks too).
+    pub unblocks: Option<String>,
+    /// When the stream is gone: `recreate` it, or `wait` for it to come back.
+    pub missing_stream: Option<String>,
 }
+
+/// What another host's unblock may lift here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnblockScope {
+    /// Only blocks that came from the fleet: a host's own blocks (its operator's, its app's,
+    /// its escalations) are lifted where they were decided, then everywhere.
+    Fleet,
+    /// Any block, this host's own included.
+    Any,
+}
+
+/// What the follower does when the stream is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingStream {
+    /// Create it again (empty) and follow it from its start.
+    Recreate,
+    /// Wait for someone else (an operator, a provisioning job) to create it.
+    Wait,
+}
+
+/// Defaults of the per-host bounds: a burst of a few thousand (a real incident on one host),
+/// then 200 a second; a quarter of the blocklist.
+pub const DEFAULT_HOST_RATE: u32 = 200;
+pub const DEFAULT_HOST_BURST: u32 = 5000;
+pub const DEFAULT_HOST_SHARE_PERCENT: u32 = 25;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
@@ -51,6 +86,11 @@ pub struct FleetSettings {
     pub tls_client: Option<(PathBuf, PathBuf)>,
     pub tls_required: bool,
     pub queue_limit: usize,
+    pub host_rate: u32,
+    pub host_burst: u32,
+    pub host_share_percent: u32,
+    pub unblocks: UnblockScope,
+    pub missing_stream: MissingStream,
 }
 
 /// A NATS subject token: letters, digits, `-` and `_` only.
@@ -143,6 +183,27 @@ impl FleetSettings {
         if queue_limit == 0 {
             bail!("fleet: queue_limit must be at least 1");
         }
+        let host_rate = file.host_rate.unwrap_or(DEFAULT_HOST_RATE);
+        let host_burst = file.host_burst.unwrap_or(DEFAULT_HOST_BURST);
+        if host_rate == 0 || host_burst == 0 {
+            bail!("fleet: host_rate and host_burst must be at least 1");
+        }
+        let host_share_percent = file
+            .host_share_percent
+            .unwrap_or(DEFAULT_HOST_SHARE_PERCENT);
+        if host_share_percent > 100 {
+            bail!("fleet: host_share_percent is a percent of the blocklist's capacity, 0..=100");
+        }
+        let unblocks = match file.unblocks.as_deref().unwrap_or("fleet") {
+            "fleet" => UnblockScope::Fleet,
+            "any" => UnblockScope::Any,
+            other => bail!("fleet: unblocks = `{other}`: give `fleet` or `any`"),
+        };
+        let missing_stream = match file.missing_stream.as_deref().unwrap_or("recreate") {
+            "recreate" => MissingStream::Recreate,
+            "wait" => MissingStream::Wait,
+            other => bail!("fleet: missing_stream = `{other}`: give `recreate` or `wait`"),
+        };
         Ok(Some(Self {
             urls,
             host,
@@ -154,6 +215,11 @@ impl FleetSettings {
             tls_client,
             tls_required: file.tls_required.unwrap_or(false),
             queue_limit,
+            host_rate,
+            host_burst,
+            host_share_percent,
+            unblocks,
+            missing_stream,
         }))
     }
 

@@ -9,11 +9,13 @@
 //!
 //! Here: the home and the running agent; [`opts`] what a test asks for; [`metrics`] the
 //! `/metrics` page; [`kernel`] what the kernel says of the agent's objects; [`traffic`]
-//! connects and SYNs toward the protected port.
+//! connects and SYNs toward the protected port; [`reporter`] a control client running as
+//! another uid.
 
 mod kernel;
 mod metrics;
 mod opts;
+pub mod reporter;
 mod traffic;
 
 use std::io::Write as _;
