@@ -98,6 +98,32 @@ pub fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
 }
 
+/// The least, the median and the most of a set of values (ratios over the repeats).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// NaN throughout when `values` is empty.
+    pub fn of(values: &[f64]) -> Self {
+        let min = values.iter().copied().fold(f64::NAN, f64::min);
+        let max = values.iter().copied().fold(f64::NAN, f64::max);
+        Self {
+            min,
+            median: median(values),
+            max,
+        }
+    }
+
+    /// `0.91 / 0.95 / 1.02x`.
+    pub fn fmt_ratio(&self) -> String {
+        format!("{:.2} / {:.2} / {:.2}x", self.min, self.median, self.max)
+    }
+}
+
 /// A count per second, shortened (`48.7k`, `1.21M`).
 pub fn fmt_rate(per_sec: f64) -> String {
     if per_sec >= 1e6 {
@@ -147,5 +173,9 @@ mod tests {
         assert_eq!(fmt_rate(48_700.0), "48.7k");
         assert_eq!(fmt_rate(1_210_000.0), "1.21M");
         assert_eq!(fmt_rate(12.4), "12");
+        let s = Spread::of(&[1.5, 0.5, 1.0]);
+        assert_eq!((s.min, s.median, s.max), (0.5, 1.0, 1.5));
+        assert_eq!(s.fmt_ratio(), "0.50 / 1.00 / 1.50x");
+        assert!(Spread::of(&[]).median.is_nan());
     }
 }

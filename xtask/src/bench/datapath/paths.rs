@@ -92,7 +92,7 @@ pub(super) fn paths() -> Vec<PathDef> {
         PathDef {
             key: "drop_blocked",
             label: "drop: blocked source",
-            frame: syn(198, 18, 0, 12).bytes(),
+            frame: Frame::syn(blocked_ip(), PORT).bytes(),
             verdict: Verdict::Drop,
             stat: Stat::DropBlocked,
             config: |c| c.flags |= FLAG_ALLOW_EMPTY,

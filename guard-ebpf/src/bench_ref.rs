@@ -1,0 +1,436 @@
+//! Reference programs for the datapath bench (`cargo xtask bench --datapath`): the cheapest
+//! program that takes each of guard's actions, measured in the same run and through the same
+//! `BPF_PROG_TEST_RUN` harness as guard, so guard's cost can be read as a ratio that travels
+//! between machines instead of nanoseconds that do not.
+//!
+//! A second binary of this crate, so the one aya-build step that builds guard builds these
+//! too, with the same toolchain, flags and verifier: hand-assembled instructions
+//! (`tests/src/raw_xdp.rs`) would do for the empty programs, but the SYN-ACK rewrite and the
+//! kernel-helper cookie are too long to keep correct by hand. Nothing here is loaded by the
+//! agent; only the bench uses this object.
+//!
+//! Per hook (XDP and tc):
+//! - `*_empty_pass`, `*_empty_drop`: return the action and nothing else; the harness's own
+//!   cost per run, shown for reading.
+//! - `*_pass`, `*_drop`: read what any per-source SYN filter must read before it can decide
+//!   (the ethertype, the IP version, protocol and source, the TCP port and flags), then take
+//!   the action. The verdict depends on those fields (a martian source or port is treated as
+//!   a real filter would), so the compiler keeps every read. These are the references the
+//!   pass and drop paths are gated against.
+//! - `*_tx`: the same reads, then a SYN turned into a SYN-ACK in place (addresses and ports
+//!   swapped, sequence numbers and flags set, the checksum updated incrementally) with a fixed
+//!   sequence number: sending a SYN-ACK and nothing more.
+//! - `ref_xdp_cookie`: a SYN answered with a SYN cookie from the kernel's own
+//!   `bpf_tcp_raw_gen_syncookie_ipv4/ipv6` (natively compiled SipHash): the reference of
+//!   guard's cookie path. Its SYN-ACK carries the MSS option only, which is all the kernel's
+//!   cookie encodes without timestamps.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{iphdr, ipv6hdr, tcphdr, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_redirect, bpf_tcp_raw_gen_syncookie_ipv4, bpf_tcp_raw_gen_syncookie_ipv6,
+        bpf_xdp_adjust_tail,
+    },
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use guard_common::{addr::AddrWords, syncookie};
+
+// Only the bounds-checked accessor is used here; guard's full parser (VLAN tags, extension
+// headers) is exactly what these references leave out.
+#[allow(dead_code)]
+mod packet;
+
+use packet::{Packet, ETH_HLEN};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN_ACK: u8 = 0x12;
+/// The TX reference's stand-in for a cookie.
+const FIXED_ISN: u32 = 0x0bad_cafe;
+
+/// What the minimal filter read.
+struct Seen {
+    /// The source address, folded to one word (zero: unspecified, a martian).
+    src: u64,
+    /// `(l3, l4, v6)` when the frame is TCP with a whole header.
+    tcp: Option<(usize, usize, bool)>,
+    dst_port: u16,
+    flags: u8,
+}
+
+/// Ethernet, IPv4 (options skipped by IHL) or the fixed IPv6 header, and the TCP header:
+/// nothing more (no VLAN tags, no extension headers, no fragments).
+#[inline(always)]
+fn read_min(pkt: &Packet) -> Option<Seen> {
+    let ethertype = pkt.header::<ETH_HLEN>(0)?.be16_at::<12>();
+    let l3 = ETH_HLEN;
+    let (src, proto, l4, v6) = match ethertype {
+        ETH_P_IP => {
+            let ip = pkt.header::<IPV4_HLEN>(l3)?;
+            let ihl = ((ip.u8_at::<0>() & 0x0f) as usize) * 4;
+            (
+                u64::from(ip.raw::<u32, 12>()),
+                ip.u8_at::<9>(),
+                l3 + ihl,
+                false,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip = pkt.header::<IPV6_HLEN>(l3)?;
+            (
+                ip.raw::<u64, 8>() | ip.raw::<u64, 16>(),
+                ip.u8_at::<6>(),
+                l3 + IPV6_HLEN,
+                true,
+            )
+        }
+        _ => return None,
+    };
+    if proto != IPPROTO_TCP {
+        return Some(Seen {
+            src,
+            tcp: None,
+            dst_port: 0,
+            flags: 0,
+        });
+    }
+    let tcp = pkt.header::<TCP_HLEN>(l4)?;
+    Some(Seen {
+        src,
+        tcp: Some((l3, l4, v6)),
+        dst_port: tcp.be16_at::<2>(),
+        flags: tcp.u8_at::<13>(),
+    })
+}
+
+/// Pass, unless the frame is one no filter would let through: unparseable, or TCP from an
+/// unspecified source or to port 0.
+#[inline(always)]
+fn min_pass(pkt: &Packet) -> bool {
+    match read_min(pkt) {
+        Some(s) if s.tcp.is_some() => s.src != 0 && s.dst_port != 0,
+        Some(s) => s.src != 0,
+        None => false,
+    }
+}
+
+/// Drop a connection-opening TCP segment from a real source; pass anything else.
+#[inline(always)]
+fn min_drop(pkt: &Packet) -> bool {
+    matches!(read_min(pkt), Some(s) if s.tcp.is_some() && s.src != 0 && s.flags & TCP_SYN != 0)
+}
+
+/// RFC 1624: the checksum after a 32-bit word changed from `old` to `new`.
+#[inline(always)]
+fn csum_replace(csum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u32::from(!csum);
+    sum += (!old >> 16) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Turns a SYN into a SYN-ACK in place with a fixed ISN; false if the frame is no SYN.
+#[inline(always)]
+fn rewrite_synack(pkt: &Packet) -> bool {
+    let Some(Seen {
+        tcp: Some((l3, l4, v6)),
+        flags,
+        ..
+    }) = read_min(pkt)
+    else {
+        return false;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return false;
+    }
+    let Some(eth) = pkt.header::<ETH_HLEN>(0) else {
+        return false;
+    };
+    let (d0, d1) = (eth.raw::<u32, 0>(), eth.raw::<u16, 4>());
+    eth.write::<u32, 0>(eth.raw::<u32, 6>());
+    eth.write::<u16, 4>(eth.raw::<u16, 10>());
+    eth.write::<u32, 6>(d0);
+    eth.write::<u16, 10>(d1);
+    // Swapped addresses and ports leave both checksums as they were.
+    if v6 {
+        let Some(ip) = pkt.header::<IPV6_HLEN>(l3) else {
+            return false;
+        };
+        let (s0, s1) = (ip.raw::<u64, 8>(), ip.raw::<u64, 16>());
+        ip.write::<u64, 8>(ip.raw::<u64, 24>());
+        ip.write::<u64, 16>(ip.raw::<u64, 32>());
+        ip.write::<u64, 24>(s0);
+        ip.write::<u64, 32>(s1);
+    } else {
+        let Some(ip) = pkt.header::<IPV4_HLEN>(l3) else {
+            return false;
+        };
+        let s = ip.raw::<u32, 12>();
+        ip.write::<u32, 12>(ip.raw::<u32, 16>());
+        ip.write::<u32, 16>(s);
+    }
+    let Some(tcp) = pkt.header::<TCP_HLEN>(l4) else {
+        return false;
+    };
+    let ports = tcp.raw::<u32, 0>();
+    tcp.write::<u32, 0>(ports.rotate_left(16));
+    let (seq, ack, word3) = (tcp.raw::<u32, 4>(), tcp.raw::<u32, 8>(), tcp.raw::<u32, 12>());
+    let new_ack = (u32::from_be(seq).wrapping_add(1)).to_be();
+    let new_seq = FIXED_ISN.to_be();
+    // Byte 13 (flags) is the second byte of word 3 in memory.
+    let mut w3 = word3.to_ne_bytes();
+    w3[1] = TCP_SYN_ACK;
+    let new_word3 = u32::from_ne_bytes(w3);
+    let mut csum = tcp.raw::<u16, 16>();
+    csum = csum_replace(csum, seq, new_seq);
+    csum = csum_replace(csum, ack, new_ack);
+    csum = csum_replace(csum, word3, new_word3);
+    tcp.write::<u32, 4>(new_seq);
+    tcp.write::<u32, 8>(new_ack);
+    tcp.write::<u32, 12>(new_word3);
+    tcp.write::<u16, 16>(csum);
+    true
+}
+
+#[xdp]
+pub fn ref_xdp_empty_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn ref_xdp_empty_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn ref_xdp_pass(ctx: XdpContext) -> u32 {
+    if min_pass(&Packet::new(ctx.data(), ctx.data_end())) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[xdp]
+pub fn ref_xdp_drop(ctx: XdpContext) -> u32 {
+    if min_drop(&Packet::new(ctx.data(), ctx.data_end())) {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[xdp]
+pub fn ref_xdp_tx(ctx: XdpContext) -> u32 {
+    if rewrite_synack(&Packet::new(ctx.data(), ctx.data_end())) {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[classifier]
+pub fn ref_tc_empty_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn ref_tc_empty_drop(_ctx: TcContext) -> i32 {
+    TC_ACT_SHOT
+}
+
+#[classifier]
+pub fn ref_tc_pass(ctx: TcContext) -> i32 {
+    if min_pass(&Packet::new(ctx.data(), ctx.data_end())) {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[classifier]
+pub fn ref_tc_drop(ctx: TcContext) -> i32 {
+    if min_drop(&Packet::new(ctx.data(), ctx.data_end())) {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+#[classifier]
+pub fn ref_tc_tx(ctx: TcContext) -> i32 {
+    if rewrite_synack(&Packet::new(ctx.data(), ctx.data_end())) {
+        // SAFETY: a field read of our own context, then a helper without preconditions.
+        unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// The kernel's cookie for a SYN whose TCP header is `len` bytes at `l4`: `(cookie, mss)`.
+/// The helper wants the header's exact length as a constant the verifier can check against
+/// the packet, hence one arm per data offset.
+#[inline(always)]
+fn kernel_cookie(pkt: &Packet, l3: usize, l4: usize, v6: bool, len: usize) -> Option<(u32, u16)> {
+    macro_rules! gen {
+        ($n:literal) => {{
+            let tcp = pkt.header::<$n>(l4)?;
+            let th = tcp.ptr() as *mut tcphdr;
+            // SAFETY: the IP header and `$n` bytes of TCP header lie inside the packet
+            // (checked here and by the caller); the helper only reads them.
+            unsafe {
+                if v6 {
+                    let ip = pkt.header::<IPV6_HLEN>(l3)?;
+                    bpf_tcp_raw_gen_syncookie_ipv6(ip.ptr() as *mut ipv6hdr, th, $n)
+                } else {
+                    let ip = pkt.header::<IPV4_HLEN>(l3)?;
+                    bpf_tcp_raw_gen_syncookie_ipv4(ip.ptr() as *mut iphdr, th, $n)
+                }
+            }
+        }};
+    }
+    let r = match len {
+        20 => gen!(20),
+        24 => gen!(24),
+        28 => gen!(28),
+        32 => gen!(32),
+        36 => gen!(36),
+        40 => gen!(40),
+        44 => gen!(44),
+        48 => gen!(48),
+        52 => gen!(52),
+        56 => gen!(56),
+        60 => gen!(60),
+        _ => return None,
+    };
+    (r >= 0).then_some((r as u32, (r >> 32) as u16))
+}
+
+#[xdp]
+pub fn ref_xdp_cookie(ctx: XdpContext) -> u32 {
+    if answer_with_kernel_cookie(&ctx) {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// A SYN (plain IPv4 or IPv6) answered like guard answers it, with the kernel's cookie and
+/// the MSS option only.
+#[inline(always)]
+fn answer_with_kernel_cookie(ctx: &XdpContext) -> bool {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Some(Seen {
+        tcp: Some((l3, l4, v6)),
+        flags,
+        ..
+    }) = read_min(&pkt)
+    else {
+        return false;
+    };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || (!v6 && l4 != l3 + IPV4_HLEN) {
+        return false;
+    }
+    let Some(tcp) = pkt.header::<TCP_HLEN>(l4) else {
+        return false;
+    };
+    let client_port = tcp.be16_at::<0>();
+    let server_port = tcp.be16_at::<2>();
+    let client_isn = tcp.be32_at::<4>();
+    let doff = ((tcp.u8_at::<12>() >> 4) as usize) * 4;
+    let Some((cookie, mss)) = kernel_cookie(&pkt, l3, l4, v6, doff) else {
+        return false;
+    };
+    let (client, server, v4) = if v6 {
+        let Some(ip) = pkt.header::<IPV6_HLEN>(l3) else {
+            return false;
+        };
+        (
+            AddrWords([ip.raw::<u64, 8>(), ip.raw::<u64, 16>()]),
+            AddrWords([ip.raw::<u64, 24>(), ip.raw::<u64, 32>()]),
+            (0, 0),
+        )
+    } else {
+        let Some(ip) = pkt.header::<IPV4_HLEN>(l3) else {
+            return false;
+        };
+        let (s, d) = (ip.raw::<u32, 12>(), ip.raw::<u32, 16>());
+        (AddrWords::v4_mapped(s), AddrWords::v4_mapped(d), (s, d))
+    };
+    let synack = syncookie::SynAck {
+        server_port,
+        client_port,
+        cookie,
+        client_isn,
+        mss,
+        sack: false,
+        wscale: None,
+        timestamps: None,
+    };
+    let (mut words, n) = synack.words();
+    let tcp_len = (n * 4) as u16;
+    let pseudo = if v6 {
+        syncookie::pseudo_v6(&server, &client, tcp_len)
+    } else {
+        syncookie::pseudo_v4(v4.1, v4.0, tcp_len)
+    };
+    syncookie::set_tcp_checksum(&mut words, pseudo);
+    let ip_len = if v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let delta = (l3 + ip_len + n * 4) as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: helper on our own context; it moves data_end only.
+    if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return false;
+    }
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Some(eth) = pkt.header::<ETH_HLEN>(0) else {
+        return false;
+    };
+    let (d0, d1) = (eth.raw::<u32, 0>(), eth.raw::<u16, 4>());
+    eth.write::<u32, 0>(eth.raw::<u32, 6>());
+    eth.write::<u16, 4>(eth.raw::<u16, 10>());
+    eth.write::<u32, 6>(d0);
+    eth.write::<u16, 10>(d1);
+    if v6 {
+        let Some(ip) = pkt.header::<IPV6_HLEN>(l3) else {
+            return false;
+        };
+        let [w0, w1] = syncookie::ipv6_first_words(tcp_len);
+        ip.write::<u32, 0>(w0);
+        ip.write::<u32, 4>(w1);
+        ip.write::<u64, 8>(server.0[0]);
+        ip.write::<u64, 16>(server.0[1]);
+        ip.write::<u64, 24>(client.0[0]);
+        ip.write::<u64, 32>(client.0[1]);
+    } else {
+        let Some(ip) = pkt.header::<IPV4_HLEN>(l3) else {
+            return false;
+        };
+        ip.write::<[u32; 5], 0>(syncookie::ipv4_header(v4.1, v4.0, IPV4_HLEN as u16 + tcp_len));
+    }
+    let l4 = l3 + ip_len;
+    let Some(tcp) = pkt.header::<24>(l4) else {
+        return false;
+    };
+    tcp.write::<[u32; 6], 0>([words[0], words[1], words[2], words[3], words[4], words[5]]);
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

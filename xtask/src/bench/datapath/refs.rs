@@ -1,0 +1,182 @@
+//! What guard is measured against: the reference programs (guard-ebpf's `bench-ref` binary,
+//! see its file for what each does and why) and xdp-filter from xdp-tools, the peer a user
+//! would pick to drop a blocked source.
+
+use std::os::fd::{AsFd as _, BorrowedFd};
+use std::path::PathBuf;
+
+use aya::programs::{ProgramFd, SchedClassifier, Xdp};
+use aya::Ebpf;
+use guard_tests::netns::Netns;
+
+use anyhow::bail;
+
+use super::*;
+
+/// The reference programs, loaded (not attached) for test runs.
+pub(super) struct Refs {
+    ebpf: Ebpf,
+}
+
+/// Which reference program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum Ref {
+    /// Returns the action, nothing else: the harness's cost per run.
+    Empty(Verdict),
+    /// Reads what a per-source SYN filter must, then takes the action.
+    Minimal(Verdict),
+    /// Turns a SYN into a SYN-ACK in place (fixed ISN) and sends it.
+    Tx,
+    /// Answers a SYN with the kernel's own cookie helper (XDP only).
+    KernelCookie,
+}
+
+impl Refs {
+    pub(super) fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(guard_user::datapath::BENCH_REF_OBJECT)
+            .context("load the bench's reference programs")?;
+        let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
+        for name in names {
+            let prog = ebpf
+                .program_mut(&name)
+                .with_context(|| format!("reference program {name}"))?;
+            if name.starts_with("ref_xdp") {
+                let p: &mut Xdp = prog.try_into()?;
+                p.load()
+                    .with_context(|| format!("the verifier refused {name}"))?;
+            } else {
+                let p: &mut SchedClassifier = prog.try_into()?;
+                p.load()
+                    .with_context(|| format!("the verifier refused {name}"))?;
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn name(hook: Hook, r: Ref) -> Result<&'static str> {
+        use Verdict::{Drop, Pass};
+        Ok(match (hook, r) {
+            (Hook::Xdp, Ref::Empty(Pass)) => "ref_xdp_empty_pass",
+            (Hook::Xdp, Ref::Empty(Drop)) => "ref_xdp_empty_drop",
+            (Hook::Tc, Ref::Empty(Pass)) => "ref_tc_empty_pass",
+            (Hook::Tc, Ref::Empty(Drop)) => "ref_tc_empty_drop",
+            (Hook::Xdp, Ref::Minimal(Pass)) => "ref_xdp_pass",
+            (Hook::Xdp, Ref::Minimal(Drop)) => "ref_xdp_drop",
+            (Hook::Tc, Ref::Minimal(Pass)) => "ref_tc_pass",
+            (Hook::Tc, Ref::Minimal(Drop)) => "ref_tc_drop",
+            (Hook::Xdp, Ref::Tx) => "ref_xdp_tx",
+            (Hook::Tc, Ref::Tx) => "ref_tc_tx",
+            (Hook::Xdp, Ref::KernelCookie) => "ref_xdp_cookie",
+            (Hook::Tc, Ref::KernelCookie) => bail!("the kernel-cookie reference is XDP only"),
+        })
+    }
+
+    pub(super) fn fd(&self, hook: Hook, r: Ref) -> Result<BorrowedFd<'_>> {
+        let name = Self::name(hook, r)?;
+        let prog = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no reference program {name} in the object"))?;
+        Ok(prog.fd().context("reference program not loaded")?.as_fd())
+    }
+}
+
+/// xdp-filter (xdp-tools) loaded by its own CLI on a veth in a namespace of ours, dropping
+/// one source, with its program opened by id for test runs. Unloaded on drop; its pins live
+/// in a folder of ours under bpffs (`LIBXDP_BPFFS`), never in the shared default.
+pub(super) struct XdpFilter {
+    // Declared first so the fd closes before the setup below unloads the program.
+    prog: ProgramFd,
+    /// The program's name as the kernel knows it (which of xdp-filter's objects runs).
+    pub(super) name: String,
+    _setup: XdpFilterSetup,
+}
+
+/// The namespace, the veth and the pin folder xdp-filter runs in; xdp-filter unloaded and
+/// the folder removed on drop (deleting the namespace detaches the program in any case).
+struct XdpFilterSetup {
+    pin_dir: PathBuf,
+    ns: Netns,
+}
+
+const XF_IFACE: &str = "xf0";
+/// The features guard's drop needs (IPv4 and IPv6 source addresses).
+const XF_FEATURES: &str = "ipv4,ipv6";
+
+impl XdpFilter {
+    /// Loads xdp-filter (native mode, default allow) with `blocked` as a source to drop.
+    pub(super) fn load(blocked: IpAddr) -> Result<Self> {
+        ensure!(
+            std::process::Command::new("xdp-filter")
+                .arg("help")
+                .output()
+                .is_ok(),
+            "xdp-filter not found: `cargo xtask setup` installs it (Debian package xdp-tools)"
+        );
+        let ns = Netns::new("xflt")?;
+        ns.ip(&["link", "add", XF_IFACE, "type", "veth", "peer", "name", "xf1"])?;
+        ns.ip(&["link", "set", XF_IFACE, "up"])?;
+        ns.ip(&["link", "set", "xf1", "up"])?;
+        let pin_dir = PathBuf::from(guard_user::paths::BPFFS_ROOT)
+            .join(format!("gd-xflt-{}", std::process::id()));
+        std::fs::create_dir_all(&pin_dir)
+            .with_context(|| format!("create {}", pin_dir.display()))?;
+        let setup = XdpFilterSetup { pin_dir, ns };
+        setup.xdp_filter(&["load", "-m", "native", "-p", "allow", "-f", XF_FEATURES, XF_IFACE])?;
+        setup.xdp_filter(&["ip", &blocked.to_string(), "-m", "src"])?;
+        let id = setup.attached_id()?;
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+            .with_context(|| format!("xdp-filter's program #{id} is not loaded"))?;
+        let prog = info
+            .fd()
+            .with_context(|| format!("open xdp-filter's program #{id}"))?;
+        let name = format!(
+            "xdp-filter ({}, -f {XF_FEATURES})",
+            info.name_as_str().unwrap_or("?")
+        );
+        Ok(Self {
+            prog,
+            name,
+            _setup: setup,
+        })
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.prog.as_fd()
+    }
+}
+
+impl XdpFilterSetup {
+    fn xdp_filter(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.ns.command("xdp-filter");
+        cmd.env("LIBXDP_BPFFS", &self.pin_dir).args(args);
+        run_checked(&mut cmd).with_context(|| format!("xdp-filter {}", args.join(" ")))
+    }
+
+    /// The id of the XDP program on the veth (xdp-filter's own, or libxdp's dispatcher in
+    /// front of it: either way what a frame runs through).
+    fn attached_id(&self) -> Result<u32> {
+        let out = self.ns.ip(&["-j", "link", "show", "dev", XF_IFACE])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ip's JSON")?;
+        let xdp = &v[0]["xdp"];
+        xdp["prog"]["id"]
+            .as_u64()
+            .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+            .and_then(|id| u32::try_from(id).ok())
+            .with_context(|| format!("no XDP program on {XF_IFACE}: {out}"))
+    }
+}
+
+impl Drop for XdpFilterSetup {
+    fn drop(&mut self) {
+        if let Err(e) = self.xdp_filter(&["unload", XF_IFACE]) {
+            eprintln!("warning: {e:#}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+            eprintln!("warning: cannot remove {}: {e}", self.pin_dir.display());
+        }
+    }
+}
