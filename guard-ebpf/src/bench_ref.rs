@@ -17,6 +17,9 @@
 //!   the action. The verdict depends on those fields (a martian source or port is treated as
 //!   a real filter would), so the compiler keeps every read. These are the references the
 //!   pass and drop paths are gated against.
+//! - `*_pass_lookup`, `*_drop_lookup`: the same, plus the one hash lookup keyed by the source
+//!   that any per-source verdict needs (`REF_SOURCES`, an exact-match table the bench fills):
+//!   the references of the paths whose verdict depends on the source.
 //! - `*_tx`: the same reads, then a SYN turned into a SYN-ACK in place (addresses and ports
 //!   swapped, sequence numbers and flags set, the checksum updated incrementally) with a fixed
 //!   sequence number: sending a SYN-ACK and nothing more.
@@ -24,19 +27,34 @@
 //!   `bpf_tcp_raw_gen_syncookie_ipv4/ipv6` (natively compiled SipHash): the reference of
 //!   guard's cookie path. Its SYN-ACK carries the MSS option only, which is all the kernel's
 //!   cookie encodes without timestamps.
+//! - `ref_xdp_sipcookie`: the same answer with guard's own cookie (`syncookie::make`, its
+//!   SipHash-1-3 compiled to BPF) in place of the helper's: guard's MAC against the kernel's,
+//!   everything else equal.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{iphdr, ipv6hdr, tcphdr, xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_redirect, bpf_tcp_raw_gen_syncookie_ipv4, bpf_tcp_raw_gen_syncookie_ipv6,
-        bpf_xdp_adjust_tail,
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_tcp_raw_gen_syncookie_ipv4,
+        bpf_tcp_raw_gen_syncookie_ipv6, bpf_xdp_adjust_tail,
     },
-    macros::{classifier, xdp},
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap},
     programs::{TcContext, XdpContext},
 };
-use guard_common::{addr::AddrWords, syncookie};
+use guard_common::{
+    addr::AddrWords,
+    syncookie::{self, CookieKey, Flow, Negotiated},
+};
+
+/// Sources the lookup references know, with a mark: [`DROP_MARK`] for `*_drop_lookup`,
+/// [`DENY_MARK`] for `*_pass_lookup`.
+#[map(name = "REF_SOURCES")]
+static REF_SOURCES: HashMap<[u64; 2], u32> = HashMap::with_max_entries(1024, 0);
+/// The key `ref_xdp_sipcookie` makes its cookies with.
+#[map(name = "REF_COOKIE_KEY")]
+static REF_COOKIE_KEY: Array<CookieKey> = Array::with_max_entries(1, 0);
 
 // Only the bounds-checked accessor is used here; guard's full parser (VLAN tags, extension
 // headers) is exactly what these references leave out.
@@ -54,6 +72,9 @@ const TCP_HLEN: usize = 20;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const TCP_SYN_ACK: u8 = 0x12;
+const DROP_MARK: u32 = 1;
+/// Never written by the bench: `*_pass_lookup` passes everything, yet must look to know.
+const DENY_MARK: u32 = 2;
 /// The TX reference's stand-in for a cookie.
 const FIXED_ISN: u32 = 0x0bad_cafe;
 
@@ -121,6 +142,32 @@ fn min_pass(pkt: &Packet) -> bool {
         Some(s) => s.src != 0,
         None => false,
     }
+}
+
+/// The source as the lookup table keys it (IPv4 mapped into IPv6, as guard keys it).
+#[inline(always)]
+fn source_key(pkt: &Packet, l3: usize, v6: bool) -> Option<[u64; 2]> {
+    if v6 {
+        let ip = pkt.header::<IPV6_HLEN>(l3)?;
+        Some([ip.raw::<u64, 8>(), ip.raw::<u64, 16>()])
+    } else {
+        Some(AddrWords::v4_mapped(pkt.header::<IPV4_HLEN>(l3)?.raw::<u32, 12>()).0)
+    }
+}
+
+/// Whether the lookup table holds this TCP segment's source with `mark`.
+#[inline(always)]
+fn listed_as(pkt: &Packet, mark: u32) -> Option<bool> {
+    let Seen {
+        tcp: Some((l3, _, v6)),
+        ..
+    } = read_min(pkt)?
+    else {
+        return Some(false);
+    };
+    let key = source_key(pkt, l3, v6)?;
+    // SAFETY: a plain-data value read once.
+    Some(unsafe { REF_SOURCES.get(&key) }.is_some_and(|v| *v == mark))
 }
 
 /// Drop a connection-opening TCP segment from a real source; pass anything else.
@@ -231,6 +278,22 @@ pub fn ref_xdp_drop(ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
+pub fn ref_xdp_pass_lookup(ctx: XdpContext) -> u32 {
+    match listed_as(&Packet::new(ctx.data(), ctx.data_end()), DENY_MARK) {
+        Some(false) => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+#[xdp]
+pub fn ref_xdp_drop_lookup(ctx: XdpContext) -> u32 {
+    match listed_as(&Packet::new(ctx.data(), ctx.data_end()), DROP_MARK) {
+        Some(true) => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[xdp]
 pub fn ref_xdp_tx(ctx: XdpContext) -> u32 {
     if rewrite_synack(&Packet::new(ctx.data(), ctx.data_end())) {
         xdp_action::XDP_TX
@@ -264,6 +327,22 @@ pub fn ref_tc_drop(ctx: TcContext) -> i32 {
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
+    }
+}
+
+#[classifier]
+pub fn ref_tc_pass_lookup(ctx: TcContext) -> i32 {
+    match listed_as(&Packet::new(ctx.data(), ctx.data_end()), DENY_MARK) {
+        Some(false) => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+#[classifier]
+pub fn ref_tc_drop_lookup(ctx: TcContext) -> i32 {
+    match listed_as(&Packet::new(ctx.data(), ctx.data_end()), DROP_MARK) {
+        Some(true) => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
     }
 }
 
@@ -318,17 +397,58 @@ fn kernel_cookie(pkt: &Packet, l3: usize, l4: usize, v6: bool, len: usize) -> Op
 
 #[xdp]
 pub fn ref_xdp_cookie(ctx: XdpContext) -> u32 {
-    if answer_with_kernel_cookie(&ctx) {
+    if answer_with_cookie(&ctx, CookieSource::Kernel) {
         xdp_action::XDP_TX
     } else {
         xdp_action::XDP_DROP
     }
 }
 
-/// A SYN (plain IPv4 or IPv6) answered like guard answers it, with the kernel's cookie and
-/// the MSS option only.
+#[xdp]
+pub fn ref_xdp_sipcookie(ctx: XdpContext) -> u32 {
+    if answer_with_cookie(&ctx, CookieSource::Guard) {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CookieSource {
+    /// `bpf_tcp_raw_gen_syncookie_*`.
+    Kernel,
+    /// `syncookie::make` with `REF_COOKIE_KEY`.
+    Guard,
+}
+
+/// The MSS a SYN asks for, the way the kernel's helper finds it: the first option when it
+/// is one (every common stack sends it first), else the RFC default.
 #[inline(always)]
-fn answer_with_kernel_cookie(ctx: &XdpContext) -> bool {
+fn syn_mss(pkt: &Packet, l4: usize, doff: usize) -> u16 {
+    if doff >= TCP_HLEN + 4 {
+        if let Some(o) = pkt.header::<4>(l4 + TCP_HLEN) {
+            if o.u8_at::<0>() == 2 && o.u8_at::<1>() == 4 {
+                return o.be16_at::<2>();
+            }
+        }
+    }
+    536
+}
+
+/// Guard's cookie for the SYN, with guard's MSS table: `(cookie, mss)`.
+#[inline(always)]
+fn guard_cookie(flow: &Flow, client_isn: u32, v6: bool, asked_mss: u16) -> Option<(u32, u16)> {
+    let key = REF_COOKIE_KEY.get(0)?;
+    // SAFETY: helper without preconditions.
+    let epoch = syncookie::epoch_of(unsafe { bpf_ktime_get_coarse_ns() });
+    let n = Negotiated::from_syn(v6, asked_mss, false, None, 0);
+    Some((syncookie::make(key, flow, client_isn, epoch, &n), n.mss(v6)))
+}
+
+/// A SYN (plain IPv4 or IPv6) answered like guard answers it, with the MSS option only and
+/// the cookie from `source`.
+#[inline(always)]
+fn answer_with_cookie(ctx: &XdpContext, source: CookieSource) -> bool {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let Some(Seen {
         tcp: Some((l3, l4, v6)),
@@ -348,9 +468,6 @@ fn answer_with_kernel_cookie(ctx: &XdpContext) -> bool {
     let server_port = tcp.be16_at::<2>();
     let client_isn = tcp.be32_at::<4>();
     let doff = ((tcp.u8_at::<12>() >> 4) as usize) * 4;
-    let Some((cookie, mss)) = kernel_cookie(&pkt, l3, l4, v6, doff) else {
-        return false;
-    };
     let (client, server, v4) = if v6 {
         let Some(ip) = pkt.header::<IPV6_HLEN>(l3) else {
             return false;
@@ -366,6 +483,21 @@ fn answer_with_kernel_cookie(ctx: &XdpContext) -> bool {
         };
         let (s, d) = (ip.raw::<u32, 12>(), ip.raw::<u32, 16>());
         (AddrWords::v4_mapped(s), AddrWords::v4_mapped(d), (s, d))
+    };
+    let cookie = match source {
+        CookieSource::Kernel => kernel_cookie(&pkt, l3, l4, v6, doff),
+        CookieSource::Guard => {
+            let flow = Flow {
+                client,
+                server,
+                client_port,
+                server_port,
+            };
+            guard_cookie(&flow, client_isn, v6, syn_mss(&pkt, l4, doff))
+        }
+    };
+    let Some((cookie, mss)) = cookie else {
+        return false;
     };
     let synack = syncookie::SynAck {
         server_port,

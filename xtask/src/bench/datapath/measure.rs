@@ -125,18 +125,15 @@ impl Loaded {
 
     /// `n` never-seen sources per address family each send one SYN while cookies answer
     /// every unproven source (`always`); each SYN also goes through the kernel-helper cookie
-    /// reference, the minimal SYN-ACK and the empty program, interleaved source by source.
+    /// reference, the same with guard's MAC, the minimal SYN-ACK and the empty program,
+    /// interleaved source by source.
     /// Single runs: an answered frame comes back as its SYN-ACK, so a repeated run would not
     /// see a SYN. Not `under-attack` with a spent budget: the budget refills with wall-clock
     /// time, so a million single runs (several seconds) would see a token come back and a
     /// SYN admitted; the cookie path itself is the same code.
     pub(super) fn cookie_flood(&mut self, refs: &Refs, n: u32, blocks: usize) -> Result<CookieFlood> {
         for slot in 0..guard_common::syncookie::KEY_SLOTS {
-            let key = guard_common::syncookie::CookieKey {
-                k0: 0x5eed_0000 + u64::from(slot),
-                k1: 0xc00c_1e00 + u64::from(slot),
-            };
-            self.dp.maps_mut().set_cookie_key(slot, &key)?;
+            self.dp.maps_mut().set_cookie_key(slot, &BENCH_COOKIE_KEY)?;
         }
         self.set_config(|c| {
             c.flags |= FLAG_ALLOW_EMPTY;
@@ -152,6 +149,11 @@ impl Loaded {
                 refs.fd(Hook::Xdp, Ref::KernelCookie)?,
                 XDP_TX,
             ),
+            (
+                Program::GuardCookie,
+                refs.fd(Hook::Xdp, Ref::GuardCookie)?,
+                XDP_TX,
+            ),
             (Program::Tx, refs.fd(Hook::Xdp, Ref::Tx)?, XDP_TX),
             (
                 Program::Empty,
@@ -162,7 +164,7 @@ impl Loaded {
         let mut families = Vec::new();
         for family in [Family::V4, Family::V6] {
             // ns per program, in the order of `programs`.
-            let mut ns: [Vec<f64>; 4] = Default::default();
+            let mut ns: [Vec<f64>; 5] = Default::default();
             for i in 0..n {
                 if i.is_multiple_of(10_000) {
                     check_interrupted()?;
@@ -229,8 +231,8 @@ pub(super) fn time_program(
     })
 }
 
-/// Every path on both hooks and both tables, each call beside the same call on the minimal
-/// program of the path's action and on the empty one (and, for the blocked source on XDP,
+/// Every path on both hooks and both tables, each call beside the same call on the path's
+/// reference and on the empty program of its action (and, for the blocked source on XDP,
 /// xdp-filter): `runs` rounds, each program going first in turn.
 pub(super) fn measure_paths(
     few: &mut Loaded,
@@ -253,8 +255,8 @@ pub(super) fn measure_paths(
                 0 => few.time_path(path, hook, n),
                 1 => many.time_path(path, hook, n),
                 2 => time_program(
-                    refs.fd(hook, Ref::Minimal(path.verdict))?,
-                    Program::Minimal,
+                    refs.fd(hook, path.reference)?,
+                    Program::Reference,
                     &path.frame,
                     hook,
                     want,

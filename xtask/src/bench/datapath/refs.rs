@@ -10,6 +10,7 @@ use aya::Ebpf;
 use guard_tests::netns::Netns;
 
 use anyhow::bail;
+use guard_common::syncookie::CookieKey;
 
 use super::*;
 
@@ -26,14 +27,33 @@ pub(super) enum Ref {
     Empty(Verdict),
     /// Reads what a per-source SYN filter must, then takes the action.
     Minimal(Verdict),
+    /// The same plus one exact-match lookup of the source: for verdicts that depend on it.
+    Lookup(Verdict),
     /// Turns a SYN into a SYN-ACK in place (fixed ISN) and sends it.
     Tx,
     /// Answers a SYN with the kernel's own cookie helper (XDP only).
     KernelCookie,
+    /// The same answer with guard's cookie (`syncookie::make`) instead (XDP only).
+    GuardCookie,
+}
+
+impl Ref {
+    /// The name the tables show.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Ref::Empty(_) => "empty",
+            Ref::Minimal(_) => "minimal",
+            Ref::Lookup(_) => "minimal+lookup",
+            Ref::Tx => "minimal SYN-ACK",
+            Ref::KernelCookie => "kernel cookie",
+            Ref::GuardCookie => "guard's MAC",
+        }
+    }
 }
 
 impl Refs {
-    pub(super) fn load() -> Result<Self> {
+    /// Loads every reference; `drop_sources` are the sources the lookup references drop.
+    pub(super) fn load(drop_sources: &[IpAddr], cookie_key: &CookieKey) -> Result<Self> {
         let mut ebpf = Ebpf::load(guard_user::datapath::BENCH_REF_OBJECT)
             .context("load the bench's reference programs")?;
         let names: Vec<String> = ebpf.programs().map(|(name, _)| name.to_string()).collect();
@@ -51,6 +71,19 @@ impl Refs {
                     .with_context(|| format!("the verifier refused {name}"))?;
             }
         }
+        let mut sources: aya::maps::HashMap<_, [u64; 2], u32> = ebpf
+            .map_mut("REF_SOURCES")
+            .context("no REF_SOURCES map in the reference object")?
+            .try_into()?;
+        for ip in drop_sources {
+            let key = guard_common::addr::AddrWords::from_addr(&from_ip(*ip)).0;
+            sources.insert(key, REF_DROP_MARK, 0)?;
+        }
+        let mut key: aya::maps::Array<_, CookieKey> = ebpf
+            .map_mut("REF_COOKIE_KEY")
+            .context("no REF_COOKIE_KEY map in the reference object")?
+            .try_into()?;
+        key.set(0, *cookie_key, 0)?;
         Ok(Self { ebpf })
     }
 
@@ -67,8 +100,15 @@ impl Refs {
             (Hook::Tc, Ref::Minimal(Drop)) => "ref_tc_drop",
             (Hook::Xdp, Ref::Tx) => "ref_xdp_tx",
             (Hook::Tc, Ref::Tx) => "ref_tc_tx",
+            (Hook::Xdp, Ref::Lookup(Pass)) => "ref_xdp_pass_lookup",
+            (Hook::Xdp, Ref::Lookup(Drop)) => "ref_xdp_drop_lookup",
+            (Hook::Tc, Ref::Lookup(Pass)) => "ref_tc_pass_lookup",
+            (Hook::Tc, Ref::Lookup(Drop)) => "ref_tc_drop_lookup",
             (Hook::Xdp, Ref::KernelCookie) => "ref_xdp_cookie",
-            (Hook::Tc, Ref::KernelCookie) => bail!("the kernel-cookie reference is XDP only"),
+            (Hook::Xdp, Ref::GuardCookie) => "ref_xdp_sipcookie",
+            (Hook::Tc, Ref::KernelCookie | Ref::GuardCookie) => {
+                bail!("the cookie references are XDP only")
+            }
         })
     }
 
@@ -81,6 +121,9 @@ impl Refs {
         Ok(prog.fd().context("reference program not loaded")?.as_fd())
     }
 }
+
+/// `DROP_MARK` of bench_ref.rs: what `*_drop_lookup` drops.
+const REF_DROP_MARK: u32 = 1;
 
 /// xdp-filter (xdp-tools) loaded by its own CLI on a veth in a namespace of ours, dropping
 /// one source, with its program opened by id for test runs. Unloaded on drop; its pins live
