@@ -231,7 +231,11 @@ fn rewrite_synack(pkt: &Packet) -> bool {
     };
     let ports = tcp.raw::<u32, 0>();
     tcp.write::<u32, 0>(ports.rotate_left(16));
-    let (seq, ack, word3) = (tcp.raw::<u32, 4>(), tcp.raw::<u32, 8>(), tcp.raw::<u32, 12>());
+    let (seq, ack, word3) = (
+        tcp.raw::<u32, 4>(),
+        tcp.raw::<u32, 8>(),
+        tcp.raw::<u32, 12>(),
+    );
     let new_ack = (u32::from_be(seq).wrapping_add(1)).to_be();
     let new_seq = FIXED_ISN.to_be();
     // Byte 13 (flags) is the second byte of word 3 in memory.
@@ -547,7 +551,11 @@ fn answer_with_cookie(ctx: &XdpContext, source: CookieSource) -> bool {
         let Some(ip) = pkt.header::<IPV4_HLEN>(l3) else {
             return false;
         };
-        ip.write::<[u32; 5], 0>(syncookie::ipv4_header(v4.1, v4.0, IPV4_HLEN as u16 + tcp_len));
+        ip.write::<[u32; 5], 0>(syncookie::ipv4_header(
+            v4.1,
+            v4.0,
+            IPV4_HLEN as u16 + tcp_len,
+        ));
     }
     let l4 = l3 + ip_len;
     let Some(tcp) = pkt.header::<24>(l4) else {

@@ -131,7 +131,12 @@ impl Loaded {
     /// see a SYN. Not `under-attack` with a spent budget: the budget refills with wall-clock
     /// time, so a million single runs (several seconds) would see a token come back and a
     /// SYN admitted; the cookie path itself is the same code.
-    pub(super) fn cookie_flood(&mut self, refs: &Refs, n: u32, blocks: usize) -> Result<CookieFlood> {
+    pub(super) fn cookie_flood(
+        &mut self,
+        refs: &Refs,
+        n: u32,
+        blocks: usize,
+    ) -> Result<CookieFlood> {
         for slot in 0..guard_common::syncookie::KEY_SLOTS {
             self.dp.maps_mut().set_cookie_key(slot, &BENCH_COOKIE_KEY)?;
         }

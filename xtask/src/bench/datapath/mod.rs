@@ -57,7 +57,7 @@ use guard_user::paths::AttachKind;
 use guard_user::testrun::{test_run, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX};
 use serde::Serialize;
 
-use super::table::{fmt_ratio, median, ratio, Goal, Spread, Table};
+use super::table::{fmt_ratio, iq_mean, median, ratio, Goal, Spread, Table};
 use guard_tests::stack::check_interrupted;
 
 use measure::{measure_paths, rotation, sources_memlock, Loaded};
@@ -284,9 +284,9 @@ impl Family {
     }
 }
 
-/// The cookie answer of one address family: medians of single runs (each includes the
-/// harness's clock read, which the empty program measures), and guard over the kernel-helper
-/// reference per block of sources.
+/// The cookie answer of one address family: interquartile means of single runs (each
+/// includes the harness's clock read, which the empty program measures), and guard over the
+/// kernel-helper reference per block of sources.
 #[derive(Debug, Clone, Serialize)]
 pub struct CookieFamily {
     family: Family,
@@ -295,7 +295,7 @@ pub struct CookieFamily {
     guard_mac_ns: f64,
     minimal_synack_ns: f64,
     empty_ns: f64,
-    /// guard / kernel cookie, single-run medians as measured (the clock read included).
+    /// guard / kernel cookie as measured (the clock read included).
     raw_ratio: Spread,
     /// The same with the empty program's median taken off both: what the programs cost.
     net_ratio: Spread,
@@ -313,7 +313,7 @@ impl CookieFamily {
         let (mut raw, mut net, mut mac) = (Vec::new(), Vec::new(), Vec::new());
         for start in (0..len).step_by(size) {
             let end = (start + size).min(len);
-            let m = |k: usize| median(&ns[k][start..end]);
+            let m = |k: usize| iq_mean(&ns[k][start..end]);
             let (g, kc, gm, empty) = (m(0), m(1), m(2), m(4));
             raw.push(g / kc);
             net.push((g - empty) / (kc - empty));
@@ -321,11 +321,11 @@ impl CookieFamily {
         }
         Self {
             family,
-            guard_ns: median(&ns[0]),
-            kernel_cookie_ns: median(&ns[1]),
-            guard_mac_ns: median(&ns[2]),
-            minimal_synack_ns: median(&ns[3]),
-            empty_ns: median(&ns[4]),
+            guard_ns: iq_mean(&ns[0]),
+            kernel_cookie_ns: iq_mean(&ns[1]),
+            guard_mac_ns: iq_mean(&ns[2]),
+            minimal_synack_ns: iq_mean(&ns[3]),
+            empty_ns: iq_mean(&ns[4]),
             raw_ratio: Spread::of(&raw),
             net_ratio: Spread::of(&net),
             mac_ratio: Spread::of(&mac),
@@ -538,7 +538,7 @@ impl DatapathReport {
             }
         }
         let mut t = Table::new(&[
-            "XDP cookie answer, SYN from a never-seen source (repeat=1)",
+            "XDP cookie answer, never-seen source (repeat=1, IQ mean ns)",
             "guard",
             "kernel cookie",
             "guard's MAC",
@@ -612,7 +612,10 @@ impl DatapathReport {
         let c = &self.cookie_flood;
         for f in &c.families {
             goals.push(Goal::new(
-                &format!("datapath XDP: {:?} cookie computation, guard's MAC", f.family),
+                &format!(
+                    "datapath XDP: {:?} cookie computation, guard's MAC",
+                    f.family
+                ),
                 "<= 1.0x the kernel's cookie helper",
                 format!(
                     "{:.2}x, all else equal ({:.0} vs {:.0} ns, empty {:.0})",
@@ -621,11 +624,19 @@ impl DatapathReport {
                 Some(f.mac_ratio.median <= GOAL_VS_KERNEL_COOKIE),
             ));
             goals.push(Goal::new(
-                &format!("datapath XDP: {:?} SYN from a never-seen source, cookie answer", f.family),
+                &format!(
+                    "datapath XDP: {:?} SYN from a never-seen source, cookie answer",
+                    f.family
+                ),
                 "<= 1.0x the kernel-helper cookie",
                 format!(
-                    "{:.2}x above the empty program ({:.0} vs {:.0} ns, empty {:.0})",
-                    f.net_ratio.median, f.guard_ns, f.kernel_cookie_ns, f.empty_ns
+                    "{:.2}x net of the empty program ({:.0} vs {:.0} ns, empty {:.0}); \
+                     guard's own checks and options +{:.0} ns over its MAC in the reference",
+                    f.net_ratio.median,
+                    f.guard_ns,
+                    f.kernel_cookie_ns,
+                    f.empty_ns,
+                    f.guard_ns - f.guard_mac_ns
                 ),
                 Some(f.net_ratio.median <= GOAL_VS_KERNEL_COOKIE),
             ));

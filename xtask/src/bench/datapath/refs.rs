@@ -158,7 +158,9 @@ impl XdpFilter {
             "xdp-filter not found: `cargo xtask setup` installs it (Debian package xdp-tools)"
         );
         let ns = Netns::new("xflt")?;
-        ns.ip(&["link", "add", XF_IFACE, "type", "veth", "peer", "name", "xf1"])?;
+        ns.ip(&[
+            "link", "add", XF_IFACE, "type", "veth", "peer", "name", "xf1",
+        ])?;
         ns.ip(&["link", "set", XF_IFACE, "up"])?;
         ns.ip(&["link", "set", "xf1", "up"])?;
         let pin_dir = PathBuf::from(guard_user::paths::BPFFS_ROOT)
@@ -166,7 +168,16 @@ impl XdpFilter {
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("create {}", pin_dir.display()))?;
         let setup = XdpFilterSetup { pin_dir, ns };
-        setup.xdp_filter(&["load", "-m", "native", "-p", "allow", "-f", XF_FEATURES, XF_IFACE])?;
+        setup.xdp_filter(&[
+            "load",
+            "-m",
+            "native",
+            "-p",
+            "allow",
+            "-f",
+            XF_FEATURES,
+            XF_IFACE,
+        ])?;
         setup.xdp_filter(&["ip", &blocked.to_string(), "-m", "src"])?;
         let id = setup.attached_id()?;
         let info = aya::programs::loaded_programs()
