@@ -167,7 +167,7 @@ fn listed_as(pkt: &Packet, mark: u32) -> Option<bool> {
     };
     let key = source_key(pkt, l3, v6)?;
     // SAFETY: a plain-data value read once.
-    Some(unsafe { REF_SOURCES.get(&key) }.is_some_and(|v| *v == mark))
+    Some(unsafe { REF_SOURCES.get(key) }.is_some_and(|v| *v == mark))
 }
 
 /// Drop a connection-opening TCP segment from a real source; pass anything else.

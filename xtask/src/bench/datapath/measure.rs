@@ -131,19 +131,30 @@ impl Loaded {
     /// see a SYN. Not `under-attack` with a spent budget: the budget refills with wall-clock
     /// time, so a million single runs (several seconds) would see a token come back and a
     /// SYN admitted; the cookie path itself is the same code.
+    /// `dry` runs the same SYNs in dry-run: everything guard checks before it answers, and
+    /// no answer, which splits guard's cost into its checks and its answer.
     pub(super) fn cookie_flood(
         &mut self,
+        dry: &mut Loaded,
         refs: &Refs,
         n: u32,
         blocks: usize,
     ) -> Result<CookieFlood> {
-        for slot in 0..guard_common::syncookie::KEY_SLOTS {
-            self.dp.maps_mut().set_cookie_key(slot, &BENCH_COOKIE_KEY)?;
+        for t in [&mut *self, &mut *dry] {
+            for slot in 0..guard_common::syncookie::KEY_SLOTS {
+                t.dp.maps_mut().set_cookie_key(slot, &BENCH_COOKIE_KEY)?;
+            }
         }
         self.set_config(|c| {
             c.flags |= FLAG_ALLOW_EMPTY;
             c.syn_cookies = guard_common::syncookie::MODE_ALWAYS;
         })?;
+        dry.set_config(|c| {
+            c.flags |= FLAG_ALLOW_EMPTY | FLAG_DRY_RUN;
+            c.syn_cookies = guard_common::syncookie::MODE_ALWAYS;
+        })?;
+        let would_before = dry.stat(Stat::WouldCookie)?;
+        let dry_created_before = dry.stat(Stat::SourcesCreated)?;
         let sources_before = self.count_sources();
         let sent_before = self.stat(Stat::CookieSent)?;
         let created_before = self.stat(Stat::SourcesCreated)?;
@@ -159,6 +170,7 @@ impl Loaded {
                 refs.fd(Hook::Xdp, Ref::GuardCookie)?,
                 XDP_TX,
             ),
+            (Program::GuardDryRun, dry.fd(Hook::Xdp), XDP_PASS),
             (Program::Tx, refs.fd(Hook::Xdp, Ref::Tx)?, XDP_TX),
             (
                 Program::Empty,
@@ -169,7 +181,7 @@ impl Loaded {
         let mut families = Vec::new();
         for family in [Family::V4, Family::V6] {
             // ns per program, in the order of `programs`.
-            let mut ns: [Vec<f64>; 5] = Default::default();
+            let mut ns: [Vec<f64>; 6] = Default::default();
             for i in 0..n {
                 if i.is_multiple_of(10_000) {
                     check_interrupted()?;
@@ -201,7 +213,16 @@ impl Loaded {
             "cookie flood: {cookies_sent} cookies for {} SYNs, {created} sources tracked",
             2 * n
         );
+        let would = dry.stat(Stat::WouldCookie)? - would_before;
+        let dry_created = dry.stat(Stat::SourcesCreated)? - dry_created_before;
+        ensure!(
+            would == 2 * u64::from(n) && dry_created == 0,
+            "cookie flood in dry-run: {would} would-cookie verdicts for {} SYNs, {dry_created} \
+             sources tracked",
+            2 * n
+        );
         self.set_config(|_| {})?;
+        dry.set_config(|_| {})?;
         Ok(CookieFlood {
             sources: n,
             families,
