@@ -30,6 +30,9 @@
 //! - `ref_xdp_sipcookie`: the same answer with guard's own cookie (`syncookie::make`, its
 //!   SipHash-1-3 compiled to BPF) in place of the helper's: guard's MAC against the kernel's,
 //!   everything else equal.
+//! - `ref_xdp_kcookie_calc`, `ref_xdp_gcookie_calc`: the cookie computed (the kernel's, and
+//!   guard's) and the frame left alone, so the two can be repeated many times per call and
+//!   read finer than the single runs an answered frame allows.
 #![no_std]
 #![no_main]
 
@@ -449,47 +452,53 @@ fn guard_cookie(flow: &Flow, client_isn: u32, v6: bool, asked_mss: u16) -> Optio
     Some((syncookie::make(key, flow, client_isn, epoch, &n), n.mss(v6)))
 }
 
-/// A SYN (plain IPv4 or IPv6) answered like guard answers it, with the MSS option only and
-/// the cookie from `source`.
+/// A plain IPv4 or IPv6 SYN, read, and its cookie from `source`.
+struct SynCookie {
+    l3: usize,
+    v6: bool,
+    client: AddrWords,
+    server: AddrWords,
+    /// IPv4 addresses as they lie in memory (client, server).
+    v4: (u32, u32),
+    client_port: u16,
+    server_port: u16,
+    client_isn: u32,
+    cookie: u32,
+    mss: u16,
+}
+
 #[inline(always)]
-fn answer_with_cookie(ctx: &XdpContext, source: CookieSource) -> bool {
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
-    let Some(Seen {
+fn syn_cookie(pkt: &Packet, source: CookieSource) -> Option<SynCookie> {
+    let Seen {
         tcp: Some((l3, l4, v6)),
         flags,
         ..
-    }) = read_min(&pkt)
+    } = read_min(pkt)?
     else {
-        return false;
+        return None;
     };
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || (!v6 && l4 != l3 + IPV4_HLEN) {
-        return false;
+        return None;
     }
-    let Some(tcp) = pkt.header::<TCP_HLEN>(l4) else {
-        return false;
-    };
+    let tcp = pkt.header::<TCP_HLEN>(l4)?;
     let client_port = tcp.be16_at::<0>();
     let server_port = tcp.be16_at::<2>();
     let client_isn = tcp.be32_at::<4>();
     let doff = ((tcp.u8_at::<12>() >> 4) as usize) * 4;
     let (client, server, v4) = if v6 {
-        let Some(ip) = pkt.header::<IPV6_HLEN>(l3) else {
-            return false;
-        };
+        let ip = pkt.header::<IPV6_HLEN>(l3)?;
         (
             AddrWords([ip.raw::<u64, 8>(), ip.raw::<u64, 16>()]),
             AddrWords([ip.raw::<u64, 24>(), ip.raw::<u64, 32>()]),
             (0, 0),
         )
     } else {
-        let Some(ip) = pkt.header::<IPV4_HLEN>(l3) else {
-            return false;
-        };
+        let ip = pkt.header::<IPV4_HLEN>(l3)?;
         let (s, d) = (ip.raw::<u32, 12>(), ip.raw::<u32, 16>());
         (AddrWords::v4_mapped(s), AddrWords::v4_mapped(d), (s, d))
     };
-    let cookie = match source {
-        CookieSource::Kernel => kernel_cookie(&pkt, l3, l4, v6, doff),
+    let (cookie, mss) = match source {
+        CookieSource::Kernel => kernel_cookie(pkt, l3, l4, v6, doff),
         CookieSource::Guard => {
             let flow = Flow {
                 client,
@@ -497,10 +506,64 @@ fn answer_with_cookie(ctx: &XdpContext, source: CookieSource) -> bool {
                 client_port,
                 server_port,
             };
-            guard_cookie(&flow, client_isn, v6, syn_mss(&pkt, l4, doff))
+            guard_cookie(&flow, client_isn, v6, syn_mss(pkt, l4, doff))
         }
-    };
-    let Some((cookie, mss)) = cookie else {
+    }?;
+    Some(SynCookie {
+        l3,
+        v6,
+        client,
+        server,
+        v4,
+        client_port,
+        server_port,
+        client_isn,
+        cookie,
+        mss,
+    })
+}
+
+/// The cookie computation alone, the frame left as it is (so it can be repeated): pass
+/// when a cookie was made. Comparing the cookie with a value keeps the compiler from
+/// dropping guard's MAC, whose result nothing else reads.
+#[inline(always)]
+fn cookie_only(ctx: &XdpContext, source: CookieSource) -> u32 {
+    match syn_cookie(&Packet::new(ctx.data(), ctx.data_end()), source) {
+        Some(c) if c.cookie != CALC_SENTINEL => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Any value: a cookie equal to it (one in 2^32) only turns that run's pass into a drop.
+const CALC_SENTINEL: u32 = 0x5eed_5eed;
+
+#[xdp]
+pub fn ref_xdp_kcookie_calc(ctx: XdpContext) -> u32 {
+    cookie_only(&ctx, CookieSource::Kernel)
+}
+
+#[xdp]
+pub fn ref_xdp_gcookie_calc(ctx: XdpContext) -> u32 {
+    cookie_only(&ctx, CookieSource::Guard)
+}
+
+/// A SYN (plain IPv4 or IPv6) answered like guard answers it, with the MSS option only and
+/// the cookie from `source`.
+#[inline(always)]
+fn answer_with_cookie(ctx: &XdpContext, source: CookieSource) -> bool {
+    let Some(SynCookie {
+        l3,
+        v6,
+        client,
+        server,
+        v4,
+        client_port,
+        server_port,
+        client_isn,
+        cookie,
+        mss,
+    }) = syn_cookie(&Packet::new(ctx.data(), ctx.data_end()), source)
+    else {
         return false;
     };
     let synack = syncookie::SynAck {

@@ -233,6 +233,53 @@ impl Loaded {
     }
 }
 
+/// The cookie computation alone, the kernel's against guard's (beside the empty program),
+/// `repeat` times per call, `runs` rounds, each program first in turn, per address family.
+pub(super) fn cookie_calc(refs: &Refs, repeat: u32, runs: usize) -> Result<Vec<CookieCalc>> {
+    let programs = [
+        (Program::KernelCookie, Ref::KernelCookieCalc),
+        (Program::GuardCookie, Ref::GuardCookieCalc),
+        (Program::Empty, Ref::Empty(Verdict::Pass)),
+    ];
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let frame = Frame::syn(family.source(0), PORT)
+            .linux_syn_options(1440, 1, 7)
+            .bytes();
+        for (program, r) in programs {
+            time_program(
+                refs.fd(Hook::Xdp, r)?,
+                program,
+                &frame,
+                Hook::Xdp,
+                XDP_PASS,
+                1_000,
+            )?;
+        }
+        let mut ns: [Vec<f64>; 3] = Default::default();
+        for round in 0..runs {
+            for k in 0..programs.len() {
+                let at = (k + round) % programs.len();
+                let (program, r) = programs[at];
+                let fd = refs.fd(Hook::Xdp, r)?;
+                let sample = time_program(fd, program, &frame, Hook::Xdp, XDP_PASS, repeat)?;
+                ns[at].push(f64::from(sample.ns));
+            }
+        }
+        let per_round: Vec<f64> = (0..runs)
+            .map(|i| (ns[1][i] - ns[2][i]) / (ns[0][i] - ns[2][i]))
+            .collect();
+        out.push(CookieCalc {
+            family,
+            kernel_ns: median(&ns[0]),
+            guard_ns: median(&ns[1]),
+            empty_ns: median(&ns[2]),
+            ratio: Spread::of(&per_round),
+        });
+    }
+    Ok(out)
+}
+
 /// One reference run: `repeat` runs of `frame` through `fd`, which must answer `want`.
 pub(super) fn time_program(
     fd: BorrowedFd<'_>,

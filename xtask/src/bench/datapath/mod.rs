@@ -60,7 +60,7 @@ use serde::Serialize;
 use super::table::{fmt_ratio, iq_mean, median, ratio, Goal, Spread, Table};
 use guard_tests::stack::check_interrupted;
 
-use measure::{measure_paths, rotation, sources_memlock, Loaded};
+use measure::{cookie_calc, measure_paths, rotation, sources_memlock, Loaded};
 use paths::{base_config, paths, population_ip, Hook, PathDef, Verdict};
 use refs::{Ref, Refs, XdpFilter};
 
@@ -348,6 +348,17 @@ impl CookieFamily {
     }
 }
 
+/// The cookie computation alone, repeated on one SYN (ns/packet medians over the rounds).
+#[derive(Debug, Clone, Serialize)]
+pub struct CookieCalc {
+    family: Family,
+    kernel_ns: f64,
+    guard_ns: f64,
+    empty_ns: f64,
+    /// guard's over the kernel's, the empty program taken off both, per round.
+    ratio: Spread,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     memlock_big: u64,
@@ -365,6 +376,7 @@ pub struct DatapathReport {
     rotation: Vec<RotationResult>,
     population: Population,
     cookie_flood: CookieFlood,
+    cookie_calc: Vec<CookieCalc>,
     memory: Memory,
 }
 
@@ -447,6 +459,7 @@ pub fn run(quick: bool) -> Result<DatapathReport> {
     drop(peer);
     let rotation = rotation(&few, &many, rotation_n)?;
     let cookie_flood = few.cookie_flood(&mut many, &refs, cookie_n, runs)?;
+    let cookie_calc = cookie_calc(&refs, repeat, runs)?;
     let report = DatapathReport {
         repeat,
         runs,
@@ -454,6 +467,7 @@ pub fn run(quick: bool) -> Result<DatapathReport> {
         rotation,
         population,
         cookie_flood,
+        cookie_calc,
         memory,
     };
     report.print();
@@ -582,6 +596,23 @@ impl DatapathReport {
         }
         t.print();
         let mut t = Table::new(&[
+            "XDP cookie computed only, one SYN repeated (ns/packet)",
+            "kernel helper",
+            "guard's MAC",
+            "empty",
+            "guard / kernel, net of empty (min / median / max)",
+        ]);
+        for k in &self.cookie_calc {
+            t.row(vec![
+                format!("{:?}", k.family),
+                format!("{:.0}", k.kernel_ns),
+                format!("{:.0}", k.guard_ns),
+                format!("{:.0}", k.empty_ns),
+                k.ratio.fmt_ratio(),
+            ]);
+        }
+        t.print();
+        let mut t = Table::new(&[
             "repeat=1, distinct sources",
             "hook",
             "tracked",
@@ -632,18 +663,6 @@ impl DatapathReport {
         for f in &c.families {
             goals.push(Goal::new(
                 &format!(
-                    "datapath XDP: {:?} cookie computation, guard's MAC",
-                    f.family
-                ),
-                "<= 1.0x the kernel's cookie helper",
-                format!(
-                    "{:.2}x, all else equal ({:.0} vs {:.0} ns, empty {:.0})",
-                    f.mac_ratio.median, f.guard_mac_ns, f.kernel_cookie_ns, f.empty_ns
-                ),
-                Some(f.mac_ratio.median <= GOAL_VS_KERNEL_COOKIE),
-            ));
-            goals.push(Goal::new(
-                &format!(
                     "datapath XDP: {:?} SYN from a never-seen source, cookie answer",
                     f.family
                 ),
@@ -659,6 +678,17 @@ impl DatapathReport {
                     f.guard_checks_ns - f.empty_ns,
                 ),
                 Some(f.net_ratio.median <= GOAL_VS_KERNEL_COOKIE),
+            ));
+        }
+        for k in &self.cookie_calc {
+            goals.push(Goal::new(
+                &format!("datapath XDP: {:?} cookie computed, guard's MAC", k.family),
+                "<= 1.0x the kernel's cookie helper",
+                format!(
+                    "{:.2}x net of the empty program ({:.0} vs {:.0} ns, empty {:.0})",
+                    k.ratio.median, k.guard_ns, k.kernel_ns, k.empty_ns
+                ),
+                Some(k.ratio.median <= GOAL_VS_KERNEL_COOKIE),
             ));
         }
         goals.push(Goal::new(

@@ -35,6 +35,10 @@ pub(super) enum Ref {
     KernelCookie,
     /// The same answer with guard's cookie (`syncookie::make`) instead (XDP only).
     GuardCookie,
+    /// The kernel's cookie computed, the frame left alone (XDP only).
+    KernelCookieCalc,
+    /// Guard's cookie computed, the frame left alone (XDP only).
+    GuardCookieCalc,
 }
 
 impl Ref {
@@ -47,6 +51,8 @@ impl Ref {
             Ref::Tx => "minimal SYN-ACK",
             Ref::KernelCookie => "kernel cookie",
             Ref::GuardCookie => "guard's MAC",
+            Ref::KernelCookieCalc => "kernel cookie, computed only",
+            Ref::GuardCookieCalc => "guard's cookie, computed only",
         }
     }
 }
@@ -106,7 +112,12 @@ impl Refs {
             (Hook::Tc, Ref::Lookup(Drop)) => "ref_tc_drop_lookup",
             (Hook::Xdp, Ref::KernelCookie) => "ref_xdp_cookie",
             (Hook::Xdp, Ref::GuardCookie) => "ref_xdp_sipcookie",
-            (Hook::Tc, Ref::KernelCookie | Ref::GuardCookie) => {
+            (Hook::Xdp, Ref::KernelCookieCalc) => "ref_xdp_kcookie_calc",
+            (Hook::Xdp, Ref::GuardCookieCalc) => "ref_xdp_gcookie_calc",
+            (
+                Hook::Tc,
+                Ref::KernelCookie | Ref::GuardCookie | Ref::KernelCookieCalc | Ref::GuardCookieCalc,
+            ) => {
                 bail!("the cookie references are XDP only")
             }
         })
