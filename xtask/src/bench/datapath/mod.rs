@@ -17,15 +17,22 @@
 //!   timed on a sample and the faster one fills the rest.
 //! - Kernel memory per tracked source: the `bytes_memlock` bpftool reports for the `SOURCES`
 //!   map at 1<<20 and at 1<<10 entries (an LRU hash preallocates every entry), differenced.
-//!
 //! - Every path is read against references measured in the same run, on the same CPU and
-//!   through the same harness, call by call (`refs`): the minimal program of the path's action
-//!   (reads what any per-source SYN filter must, then acts), the empty program (the harness's
-//!   own cost), xdp-filter for the blocked source, and for the cookie answer a program that
-//!   answers with the kernel's `bpf_tcp_raw_gen_syncookie_*` helper. A ratio is taken per
-//!   round (guard's call over the reference's call beside it), so a slow moment of a shared
-//!   machine lands on both; the goals read the median of those ratios, the nanoseconds are
-//!   kept for reading. The calling thread is pinned to one CPU for the whole section.
+//!   through the same harness, call by call (`refs`): the cheapest program that takes the
+//!   path's verdict (it reads what any per-source SYN filter must, plus one lookup of the
+//!   source where the verdict depends on it), the empty program (the harness's own cost),
+//!   xdp-filter for the blocked source. A ratio is taken per round (guard's call over the
+//!   reference's call beside it), so a slow moment of a shared machine lands on both; the
+//!   goals read the median of those ratios, the nanoseconds are kept for reading. The
+//!   calling thread is pinned to one CPU for the whole section.
+//! - The cookie answer changes the frame, so it is timed one run per call, from never-seen
+//!   IPv4 and IPv6 sources, beside a responder built on the kernel's
+//!   `bpf_tcp_raw_gen_syncookie_*` helper, the same responder with guard's MAC, guard in
+//!   dry-run (its checks before answering), a minimal SYN-ACK and the empty program. Single
+//!   runs tick at the kernel clock's granularity (10 ns on some machines), so they are read
+//!   as interquartile means with the empty program's taken off. The cookie computation alone
+//!   (kernel helper against guard's MAC) leaves the frame as it is and is repeated like the
+//!   paths.
 //!
 //! Sources for the million come from 2001:2::/48 (the IPv6 benchmarking range) with the source
 //! prefix set to /128 for the run: no real traffic is involved, but every address stays in the
