@@ -755,3 +755,67 @@ impl DatapathReport {
         goals
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_ratios_take_the_empty_program_off_both_sides_per_block() {
+        // Two blocks of two sources: guard, kernel cookie, guard's MAC, guard dry-run,
+        // minimal SYN-ACK, empty.
+        let ns: [Vec<f64>; 6] = [
+            vec![300.0, 300.0, 500.0, 500.0],
+            vec![200.0, 200.0, 300.0, 300.0],
+            vec![150.0, 150.0, 200.0, 200.0],
+            vec![250.0, 250.0, 400.0, 400.0],
+            vec![110.0, 110.0, 110.0, 110.0],
+            vec![100.0, 100.0, 100.0, 100.0],
+        ];
+        let f = CookieFamily::from_samples(Family::V4, &ns, 2);
+        // Block 1: (300-100)/(200-100) = 2; block 2: (500-100)/(300-100) = 2.
+        assert_eq!((f.net_ratio.min, f.net_ratio.max), (2.0, 2.0));
+        // The MAC: (150-100)/100 = 0.5 and (200-100)/200 = 0.5.
+        assert_eq!(f.mac_ratio.median, 0.5);
+        // The answer: (300-250)/100 = 0.5 and (500-400)/200 = 0.5.
+        assert_eq!(f.answer_ratio.median, 0.5);
+        assert_eq!((f.raw_ratio.min, f.raw_ratio.max), (1.5, 500.0 / 300.0));
+    }
+
+    #[test]
+    fn path_ratios_pair_each_round_and_take_the_slower_table() {
+        let path = &paths()[0];
+        let sample = |program, tracked, ns| Sample {
+            hook: Hook::Xdp,
+            program,
+            tracked,
+            ns,
+        };
+        let mut samples = Vec::new();
+        for (few, many, reference) in [(30, 40, 20), (60, 50, 30), (45, 45, 45)] {
+            samples.push(sample(Program::Guard, FEW, few));
+            samples.push(sample(Program::Guard, MANY, many));
+            samples.push(sample(Program::Reference, 0, reference));
+            samples.push(sample(Program::Empty, 0, 10));
+        }
+        let r = PathResult::from_samples(path, samples, FEW, MANY, None);
+        // Rounds: 40/20, 60/30, 45/45.
+        assert_eq!(
+            (
+                r.xdp.vs_reference.min,
+                r.xdp.vs_reference.median,
+                r.xdp.vs_reference.max
+            ),
+            (1.0, 2.0, 2.0)
+        );
+        assert_eq!(
+            (r.xdp.few_ns, r.xdp.many_ns, r.xdp.empty_ns),
+            (45.0, 45.0, 10.0)
+        );
+        assert!(r.xdp.peer.is_none());
+        assert!(
+            r.tc.vs_reference.median.is_nan(),
+            "no tc samples, no tc ratio"
+        );
+    }
+}
