@@ -80,6 +80,14 @@ pub struct Header<const N: usize> {
 }
 
 impl<const N: usize> Header<N> {
+    /// The header's address, for a helper that reads it in place (the bench's kernel-cookie
+    /// reference, `bench_ref.rs`); guard itself reads fields only.
+    #[allow(dead_code)]
+    #[inline(always)]
+    pub fn ptr(&self) -> usize {
+        self.at
+    }
+
     /// The `T` at byte `OFFSET`, bytes as they are on the wire.
     #[inline(always)]
     fn read<T: Copy, const OFFSET: usize>(&self) -> T {

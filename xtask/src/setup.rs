@@ -29,6 +29,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // The fleet's TLS test makes its certificates with it.
     ("openssl", "openssl"),
+    // The datapath bench's peer for the blocked-source drop (`xdp-filter`).
+    ("xdp-tools", "xdp-filter"),
 ];
 
 /// The bpf-linker release and LLVM major that work with this machine's

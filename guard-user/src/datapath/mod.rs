@@ -33,6 +33,12 @@ use crate::paths::{PinLayout, BPFFS_ROOT};
 /// The compiled eBPF object, built by build.rs from guard-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
 
+/// The datapath bench's reference programs (guard-ebpf's `bench-ref` binary): the cheapest
+/// program per action and a kernel-helper cookie, measured beside guard. The agent never
+/// loads them.
+pub static BENCH_REF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-ref"));
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,10 @@
 //!
 //! Three sections, all by default, or a chosen few:
 //! - `--datapath`: ns per packet of every verdict path of the real program, through
-//!   `BPF_PROG_TEST_RUN` (XDP and tc), with 1 thousand and 1 million tracked sources, and the
-//!   kernel memory one tracked source costs;
+//!   `BPF_PROG_TEST_RUN` (XDP and tc), with 1 thousand and 1 million tracked sources, each
+//!   beside reference programs (the cheapest program of the same verdict, xdp-filter, a
+//!   kernel-helper cookie responder) and gated on the ratio to them, and the kernel memory one
+//!   tracked source costs;
 //! - `--flood`: one SYN flood against no protection, an nftables meter, iptables hashlimit and
 //!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
 //!   shared/LAB.md, at a fixed offered rate (sent as LAB.md did, and evenly paced) and at the

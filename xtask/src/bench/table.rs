@@ -98,6 +98,32 @@ pub fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
 }
 
+/// The least, the median and the most of a set of values (ratios over the repeats).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// NaN throughout when `values` is empty.
+    pub fn of(values: &[f64]) -> Self {
+        let min = values.iter().copied().fold(f64::NAN, f64::min);
+        let max = values.iter().copied().fold(f64::NAN, f64::max);
+        Self {
+            min,
+            median: median(values),
+            max,
+        }
+    }
+
+    /// `0.91 / 0.95 / 1.02x`.
+    pub fn fmt_ratio(&self) -> String {
+        format!("{:.2} / {:.2} / {:.2}x", self.min, self.median, self.max)
+    }
+}
+
 /// A count per second, shortened (`48.7k`, `1.21M`).
 pub fn fmt_rate(per_sec: f64) -> String {
     if per_sec >= 1e6 {
@@ -124,6 +150,19 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The mean of the middle half (the interquartile mean): as robust to outliers as the median,
+/// and finer than the clock's granularity, which single test runs are read at (on some
+/// machines 10 ns, so every median of them is a multiple of ten).
+pub fn iq_mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let quarter = v.len() / 4;
+    mean(&v[quarter..v.len() - quarter])
+}
+
 pub fn mean(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -141,11 +180,18 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
         assert_eq!(mean(&[1.0, 2.0]), 1.5);
+        assert_eq!(iq_mean(&[100.0, 2.0, 3.0, 0.0]), 2.5);
+        assert_eq!(iq_mean(&[7.0]), 7.0);
+        assert!(iq_mean(&[]).is_nan());
         assert_eq!(ratio(1.0, 0.0), None);
         assert_eq!(fmt_ratio(ratio(1.0, 4.0)), "0.25x");
         assert_eq!(fmt_ratio(None), "-");
         assert_eq!(fmt_rate(48_700.0), "48.7k");
         assert_eq!(fmt_rate(1_210_000.0), "1.21M");
         assert_eq!(fmt_rate(12.4), "12");
+        let s = Spread::of(&[1.5, 0.5, 1.0]);
+        assert_eq!((s.min, s.median, s.max), (0.5, 1.0, 1.5));
+        assert_eq!(s.fmt_ratio(), "0.50 / 1.00 / 1.50x");
+        assert!(Spread::of(&[]).median.is_nan());
     }
 }

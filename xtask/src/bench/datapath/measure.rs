@@ -16,7 +16,7 @@ impl Loaded {
         dp.maps_mut()
             .insert_allow(&Prefix::host(v4(198, 18, 0, 16)))?;
         dp.maps_mut().insert_block(
-            &Prefix::host(v4(198, 18, 0, 12)),
+            &Prefix::host(blocked_ip()),
             &BlockEntry {
                 expires_ns: 0,
                 reason: guard_common::state::reason::OPERATOR,
@@ -70,6 +70,7 @@ impl Loaded {
         );
         Ok(Sample {
             hook,
+            program: Program::Guard,
             tracked: self.tracked,
             ns: run.duration_ns,
         })
@@ -122,53 +123,109 @@ impl Loaded {
         self.dp.maps().sources.keys().filter(Result::is_ok).count() as u64
     }
 
-    /// `n` never-seen sources (past the population's range) each send one SYN while cookies
-    /// answer every unproven source (`always`). Not `under-attack` with a spent budget: the
-    /// budget refills with wall-clock time, so a million single runs (several seconds) would
-    /// see a token come back and a SYN admitted; the cookie path itself is the same code.
-    pub(super) fn cookie_flood(&mut self, n: u32) -> Result<CookieFlood> {
-        for slot in 0..guard_common::syncookie::KEY_SLOTS {
-            let key = guard_common::syncookie::CookieKey {
-                k0: 0x5eed_0000 + u64::from(slot),
-                k1: 0xc00c_1e00 + u64::from(slot),
-            };
-            self.dp.maps_mut().set_cookie_key(slot, &key)?;
+    /// `n` never-seen sources per address family each send one SYN while cookies answer
+    /// every unproven source (`always`); each SYN also goes through the kernel-helper cookie
+    /// reference, the same with guard's MAC, the minimal SYN-ACK and the empty program,
+    /// interleaved source by source.
+    /// Single runs: an answered frame comes back as its SYN-ACK, so a repeated run would not
+    /// see a SYN. Not `under-attack` with a spent budget: the budget refills with wall-clock
+    /// time, so a million single runs (several seconds) would see a token come back and a
+    /// SYN admitted; the cookie path itself is the same code.
+    /// `dry` runs the same SYNs in dry-run: everything guard checks before it answers, and
+    /// no answer, which splits guard's cost into its checks and its answer.
+    pub(super) fn cookie_flood(
+        &mut self,
+        dry: &mut Loaded,
+        refs: &Refs,
+        n: u32,
+        blocks: usize,
+    ) -> Result<CookieFlood> {
+        for t in [&mut *self, &mut *dry] {
+            for slot in 0..guard_common::syncookie::KEY_SLOTS {
+                t.dp.maps_mut().set_cookie_key(slot, &BENCH_COOKIE_KEY)?;
+            }
         }
         self.set_config(|c| {
             c.flags |= FLAG_ALLOW_EMPTY;
             c.syn_cookies = guard_common::syncookie::MODE_ALWAYS;
         })?;
+        dry.set_config(|c| {
+            c.flags |= FLAG_ALLOW_EMPTY | FLAG_DRY_RUN;
+            c.syn_cookies = guard_common::syncookie::MODE_ALWAYS;
+        })?;
+        let would_before = dry.stat(Stat::WouldCookie)?;
+        let dry_created_before = dry.stat(Stat::SourcesCreated)?;
         let sources_before = self.count_sources();
         let sent_before = self.stat(Stat::CookieSent)?;
         let created_before = self.stat(Stat::SourcesCreated)?;
-        let mut ns = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            if i.is_multiple_of(10_000) {
-                check_interrupted()?;
+        let programs = [
+            (Program::Guard, self.fd(Hook::Xdp), XDP_TX),
+            (
+                Program::KernelCookie,
+                refs.fd(Hook::Xdp, Ref::KernelCookie)?,
+                XDP_TX,
+            ),
+            (
+                Program::GuardCookie,
+                refs.fd(Hook::Xdp, Ref::GuardCookie)?,
+                XDP_TX,
+            ),
+            (Program::GuardDryRun, dry.fd(Hook::Xdp), XDP_PASS),
+            (Program::Tx, refs.fd(Hook::Xdp, Ref::Tx)?, XDP_TX),
+            (
+                Program::Empty,
+                refs.fd(Hook::Xdp, Ref::Empty(Verdict::Pass))?,
+                XDP_PASS,
+            ),
+        ];
+        let mut families = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            // ns per program, in the order of `programs`.
+            let mut ns: [Vec<f64>; 6] = Default::default();
+            for i in 0..n {
+                if i.is_multiple_of(10_000) {
+                    check_interrupted()?;
+                }
+                // What a Linux client sends: MSS, SACK, timestamps, window scale.
+                let frame = Frame::syn(family.source(i), PORT)
+                    .linux_syn_options(1440, i, 7)
+                    .bytes();
+                // Each program goes first as often as the others.
+                for k in 0..programs.len() {
+                    let at = (k + i as usize) % programs.len();
+                    let (program, fd, want) = programs[at];
+                    let run = test_run(fd, &frame, 1)?;
+                    ensure!(
+                        run.retval == want,
+                        "cookie flood: {program:?} answered {family:?} source #{i} with XDP \
+                         action {} instead of {want}",
+                        run.retval
+                    );
+                    ns[at].push(f64::from(run.duration_ns));
+                }
             }
-            // What a Linux client sends: MSS, SACK, timestamps, window scale.
-            let frame = Frame::syn(population_ip(MANY + i), PORT)
-                .linux_syn_options(1440, i, 7)
-                .bytes();
-            let run = test_run(self.fd(Hook::Xdp), &frame, 1)?;
-            ensure!(
-                run.retval == guard_user::testrun::XDP_TX,
-                "cookie flood: source #{i} got XDP action {} instead of a SYN-ACK",
-                run.retval
-            );
-            ns.push(f64::from(run.duration_ns));
+            families.push(CookieFamily::from_samples(family, &ns, blocks));
         }
         let cookies_sent = self.stat(Stat::CookieSent)? - sent_before;
         let created = self.stat(Stat::SourcesCreated)? - created_before;
         ensure!(
-            cookies_sent == u64::from(n) && created == 0,
-            "cookie flood: {cookies_sent} cookies for {n} SYNs, {created} sources tracked"
+            cookies_sent == 2 * u64::from(n) && created == 0,
+            "cookie flood: {cookies_sent} cookies for {} SYNs, {created} sources tracked",
+            2 * n
+        );
+        let would = dry.stat(Stat::WouldCookie)? - would_before;
+        let dry_created = dry.stat(Stat::SourcesCreated)? - dry_created_before;
+        ensure!(
+            would == 2 * u64::from(n) && dry_created == 0,
+            "cookie flood in dry-run: {would} would-cookie verdicts for {} SYNs, {dry_created} \
+             sources tracked",
+            2 * n
         );
         self.set_config(|_| {})?;
+        dry.set_config(|_| {})?;
         Ok(CookieFlood {
             sources: n,
-            median_ns: median(&ns),
-            mean_ns: super::super::table::mean(&ns),
+            families,
             sources_before,
             sources_after: self.count_sources(),
             cookies_sent,
@@ -176,11 +233,85 @@ impl Loaded {
     }
 }
 
-/// Every path on both hooks and both tables: `runs` calls each, the tables alternating which
-/// goes first.
+/// The cookie computation alone, the kernel's against guard's (beside the empty program),
+/// `repeat` times per call, `runs` rounds, each program first in turn, per address family.
+pub(super) fn cookie_calc(refs: &Refs, repeat: u32, runs: usize) -> Result<Vec<CookieCalc>> {
+    let programs = [
+        (Program::KernelCookie, Ref::KernelCookieCalc),
+        (Program::GuardCookie, Ref::GuardCookieCalc),
+        (Program::Empty, Ref::Empty(Verdict::Pass)),
+    ];
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let frame = Frame::syn(family.source(0), PORT)
+            .linux_syn_options(1440, 1, 7)
+            .bytes();
+        for (program, r) in programs {
+            time_program(
+                refs.fd(Hook::Xdp, r)?,
+                program,
+                &frame,
+                Hook::Xdp,
+                XDP_PASS,
+                1_000,
+            )?;
+        }
+        let mut ns: [Vec<f64>; 3] = Default::default();
+        for round in 0..runs {
+            for k in 0..programs.len() {
+                let at = (k + round) % programs.len();
+                let (program, r) = programs[at];
+                let fd = refs.fd(Hook::Xdp, r)?;
+                let sample = time_program(fd, program, &frame, Hook::Xdp, XDP_PASS, repeat)?;
+                ns[at].push(f64::from(sample.ns));
+            }
+        }
+        let per_round: Vec<f64> = (0..runs)
+            .map(|i| (ns[1][i] - ns[2][i]) / (ns[0][i] - ns[2][i]))
+            .collect();
+        out.push(CookieCalc {
+            family,
+            kernel_ns: median(&ns[0]),
+            guard_ns: median(&ns[1]),
+            empty_ns: median(&ns[2]),
+            ratio: Spread::of(&per_round),
+        });
+    }
+    Ok(out)
+}
+
+/// One reference run: `repeat` runs of `frame` through `fd`, which must answer `want`.
+pub(super) fn time_program(
+    fd: BorrowedFd<'_>,
+    program: Program,
+    frame: &[u8],
+    hook: Hook,
+    want: u32,
+    repeat: u32,
+) -> Result<Sample> {
+    check_interrupted()?;
+    let run = test_run(fd, frame, repeat).with_context(|| format!("test-run {program:?}"))?;
+    ensure!(
+        run.retval == want,
+        "{program:?} on {hook:?}: verdict {} instead of {want}",
+        run.retval
+    );
+    Ok(Sample {
+        hook,
+        program,
+        tracked: 0,
+        ns: run.duration_ns,
+    })
+}
+
+/// Every path on both hooks and both tables, each call beside the same call on the path's
+/// reference and on the empty program of its action (and, for the blocked source on XDP,
+/// xdp-filter): `runs` rounds, each program going first in turn.
 pub(super) fn measure_paths(
     few: &mut Loaded,
     many: &mut Loaded,
+    refs: &Refs,
+    peer: &XdpFilter,
     paths: &[PathDef],
     repeat: u32,
     runs: usize,
@@ -189,46 +320,61 @@ pub(super) fn measure_paths(
     for path in paths {
         few.set_config(path.config)?;
         many.set_config(path.config)?;
+        let with_peer = |hook: Hook| hook == Hook::Xdp && path.key == PEER_PATH;
+        // One timed call of each program in a round, by index.
+        let call = |hook: Hook, which: usize, n: u32| -> Result<Sample> {
+            let want = hook.retval(path.verdict);
+            match which {
+                0 => few.time_path(path, hook, n),
+                1 => many.time_path(path, hook, n),
+                2 => time_program(
+                    refs.fd(hook, path.reference)?,
+                    Program::Reference,
+                    &path.frame,
+                    hook,
+                    want,
+                    n,
+                ),
+                3 => time_program(
+                    refs.fd(hook, Ref::Empty(path.verdict))?,
+                    Program::Empty,
+                    &path.frame,
+                    hook,
+                    want,
+                    n,
+                ),
+                _ => time_program(peer.fd(), Program::Peer, &path.frame, hook, want, n),
+            }
+        };
+        let count = |hook: Hook| if with_peer(hook) { 5 } else { 4 };
         // Warm-up: brings a rate-capped source over its cap, caches and branch predictors to
         // steady state.
-        for t in [&*few, &*many] {
-            for hook in Hook::BOTH {
+        for hook in Hook::BOTH {
+            for t in [&*few, &*many] {
                 test_run(t.fd(hook), &path.frame, 1_000)?;
+            }
+            for which in 2..count(hook) {
+                call(hook, which, 1_000)?;
             }
         }
         let mut samples = Vec::new();
         for r in 0..runs {
             for hook in Hook::BOTH {
-                let order = if r.is_multiple_of(2) {
-                    [&*few, &*many]
-                } else {
-                    [&*many, &*few]
-                };
-                for t in order {
-                    samples.push(t.time_path(path, hook, repeat)?);
+                let k = count(hook);
+                for j in 0..k {
+                    samples.push(call(hook, (j + r) % k, repeat)?);
                 }
             }
         }
         few.set_config(|_| {})?;
         many.set_config(|_| {})?;
-        let pick = |hook: Hook, tracked: u32| {
-            let v: Vec<f64> = samples
-                .iter()
-                .filter(|x| x.hook == hook && x.tracked == tracked)
-                .map(|x| f64::from(x.ns))
-                .collect();
-            median(&v)
-        };
-        out.push(PathResult {
-            key: path.key,
-            label: path.label,
-            verdict: path.verdict,
-            xdp_few_ns: pick(Hook::Xdp, few.tracked),
-            xdp_many_ns: pick(Hook::Xdp, many.tracked),
-            tc_few_ns: pick(Hook::Tc, few.tracked),
-            tc_many_ns: pick(Hook::Tc, many.tracked),
+        out.push(PathResult::from_samples(
+            path,
             samples,
-        });
+            few.tracked,
+            many.tracked,
+            with_peer(Hook::Xdp).then(|| peer.name.clone()),
+        ));
     }
     Ok(out)
 }

@@ -46,6 +46,9 @@ pub(super) struct PathDef {
     pub(super) verdict: Verdict,
     pub(super) stat: Stat,
     pub(super) config: fn(&mut LiveConfig),
+    /// The cheapest program that could take the same verdict: `Lookup` when the verdict
+    /// depends on the source (any such filter looks the source up once).
+    pub(super) reference: Ref,
 }
 
 /// Every path but the allow-listed one runs as the agent configures a host
@@ -61,6 +64,7 @@ pub(super) fn paths() -> Vec<PathDef> {
             verdict: Verdict::Pass,
             stat: Stat::PassUnprotected,
             config: |c| c.flags |= FLAG_ALLOW_EMPTY,
+            reference: Ref::Minimal(Verdict::Pass),
         },
         PathDef {
             key: "pass_allowlisted",
@@ -69,6 +73,7 @@ pub(super) fn paths() -> Vec<PathDef> {
             verdict: Verdict::Pass,
             stat: Stat::PassAllowlisted,
             config: |_| {},
+            reference: Ref::Lookup(Verdict::Pass),
         },
         PathDef {
             key: "pass_syn_admitted",
@@ -80,6 +85,7 @@ pub(super) fn paths() -> Vec<PathDef> {
                 c.flags |= FLAG_ALLOW_EMPTY;
                 c.syn_burst = HUGE_BURST;
             },
+            reference: Ref::Lookup(Verdict::Pass),
         },
         PathDef {
             key: "pass_not_syn",
@@ -88,14 +94,16 @@ pub(super) fn paths() -> Vec<PathDef> {
             verdict: Verdict::Pass,
             stat: Stat::PassNotSyn,
             config: |c| c.flags |= FLAG_ALLOW_EMPTY,
+            reference: Ref::Minimal(Verdict::Pass),
         },
         PathDef {
             key: "drop_blocked",
             label: "drop: blocked source",
-            frame: syn(198, 18, 0, 12).bytes(),
+            frame: Frame::syn(blocked_ip(), PORT).bytes(),
             verdict: Verdict::Drop,
             stat: Stat::DropBlocked,
             config: |c| c.flags |= FLAG_ALLOW_EMPTY,
+            reference: Ref::Lookup(Verdict::Drop),
         },
         PathDef {
             key: "drop_source_rate",
@@ -104,6 +112,7 @@ pub(super) fn paths() -> Vec<PathDef> {
             verdict: Verdict::Drop,
             stat: Stat::DropSourceRate,
             config: |c| c.flags |= FLAG_ALLOW_EMPTY,
+            reference: Ref::Lookup(Verdict::Drop),
         },
         PathDef {
             key: "drop_aggregate",
@@ -118,6 +127,7 @@ pub(super) fn paths() -> Vec<PathDef> {
                 c.aggregate_rate = 1;
                 c.aggregate_burst = 1;
             },
+            reference: Ref::Lookup(Verdict::Drop),
         },
         PathDef {
             key: "dry_run_would_drop",
@@ -126,8 +136,22 @@ pub(super) fn paths() -> Vec<PathDef> {
             verdict: Verdict::Pass,
             stat: Stat::WouldDropSourceRate,
             config: |c| c.flags |= FLAG_DRY_RUN | FLAG_ALLOW_EMPTY,
+            reference: Ref::Lookup(Verdict::Pass),
         },
     ]
+}
+
+/// The sources the drop paths drop, for the lookup references' table.
+pub(super) fn drop_sources() -> Result<Vec<IpAddr>> {
+    paths()
+        .iter()
+        .filter(|p| p.verdict == Verdict::Drop)
+        .map(|p| {
+            guard_tests::frames::decode_tcp(&p.frame)
+                .map(|s| s.src)
+                .with_context(|| format!("{}: its frame is no TCP segment", p.key))
+        })
+        .collect()
 }
 
 /// The config every measurement starts from: guard's defaults (20 SYN/s, burst 40), each IPv6
