@@ -29,6 +29,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // The fleet's TLS test makes its certificates with it.
     ("openssl", "openssl"),
+    // The deploy stage: the image in a pod, the .deb under a booted systemd, and the base
+    // root filesystems both start from (no image registry is reachable here). podman's
+    // default runtime (crun) refuses this kernel's hybrid cgroups, hence runc.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("systemd-container", "systemd-nspawn"),
+    // The same package's server scrapes the demo and the deploy stage's pod.
+    ("prometheus", "prometheus"),
 ];
 
 /// The bpf-linker release and LLVM major that work with this machine's
