@@ -34,6 +34,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // default runtime (crun) refuses this kernel's hybrid cgroups, hence runc.
     ("podman", "podman"),
     ("runc", "runc"),
+    // podman builds its pod's pause (infra) image from the local catatonit.
+    ("catatonit", "catatonit"),
     ("mmdebstrap", "mmdebstrap"),
     ("systemd-container", "systemd-nspawn"),
     // The same package's server scrapes the demo and the deploy stage's pod.
