@@ -8,7 +8,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use guard_tests::agent::{connects, host_prefix, wait_for, Listener};
+use guard_common::stats::Stat;
+use guard_tests::agent::{block_on, connects, host_prefix, wait_for, Listener};
 use guard_tests::binaries::{workspace_root, Binaries};
 use guard_tests::deploy::nspawn::BootedDebian;
 use guard_tests::deploy::pod::{require_podman, PodRun, CLIENT_V4_BASE};
@@ -19,6 +20,8 @@ use guard_tests::process::run_checked;
 use guard_tests::report::WsFloodReport;
 use guard_tests::tools::TempDir;
 use guard_tests::{hping3_syn_flood, require_root, LabClient, Netns};
+use guard_user::datapath::GuardMaps;
+use guard_user::paths::PinLayout;
 
 const PORT: u16 = 8080;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -237,6 +240,67 @@ fn the_deb_under_systemd_installs_reloads_upgrades_and_removes() {
     ok(os.sh("getent group guard"));
 }
 
+/// How many legit sources the tune step observes: `--suggest` proposes the 99th percentile,
+/// so one flooding source must be under 1 % of them to be the outlier.
+const LEGIT_SOURCES: u8 = 60;
+
+/// `n` more addresses on `ns`'s eth0 after `first` (a /24 address), for legit sources.
+fn add_sources(ns: &Netns, first: &str, n: u8) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let base: std::net::Ipv4Addr = first.parse()?;
+    let [a, b, c, d] = base.octets();
+    let mut out = vec![std::net::IpAddr::from(base)];
+    for i in 1..n {
+        let ip = std::net::Ipv4Addr::new(a, b, c, d - i);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        out.push(ip.into());
+    }
+    Ok(out)
+}
+
+/// `rounds` rounds, a second apart, of one connect from each source: (succeeded, tried).
+fn legit_rounds(
+    ns: &Netns,
+    sources: &[std::net::IpAddr],
+    to: SocketAddr,
+    rounds: u32,
+) -> (u32, u32) {
+    ok(ns.run_in(|| {
+        block_on(async {
+            let (mut good, mut tried) = (0, 0);
+            for _ in 0..rounds {
+                let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+                for src in sources {
+                    tried += 1;
+                    let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
+                    sock.bind(SocketAddr::new(*src, 0))
+                        .expect("bind a legit source");
+                    if let Ok(Ok(_)) = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(to)).await
+                    {
+                        good += 1;
+                    }
+                }
+                tokio::time::sleep_until(tick).await;
+            }
+            (good, tried)
+        })
+    }))
+}
+
+/// `syn_rate` and `syn_burst` from `guard tune --suggest`'s "suggest: syn_rate=R syn_burst=B".
+fn suggested(text: &str) -> (u32, u32) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("suggest: syn_rate="))
+        .unwrap_or_else(|| panic!("no syn_rate proposal in {text}"));
+    let value = |key: &str| -> u32 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    (value("syn_rate="), value("syn_burst="))
+}
+
 /// `curl` from `ns`: the HTTP status and the body.
 fn http_get(ns: &Netns, url: &str) -> (u16, String) {
     let out = ok(ns.exec(&["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}", url]));
@@ -277,6 +341,19 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
         status.contains("dry_run = true"),
         "the ConfigMap is not in use: {status}"
     );
+    // With the node's cgroup tree mounted, connection tracking counts the pod, not the
+    // sidecar's own cgroup namespace.
+    let logs = pod
+        .podman
+        .command()
+        .args(["logs", &guard])
+        .output()
+        .expect("podman logs");
+    let logs = String::from_utf8_lossy(&logs.stderr) + String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        logs.contains("connection tracking counts the pod's cgroup"),
+        "{logs}"
+    );
 
     let legit = ok(Netns::new("dleg"));
     let attacker = ok(Netns::new("datk"));
@@ -293,12 +370,9 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
     assert_eq!(code, 200, "{agent_metrics}");
     assert!(agent_metrics.contains("guard_"), "{agent_metrics}");
 
-    // As the manifest's ConfigMap says: enforce once the limits are right.
-    let (code, out) = sidecar(&["guard", "config", "--enforce"]);
-    assert_eq!(code, 0, "{out}");
-
-    // A real Prometheus scrapes both endpoints with the shipped alert rules loaded. With no
-    // attack, no alert is even pending (dry-run's reminder included: guard enforces now).
+    // A real Prometheus scrapes both endpoints with the shipped alert rules loaded: every
+    // rule healthy, and with no attack the only active one is the reminder that guard is
+    // still in dry-run (the ConfigMap's start).
     let deploy = workspace_root().join("guard-user/deploy");
     let prom = ok(Prometheus::start(
         &legit,
@@ -306,25 +380,90 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
         &app.to_string(),
         &[&deploy.join("alerts.yml")],
     ));
-    ok(wait_for("Prometheus to see enforcement", SETTLE, || {
-        Ok((ok(prom.query("guard_dry_run == 0")).len() == 1).then_some(()))
-    }));
+    ok(prom.wait_targets_up(2, SETTLE));
     let rules = ok(prom.alert_rules());
     assert!(rules.len() >= 20, "{rules:?}");
     for rule in &rules {
         assert_eq!(rule.health, "ok", "{rule:?}");
     }
-    ok(wait_for(
-        "the alerts to settle with no attack",
-        SETTLE,
-        || {
-            let active: Vec<_> = ok(prom.alert_rules())
-                .into_iter()
-                .filter(|r| r.state != "inactive")
-                .collect();
-            Ok(active.is_empty().then_some(()))
-        },
-    ));
+    ok(wait_for("the dry-run reminder alone", SETTLE, || {
+        Ok((ok(prom.active_alerts()) == ["GuardDryRunLeftOn"]).then_some(()))
+    }));
+
+    // Still in dry-run, as shipped: `guard tune --suggest --observe` in the sidecar watches
+    // real traffic (many legit sources at about one connect a second, one source at 200 SYN/s)
+    // and proposes limits; applied and enforced, they cap the flood and not the clients.
+    let pins = pod.bpffs.pin_roots();
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    let maps = ok(GuardMaps::open_pinned(&PinLayout::new(&pins[0])).map_err(anyhow::Error::from));
+    let sources = ok(add_sources(&legit, &legit_ip, LEGIT_SOURCES));
+    let observe = std::thread::scope(|s| {
+        let tune = s.spawn(|| sidecar(&["guard", "tune", "--suggest", "--observe", "10s"]));
+        let flood = ok(hping3_syn_flood(
+            &attacker,
+            app.ip(),
+            8080,
+            None,
+            12,
+            Some(200),
+            None,
+        ));
+        let (ok_n, all) = legit_rounds(&legit, &sources, app, 12);
+        ok(flood.wait());
+        assert_eq!(ok_n, all, "legit connects failed in dry-run");
+        tune.join().expect("the tune thread")
+    });
+    let (code, suggestion) = observe;
+    assert_eq!(code, 0, "{suggestion}");
+    eprintln!("guard tune --suggest in the sidecar:\n{suggestion}");
+    let (rate, burst) = suggested(&suggestion);
+    assert!(
+        rate < 200 && suggestion.contains(&format!("would have capped 1 of {}", LEGIT_SOURCES + 1)),
+        "the proposal does not single out the flood: {suggestion}"
+    );
+    let (code, out) = sidecar(&[
+        "guard",
+        "config",
+        "--set",
+        &format!("syn_rate={rate}"),
+        "--set",
+        &format!("syn_burst={burst}"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // As the manifest's ConfigMap says: enforce once the limits are right.
+    let (code, out) = sidecar(&["guard", "config", "--enforce"]);
+    assert_eq!(code, 0, "{out}");
+    let capped_before = ok(maps.stat(Stat::DropSourceRate).map_err(anyhow::Error::from));
+    let (ok_n, all) = std::thread::scope(|s| {
+        let flood = ok(hping3_syn_flood(
+            &attacker,
+            app.ip(),
+            8080,
+            None,
+            6,
+            Some(200),
+            None,
+        ));
+        let legit_run = s.spawn(|| legit_rounds(&legit, &sources, app, 6));
+        ok(flood.wait());
+        legit_run.join().expect("the legit thread")
+    });
+    let capped = ok(maps.stat(Stat::DropSourceRate).map_err(anyhow::Error::from)) - capped_before;
+    eprintln!(
+        "enforced syn_rate={rate} syn_burst={burst}: {capped} flood SYNs capped, \
+         legit {ok_n}/{all} connects"
+    );
+    assert_eq!(ok_n, all, "the suggested limits dropped legit clients");
+    // 200/s for 6 s is 1200 SYNs; the cap lets rate × 6 + burst through.
+    assert!(
+        capped >= 1200 - u64::from(rate) * 6 - u64::from(burst) - 100,
+        "only {capped} SYNs of the flood were capped (syn_rate {rate}, burst {burst})"
+    );
+
+    // Enforcing and capping leave no alert active.
+    ok(wait_for("the alerts to settle", SETTLE, || {
+        Ok(ok(prom.active_alerts()).is_empty().then_some(()))
+    }));
 
     // A message flood: the app closes it and reports the source over the socket on the
     // shared emptyDir; the agent blocks it in the pod's kernel datapath.
@@ -366,10 +505,11 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
         0,
         "the offender still connects"
     );
+    // At the pace the limits were tuned to: one connect a second from each legit source.
+    let (ok_n, all) = legit_rounds(&legit, &sources, app, 2);
     assert_eq!(
-        ok(connects(&legit, app, 3, CONNECT_TIMEOUT)),
-        3,
-        "a legit client ({legit_ip}) was dropped too"
+        ok_n, all,
+        "legit clients ({legit_ip} and down) were dropped too"
     );
     let (_, explained) = sidecar(&["guard", "explain", &attacker_ip]);
     assert!(explained.to_lowercase().contains("block"), "{explained}");
@@ -400,13 +540,13 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
     ));
     ok(flood.stop());
 
-    // Every dashboard query has data on this server, except the fleet's (this pod is in no
+    // Every dashboard query has data over the test's span on this server, except the fleet's (this pod is in no
     // fleet: those panels stay empty on a lone host by design).
     let dashboard = std::fs::read_to_string(deploy.join("dashboard.json")).expect("dashboard");
     let empty: Vec<String> = ok(dashboard_queries(&dashboard))
         .into_iter()
         .filter(|q| !q.contains("guard_fleet_"))
-        .filter(|q| ok(prom.query(q)).is_empty())
+        .filter(|q| !ok(prom.has_data_since_start(q)))
         .collect();
     assert!(
         empty.is_empty(),

@@ -181,6 +181,11 @@ impl BpffsScratch {
         self.dir.join("guard")
     }
 
+    /// Every folder in it holding a guard pin layout (a pod's is `guard-pods/<uid>`).
+    pub fn pin_roots(&self) -> Vec<PathBuf> {
+        pin_roots(&self.dir)
+    }
+
     /// Whether anything is pinned under guard's folder in it.
     pub fn has_pins(&self) -> bool {
         std::fs::read_dir(PinLayout::new(&self.guard_pins()).dir())

@@ -2,7 +2,8 @@
 //! job="guard" and the app as job="app" (the job names alerts.yml and dashboard.json
 //! expect) with the shipped alert rules loaded, and answering queries over its HTTP API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -10,7 +11,7 @@ use serde_json::Value;
 
 use crate::agent::wait_for;
 use crate::netns::Netns;
-use crate::process::ChildGuard;
+use crate::process::{run_checked, ChildGuard};
 use crate::tools::TempDir;
 
 /// Where the server listens, inside its namespace.
@@ -19,8 +20,10 @@ pub const LISTEN: &str = "127.0.0.1:9090";
 pub const INTERVAL_SECS: u32 = 1;
 
 /// The running server; stopped and its storage removed on drop.
-pub struct Prometheus<'a> {
-    ns: &'a Netns,
+pub struct Prometheus {
+    /// Its network namespace (a path, so a lab that is borrowed mutably can hold it too).
+    netns: PathBuf,
+    started_unix: u64,
     // Field order: the server stops before its storage goes.
     _server: ChildGuard,
     _dir: TempDir,
@@ -41,10 +44,10 @@ pub fn config(guard: &str, app: &str, rules: &[&Path]) -> String {
     )
 }
 
-impl<'a> Prometheus<'a> {
+impl Prometheus {
     /// Starts it in `ns` scraping `guard` and `app` (host:port) with `rules` loaded, and waits
-    /// until both targets were scraped up once.
-    pub fn start(ns: &'a Netns, guard: &str, app: &str, rules: &[&Path]) -> Result<Self> {
+    /// until its API answers (the targets may come and go: `up` says when they are there).
+    pub fn start(ns: &Netns, guard: &str, app: &str, rules: &[&Path]) -> Result<Self> {
         let dir = TempDir::new("deploy-prom")?;
         let conf = dir.path().join("prometheus.yml");
         std::fs::write(&conf, config(guard, app, rules)).context("write prometheus.yml")?;
@@ -56,42 +59,70 @@ impl<'a> Prometheus<'a> {
             ))
             .arg(format!("--web.listen-address={LISTEN}"))
             .arg("--log.level=warn");
-        let server = ChildGuard::spawn("prometheus", &mut cmd)?.with_grace(Duration::from_secs(10));
-        let prom = Self {
-            ns,
+        let mut server =
+            ChildGuard::spawn("prometheus", &mut cmd)?.with_grace(Duration::from_secs(10));
+        let netns = ns.path().to_path_buf();
+        let started_unix = unix_now();
+        wait_for("Prometheus to answer", Duration::from_secs(90), || {
+            if !server.is_running()? {
+                bail!("prometheus exited: {}", server.stderr_so_far());
+            }
+            Ok(api_get(&netns, "/api/v1/query", &[("query", "1")])
+                .ok()
+                .map(|_| ()))
+        })?;
+        Ok(Self {
+            netns,
+            started_unix,
             _server: server,
             _dir: dir,
-        };
-        wait_for(
-            "Prometheus to scrape both targets",
-            Duration::from_secs(90),
-            || {
-                let up = prom.query("sum(up)").unwrap_or_default();
-                Ok((scalar(&up) == Some(2.0)).then_some(()))
-            },
-        )?;
-        Ok(prom)
+        })
+    }
+
+    /// Waits until `n` targets were scraped up.
+    pub fn wait_targets_up(&self, n: usize, limit: Duration) -> Result<()> {
+        wait_for("Prometheus to scrape its targets", limit, || {
+            let up = self.query("sum(up)").unwrap_or_default();
+            Ok((scalar(&up) == Some(n as f64)).then_some(()))
+        })
+    }
+
+    /// The names of the alerts whose condition holds now (pending or firing).
+    pub fn active_alerts(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .alert_rules()?
+            .into_iter()
+            .filter(|r| r.state != "inactive")
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     fn api(&self, path: &str, params: &[(&str, &str)]) -> Result<Value> {
-        let mut argv = vec![
-            "curl".to_string(),
-            "-sf".into(),
-            "--max-time".into(),
-            "10".into(),
-            "-G".into(),
-            format!("http://{LISTEN}{path}"),
-        ];
-        for (k, v) in params {
-            argv.push("--data-urlencode".into());
-            argv.push(format!("{k}={v}"));
-        }
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let body = self.ns.exec(&argv)?;
-        let doc: Value =
-            serde_json::from_str(&body).with_context(|| format!("{path}: not JSON: {body}"))?;
-        ensure!(doc["status"] == "success", "{path}: {doc}");
-        Ok(doc["data"].clone())
+        api_get(&self.netns, path, params)
+    }
+
+    /// Whether `promql` has data anywhere since the server started, evaluated as a dashboard
+    /// panel is: a range query over the whole time shown, one point per interval.
+    pub fn has_data_since_start(&self, promql: &str) -> Result<bool> {
+        let now = unix_now();
+        let data = self.api(
+            "/api/v1/query_range",
+            &[
+                ("query", promql),
+                ("start", &self.started_unix.to_string()),
+                ("end", &now.to_string()),
+                ("step", &INTERVAL_SECS.to_string()),
+            ],
+        )?;
+        let series = data["result"]
+            .as_array()
+            .with_context(|| format!("query_range {promql}: no result in {data}"))?;
+        Ok(series
+            .iter()
+            .any(|s| s["values"].as_array().is_some_and(|v| !v.is_empty())))
     }
 
     /// An instant query: the result vector (empty when the expression has no data).
@@ -120,6 +151,28 @@ impl<'a> Prometheus<'a> {
         }
         Ok(out)
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// GET on the server's API from inside its namespace; the `data` of a successful answer.
+fn api_get(netns: &Path, path: &str, params: &[(&str, &str)]) -> Result<Value> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .args(["curl", "-sf", "--max-time", "10", "-G"])
+        .arg(format!("http://{LISTEN}{path}"));
+    for (k, v) in params {
+        cmd.arg("--data-urlencode").arg(format!("{k}={v}"));
+    }
+    let body = run_checked(&mut cmd)?;
+    let doc: Value =
+        serde_json::from_str(&body).with_context(|| format!("{path}: not JSON: {body}"))?;
+    ensure!(doc["status"] == "success", "{path}: {doc}");
+    Ok(doc["data"].clone())
 }
 
 /// One alerting rule as the server reports it.
