@@ -188,7 +188,7 @@ impl BpffsScratch {
 
     /// Whether anything is pinned under guard's folder in it.
     pub fn has_pins(&self) -> bool {
-        std::fs::read_dir(PinLayout::new(&self.guard_pins()).dir())
+        std::fs::read_dir(PinLayout::new(self.guard_pins()).dir())
             .map(|mut d| d.next().is_some())
             .unwrap_or(false)
     }

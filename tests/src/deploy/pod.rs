@@ -613,7 +613,7 @@ mod tests {
         let guard = containers.find("        - name: guard\n").unwrap();
         let app = containers.find("        - name: app\n").unwrap();
         assert!(guard < app, "guard must come first");
-        assert!(!out.contains("restartPolicy: Always"));
+        assert!(!out.lines().any(|l| l.trim() == "restartPolicy: Always"));
         // Everything else of the sidecar is kept: capabilities, probes, mounts.
         for kept in [
             "add: [\"BPF\", \"NET_ADMIN\", \"PERFMON\"]",
