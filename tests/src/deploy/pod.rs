@@ -458,12 +458,13 @@ impl PodRun {
             ])
         };
         // podman 4.3 sometimes tries to remove a finished "once" init container while runc
-        // still reports it running, and gives up on the whole pod: start over, a few times.
+        // still reports it running, and gives up on the whole pod (seen in one play of two
+        // here): start over, up to eight times.
         let mut tries = 0;
         loop {
             tries += 1;
             match play() {
-                Err(e) if tries < 4 && format!("{e:#}").contains("init container") => {
+                Err(e) if tries < 8 && format!("{e:#}").contains("init container") => {
                     eprintln!("deploy: podman kube play hit its init-container race, again: {e:#}");
                     self.remove_pod();
                 }

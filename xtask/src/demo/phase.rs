@@ -178,3 +178,24 @@ pub(super) struct Report {
     /// host, through a NATS node failure and a host restart).
     pub(super) fleet: Option<FleetDemo>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PhaseAlerts;
+
+    #[test]
+    fn alerts_set_off_are_new_after_the_attack_and_quiet_ones_never_active() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = PhaseAlerts {
+            before: names(&["GuardDropsSurging"]),
+            after: names(&["GuardDropsSurging", "GuardAppFloodsDetected"]),
+            rules: names(&[
+                "GuardAgentDown",
+                "GuardDropsSurging",
+                "GuardAppFloodsDetected",
+            ]),
+        };
+        assert_eq!(a.set_off(), ["GuardAppFloodsDetected"]);
+        assert_eq!(a.quiet(), ["GuardAgentDown"]);
+    }
+}
