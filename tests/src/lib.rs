@@ -22,11 +22,14 @@
 //!   [`packet_socket`], [`measure`], [`report`] (lab-client's reports), [`ws_bulk`], and
 //!   [`wire`] (the pure pieces lab-client shares: address rules, URLs, pacing, HTTP/SSE);
 //! - crafted packets: [`frames`], [`testdp`] (`BPF_PROG_TEST_RUN` on the real program),
-//!   [`raw_xdp`], the evasion corpus [`evasion`] and the kernel-rules decoder [`reference`].
+//!   [`raw_xdp`], the evasion corpus [`evasion`] and the kernel-rules decoder [`reference`];
+//! - what operators install, run as they run it: [`deploy`] (the .deb under a booted systemd,
+//!   the image in a pod; `cargo xtask test`'s deploy stage).
 
 pub mod agent;
 pub mod binaries;
 pub mod cgroup;
+pub mod deploy;
 pub mod evasion;
 pub mod fleet;
 pub mod frames;

@@ -424,7 +424,7 @@ fn stage_deb(
          Architecture: {debarch}\n\
          Maintainer: guard maintainers <guard@localhost>\n\
          Installed-Size: {installed_kib}\n\
-         Depends: libc6 (>= {major}.{minor}), libgcc-s1\n\
+         Depends: libc6 (>= {major}.{minor}), libgcc-s1, procps\n\
          Suggests: logrotate\n\
          Section: net\n\
          Priority: optional\n\
@@ -442,6 +442,8 @@ fn stage_deb(
         0o644,
     )?;
     write(&debian.join("postinst"), POSTINST, 0o755)?;
+    write(&debian.join("prerm"), PRERM, 0o755)?;
+    write(&debian.join("postrm"), POSTRM, 0o755)?;
     fs::set_permissions(&debian, fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
@@ -457,9 +459,48 @@ if [ "$1" = "configure" ]; then
     fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
+        # An upgrade replaced the binary under a running agent: the new one adopts the pins
+        # and switches the link atomically. Not started if it was not running.
+        if [ -n "$2" ]; then
+            systemctl try-restart guard.service || true
+        fi
     fi
     if [ -z "$2" ]; then
         echo "guard: edit /etc/guard/guard.toml (interfaces, ports), then: systemctl enable --now guard"
+    fi
+fi
+exit 0
+"#;
+
+/// On removal (not on upgrade), stops the agent and takes guard out of the data path: once the
+/// binary is gone nothing is left that could `guard unload` the pinned program, and a
+/// running agent would outlive its unit file. An upgrade keeps both (the new agent adopts the
+/// pins). A failed unload only warns: refusing the removal would leave the operator stuck.
+const PRERM: &str = r#"#!/bin/sh
+set -e
+if [ "$1" = "remove" ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl stop guard.service || true
+    fi
+    # `guard unload` reads no config file: take an edited pin_dir from it.
+    pin_dir=$(sed -n 's/^pin_dir *= *"\(.*\)".*/\1/p' /etc/guard/guard.toml 2>/dev/null | tail -n 1)
+    if ! /usr/bin/guard unload ${pin_dir:+--pin-dir "$pin_dir"}; then
+        echo "guard: could not unload the pinned program: see \`bpftool net\` and ${pin_dir:-/sys/fs/bpf/guard}" >&2
+    fi
+fi
+exit 0
+"#;
+
+/// Purge removes what the package and its unit made outside the conffiles (dpkg purges
+/// those): the audit logs and the enablement link. The `guard` group stays, as Debian
+/// leaves system groups (files elsewhere may still carry its GID).
+const POSTRM: &str = r#"#!/bin/sh
+set -e
+if [ "$1" = "purge" ]; then
+    rm -rf /var/log/guard
+    rm -f /etc/systemd/system/multi-user.target.wants/guard.service
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload || true
     fi
 fi
 exit 0

@@ -24,7 +24,8 @@ enum Cmd {
     /// Install what the build, tests and lab need (idempotent).
     Setup,
     /// Run every test: host unit tests, then the privileged tests (root,
-    /// serially), then the deploy checks.
+    /// serially), then the deploy checks and the deploy stage (the .deb under
+    /// systemd, the image in a pod).
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -138,6 +139,24 @@ fn test(filter: Option<String>) -> Result<()> {
     if filter.is_empty() {
         run(Command::new("bash").arg(root.join("guard-user/deploy/check.sh")))?;
     }
+    // The deploy stage: the shipped .deb under a booted systemd, the shipped image and k8s
+    // manifest in a pod, run as an operator runs them (tests/tests/deploy.rs). Containers
+    // and pods share the machine's podman and bpffs: one at a time.
+    tally.run(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "guard-tests",
+                "--features",
+                "deploy",
+                "--test",
+                "deploy",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(&filter),
+    )?;
     // One closing line for the whole run: the last runner printed may be a
     // crate's (empty) doc-test pass, which says nothing about the rest.
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);

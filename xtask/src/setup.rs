@@ -31,6 +31,17 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // The datapath bench's peer for the blocked-source drop (`xdp-filter`).
     ("xdp-tools", "xdp-filter"),
+    // The deploy stage: the image in a pod, the .deb under a booted systemd, and the base
+    // root filesystems both start from (no image registry is reachable here). podman's
+    // default runtime (crun) refuses this kernel's hybrid cgroups, hence runc.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    // podman builds its pod's pause (infra) image from the local catatonit.
+    ("catatonit", "catatonit"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("systemd-container", "systemd-nspawn"),
+    // The same package's server scrapes the demo and the deploy stage's pod.
+    ("prometheus", "prometheus"),
 ];
 
 /// The bpf-linker release and LLVM major that work with this machine's

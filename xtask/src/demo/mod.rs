@@ -37,6 +37,11 @@ pub struct DemoArgs {
     /// fleet (three guard hosts sharing blocks through a three-node NATS JetStream cluster).
     #[arg(long = "only", value_name = "SCENARIO")]
     only: Vec<String>,
+    /// Run a Prometheus server (Debian's package) scraping the agent (job="guard") and the
+    /// app (job="app") with guard-user/deploy/alerts.yml loaded; the report gets a table of
+    /// the alerts each attack set off and those that stayed quiet.
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[cfg(not(feature = "lab"))]

@@ -43,7 +43,41 @@ pub(super) struct Phase {
     pub(super) audit: Vec<serde_json::Value>,
     /// For scenarios with adaptive mode: how legit connects fared over the attack.
     pub(super) recovery: Option<Recovery>,
+    /// With `--prometheus`, runs with guard: which shipped alerts were active when.
+    pub(super) alerts: Option<PhaseAlerts>,
     pub(super) legit: LegitOutcome,
+}
+
+/// The shipped alert rules as the demo's Prometheus evaluated them in one phase: the names
+/// whose condition held (pending or firing) with the agent and app up before the attack, and
+/// just after it. `for:` makes the rules wait minutes before firing, longer than a demo
+/// attack lasts, so "set off" means the condition held, i.e. pending.
+#[derive(Debug, Clone, Serialize, Default)]
+pub(super) struct PhaseAlerts {
+    pub(super) before: Vec<String>,
+    pub(super) after: Vec<String>,
+    /// Every alerting rule loaded, to list the quiet ones.
+    pub(super) rules: Vec<String>,
+}
+
+impl PhaseAlerts {
+    /// Active just after the attack and not before it.
+    pub(super) fn set_off(&self) -> Vec<&str> {
+        self.after
+            .iter()
+            .filter(|a| !self.before.contains(a))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Loaded rules active neither before nor after.
+    pub(super) fn quiet(&self) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|r| !self.before.contains(r) && !self.after.contains(r))
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 /// When legit clients got their connections back during an attack.
@@ -143,4 +177,25 @@ pub(super) struct Report {
     /// The fleet scenario (no with/without phases: it shows one decision reaching every
     /// host, through a NATS node failure and a host restart).
     pub(super) fleet: Option<FleetDemo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PhaseAlerts;
+
+    #[test]
+    fn alerts_set_off_are_new_after_the_attack_and_quiet_ones_never_active() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = PhaseAlerts {
+            before: names(&["GuardDropsSurging"]),
+            after: names(&["GuardDropsSurging", "GuardAppFloodsDetected"]),
+            rules: names(&[
+                "GuardAgentDown",
+                "GuardDropsSurging",
+                "GuardAppFloodsDetected",
+            ]),
+        };
+        assert_eq!(a.set_off(), ["GuardAppFloodsDetected"]);
+        assert_eq!(a.quiet(), ["GuardAgentDown"]);
+    }
 }

@@ -143,6 +143,7 @@ pub(super) fn markdown(r: &Report) -> String {
             _ => String::new(),
         }
     );
+    alerts_markdown(&mut md, r);
     let with_audit: Vec<&ScenarioReport> = r
         .scenarios
         .iter()
@@ -165,6 +166,58 @@ pub(super) fn markdown(r: &Report) -> String {
         fleet_markdown(&mut md, f);
     }
     md
+}
+
+/// With `--prometheus`: per scenario, the shipped alerts whose condition the attack made true
+/// and those that stayed quiet.
+pub(super) fn alerts_markdown(md: &mut String, r: &Report) {
+    let rows: Vec<(&str, &PhaseAlerts)> = r
+        .scenarios
+        .iter()
+        .flat_map(|sc| {
+            sc.phases
+                .iter()
+                .filter_map(move |p| p.alerts.as_ref().map(|a| (sc.title, a)))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Prometheus alerts (guard-user/deploy/alerts.yml)
+"
+    );
+    let _ = writeln!(
+        md,
+        "A Prometheus server scraped the agent (job=\"guard\") and the app (job=\"app\") every \
+         second with the shipped rules loaded, in the runs with guard. **set off**: alerts \
+         whose condition held just after the attack and not before it; the rules' `for:` \
+         (minutes) is longer than a demo attack, so they were pending, and fire when an \
+         attack lasts that long. **active before**: already pending with the agent and app \
+         up, before the attack (rate windows are 5 minutes, so an earlier scenario can still \
+         count). **quiet**: every other rule.\n"
+    );
+    let _ = writeln!(md, "| scenario | set off | active before | quiet |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    let list = |v: Vec<&str>| {
+        if v.is_empty() {
+            "—".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    for (title, a) in rows {
+        let before: Vec<&str> = a.before.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            md,
+            "| {title} | {} | {} | {} |",
+            list(a.set_off()),
+            list(before),
+            list(a.quiet())
+        );
+    }
+    let _ = writeln!(md);
 }
 
 pub(super) fn fleet_markdown(md: &mut String, f: &FleetDemo) {

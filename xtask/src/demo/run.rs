@@ -12,6 +12,7 @@ use super::report::*;
 use super::scenarios::*;
 use super::DemoArgs;
 use guard_tests::binaries::Binaries;
+use guard_tests::deploy::prom::{Prometheus, INTERVAL_SECS};
 use guard_tests::stack::{
     install_signal_handlers, interrupted, pause, Counters, Cpus, LegitLoad, Sample, Stack,
     SLICE_SECS,
@@ -71,7 +72,25 @@ pub fn main(a: DemoArgs) -> Result<()> {
         // Blocks outlive every phase; each phase with guard starts a fresh agent and
         // fresh pins anyway, so nothing carries over from one scenario to the next.
         let s = stack.insert(Stack::new(bins, cpus, Duration::from_secs(300))?);
-        reports = single_host(s, &scenarios, cpus, &timing)?;
+        let prom = if a.prometheus {
+            let alerts =
+                guard_tests::binaries::workspace_root().join("guard-user/deploy/alerts.yml");
+            let p = Prometheus::start(
+                &s.lab.server,
+                &s.metrics_addr().to_string(),
+                &s.app_addr().to_string(),
+                &[&alerts],
+            )
+            .context("start Prometheus (the `prometheus` Debian package)")?;
+            println!(
+                "prometheus: scraping the agent and the app every {INTERVAL_SECS}s with {}",
+                alerts.display()
+            );
+            Some(p)
+        } else {
+            None
+        };
+        reports = single_host(s, &scenarios, cpus, &timing, prom.as_ref())?;
     }
     let fleet = if want_fleet {
         println!();
@@ -120,6 +139,7 @@ pub(super) fn single_host(
     scenarios: &[&Scenario],
     cpus: Cpus,
     timing: &Timing,
+    prom: Option<&Prometheus>,
 ) -> Result<Vec<ScenarioReport>> {
     println!(
         "lab up: server {} (app {}, agent metrics {}), legit {}, attacker {}",
@@ -147,7 +167,7 @@ pub(super) fn single_host(
         let mut phases = Vec::new();
         let timing = &sc.timing(timing);
         for guarded in [false, true] {
-            let phase = run_phase(stack, sc, guarded, timing).with_context(|| {
+            let phase = run_phase(stack, sc, guarded, timing, prom).with_context(|| {
                 format!(
                     "scenario {} ({})",
                     sc.key,
@@ -178,6 +198,7 @@ pub(super) fn run_phase(
     sc: &Scenario,
     guarded: bool,
     timing: &Timing,
+    prom: Option<&Prometheus>,
 ) -> Result<Phase> {
     // Cookie SYN-ACKs leave through XDP_TX, which a veth peer takes only while it runs
     // XDP itself. Its program also sinks replies to spoofed sources at the switch, so both
@@ -186,7 +207,7 @@ pub(super) fn run_phase(
     if cookies {
         stack.lab.allow_xdp_tx()?;
     }
-    let phase = run_phase_inner(stack, sc, guarded, timing);
+    let phase = run_phase_inner(stack, sc, guarded, timing, prom);
     if cookies {
         stack.lab.forbid_xdp_tx();
     }
@@ -198,6 +219,7 @@ pub(super) fn run_phase_inner(
     sc: &Scenario,
     guarded: bool,
     timing: &Timing,
+    prom: Option<&Prometheus>,
 ) -> Result<Phase> {
     if guarded {
         stack.start_agent_with(&[], sc.adaptive.as_ref())?;
@@ -212,12 +234,31 @@ pub(super) fn run_phase_inner(
     stack.start_app_with(guarded, sc.app)?;
     let before = stack.counters()?;
     let audit_before = stack.audit()?.len();
+    // Only runs with guard: without it there is no agent to scrape, which is an alert of its
+    // own (GuardAgentDown) and says nothing about the attack.
+    let prom = prom.filter(|_| guarded);
+    let alerts_before = match prom {
+        Some(p) => Some(settled_alerts(p)?),
+        None => None,
+    };
 
     let legit = LegitLoad::start(stack, timing.legit_secs())?;
     pause(Duration::from_secs_f64(timing.warmup_secs))?;
     let start = legit.elapsed();
     let attack = (sc.attack)(stack, timing)?;
     let end = legit.elapsed();
+    let alerts = match (prom, alerts_before) {
+        (Some(p), Some(before)) => {
+            // One more scrape and rule evaluation, so the attack's last samples count.
+            pause(Duration::from_secs(u64::from(2 * INTERVAL_SECS)))?;
+            Some(PhaseAlerts {
+                before,
+                after: p.active_alerts()?,
+                rules: p.alert_rules()?.into_iter().map(|r| r.name).collect(),
+            })
+        }
+        _ => None,
+    };
     let outcome = legit.finish()?;
 
     let kernel = match (before, stack.counters()?) {
@@ -280,8 +321,17 @@ pub(super) fn run_phase_inner(
         attacker_detail: attack.detail,
         audit,
         recovery,
+        alerts,
         legit: outcome,
     })
+}
+
+/// The active alerts once both targets are scraped up and the rules evaluated on that.
+fn settled_alerts(p: &Prometheus) -> Result<Vec<String>> {
+    p.wait_targets_up(2, Duration::from_secs(30))
+        .context("Prometheus does not see the agent and the app up")?;
+    pause(Duration::from_secs(u64::from(2 * INTERVAL_SECS)))?;
+    p.active_alerts()
 }
 
 /// `--keep`: guard on, the app up, no floods; explains how to look, then waits for Ctrl-C.
