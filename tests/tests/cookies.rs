@@ -370,16 +370,17 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
         )
         .expect("restore");
 
-    // A proven source is capped like any other: burst 1, no refill.
-    dp.config(|c| {
-        c.syn_rate = 0;
-        c.syn_burst = 1;
-    });
+    // A proven source is capped like any other: burst 1, no refill (set
+    // once both SYN-ACKs went out, which the same cap bounds per address).
     let src = v4(198, 19, 8, 30);
     let first = syn_to(src, 43000);
     let s1 = answered(&dp, &first);
     let second = syn_to(src, 43001);
     let s2 = answered(&dp, &second);
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 1;
+    });
     let over = dp.stat(Stat::CookieAckOverCap);
     assert_eq!(
         dp.run_cookie_ack(&reply_to(&first, &s1, 43000).bytes()),
