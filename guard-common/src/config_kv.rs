@@ -435,15 +435,21 @@ mod tests {
             .collect()
     }
 
+    fn get_of(entries: &[(&str, String)], key: &str) -> String {
+        entries.iter().find(|(e, _)| *e == key).unwrap().1.clone()
+    }
+
     #[test]
     fn entries_list_every_key_once_and_read_back() {
         let c = LiveConfig::default();
         let entries = config_entries(&c);
-        assert_eq!(entries.len(), 16);
+        assert_eq!(entries.len(), FIELDS.len());
         let mut keys: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), 16);
+        assert_eq!(keys.len(), FIELDS.len());
+        assert_eq!(get_of(&entries, "handshake_timeout_s"), "64");
+        assert_eq!(get_of(&entries, "invalid_ack_burst"), "8");
         let get = |k: &str| entries.iter().find(|(e, _)| *e == k).unwrap().1.clone();
         assert_eq!(get("dry_run"), "false");
         assert_eq!(get("source_prefix_v6"), "64");

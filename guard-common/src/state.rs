@@ -283,12 +283,23 @@ mod tests {
         f.counts[InFlight::index(s0)] = 2;
         assert_eq!(f.live(s0), 2);
         // Charged at the very end of its slot: still live a whole timeout later.
-        assert_eq!(f.live(in_flight_slot(start + w - 1 + t as u64 * 1_000_000_000, t)), 2);
+        assert_eq!(
+            f.live(in_flight_slot(start + w - 1 + t as u64 * 1_000_000_000, t)),
+            2
+        );
         // Gone once four slots old, whatever moment of its slot it was charged in.
         assert_eq!(f.live(in_flight_slot(start + 4 * w, t)), 0);
-        assert_eq!(f.live(s0.wrapping_sub(1)), 0, "a slot from the future never counts");
+        assert_eq!(
+            f.live(s0.wrapping_sub(1)),
+            0,
+            "a slot from the future never counts"
+        );
         assert!(in_flight_live(u32::MAX, 2), "slot numbers wrap");
-        assert_eq!(in_flight_slot_ns(0), 1, "a zero timeout cannot divide by zero");
+        assert_eq!(
+            in_flight_slot_ns(0),
+            1,
+            "a zero timeout cannot divide by zero"
+        );
     }
 
     #[test]

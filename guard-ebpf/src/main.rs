@@ -516,12 +516,7 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
 
 /// Charges an admitted SYN's handshake to its source as in flight.
 #[inline(always)]
-fn charge_in_flight(
-    flow: Option<&FlowKey>,
-    source_key: &AddrWords,
-    now: u64,
-    cfg: &LiveConfig,
-) {
+fn charge_in_flight(flow: Option<&FlowKey>, source_key: &AddrWords, now: u64, cfg: &LiveConfig) {
     if let Some(f) = flow {
         conns::charge_handshake(f, source_key.as_addr(), now, cfg);
     }

@@ -23,7 +23,7 @@ use aya::{
 use guard_common::{
     addr::Prefix,
     maps as names,
-    state::AllowEntry,
+    state::{AllowEntry, InFlight},
     syncookie::{CookieKey, CookieState},
     Addr, BlockEntry, LiveConfig, SourceState, TokenBucket,
 };
@@ -240,6 +240,10 @@ pub struct PointState {
     pub source: Option<SourceState>,
     pub aggregate: Option<SourceState>,
     pub open_connections: u64,
+    /// Its handshakes in flight, by slot (count them with `InFlight::live`).
+    pub in_flight: Option<InFlight>,
+    /// The bucket of cookie SYN-ACKs sent to it.
+    pub synack_dest: Option<TokenBucket>,
     /// Monotonic ns of the source's last completed handshake.
     pub last_handshake_ns: Option<u64>,
     /// The allowlist's longest match exists (which prefix: see `allows`).
@@ -266,6 +270,10 @@ pub struct GuardMaps {
     pub global: Array<MapData, TokenBucket>,
     pub cookie_keys: Array<MapData, CookieKey>,
     pub cookie_state: Array<MapData, CookieState>,
+    /// Handshakes in flight per source key (see guard-ebpf/src/conns.rs).
+    pub in_flight: HashMap<MapData, Addr, InFlight>,
+    /// Cookie SYN-ACKs per destination (source key).
+    pub synack_dests: HashMap<MapData, Addr, TokenBucket>,
 }
 
 /// A loaded guard program with its maps.
