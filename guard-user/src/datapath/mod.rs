@@ -23,7 +23,7 @@ use aya::{
 use guard_common::{
     addr::Prefix,
     maps as names,
-    state::{AllowEntry, InFlight},
+    state::{AllowEntry, FlowKey, Handshake, InFlight},
     syncookie::{CookieKey, CookieState},
     Addr, BlockEntry, LiveConfig, SourceState, TokenBucket,
 };
@@ -153,6 +153,16 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
         names::GLOBAL => (T::Array, 4, size_of::<guard_common::TokenBucket>() as u32),
         names::COOKIE_KEYS => (T::Array, 4, size_of::<CookieKey>() as u32),
         names::COOKIE_STATE => (T::Array, 4, size_of::<CookieState>() as u32),
+        names::HANDSHAKES => (
+            T::LruHash,
+            size_of::<FlowKey>() as u32,
+            size_of::<Handshake>() as u32,
+        ),
+        names::IN_FLIGHT => (T::LruHash, 16, size_of::<InFlight>() as u32),
+        names::SYNACK_DESTS | names::ACK_FAILS | names::ACK_FAILS_AGG => {
+            (T::LruHash, 16, size_of::<TokenBucket>() as u32)
+        }
+        names::ACK_FAILS_ALL => (T::Array, 4, size_of::<TokenBucket>() as u32),
         _ => return None,
     })
 }
