@@ -114,8 +114,8 @@ impl LiveConfig {
         invalid_ack_burst: 8,
         invalid_ack_aggregate_rate: 16,
         invalid_ack_aggregate_burst: 64,
-        invalid_ack_global_rate: 2000,
-        invalid_ack_global_burst: 4000,
+        invalid_ack_global_rate: 200,
+        invalid_ack_global_burst: 1000,
         _reserved: [0; 2],
     };
 

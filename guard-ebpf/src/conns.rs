@@ -127,7 +127,7 @@ pub fn charge_handshake(flow: &FlowKey, key: &Addr, now: u64, cfg: &LiveConfig) 
         slot,
         _pad: 0,
     };
-    let _ = HANDSHAKES.insert(flow, &entry, 0);
+    let _ = HANDSHAKES.insert(flow, entry, 0);
     count(Stat::HandshakeCharged);
 }
 
@@ -140,7 +140,7 @@ pub fn release_handshake(flow: &FlowKey) -> bool {
         return false;
     };
     let _ = HANDSHAKES.remove(flow);
-    if let Some(f) = IN_FLIGHT.get_ptr_mut(&h.source) {
+    if let Some(f) = IN_FLIGHT.get_ptr_mut(h.source) {
         let i = InFlight::index(h.slot);
         // SAFETY: as in charge_handshake. A slot recycled since holds
         // other charges: leave them.
@@ -262,7 +262,7 @@ fn on_established(ctx: &SockOpsContext, cfg: &LiveConfig) {
         }
     }
     // The escalation's evidence: this source's SYNs turn into connections.
-    if let Some(state) = SOURCES.get_ptr_mut(&key) {
+    if let Some(state) = SOURCES.get_ptr_mut(key) {
         // SAFETY: an LRU value in the map's preallocated pool.
         unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&mut (*state).completed, 1) };
     }
