@@ -36,7 +36,8 @@ pub struct LiveConfig {
     pub aggregate_burst: u32,
     /// A source over its cap raises at most one event per interval.
     pub event_interval_ms: u32,
-    /// Concurrent established connections per source; 0 = off.
+    /// Connections one source may hold at once, established or still in
+    /// their handshake (see `handshake_timeout_s`); 0 = off.
     pub conn_limit: u32,
     /// New connections per second toward the protected ports from all
     /// sources together before unknown sources are squeezed; 0 burst = off.
@@ -62,10 +63,28 @@ pub struct LiveConfig {
     /// less the headers (set by the agent).
     pub cookie_mss_v4: u16,
     pub cookie_mss_v6: u16,
-    pub _reserved: u32,
+    /// How long a handshake the program let through counts against its
+    /// source's `conn_limit` while it has not completed. The kernel keeps a
+    /// half-open connection about 63 s (five SYN-ACK retries), and says
+    /// nothing when it drops one.
+    pub handshake_timeout_s: u32,
+    /// Cookie replies that fail the check, per source (rate per second and
+    /// burst): a source out of them is refused unchecked, so nobody gets
+    /// more guesses at a cookie for one address than this. 0 burst = off.
+    pub invalid_ack_rate: u32,
+    pub invalid_ack_burst: u32,
+    /// The same per aggregate prefix.
+    pub invalid_ack_aggregate_rate: u32,
+    pub invalid_ack_aggregate_burst: u32,
+    /// The same for all sources together; while it is dry, every source or
+    /// prefix that failed before is refused unchecked (see
+    /// `syncookie`'s module doc for why fresh ones are still checked).
+    pub invalid_ack_global_rate: u32,
+    pub invalid_ack_global_burst: u32,
+    pub _reserved: [u32; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<LiveConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<LiveConfig>() == 96);
 
 impl LiveConfig {
     pub const DEFAULT: Self = Self {
@@ -90,7 +109,14 @@ impl LiveConfig {
         conn_netns_cookie: 0,
         cookie_mss_v4: 1460,
         cookie_mss_v6: 1440,
-        _reserved: 0,
+        handshake_timeout_s: 64,
+        invalid_ack_rate: 1,
+        invalid_ack_burst: 8,
+        invalid_ack_aggregate_rate: 16,
+        invalid_ack_aggregate_burst: 64,
+        invalid_ack_global_rate: 200,
+        invalid_ack_global_burst: 1000,
+        _reserved: [0; 2],
     };
 
     #[inline(always)]
@@ -138,6 +164,13 @@ impl LiveConfig {
         self.syn_cookies != crate::syncookie::MODE_OFF
     }
 
+    /// Whether the program tracks handshakes in flight (only the
+    /// connection cap reads them).
+    #[inline(always)]
+    pub const fn tracks_in_flight(&self) -> bool {
+        self.conn_limit != 0
+    }
+
     #[inline(always)]
     pub const fn known_good_ttl_ns(&self) -> u64 {
         self.known_good_ttl_s as u64 * 1_000_000_000
@@ -183,6 +216,9 @@ impl LiveConfig {
         if self.cookie_wscale > crate::syncookie::MAX_WSCALE {
             return Err(ConfigError::CookieWscale(self.cookie_wscale));
         }
+        if self.handshake_timeout_s == 0 {
+            return Err(ConfigError::HandshakeTimeout);
+        }
         Ok(())
     }
 }
@@ -204,6 +240,7 @@ pub enum ConfigError {
     /// "Under attack" means "while the global budget is exhausted".
     CookiesNeedBudget,
     CookieWscale(u8),
+    HandshakeTimeout,
 }
 
 impl core::fmt::Display for ConfigError {
@@ -221,6 +258,9 @@ impl core::fmt::Display for ConfigError {
                 "syn_cookies = under-attack answers cookies while the global budget is exhausted: set global_syn_rate and global_syn_burst too, or use syn_cookies = always",
             ),
             Self::CookieWscale(w) => write!(f, "cookie window scale {w} must be 0..=14"),
+            Self::HandshakeTimeout => f.write_str(
+                "handshake_timeout_s must be at least 1: a handshake in flight has to count against conn_limit for some time",
+            ),
         }
     }
 }
@@ -260,5 +300,9 @@ mod tests {
             ConfigError::AggregateNarrowerThanSource
         );
         assert_eq!(bad(|c| c.event_interval_ms = 0), ConfigError::EventInterval);
+        assert_eq!(
+            bad(|c| c.handshake_timeout_s = 0),
+            ConfigError::HandshakeTimeout
+        );
     }
 }

@@ -37,7 +37,7 @@ enum Field {
 const ANY_U32: &str = "an integer 0..=4294967295";
 
 /// Every key, in the order [`config_entries`] lists them.
-static FIELDS: [(&str, Field); 16] = [
+static FIELDS: [(&str, Field); 23] = [
     ("dry_run", Field::Flag(FLAG_DRY_RUN)),
     ("block_all_traffic", Field::Flag(FLAG_BLOCK_ALL_TRAFFIC)),
     (
@@ -130,6 +130,69 @@ static FIELDS: [(&str, Field); 16] = [
         Field::U32 {
             get: |c| c.conn_limit,
             set: |c, v| c.conn_limit = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "handshake_timeout_s",
+        Field::U32 {
+            get: |c| c.handshake_timeout_s,
+            set: |c, v| c.handshake_timeout_s = v,
+            min: 1,
+            expected: "seconds 1..=4294967295",
+        },
+    ),
+    (
+        "invalid_ack_rate",
+        Field::U32 {
+            get: |c| c.invalid_ack_rate,
+            set: |c, v| c.invalid_ack_rate = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "invalid_ack_burst",
+        Field::U32 {
+            get: |c| c.invalid_ack_burst,
+            set: |c, v| c.invalid_ack_burst = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "invalid_ack_aggregate_rate",
+        Field::U32 {
+            get: |c| c.invalid_ack_aggregate_rate,
+            set: |c, v| c.invalid_ack_aggregate_rate = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "invalid_ack_aggregate_burst",
+        Field::U32 {
+            get: |c| c.invalid_ack_aggregate_burst,
+            set: |c, v| c.invalid_ack_aggregate_burst = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "invalid_ack_global_rate",
+        Field::U32 {
+            get: |c| c.invalid_ack_global_rate,
+            set: |c, v| c.invalid_ack_global_rate = v,
+            min: 0,
+            expected: ANY_U32,
+        },
+    ),
+    (
+        "invalid_ack_global_burst",
+        Field::U32 {
+            get: |c| c.invalid_ack_global_burst,
+            set: |c, v| c.invalid_ack_global_burst = v,
             min: 0,
             expected: ANY_U32,
         },
@@ -372,15 +435,21 @@ mod tests {
             .collect()
     }
 
+    fn get_of(entries: &[(&str, String)], key: &str) -> String {
+        entries.iter().find(|(e, _)| *e == key).unwrap().1.clone()
+    }
+
     #[test]
     fn entries_list_every_key_once_and_read_back() {
         let c = LiveConfig::default();
         let entries = config_entries(&c);
-        assert_eq!(entries.len(), 16);
+        assert_eq!(entries.len(), FIELDS.len());
         let mut keys: Vec<_> = entries.iter().map(|(k, _)| *k).collect();
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), 16);
+        assert_eq!(keys.len(), FIELDS.len());
+        assert_eq!(get_of(&entries, "handshake_timeout_s"), "64");
+        assert_eq!(get_of(&entries, "invalid_ack_burst"), "8");
         let get = |k: &str| entries.iter().find(|(e, _)| *e == k).unwrap().1.clone();
         assert_eq!(get("dry_run"), "false");
         assert_eq!(get("source_prefix_v6"), "64");

@@ -23,7 +23,11 @@ pub struct OverCapEvent {
     pub kind: u8,
     /// 1 when the program is in dry-run mode (nothing was dropped).
     pub dry_run: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Handshakes this key completed so far (sources only; the low 32 bits
+    /// of `SourceState::completed`): with `syns - over_cap`, how many of
+    /// its admitted SYNs turned into connections.
+    pub completed: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<OverCapEvent>() == 48);

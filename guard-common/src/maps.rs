@@ -26,6 +26,19 @@ pub const COOKIE_KEYS: &str = "COOKIE_KEYS";
 /// When a cookie was last sent (`syncookie::CookieState`, one entry).
 pub const COOKIE_STATE: &str = "COOKIE_STATE";
 
+/// Flow -> the in-flight charge of a handshake the program let through
+/// (`state::Handshake`), until sockops sees it complete.
+pub const HANDSHAKES: &str = "HANDSHAKES";
+/// Source key -> its handshakes in flight (`state::InFlight`).
+pub const IN_FLIGHT: &str = "IN_FLIGHT";
+/// Source key -> the bucket of cookie SYN-ACKs sent to it.
+pub const SYNACK_DESTS: &str = "SYNACK_DESTS";
+/// Source key / aggregate key -> the bucket of its invalid cookie replies,
+/// and the one bucket of all sources together.
+pub const ACK_FAILS: &str = "ACK_FAILS";
+pub const ACK_FAILS_AGG: &str = "ACK_FAILS_AGG";
+pub const ACK_FAILS_ALL: &str = "ACK_FAILS_ALL";
+
 pub const PROG_XDP: &str = "guard_xdp";
 pub const PROG_TC: &str = "guard_tc";
 pub const PROG_SOCKOPS: &str = "guard_sockops";
@@ -35,7 +48,7 @@ pub const PROG_SOCKOPS: &str = "guard_sockops";
 pub const PROG_COOKIE_ACK: &str = "guard_cookie_ack";
 
 /// Every map the agent pins, in the order `guard status` shows them.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 20] = [
     CONFIG,
     STATS,
     PORTS,
@@ -50,6 +63,12 @@ pub const PINNED_MAPS: [&str; 14] = [
     GLOBAL,
     COOKIE_KEYS,
     COOKIE_STATE,
+    HANDSHAKES,
+    IN_FLIGHT,
+    SYNACK_DESTS,
+    ACK_FAILS,
+    ACK_FAILS_AGG,
+    ACK_FAILS_ALL,
 ];
 
 /// One bit per TCP port, as bytes: `PORTS[port] != 0` means protected.
@@ -63,3 +82,15 @@ pub const EVENTS_BYTES: u32 = 1 << 18;
 pub const DEFAULT_CONNS: u32 = 1 << 16;
 pub const DEFAULT_CONN_SOCKS: u32 = 1 << 18;
 pub const DEFAULT_KNOWN_GOOD: u32 = 1 << 16;
+/// LRU: a flow evicted before it completes keeps its charge until the
+/// charge expires (a source over-counted for at most the timeout, never
+/// under-counted).
+pub const DEFAULT_HANDSHAKES: u32 = 1 << 18;
+/// LRU: an evicted source forgets its in-flight charges (lenient).
+pub const DEFAULT_IN_FLIGHT: u32 = 1 << 16;
+/// LRU: an evicted destination starts again with a full burst.
+pub const DEFAULT_SYNACK_DESTS: u32 = 1 << 18;
+/// LRU, sized so that pushing one address out costs a flood (see the
+/// arithmetic in `syncookie`'s module doc).
+pub const DEFAULT_ACK_FAILS: u32 = 1 << 18;
+pub const DEFAULT_ACK_FAILS_AGG: u32 = 1 << 16;

@@ -8,3 +8,6 @@ unsafe impl aya::Pod for crate::OverCapEvent {}
 unsafe impl aya::Pod for crate::TokenBucket {}
 unsafe impl aya::Pod for crate::syncookie::CookieKey {}
 unsafe impl aya::Pod for crate::syncookie::CookieState {}
+unsafe impl aya::Pod for crate::state::InFlight {}
+unsafe impl aya::Pod for crate::state::FlowKey {}
+unsafe impl aya::Pod for crate::state::Handshake {}

@@ -26,9 +26,13 @@ pub struct SourceState {
     /// Start of the current event window; an over-cap source raises one
     /// event per window.
     pub window_start_ns: u64,
+    /// Handshakes this source completed toward the protected ports (counted
+    /// by the sockops program while the entry exists): the escalation's
+    /// evidence that the SYNs it is charged for really came from it.
+    pub completed: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SourceState>() == 48);
+const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
 
 impl SourceState {
     #[inline(always)]
@@ -39,6 +43,7 @@ impl SourceState {
             syns: 0,
             over_cap: 0,
             window_start_ns: 0,
+            completed: 0,
         }
     }
 
@@ -57,6 +62,108 @@ impl SourceState {
         }
     }
 }
+
+/// Time slots of [`InFlight`]: a charge stays live while its slot is one of
+/// the last `IN_FLIGHT_SLOTS`, so it lives between `IN_FLIGHT_SLOTS - 1` and
+/// `IN_FLIGHT_SLOTS` slot widths.
+pub const IN_FLIGHT_SLOTS: usize = 4;
+
+/// The width of one [`InFlight`] slot for a handshake timeout: a charge
+/// lives at least the timeout and at most a third longer.
+#[inline(always)]
+pub const fn in_flight_slot_ns(handshake_timeout_s: u32) -> u64 {
+    let ns = handshake_timeout_s as u64 * 1_000_000_000 / (IN_FLIGHT_SLOTS as u64 - 1);
+    if ns == 0 {
+        1
+    } else {
+        ns
+    }
+}
+
+/// The slot number of `now_ns` (wraps after 2^32 slots, decades at any
+/// timeout; a wrap only ends charges early).
+#[inline(always)]
+pub const fn in_flight_slot(now_ns: u64, handshake_timeout_s: u32) -> u32 {
+    (now_ns / in_flight_slot_ns(handshake_timeout_s)) as u32
+}
+
+/// Whether a charge made in slot `charged` still counts in slot `now`.
+#[inline(always)]
+pub const fn in_flight_live(charged: u32, now: u32) -> bool {
+    now.wrapping_sub(charged) < IN_FLIGHT_SLOTS as u32
+}
+
+/// Handshakes of one source key the program let through that have neither
+/// completed nor timed out (value of `IN_FLIGHT`): with the established
+/// connections in `CONNS`, what the source holds against `conn_limit`.
+///
+/// The kernel says nothing when a half-open connection dies (its SYN-ACKs
+/// unanswered, a RST, the client giving up), so charges expire by time:
+/// each lands in the slot of its moment, and a slot is forgotten once it is
+/// [`IN_FLIGHT_SLOTS`] slots old. A completed handshake takes its charge back
+/// out of its slot. Counts are changed with atomic adds; a slot being
+/// recycled by two CPUs at once can lose a charge (lenient by one, never
+/// stuck).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    pub counts: [u64; IN_FLIGHT_SLOTS],
+    /// The slot number each count belongs to.
+    pub slots: [u32; IN_FLIGHT_SLOTS],
+}
+
+const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
+
+impl InFlight {
+    /// Handshakes still in flight in slot `now`.
+    #[inline(always)]
+    pub fn live(&self, now: u32) -> u64 {
+        let mut n = 0u64;
+        let mut i = 0;
+        while i < IN_FLIGHT_SLOTS {
+            if in_flight_live(self.slots[i], now) {
+                n += self.counts[i];
+            }
+            i += 1;
+        }
+        n
+    }
+
+    /// The index slot `slot` uses.
+    #[inline(always)]
+    pub const fn index(slot: u32) -> usize {
+        slot as usize % IN_FLIGHT_SLOTS
+    }
+}
+
+/// One connection as the datapath sees its opening packet and sockops its
+/// socket: the client's and the server's full addresses and ports (host
+/// order). Key of `HANDSHAKES`. 8-aligned: the program builds it on its
+/// stack with word stores.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub client: crate::Addr,
+    pub server: crate::Addr,
+    pub client_port: u16,
+    pub server_port: u16,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// A handshake charged to `IN_FLIGHT` (value of `HANDSHAKES`): under which
+/// source key and in which slot, so completing it takes back exactly that
+/// charge, and a retransmitted SYN of the same flow is not charged twice.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handshake {
+    pub source: crate::Addr,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Handshake>() == 24);
 
 /// Why a prefix is blocked. Stored as a `u32` in [`BlockEntry::reason`].
 pub mod reason {
@@ -162,6 +269,37 @@ mod tests {
         let mut z = SourceState::new(1, 0);
         assert!(z.open_event_window(0, 1000), "t=0 still opens a window");
         assert!(!z.open_event_window(1, 1000), "and it is remembered");
+    }
+
+    #[test]
+    fn in_flight_charges_live_one_timeout_and_at_most_a_third_more() {
+        let t = 63;
+        let w = in_flight_slot_ns(t);
+        assert_eq!(w, 21_000_000_000);
+        let start = 1_000 * w;
+        let mut f = InFlight::default();
+        let s0 = in_flight_slot(start, t);
+        f.slots[InFlight::index(s0)] = s0;
+        f.counts[InFlight::index(s0)] = 2;
+        assert_eq!(f.live(s0), 2);
+        // Charged at the very end of its slot: still live a whole timeout later.
+        assert_eq!(
+            f.live(in_flight_slot(start + w - 1 + t as u64 * 1_000_000_000, t)),
+            2
+        );
+        // Gone once four slots old, whatever moment of its slot it was charged in.
+        assert_eq!(f.live(in_flight_slot(start + 4 * w, t)), 0);
+        assert_eq!(
+            f.live(s0.wrapping_sub(1)),
+            0,
+            "a slot from the future never counts"
+        );
+        assert!(in_flight_live(u32::MAX, 2), "slot numbers wrap");
+        assert_eq!(
+            in_flight_slot_ns(0),
+            1,
+            "a zero timeout cannot divide by zero"
+        );
     }
 
     #[test]

@@ -70,12 +70,32 @@ pub enum Stat {
     /// Valid, but the kernel refused to build the connection (listener
     /// gone, feature turned off since the SYN-ACK): left to the kernel.
     CookieAckAssignFailed,
+    /// Valid, but its source is blocked: dropped, as its SYN would be.
+    CookieAckBlocked,
+    /// Valid, but its source already holds `conn_limit` connections
+    /// (established or in their handshake): dropped.
+    CookieAckConnLimit,
+    /// Refused unchecked: its source, its aggregate prefix, or (for one
+    /// that failed before) all sources together sent too many invalid
+    /// cookie replies. Dropped, a correct guess included: this is what
+    /// bounds guessing a cookie.
+    CookieAckLimited,
+    /// A SYN that would have been answered with a cookie, but its address
+    /// (the SYN-ACK's destination) already got its share of SYN-ACKs:
+    /// dropped, so guard never reflects a flood at a forged address.
+    DropSynAckRate,
+    WouldDropSynAckRate,
+    /// Handshakes let through (or cookie replies admitted) and charged to
+    /// their source as in flight, and those charges taken back when the
+    /// handshake completed. Only while `conn_limit` is on.
+    HandshakeCharged,
+    HandshakeCompleted,
 }
 
 pub const STAT_SLOTS: u32 = 48;
 
 impl Stat {
-    pub const ALL: [Stat; 37] = [
+    pub const ALL: [Stat; 44] = [
         Stat::Packets,
         Stat::PassUnprotected,
         Stat::PassAllowlisted,
@@ -113,6 +133,13 @@ impl Stat {
         Stat::CookieAckInvalid,
         Stat::CookieAckOverCap,
         Stat::CookieAckAssignFailed,
+        Stat::CookieAckBlocked,
+        Stat::CookieAckConnLimit,
+        Stat::CookieAckLimited,
+        Stat::DropSynAckRate,
+        Stat::WouldDropSynAckRate,
+        Stat::HandshakeCharged,
+        Stat::HandshakeCompleted,
     ];
 
     #[inline(always)]
@@ -150,10 +177,17 @@ impl Stat {
             Stat::WouldDropTinyFragment => ("would_drop", "tiny_fragment"),
             Stat::DropOverlapFragment => ("drop", "overlap_fragment"),
             Stat::WouldDropOverlapFragment => ("would_drop", "overlap_fragment"),
+            Stat::DropSynAckRate => ("drop", "synack_rate"),
+            Stat::WouldDropSynAckRate => ("would_drop", "synack_rate"),
             Stat::CookieAckValid
             | Stat::CookieAckInvalid
             | Stat::CookieAckOverCap
             | Stat::CookieAckAssignFailed
+            | Stat::CookieAckBlocked
+            | Stat::CookieAckConnLimit
+            | Stat::CookieAckLimited
+            | Stat::HandshakeCharged
+            | Stat::HandshakeCompleted
             | Stat::Packets
             | Stat::SynSeen
             | Stat::EventsLost
@@ -203,11 +237,18 @@ impl Stat {
             Stat::CookieAckInvalid => "cookie_ack_invalid",
             Stat::CookieAckOverCap => "cookie_ack_over_cap",
             Stat::CookieAckAssignFailed => "cookie_ack_assign_failed",
+            Stat::CookieAckBlocked => "cookie_ack_blocked",
+            Stat::CookieAckConnLimit => "cookie_ack_conn_limit",
+            Stat::CookieAckLimited => "cookie_ack_limited",
+            Stat::DropSynAckRate => "drop_synack_rate",
+            Stat::WouldDropSynAckRate => "would_drop_synack_rate",
+            Stat::HandshakeCharged => "handshake_charged",
+            Stat::HandshakeCompleted => "handshake_completed",
         }
     }
 }
 
-const _: () = assert!((Stat::CookieAckAssignFailed as u32) < STAT_SLOTS);
+const _: () = assert!((Stat::HandshakeCompleted as u32) < STAT_SLOTS);
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,43 @@
 //! length (which SipHash mixes in) keeps the two apart, and within a family
 //! the encoding is one-to-one, so no two flows ever share a MAC input.
 //!
+//! # Why a 24-bit MAC is enough: guesses are rate-limited
+//!
+//! A blind attacker forges a connection by sending the ACK of a SYN-ACK it
+//! never saw: it picks the flow, its ISN and the low byte, and must guess
+//! the 24 MAC bits, one chance in 2^24 per ACK. An even chance takes
+//! ln 2 · 2^24 ≈ 11.6 M guesses. Unlimited, that is nothing: a 10 GbE link
+//! carries 14.88 M minimum-size frames a second, so 0.8 s. The format is
+//! kept (the low byte has no bit to spare, and the kernel's own cookies are
+//! no wider); instead the datapath refuses to check more guesses than the
+//! `invalid_ack_*` limits allow, and a refused guess is dropped unchecked,
+//! a correct one included, so the line rate no longer matters:
+//!
+//! * **One chosen address**: 8 failures, then 1 a second. 11.6 M s, about
+//!   134 days of uninterrupted guessing for an even chance.
+//! * **Some address of one chosen /24 (or /48)**: 64, then 16 a second:
+//!   about 8.4 days.
+//! * **Some address of a chosen set of prefixes** that fits the tables
+//!   (`ACK_FAILS_AGG`, 65 536 prefixes): once each has failed, all of them
+//!   together get 200 a second (the global budget): about 16 hours.
+//! * **Pushing a chosen address out of the tables** to reset its budget
+//!   (LRU: 262 144 sources, 65 536 prefixes) takes that many failures from
+//!   other sources and prefixes, which spend the global budget; while it is
+//!   dry every address or prefix that failed before is refused, so the
+//!   target gets one guess per eviction round: at 10 GbE line rate, one
+//!   per 262 144 frames, 57 a second, about 2.4 days of uninterrupted line
+//!   rate for an even chance (6 hours at 100 GbE).
+//!
+//! What the limits do not bound, on purpose: guesses from sources and
+//! prefixes that never failed before are always checked, so spraying them
+//! across more prefixes than the tables hold still forges a connection
+//! from *some* address in about a second at line rate, one the attacker
+//! did not choose. Refusing those too would let 200 forged ACKs a second
+//! shut out every new client while cookies are on, which is worse than a
+//! connection from a stranger's address; a report about such a connection
+//! can block that stranger only within the reporters' quota and the TTL
+//! clamp.
+//!
 //! Everything here is pure and shared: the program calls these functions,
 //! and host tests check them against references.
 

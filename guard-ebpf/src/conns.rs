@@ -8,6 +8,14 @@
 //! a socket was counted under, so each close undoes exactly its own
 //! increment even if the source prefix lengths changed in between, and a
 //! socket that could not be remembered is never counted at all.
+//!
+//! What a source holds against `conn_limit` is more than that: a handshake
+//! the program let through (or a cookie reply it admitted) is charged to its
+//! source as *in flight* until sockops sees it complete, where the charge
+//! moves into the established count; one that never completes expires
+//! after `handshake_timeout_s` (see `state::InFlight`). Without it, one
+//! address could hold back its ACKs and release them all at once, getting
+//! any number of connections past the cap.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
 
@@ -22,11 +30,12 @@ use aya_ebpf::{
 };
 use guard_common::{
     addr::{prefix_key, v4_mapped, Addr},
+    state::{in_flight_live, in_flight_slot, FlowKey, Handshake, InFlight},
     stats::Stat,
     LiveConfig,
 };
 
-use crate::{count, is_protected, CONNS, CONN_SOCKS, KNOWN_GOOD};
+use crate::{count, is_protected, CONNS, CONN_SOCKS, HANDSHAKES, IN_FLIGHT, KNOWN_GOOD, SOURCES};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -58,6 +67,92 @@ pub fn open_connections(key: &Addr) -> u64 {
     }
 }
 
+/// Handshakes of a source key in flight right now.
+#[inline(always)]
+pub fn in_flight(key: &Addr, now: u64, cfg: &LiveConfig) -> u64 {
+    // SAFETY: a read-only look at a map value; a concurrent charge can only
+    // make the sum one off.
+    match unsafe { IN_FLIGHT.get(key) } {
+        Some(f) => f.live(in_flight_slot(now, cfg.handshake_timeout_s)),
+        None => 0,
+    }
+}
+
+/// What a source key holds against `conn_limit`: established connections
+/// and handshakes in flight.
+#[inline(always)]
+pub fn held(key: &Addr, now: u64, cfg: &LiveConfig) -> u64 {
+    open_connections(key) + in_flight(key, now, cfg)
+}
+
+/// Whether `flow` is a handshake already charged and still in flight: its
+/// SYN again (a retransmission) is not a new connection.
+#[inline(always)]
+pub fn is_in_flight(flow: &FlowKey, now: u64, cfg: &LiveConfig) -> bool {
+    // SAFETY: read-only copy of a map value.
+    match unsafe { HANDSHAKES.get(flow) } {
+        Some(h) => in_flight_live(h.slot, in_flight_slot(now, cfg.handshake_timeout_s)),
+        None => false,
+    }
+}
+
+/// Charges `flow` to source key `key` as a handshake in flight, once per
+/// flow while the charge lives. (A BPF function of its own: inlined, its
+/// values would not fit the tc program's stack.)
+#[inline(never)]
+pub fn charge_handshake(flow: &FlowKey, key: &Addr, now: u64, cfg: &LiveConfig) {
+    let slot = in_flight_slot(now, cfg.handshake_timeout_s);
+    if is_in_flight(flow, now, cfg) {
+        return;
+    }
+    if IN_FLIGHT.get_ptr_mut(key).is_none() {
+        let _ = IN_FLIGHT.insert(key, InFlight::default(), NOEXIST);
+    }
+    let Some(f) = IN_FLIGHT.get_ptr_mut(key) else {
+        return;
+    };
+    let i = InFlight::index(slot);
+    // SAFETY: an LRU value in the map's preallocated pool (see `tracked`
+    // in main.rs); the index is below IN_FLIGHT_SLOTS.
+    unsafe {
+        if (*f).slots[i] != slot {
+            // The slot's old charges are past the timeout: recycle it.
+            (*f).slots[i] = slot;
+            (*f).counts[i] = 0;
+        }
+        atomic_xadd::<u64, u64, { Relaxed }>(&mut (*f).counts[i], 1);
+    }
+    let entry = Handshake {
+        source: *key,
+        slot,
+        _pad: 0,
+    };
+    let _ = HANDSHAKES.insert(flow, entry, 0);
+    count(Stat::HandshakeCharged);
+}
+
+/// Takes back the in-flight charge of `flow`, if it has one: the handshake
+/// completed (or the kernel refused to build it).
+#[inline(never)]
+pub fn release_handshake(flow: &FlowKey) -> bool {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(h) = (unsafe { HANDSHAKES.get(flow) }).copied() else {
+        return false;
+    };
+    let _ = HANDSHAKES.remove(flow);
+    if let Some(f) = IN_FLIGHT.get_ptr_mut(h.source) {
+        let i = InFlight::index(h.slot);
+        // SAFETY: as in charge_handshake. A slot recycled since holds
+        // other charges: leave them.
+        unsafe {
+            if (*f).slots[i] == h.slot && core::ptr::read_volatile(&(*f).counts[i]) > 0 {
+                atomic_xadd::<u64, u64, { Relaxed }>(&mut (*f).counts[i], u64::MAX);
+            }
+        }
+    }
+    true
+}
+
 #[inline(always)]
 pub fn is_known_good(key: &Addr, now: u64, cfg: &LiveConfig) -> bool {
     // SAFETY: read-only copy of a u64 value.
@@ -76,6 +171,36 @@ macro_rules! ctx_word {
         // SAFETY: a field of the live bpf_sock_ops the kernel handed us.
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ctx.ops).$($field)+)) }
     };
+}
+
+/// The connection as the datapath keyed its handshake: the remote end is
+/// the client. Ports: `remote_port` holds the network-order port in its
+/// upper half (little-endian hosts), `local_port` the host-order one.
+#[inline(always)]
+fn flow_of(ctx: &SockOpsContext, client: Addr) -> Option<FlowKey> {
+    let family = ctx_word!(ctx, family);
+    let v4 = ctx_word!(ctx, local_ip4).to_ne_bytes();
+    let a = ctx_word!(ctx, local_ip6[0]).to_ne_bytes();
+    let b = ctx_word!(ctx, local_ip6[1]).to_ne_bytes();
+    let c = ctx_word!(ctx, local_ip6[2]).to_ne_bytes();
+    let d = ctx_word!(ctx, local_ip6[3]).to_ne_bytes();
+    let remote_port = ctx_word!(ctx, remote_port);
+    let local_port = ctx_word!(ctx, local_port);
+    let server = match family {
+        AF_INET => v4_mapped(v4),
+        AF_INET6 => [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ],
+        _ => return None,
+    };
+    Some(FlowKey {
+        client,
+        server,
+        client_port: u16::from_be((remote_port >> 16) as u16),
+        server_port: local_port as u16,
+        _pad: 0,
+    })
 }
 
 #[inline(always)]
@@ -131,6 +256,16 @@ fn on_established(ctx: &SockOpsContext, cfg: &LiveConfig) {
     // SAFETY: helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = KNOWN_GOOD.insert(key, now, 0);
+    if let Some(flow) = flow_of(ctx, src) {
+        if release_handshake(&flow) {
+            count(Stat::HandshakeCompleted);
+        }
+    }
+    // The escalation's evidence: this source's SYNs turn into connections.
+    if let Some(state) = SOURCES.get_ptr_mut(key) {
+        // SAFETY: an LRU value in the map's preallocated pool.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&mut (*state).completed, 1) };
+    }
 
     // SAFETY: a sock_ops context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

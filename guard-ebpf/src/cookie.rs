@@ -21,13 +21,14 @@ use aya_ebpf::{
 };
 use guard_common::{
     addr::AddrWords,
+    state::FlowKey,
     stats::Stat,
     syncookie::{self, CookieKey, Flow, Negotiated, SynAck, OPT_TIMESTAMPS, SYNACK_TCP_LEN},
     LiveConfig,
 };
 
 use crate::{
-    count,
+    conns, count,
     packet::{Packet, TcpAt, ETH_HLEN, TCP_MIN_HLEN},
     COOKIE_KEYS, COOKIE_STATE, OPTION_SCRATCH,
 };
@@ -597,22 +598,38 @@ pub fn may_answer_cookie(now: u64) -> bool {
 pub enum AckVerdict {
     /// Not ours or handed over: the kernel goes on with it.
     Pass,
-    /// A proven source over its cap.
+    /// Refused: a proven source that may not connect, or a source out of
+    /// guesses.
     Drop,
 }
 
-/// Checks an ACK toward a protected port as a cookie reply. A genuine one
-/// proves its source; `admit` charges that source's caps like any SYN's
-/// (false: over them, dropped) and the connection is handed to the listener.
-/// (`admit` stays a closure: the compiler then keeps it a separate BPF
-/// function, which the verifier needs to stay within its budget.)
+/// `HANDSHAKES`' key for a cookie's flow.
+#[inline(always)]
+pub fn flow_key_of(flow: &Flow) -> FlowKey {
+    FlowKey {
+        client: flow.client.to_addr(),
+        server: flow.server.to_addr(),
+        client_port: flow.client_port,
+        server_port: flow.server_port,
+        _pad: 0,
+    }
+}
+
+/// Checks an ACK toward a protected port as a cookie reply. `limits` says
+/// whether the source may have its reply checked at all (and is told of
+/// each failed check); a genuine reply proves its source, `admit` applies
+/// what its SYN would have met (`Some(counter)`: refused, dropped) and the
+/// connection is handed to the listener. (The policies stay closures: the
+/// compiler then keeps them separate BPF functions, which the verifier
+/// needs to stay within its budget.)
 #[inline(always)]
 pub fn check_ack(
     ctx: &TcContext,
     at: &TcpAt,
     cfg: &LiveConfig,
     now: u64,
-    admit: impl FnOnce(&AddrWords) -> bool,
+    limits: impl Fn(&AddrWords, bool) -> bool,
+    admit: impl FnOnce(&Flow) -> Option<Stat>,
 ) -> AckVerdict {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let Some(seg) = read_segment(&pkt, at) else {
@@ -625,7 +642,7 @@ pub fn check_ack(
     // SAFETY: a non-null socket from the lookup, released below.
     let listening = unsafe { (*skc).state } == TCP_LISTEN;
     let verdict = if listening {
-        to_listener(ctx, skc, &seg, at, cfg, now, admit)
+        to_listener(ctx, skc, &seg, at, cfg, now, limits, admit)
     } else {
         // An established (or half-open) connection's ACK: not a cookie.
         AckVerdict::Pass
@@ -680,6 +697,7 @@ fn lookup(ctx: &TcContext, seg: &Segment, v6: bool) -> *mut bpf_sock {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_listener(
     ctx: &TcContext,
@@ -688,8 +706,13 @@ fn to_listener(
     at: &TcpAt,
     cfg: &LiveConfig,
     now: u64,
-    admit: impl FnOnce(&AddrWords) -> bool,
+    limits: impl Fn(&AddrWords, bool) -> bool,
+    admit: impl FnOnce(&Flow) -> Option<Stat>,
 ) -> AckVerdict {
+    if !limits(&seg.flow.client, false) {
+        count(Stat::CookieAckLimited);
+        return AckVerdict::Drop;
+    }
     let (client_isn, cookie) = (seg.seq.wrapping_sub(1), seg.ack.wrapping_sub(1));
     let epoch = syncookie::epoch_for(cookie, syncookie::epoch_of(now));
     let negotiated = match key_for(epoch) {
@@ -697,11 +720,12 @@ fn to_listener(
         None => None,
     };
     let Some(n) = negotiated else {
+        limits(&seg.flow.client, true);
         count(Stat::CookieAckInvalid);
         return AckVerdict::Pass;
     };
-    if !admit(&seg.flow.client) {
-        count(Stat::CookieAckOverCap);
+    if let Some(refused) = admit(&seg.flow) {
+        count(refused);
         return AckVerdict::Drop;
     }
     let (tsval, tsecr, tstamp_ok) = match seg.options.timestamps {
@@ -726,6 +750,7 @@ fn to_listener(
     let tp = unsafe { bpf_skc_to_tcp_sock(skc as *mut core::ffi::c_void) };
     if tp.is_null() {
         count(Stat::CookieAckAssignFailed);
+        conns::release_handshake(&flow_key_of(&seg.flow));
         return AckVerdict::Pass;
     }
     // SAFETY: our context and that listener, its reference held by the
@@ -735,6 +760,8 @@ fn to_listener(
         count(Stat::CookieAckValid);
     } else {
         count(Stat::CookieAckAssignFailed);
+        // It will not be established: its in-flight charge goes now.
+        conns::release_handshake(&flow_key_of(&seg.flow));
     }
     AckVerdict::Pass
 }

@@ -32,13 +32,14 @@ use guard_common::{
     addr::{Addr, AddrWords, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_SOURCE_OVER_CAP},
     maps as names,
-    state::AllowEntry,
+    state::{AllowEntry, FlowKey, Handshake, InFlight},
     stats::{Stat, STAT_SLOTS},
-    syncookie::{self, CookieKey, CookieState, MODE_ALWAYS},
+    syncookie::{self, CookieKey, CookieState, Flow, MODE_ALWAYS},
     BlockEntry, LiveConfig, OverCapEvent, SourceState, TokenBucket,
 };
 use packet::{
-    parse, Malformed, Packet, Parsed, TcpAt, Transport, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    flow_key, parse, Malformed, Packet, Parsed, TcpAt, Transport, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 
 // Sizes here are defaults; the agent sets the real ones at load time.
@@ -73,6 +74,27 @@ static GLOBAL: Array<TokenBucket> = Array::with_max_entries(1, 0);
 static COOKIE_KEYS: Array<CookieKey> = Array::with_max_entries(syncookie::KEY_SLOTS, 0);
 #[map(name = "COOKIE_STATE")]
 static COOKIE_STATE: Array<CookieState> = Array::with_max_entries(1, 0);
+#[map(name = "HANDSHAKES")]
+static HANDSHAKES: LruHashMap<FlowKey, Handshake> =
+    LruHashMap::with_max_entries(names::DEFAULT_HANDSHAKES, 0);
+#[map(name = "IN_FLIGHT")]
+static IN_FLIGHT: LruHashMap<Addr, InFlight> =
+    LruHashMap::with_max_entries(names::DEFAULT_IN_FLIGHT, 0);
+#[map(name = "SYNACK_DESTS")]
+static SYNACK_DESTS: LruHashMap<Addr, TokenBucket> =
+    LruHashMap::with_max_entries(names::DEFAULT_SYNACK_DESTS, 0);
+#[map(name = "ACK_FAILS")]
+static ACK_FAILS: LruHashMap<Addr, TokenBucket> =
+    LruHashMap::with_max_entries(names::DEFAULT_ACK_FAILS, 0);
+#[map(name = "ACK_FAILS_AGG")]
+static ACK_FAILS_AGG: LruHashMap<Addr, TokenBucket> =
+    LruHashMap::with_max_entries(names::DEFAULT_ACK_FAILS_AGG, 0);
+#[map(name = "ACK_FAILS_ALL")]
+static ACK_FAILS_ALL: Array<TokenBucket> = Array::with_max_entries(1, 0);
+/// Per-CPU scratch holding the flow of the SYN being judged: the tc
+/// program's stack has no room for it. Not pinned.
+#[map(name = "FLOW_SCRATCH")]
+static FLOW_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 /// Per-CPU scratch of the SYN option walk (see cookie.rs); not pinned.
 #[map(name = "OPT_SCRATCH")]
 static OPTION_SCRATCH: PerCpuArray<cookie::OptionScratch> = PerCpuArray::with_max_entries(1, 0);
@@ -192,14 +214,111 @@ fn cookie_ack(ctx: &TcContext, at: &TcpAt, now: u64) -> i32 {
     let Some(cfg) = CONFIG.get(0) else {
         return TCX_NEXT;
     };
-    let admit = |client: &AddrWords| {
-        let key = client.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
-        charge_caps(ctx, client, &key, now, cfg).is_none()
-    };
-    match cookie::check_ack(ctx, at, cfg, now, admit) {
+    let limits = |client: &AddrWords, failed: bool| invalid_ack_limits(client, failed, now, cfg);
+    let admit = |flow: &Flow| admit_cookie_ack(ctx, flow, now, cfg);
+    match cookie::check_ack(ctx, at, cfg, now, limits, admit) {
         AckVerdict::Pass => TCX_NEXT,
         AckVerdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// Whether a proven source's connection may be built: what its SYN would
+/// have met (the blocklist, its connection cap, its rate caps), in the
+/// program's order. `None` admits it, charged as a handshake in flight
+/// until sockops sees it established; otherwise the counter that refuses
+/// it. A refused reply is dropped rather than reset: the client's TCP
+/// retransmits it, and it is admitted once the source is under its caps
+/// again while its cookie is valid, as a dropped SYN is retried; and
+/// nothing is sent toward an address on the strength of one packet.
+#[inline(always)]
+fn admit_cookie_ack(ctx: &TcContext, flow: &Flow, now: u64, cfg: &LiveConfig) -> Option<Stat> {
+    let client = &flow.client;
+    if cfg.may_block() {
+        if let Some(entry) = BLOCK.get(HostKey::new(client).as_key()) {
+            // SAFETY: helper with no preconditions.
+            if entry.is_active(unsafe { bpf_ktime_get_ns() }) {
+                return Some(Stat::CookieAckBlocked);
+            }
+        }
+    }
+    let key = client.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
+    if cfg.conn_limit_enabled() && conns::held(key.as_addr(), now, cfg) >= cfg.conn_limit as u64 {
+        return Some(Stat::CookieAckConnLimit);
+    }
+    if charge_caps(ctx, client, &key, now, cfg).is_some() {
+        return Some(Stat::CookieAckOverCap);
+    }
+    if cfg.tracks_in_flight() {
+        conns::charge_handshake(&cookie::flow_key_of(flow), key.as_addr(), now, cfg);
+    }
+    None
+}
+
+/// The invalid-reply limits of `client`: with `failed` false, whether its
+/// reply may be checked at all; with `failed` true, charges a failed check
+/// to its source, its aggregate prefix and everyone together.
+///
+/// A source or prefix out of tokens is refused unchecked, a correct guess
+/// included: that is what bounds the guesses at one address's cookies. The
+/// global bucket refuses only sources or prefixes that failed before, so a
+/// flood of forged replies cannot shut out clients that never sent one;
+/// the cost of that choice is written down in `syncookie`'s module doc.
+#[inline(always)]
+fn invalid_ack_limits(client: &AddrWords, failed: bool, now: u64, cfg: &LiveConfig) -> bool {
+    let source = client.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
+    let aggregate = client.prefix_key(cfg.aggregate_prefix_v4, cfg.aggregate_prefix_v6);
+    let levels = [
+        (
+            &ACK_FAILS,
+            source,
+            cfg.invalid_ack_rate,
+            cfg.invalid_ack_burst,
+        ),
+        (
+            &ACK_FAILS_AGG,
+            aggregate,
+            cfg.invalid_ack_aggregate_rate,
+            cfg.invalid_ack_aggregate_burst,
+        ),
+    ];
+    let mut failed_before = false;
+    for (map, key, rate, burst) in levels {
+        if failed {
+            if burst != 0 {
+                if let Some(b) = bucket(map, key.as_addr(), burst, now) {
+                    b.try_take(now, rate, burst);
+                }
+            }
+        } else if let Some(b) = map.get_ptr_mut(key.as_addr()) {
+            failed_before = true;
+            if burst != 0 {
+                // SAFETY: an LRU value (see `tracked`).
+                let b = unsafe { &mut *b };
+                b.refill(now, rate, burst);
+                if !b.has_token() {
+                    return false;
+                }
+            }
+        }
+    }
+    let (rate, burst) = (cfg.invalid_ack_global_rate, cfg.invalid_ack_global_burst);
+    if burst == 0 {
+        return true;
+    }
+    let Some(all) = ACK_FAILS_ALL.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: the one array slot; racing CPUs can only mis-count a charge.
+    let all = unsafe { &mut *all };
+    if failed {
+        all.try_take(now, rate, burst);
+        return true;
+    }
+    if failed_before {
+        all.refill(now, rate, burst);
+        return all.has_token();
+    }
+    true
 }
 
 /// Counts established connections toward the protected ports per source
@@ -322,8 +441,17 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
 
     count(Stat::SynSeen);
     let source_key = src.prefix_key(cfg.source_prefix_v4, cfg.source_prefix_v6);
+    // What the source holds counts its handshakes in flight too, or it
+    // could withhold its ACKs and open any number at once. Its own SYN
+    // again (a retransmission) is not a new connection.
+    let flow = if cfg.tracks_in_flight() {
+        scratch_flow(&pkt, &at)
+    } else {
+        None
+    };
     if cfg.conn_limit_enabled()
-        && conns::open_connections(source_key.as_addr()) >= cfg.conn_limit as u64
+        && conns::held(source_key.as_addr(), now, cfg) >= cfg.conn_limit as u64
+        && !flow.is_some_and(|f| conns::is_in_flight(f, now, cfg))
     {
         return drop_or_dry_run(cfg, Stat::DropConnLimit, Stat::WouldDropConnLimit);
     }
@@ -350,7 +478,7 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
     };
     if let Some(c) = cookie {
         if !known_good && (cfg.syn_cookies == MODE_ALWAYS || global_budget_dry(now, cfg)) {
-            return cookie_or_dry_run(cfg, c);
+            return cookie_or_dry_run(cfg, c, &source_key);
         }
     }
     if let Some((drop, would_drop)) = charge_caps(ctx, &src, &source_key, now, cfg) {
@@ -371,21 +499,55 @@ fn decide<C: EbpfContext>(ctx: &C, pkt: Packet) -> Verdict {
         if !has_budget {
             if known_good || conns::is_known_good(source_key.as_addr(), now, cfg) {
                 count(Stat::PassKnownGood);
+                charge_in_flight(flow, &source_key, now, cfg);
                 return Verdict::Pass;
             }
             // The budget ran dry between the look above and this take.
             if let Some(c) = cookie {
-                return cookie_or_dry_run(cfg, c);
+                return cookie_or_dry_run(cfg, c, &source_key);
             }
             return drop_or_dry_run(cfg, Stat::DropGlobalBudget, Stat::WouldDropGlobalBudget);
         }
     }
     count(Stat::PassSyn);
+    charge_in_flight(flow, &source_key, now, cfg);
     Verdict::Pass
 }
 
+/// Charges an admitted SYN's handshake to its source as in flight.
 #[inline(always)]
-fn cookie_or_dry_run(cfg: &LiveConfig, c: CookieSyn) -> Verdict {
+fn charge_in_flight(flow: Option<&FlowKey>, source_key: &AddrWords, now: u64, cfg: &LiveConfig) {
+    if let Some(f) = flow {
+        conns::charge_handshake(f, source_key.as_addr(), now, cfg);
+    }
+}
+
+/// The flow of the segment at `at`, written into this CPU's scratch slot.
+#[inline(always)]
+fn scratch_flow(pkt: &Packet, at: &TcpAt) -> Option<&'static FlowKey> {
+    let slot = FLOW_SCRATCH.get_ptr_mut(0)?;
+    let flow = flow_key(pkt, at)?;
+    // SAFETY: this CPU's slot, used by this run alone until it returns.
+    unsafe {
+        *slot = flow;
+        Some(&*slot)
+    }
+}
+
+/// A cookie SYN-ACK for `c`, if its destination (the SYN's source, maybe
+/// forged) has not had its share: SYN-ACKs per destination are capped like
+/// SYNs per source (`syn_rate`, `syn_burst`), in a table of their own so
+/// unproven sources never churn the per-source one. Without it, forged SYNs
+/// would have guard reflect one SYN-ACK each at whoever they name.
+#[inline(always)]
+fn cookie_or_dry_run(cfg: &LiveConfig, c: CookieSyn, destination: &AddrWords) -> Verdict {
+    if cfg.source_cap_enabled() {
+        if let Some(b) = bucket(&SYNACK_DESTS, destination.as_addr(), cfg.syn_burst, c.now) {
+            if !b.try_take(c.now, cfg.syn_rate, cfg.syn_burst) {
+                return drop_or_dry_run(cfg, Stat::DropSynAckRate, Stat::WouldDropSynAckRate);
+            }
+        }
+    }
     if cfg.dry_run() {
         count(Stat::WouldCookie);
         Verdict::Pass
@@ -544,6 +706,22 @@ fn tracked(
     Some(unsafe { &mut *state })
 }
 
+/// The token bucket of `key`, created full if it is new; `None` only if it
+/// was evicted between its creation and the look (callers then admit).
+#[inline(always)]
+fn bucket(
+    map: &LruHashMap<Addr, TokenBucket>,
+    key: &Addr,
+    burst: u32,
+    now: u64,
+) -> Option<&'static mut TokenBucket> {
+    if map.get_ptr_mut(key).is_none() {
+        let _ = map.insert(key, TokenBucket::full(burst, now), 1);
+    }
+    // SAFETY: as in `tracked`.
+    map.get_ptr_mut(key).map(|b| unsafe { &mut *b })
+}
+
 /// Records a SYN over `key`'s cap; the first of an event window raises one
 /// event.
 #[inline(always)]
@@ -590,7 +768,8 @@ fn raise_event<C: EbpfContext>(
                 prefix_len: prefix_len as u8,
                 kind,
                 dry_run: dry_run as u8,
-                _pad: [0; 5],
+                _pad: 0,
+                completed: state.completed as u32,
             });
             slot.submit(0);
         }

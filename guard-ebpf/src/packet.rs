@@ -418,3 +418,34 @@ fn parse_tcp(pkt: &Packet, at: TcpAt, ip_end: usize, first_fragment: bool) -> Tr
         at,
     }
 }
+
+/// The connection a TCP segment belongs to, as `HANDSHAKES` keys it: the
+/// sender is the client, the destination the server (ports in host order).
+/// `None` if the headers are not where `at` says (they are: `parse` checked
+/// them; the bounds are checked again for the verifier).
+#[inline(always)]
+pub fn flow_key(pkt: &Packet, at: &TcpAt) -> Option<guard_common::state::FlowKey> {
+    let tcp = pkt.header::<TCP_MIN_HLEN>(at.l4)?;
+    let client_port = tcp.be16_at::<0>();
+    let server_port = tcp.be16_at::<2>();
+    let (client, server) = if at.v6 {
+        let ip = pkt.header::<IPV6_HLEN>(at.l3)?;
+        (
+            AddrWords([ip.raw::<u64, 8>(), ip.raw::<u64, 16>()]),
+            AddrWords([ip.raw::<u64, 24>(), ip.raw::<u64, 32>()]),
+        )
+    } else {
+        let ip = pkt.header::<20>(at.l3)?;
+        (
+            AddrWords::v4_mapped(ip.raw::<u32, 12>()),
+            AddrWords::v4_mapped(ip.raw::<u32, 16>()),
+        )
+    };
+    Some(guard_common::state::FlowKey {
+        client: client.to_addr(),
+        server: server.to_addr(),
+        client_port,
+        server_port,
+        _pad: 0,
+    })
+}

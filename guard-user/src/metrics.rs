@@ -15,6 +15,7 @@ pub struct Metrics {
     events_lost: IntCounter,
     conns_untracked: IntCounter,
     cookie_acks: IntCounterVec,
+    handshakes: IntCounterVec,
     pub over_cap_events: IntCounterVec,
     pub blocklist_entries: IntGauge,
     pub blocklist_capacity: IntGauge,
@@ -130,8 +131,14 @@ impl Metrics {
             cookie_acks: counter_vec(
                 &r,
                 "guard_syn_cookie_acks_total",
-                "ACKs toward a listener checked as replies to a SYN cookie: valid (handed to the listener), invalid (not ours: left to the kernel), over_cap (proven source over its cap: dropped), assign_failed (the kernel refused the connection).",
+                "ACKs toward a listener checked as replies to a SYN cookie: valid (handed to the listener), invalid (not ours: left to the kernel), over_cap (proven source over its rate cap: dropped), conn_limit (proven source holding conn_limit connections: dropped), blocked (source blocked: dropped), limited (source, prefix or everyone out of invalid replies: dropped unchecked), assign_failed (the kernel refused the connection).",
                 &["result"],
+            ),
+            handshakes: counter_vec(
+                &r,
+                "guard_handshakes_in_flight_total",
+                "Handshakes charged to their source as in flight against conn_limit (charged), and charges taken back when the connection was established (completed); the rest expire after handshake_timeout_s.",
+                &["event"],
             ),
             over_cap_events: counter_vec(
                 &r,
@@ -173,7 +180,7 @@ impl Metrics {
             escalations_skipped: counter_vec(
                 &r,
                 "guard_escalations_skipped_total",
-                "Over-cap events that could not lead to a block, by why (unproven_source: no completed handshake, so possibly spoofed; offenders_full).",
+                "Over-cap events that could not lead to a block, by why (unproven_source: fewer than half of the SYNs its cap admitted during the streak became connections, so they may carry a victim's address; offenders_full).",
                 &["reason"],
             ),
             blocks_expired: counter(&r, "guard_blocks_expired_total", "Blocks removed when their TTL ran out."),
@@ -242,9 +249,21 @@ impl Metrics {
             (Stat::CookieAckInvalid, "invalid"),
             (Stat::CookieAckOverCap, "over_cap"),
             (Stat::CookieAckAssignFailed, "assign_failed"),
+            (Stat::CookieAckConnLimit, "conn_limit"),
+            (Stat::CookieAckBlocked, "blocked"),
+            (Stat::CookieAckLimited, "limited"),
         ] {
             sync_counter(
                 &self.cookie_acks.with_label_values(&[result]),
+                totals[stat.index() as usize],
+            );
+        }
+        for (stat, event) in [
+            (Stat::HandshakeCharged, "charged"),
+            (Stat::HandshakeCompleted, "completed"),
+        ] {
+            sync_counter(
+                &self.handshakes.with_label_values(&[event]),
                 totals[stat.index() as usize],
             );
         }

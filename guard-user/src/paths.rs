@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/guard";
 /// The layout this build writes and understands. Bump it whenever a map's
 /// type, key or value changes.
-pub const LAYOUT_VERSION: &str = "v2";
+pub const LAYOUT_VERSION: &str = "v3";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/guard/control.sock";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9940";

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use guard_common::stats::Stat;
+use guard_tests::raw_xdp::{pass_program, RawXdp};
 use guard_tests::twons::{guard_bin, Setup, PORT};
 
 /// Ends `n` connections per mode: server FIN, server RST, client FIN,
@@ -61,6 +62,44 @@ try:
     c.sendall(b"h"); c.close(); print("ok")
 except OSError:
     print("failed")
+"#;
+
+/// Opens `n` connections with every pure ACK it sends held back (an iptables rule in its
+/// own namespace drops them), prints how many its kernel considers connected, then lifts
+/// the rule and sends a byte on each: all their ACKs reach the server at once. Holds them
+/// until stdin closes.
+const CLIENT_WITHHELD: &str = r#"
+import select, socket, subprocess, sys, time
+n = int(sys.argv[1]); port = int(sys.argv[2])
+rule = ["OUTPUT", "-p", "tcp", "--dport", str(port),
+        "--tcp-flags", "SYN,ACK,FIN,RST,PSH", "ACK", "-j", "DROP"]
+subprocess.check_call(["iptables", "-w", "-I"] + rule)
+connected = []
+try:
+    pending = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("198.18.0.1", port))
+        pending.append(s)
+    deadline = time.time() + 4
+    while pending and time.time() < deadline:
+        _, ready, _ = select.select([], pending, [], 0.2)
+        for s in ready:
+            pending.remove(s)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected.append(s)
+    print("connected", len(connected), flush=True)
+    time.sleep(1)
+finally:
+    subprocess.check_call(["iptables", "-w", "-D"] + rule)
+for s in connected:
+    try:
+        s.send(b"h")
+    except OSError:
+        pass
+print("released", flush=True)
+sys.stdin.read()
 "#;
 
 /// Starts a client holding `n` established connections until its stdin
@@ -174,6 +213,118 @@ fn conn_limit_drops_syns_while_a_source_holds_its_maximum() -> Result<()> {
         sleep(Duration::from_millis(100));
     }
     assert_eq!(setup.open_tracked(), 0);
+    Ok(())
+}
+
+/// Established connections on the server's port, as the server's own kernel lists them.
+fn established_at_server(setup: &Setup) -> Result<usize> {
+    let filter = format!("( sport = :{PORT} )");
+    let out = setup
+        .server_ns
+        .exec(&["ss", "-Htn", "state", "established", &filter])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Issue 24, finding 1: one address that withheld its ACKs and then released them got 30
+/// connections with conn_limit = 5, cookies on or off. What a source holds now counts its
+/// handshakes in flight (SYNs let through) and the replies to cookies it got admitted.
+#[test]
+fn withheld_acks_get_one_address_no_more_than_conn_limit_with_cookies_off_or_on() -> Result<()> {
+    if !guard_tests::require_root(
+        "withheld_acks_get_one_address_no_more_than_conn_limit_with_cookies_off_or_on",
+    ) {
+        return Ok(());
+    }
+    let modes: [(&str, &[&str]); 3] = [
+        ("off", &[]),
+        (
+            "under-attack",
+            // A budget of one: the first SYN takes it, the rest are answered with cookies.
+            &[
+                "--set",
+                "syn_cookies=under-attack",
+                "--set",
+                "global_syn_rate=1",
+                "--set",
+                "global_syn_burst=1",
+            ],
+        ),
+        ("always", &["--set", "syn_cookies=always"]),
+    ];
+    for (mode, extra) in modes {
+        let mut args = vec!["--set", "conn_limit=5"];
+        args.extend_from_slice(extra);
+        let setup = Setup::new(&format!("withheld-{mode}"), &args)?;
+        // A veth delivers the frames XDP sends back (the cookie SYN-ACKs) only to a peer
+        // that runs XDP itself.
+        let _peer_xdp = RawXdp::attach(&setup.client_ns, "eth0", "gd_pass", &pass_program())?;
+        let _server = setup.server()?;
+        let mut client = setup
+            .python(CLIENT_WITHHELD, &["30", &PORT.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(client.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        let connected: usize = line
+            .trim()
+            .strip_prefix("connected ")
+            .with_context(|| format!("{mode}: client said {line:?}"))?
+            .parse()?;
+        if mode == "off" {
+            assert_eq!(connected, 5, "{mode}: only conn_limit SYNs were answered");
+        }
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        anyhow::ensure!(line.trim() == "released", "{mode}: client said {line:?}");
+
+        // Every admitted handshake completes (its charge taken back as it does); then the
+        // refused ones keep retrying (SYNs, or data re-sent on a cookie) and get nowhere.
+        let mut established = 0;
+        for _ in 0..100 {
+            established = established_at_server(&setup)?;
+            if established >= 5 && setup.stat(Stat::HandshakeCompleted) >= 5 {
+                break;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        sleep(Duration::from_secs(3));
+        established = established.max(established_at_server(&setup)?);
+        assert_eq!(
+            established, 5,
+            "{mode}: one address, conn_limit connections"
+        );
+        assert_eq!(setup.open_tracked(), 5, "{mode}");
+        assert_eq!(
+            (
+                setup.stat(Stat::HandshakeCharged),
+                setup.stat(Stat::HandshakeCompleted)
+            ),
+            (5, 5),
+            "{mode}: each admitted handshake charged once and taken back at establishment"
+        );
+        if mode == "off" {
+            assert!(setup.stat(Stat::DropConnLimit) >= 25, "{mode}");
+        } else {
+            let seen: Vec<(&str, u64)> = Stat::ALL
+                .iter()
+                .map(|s| (s.name(), setup.stat(*s)))
+                .filter(|(_, n)| *n != 0)
+                .collect();
+            assert!(
+                setup.stat(Stat::CookieAckConnLimit) >= 25,
+                "{mode}: {seen:?}"
+            );
+            assert_eq!(
+                setup.stat(Stat::CookieAckValid),
+                if mode == "always" { 5 } else { 4 },
+                "{mode}: the first connection of under-attack took the budget, not a cookie"
+            );
+        }
+        drop(client.stdin.take());
+        client.wait()?;
+    }
     Ok(())
 }
 

@@ -370,16 +370,17 @@ fn replies_are_checked_genuine_forged_foreign_stale_and_capped() {
         )
         .expect("restore");
 
-    // A proven source is capped like any other: burst 1, no refill.
-    dp.config(|c| {
-        c.syn_rate = 0;
-        c.syn_burst = 1;
-    });
+    // A proven source is capped like any other: burst 1, no refill (set
+    // once both SYN-ACKs went out, which the same cap bounds per address).
     let src = v4(198, 19, 8, 30);
     let first = syn_to(src, 43000);
     let s1 = answered(&dp, &first);
     let second = syn_to(src, 43001);
     let s2 = answered(&dp, &second);
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 1;
+    });
     let over = dp.stat(Stat::CookieAckOverCap);
     assert_eq!(
         dp.run_cookie_ack(&reply_to(&first, &s1, 43000).bytes()),
@@ -419,4 +420,227 @@ fn acks_cost_no_check_while_no_cookie_can_be_outstanding() {
     answered(&dp, &linux_syn(v4(198, 19, 9, 2)));
     dp.run_cookie_ack(&ack.bytes());
     assert_eq!(dp.stat(Stat::CookieAckInvalid), 1);
+}
+
+/// Issue 24, finding 7: with cookies on, every forged SYN drew a SYN-ACK toward the address
+/// it named (3 000 of 3 000 reflected). They are now capped per destination like SYNs per
+/// source.
+#[test]
+fn synacks_toward_one_address_are_capped_so_forged_syns_are_not_reflected() {
+    let mut dp = Dp::with_cookies();
+    dp.config(|c| {
+        c.syn_rate = 0;
+        c.syn_burst = 40;
+    });
+    let victim = v4(198, 19, 11, 1);
+    let mut reflected = 0;
+    for port in 0..3000u16 {
+        let syn = linux_syn(victim).tcp_ports(20_000 + port, PORT);
+        match dp.run_xdp(&syn.bytes()) {
+            XdpOutcome::Tx(_) => reflected += 1,
+            XdpOutcome::Drop => {}
+            XdpOutcome::Pass => panic!("a SYN from an unproven source passed"),
+        }
+    }
+    assert_eq!(
+        reflected, 40,
+        "no more SYN-ACKs toward one address than its burst"
+    );
+    assert_eq!(dp.stat(Stat::CookieSent), 40);
+    assert_eq!(dp.stat(Stat::DropSynAckRate), 2960);
+    assert_eq!(
+        dp.stat(Stat::SourcesCreated),
+        0,
+        "still nothing tracked per source"
+    );
+    // Every other address gets its own share.
+    answered(&dp, &linux_syn(v4(198, 19, 11, 2)));
+    dp.config(|c| c.flags |= FLAG_DRY_RUN);
+    assert_eq!(
+        dp.verdict(&linux_syn(victim).bytes()),
+        (V::Pass, Stat::WouldDropSynAckRate)
+    );
+}
+
+/// The reply-check rig: a listener on `port` (lookups find it in the test's namespace) and
+/// a program with cookies on protecting it.
+fn reply_rig(port: u16) -> (TcpListener, Dp) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("listen");
+    let mut dp = Dp::with_cookies();
+    dp.dp.maps_mut().set_ports(&[PORT, port]).expect("ports");
+    (listener, dp)
+}
+
+/// Replies the check recognised as genuine (handed over, or refused by the kernel because a
+/// test-run skb is not at tc ingress).
+fn recognised(dp: &Dp) -> u64 {
+    dp.stat(Stat::CookieAckValid) + dp.stat(Stat::CookieAckAssignFailed)
+}
+
+/// Issue 24, findings 1 and 7: a genuine reply to a cookie was charged only to the rate
+/// caps, and counted valid even from a blocked source.
+#[test]
+fn a_cookie_reply_meets_what_its_syn_would_blocks_and_conn_limit_included() {
+    let listen_port = 18_445;
+    let (_listener, mut dp) = reply_rig(listen_port);
+    dp.config(|c| c.conn_limit = 2);
+    let syn_to = |src: IpAddr, port: u16| linux_syn(src).tcp_ports(port, listen_port);
+    let reply_to = |syn: &Frame, s: &Segment, port: u16| reply(syn, s).tcp_ports(port, listen_port);
+
+    // Blocked after its SYN was answered: its reply is dropped, and not counted valid.
+    let blocked = v4(198, 19, 12, 1);
+    let syn = syn_to(blocked, 44000);
+    let s = answered(&dp, &syn);
+    dp.block("198.19.12.1/32", 0);
+    let before = recognised(&dp);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn, &s, 44000).bytes()),
+        TC_ACT_SHOT
+    );
+    assert_eq!(dp.stat(Stat::CookieAckBlocked), 1);
+    assert_eq!(
+        recognised(&dp),
+        before,
+        "a blocked source's reply is not valid"
+    );
+
+    // A source holding its cap by the time its reply comes (its SYN found it under) has
+    // the reply refused, however genuine.
+    let src = v4(198, 19, 12, 2);
+    let key = from_ip(src);
+    let syn = syn_to(src, 44001);
+    let s = answered(&dp, &syn);
+    dp.dp.maps_mut().conns.insert(key, 2u64, 0).unwrap();
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn, &s, 44001).bytes()),
+        TC_ACT_SHOT
+    );
+    assert_eq!(dp.stat(Stat::CookieAckConnLimit), 1);
+    assert_eq!(recognised(&dp), before);
+
+    // Under it, the reply is admitted and charged as a handshake in flight until it is
+    // established; a connection the kernel refuses to build gives its charge back at once.
+    dp.dp.maps_mut().conns.insert(key, 1u64, 0).unwrap();
+    let syn = syn_to(src, 44002);
+    let s = answered(&dp, &syn);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn, &s, 44002).bytes()),
+        TCX_NEXT
+    );
+    assert_eq!(recognised(&dp), before + 1);
+    assert_eq!(dp.stat(Stat::HandshakeCharged), 1);
+    let in_flight = dp.dp.maps().in_flight.get(&key, 0).expect("charged");
+    assert_eq!(in_flight.counts.iter().sum::<u64>(), 0, "given back");
+}
+
+/// Issue 24, finding 7: invalid replies were limited only globally, so about 2^23 of them
+/// forged a connection from any address. Now a source, its prefix, and (once they failed)
+/// everyone together run out of guesses, and a correct guess past that gets nothing.
+#[test]
+fn guesses_at_a_cookie_are_limited_per_source_per_prefix_and_for_all_who_failed() {
+    let listen_port = 18_446;
+    let (_listener, mut dp) = reply_rig(listen_port);
+    dp.config(|c| {
+        c.invalid_ack_rate = 0;
+        c.invalid_ack_burst = 3;
+        c.invalid_ack_aggregate_rate = 0;
+        c.invalid_ack_aggregate_burst = 5;
+        c.invalid_ack_global_burst = 0;
+    });
+    let syn_to = |src: IpAddr, port: u16| linux_syn(src).tcp_ports(port, listen_port);
+    let reply_to = |syn: &Frame, s: &Segment, port: u16| reply(syn, s).tcp_ports(port, listen_port);
+    let guess = |syn: &Frame, s: &Segment, port: u16, k: u32| {
+        reply_to(syn, s, port).tcp_seq_ack(CLIENT_ISN + 1, s.seq.wrapping_add(2 + k))
+    };
+
+    let guesser = v4(198, 19, 13, 1);
+    let syn = syn_to(guesser, 45000);
+    let s = answered(&dp, &syn);
+    for k in 0..3 {
+        assert_eq!(
+            dp.run_cookie_ack(&guess(&syn, &s, 45000, k).bytes()),
+            TCX_NEXT,
+            "guess {k}: checked, wrong, left to the kernel"
+        );
+    }
+    assert_eq!(dp.stat(Stat::CookieAckInvalid), 3);
+    assert_eq!(
+        dp.run_cookie_ack(&guess(&syn, &s, 45000, 3).bytes()),
+        TC_ACT_SHOT
+    );
+    // The right answer, past the limit, is refused unchecked like any other guess.
+    let before = recognised(&dp);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn, &s, 45000).bytes()),
+        TC_ACT_SHOT
+    );
+    assert_eq!(recognised(&dp), before);
+    assert_eq!(dp.stat(Stat::CookieAckLimited), 2);
+    assert_eq!(
+        dp.stat(Stat::CookieAckInvalid),
+        3,
+        "nothing more was checked"
+    );
+
+    // Its neighbour has the prefix's last two guesses.
+    let neighbour = v4(198, 19, 13, 2);
+    let syn = syn_to(neighbour, 45001);
+    let s = answered(&dp, &syn);
+    for k in 0..2 {
+        assert_eq!(
+            dp.run_cookie_ack(&guess(&syn, &s, 45001, k).bytes()),
+            TCX_NEXT
+        );
+    }
+    assert_eq!(
+        dp.run_cookie_ack(&guess(&syn, &s, 45001, 2).bytes()),
+        TC_ACT_SHOT,
+        "the /24 is out of guesses"
+    );
+    // Elsewhere, replies are checked as before.
+    let other = v4(198, 19, 14, 1);
+    let syn = syn_to(other, 45002);
+    let s = answered(&dp, &syn);
+    let before = recognised(&dp);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn, &s, 45002).bytes()),
+        TCX_NEXT
+    );
+    assert_eq!(recognised(&dp), before + 1);
+
+    // Everyone together: a budget of two failures. Once it is spent, sources that failed
+    // before are refused unchecked, while one that never sent a wrong reply is still
+    // checked (so a flood of forged replies cannot shut new clients out).
+    dp.config(|c| {
+        c.invalid_ack_burst = 1000;
+        c.invalid_ack_aggregate_burst = 1000;
+        c.invalid_ack_global_rate = 1;
+        c.invalid_ack_global_burst = 2;
+    });
+    let (a, b, fresh) = (v4(198, 19, 15, 1), v4(198, 19, 16, 1), v4(198, 19, 17, 1));
+    let (syn_a, syn_b, syn_f) = (syn_to(a, 46000), syn_to(b, 46001), syn_to(fresh, 46002));
+    let (s_a, s_b, s_f) = (
+        answered(&dp, &syn_a),
+        answered(&dp, &syn_b),
+        answered(&dp, &syn_f),
+    );
+    let limited = dp.stat(Stat::CookieAckLimited);
+    dp.run_cookie_ack(&guess(&syn_a, &s_a, 46000, 0).bytes());
+    dp.run_cookie_ack(&guess(&syn_b, &s_b, 46001, 0).bytes());
+    assert_eq!(
+        dp.run_cookie_ack(&guess(&syn_a, &s_a, 46000, 1).bytes()),
+        TC_ACT_SHOT,
+        "failed before, and everyone's budget is spent"
+    );
+    assert_eq!(dp.stat(Stat::CookieAckLimited), limited + 1);
+    let before = recognised(&dp);
+    assert_eq!(
+        dp.run_cookie_ack(&reply_to(&syn_f, &s_f, 46002).bytes()),
+        TCX_NEXT
+    );
+    assert_eq!(
+        recognised(&dp),
+        before + 1,
+        "a client that never failed gets in"
+    );
 }

@@ -595,12 +595,17 @@ fn conn_limit_drops_new_syns_of_a_source_holding_its_maximum() {
     dp.config(|c| c.conn_limit = 3);
     let src = v4(198, 18, 0, 5);
     let key = from_ip(src);
-    let syn = Frame::syn(src, PORT).bytes();
+    // Each SYN its own connection (client port), as a client opens them.
+    let syn = |port: u16| Frame::syn(src, PORT).tcp_ports(port, PORT).bytes();
     // What sockops would have counted for this source.
-    dp.dp.maps_mut().conns.insert(key, 2u64, 0).unwrap();
-    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::PassSyn));
-    dp.dp.maps_mut().conns.insert(key, 3u64, 0).unwrap();
-    assert_eq!(dp.verdict(&syn), (V::Drop, Stat::DropConnLimit));
+    dp.dp.maps_mut().conns.insert(key, 1u64, 0).unwrap();
+    assert_eq!(dp.verdict(&syn(40001)), (V::Pass, Stat::PassSyn));
+    assert_eq!(dp.verdict(&syn(40002)), (V::Pass, Stat::PassSyn));
+    assert_eq!(
+        dp.verdict(&syn(40003)),
+        (V::Drop, Stat::DropConnLimit),
+        "one established and two in flight hold all three"
+    );
     assert_eq!(
         dp.verdict(&Frame::syn(v4(198, 18, 0, 6), PORT).bytes()),
         (V::Pass, Stat::PassSyn)
@@ -613,18 +618,56 @@ fn conn_limit_drops_new_syns_of_a_source_holding_its_maximum() {
     );
     // A counter one below zero (a pruning race) reads as none open.
     dp.dp.maps_mut().conns.insert(key, u64::MAX, 0).unwrap();
-    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::PassSyn));
+    assert_eq!(dp.verdict(&syn(40004)), (V::Pass, Stat::PassSyn));
     dp.dp.maps_mut().conns.insert(key, 3u64, 0).unwrap();
     dp.config(|c| c.flags |= FLAG_DRY_RUN);
-    assert_eq!(dp.verdict(&syn), (V::Pass, Stat::WouldDropConnLimit));
+    assert_eq!(dp.verdict(&syn(40005)), (V::Pass, Stat::WouldDropConnLimit));
     dp.config(|c| {
         c.flags &= !FLAG_DRY_RUN;
         c.conn_limit = 0;
     });
     assert_eq!(
-        dp.verdict(&syn),
+        dp.verdict(&syn(40006)),
         (V::Pass, Stat::PassSyn),
         "0 turns the cap off"
+    );
+}
+
+/// Issue 24, finding 1: conn_limit was checked against established connections only, so
+/// one address that held back its ACKs got every SYN through and then all its connections.
+#[test]
+fn handshakes_in_flight_count_against_conn_limit_until_they_complete_or_time_out() {
+    let mut dp = Dp::new();
+    dp.config(|c| {
+        c.conn_limit = 5;
+        c.handshake_timeout_s = 1;
+    });
+    let src = v4(198, 18, 0, 7);
+    let syn = |port: u16| Frame::syn(src, PORT).tcp_ports(port, PORT).bytes();
+    // Thirty connections opened at once, none of them established yet.
+    let passed = (41000..41030)
+        .filter(|port| dp.run(&syn(*port)) == V::Pass)
+        .count();
+    assert_eq!(passed, 5, "no more handshakes than conn_limit");
+    assert_eq!(dp.stat(Stat::DropConnLimit), 25);
+    assert_eq!(dp.stat(Stat::HandshakeCharged), 5);
+    // A retransmitted SYN of a handshake in flight is the same connection: it passes and
+    // is not charged again.
+    assert_eq!(dp.verdict(&syn(41002)), (V::Pass, Stat::PassSyn));
+    assert_eq!(dp.stat(Stat::HandshakeCharged), 5);
+    // Other sources hold their own.
+    assert_eq!(
+        dp.verdict(&Frame::syn(v4(198, 18, 0, 8), PORT).bytes()),
+        (V::Pass, Stat::PassSyn)
+    );
+    // Handshakes that never complete stop counting once the timeout is over (1 s here;
+    // a charge lives at most a third longer).
+    sleep(Duration::from_millis(2500));
+    assert_eq!(dp.verdict(&syn(41100)), (V::Pass, Stat::PassSyn));
+    assert_eq!(
+        dp.stat(Stat::HandshakeCharged),
+        7,
+        "its 6, and the other source's"
     );
 }
 

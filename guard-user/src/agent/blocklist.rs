@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use guard_common::{
-    addr::{Addr, Prefix, MAX_PREFIX_LEN},
+    addr::{Prefix, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_CONN_LIMIT, EVENT_SOURCE_OVER_CAP},
     proto::{
         cap_str, BlockInfo, BlockOutcome, ErrorCode, Response, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN,
@@ -21,8 +21,8 @@ use log::{error, info, warn};
 
 use super::{
     blocks::{
-        decide_block, expires_unix_ms, handshake_proves, is_expired, offender_admitted,
-        proof_window_ns, remaining_secs, BlockDecision, BlockMeta, DecidedBy,
+        decide_block, expires_unix_ms, is_expired, offender_admitted, remaining_secs,
+        BlockDecision, BlockMeta, DecidedBy, SourceCounts, Streak,
     },
     rules::{admit, Blocklist, FleetLimits, Owner, Proposal, Refusal, Rules},
     unix_now_ns, Agent,
@@ -438,21 +438,14 @@ impl Agent {
             return;
         }
         let now = ev.ts_ns;
-        // Only a source that proved its address can be blocked for its rate:
-        // SYNs carry any source address an attacker writes, so a streak of
-        // over-cap SYNs alone would let anyone get a victim blocked (about 21
-        // spoofed SYN/s for 10 s did it). Proof is a handshake completed by
-        // this kernel during the streak or just before it; a SYN-only flood
-        // stays where the cap already drops it, and never enters the table.
-        let window = proof_window_ns(esc.over_cap_for, interval_ns);
-        if !self.completed_handshake_within(&ev.addr, now, window) {
-            self.metrics
-                .escalations_skipped
-                .with_label_values(&["unproven_source"])
-                .inc();
-            return;
-        }
-        let escalated = {
+        // Only a source whose own SYNs became connections during its streak
+        // can be blocked for its rate (see `streak_proves_source`); a
+        // SYN-only flood, forged or not, stays where the cap drops it.
+        let counts = SourceCounts {
+            admitted: ev.syns.saturating_sub(ev.over_cap),
+            completed: u64::from(ev.completed),
+        };
+        let streak = {
             let mut offenders = self.offenders.lock().expect("offenders lock");
             if !offender_admitted(offenders.len(), offenders.contains_key(&prefix)) {
                 self.metrics
@@ -464,10 +457,18 @@ impl Agent {
             offenders
                 .entry(prefix)
                 .or_default()
-                .over_cap(now, &esc, interval_ns)
+                .over_cap(now, counts, &esc, interval_ns)
         };
-        let Some((ttl, level)) = escalated else {
-            return;
+        let (ttl, level) = match streak {
+            Streak::Watching => return,
+            Streak::NotProven => {
+                self.metrics
+                    .escalations_skipped
+                    .with_label_values(&["unproven_source"])
+                    .inc();
+                return;
+            }
+            Streak::Escalate(ttl, level) => (ttl, level),
         };
         let resp = self.block_decided(
             prefix,
@@ -496,16 +497,6 @@ impl Agent {
                 ttl.as_secs(),
                 esc.over_cap_for.as_secs()
             );
-        }
-    }
-
-    /// Whether the kernel saw `key` (a source, as the datapath keys it)
-    /// complete a handshake toward a protected port within `window` before
-    /// `now` (both on the kernel's monotonic clock).
-    pub(super) fn completed_handshake_within(&self, key: &Addr, now: u64, window: u64) -> bool {
-        match self.maps().known_good.get(key, 0) {
-            Ok(at) => handshake_proves(at, now, window),
-            Err(_) => false,
         }
     }
 

@@ -64,6 +64,52 @@ pub(super) struct Offender {
     pub(super) streak_start_ns: u64,
     pub(super) last_event_ns: u64,
     pub(super) strikes: u32,
+    /// The source's kernel counters when its streak started.
+    pub(super) streak_base: SourceCounts,
+}
+
+/// What the kernel counted for a source, as an over-cap event carries it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct SourceCounts {
+    /// SYNs its cap admitted.
+    pub(super) admitted: u64,
+    /// Handshakes it completed.
+    pub(super) completed: u64,
+}
+
+/// Where an over-cap streak stands after one more event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Streak {
+    /// Not over its cap for long enough yet.
+    Watching,
+    /// Long enough, but its SYNs did not turn into connections: they may
+    /// carry a victim's address. A new streak starts; no strike.
+    NotProven,
+    /// Block for this TTL, at this level (the strike count).
+    Escalate(Duration, u32),
+}
+
+/// Whether a streak's SYNs came from the source itself: at least half of
+/// those its cap admitted during the streak became connections (and at
+/// least one did).
+///
+/// SYNs carry any address an attacker writes, so a streak of over-cap SYNs
+/// alone proves nothing about who sent them; nor does a handshake the
+/// address completed shortly before (a NAT, a reconnecting user: forged
+/// SYNs in its name then got it blocked). What a forger cannot do is
+/// complete the handshakes its SYNs open: their SYN-ACKs go to the victim,
+/// who resets them, so admitted SYNs do not become connections, while a
+/// real connection flood's do (the victim's own few connections during a
+/// forged streak stay far below half). A SYN-only flood from a real address
+/// is not escalated either: it stays capped in the kernel, where it costs
+/// a drop per packet.
+pub(super) fn streak_proves_source(base: SourceCounts, now: SourceCounts) -> bool {
+    // Counters below the base: the kernel's entry was evicted and began
+    // again within the streak; what it counted since is all there is.
+    let since = |now: u64, base: u64| if now >= base { now - base } else { now };
+    let admitted = since(now.admitted, base.admitted);
+    let completed = since(now.completed, base.completed);
+    completed >= 1 && completed.saturating_mul(2) >= admitted
 }
 
 const SEC_NS: u64 = 1_000_000_000;
@@ -182,20 +228,6 @@ pub(super) fn streak_gap_ns(event_interval_ns: u64) -> u64 {
     2 * event_interval_ns + SEC_NS
 }
 
-/// How far back a completed handshake proves a source's address for an
-/// escalation: SYNs carry any source address an attacker writes, so only a
-/// source that completed a handshake during its streak, or just before it,
-/// may be blocked for its rate.
-pub(super) fn proof_window_ns(over_cap_for: Duration, event_interval_ns: u64) -> u64 {
-    over_cap_for.as_nanos() as u64 + streak_gap_ns(event_interval_ns)
-}
-
-/// Whether a handshake the kernel recorded at `at_ns` proves the source at
-/// `now_ns` (both kernel monotonic; a second of clock skew ahead is taken).
-pub(super) fn handshake_proves(at_ns: u64, now_ns: u64, window_ns: u64) -> bool {
-    at_ns <= now_ns.saturating_add(SEC_NS) && now_ns.saturating_sub(at_ns) <= window_ns
-}
-
 /// Whether the offenders table takes this source: one already watched
 /// always, a new one while there is room.
 pub(super) fn offender_admitted(watched: usize, known: bool) -> bool {
@@ -210,29 +242,36 @@ pub(super) fn escalation_ttl(esc: &EscalationSettings, strikes: u32) -> Duration
 }
 
 impl Offender {
-    /// Counts one over-cap event at `now_ns`. When the source has been over
-    /// its cap for `over_cap_for` without a gap, returns the block's TTL
-    /// and its level (the strike count, this one included) and starts a
-    /// new streak.
+    /// Counts one over-cap event at `now_ns`, with the source's kernel
+    /// counters at that moment. Once the source has been over its cap for
+    /// `over_cap_for` without a gap, the streak is judged on its evidence
+    /// ([`streak_proves_source`]) and a new one starts either way.
     pub(super) fn over_cap(
         &mut self,
         now_ns: u64,
+        counts: SourceCounts,
         esc: &EscalationSettings,
         event_interval_ns: u64,
-    ) -> Option<(Duration, u32)> {
+    ) -> Streak {
         if self.last_event_ns == 0
             || now_ns.saturating_sub(self.last_event_ns) > streak_gap_ns(event_interval_ns)
         {
             self.streak_start_ns = now_ns;
+            self.streak_base = counts;
         }
         self.last_event_ns = now_ns;
         if now_ns.saturating_sub(self.streak_start_ns) < esc.over_cap_for.as_nanos() as u64 {
-            return None;
+            return Streak::Watching;
+        }
+        let proven = streak_proves_source(self.streak_base, counts);
+        self.streak_start_ns = now_ns;
+        self.streak_base = counts;
+        if !proven {
+            return Streak::NotProven;
         }
         let ttl = escalation_ttl(esc, self.strikes);
         self.strikes = self.strikes.saturating_add(1);
-        self.streak_start_ns = now_ns;
-        Some((ttl, self.strikes))
+        Streak::Escalate(ttl, self.strikes)
     }
 
     /// How long the current streak has lasted in whole seconds (0 when the
@@ -429,23 +468,6 @@ mod tests {
     }
 
     #[test]
-    fn a_handshake_proves_a_source_within_the_window_and_a_second_of_skew() {
-        let interval = 1_000 * 1_000_000; // 1 s
-        let window = proof_window_ns(Duration::from_secs(10), interval);
-        assert_eq!(window, 13 * S);
-        assert_eq!(streak_gap_ns(interval), 3 * S);
-        let now = 100 * S;
-        assert!(handshake_proves(now, now, window));
-        assert!(handshake_proves(now - window, now, window));
-        assert!(!handshake_proves(now - window - 1, now, window));
-        // Recorded a little after the event (another CPU): still proof.
-        assert!(handshake_proves(now + S, now, window));
-        assert!(!handshake_proves(now + S + 1, now, window));
-        // Never recorded (0) is no proof once the clock is past the window.
-        assert!(!handshake_proves(0, now, window));
-    }
-
-    #[test]
     fn the_offenders_table_takes_known_sources_always_and_new_ones_while_there_is_room() {
         assert!(offender_admitted(0, false));
         assert!(offender_admitted(MAX_OFFENDERS - 1, false));
@@ -464,6 +486,15 @@ mod tests {
         assert_eq!(escalation_ttl(&e, u32::MAX), e.max_ttl);
     }
 
+    /// A connection flood's counters at second `k`: 5 admitted SYNs a
+    /// second, each a completed connection.
+    fn flood(k: u64) -> SourceCounts {
+        SourceCounts {
+            admitted: 5 * k,
+            completed: 5 * k,
+        }
+    }
+
     #[test]
     fn a_streak_escalates_once_it_lasts_over_cap_for_then_starts_again() {
         let e = esc();
@@ -471,22 +502,91 @@ mod tests {
         let mut o = Offender::default();
         let t0 = 1_000 * S;
         for k in 0..10 {
-            assert_eq!(o.over_cap(t0 + k * S, &e, interval), None, "at {k}s");
+            assert_eq!(
+                o.over_cap(t0 + k * S, flood(k), &e, interval),
+                Streak::Watching,
+                "at {k}s"
+            );
         }
         assert_eq!(o.streak_secs(t0 + 9 * S, interval), 9);
         assert_eq!(
-            o.over_cap(t0 + 10 * S, &e, interval),
-            Some((Duration::from_secs(60), 1))
+            o.over_cap(t0 + 10 * S, flood(10), &e, interval),
+            Streak::Escalate(Duration::from_secs(60), 1)
         );
         assert_eq!(o.strikes, 1);
         // A new streak starts at the escalation: ten more seconds for the next.
         for k in 11..20 {
-            assert_eq!(o.over_cap(t0 + k * S, &e, interval), None, "at {k}s");
+            assert_eq!(
+                o.over_cap(t0 + k * S, flood(k), &e, interval),
+                Streak::Watching,
+                "at {k}s"
+            );
         }
         assert_eq!(
-            o.over_cap(t0 + 20 * S, &e, interval),
-            Some((Duration::from_secs(120), 2))
+            o.over_cap(t0 + 20 * S, flood(20), &e, interval),
+            Streak::Escalate(Duration::from_secs(120), 2)
         );
+    }
+
+    #[test]
+    fn forged_syns_in_the_name_of_a_source_that_connected_before_never_escalate_it() {
+        let e = esc();
+        let interval = 1_000 * 1_000_000;
+        let mut o = Offender::default();
+        let t0 = 1_000 * S;
+        // Finding 6 of issue 24: one real handshake ~13 s earlier, then forged SYNs
+        // whose admitted share (20/s) never completes; the victim connects twice.
+        let forged = |k: u64| SourceCounts {
+            admitted: 1 + 20 * k,
+            completed: 1 + (k / 7),
+        };
+        for k in 0..10 {
+            assert_eq!(
+                o.over_cap(t0 + k * S, forged(k), &e, interval),
+                Streak::Watching
+            );
+        }
+        assert_eq!(
+            o.over_cap(t0 + 10 * S, forged(10), &e, interval),
+            Streak::NotProven
+        );
+        assert_eq!(o.strikes, 0, "no strike for what it may not have sent");
+        // Judged again after another full streak, from a new base.
+        for k in 11..20 {
+            assert_eq!(
+                o.over_cap(t0 + k * S, forged(k), &e, interval),
+                Streak::Watching
+            );
+        }
+        assert_eq!(
+            o.over_cap(t0 + 20 * S, forged(20), &e, interval),
+            Streak::NotProven
+        );
+    }
+
+    #[test]
+    fn evidence_is_half_of_the_admitted_syns_completing_counted_from_the_streak() {
+        let base = SourceCounts {
+            admitted: 100,
+            completed: 90,
+        };
+        let at = |admitted, completed| SourceCounts {
+            admitted,
+            completed,
+        };
+        assert!(streak_proves_source(base, at(150, 115)), "25 of 50");
+        assert!(!streak_proves_source(base, at(150, 114)), "24 of 50");
+        assert!(
+            !streak_proves_source(base, at(100, 90)),
+            "none admitted, none completed"
+        );
+        assert!(
+            !streak_proves_source(base, at(150, 90)),
+            "completions before the streak are no evidence"
+        );
+        // The kernel's entry began again mid-streak: its own counts are the evidence.
+        assert!(streak_proves_source(base, at(10, 6)));
+        assert!(!streak_proves_source(base, at(10, 1)));
     }
 
     #[test]
@@ -495,18 +595,23 @@ mod tests {
         let interval = 1_000 * 1_000_000;
         let mut o = Offender::default();
         let t0 = 1_000 * S;
-        assert_eq!(o.over_cap(t0, &e, interval), None);
+        let mut at = |k: u64| o.over_cap(t0 + k, flood(k / S), &e, interval);
+        assert_eq!(at(0), Streak::Watching);
         // 3 s is the gap allowed (two windows and a second): the streak holds.
-        assert_eq!(o.over_cap(t0 + 3 * S, &e, interval), None);
-        assert_eq!(o.streak_secs(t0 + 3 * S, interval), 3);
+        assert_eq!(at(3 * S), Streak::Watching);
         // Just over it: the streak restarts, and 10 s from then is needed.
-        assert_eq!(o.over_cap(t0 + 6 * S + 1, &e, interval), None);
-        assert_eq!(o.streak_secs(t0 + 6 * S + 1, interval), 0);
-        assert_eq!(o.over_cap(t0 + 9 * S, &e, interval), None);
-        assert_eq!(o.over_cap(t0 + 12 * S, &e, interval), None);
-        assert_eq!(o.over_cap(t0 + 15 * S, &e, interval), None);
-        assert!(o.over_cap(t0 + 16 * S + 1, &e, interval).is_some());
+        assert_eq!(at(6 * S + 1), Streak::Watching);
+        assert_eq!(at(9 * S), Streak::Watching);
+        assert_eq!(at(12 * S), Streak::Watching);
+        assert_eq!(at(15 * S), Streak::Watching);
+        assert!(matches!(at(16 * S + 1), Streak::Escalate(..)));
         assert_eq!(o.strikes, 1);
+        let mut o = Offender::default();
+        o.over_cap(t0, flood(0), &e, interval);
+        o.over_cap(t0 + 3 * S, flood(3), &e, interval);
+        assert_eq!(o.streak_secs(t0 + 3 * S, interval), 3);
+        o.over_cap(t0 + 6 * S + 1, flood(6), &e, interval);
+        assert_eq!(o.streak_secs(t0 + 6 * S + 1, interval), 0);
     }
 
     #[test]
@@ -516,6 +621,7 @@ mod tests {
             streak_start_ns: 100 * S,
             last_event_ns: 105 * S,
             strikes: 2,
+            streak_base: SourceCounts::default(),
         };
         assert_eq!(o.streak_secs(105 * S, interval), 5);
         assert_eq!(o.streak_secs(108 * S, interval), 8);

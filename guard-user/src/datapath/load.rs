@@ -110,6 +110,8 @@ impl Datapath {
             global: take(&mut ebpf, names::GLOBAL)?,
             cookie_keys: take(&mut ebpf, names::COOKIE_KEYS)?,
             cookie_state: take(&mut ebpf, names::COOKIE_STATE)?,
+            in_flight: take(&mut ebpf, names::IN_FLIGHT)?,
+            synack_dests: take(&mut ebpf, names::SYNACK_DESTS)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         let mut dp = Self {

@@ -70,6 +70,8 @@ impl GuardMaps {
             global: open_pinned(layout, names::GLOBAL)?,
             cookie_keys: open_pinned(layout, names::COOKIE_KEYS)?,
             cookie_state: open_pinned(layout, names::COOKIE_STATE)?,
+            in_flight: open_pinned(layout, names::IN_FLIGHT)?,
+            synack_dests: open_pinned(layout, names::SYNACK_DESTS)?,
         })
     }
 
@@ -283,6 +285,8 @@ impl GuardMaps {
                 .conns
                 .get(&source_key.addr(), 0)
                 .map_or(0, |v| (v as i64).max(0) as u64),
+            in_flight: self.in_flight.get(&source_key.addr(), 0).ok(),
+            synack_dest: self.synack_dests.get(&source_key.addr(), 0).ok(),
             last_handshake_ns: self.known_good.get(&source_key.addr(), 0).ok(),
             allowed: self.allow.get(&host, 0).is_ok(),
             block: self.block.get(&host, 0).ok(),

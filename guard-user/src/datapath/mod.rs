@@ -23,7 +23,7 @@ use aya::{
 use guard_common::{
     addr::Prefix,
     maps as names,
-    state::AllowEntry,
+    state::{AllowEntry, FlowKey, Handshake, InFlight},
     syncookie::{CookieKey, CookieState},
     Addr, BlockEntry, LiveConfig, SourceState, TokenBucket,
 };
@@ -159,6 +159,16 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
         names::GLOBAL => (T::Array, 4, size_of::<guard_common::TokenBucket>() as u32),
         names::COOKIE_KEYS => (T::Array, 4, size_of::<CookieKey>() as u32),
         names::COOKIE_STATE => (T::Array, 4, size_of::<CookieState>() as u32),
+        names::HANDSHAKES => (
+            T::LruHash,
+            size_of::<FlowKey>() as u32,
+            size_of::<Handshake>() as u32,
+        ),
+        names::IN_FLIGHT => (T::LruHash, 16, size_of::<InFlight>() as u32),
+        names::SYNACK_DESTS | names::ACK_FAILS | names::ACK_FAILS_AGG => {
+            (T::LruHash, 16, size_of::<TokenBucket>() as u32)
+        }
+        names::ACK_FAILS_ALL => (T::Array, 4, size_of::<TokenBucket>() as u32),
         _ => return None,
     })
 }
@@ -246,6 +256,10 @@ pub struct PointState {
     pub source: Option<SourceState>,
     pub aggregate: Option<SourceState>,
     pub open_connections: u64,
+    /// Its handshakes in flight, by slot (count them with `InFlight::live`).
+    pub in_flight: Option<InFlight>,
+    /// The bucket of cookie SYN-ACKs sent to it.
+    pub synack_dest: Option<TokenBucket>,
     /// Monotonic ns of the source's last completed handshake.
     pub last_handshake_ns: Option<u64>,
     /// The allowlist's longest match exists (which prefix: see `allows`).
@@ -272,6 +286,10 @@ pub struct GuardMaps {
     pub global: Array<MapData, TokenBucket>,
     pub cookie_keys: Array<MapData, CookieKey>,
     pub cookie_state: Array<MapData, CookieState>,
+    /// Handshakes in flight per source key (see guard-ebpf/src/conns.rs).
+    pub in_flight: HashMap<MapData, Addr, InFlight>,
+    /// Cookie SYN-ACKs per destination (source key).
+    pub synack_dests: HashMap<MapData, Addr, TokenBucket>,
 }
 
 /// A loaded guard program with its maps.

@@ -92,6 +92,9 @@ pub struct BucketState {
 #[derive(Debug, Clone, Serialize)]
 pub struct Connections {
     pub open: u64,
+    /// Handshakes let through that have neither completed nor timed out:
+    /// they count against the cap too.
+    pub in_flight: u64,
     /// 0 = no cap.
     pub limit: u32,
 }

@@ -73,11 +73,19 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
     let known_good = p
         .last_handshake_ns
         .is_some_and(|t| now_ns.saturating_sub(t) < cfg.known_good_ttl_ns());
+    let in_flight = p.in_flight.map_or(0, |f| {
+        f.live(guard_common::state::in_flight_slot(
+            now_ns,
+            cfg.handshake_timeout_s,
+        ))
+    });
     let inputs = Inputs {
         any_port_protected: !ports.is_empty(),
         allowed: p.allowed,
         blocked: p.block.is_some_and(|b| b.is_active(now_ns)),
         open_connections: p.open_connections,
+        in_flight,
+        synack_dest: p.synack_dest,
         known_good,
         source: p.source.map(|s| s.bucket),
         aggregate: p.aggregate.map(|s| s.bucket),
@@ -134,6 +142,7 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
         ),
         connections: Connections {
             open: p.open_connections,
+            in_flight,
             limit: cfg.conn_limit,
         },
         known_good: KnownGood {

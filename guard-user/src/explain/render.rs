@@ -67,8 +67,9 @@ pub fn render_text(e: &Explanation) -> String {
     t.push_str(&bucket_line("source", &e.source));
     t.push_str(&bucket_line("aggregate", &e.aggregate));
     t.push_str(&format!(
-        "connections: {} open{}\n",
+        "connections: {} open, {} in flight{}\n",
         e.connections.open,
+        e.connections.in_flight,
         if e.connections.limit == 0 {
             ", no cap".to_string()
         } else {
@@ -130,8 +131,8 @@ pub fn summary(e: &Explanation) -> String {
             None => "blocked".into(),
         },
         Cause::ConnLimit => format!(
-            "{} open connections, cap {}",
-            e.connections.open, e.connections.limit
+            "{} open connections and {} in flight, cap {}",
+            e.connections.open, e.connections.in_flight, e.connections.limit
         ),
         Cause::SourceRate => format!(
             "{} over {}/s burst {}",
@@ -200,7 +201,11 @@ mod tests {
             }),
             source: bucket(true, Some("198.18.0.3/32"), true),
             aggregate: bucket(false, Some("198.18.0.0/24"), false),
-            connections: Connections { open: 2, limit: 0 },
+            connections: Connections {
+                open: 2,
+                in_flight: 1,
+                limit: 0,
+            },
             known_good: KnownGood {
                 known_good: false,
                 last_handshake: None,
@@ -247,7 +252,7 @@ blocklist: blocked by 198.18.0.0/24 (reason operator)
   until: never expires
 source: 198.18.0.3/32 0 of 40 tokens (refills 20/s), 7 SYNs, 3 over cap
 aggregate: cap off
-connections: 2 open, no cap
+connections: 2 open, 1 in flight, no cap
 known good: no
 global budget: 0 of 40 tokens (refills 20/s)
 dry-run: off; syn cookies: off; protected ports: [8080]

@@ -1,7 +1,8 @@
 //! [`next_syn`] is a pure function that takes the inputs in the order
 //! `decide` in guard-ebpf/src/main.rs consults them (allowlist, blocklist,
-//! connection cap, cookies for unknown sources, aggregate then per-source
-//! bucket, global budget with the known-good exemption). Keep the two in
+//! connection cap counting handshakes in flight, cookies for unknown
+//! sources within their destination's SYN-ACK share, aggregate then
+//! per-source bucket, global budget with the known-good exemption). Keep the two in
 //! step: a reordering there is a reordering here.
 
 use guard_common::{syncookie, LiveConfig, TokenBucket};
@@ -39,6 +40,9 @@ pub enum Cause {
     /// Cookies on and the source is not known good (always, or the global
     /// budget is dry).
     UnknownSourceCookie,
+    /// It would get a cookie, but SYN-ACKs toward it are over their share
+    /// (`syn_rate`, `syn_burst`): guard reflects nothing more at it.
+    SynAckRate,
     AggregateRate,
     SourceRate,
     /// The global budget is dry but the source completed a handshake
@@ -57,7 +61,8 @@ impl Cause {
             Self::NoProtectedPort => "no port is protected",
             Self::Allowlisted => "allow-listed",
             Self::Blocked => "blocked",
-            Self::ConnLimit => "at its concurrent-connection cap",
+            Self::ConnLimit => "at its concurrent-connection cap (established and in flight)",
+            Self::SynAckRate => "would get a cookie, but its SYN-ACK share is used up",
             Self::UnknownSourceCookie => "not known good while SYN cookies are on",
             Self::AggregateRate => "its aggregate prefix is over its SYN rate",
             Self::SourceRate => "over its per-source SYN rate",
@@ -78,6 +83,10 @@ pub struct Inputs {
     /// A blocklist entry matches and has not expired.
     pub blocked: bool,
     pub open_connections: u64,
+    /// Handshakes let through that have neither completed nor timed out.
+    pub in_flight: u64,
+    /// The bucket of cookie SYN-ACKs sent to it (`None`: never sent one).
+    pub synack_dest: Option<TokenBucket>,
     /// Completed a handshake within known_good_ttl_s.
     pub known_good: bool,
     /// `None`: not tracked yet (the program starts it with a full bucket).
@@ -127,15 +136,22 @@ pub fn next_syn(cfg: &LiveConfig, i: &Inputs) -> NextSyn {
     if cfg.may_block() && i.blocked {
         return verdict(Action::Drop, Cause::Blocked);
     }
-    if cfg.conn_limit_enabled() && i.open_connections >= cfg.conn_limit as u64 {
+    if cfg.conn_limit_enabled()
+        && i.open_connections.saturating_add(i.in_flight) >= cfg.conn_limit as u64
+    {
         return verdict(Action::Drop, Cause::ConnLimit);
     }
     let now = i.now_ns;
     let global_has_token = !cfg.global_budget_enabled()
         || tokens_now(i.global, now, cfg.global_syn_rate, cfg.global_syn_burst) > 0;
     let cookies = cfg.cookies_enabled();
+    let synack_share_used = cfg.source_cap_enabled()
+        && tokens_now(i.synack_dest, now, cfg.syn_rate, cfg.syn_burst) == 0;
     if cookies && !i.known_good && (cfg.syn_cookies == syncookie::MODE_ALWAYS || !global_has_token)
     {
+        if synack_share_used {
+            return verdict(Action::Drop, Cause::SynAckRate);
+        }
         return verdict(Action::Cookie, Cause::UnknownSourceCookie);
     }
     if cfg.aggregate_cap_enabled()
@@ -151,6 +167,9 @@ pub fn next_syn(cfg: &LiveConfig, i: &Inputs) -> NextSyn {
             return verdict(Action::Pass, Cause::KnownGoodOverBudget);
         }
         if cookies {
+            if synack_share_used {
+                return verdict(Action::Drop, Cause::SynAckRate);
+            }
             return verdict(Action::Cookie, Cause::OverBudgetCookie);
         }
         return verdict(Action::Drop, Cause::GlobalBudget);
@@ -192,6 +211,49 @@ mod tests {
         let v = next_syn(&cfg, &base());
         assert_eq!(v.effective, Action::Pass);
         assert!(!v.dry_run);
+    }
+
+    #[test]
+    fn handshakes_in_flight_count_against_the_connection_cap() {
+        let cfg = LiveConfig {
+            conn_limit: 3,
+            ..LiveConfig::DEFAULT
+        };
+        let i = Inputs {
+            open_connections: 1,
+            in_flight: 2,
+            ..base()
+        };
+        check(&cfg, &i, Action::Drop, Cause::ConnLimit);
+        let i = Inputs { in_flight: 1, ..i };
+        check(&cfg, &i, Action::Pass, Cause::WithinLimits);
+    }
+
+    #[test]
+    fn a_cookie_is_answered_only_within_its_destinations_synack_share() {
+        let cfg = LiveConfig {
+            syn_cookies: syncookie::MODE_ALWAYS,
+            ..LiveConfig::DEFAULT
+        };
+        let i = Inputs {
+            synack_dest: empty(100 * SEC),
+            ..base()
+        };
+        check(&cfg, &i, Action::Drop, Cause::SynAckRate);
+        let i = Inputs {
+            known_good: true,
+            ..i
+        };
+        check(&cfg, &i, Action::Pass, Cause::WithinLimits);
+        let cfg = LiveConfig {
+            syn_burst: 0,
+            ..cfg
+        };
+        let i = Inputs {
+            known_good: false,
+            ..i
+        };
+        check(&cfg, &i, Action::Cookie, Cause::UnknownSourceCookie);
     }
 
     #[test]
