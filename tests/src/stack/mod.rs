@@ -87,10 +87,22 @@ pub struct AppOptions {
     /// a systemd service gets; `None` inherits it. Set before exec, so the app sees it from
     /// its first instruction (guard's server raises it to the hard limit, plain warp does not).
     pub start_nofile: Option<u64>,
-    /// Without guard, serve the app with plain `warp::serve` (`--server warp`): guard's server
-    /// (request deadlines, the waiting budget, the descriptor reserve) is part of guard, so the
-    /// run without guard runs without it. With guard the app always runs on guard's server.
-    pub warp_server_unguarded: bool,
+    /// When the app runs on plain `warp::serve` (`--server warp`) instead of guard's server.
+    pub warp_server: WarpServer,
+}
+
+/// Which runs of the app use plain `warp::serve` rather than guard's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum WarpServer {
+    /// Guard's server always: the app as guard ships it.
+    Never,
+    /// Plain warp when guard is off: guard's server (request deadlines, the waiting budget,
+    /// the descriptor reserve) is part of guard, so the run without guard runs without it.
+    WithoutGuard,
+    /// Plain warp in every run: for attacks aimed at the kernel's caps, which guard's server
+    /// would otherwise meet first (it closes connections that never send a request), so that
+    /// what is measured is the kernel's part alone.
+    Always,
 }
 
 impl AppOptions {
@@ -99,7 +111,7 @@ impl AppOptions {
         backlog: 4096,
         slots: None,
         start_nofile: None,
-        warp_server_unguarded: false,
+        warp_server: WarpServer::Never,
     };
 }
 
@@ -347,7 +359,13 @@ impl Stack {
         ]);
         if report {
             cmd.arg("--agent-socket").arg(self.control_socket());
-        } else if opts.warp_server_unguarded {
+        }
+        let plain_warp = match opts.warp_server {
+            WarpServer::Never => false,
+            WarpServer::WithoutGuard => !report,
+            WarpServer::Always => true,
+        };
+        if plain_warp {
             cmd.args(["--server", "warp"]);
         }
         if let Some(soft) = opts.start_nofile {

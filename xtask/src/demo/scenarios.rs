@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::attacks::*;
-use guard_tests::stack::{Adaptive, AppOptions, Stack};
+use guard_tests::stack::{Adaptive, AppOptions, Stack, WarpServer};
 
 /// How long each phase's parts last.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -70,9 +70,13 @@ pub(super) const RANDOM_SOURCES_PPS: u32 = 40_000;
 /// rate cap never fires, and the app it starves: 48 connection slots behind a backlog of 32
 /// (a small server, so that one source fills it within the attack).
 pub(super) const HOARD_PER_SEC: u32 = 15;
+/// Both runs on plain `warp::serve`: the hoarder's connections never send a request, which
+/// guard's server would close on its own (scenario 10 shows that layer); here the kernel's
+/// `conn_limit` is what is shown.
 pub(super) const HOARD_APP: AppOptions = AppOptions {
     backlog: 32,
     slots: Some(48),
+    warp_server: WarpServer::Always,
     ..AppOptions::ROOMY
 };
 /// First-time clients during the random-source flood: fresh legit addresses
@@ -90,6 +94,9 @@ pub(super) const OVERLOAD_HOLD_MS: u32 = 1000;
 pub(super) const OVERLOAD_APP: AppOptions = AppOptions {
     backlog: 64,
     slots: Some(200),
+    // The kernel's adaptive caps are what is shown; guard's server would shed the overload's
+    // idle connections itself.
+    warp_server: WarpServer::Always,
     ..AppOptions::ROOMY
 };
 
@@ -100,7 +107,7 @@ pub(super) const OVERLOAD_APP: AppOptions = AppOptions {
 pub(super) const SLOW_SOURCES: u32 = 1500;
 pub(super) const SLOW_APP: AppOptions = AppOptions {
     start_nofile: Some(1024),
-    warp_server_unguarded: true,
+    warp_server: WarpServer::WithoutGuard,
     ..AppOptions::ROOMY
 };
 /// Long enough for guard's head deadline (10 s) to close the first heads several times over,
