@@ -85,7 +85,9 @@ pub const DEFAULT_CONN_SOCKS: u32 = 1 << 18;
 pub const DEFAULT_KNOWN_GOOD: u32 = 1 << 16;
 /// LRU: a flow evicted before it completes keeps its charge until the
 /// charge expires (a source over-counted for at most the timeout, never
-/// under-counted).
+/// under-counted). The agent sizes it like `SOURCES`, and `IN_FLIGHT` and
+/// `ACK_FAILS_AGG` like `AGGREGATES`, `ACK_FAILS` like `SOURCES`; these are
+/// the defaults.
 pub const DEFAULT_HANDSHAKES: u32 = 1 << 18;
 /// LRU: an evicted source forgets its in-flight charges (lenient).
 pub const DEFAULT_IN_FLIGHT: u32 = 1 << 16;
