@@ -63,6 +63,25 @@ impl SourceState {
     }
 }
 
+/// The `SYNACK_DESTS` slot of a destination (its source key): both words
+/// through MurmurHash3's 64-bit finalizer, top bits. Not keyed: an attacker
+/// who wants a client's slot drained can simply forge SYNs naming the
+/// client.
+#[inline(always)]
+pub const fn synack_slot(key: &crate::addr::AddrWords) -> u32 {
+    let h = fmix64(key.0[0] ^ fmix64(key.0[1]));
+    (h >> (64 - crate::maps::SYNACK_DEST_SLOT_BITS)) as u32
+}
+
+#[inline(always)]
+const fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// Time slots of [`InFlight`]: a charge stays live while its slot is one of
 /// the last `IN_FLIGHT_SLOTS`, so it lives between `IN_FLIGHT_SLOTS - 1` and
 /// `IN_FLIGHT_SLOTS` slot widths.
@@ -300,6 +319,19 @@ mod tests {
             1,
             "a zero timeout cannot divide by zero"
         );
+    }
+
+    #[test]
+    fn synack_slots_spread_neighbouring_addresses() {
+        use crate::addr::{v4_mapped, AddrWords};
+        let slots: std::collections::BTreeSet<u32> = (0..=255u8)
+            .flat_map(|c| (0..=255u8).map(move |d| v4_mapped([198, 18, c, d])))
+            .map(|a| synack_slot(&AddrWords::from_addr(&a)))
+            .collect();
+        assert!(slots.len() > 50_000, "a /16 over {} slots", slots.len());
+        assert!(slots
+            .iter()
+            .all(|s| *s < 1 << crate::maps::SYNACK_DEST_SLOT_BITS));
     }
 
     #[test]

@@ -53,7 +53,7 @@
 //! * **Some address of one chosen /24 (or /48)**: 64, then 16 a second:
 //!   about 8.4 days.
 //! * **Some address of a chosen set of prefixes** that fits the tables
-//!   (`ACK_FAILS_AGG`, 65 536 prefixes): once each has failed, all of them
+//!   (`ACK_FAILS_AGG`, 65 536 prefixes with the default `[maps]` sizes): once each has failed, all of them
 //!   together get 200 a second (the global budget): about 16 hours.
 //! * **Pushing a chosen address out of the tables** to reset its budget
 //!   (LRU: 262 144 sources, 65 536 prefixes) takes that many failures from

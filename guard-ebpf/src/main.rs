@@ -81,8 +81,7 @@ static HANDSHAKES: LruHashMap<FlowKey, Handshake> =
 static IN_FLIGHT: LruHashMap<Addr, InFlight> =
     LruHashMap::with_max_entries(names::DEFAULT_IN_FLIGHT, 0);
 #[map(name = "SYNACK_DESTS")]
-static SYNACK_DESTS: LruHashMap<Addr, TokenBucket> =
-    LruHashMap::with_max_entries(names::DEFAULT_SYNACK_DESTS, 0);
+static SYNACK_DESTS: Array<TokenBucket> = Array::with_max_entries(names::DEFAULT_SYNACK_DESTS, 0);
 #[map(name = "ACK_FAILS")]
 static ACK_FAILS: LruHashMap<Addr, TokenBucket> =
     LruHashMap::with_max_entries(names::DEFAULT_ACK_FAILS, 0);
@@ -542,7 +541,13 @@ fn scratch_flow(pkt: &Packet, at: &TcpAt) -> Option<&'static FlowKey> {
 #[inline(always)]
 fn cookie_or_dry_run(cfg: &LiveConfig, c: CookieSyn, destination: &AddrWords) -> Verdict {
     if cfg.source_cap_enabled() {
-        if let Some(b) = bucket(&SYNACK_DESTS, destination.as_addr(), cfg.syn_burst, c.now) {
+        if let Some(b) = SYNACK_DESTS.get_ptr_mut(guard_common::state::synack_slot(destination)) {
+            // SAFETY: an array slot; racing CPUs can only mis-count a charge.
+            let b = unsafe { &mut *b };
+            if b.last_ns == 0 {
+                // Never used: a full burst, as a new source gets.
+                *b = TokenBucket::full(cfg.syn_burst, c.now);
+            }
             if !b.try_take(c.now, cfg.syn_rate, cfg.syn_burst) {
                 return drop_or_dry_run(cfg, Stat::DropSynAckRate, Stat::WouldDropSynAckRate);
             }

@@ -37,7 +37,14 @@ impl Datapath {
             .map_max_entries(names::SOURCES, sizes.sources)
             .map_max_entries(names::AGGREGATES, sizes.aggregates)
             .map_max_entries(names::ALLOW, sizes.allow)
-            .map_max_entries(names::BLOCK, sizes.block);
+            .map_max_entries(names::BLOCK, sizes.block)
+            // The per-flow and per-source tables of the connection cap and the
+            // cookie-reply limits scale with the source tables, so a small
+            // [maps] (a pod sidecar) keeps its kernel memory small.
+            .map_max_entries(names::HANDSHAKES, sizes.sources)
+            .map_max_entries(names::ACK_FAILS, sizes.sources)
+            .map_max_entries(names::IN_FLIGHT, sizes.aggregates)
+            .map_max_entries(names::ACK_FAILS_AGG, sizes.aggregates);
         if let Some(layout) = layout {
             for name in names::PINNED_MAPS {
                 loader.map_pin_path(name, layout.map(name));

@@ -286,7 +286,17 @@ impl GuardMaps {
                 .get(&source_key.addr(), 0)
                 .map_or(0, |v| (v as i64).max(0) as u64),
             in_flight: self.in_flight.get(&source_key.addr(), 0).ok(),
-            synack_dest: self.synack_dests.get(&source_key.addr(), 0).ok(),
+            synack_dest: self
+                .synack_dests
+                .get(
+                    &guard_common::state::synack_slot(&guard_common::addr::AddrWords::from_addr(
+                        &source_key.addr(),
+                    )),
+                    0,
+                )
+                .ok()
+                // A slot never used holds a full burst.
+                .filter(|b| b.last_ns != 0),
             last_handshake_ns: self.known_good.get(&source_key.addr(), 0).ok(),
             allowed: self.allow.get(&host, 0).is_ok(),
             block: self.block.get(&host, 0).ok(),

@@ -165,10 +165,12 @@ fn expected_shape(name: &str) -> Option<(aya::maps::MapType, u32, u32)> {
             size_of::<Handshake>() as u32,
         ),
         names::IN_FLIGHT => (T::LruHash, 16, size_of::<InFlight>() as u32),
-        names::SYNACK_DESTS | names::ACK_FAILS | names::ACK_FAILS_AGG => {
+        names::ACK_FAILS | names::ACK_FAILS_AGG => {
             (T::LruHash, 16, size_of::<TokenBucket>() as u32)
         }
-        names::ACK_FAILS_ALL => (T::Array, 4, size_of::<TokenBucket>() as u32),
+        names::SYNACK_DESTS | names::ACK_FAILS_ALL => {
+            (T::Array, 4, size_of::<TokenBucket>() as u32)
+        }
         _ => return None,
     })
 }
@@ -288,8 +290,8 @@ pub struct GuardMaps {
     pub cookie_state: Array<MapData, CookieState>,
     /// Handshakes in flight per source key (see guard-ebpf/src/conns.rs).
     pub in_flight: HashMap<MapData, Addr, InFlight>,
-    /// Cookie SYN-ACKs per destination (source key).
-    pub synack_dests: HashMap<MapData, Addr, TokenBucket>,
+    /// Cookie SYN-ACK buckets, by `state::synack_slot` of the destination.
+    pub synack_dests: Array<MapData, TokenBucket>,
 }
 
 /// A loaded guard program with its maps.
