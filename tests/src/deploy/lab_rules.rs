@@ -152,7 +152,8 @@ fn scale_expr(expr: &str, speedup: u64) -> Result<String> {
             }
             c if c.is_ascii_alphabetic() || c == '_' => {
                 let mut word = String::from(c);
-                while let Some((_, w)) = chars.next_if(|&(_, w)| w.is_ascii_alphanumeric() || w == '_')
+                while let Some((_, w)) =
+                    chars.next_if(|&(_, w)| w.is_ascii_alphanumeric() || w == '_')
                 {
                     word.push(w);
                 }
@@ -165,8 +166,8 @@ fn scale_expr(expr: &str, speedup: u64) -> Result<String> {
                     while let Some((_, d)) = chars.next_if(|&(_, d)| d.is_ascii_alphanumeric()) {
                         span.push(d);
                     }
-                    let ms = parse_duration(&span)
-                        .with_context(|| format!("the offset in {expr:?}"))?;
+                    let ms =
+                        parse_duration(&span).with_context(|| format!("the offset in {expr:?}"))?;
                     out.push_str(&format!("{}s", scale_secs(ms, speedup)));
                 }
             }
