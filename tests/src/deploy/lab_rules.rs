@@ -236,7 +236,7 @@ mod tests {
                 assert!(!line.contains(unit), "{line}");
             }
             if let Some(v) = line.trim_start().strip_prefix("for: ") {
-                assert!(parse_duration(v).unwrap() <= 1440_000, "{line}");
+                assert!(parse_duration(v).unwrap() <= 1_440_000, "{line}");
             }
         }
         assert!(lab.contains("guard_packets_total{job=\"guard\", verdict=\"drop\"}[5s]"));
