@@ -11,13 +11,15 @@ use std::time::Duration;
 use guard_common::stats::Stat;
 use guard_tests::agent::{block_on, connects, host_prefix, wait_for, Listener};
 use guard_tests::binaries::{workspace_root, Binaries};
+use guard_tests::deploy::lab_rules::LAB_SPEEDUP;
 use guard_tests::deploy::nspawn::BootedDebian;
 use guard_tests::deploy::pod::{require_podman, PodRun, CLIENT_V4_BASE};
-use guard_tests::deploy::prom::{dashboard_queries, Prometheus};
+use guard_tests::deploy::prom::{dashboard_queries, unix_now_f64, Prometheus};
 use guard_tests::deploy::{build_dist, Dist};
 use guard_tests::lab::{Lab, ATTACKER_V4, SERVER_V4};
 use guard_tests::process::run_checked;
 use guard_tests::report::WsFloodReport;
+use guard_tests::stack::{args, Cpus, LegitLoad, Stack};
 use guard_tests::tools::TempDir;
 use guard_tests::{hping3_syn_flood, require_root, LabClient, Netns};
 use guard_user::datapath::GuardMaps;
@@ -552,4 +554,153 @@ fn the_image_runs_the_sidecar_manifest_in_a_pod() {
         empty.is_empty(),
         "dashboard queries without data: {empty:#?}"
     );
+}
+
+/// How long the lab runs with legit clients only while no alert may fire: longer than the
+/// lab variant's longest window over traffic (10 s, the shipped 10 min) plus its longest
+/// `for:` on such a rule (10 s), so a rule that misfires on normal traffic has time to fire.
+const QUIET_SECS: u32 = 25;
+/// A SYN flood from one spoofed source, far over the surge rule's 50 drops/s and the
+/// default per-source cap (20/s), long enough for the lab's `for: 5s`.
+const SYN_FLOOD_PPS: u32 = 20_000;
+const SYN_FLOOD_SECS: u32 = 10;
+/// Message floods from this many sources at once: the app's rule wants more than 5 floods
+/// in its window (one flooding client is a broken client, several are an attack).
+const FLOODERS: u8 = 12;
+/// Generous bounds for alerts to reach a state: seconds of rule time on a busy machine.
+const ALERT_LIMIT: Duration = Duration::from_secs(90);
+
+/// Waits until `alert` has fired since `since` (Unix seconds); every alert that fired then.
+/// On failure, says what the rule's series looked like.
+fn wait_fired(prom: &Prometheus, alert: &str, since: f64, series: &str) -> Vec<String> {
+    let waited = wait_for(&format!("{alert} to fire"), ALERT_LIMIT, || {
+        let fired = prom.fired_between(since, unix_now_f64())?;
+        if fired.iter().any(|a| a == alert) {
+            return Ok(Some(fired));
+        }
+        // One rule evaluation a second: asking more often only loads the machine.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(None)
+    });
+    waited.unwrap_or_else(|e| {
+        let span = (unix_now_f64() - since).ceil() as u64;
+        let seen = prom.query(&format!("{series}[{span}s]"));
+        let active = prom.active_between(since, unix_now_f64());
+        panic!("{e:#}\n{series} since then: {seen:?}\nactive: {active:?}")
+    })
+}
+
+/// Waits until no alert is pending or firing, so the next scenario starts from nothing.
+fn settle(prom: &Prometheus, after: &str) {
+    let left = ok(prom.wait_quiet(ALERT_LIMIT));
+    assert!(left.is_empty(), "still active after {after}: {left:?}");
+}
+
+/// The shipped alert rules, sped up for the lab (same expressions and thresholds, `for:` and
+/// windows 60 times shorter), on a real Prometheus scraping the lab's agent and demo app:
+/// with legit clients only nothing fires (nor is pending); a SYN flood fires
+/// GuardDropsSurging and nothing of the app's; message floods from several sources fire
+/// GuardAppFloodsDetected.
+#[test]
+fn the_alert_rules_fire_for_each_attack_and_stay_quiet_without_one() {
+    if !require_root("the_alert_rules_fire_for_each_attack_and_stay_quiet_without_one") {
+        return;
+    }
+    assert_eq!(
+        LAB_SPEEDUP, 60,
+        "the bounds above assume minutes become seconds"
+    );
+    let bins = ok(Binaries::build(false));
+    let mut stack = ok(Stack::new(bins, Cpus::detect(), Duration::from_secs(300)));
+    ok(stack.start_agent(&[]));
+    ok(stack.start_app(true));
+    let shipped = workspace_root().join("guard-user/deploy/alerts.yml");
+    let prom = ok(Prometheus::start_lab_rules(
+        &stack.lab.server,
+        &stack.metrics_addr().to_string(),
+        &stack.app_addr().to_string(),
+        &shipped,
+    ));
+    ok(prom.wait_targets_up(2, SETTLE));
+    // Every shipped rule loaded and healthy in its sped-up form.
+    let rules = ok(prom.alert_rules());
+    let shipped_rules = std::fs::read_to_string(&shipped)
+        .expect("alerts.yml")
+        .matches("- alert: ")
+        .count();
+    assert_eq!(rules.len(), shipped_rules, "{rules:?}");
+    for rule in &rules {
+        assert_eq!(rule.health, "ok", "{rule:?}");
+    }
+    settle(&prom, "the agent and the app came up");
+
+    // No attack: legit clients chat, subscribe and connect; nothing fires, nothing is pending.
+    let t0 = unix_now_f64();
+    let legit = ok(LegitLoad::start(&stack, QUIET_SECS));
+    let outcome = ok(legit.finish());
+    let (good, all) = outcome.connections();
+    assert!(all > 0 && good == all, "legit clients: {good}/{all}");
+    let quiet = ok(prom.active_between(t0, unix_now_f64()));
+    eprintln!("no attack ({QUIET_SECS} s, {all} legit connects): active {quiet:?}");
+    assert!(quiet.is_empty(), "alerts active with no attack: {quiet:?}");
+
+    // A SYN flood from one spoofed source: the kernel drops it, the surge rule fires; the
+    // app never sees a handshake, so none of its rules does.
+    let t1 = unix_now_f64();
+    let flood = ok(stack.syn_flood("198.19.0.7/32", SYN_FLOOD_PPS, SYN_FLOOD_SECS));
+    let during = wait_fired(
+        &prom,
+        "GuardDropsSurging",
+        t1,
+        "guard_packets_total{verdict=\"drop\"}",
+    );
+    let sent = ok(flood.wait()).sent;
+    settle(&prom, "the SYN flood");
+    let fired = ok(prom.fired_between(t1, unix_now_f64()));
+    eprintln!("SYN flood ({sent:?} SYNs): fired {fired:?} (first seen with {during:?})");
+    assert!(
+        !fired.iter().any(|a| a.starts_with("GuardApp")),
+        "an app rule fired on a SYN flood the app never saw: {fired:?}"
+    );
+
+    // Message floods from several sources at once: each is closed (1008) and reported, and
+    // the app's flood rule fires.
+    let sources = ok(stack.attacker_sources(60, FLOODERS));
+    let t2 = unix_now_f64();
+    let runs: Vec<_> = sources
+        .iter()
+        .map(|src| {
+            ok(stack.attacker::<WsFloodReport>(
+                args(&[
+                    "ws-flood",
+                    "--url",
+                    &stack.ws_url(),
+                    "--bind",
+                    &src.to_string(),
+                    "--rate",
+                    "2000",
+                    "--secs",
+                    "3",
+                ]),
+                Duration::from_secs(30),
+            ))
+        })
+        .collect();
+    for (src, run) in sources.iter().zip(runs) {
+        let report = ok(run.wait());
+        assert_eq!(report.close_code, Some(1008), "{src}: {report:?}");
+        eprintln!(
+            "{src}: {:?} after {} messages",
+            report.close_reason, report.sent
+        );
+    }
+    wait_fired(
+        &prom,
+        "GuardAppFloodsDetected",
+        t2,
+        "guard_app_floods_detected_total",
+    );
+    settle(&prom, "the message floods");
+    let fired = ok(prom.fired_between(t2, unix_now_f64()));
+    eprintln!("message floods from {FLOODERS} sources: fired {fired:?}");
 }

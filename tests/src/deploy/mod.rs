@@ -9,6 +9,7 @@
 //! pins) carries the [`PREFIX`] and the test's PID and is removed on drop, even when the test
 //! fails.
 
+pub mod lab_rules;
 pub mod nspawn;
 pub mod pod;
 pub mod prom;

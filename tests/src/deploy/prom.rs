@@ -1,6 +1,7 @@
 //! A real Prometheus server (Debian's package) in a lab namespace, scraping guard's agent as
 //! job="guard" and the app as job="app" (the job names alerts.yml and dashboard.json
-//! expect) with the shipped alert rules loaded, and answering queries over its HTTP API.
+//! expect) with the shipped alert rules loaded (or their lab variant, [`Prometheus::start_lab_rules`]),
+//! and answering queries over its HTTP API.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 
+use super::lab_rules::{self, LAB_SPEEDUP};
 use crate::agent::wait_for;
 use crate::netns::Netns;
 use crate::process::{run_checked, ChildGuard};
@@ -48,7 +50,24 @@ impl Prometheus {
     /// Starts it in `ns` scraping `guard` and `app` (host:port) with `rules` loaded, and waits
     /// until its API answers (the targets may come and go: `up` says when they are there).
     pub fn start(ns: &Netns, guard: &str, app: &str, rules: &[&Path]) -> Result<Self> {
+        Self::start_in(TempDir::new("deploy-prom")?, ns, guard, app, rules)
+    }
+
+    /// The same with the lab's variant of the rules file `shipped` (see [`lab_rules`]: `for:`
+    /// and time spans [`LAB_SPEEDUP`] times shorter, so alerts fire within a lab attack),
+    /// written next to the server's storage; `shipped` itself is only read.
+    pub fn start_lab_rules(ns: &Netns, guard: &str, app: &str, shipped: &Path) -> Result<Self> {
         let dir = TempDir::new("deploy-prom")?;
+        let text = std::fs::read_to_string(shipped)
+            .with_context(|| format!("read {}", shipped.display()))?;
+        let variant = lab_rules::lab_variant(&text, LAB_SPEEDUP)
+            .with_context(|| format!("derive the lab's variant of {}", shipped.display()))?;
+        let lab = dir.path().join("alerts.lab.yml");
+        std::fs::write(&lab, variant).with_context(|| format!("write {}", lab.display()))?;
+        Self::start_in(dir, ns, guard, app, &[&lab])
+    }
+
+    fn start_in(dir: TempDir, ns: &Netns, guard: &str, app: &str, rules: &[&Path]) -> Result<Self> {
         let conf = dir.path().join("prometheus.yml");
         std::fs::write(&conf, config(guard, app, rules)).context("write prometheus.yml")?;
         let mut cmd = ns.command("prometheus");
@@ -97,6 +116,48 @@ impl Prometheus {
             .collect();
         names.sort();
         names.dedup();
+        Ok(names)
+    }
+
+    /// Waits until no alert is pending or firing: the earlier scenario's samples have left
+    /// every window. The names still active when `limit` runs out, or nothing.
+    pub fn wait_quiet(&self, limit: Duration) -> Result<Vec<String>> {
+        match wait_for("every alert to be inactive", limit, || {
+            Ok(self.active_alerts()?.is_empty().then_some(()))
+        }) {
+            Ok(()) => Ok(Vec::new()),
+            Err(_) => self.active_alerts(),
+        }
+    }
+
+    /// The alerts that were firing at some evaluation in `[from, to]` (Unix seconds), read
+    /// from the server's own `ALERTS` series.
+    pub fn fired_between(&self, from: f64, to: f64) -> Result<Vec<String>> {
+        self.alerts_between(from, to, "ALERTS{alertstate=\"firing\"}")
+    }
+
+    /// The alerts that were pending or firing at some evaluation in `[from, to]`.
+    pub fn active_between(&self, from: f64, to: f64) -> Result<Vec<String>> {
+        self.alerts_between(from, to, "ALERTS")
+    }
+
+    fn alerts_between(&self, from: f64, to: f64, series: &str) -> Result<Vec<String>> {
+        ensure!(to >= from, "an empty window: {from} to {to}");
+        // Whole seconds, rounded up, so the window's first evaluation is inside.
+        let span = (to - from).ceil().max(1.0) as u64;
+        let query = format!("count by (alertname) (count_over_time({series}[{span}s]))");
+        let data = self.api(
+            "/api/v1/query",
+            &[("query", &query), ("time", &format!("{to:.3}"))],
+        )?;
+        let result = data["result"]
+            .as_array()
+            .with_context(|| format!("query {query}: no result vector in {data}"))?;
+        let mut names: Vec<String> = result
+            .iter()
+            .filter_map(|s| s["metric"]["alertname"].as_str().map(str::to_string))
+            .collect();
+        names.sort();
         Ok(names)
     }
 
@@ -154,9 +215,14 @@ impl Prometheus {
 }
 
 fn unix_now() -> u64 {
+    unix_now_f64() as u64
+}
+
+/// Now in Unix seconds, as the server's API takes times (same host, same clock).
+pub fn unix_now_f64() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// GET on the server's API from inside its namespace; the `data` of a successful answer.

@@ -48,33 +48,42 @@ pub(super) struct Phase {
     pub(super) legit: LegitOutcome,
 }
 
-/// The shipped alert rules as the demo's Prometheus evaluated them in one phase: the names
-/// whose condition held (pending or firing) with the agent and app up before the attack, and
-/// just after it. `for:` makes the rules wait minutes before firing, longer than a demo
-/// attack lasts, so "set off" means the condition held, i.e. pending.
+/// The lab variant of the shipped alert rules (`for:` and windows 60 times shorter, see
+/// `guard_tests::deploy::lab_rules`) as the demo's Prometheus evaluated them in one phase,
+/// from the attack's start until its samples had left every window.
 #[derive(Debug, Clone, Serialize, Default)]
 pub(super) struct PhaseAlerts {
+    /// Still pending or firing when the phase began, after waiting for quiet (an earlier
+    /// phase's doing, not this attack's; normally empty).
     pub(super) before: Vec<String>,
-    pub(super) after: Vec<String>,
+    /// Firing at some evaluation in the window.
+    pub(super) fired: Vec<String>,
+    /// Pending or firing at some evaluation in the window.
+    pub(super) active: Vec<String>,
     /// Every alerting rule loaded, to list the quiet ones.
     pub(super) rules: Vec<String>,
 }
 
 impl PhaseAlerts {
-    /// Active just after the attack and not before it.
-    pub(super) fn set_off(&self) -> Vec<&str> {
-        self.after
+    /// Fired during the attack's window.
+    pub(super) fn fired_during(&self) -> Vec<&str> {
+        self.fired.iter().map(String::as_str).collect()
+    }
+
+    /// Whose condition held in the window but not for the rule's `for:`.
+    pub(super) fn pending_only(&self) -> Vec<&str> {
+        self.active
             .iter()
-            .filter(|a| !self.before.contains(a))
+            .filter(|a| !self.fired.contains(a))
             .map(String::as_str)
             .collect()
     }
 
-    /// Loaded rules active neither before nor after.
+    /// Loaded rules never pending nor firing, before or during the window.
     pub(super) fn quiet(&self) -> Vec<&str> {
         self.rules
             .iter()
-            .filter(|r| !self.before.contains(r) && !self.after.contains(r))
+            .filter(|r| !self.before.contains(r) && !self.active.contains(r))
             .map(String::as_str)
             .collect()
     }
@@ -184,18 +193,21 @@ mod tests {
     use super::PhaseAlerts;
 
     #[test]
-    fn alerts_set_off_are_new_after_the_attack_and_quiet_ones_never_active() {
+    fn fired_pending_and_quiet_split_the_rules() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let a = PhaseAlerts {
-            before: names(&["GuardDropsSurging"]),
-            after: names(&["GuardDropsSurging", "GuardAppFloodsDetected"]),
+            before: names(&["GuardAgentDown"]),
+            fired: names(&["GuardDropsSurging"]),
+            active: names(&["GuardDropsSurging", "GuardEventsLost"]),
             rules: names(&[
                 "GuardAgentDown",
                 "GuardDropsSurging",
+                "GuardEventsLost",
                 "GuardAppFloodsDetected",
             ]),
         };
-        assert_eq!(a.set_off(), ["GuardAppFloodsDetected"]);
-        assert_eq!(a.quiet(), ["GuardAgentDown"]);
+        assert_eq!(a.fired_during(), ["GuardDropsSurging"]);
+        assert_eq!(a.pending_only(), ["GuardEventsLost"]);
+        assert_eq!(a.quiet(), ["GuardAppFloodsDetected"]);
     }
 }

@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
+use guard_tests::deploy::lab_rules::LAB_SPEEDUP;
 use guard_tests::fleet::FleetDemo;
 
 use super::chart::{self, Row};
 use super::phase::*;
+use super::run::ALERT_DRAIN_SECS;
 use super::scenarios::*;
 
 pub(super) const COLUMNS: [&str; 8] = [
@@ -168,8 +170,7 @@ pub(super) fn markdown(r: &Report) -> String {
     md
 }
 
-/// With `--prometheus`: per scenario, the shipped alerts whose condition the attack made true
-/// and those that stayed quiet.
+/// With `--prometheus`: per scenario, the alerts its attack fired and those that stayed quiet.
 pub(super) fn alerts_markdown(md: &mut String, r: &Report) {
     let rows: Vec<(&str, &PhaseAlerts)> = r
         .scenarios
@@ -185,21 +186,29 @@ pub(super) fn alerts_markdown(md: &mut String, r: &Report) {
     }
     let _ = writeln!(
         md,
-        "## Prometheus alerts (guard-user/deploy/alerts.yml)
-"
+        "## Prometheus alerts (lab variant of guard-user/deploy/alerts.yml)\n"
     );
     let _ = writeln!(
         md,
         "A Prometheus server scraped the agent (job=\"guard\") and the app (job=\"app\") every \
-         second with the shipped rules loaded, in the runs with guard. **set off**: alerts \
-         whose condition held just after the attack and not before it; the rules' `for:` \
-         (minutes) is longer than a demo attack, so they were pending, and fire when an \
-         attack lasts that long. **active before**: already pending with the agent and app \
-         up, before the attack (rate windows are 5 minutes, so an earlier scenario can still \
-         count). **quiet**: every other rule.\n"
+         second, in the runs with guard, with the shipped rules sped up for the lab: same rules, \
+         expressions and thresholds, `for:` and every time span {speedup} times shorter \
+         (`for: 5m` is 5 s, `rate(...[5m])` is `[5s]`, `[1d] offset 1h` is `[1440s] offset 60s`), \
+         derived in code and written to the lab's temp folder; the shipped file is unchanged. \
+         Count thresholds over a window (`increase(...[10m]) > 5`) are therefore {speedup} times \
+         stricter per second. Each run waits until no alert is active, then watches from the \
+         attack's start until {drain} s after its end (the longest window). **fired during**: \
+         firing at some evaluation then; **pending only**: condition held, but not for the \
+         rule's `for:`; **stayed quiet**: never active; **active before**: left over from an \
+         earlier run.\n",
+        speedup = LAB_SPEEDUP,
+        drain = ALERT_DRAIN_SECS,
     );
-    let _ = writeln!(md, "| scenario | set off | active before | quiet |");
-    let _ = writeln!(md, "|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| scenario | fired during | pending only | stayed quiet | active before |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
     let list = |v: Vec<&str>| {
         if v.is_empty() {
             "—".to_string()
@@ -211,10 +220,11 @@ pub(super) fn alerts_markdown(md: &mut String, r: &Report) {
         let before: Vec<&str> = a.before.iter().map(String::as_str).collect();
         let _ = writeln!(
             md,
-            "| {title} | {} | {} | {} |",
-            list(a.set_off()),
-            list(before),
-            list(a.quiet())
+            "| {title} | {} | {} | {} | {} |",
+            list(a.fired_during()),
+            list(a.pending_only()),
+            list(a.quiet()),
+            list(before)
         );
     }
     let _ = writeln!(md);

@@ -12,13 +12,23 @@ use super::report::*;
 use super::scenarios::*;
 use super::DemoArgs;
 use guard_tests::binaries::Binaries;
-use guard_tests::deploy::prom::{Prometheus, INTERVAL_SECS};
+use guard_tests::deploy::lab_rules::LAB_SPEEDUP;
+use guard_tests::deploy::prom::{unix_now_f64, Prometheus, INTERVAL_SECS};
 use guard_tests::stack::{
     install_signal_handlers, interrupted, pause, Counters, Cpus, LegitLoad, Sample, Stack,
     SLICE_SECS,
 };
 
 pub(super) const FLEET_KEY: &str = "fleet";
+
+/// How long after an attack its alerts are still watched: its last samples leave the lab
+/// rules' longest window over traffic (10 s, the shipped `[10m]`) and one more scrape and
+/// evaluation happen. Until then a rule it set pending can still reach firing.
+pub(super) const ALERT_DRAIN_SECS: u64 = 10 + 2 * INTERVAL_SECS as u64;
+
+/// How long a run with guard waits for the previous run's alerts to end before it starts
+/// anyway (and reports them as active before).
+const ALERT_SETTLE: Duration = Duration::from_secs(60);
 
 pub fn main(a: DemoArgs) -> Result<()> {
     if !guard_tests::is_root() {
@@ -75,15 +85,17 @@ pub fn main(a: DemoArgs) -> Result<()> {
         let prom = if a.prometheus {
             let alerts =
                 guard_tests::binaries::workspace_root().join("guard-user/deploy/alerts.yml");
-            let p = Prometheus::start(
+            let p = Prometheus::start_lab_rules(
                 &s.lab.server,
                 &s.metrics_addr().to_string(),
                 &s.app_addr().to_string(),
-                &[&alerts],
+                &alerts,
             )
             .context("start Prometheus (the `prometheus` Debian package)")?;
             println!(
-                "prometheus: scraping the agent and the app every {INTERVAL_SECS}s with {}",
+                "prometheus: scraping the agent and the app every {INTERVAL_SECS}s with the \
+                 rules of {} sped up {LAB_SPEEDUP} times (for: and windows; minutes become \
+                 seconds)",
                 alerts.display()
             );
             Some(p)
@@ -245,21 +257,26 @@ pub(super) fn run_phase_inner(
     let legit = LegitLoad::start(stack, timing.legit_secs())?;
     pause(Duration::from_secs_f64(timing.warmup_secs))?;
     let start = legit.elapsed();
+    let attack_from_unix = unix_now_f64();
     let attack = (sc.attack)(stack, timing)?;
     let end = legit.elapsed();
+    let attack_to_unix = unix_now_f64();
+    let outcome = legit.finish()?;
     let alerts = match (prom, alerts_before) {
         (Some(p), Some(before)) => {
-            // One more scrape and rule evaluation, so the attack's last samples count.
-            pause(Duration::from_secs(u64::from(2 * INTERVAL_SECS)))?;
+            let watch_to = attack_to_unix + ALERT_DRAIN_SECS as f64;
+            pause(Duration::from_secs_f64(
+                (watch_to - unix_now_f64()).max(0.0),
+            ))?;
             Some(PhaseAlerts {
                 before,
-                after: p.active_alerts()?,
+                fired: p.fired_between(attack_from_unix, watch_to)?,
+                active: p.active_between(attack_from_unix, watch_to)?,
                 rules: p.alert_rules()?.into_iter().map(|r| r.name).collect(),
             })
         }
         _ => None,
     };
-    let outcome = legit.finish()?;
 
     let kernel = match (before, stack.counters()?) {
         (Some(b), Some(a)) => Some(a.since(&b)),
@@ -326,12 +343,15 @@ pub(super) fn run_phase_inner(
     })
 }
 
-/// The active alerts once both targets are scraped up and the rules evaluated on that.
+/// Once both targets are scraped up, waits for every alert to end (the previous run's
+/// attack, or the agent being down between runs); what is still active after
+/// [`ALERT_SETTLE`].
 fn settled_alerts(p: &Prometheus) -> Result<Vec<String>> {
     p.wait_targets_up(2, Duration::from_secs(30))
         .context("Prometheus does not see the agent and the app up")?;
+    // Rules evaluated on the targets being up, not on the scrape before.
     pause(Duration::from_secs(u64::from(2 * INTERVAL_SECS)))?;
-    p.active_alerts()
+    p.wait_quiet(ALERT_SETTLE)
 }
 
 /// `--keep`: guard on, the app up, no floods; explains how to look, then waits for Ctrl-C.
