@@ -1,7 +1,11 @@
-//! WebSocket echo throughput: plain warp (`warp::ws()`, `warp::serve`)
-//! against guard (its filters and `Guard::serve`, every check on, none
-//! tripped), one arm per guard read-buffer size asked for, all served by one
-//! runtime in this process.
+//! WebSocket echo throughput of one guarded app (`guard.websocket()` and a
+//! `GuardedWebSocket` echo, every check on, none tripped) served two ways:
+//! by `warp::serve` (arm "warp-serve", where guard finishes the upgrade with
+//! warp's `Ws`) and by `Guard::serve` (one arm "guard-N" per read-buffer size
+//! asked for). What differs between them is the server alone. A bare warp
+//! echo without any guard code (arm "bare-warp") runs beside them as a
+//! reference: it prices guard's filters and socket, not its server. All arms
+//! are served by one runtime in this process.
 //!
 //! For each message size each arm gets one connection, and in every round
 //! each arm echoes the same number of pipelined messages; the arms take
@@ -60,14 +64,20 @@ pub struct EchoArgs {
 /// One server under test.
 #[derive(Clone, Copy, Debug)]
 enum Arm {
-    Warp,
+    /// warp's own echo, no guard code: the reference.
+    BareWarp,
+    /// The guarded app, served by `warp::serve`.
+    GuardedOnWarp,
+    /// The guarded app, served by `Guard::serve` with this WebSocket read
+    /// buffer.
     Guard { read_buffer: usize },
 }
 
 impl Arm {
     fn name(self) -> String {
         match self {
-            Arm::Warp => "warp".into(),
+            Arm::BareWarp => "bare-warp".into(),
+            Arm::GuardedOnWarp => "warp-serve".into(),
             Arm::Guard { read_buffer } => format!("guard-{read_buffer}"),
         }
     }
@@ -76,7 +86,7 @@ impl Arm {
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub fn run(args: &EchoArgs) -> Result<()> {
-    let mut arms = vec![Arm::Warp];
+    let mut arms = vec![Arm::BareWarp, Arm::GuardedOnWarp];
     let mut buffers = args.guard_read_buffers.clone();
     if buffers.is_empty() {
         buffers.push(Limits::default().ws_read_buffer_size);
@@ -149,8 +159,8 @@ pub fn run(args: &EchoArgs) -> Result<()> {
 /// Starts `arm`'s echo server for messages of `size`, `messages` of them in
 /// flight at most.
 async fn serve(arm: Arm, size: usize, messages: usize) -> Result<SocketAddr> {
-    match arm {
-        Arm::Warp => {
+    let read_buffer = match arm {
+        Arm::BareWarp => {
             // warp's own echo, as its example writes it.
             let route = warp::ws().map(|ws: warp::ws::Ws| {
                 ws.on_upgrade(|socket| async move {
@@ -158,56 +168,71 @@ async fn serve(arm: Arm, size: usize, messages: usize) -> Result<SocketAddr> {
                     let _ = rx.forward(tx).await;
                 })
             });
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .context("cannot bind warp's server")?;
-            let addr = listener.local_addr().context("the bound address")?;
-            tokio::spawn(warp::serve(route).incoming(listener).run());
-            Ok(addr)
+            return serve_with_warp(route).await;
         }
-        Arm::Guard { read_buffer } => {
-            let defaults = Limits::default();
-            let guard = Guard::builder()
-                .limits(Limits {
-                    // Rates that a bench's flood of echoes never trips, a
-                    // queue that holds a whole round, and sizes that fit the
-                    // message: what is measured is the cost of the checks,
-                    // not their verdicts.
-                    message_rate: u32::MAX,
-                    message_burst: u32::MAX,
-                    byte_rate: u32::MAX,
-                    byte_burst: u32::MAX,
-                    max_message_size: defaults.max_message_size.max(size),
-                    max_frame_size: defaults.max_frame_size.max(size),
-                    outbound_queue: messages,
-                    // A lost echo fails the run loudly (the connection
-                    // closes) rather than making a round wait forever.
-                    slow_consumer_policy: SlowConsumerPolicy::Close,
-                    ws_read_buffer_size: read_buffer,
-                    ..defaults
-                })
-                .registry(&Registry::new())
-                .build()
-                .context("cannot build the guard")?;
-            let route = guard.websocket().map(|up: WsUpgrade| {
-                up.on_upgrade(|mut ws: GuardedWebSocket| async move {
-                    while let Some(msg) = ws.next().await {
-                        if ws.send(msg).is_err() {
-                            break;
-                        }
+        // warp's `Ws` sizes this side's buffers itself.
+        Arm::GuardedOnWarp => Limits::default().ws_read_buffer_size,
+        Arm::Guard { read_buffer } => read_buffer,
+    };
+    let defaults = Limits::default();
+    let guard = Guard::builder()
+        .limits(Limits {
+            // Rates that a bench's flood of echoes never trips, a queue that
+            // holds a whole round, and sizes that fit the message: what is
+            // measured is the cost of the checks, not their verdicts.
+            message_rate: u32::MAX,
+            message_burst: u32::MAX,
+            byte_rate: u32::MAX,
+            byte_burst: u32::MAX,
+            max_message_size: defaults.max_message_size.max(size),
+            max_frame_size: defaults.max_frame_size.max(size),
+            outbound_queue: messages,
+            // A lost echo fails the run loudly (the connection closes)
+            // rather than making a round wait forever.
+            slow_consumer_policy: SlowConsumerPolicy::Close,
+            ws_read_buffer_size: read_buffer,
+            ..defaults
+        })
+        .registry(&Registry::new())
+        .build()
+        .context("cannot build the guard")?;
+    let route = guard
+        .websocket()
+        .map(|up: WsUpgrade| {
+            up.on_upgrade(|mut ws: GuardedWebSocket| async move {
+                while let Some(msg) = ws.next().await {
+                    if ws.send(msg).is_err() {
+                        break;
                     }
-                })
-                .into_response()
-            });
-            let (addr, serving) = guard
-                .serve(route.recover(guard_common::app::recover))
-                .bind(([127, 0, 0, 1], 0))
-                .await
-                .context("cannot bind guard's server")?;
-            tokio::spawn(serving);
-            Ok(addr)
-        }
+                }
+            })
+            .into_response()
+        })
+        .recover(guard_common::app::recover);
+    if let Arm::GuardedOnWarp = arm {
+        return serve_with_warp(route).await;
     }
+    let (addr, serving) = guard
+        .serve(route)
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .context("cannot bind guard's server")?;
+    tokio::spawn(serving);
+    Ok(addr)
+}
+
+/// Serves `route` with plain `warp::serve` on a loopback port.
+async fn serve_with_warp<F>(route: F) -> Result<SocketAddr>
+where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind warp's server")?;
+    let addr = listener.local_addr().context("the bound address")?;
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    Ok(addr)
 }
 
 /// Messages per second of every arm in every round (`[arm][round]`).

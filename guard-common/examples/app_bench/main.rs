@@ -11,10 +11,11 @@
 //!     echo --size 64 --size 16384 --rounds 9 --server-cpu 0 --client-cpu 1
 //! ```
 //!
-//! The "warp" side is an app without guard at all (warp's `ws()` and
-//! `sse::reply`, served by `warp::serve`): what an app had before it adopted
-//! guard's filters and server. The "guard" side is the same app through
-//! guard's filters and `Guard::serve`.
+//! In `idle`, the "warp" side is an app without guard at all (warp's `ws()`
+//! and `sse::reply`, served by `warp::serve`): what an app had before it
+//! adopted guard's filters and server; the "guard" side is the same app
+//! through guard's filters and `Guard::serve`. `echo` compares one guarded
+//! app on both servers, with the bare warp app as a reference (see there).
 
 mod echo;
 mod idle;
