@@ -53,6 +53,10 @@ pub struct EchoArgs {
     /// its default).
     #[arg(long = "guard-read-buffer", value_name = "BYTES")]
     guard_read_buffers: Vec<usize>,
+    /// `Limits::ws_write_buffer_size` of every guard arm (default: its
+    /// default).
+    #[arg(long, value_name = "BYTES")]
+    guard_write_buffer: Option<usize>,
     /// CPU for the server runtime's threads.
     #[arg(long)]
     server_cpu: Option<usize>,
@@ -132,7 +136,7 @@ pub fn run(args: &EchoArgs) -> Result<()> {
         let messages = (args.round_bytes / size).max(args.min_messages);
         let mut addrs = Vec::new();
         for &arm in &arms {
-            addrs.push(server_rt.block_on(serve(arm, size, messages))?);
+            addrs.push(server_rt.block_on(serve(arm, size, messages, args.guard_write_buffer))?);
         }
         let rates = client_rt.block_on(measure(&addrs, size, messages, args.rounds as usize))?;
         let per_arm: Vec<String> = arms
@@ -158,7 +162,12 @@ pub fn run(args: &EchoArgs) -> Result<()> {
 
 /// Starts `arm`'s echo server for messages of `size`, `messages` of them in
 /// flight at most.
-async fn serve(arm: Arm, size: usize, messages: usize) -> Result<SocketAddr> {
+async fn serve(
+    arm: Arm,
+    size: usize,
+    messages: usize,
+    write_buffer: Option<usize>,
+) -> Result<SocketAddr> {
     let read_buffer = match arm {
         Arm::BareWarp => {
             // warp's own echo, as its example writes it.
@@ -191,6 +200,10 @@ async fn serve(arm: Arm, size: usize, messages: usize) -> Result<SocketAddr> {
             // rather than making a round wait forever.
             slow_consumer_policy: SlowConsumerPolicy::Close,
             ws_read_buffer_size: read_buffer,
+            ws_write_buffer_size: write_buffer.unwrap_or(defaults.ws_write_buffer_size),
+            ws_max_write_buffer_size: defaults
+                .ws_max_write_buffer_size
+                .max(write_buffer.unwrap_or(0).saturating_mul(2)),
             ..defaults
         })
         .registry(&Registry::new())
