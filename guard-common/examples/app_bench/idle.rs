@@ -52,6 +52,10 @@ enum Kind {
     Ws,
     /// SSE subscribers, their response head sent and no event since.
     Sse,
+    /// Responses whose body never ends and never sends a byte, through no
+    /// queue, timer or filter of guard's: what the server and hyper hold
+    /// for a request in flight, the floor under an SSE subscriber.
+    Stream,
 }
 
 impl Kind {
@@ -59,6 +63,7 @@ impl Kind {
         match self {
             Kind::Ws => "ws",
             Kind::Sse => "sse",
+            Kind::Stream => "stream",
         }
     }
 }
@@ -169,6 +174,8 @@ async fn serve_guard(
         .context("cannot build the guard")?;
     let senders = Senders::default();
     let kept = Arc::clone(&senders.guard);
+    // Endless bodies hold no admission permit, so guard does not count them.
+    let endless = Arc::new(AtomicUsize::new(0));
     let ws = warp::path("ws")
         .and(guard.websocket())
         .map(|up: WsUpgrade| {
@@ -187,6 +194,8 @@ async fn serve_guard(
     let app = ws
         .or(events)
         .unify()
+        .or(endless_body(Arc::clone(&endless)))
+        .unify()
         .recover(guard_common::app::recover)
         .unify();
     let (addr, serving) = guard
@@ -195,7 +204,8 @@ async fn serve_guard(
         .await
         .context("cannot bind guard's server")?;
     tokio::spawn(serving);
-    let open: Open = Arc::new(move || guard.open_connections() as usize);
+    let open: Open =
+        Arc::new(move || guard.open_connections() as usize + endless.load(Ordering::SeqCst));
     Ok((addr, open, senders))
 }
 
@@ -243,7 +253,11 @@ async fn serve_warp() -> Result<(SocketAddr, Open, Senders)> {
         });
         warp::sse::reply(warp::sse::keep_alive().stream(events)).into_response()
     });
-    let app = ws.or(events).unify();
+    let app = ws
+        .or(events)
+        .unify()
+        .or(endless_body(Arc::clone(&live)))
+        .unify();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot bind warp's server")?;
@@ -251,6 +265,23 @@ async fn serve_warp() -> Result<(SocketAddr, Open, Senders)> {
     tokio::spawn(warp::serve(app).incoming(listener).run());
     let open: Open = Arc::new(move || live.load(Ordering::SeqCst));
     Ok((addr, open, senders))
+}
+
+/// `GET /stream`: a 200 whose body never ends and never sends anything
+/// (counted in `live` while it lasts).
+fn endless_body(
+    live: Arc<AtomicUsize>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    warp::path("stream").and(warp::get()).map(move || {
+        let live = Live::new(&live);
+        let silence = futures_util::stream::unfold(live, |live| async move {
+            // Held for as long as hyper keeps the body.
+            let _held = live;
+            futures_util::future::pending::<()>().await;
+            None::<(Result<warp::sse::Event, std::convert::Infallible>, _)>
+        });
+        warp::sse::reply(silence).into_response()
+    })
 }
 
 async fn wait_for(open: &Open, want: usize, what: &str) -> Result<()> {
@@ -294,6 +325,7 @@ fn open_one(addr: SocketAddr, kind: Kind, i: usize) -> Result<TcpStream> {
             "HTTP/1.1 101",
         ),
         Kind::Sse => ("/events", "Accept: text/event-stream\r\n", "HTTP/1.1 200"),
+        Kind::Stream => ("/stream", "", "HTTP/1.1 200"),
     };
     write!(
         s,
