@@ -4,7 +4,9 @@
 //! - Idle memory: 8 000 idle WebSockets and 8 000 idle SSE subscribers, each kind against
 //!   each server in a fresh process (memory one measurement frees stays resident and would
 //!   flatter the next); KiB per connection = (RSS after − RSS before) / N. Also guard's
-//!   WebSocket with an 8 KiB read buffer, the price of the alternative default below.
+//!   WebSocket with an 8 KiB read buffer, the price of the alternative default below. And,
+//!   without a goal, 8 000 responses whose body never ends nor sends a byte, through neither
+//!   guard's nor warp's SSE: the floor that the server and hyper put under any SSE subscriber.
 //! - WebSocket echo throughput, 64 B and 16 KiB messages, of one guarded app
 //!   (`guard.websocket()` + a `GuardedWebSocket` echo) served by plain `warp::serve` and by
 //!   guard's server with its default 4 KiB read buffer and with 8 KiB, in rounds that alternate
@@ -109,7 +111,7 @@ pub fn run(quick: bool) -> Result<AppReport> {
     check_interrupted()?;
 
     let mut idle = Vec::new();
-    for kind in ["ws", "sse"] {
+    for kind in ["ws", "sse", "stream"] {
         idle.push(idle_one(&exe, "warp", kind, None)?);
         idle.push(idle_one(&exe, "guard", kind, Some(READ_BUFFERS[0]))?);
         if kind == "ws" {
@@ -303,7 +305,11 @@ fn print_idle(idle: &[Idle]) {
         "guard (4 KiB read buffer)",
         "guard (8 KiB read buffer)",
     ]);
-    for (kind, name) in [("ws", "WebSocket"), ("sse", "SSE subscriber")] {
+    for (kind, name) in [
+        ("ws", "WebSocket"),
+        ("sse", "SSE subscriber"),
+        ("stream", "endless silent body (floor)"),
+    ] {
         t.row(vec![
             name.into(),
             kib(find(idle, "warp", kind, None)),
