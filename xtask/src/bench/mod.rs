@@ -14,7 +14,10 @@
 //! - `--global`: a random-source flood while returning ("known good") clients keep
 //!   connecting, with and without the global new-connection budget;
 //! - `--cookies`: WebSocket bulk throughput through connections admitted by a SYN cookie
-//!   against normally admitted ones, alternating in one run.
+//!   against normally admitted ones, alternating in one run;
+//! - `--app`: what guard's server costs an app against plain `warp::serve`, same release
+//!   build: resident memory per idle WebSocket and SSE subscriber, and WebSocket echo
+//!   throughput in alternating rounds.
 //!
 //! Every number printed is measured in this run; the goals are checked against those numbers
 //! and reported as met or not. Machines are shared: read ratios between modes of one run, not
@@ -23,7 +26,7 @@
 //! Like the demo, plain xtask stays free of the eBPF build: it runs setup, then re-runs itself
 //! with the `lab` feature, which holds the bench itself.
 //!
-//! One submodule per section (`datapath`, `flood`, `global`, `cookies`) plus `table` (printed
+//! One submodule per section (`datapath`, `flood`, `global`, `cookies`, `app`) plus `table` (printed
 //! tables and goals); the flood and global sections run on the lab rig, `guard_tests::rig`.
 
 use std::path::PathBuf;
@@ -43,6 +46,9 @@ pub struct BenchArgs {
     /// Run the SYN-cookie throughput section (cookie-admitted vs normal WebSocket transfers).
     #[arg(long)]
     cookies: bool,
+    /// Run the app section (guard's server vs plain warp::serve: idle memory, echo throughput).
+    #[arg(long)]
+    app: bool,
     /// Shorter runs and fewer repeats (about two minutes for everything).
     #[arg(long)]
     quick: bool,
@@ -83,6 +89,7 @@ pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
 #[cfg(feature = "lab")]
 pub use run::main;
 
+mod app;
 mod cookies;
 mod datapath;
 mod flood;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
 use super::table::Goal;
-use super::{cookies, datapath, flood, global, BenchArgs};
+use super::{app, cookies, datapath, flood, global, BenchArgs};
 
 use guard_tests::stack::{check_interrupted, install_signal_handlers};
 
@@ -22,6 +22,7 @@ struct Report {
     flood: Option<flood::FloodReport>,
     global: Option<global::GlobalReport>,
     cookies: Option<cookies::CookieReport>,
+    app: Option<app::AppReport>,
     goals: Vec<Goal>,
     elapsed_s: f64,
 }
@@ -55,7 +56,7 @@ pub fn main(args: BenchArgs) -> Result<()> {
     }
     install_signal_handlers();
     let start = Instant::now();
-    let all = !(args.datapath || args.flood || args.global || args.cookies);
+    let all = !(args.datapath || args.flood || args.global || args.cookies || args.app);
     let machine = Machine::read();
     println!(
         "guard bench{} on Linux {}, {} CPUs, load average {}",
@@ -76,6 +77,14 @@ pub fn main(args: BenchArgs) -> Result<()> {
 
     let cookies = if all || args.cookies {
         let report = cookies::run(args.quick)?;
+        goals.extend(report.goals());
+        Some(report)
+    } else {
+        None
+    };
+
+    let app = if all || args.app {
+        let report = app::run(args.quick)?;
         goals.extend(report.goals());
         Some(report)
     } else {
@@ -130,6 +139,7 @@ pub fn main(args: BenchArgs) -> Result<()> {
         flood,
         global,
         cookies,
+        app,
         goals,
         elapsed_s: start.elapsed().as_secs_f64(),
     };

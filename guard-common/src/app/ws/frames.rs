@@ -22,6 +22,14 @@ const MAX_HEADER: usize = 14;
 /// can close a flood within this many frames, however fast they come.
 pub(super) const FRAMES_PER_YIELD: u32 = 64;
 
+/// Outbound bytes gathered before they go to the socket: the codec's own
+/// write buffer (`Limits::ws_write_buffer_size`) stays small, because it
+/// keeps what it grew to for the connection's life, while this one is
+/// given back whenever it drains, so only a connection that is writing
+/// right now holds it. Without it every few KiB of echoes is a `send`
+/// (64-byte echoes ran at about half of warp's rate).
+const WRITE_GATHER: usize = 64 * 1024;
+
 /// What arrived since the counts were last taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Arrived {
@@ -120,6 +128,11 @@ pub(crate) struct Metered<S> {
     meter: FrameMeter,
     /// Frames counted since the codec was last made to stop.
     since_yield: u32,
+    /// The codec was made to stop by the meter, not by a socket with
+    /// nothing to read; see [`Metered::take_paused`].
+    paused: bool,
+    /// Written by the codec, not yet by the socket (see [`WRITE_GATHER`]).
+    gathered: Vec<u8>,
 }
 
 impl<S> Metered<S> {
@@ -128,12 +141,45 @@ impl<S> Metered<S> {
             io,
             meter: FrameMeter::default(),
             since_yield: 0,
+            paused: false,
+            gathered: Vec::new(),
         }
     }
 
     /// Frames and payload bytes that arrived since the last call.
     pub(crate) fn take(&mut self) -> Arrived {
         self.meter.take()
+    }
+
+    /// Whether the last read stopped only to have its frames charged (and
+    /// clears that). Such a stop is no sign of a quiet peer: its reader
+    /// charges and reads on, rather than flushing and waiting as it does
+    /// when the socket runs dry, which would cost a flush and a wake-up per
+    /// [`FRAMES_PER_YIELD`] frames of a busy connection.
+    pub(crate) fn take_paused(&mut self) -> bool {
+        std::mem::take(&mut self.paused)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Metered<S> {
+    /// Writes out everything gathered, then gives its memory back.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut written = 0;
+        let result = loop {
+            if written == self.gathered.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.gathered[written..]) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => written += n,
+                other => break other.map(|r| r.map(drop)),
+            }
+        };
+        self.gathered.drain(..written);
+        if self.gathered.is_empty() {
+            self.gathered = Vec::new();
+        }
+        result
     }
 }
 
@@ -149,9 +195,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         // socket readable with tiny fragments would hold the task inside
         // one read for as long as it likes, its frames never charged. A
         // read that would block is one the codec resumes exactly where it
-        // was.
+        // was. The wake-up keeps a reader that does not look at
+        // `take_paused` going.
         if this.since_yield >= FRAMES_PER_YIELD {
             this.since_yield = 0;
+            this.paused = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
@@ -175,27 +223,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.gathered.len() + buf.len() > WRITE_GATHER {
+            std::task::ready!(this.poll_drain(cx))?;
+        }
+        if buf.len() >= WRITE_GATHER {
+            return Pin::new(&mut this.io).poll_write(cx, buf);
+        }
+        this.gathered.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 }
 
@@ -329,5 +375,74 @@ mod tests {
             }
             prop_assert_eq!(m.take().frames, frames.len() as u64);
         }
+    }
+
+    /// A socket that takes at most `per_write` bytes a call and refuses
+    /// every other call, to exercise partial and postponed writes.
+    struct Trickle {
+        written: Vec<u8>,
+        per_write: usize,
+        refuse_next: bool,
+        flushes: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.refuse_next = !self.refuse_next;
+            if !self.refuse_next {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.per_write);
+            self.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_gather_until_a_flush_and_leave_no_buffer_behind() {
+        use tokio::io::AsyncWriteExt as _;
+        let mut m = Metered::new(Trickle {
+            written: Vec::new(),
+            per_write: 1000,
+            refuse_next: false,
+            flushes: 0,
+        });
+        let mut sent = Vec::new();
+        for i in 0..50u8 {
+            let piece = vec![i; 100];
+            m.write_all(&piece).await.unwrap();
+            sent.extend_from_slice(&piece);
+        }
+        assert!(m.io.written.is_empty(), "small writes went out one by one");
+        m.flush().await.unwrap();
+        assert_eq!(m.io.written, sent);
+        assert_eq!(m.io.flushes, 1);
+        assert_eq!(m.gathered.capacity(), 0, "a drained buffer is given back");
+
+        // More than the gathering holds goes out without a flush, in order,
+        // whatever the socket takes at a time.
+        let big: Vec<u8> = (0..3 * WRITE_GATHER).map(|i| (i % 251) as u8).collect();
+        for chunk in big.chunks(4096) {
+            m.write_all(chunk).await.unwrap();
+        }
+        assert!(m.io.written.len() > sent.len() + WRITE_GATHER);
+        m.shutdown().await.unwrap();
+        sent.extend_from_slice(&big);
+        assert_eq!(m.io.written, sent);
+        assert_eq!(m.gathered.capacity(), 0);
     }
 }

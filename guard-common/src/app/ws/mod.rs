@@ -7,8 +7,6 @@
 //! `socket` is the connection underneath: warp's, or one guard upgraded
 //! itself with sized buffers and frames metered by `frames`.
 
-#[cfg(test)]
-mod echo_throughput;
 mod frames;
 #[cfg(test)]
 mod idle_memory;

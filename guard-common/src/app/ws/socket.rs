@@ -66,6 +66,15 @@ impl Socket {
             Self::Sized(s) => Some(s.get_mut().take()),
         }
     }
+
+    /// Whether the last read stopped only so that its frames get charged
+    /// (see `Metered::take_paused`); never for warp's socket.
+    pub(super) fn take_paused(&mut self) -> bool {
+        match self {
+            Self::Warp(_) => false,
+            Self::Sized(s) => s.get_mut().take_paused(),
+        }
+    }
 }
 
 /// warp's message as the codec's. warp keeps the codec's message private,

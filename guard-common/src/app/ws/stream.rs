@@ -156,6 +156,7 @@ impl Stream for GuardedWebSocket {
             }
 
             let polled = Pin::new(&mut this.socket).poll_next(cx);
+            let paused = this.socket.take_paused();
             if let Some(arrived) = this.socket.take_arrived() {
                 if arrived.frames > 0 {
                     let now = this.clock();
@@ -187,6 +188,10 @@ impl Stream for GuardedWebSocket {
                     this.phase = Phase::Done;
                     continue;
                 }
+                // Stopped to have its frames charged (done above), not for
+                // want of bytes: read on. The loop ends when the socket runs
+                // dry or tokio's budget for the task is spent.
+                Poll::Pending if paused => continue,
                 Poll::Pending => {}
             }
 

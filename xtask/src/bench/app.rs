@@ -1,0 +1,496 @@
+//! `cargo xtask bench --app`: what guard's server costs an app, against plain `warp::serve`
+//! in the same release build (guard-common's `app_bench` example, which the section builds).
+//!
+//! - Idle memory: 8 000 idle WebSockets and 8 000 idle SSE subscribers, each kind against
+//!   each server in a fresh process (memory one measurement frees stays resident and would
+//!   flatter the next); KiB per connection = (RSS after − RSS before) / N. Also guard's
+//!   WebSocket with an 8 KiB read buffer, the price of the alternative default below. And,
+//!   without a goal, 8 000 responses whose body never ends nor sends a byte, through neither
+//!   guard's nor warp's SSE: the floor that the server and hyper put under any SSE subscriber.
+//! - WebSocket echo throughput, 64 B and 16 KiB messages, of one guarded app
+//!   (`guard.websocket()` + a `GuardedWebSocket` echo) served by plain `warp::serve` and by
+//!   guard's server with its default 4 KiB read buffer and with 8 KiB, in rounds that alternate
+//!   between them (the order rotates), the server runtime pinned to one CPU and the client to
+//!   another. The result is the ratio of the medians; the spread of the per-round ratios says
+//!   how noisy the machine was. A bare warp echo without guard's filters runs in the same
+//!   rounds as a reference row: it prices guard's filters and socket, not its server, and has
+//!   no goal.
+//!
+//! The goals are issue 23's: at most 16 KiB per idle connection of either kind with guard,
+//! and echo throughput at least 0.95x plain warp's.
+#![cfg(feature = "lab")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use guard_tests::binaries::{artifacts, built, cargo};
+use guard_tests::process::ChildGuard;
+use guard_tests::stack::check_interrupted;
+use serde::{Deserialize, Serialize};
+
+use super::table::{fmt_rate, median, ratio, Goal, Spread, Table};
+
+const GOAL_KIB_PER_CONN: f64 = 16.0;
+const GOAL_ECHO_RATIO: f64 = 0.95;
+/// Idle connections per measurement, as issue 23 sets them.
+const IDLE_CONNS: u32 = 8_000;
+/// guard's default read buffer, and the one measured beside it.
+const READ_BUFFERS: [usize; 2] = [4 * 1024, 8 * 1024];
+const ECHO_SIZES: [usize; 2] = [64, 16 * 1024];
+/// The echo arm guard's server is judged against: the same guarded app on `warp::serve`.
+const BASELINE_ARM: &str = "warp-serve";
+/// The echo arm without any guard code (reference only).
+const REFERENCE_ARM: &str = "bare-warp";
+/// Bound on one child process: 8 000 connections take seconds, the echo under a minute.
+const IDLE_LIMIT: Duration = Duration::from_secs(300);
+const ECHO_LIMIT: Duration = Duration::from_secs(900);
+
+/// One idle-memory measurement, as `app_bench idle` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Idle {
+    pub server: String,
+    pub kind: String,
+    pub conns: u32,
+    /// guard's WebSocket read buffer (None for warp).
+    pub ws_read_buffer: Option<usize>,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+    pub bytes_per_conn: f64,
+}
+
+/// What `app_bench echo` prints.
+#[derive(Debug, Deserialize)]
+struct EchoRun {
+    server_cpu: Option<usize>,
+    client_cpu: Option<usize>,
+    sizes: Vec<EchoSizeRun>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EchoSizeRun {
+    size: usize,
+    messages: usize,
+    /// Per arm ("bare-warp", "warp-serve", "guard-4096", ...), one rate per round.
+    messages_per_s: BTreeMap<String, Vec<f64>>,
+}
+
+/// One message size of the echo comparison.
+#[derive(Debug, Serialize)]
+pub struct EchoSize {
+    pub size: usize,
+    pub messages_per_round: usize,
+    pub messages_per_s: BTreeMap<String, Vec<f64>>,
+    pub median_messages_per_s: BTreeMap<String, f64>,
+    /// Per guard arm: its median over the median of the guarded app on `warp::serve`.
+    pub ratio_of_medians: BTreeMap<String, f64>,
+    /// Per guard arm: the ratios of the rounds (each against `warp::serve`'s run of the same
+    /// round).
+    pub round_ratios: BTreeMap<String, Spread>,
+    /// Per guard arm: its median over the bare warp echo's (reference, no goal).
+    pub ratio_to_bare_warp: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AppReport {
+    pub idle: Vec<Idle>,
+    pub echo_rounds: u32,
+    pub echo_server_cpu: Option<usize>,
+    pub echo_client_cpu: Option<usize>,
+    pub echo: Vec<EchoSize>,
+    /// /proc/loadavg before and after the section: others' builds share this machine.
+    pub loadavg: [String; 2],
+}
+
+pub fn run(quick: bool) -> Result<AppReport> {
+    println!("\n== What guard's server costs an app (release build, vs plain warp::serve)");
+    let loadavg_before = loadavg();
+    let exe = build()?;
+    check_interrupted()?;
+
+    let mut idle = Vec::new();
+    for kind in ["ws", "sse", "stream"] {
+        idle.push(idle_one(&exe, "warp", kind, None)?);
+        idle.push(idle_one(&exe, "guard", kind, Some(READ_BUFFERS[0]))?);
+        if kind == "ws" {
+            idle.push(idle_one(&exe, "guard", kind, Some(READ_BUFFERS[1]))?);
+        }
+    }
+    print_idle(&idle);
+
+    // Quick: fewer and shorter rounds; the comparison is the same.
+    let (rounds, round_bytes): (u32, usize) = if quick { (5, 16 << 20) } else { (15, 64 << 20) };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (server_cpu, client_cpu) = if cpus >= 2 {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+    let run = echo(&exe, rounds, round_bytes, server_cpu, client_cpu)?;
+    let echo: Vec<EchoSize> = run.sizes.into_iter().map(summarize).collect();
+    print_echo(&echo, rounds, run.server_cpu, run.client_cpu);
+    Ok(AppReport {
+        idle,
+        echo_rounds: rounds,
+        echo_server_cpu: run.server_cpu,
+        echo_client_cpu: run.client_cpu,
+        echo,
+        loadavg: [loadavg_before, loadavg()],
+    })
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn build() -> Result<PathBuf> {
+    let found = artifacts(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "guard-common",
+        "--example",
+        "app_bench",
+        "--features",
+        "warp",
+    ]))
+    .context("cannot build guard-common's app_bench example")?;
+    built(&found, "app_bench")
+}
+
+/// Runs `exe` with `args` to completion within `limit` and returns its last stdout line.
+fn json_line(exe: &Path, args: &[String], label: &str, limit: Duration) -> Result<String> {
+    let finished = ChildGuard::spawn(label, Command::new(exe).args(args))?.wait_timeout(limit)?;
+    if finished.stopped {
+        bail!("{label} did not finish within {limit:?}");
+    }
+    finished.ensure_success(label)?;
+    finished
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(str::to_string)
+        .with_context(|| format!("{label} printed no result: {}", finished.stdout.trim()))
+}
+
+fn idle_one(exe: &Path, server: &str, kind: &str, read_buffer: Option<usize>) -> Result<Idle> {
+    let mut args: Vec<String> = ["idle", "--server", server, "--kind", kind, "--conns"]
+        .map(String::from)
+        .into();
+    args.push(IDLE_CONNS.to_string());
+    if let Some(b) = read_buffer {
+        args.extend(["--ws-read-buffer".into(), b.to_string()]);
+    }
+    let label = format!("app_bench idle {server} {kind}");
+    let line = json_line(exe, &args, &label, IDLE_LIMIT)?;
+    let idle: Idle =
+        serde_json::from_str(&line).with_context(|| format!("{label} printed {line:?}"))?;
+    println!(
+        "  {server:5} {kind:3}{}: {:6.1} KiB per connection",
+        read_buffer.map_or(String::new(), |b| format!(
+            " (read buffer {} KiB)",
+            b / 1024
+        )),
+        idle.bytes_per_conn / 1024.0
+    );
+    check_interrupted()?;
+    Ok(idle)
+}
+
+fn echo(
+    exe: &Path,
+    rounds: u32,
+    round_bytes: usize,
+    server_cpu: Option<usize>,
+    client_cpu: Option<usize>,
+) -> Result<EchoRun> {
+    let mut args: Vec<String> = vec![
+        "echo".into(),
+        "--rounds".into(),
+        rounds.to_string(),
+        "--round-bytes".into(),
+        round_bytes.to_string(),
+    ];
+    for size in ECHO_SIZES {
+        args.extend(["--size".into(), size.to_string()]);
+    }
+    for b in READ_BUFFERS {
+        args.extend(["--guard-read-buffer".into(), b.to_string()]);
+    }
+    for (flag, cpu) in [("--server-cpu", server_cpu), ("--client-cpu", client_cpu)] {
+        if let Some(cpu) = cpu {
+            args.extend([flag.into(), cpu.to_string()]);
+        }
+    }
+    let line = json_line(exe, &args, "app_bench echo", ECHO_LIMIT)?;
+    serde_json::from_str(&line).with_context(|| format!("app_bench echo printed {line:?}"))
+}
+
+fn guard_arm(read_buffer: usize) -> String {
+    format!("guard-{read_buffer}")
+}
+
+fn summarize(run: EchoSizeRun) -> EchoSize {
+    let medians: BTreeMap<String, f64> = run
+        .messages_per_s
+        .iter()
+        .map(|(arm, rates)| (arm.clone(), median(rates)))
+        .collect();
+    let baseline = run
+        .messages_per_s
+        .get(BASELINE_ARM)
+        .cloned()
+        .unwrap_or_default();
+    let baseline_median = medians.get(BASELINE_ARM).copied().unwrap_or(f64::NAN);
+    let bare_median = medians.get(REFERENCE_ARM).copied().unwrap_or(f64::NAN);
+    let mut ratio_of_medians = BTreeMap::new();
+    let mut round_ratios = BTreeMap::new();
+    let mut ratio_to_bare_warp = BTreeMap::new();
+    for (arm, rates) in run
+        .messages_per_s
+        .iter()
+        .filter(|(arm, _)| arm.starts_with("guard-"))
+    {
+        let m = medians[arm];
+        ratio_of_medians.insert(arm.clone(), ratio(m, baseline_median).unwrap_or(f64::NAN));
+        ratio_to_bare_warp.insert(arm.clone(), ratio(m, bare_median).unwrap_or(f64::NAN));
+        let per_round: Vec<f64> = rates
+            .iter()
+            .zip(&baseline)
+            .filter_map(|(g, w)| ratio(*g, *w))
+            .collect();
+        round_ratios.insert(arm.clone(), Spread::of(&per_round));
+    }
+    EchoSize {
+        size: run.size,
+        messages_per_round: run.messages,
+        messages_per_s: run.messages_per_s,
+        median_messages_per_s: medians,
+        ratio_of_medians,
+        round_ratios,
+        ratio_to_bare_warp,
+    }
+}
+
+fn find<'a>(
+    idle: &'a [Idle],
+    server: &str,
+    kind: &str,
+    read_buffer: Option<usize>,
+) -> Option<&'a Idle> {
+    idle.iter().find(|i| {
+        i.server == server
+            && i.kind == kind
+            && (server == "warp" || i.ws_read_buffer == read_buffer)
+    })
+}
+
+fn kib(idle: Option<&Idle>) -> String {
+    idle.map_or_else(
+        || "-".into(),
+        |i| format!("{:.1}", i.bytes_per_conn / 1024.0),
+    )
+}
+
+fn print_idle(idle: &[Idle]) {
+    println!("\nresident memory per idle connection, {IDLE_CONNS} connections, KiB:");
+    let mut t = Table::new(&[
+        "kind",
+        "warp::serve",
+        "guard (4 KiB read buffer)",
+        "guard (8 KiB read buffer)",
+    ]);
+    for (kind, name) in [
+        ("ws", "WebSocket"),
+        ("sse", "SSE subscriber"),
+        ("stream", "endless silent body (floor)"),
+    ] {
+        t.row(vec![
+            name.into(),
+            kib(find(idle, "warp", kind, None)),
+            kib(find(idle, "guard", kind, Some(READ_BUFFERS[0]))),
+            if kind == "ws" {
+                kib(find(idle, "guard", kind, Some(READ_BUFFERS[1])))
+            } else {
+                "(no WebSocket buffer)".into()
+            },
+        ]);
+    }
+    t.print();
+}
+
+fn print_echo(
+    echo: &[EchoSize],
+    rounds: u32,
+    server_cpu: Option<usize>,
+    client_cpu: Option<usize>,
+) {
+    let pinning = match (server_cpu, client_cpu) {
+        (Some(s), Some(c)) => format!("server on cpu {s}, client on cpu {c}"),
+        _ => "unpinned".into(),
+    };
+    println!("\nWebSocket echo, messages/s, median of {rounds} alternating rounds ({pinning}):");
+    println!(
+        "  (one guarded app on both servers; ratio = guard's server / warp::serve; bare warp = \
+         warp's echo without guard's filters, reference only)"
+    );
+    let mut t = Table::new(&[
+        "size",
+        "bare warp",
+        "warp::serve",
+        "guard 4 KiB",
+        "ratio",
+        "rounds min/med/max",
+        "guard 8 KiB",
+        "ratio",
+        "rounds min/med/max",
+    ]);
+    for e in echo {
+        let median_of = |arm: &str| {
+            fmt_rate(
+                e.median_messages_per_s
+                    .get(arm)
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            )
+        };
+        let mut row = vec![
+            format!("{} B", e.size),
+            median_of(REFERENCE_ARM),
+            median_of(BASELINE_ARM),
+        ];
+        for b in READ_BUFFERS {
+            let arm = guard_arm(b);
+            row.push(fmt_rate(
+                e.median_messages_per_s
+                    .get(&arm)
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            ));
+            row.push(
+                e.ratio_of_medians
+                    .get(&arm)
+                    .map_or("-".into(), |r| format!("{r:.2}x")),
+            );
+            row.push(
+                e.round_ratios
+                    .get(&arm)
+                    .map_or("-".into(), Spread::fmt_ratio),
+            );
+        }
+        t.row(row);
+    }
+    t.print();
+}
+
+impl AppReport {
+    pub fn goals(&self) -> Vec<Goal> {
+        let mut goals = Vec::new();
+        for (kind, name) in [("ws", "WebSocket"), ("sse", "SSE subscriber")] {
+            let guard = find(&self.idle, "guard", kind, Some(READ_BUFFERS[0]));
+            let warp = find(&self.idle, "warp", kind, None);
+            let kib_guard = guard.map(|i| i.bytes_per_conn / 1024.0);
+            goals.push(Goal::new(
+                &format!("app: memory per idle {name}, guard's server ({IDLE_CONNS} conns)"),
+                "<= 16 KiB",
+                format!("{} KiB (warp::serve {} KiB)", kib(guard), kib(warp)),
+                kib_guard.map(|k| k <= GOAL_KIB_PER_CONN),
+            ));
+        }
+        let arm = guard_arm(READ_BUFFERS[0]);
+        for e in &self.echo {
+            let r = e
+                .ratio_of_medians
+                .get(&arm)
+                .copied()
+                .filter(|r| r.is_finite());
+            goals.push(Goal::new(
+                &format!(
+                    "app: WebSocket echo of {} B, guard's server / warp::serve",
+                    e.size
+                ),
+                ">= 0.95x",
+                format!(
+                    "{} (rounds {}; {} of bare warp)",
+                    r.map_or("-".into(), |r| format!("{r:.2}x")),
+                    e.round_ratios
+                        .get(&arm)
+                        .map_or("-".into(), Spread::fmt_ratio),
+                    e.ratio_to_bare_warp
+                        .get(&arm)
+                        .map_or("-".into(), |r| format!("{r:.2}x"))
+                ),
+                r.map(|r| r >= GOAL_ECHO_RATIO),
+            ));
+        }
+        goals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_ratios_pair_rounds_and_take_medians() {
+        let run = EchoSizeRun {
+            size: 64,
+            messages: 10,
+            messages_per_s: BTreeMap::from([
+                ("bare-warp".to_string(), vec![400.0, 400.0, 400.0]),
+                ("warp-serve".to_string(), vec![100.0, 200.0, 300.0]),
+                ("guard-4096".to_string(), vec![50.0, 200.0, 330.0]),
+            ]),
+        };
+        let s = summarize(run);
+        assert_eq!(s.median_messages_per_s["warp-serve"], 200.0);
+        // Judged against the guarded app on warp::serve, not the bare echo.
+        assert_eq!(s.ratio_of_medians["guard-4096"], 1.0);
+        assert_eq!(s.ratio_to_bare_warp["guard-4096"], 0.5);
+        let spread = s.round_ratios["guard-4096"];
+        assert_eq!((spread.min, spread.median), (0.5, 1.0));
+        assert!((spread.max - 1.1).abs() < 1e-9);
+        assert!(!s.ratio_of_medians.contains_key("warp-serve"));
+        assert!(!s.ratio_of_medians.contains_key("bare-warp"));
+    }
+
+    #[test]
+    fn idle_lines_parse_and_goals_judge_guard_only() {
+        let line = |server: &str, kind: &str, buf: &str, per: f64| {
+            format!(
+                "{{\"server\":\"{server}\",\"kind\":\"{kind}\",\"conns\":8000,\
+                 \"ws_read_buffer\":{buf},\"rss_before_bytes\":1,\"rss_after_bytes\":2,\
+                 \"bytes_per_conn\":{per}}}"
+            )
+        };
+        let idle: Vec<Idle> = [
+            line("warp", "ws", "null", 130.0 * 1024.0),
+            line("guard", "ws", "4096", 6.0 * 1024.0),
+            line("guard", "ws", "8192", 10.0 * 1024.0),
+            line("warp", "sse", "null", 21.0 * 1024.0),
+            line("guard", "sse", "4096", 17.0 * 1024.0),
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        let report = AppReport {
+            idle,
+            echo_rounds: 0,
+            echo_server_cpu: None,
+            echo_client_cpu: None,
+            echo: Vec::new(),
+            loadavg: Default::default(),
+        };
+        let goals = report.goals();
+        assert_eq!(goals.len(), 2);
+        assert_eq!(goals[0].met, Some(true), "{goals:?}");
+        assert!(goals[0].measured.starts_with("6.0 KiB"), "{goals:?}");
+        assert_eq!(goals[1].met, Some(false), "{goals:?}");
+        assert_eq!(kib(find(&report.idle, "guard", "ws", Some(8192))), "10.0");
+    }
+}
