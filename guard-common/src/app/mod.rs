@@ -486,6 +486,12 @@ mod tests {
             "guard_app_reconnect_storms_total",
             "guard_app_reports_sent_total",
             "guard_app_reports_failed_total",
+            "guard_app_server_connections_waiting",
+            "guard_app_server_connections_total",
+            "guard_app_server_closed_total",
+            "guard_app_server_fd_headroom",
+            "guard_app_server_accept_errors_total",
+            "guard_app_server_tls_handshake_failures_total",
         ] {
             assert!(
                 names.iter().any(|n| n == expected),
