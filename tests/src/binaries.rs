@@ -17,6 +17,29 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// `cargo xtask dist --profile dev --out-dir OUT`: what an operator installs, built from
+/// this workspace (the dist test and the deploy stage both start from it).
+pub fn dist(out_dir: &Path) -> Result<()> {
+    run_checked(
+        cargo()
+            .current_dir(workspace_root())
+            .args([
+                "run",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--",
+                "dist",
+                "--profile",
+                "dev",
+            ])
+            .arg("--out-dir")
+            .arg(out_dir),
+    )
+    .context("cargo xtask dist")?;
+    Ok(())
+}
+
 /// The workspace root, one level above this (the tests) crate.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use guard_common::stats::Stat;
 use guard_tests::agent::{connects, host_prefix, AgentHome, Listener, RunOpts};
-use guard_tests::binaries::workspace_root;
+use guard_tests::binaries::{dist, workspace_root};
 use guard_tests::lab::{Lab, ATTACKER_V4, ROLE_IF, SERVER_V4};
 use guard_tests::process::run_checked;
 use guard_tests::require_root;
@@ -120,21 +120,7 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
         return;
     }
     let out = TempDir::new("dist").expect("a temp dir");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    sh(Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "dist",
-            "--profile",
-            "dev",
-        ])
-        .arg("--out-dir")
-        .arg(out.path()));
+    dist(out.path()).unwrap_or_else(|e| panic!("{e:#}"));
 
     let tarball = one_file(out.path(), "guard-", "-linux.tar.gz");
     let deb = one_file(out.path(), "guard_", ".deb");

@@ -21,7 +21,7 @@ use anyhow::{ensure, Context as _, Result};
 use guard_user::datapath;
 use guard_user::paths::PinLayout;
 
-use crate::binaries::{cargo, workspace_root};
+use crate::binaries::{dist, workspace_root};
 use crate::process::run_checked;
 
 /// Every name the deploy stage gives a container, pod, image, network or pin folder starts
@@ -107,23 +107,7 @@ pub fn build_dist() -> Result<Dist> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("deploy/dist");
-    run_checked(
-        cargo()
-            .current_dir(&root)
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "dist",
-                "--profile",
-                "dev",
-            ])
-            .arg("--out-dir")
-            .arg(&dir),
-    )
-    .context("cargo xtask dist")?;
+    dist(&dir)?;
     let version = env!("CARGO_PKG_VERSION").to_string();
     let dist = Dist {
         tarball: dir.join(format!(

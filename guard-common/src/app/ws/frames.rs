@@ -245,36 +245,38 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
+/// A client frame (masked) with `payload`, as a browser would send it; for the tests of the
+/// meter and of the socket above it.
+#[cfg(test)]
+pub(super) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A client frame (masked) with `payload`, as a browser would send it.
-    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![(u8::from(fin) << 7) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= usize::from(u16::MAX) {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
-
     #[test]
     fn counts_each_length_encoding() {
         let mut m = FrameMeter::default();
-        m.feed(&frame(true, 1, b"hi"));
-        m.feed(&frame(true, 2, &[7; 300]));
-        m.feed(&frame(true, 2, &[7; 70_000]));
+        m.feed(&client_frame(true, 1, b"hi"));
+        m.feed(&client_frame(true, 2, &[7; 300]));
+        m.feed(&client_frame(true, 2, &[7; 70_000]));
         assert_eq!(
             m.take(),
             Arrived {
@@ -288,11 +290,11 @@ mod tests {
 
     #[test]
     fn empty_continuations_are_frames_too() {
-        let mut wire = frame(false, 1, b"x");
+        let mut wire = client_frame(false, 1, b"x");
         for _ in 0..1000 {
-            wire.extend(frame(false, 0, b""));
+            wire.extend(client_frame(false, 0, b""));
         }
-        wire.extend(frame(true, 0, b""));
+        wire.extend(client_frame(true, 0, b""));
         let mut m = FrameMeter::default();
         m.feed(&wire);
         assert_eq!(
@@ -333,7 +335,11 @@ mod tests {
             prop_oneof![0usize..130, 120usize..300, 65_530usize..65_545,],
         )
             .prop_map(|(fin, op, len)| {
-                (len as u64, fin || op >= 8, frame(fin, op, &vec![0xa5; len]))
+                (
+                    len as u64,
+                    fin || op >= 8,
+                    client_frame(fin, op, &vec![0xa5; len]),
+                )
             })
     }
 

@@ -16,6 +16,8 @@ use warp::{Filter, Rejection};
 use crate::app::{Guard, GuardedWebSocket, Limits, ViolationPolicy, WsUpgrade};
 use crate::client::{AgentClient, ClientConfig};
 use crate::state::reason;
+
+use super::frames::client_frame;
 use crate::test_support::{within, FakeAgent, Mode, TestDir};
 
 /// Serves `filter` with `guard`'s server on an ephemeral loopback port.
@@ -86,25 +88,6 @@ async fn raw_upgrade(addr: SocketAddr, ip: &str) -> (TcpStream, String) {
     (s, String::from_utf8_lossy(&head).into_owned())
 }
 
-/// A masked client frame.
-fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![(u8::from(fin) << 7) | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    let mask = [0xa1, 0xb2, 0xc3, 0xd4];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 /// A server frame as read off the wire: opcode and payload.
 async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> Option<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
@@ -167,13 +150,15 @@ async fn guard_answers_the_handshake_and_echoes() {
     assert!(lower.contains("connection: upgrade"), "{head}");
     assert!(head.contains(ACCEPT), "{head}");
 
-    s.write_all(&frame(true, 0x1, b"hello")).await.unwrap();
+    s.write_all(&client_frame(true, 0x1, b"hello"))
+        .await
+        .unwrap();
     let got = within("the echo", read_frame(&mut s)).await;
     assert_eq!(got, Some((0x1, b"hello".to_vec())));
     // A message in three fragments comes back whole.
-    s.write_all(&frame(false, 0x2, b"ab")).await.unwrap();
-    s.write_all(&frame(false, 0x0, b"cd")).await.unwrap();
-    s.write_all(&frame(true, 0x0, b"ef")).await.unwrap();
+    s.write_all(&client_frame(false, 0x2, b"ab")).await.unwrap();
+    s.write_all(&client_frame(false, 0x0, b"cd")).await.unwrap();
+    s.write_all(&client_frame(true, 0x0, b"ef")).await.unwrap();
     let got = within("the echo", read_frame(&mut s)).await;
     assert_eq!(got, Some((0x2, b"abcdef".to_vec())));
     assert_eq!(guard.open_connections(), 1);
@@ -232,21 +217,25 @@ async fn oversized_messages_close_with_1009_whole_or_in_fragments() {
 
     // One frame over max_frame_size.
     let (s, _) = raw_upgrade(addr, "198.18.42.1").await;
-    let code = send_reading_close(s, std::iter::once(frame(true, 0x2, &[0u8; 600]))).await;
+    let code = send_reading_close(s, std::iter::once(client_frame(true, 0x2, &[0u8; 600]))).await;
     assert_eq!(code, Some(1009));
 
     // Frames each within max_frame_size that add up past max_message_size.
     let (s, _) = raw_upgrade(addr, "198.18.42.2").await;
     let parts = (0..3)
-        .map(|i| frame(false, if i == 0 { 0x2 } else { 0x0 }, &[0u8; 500]))
-        .chain(std::iter::once(frame(true, 0x0, &[0u8; 10])));
+        .map(|i| client_frame(false, if i == 0 { 0x2 } else { 0x0 }, &[0u8; 500]))
+        .chain(std::iter::once(client_frame(true, 0x0, &[0u8; 10])));
     let code = send_reading_close(s, parts).await;
     assert_eq!(code, Some(1009));
 
     // Within both: echoed.
     let (mut s, _) = raw_upgrade(addr, "198.18.42.3").await;
-    s.write_all(&frame(false, 0x2, &[1u8; 500])).await.unwrap();
-    s.write_all(&frame(true, 0x0, &[2u8; 500])).await.unwrap();
+    s.write_all(&client_frame(false, 0x2, &[1u8; 500]))
+        .await
+        .unwrap();
+    s.write_all(&client_frame(true, 0x0, &[2u8; 500]))
+        .await
+        .unwrap();
     let (op, payload) = within("the echo", read_frame(&mut s)).await.unwrap();
     assert_eq!((op, payload.len()), (0x2, 1000));
 }
@@ -278,7 +267,7 @@ async fn fragments_count_toward_the_message_rate_and_a_fragmented_flood_is_repor
     let (s, _) = raw_upgrade(addr, "198.18.43.66").await;
     let fragments = (0..40u8).map(|i| {
         let op = if i == 0 { 0x1 } else { 0x0 };
-        frame(i == 39, op, b"z")
+        client_frame(i == 39, op, b"z")
     });
     let code = send_reading_close(s, fragments).await;
     assert_eq!(code, Some(1008));
@@ -293,7 +282,7 @@ async fn fragments_count_toward_the_message_rate_and_a_fragmented_flood_is_repor
     let (mut s, _) = raw_upgrade(addr, "198.18.43.7").await;
     for i in 0..5u8 {
         let op = if i == 0 { 0x1 } else { 0x0 };
-        s.write_all(&frame(i == 4, op, b"ok")).await.unwrap();
+        s.write_all(&client_frame(i == 4, op, b"ok")).await.unwrap();
     }
     let got = within("the echo", read_frame(&mut s)).await;
     assert_eq!(got, Some((0x1, b"okokokokok".to_vec())));
@@ -306,8 +295,8 @@ async fn an_empty_continuation_flood_is_closed_with_1008() {
     let addr = serve_guarded(&guard, echo_app(&guard)).await;
     let (s, _) = raw_upgrade(addr, "198.18.44.66").await;
     // A message that never ends: 65 536 empty fragments after its first.
-    let flood = std::iter::once(frame(false, 0x1, b"x"))
-        .chain(std::iter::repeat_with(|| frame(false, 0x0, b"")).take(65_536));
+    let flood = std::iter::once(client_frame(false, 0x1, b"x"))
+        .chain(std::iter::repeat_with(|| client_frame(false, 0x0, b"")).take(65_536));
     let code = send_reading_close(s, flood).await;
     assert_eq!(code, Some(1008));
     let floods = registry
@@ -337,12 +326,12 @@ async fn under_drop_over_rate_fragments_cost_messages_not_the_connection() {
     // Eight frames in one write: three over the burst, so the message is
     // dropped.
     let message: Vec<u8> = (0..8u8)
-        .flat_map(|i| frame(i == 7, if i == 0 { 0x1 } else { 0x0 }, b"d"))
+        .flat_map(|i| client_frame(i == 7, if i == 0 { 0x1 } else { 0x0 }, b"d"))
         .collect();
     s.write_all(&message).await.unwrap();
     // The pong (tungstenite answers pings whatever the buckets say) shows
     // the connection still open and that nothing was echoed before it.
-    s.write_all(&frame(true, 0x9, b"p")).await.unwrap();
+    s.write_all(&client_frame(true, 0x9, b"p")).await.unwrap();
     let got = within("the pong", read_frame(&mut s)).await;
     assert_eq!(got, Some((0xa, b"p".to_vec())));
     // One message dropped for its three frames over, not three.
@@ -386,8 +375,12 @@ async fn the_apps_validation_holds_on_guards_upgrade() {
         .recover(crate::app::recover);
     let addr = serve_guarded(&guard, app).await;
     let (mut s, _) = raw_upgrade(addr, "198.18.46.1").await;
-    s.write_all(&frame(true, 0x1, b"a bad one")).await.unwrap();
-    s.write_all(&frame(true, 0x1, b"a good one")).await.unwrap();
+    s.write_all(&client_frame(true, 0x1, b"a bad one"))
+        .await
+        .unwrap();
+    s.write_all(&client_frame(true, 0x1, b"a good one"))
+        .await
+        .unwrap();
     let got = within("the echo", read_frame(&mut s)).await;
     assert_eq!(got, Some((0x1, b"a good one".to_vec())));
 }
