@@ -455,6 +455,31 @@ async fn tls_serves_with_a_pem_certificate_and_bad_files_are_a_clear_error() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("hello"), "{response}");
 
+    // An event stream over TLS leaves hyper after its head, as in the
+    // clear, and its events still arrive (the TLS layer is flushed).
+    let tcp = connect_from(localhost(1), addr).await;
+    let mut sse = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the TLS handshake");
+    sse.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let mut stream = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&stream).contains("retry:") {
+        let n = tokio::time::timeout(Duration::from_secs(10), sse.read(&mut chunk))
+            .await
+            .expect("the stream's first event")
+            .unwrap();
+        assert!(n > 0, "EOF before the first event: {stream:?}");
+        stream.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(
+        metric(&registry, "guard_app_server_streams_handed_off_total"),
+        1.0
+    );
+
     // A client that stalls in the handshake (half a ClientHello) is closed
     // at the head deadline like a slow head.
     let mut stalled = connect_from(localhost(1), addr).await;

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    contains, eventually, head, metric, read_until, serve, sse_connect, within, FakeAgent, Mode,
-    SseHub, TestDir,
+    contains, eventually, head, metric, read_until, serve, serve_with, sse_connect, within,
+    FakeAgent, Mode, SseHub, TestDir,
 };
 use guard_common::addr::Prefix;
 use guard_common::app::{Limits, SlowConsumerPolicy};
@@ -45,7 +45,7 @@ async fn a_subscriber_gets_a_jittered_retry_events_and_keep_alives() {
         None,
     );
     let hub = SseHub::default();
-    let addr = serve(common::app(&guard, hub.clone())).await;
+    let addr = serve_with(&guard, common::app(&guard, hub.clone())).await;
     let mut s = sse_connect(addr, "198.18.20.1").await;
     let mut buf = Vec::new();
     assert!(read_until(&mut s, &mut buf, "retry:").await);
@@ -62,6 +62,11 @@ async fn a_subscriber_gets_a_jittered_retry_events_and_keep_alives() {
     assert!((1000..=3000).contains(&r[0]), "retry {}", r[0]);
     assert_eq!(
         metric(&registry, r#"guard_app_connections_open{kind="sse"}"#),
+        1.0
+    );
+    // Streamed outside hyper: the events above came through the hand-off.
+    assert_eq!(
+        metric(&registry, "guard_app_server_streams_handed_off_total"),
         1.0
     );
 
@@ -181,7 +186,7 @@ async fn an_evicted_subscriber_s_connection_is_closed() {
         None,
     );
     let hub = SseHub::default();
-    let addr = serve(common::app(&guard, hub.clone())).await;
+    let addr = serve_with(&guard, common::app(&guard, hub.clone())).await;
     let mut s = sse_connect(addr, "198.18.23.1").await;
     eventually("the subscriber to join", || hub.len() == 1).await;
     firehose(&hub, 100_000).await;
@@ -197,6 +202,10 @@ async fn an_evicted_subscriber_s_connection_is_closed() {
     .unwrap();
     assert!(contains(&buf, "event:evicted"));
     assert!(buf.ends_with(b"\r\n0\r\n\r\n"), "the body ended cleanly");
+    assert_eq!(
+        metric(&registry, "guard_app_server_streams_handed_off_total"),
+        1.0
+    );
     assert!(
         head(&buf)
             .to_ascii_lowercase()

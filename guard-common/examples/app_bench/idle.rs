@@ -52,9 +52,10 @@ enum Kind {
     Ws,
     /// SSE subscribers, their response head sent and no event since.
     Sse,
-    /// Responses whose body never ends and never sends a byte, through no
-    /// queue, timer or filter of guard's: what the server and hyper hold
-    /// for a request in flight, the floor under an SSE subscriber.
+    /// Event streams that never send a byte, through no queue, timer or
+    /// filter of guard's: what the server itself holds for a stream in
+    /// flight (guard's hands it off from hyper after the head, warp's keeps
+    /// it in hyper), the floor under an SSE subscriber.
     Stream,
 }
 

@@ -5,8 +5,10 @@
 //!   each server in a fresh process (memory one measurement frees stays resident and would
 //!   flatter the next); KiB per connection = (RSS after − RSS before) / N. Also guard's
 //!   WebSocket with an 8 KiB read buffer, the price of the alternative default below. And,
-//!   without a goal, 8 000 responses whose body never ends nor sends a byte, through neither
-//!   guard's nor warp's SSE: the floor that the server and hyper put under any SSE subscriber.
+//!   without a goal, 8 000 event streams that never send a byte, through neither guard's nor
+//!   warp's SSE code: the floor each server puts under any SSE subscriber (guard's server
+//!   streams an event stream outside hyper once its head is out; warp's keeps hyper's 8 + 8 KiB
+//!   buffers under it).
 //! - WebSocket echo throughput, 64 B and 16 KiB messages, of one guarded app
 //!   (`guard.websocket()` + a `GuardedWebSocket` echo) served by plain `warp::serve` and by
 //!   guard's server with its default 4 KiB read buffer and with 8 KiB, in rounds that alternate

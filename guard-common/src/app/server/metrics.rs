@@ -103,6 +103,7 @@ pub(crate) struct ServerMetrics {
     pub connections: IntCounter,
     closed: [IntCounter; 5],
     pub fd_headroom: IntGauge,
+    pub streams_handed_off: IntCounter,
     accept_errors: [IntCounter; 4],
     // Registered either way, so dashboards see the series at 0.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
@@ -130,6 +131,10 @@ impl ServerMetrics {
             "guard_app_server_fd_headroom",
             "Descriptors left before the open-files soft limit.",
         )?;
+        let streams_handed_off = IntCounter::new(
+            "guard_app_server_streams_handed_off_total",
+            "Event streams guard's server took out of hyper after their head, to stream them without hyper's per-connection buffers.",
+        )?;
         let accept_errors = IntCounterVec::new(
             Opts::new(
                 "guard_app_server_accept_errors_total",
@@ -146,6 +151,7 @@ impl ServerMetrics {
             registry.register(Box::new(connections.clone()))?;
             registry.register(Box::new(closed.clone()))?;
             registry.register(Box::new(fd_headroom.clone()))?;
+            registry.register(Box::new(streams_handed_off.clone()))?;
             registry.register(Box::new(accept_errors.clone()))?;
             registry.register(Box::new(tls_failures.clone()))?;
         }
@@ -154,6 +160,7 @@ impl ServerMetrics {
             connections,
             closed: ServerClose::ALL.map(|r| closed.with_label_values(&[r.label()])),
             fd_headroom,
+            streams_handed_off,
             accept_errors: AcceptError::ALL.map(|k| accept_errors.with_label_values(&[k.label()])),
             tls_failures,
         })

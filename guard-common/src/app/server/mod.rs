@@ -24,6 +24,7 @@
 //! guard's filters read. All knobs are in [`ServerLimits`].
 
 mod fd;
+mod handoff;
 mod limits;
 mod metrics;
 mod offenders;
@@ -71,6 +72,7 @@ use super::served::Served;
 use super::{Guard, GuardError};
 use crate::addr::Prefix;
 use crate::state::reason;
+use handoff::{HandOff, Parked};
 use metrics::{AcceptError, ServerMetrics};
 use offenders::Offenders;
 use waiting::{Caps, Eviction, Phase, Waiting};
@@ -392,12 +394,17 @@ struct Conn {
     /// waiting: more since means a request head is half sent.
     bytes_read: AtomicU64,
     bytes_at_wait: AtomicU64,
+    /// Its event streams may leave hyper after their head (HTTP/1 only).
+    hands_off: bool,
+    handoff: HandOff,
 }
 
 impl Conn {
-    fn new(remote: SocketAddr) -> Self {
+    fn new(remote: SocketAddr, hands_off: bool) -> Self {
         Self {
             remote,
+            hands_off,
+            handoff: HandOff::new(),
             seq: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             done: AtomicBool::new(false),
@@ -478,6 +485,47 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// What hyper writes for a response: the app's body, or a stand-in for an
+/// event stream that leaves hyper once its head is out (see [`handoff`]).
+enum Outgoing {
+    Body(Tracked<WarpBody>),
+    /// Never yields a frame; its first poll says hyper has queued the head.
+    HandedOff(Arc<Conn>),
+}
+
+impl Body for Outgoing {
+    type Data = bytes::Bytes;
+    type Error = warp::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Body(body) => Pin::new(body).poll_frame(cx),
+            Self::HandedOff(conn) => {
+                conn.handoff.head_queued();
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Body(body) => body.is_end_stream(),
+            Self::HandedOff(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Body(body) => body.size_hint(),
+            // Unknown, so that hyper's head announces chunked framing.
+            Self::HandedOff(_) => SizeHint::default(),
+        }
+    }
+}
+
 /// The socket (under TLS, if any): counts what the peer sends, and gives
 /// the descriptor back to the server's count when dropped (for an upgraded
 /// connection, when the WebSocket ends).
@@ -515,7 +563,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CountingIo<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.conn.handoff.flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -709,7 +761,7 @@ impl Server {
                 shared.warn_fds(&guard, "few descriptors left");
                 shared.shed(&guard, LOW_WATER_SHED_BATCH);
             }
-            let conn = Arc::new(Conn::new(remote));
+            let conn = Arc::new(Conn::new(remote, protocols.hands_off()));
             shared.enter(&guard, &conn, Phase::Head);
             let task = Connection {
                 guard: guard.clone(),
@@ -752,6 +804,12 @@ enum Protocols {
 }
 
 impl Protocols {
+    /// Whether event streams leave hyper after their head: only hyper's
+    /// HTTP/1 connection gives its socket back (`into_parts`).
+    fn hands_off(&self) -> bool {
+        matches!(self, Self::Http1(_))
+    }
+
     fn new(limits: &ServerLimits) -> Self {
         // The sweeper closes (and counts, and strikes) slow heads at
         // head_timeout and idle connections at keep_alive_idle; hyper's
@@ -988,7 +1046,7 @@ impl Connection {
             conn,
             handler,
             protocols,
-            stop,
+            mut stop,
         } = self;
         let io = TokioIo::new(io);
         let service = {
@@ -998,16 +1056,29 @@ impl Connection {
         // Boxed so that the task's Send-ness is proven here, on concrete
         // types, rather than through the generic `drive`.
         let driving: BoxFuture<'_, ()> = match &*protocols {
-            Protocols::Http1(http1) => {
-                let serving = http1.serve_connection(io, service).with_upgrades();
-                Box::pin(drive(serving, &conn, stop))
-            }
+            Protocols::Http1(http1) => Box::pin(async {
+                let mut serving = http1.serve_connection(io, service).with_upgrades();
+                let driven = drive(Pin::new(&mut serving), &conn, &mut stop).await;
+                let parked = conn.handoff.take();
+                if let (Driven::HandOff, Some(parked)) = (driven, parked) {
+                    if let Some(parts) = serving.into_parts() {
+                        // hyper's buffers go with it; what the peer sent
+                        // after its request is of no use to a stream.
+                        let io = parts.io.into_inner();
+                        drop(parts.read_buf);
+                        drop(parts.service);
+                        guard.inner.server.metrics.streams_handed_off.inc();
+                        handoff::stream(io, parked, &conn, &mut stop).await;
+                    }
+                }
+            }),
             Protocols::Auto(auto) => {
-                let serving = auto.serve_connection_with_upgrades(io, service);
-                Box::pin(drive(serving, &conn, stop))
+                let serving = Box::pin(auto.serve_connection_with_upgrades(io, service));
+                Box::pin(drive_boxed(serving, &conn, &mut stop))
             }
         };
         driving.await;
+        conn.handoff.take();
         guard.inner.server.leave(&conn);
     }
 }
@@ -1022,11 +1093,34 @@ enum Stop {
     Now,
 }
 
-/// Serves one connection until it ends or the server closes it; once the
-/// server stops, finishes gracefully (requests in flight first), and is
-/// dropped when the grace period is over.
-async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<Stop>) {
-    let mut serving = std::pin::pin!(serving);
+/// [`drive`] for a connection that is boxed already (one that is not
+/// `Unpin`), whose socket is never taken back.
+async fn drive_boxed<C: Serving>(
+    mut serving: Pin<Box<C>>,
+    conn: &Conn,
+    stop: &mut watch::Receiver<Stop>,
+) {
+    drive(serving.as_mut(), conn, stop).await;
+}
+
+/// How [`drive`] let go of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Driven {
+    /// It ended, was closed, or the grace period is over.
+    Ended,
+    /// The head of an event stream is out: the stream leaves hyper.
+    HandOff,
+}
+
+/// Serves one connection until it ends, the server closes it, or an event
+/// stream's head is out (when the connection hands off); once the server
+/// stops, finishes gracefully (requests in flight first), and lets go when
+/// the grace period is over.
+async fn drive<C: Serving>(
+    mut serving: Pin<&mut C>,
+    conn: &Conn,
+    stop: &mut watch::Receiver<Stop>,
+) -> Driven {
     let mut draining = false;
     // Without a sender (the server future was dropped) connections run on,
     // as with warp::serve.
@@ -1039,18 +1133,23 @@ async fn drive<C: Serving>(serving: C, conn: &Conn, mut stop: watch::Receiver<St
                 serving.as_mut().shut_down();
             }
             Stop::Draining => {}
-            Stop::Now => return,
+            Stop::Now => return Driven::Ended,
         }
         tokio::select! {
             served = serving.as_mut() => {
                 if let Err(e) = served {
                     log::debug!("connection from {} ended: {e}", conn.remote);
                 }
-                return;
+                return Driven::Ended;
             }
             // Dropping the connection closes the socket (unless it was
             // upgraded, which never waits and so is never closed here).
-            () = conn.close.notified() => return,
+            () = conn.close.notified() => return Driven::Ended,
+            () = conn.handoff.changed(), if conn.hands_off => {
+                if conn.handoff.head_sent() {
+                    return Driven::HandOff;
+                }
+            }
             changed = stop.changed(), if watching => watching = changed.is_ok(),
         }
     }
@@ -1063,11 +1162,12 @@ fn respond(
     conn: &Arc<Conn>,
     handler: &Handler,
     mut req: Request<Incoming>,
-) -> BoxFuture<'static, Result<Response<Tracked<WarpBody>>, Infallible>> {
+) -> BoxFuture<'static, Result<Response<Outgoing>, Infallible>> {
     let upgrade = (req.version() < Version::HTTP_2).then(|| hyper::upgrade::on(&mut req));
     req.extensions_mut()
         .insert(Served::new(conn.remote, upgrade));
     let last_request = closes_after(req.version(), req.headers());
+    let (method, version) = (req.method().clone(), req.version());
     let in_flight = InFlight::begin(guard.clone(), conn.clone());
     let response = handler(req);
     Box::pin(async move {
@@ -1080,9 +1180,17 @@ fn respond(
         {
             in_flight.conn.done.store(true, Ordering::Relaxed);
         }
-        Ok(response.map(|body| Tracked {
-            body,
-            in_flight: Some(in_flight),
+        if in_flight.conn.hands_off && handoff::wants_hand_off(&method, version, &response) {
+            let conn = in_flight.conn.clone();
+            let (head, body) = response.into_parts();
+            conn.handoff.park(Parked { body, in_flight });
+            return Ok(Response::from_parts(head, Outgoing::HandedOff(conn)));
+        }
+        Ok(response.map(|body| {
+            Outgoing::Body(Tracked {
+                body,
+                in_flight: Some(in_flight),
+            })
         }))
     })
 }
