@@ -31,7 +31,9 @@ use hyper::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 
-use super::{Conn, InFlight, Stop, WarpBody};
+use super::conn::{Conn, InFlight};
+use super::connection::Stop;
+use super::WarpBody;
 
 /// A body parked for its connection's task while hyper writes its head.
 pub(super) struct Parked {
