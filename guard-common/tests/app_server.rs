@@ -385,6 +385,73 @@ async fn h2_bounds_hold_and_streams_count_against_the_source_caps() {
     assert_eq!(waiting(&registry), 0.0);
 }
 
+/// An app's own event stream (warp's SSE reply, not guard's) leaves hyper
+/// after its head too: the head says the connection ends with the stream,
+/// the events arrive as HTTP/1.1 chunks, and when the stream ends the body
+/// ends cleanly and the server closes the connection. A HEAD of the same
+/// route is answered by hyper and the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_s_own_event_stream_leaves_hyper_and_ends_cleanly() {
+    let registry = Registry::new();
+    let guard = server_guard(quick(ServerLimits::default()), Limits::default(), &registry);
+    let three_events = warp::path("countdown").map(|| {
+        let events = futures_util::stream::iter(
+            ["3", "2", "1"]
+                .map(|n| Ok::<_, std::convert::Infallible>(warp::sse::Event::default().data(n))),
+        );
+        warp::sse::reply(events).into_response()
+    });
+    let (addr, serving) = guard
+        .serve(three_events)
+        .bind(([127, 0, 0, 1], 0))
+        .await
+        .unwrap();
+    tokio::spawn(serving);
+
+    let mut s = connect_from(localhost(1), addr).await;
+    s.write_all(b"GET /countdown HTTP/1.1\r\nHost: guard\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let all = until_closed(&mut s).await;
+    let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("http/1.1 200"), "{text}");
+    assert!(head.contains("transfer-encoding: chunked"), "{text}");
+    assert!(head.contains("connection: close"), "{text}");
+    assert_eq!(
+        body, "8\r\ndata:3\n\n\r\n8\r\ndata:2\n\n\r\n8\r\ndata:1\n\n\r\n0\r\n\r\n",
+        "three chunks, then the last chunk"
+    );
+    assert_eq!(
+        metric(&registry, "guard_app_server_streams_handed_off_total"),
+        1.0
+    );
+
+    let mut s = connect_from(localhost(1), addr).await;
+    s.write_all(b"HEAD /countdown HTTP/1.1\r\nHost: guard\r\n\r\n")
+        .await
+        .unwrap();
+    let head = within("the HEAD response", async {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !all.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "EOF after HEAD");
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    })
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let response = get(&mut s, "/countdown", true).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(
+        metric(&registry, "guard_app_server_streams_handed_off_total"),
+        2.0,
+        "the HEAD was not handed off, the GET after it was"
+    );
+}
+
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_with_a_pem_certificate_and_bad_files_are_a_clear_error() {

@@ -118,7 +118,15 @@ pub(super) fn respond(
         }
         if in_flight.conn.hands_off && handoff::wants_hand_off(&method, version, &response) {
             let conn = in_flight.conn.clone();
-            let (head, body) = response.into_parts();
+            let (mut head, body) = response.into_parts();
+            // The socket is the stream's from now on: when the stream ends,
+            // so does the connection, and the client must know not to send
+            // another request on it (guard's own SSE replies say so already).
+            head.headers.insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            conn.done.store(true, Ordering::Relaxed);
             conn.handoff.park(Parked { body, in_flight });
             return Ok(Response::from_parts(head, Outgoing::HandedOff(conn)));
         }
