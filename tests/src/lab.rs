@@ -1,4 +1,4 @@
-//! The lab topology of shared/LAB.md: a bridge in a "switch" namespace and one namespace per
+//! The lab topology: a bridge in a "switch" namespace and one namespace per
 //! role, each joined to the bridge by a veth pair.
 //!
 //! ```text

@@ -2,7 +2,7 @@
 //! tool wrappers and measurements, shared by the privileged end-to-end tests
 //! (`tests/tests/*.rs`) and by `cargo xtask demo`/`bench`.
 //!
-//! Everything here follows shared/LAB.md: traffic only to loopback or lab addresses
+//! Everything here keeps to the lab's rules: traffic only to loopback or lab addresses
 //! (198.18.0.0/15, 2001:2::/48) inside namespaces this process created, every flood bounded in
 //! count and time, and cleanup by RAII guards so a failing test leaves nothing behind.
 //!

@@ -69,7 +69,8 @@ pub fn require_root(test: &str) -> bool {
 }
 
 /// Pins a thread or process (by its PID/TID) to one CPU: benches put the server, its NAPI
-/// thread and the probe on one core and the attacker on the other (shared/LAB.md).
+/// thread and the probe on one core and the attacker on the other, so the flood tool is not
+/// the bottleneck.
 pub fn pin_to_cpu(pid: u32, cpu: usize) -> Result<()> {
     let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
     anyhow::ensure!(

@@ -304,7 +304,8 @@ pub struct SynFlood<'a> {
     pub cpu: Option<usize>,
 }
 
-/// `flood` sent with trafgen (`-n pps*secs -b pps`), shared/LAB.md's fixed-rate method: a
+/// `flood` sent with trafgen (`-n pps*secs -b pps`), a fixed offered rate so cost is compared
+/// at equal load (a flood at maximum rate only finds ceilings): a
 /// per-second budget that trafgen sends in one burst at its full speed (see
 /// [`crate::paced_syn`]; [`paced_syn_flood`] sends the rate evenly). One trafgen process
 /// (`-P 1`); it touches no machine-wide setting (`--no-sock-mem`, `-Q`: no IRQ affinity

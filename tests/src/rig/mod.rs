@@ -1,8 +1,8 @@
-//! The bench's lab: the topology of shared/LAB.md with a real TCP server (lab-client
+//! The bench's lab: the lab topology of [`crate::lab`] with a real TCP server (lab-client
 //! `serve-echo`, listen backlog 4096) inside a cgroup of its own, its receive path in one
 //! pinned NAPI thread, and the protections under comparison switched on and off one at a time.
 //!
-//! CPU pinning (shared/LAB.md): the server, its NAPI thread, the agent and the legit probes
+//! CPU pinning: the server, its NAPI thread, the agent and the legit probes
 //! share one core (the "server core", whose busy share is the cost measured); the attack tools
 //! get the other. Without it the flood tool itself is the bottleneck and every mode looks
 //! alike.
@@ -58,7 +58,7 @@ const SERVER_PEER: &str = "p-srv";
 
 /// The legit namespace's extra addresses 198.18.0.10–.17, eight "users". Probing from all of
 /// them in parallel keeps each one under the per-source cap while the total stays high (8 x 50
-/// connects make the 400 that shared/LAB.md counts lost SYNs in).
+/// connects make the 400 that lost SYNs are counted in).
 pub fn legit_sources() -> Vec<Ipv4Addr> {
     crate::lab::legit_extra_v4()
 }
@@ -234,7 +234,8 @@ impl Probes {
         self.failed += r.failed;
     }
 
-    /// Lost SYNs scaled to 400 connects (the unit shared/LAB.md reports in).
+    /// Lost SYNs scaled to 400 connects, the unit every lab report uses so runs of different
+    /// lengths compare.
     pub fn lost_per_400(&self) -> f64 {
         if self.attempted == 0 {
             return f64::NAN;
@@ -393,7 +394,7 @@ impl Rig {
     /// Pins the server's NAPI thread to the server core, with real-time priority under
     /// `--napi-rt`, finding it again if attaching or detaching a program replaced it.
     ///
-    /// At normal priority (the default, shared/LAB.md's method) the thread shares the core with
+    /// At normal priority (the default) the thread shares the core with
     /// the server and the legit clients, as receive work does on a host under a flood (the
     /// kernel defers it to ksoftirqd, a normal thread), and the veth's 256-frame ring overflows
     /// while it waits. Real-time priority stands in for softirq on a lightly loaded host,

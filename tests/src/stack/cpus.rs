@@ -10,7 +10,7 @@ use crate::measure::{allowed_cpus, server_and_attacker_cpus};
 
 /// Which cores the server side and the attacker use. With at least two usable cores the
 /// server (app, agent, its NAPI thread, legit clients) shares one and the attack tools get
-/// another, as in shared/LAB.md: otherwise the flood tool itself is the bottleneck and every
+/// another: otherwise the flood tool itself is the bottleneck and every
 /// mode looks alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cpus {

@@ -225,7 +225,8 @@ impl Drop for Sampler {
 }
 
 /// The legit clients of one phase: WebSocket chatters, SSE subscribers, the SYN-loss probe
-/// (all pinned with the server, as in shared/LAB.md) and the timeline sampler.
+/// (all pinned with the server, so the attack tools keep the other core) and the timeline
+/// sampler.
 pub struct LegitLoad {
     chat: ClientRun<WsChatReport>,
     sse: ClientRun<SseReport>,
