@@ -1,6 +1,6 @@
 //! The [`Guard`] of one app, and all of its methods but [`Guard::serve`],
-//! which is in `server/` beside the server it starts. The decisions these
-//! methods take are made by what they lock or own: [`Tables`] (admission),
+//! which is in `server/` beside the server it starts. The decisions belong
+//! to the state these methods lock or own: [`Tables`] (admission),
 //! [`Reporter`] (reports) and [`ProxyConfig`] (peers).
 
 use std::collections::hash_map::RandomState;

@@ -76,9 +76,9 @@
 //! Each type's methods live in one file: [`Guard`]'s in `guard.rs`, except
 //! `serve`, in `server/`; [`GuardBuilder`]'s in `builder.rs`;
 //! [`GuardedWebSocket`]'s in `ws/guarded.rs` and [`WsUpgrade`]'s in
-//! `ws/upgrade.rs`. What a method decides is made by the type it locks or
-//! owns: admission by the tables in `admission.rs`, reports by the
-//! reporter in `report.rs`, peers by the proxy settings in `peer.rs`.
+//! `ws/upgrade.rs`. The decisions belong to the state they concern:
+//! admission to the tables in `admission.rs`, reports to the reporter in
+//! `report.rs`, peers to the proxy settings in `peer.rs`.
 
 mod admission;
 mod builder;
