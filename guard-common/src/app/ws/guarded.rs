@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use warp::filters::ws::Message;
 
 use super::frames::Arrived;
-use super::inbound::{take_bytes, Violations};
+use super::inbound::{take_bytes, Tally, Violations};
 use super::outbound::{Outbound, SendError, WsSender};
 use super::socket::{Socket, SocketError};
 use super::{
@@ -473,32 +473,25 @@ impl GuardedWebSocket {
             metrics.dropped(v.dropped()).inc();
         }
         let w = &mut self.violations;
-        if now.saturating_sub(w.start_ns) >= duration_ns(limits.violation_window) {
-            *w = Violations {
-                start_ns: now,
-                logged: w.logged,
-                ..Violations::default()
-            };
-        }
-        w.total += 1;
-        if v == Violation::Rate {
-            w.rate += 1;
-        }
-        if !w.logged {
-            w.logged = true;
+        let tally = w.count(
+            v == Violation::Rate,
+            now,
+            duration_ns(limits.violation_window),
+            limits.violation_threshold,
+        );
+        if w.first_to_log() {
             log::info!(
                 "{}: {why} ({policy:?} policy; further violations are only counted)",
                 self.permit.peer()
             );
         }
-        if w.total < limits.violation_threshold || w.crossed {
+        let Tally::Crossed { total, rate } = tally else {
             return deliver;
-        }
-        w.crossed = true;
-        let flood = w.rate * 2 > w.total;
+        };
+        let flood = rate * 2 > total;
         let detail = format!(
-            "{} violations ({} rate) within {:?}; last: {why}",
-            w.total, w.rate, limits.violation_window
+            "{total} violations ({rate} rate) within {:?}; last: {why}",
+            limits.violation_window
         );
         if flood {
             metrics.floods.inc();

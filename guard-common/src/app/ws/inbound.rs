@@ -25,13 +25,23 @@ pub(super) fn take_bytes(
 /// Violations in the current window.
 #[derive(Default)]
 pub(super) struct Violations {
-    pub(super) start_ns: u64,
-    pub(super) total: u32,
-    pub(super) rate: u32,
+    start_ns: u64,
+    total: u32,
+    rate: u32,
     /// The threshold was crossed in this window (acted on once).
-    pub(super) crossed: bool,
+    crossed: bool,
     /// One log line per connection is enough to see what happens.
-    pub(super) logged: bool,
+    logged: bool,
+}
+
+/// Where one more violation left its window.
+pub(super) enum Tally {
+    Below,
+    /// This one reached the threshold: acted on once per window.
+    Crossed {
+        total: u32,
+        rate: u32,
+    },
 }
 
 impl Violations {
@@ -41,5 +51,34 @@ impl Violations {
             start_ns: now,
             ..Self::default()
         }
+    }
+
+    /// Counts one violation (`rate`: a rate one) at `now`, in a window of
+    /// `window_ns` that starts over once past.
+    pub(super) fn count(&mut self, rate: bool, now: u64, window_ns: u64, threshold: u32) -> Tally {
+        if now.saturating_sub(self.start_ns) >= window_ns {
+            *self = Self {
+                start_ns: now,
+                logged: self.logged,
+                ..Self::default()
+            };
+        }
+        self.total += 1;
+        if rate {
+            self.rate += 1;
+        }
+        if self.total < threshold || self.crossed {
+            return Tally::Below;
+        }
+        self.crossed = true;
+        Tally::Crossed {
+            total: self.total,
+            rate: self.rate,
+        }
+    }
+
+    /// True for the connection's first violation only.
+    pub(super) fn first_to_log(&mut self) -> bool {
+        !std::mem::replace(&mut self.logged, true)
     }
 }
