@@ -82,3 +82,40 @@ impl Violations {
         !std::mem::replace(&mut self.logged, true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_crosses_its_threshold_once_and_starts_over_when_past() {
+        let mut w = Violations::starting(0);
+        assert!(matches!(w.count(true, 1, 100, 3), Tally::Below));
+        assert!(matches!(w.count(false, 2, 100, 3), Tally::Below));
+        assert!(matches!(
+            w.count(true, 3, 100, 3),
+            Tally::Crossed { total: 3, rate: 2 }
+        ));
+        assert!(matches!(w.count(true, 4, 100, 3), Tally::Below));
+        // Past the window: counted afresh, and it can cross again.
+        for now in 100..102 {
+            assert!(matches!(w.count(false, now, 100, 3), Tally::Below));
+        }
+        assert!(matches!(
+            w.count(false, 102, 100, 3),
+            Tally::Crossed { total: 3, rate: 0 }
+        ));
+    }
+
+    #[test]
+    fn only_the_first_violation_of_a_connection_is_logged() {
+        let mut w = Violations::starting(0);
+        assert!(w.first_to_log());
+        assert!(!w.first_to_log());
+        w.count(true, 1_000, 10, 5);
+        assert!(
+            !w.first_to_log(),
+            "a new window keeps the connection's flag"
+        );
+    }
+}
