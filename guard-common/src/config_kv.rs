@@ -4,8 +4,6 @@
 //! the same thing about a bad value.
 
 use core::fmt;
-use std::string::{String, ToString};
-use std::vec::Vec;
 
 use crate::config::{ConfigError, LiveConfig, FLAG_BLOCK_ALL_TRAFFIC, FLAG_DRY_RUN};
 

@@ -9,11 +9,13 @@
 //! * `proto`: the control-socket protocol codec (no aya).
 //! * `client`: the async control-socket client (reconnects, never blocks).
 //! * `warp`: admission control and WebSocket/SSE guards for warp apps.
-#![no_std]
+//!
+//! Only the core is `no_std`: with `std` (which every other feature turns
+//! on) the crate is an ordinary std crate, so the std modules need no
+//! imports of their own for `Vec`, `String` or `format!`. The eBPF build
+//! (no features) is what keeps the core free of std.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
-
-#[cfg(any(feature = "std", test))]
-extern crate std;
 
 pub mod addr;
 pub mod bucket;

@@ -6,9 +6,9 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::string::String;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use std::vec::Vec;
 use std::{format, vec};
 
@@ -44,45 +44,34 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     .await
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TestDir(pub PathBuf);
+/// A fresh directory under the system temp dir, removed on drop ([`tempfile::TempDir`]),
+/// named after `tag` so a leftover one says which test made it; kept as a type of its own
+/// for the control-socket path and file writing that tests of three crates share.
+pub struct TestDir(tempfile::TempDir);
 
 impl TestDir {
     pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "guard-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create a test directory");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("guard-{tag}-"))
+            .tempdir()
+            .expect("create a test directory");
         Self(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Where a control socket goes in it.
     pub fn sock(&self) -> PathBuf {
-        self.0.join("control.sock")
+        self.path().join("control.sock")
     }
 
     /// Writes `content` at `relative`, creating its folders.
     pub fn write(&self, relative: &str, content: &str) {
-        let p = self.0.join(relative);
+        let p = self.path().join(relative);
         std::fs::create_dir_all(p.parent().expect("a file path")).expect("create folders");
         std::fs::write(p, content).expect("write a test file");
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

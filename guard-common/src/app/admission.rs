@@ -2,9 +2,7 @@
 //! permits that hold their slots.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
-use std::net::IpAddr;
-use std::prelude::rust_2021::*;
+use std::hash::Hash;
 use std::time::Duration;
 
 use warp::http::{header, HeaderValue, StatusCode};
@@ -15,7 +13,6 @@ use super::metrics::{CloseReason, ConnKind, RejectReason};
 use super::{Guard, Limits, Peer, UnreadableProxyHeader};
 use crate::addr::Prefix;
 use crate::bucket::{TokenBucket, NANO_TOKENS};
-use crate::state::reason;
 
 /// A refused WebSocket upgrade or SSE subscription; a
 /// [`warp::reject::Reject`], turned into a response by [`recover`] or by
@@ -113,6 +110,24 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// The slot `keys` just took in the tables, held for `peer`.
+    pub(crate) fn new(guard: Guard, kind: ConnKind, peer: Peer, keys: Keys) -> Self {
+        let Keys {
+            source,
+            aggregate,
+            identity,
+        } = keys;
+        Self {
+            guard,
+            kind,
+            peer,
+            source,
+            aggregate,
+            identity,
+            close_reason: CloseReason::Normal,
+        }
+    }
+
     pub fn kind(&self) -> ConnKind {
         self.kind
     }
@@ -220,6 +235,117 @@ impl Tables {
         });
         e.last_seen_ns = now;
         e
+    }
+
+    /// Decides on one attempt to open a connection counted under `keys`,
+    /// and takes its slot when admitted. Every attempt counts toward its
+    /// source's storm window, refused ones included: a client hammering on
+    /// its 429s is the storm.
+    pub fn admit(&mut self, keys: Keys, limits: &Limits, now: u64) -> Attempt {
+        let Keys {
+            source,
+            aggregate,
+            identity,
+        } = keys;
+        let aggregate_cap = if aggregate.is_v4() {
+            limits.per_prefix_max_connections_v4
+        } else {
+            limits.per_prefix_max_connections_v6
+        };
+        let refuse = |reason: RejectReason, retry_after: Duration| -> Result<(), Refused> {
+            Err(Refused {
+                reason,
+                retry_after,
+            })
+        };
+        // Periodic; a full table also makes room when a new source or
+        // identity comes (Tables::source).
+        if now.saturating_sub(self.last_retain_ns) >= duration_ns(limits.source_idle_ttl) / 4 {
+            self.retain(now, limits);
+        }
+        let open_total = self.open_total;
+        let s = self.source(source, limits, now);
+
+        let window = duration_ns(limits.storm_window);
+        if now.saturating_sub(s.storm_start_ns) >= window {
+            s.storm_start_ns = now;
+            s.storm_attempts = 0;
+        }
+        s.storm_attempts = s.storm_attempts.saturating_add(1);
+        let storm = (s.storm_attempts == limits.storm_threshold).then_some(StormSeen {
+            attempts: s.storm_attempts,
+        });
+
+        let verdict = if s.open >= limits.per_ip_max_connections {
+            refuse(RejectReason::PerIpCap, limits.retry_after_cap)
+        } else if self.aggregates.get(&aggregate).copied().unwrap_or(0) >= aggregate_cap {
+            refuse(RejectReason::PerPrefixCap, limits.retry_after_cap)
+        } else if identity.is_some_and(|id| {
+            self.identities
+                .get(&id)
+                .is_some_and(|e| e.open >= limits.per_identity_max_connections)
+        }) {
+            refuse(RejectReason::PerIdentityCap, limits.retry_after_cap)
+        } else if open_total >= limits.max_connections {
+            let base = limits.retry_after_global;
+            refuse(RejectReason::GlobalCap, base + super::jitter(base))
+        } else {
+            // Rates are charged last so that refused attempts do not
+            // also use up the budget of the next, admissible one.
+            let s = self.source(source, limits, now);
+            let (rate, burst) = (limits.per_ip_connect_rate, limits.per_ip_connect_burst);
+            if !s.bucket.try_take(now, rate, burst) {
+                let wait = until_next_token(&s.bucket, rate, limits.retry_after_cap);
+                refuse(RejectReason::PerIpRate, wait)
+            } else if let Some(id) = identity {
+                let (rate, burst) = (
+                    limits.per_identity_connect_rate,
+                    limits.per_identity_connect_burst,
+                );
+                let e = self.identity(id, limits, now);
+                if e.bucket.try_take(now, rate, burst) {
+                    e.open += 1;
+                    Ok(())
+                } else {
+                    let wait = until_next_token(&e.bucket, rate, limits.retry_after_cap);
+                    // The source's token was spent on an attempt that
+                    // failed for the identity's sake; give it back.
+                    let s = self.source(source, limits, now);
+                    s.bucket.tokens = s.bucket.tokens.saturating_add(NANO_TOKENS);
+                    refuse(RejectReason::PerIdentityRate, wait)
+                }
+            } else {
+                Ok(())
+            }
+            .map(|()| {
+                let s = self.source(source, limits, now);
+                s.open += 1;
+                *self.aggregates.entry(aggregate).or_insert(0) += 1;
+                self.open_total += 1;
+            })
+        };
+        Attempt { verdict, storm }
+    }
+
+    /// Records that identity `id` from `source` misbehaved; returns how
+    /// many distinct identities from it did in the current offender
+    /// window, and starts a new window once that reaches
+    /// `identity_offenders_to_report`.
+    pub fn note_offender(&mut self, source: Prefix, id: u64, limits: &Limits, now: u64) -> usize {
+        let s = self.source(source, limits, now);
+        if now.saturating_sub(s.offenders_start_ns) >= duration_ns(limits.source_idle_ttl) {
+            s.offenders.clear();
+            s.offenders_start_ns = now;
+        }
+        if !s.offenders.contains(&id) {
+            s.offenders.push(id);
+        }
+        let n = s.offenders.len();
+        if n >= limits.identity_offenders_to_report as usize {
+            s.offenders.clear();
+            s.offenders_start_ns = now;
+        }
+        n
     }
 
     /// Forgets sources and identities with nothing open that were last
@@ -356,231 +482,31 @@ pub(crate) fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// What admission noticed besides its verdict, acted on after the lock.
-pub(crate) struct StormSeen {
-    pub attempts: u32,
+/// The table entries one connection counts in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Keys {
+    pub source: Prefix,
+    pub aggregate: Prefix,
+    /// The app-supplied identity, hashed.
+    pub identity: Option<u64>,
 }
 
-impl Guard {
-    /// Admits one connection of `kind` from `peer`, or says why not. The
-    /// [`Permit`] holds the slot until it is dropped.
-    ///
-    /// [`Guard::websocket`] and [`Guard::sse`] call this; call it directly
-    /// for a connection type of your own.
-    pub fn admit(&self, kind: ConnKind, peer: &Peer) -> Result<Permit, Rejected> {
-        let inner = &self.inner;
-        let limits = &inner.limits;
-        let now = self.now_ns();
-        let source = Prefix::of(peer.ip(), limits.source_prefix_v4, limits.source_prefix_v6);
-        let aggregate = Prefix::of(
-            peer.ip(),
-            limits.aggregate_prefix_v4,
-            limits.aggregate_prefix_v6,
-        );
-        let aggregate_cap = if aggregate.is_v4() {
-            limits.per_prefix_max_connections_v4
-        } else {
-            limits.per_prefix_max_connections_v6
-        };
-        let identity = peer.identity().map(|id| inner.hasher.hash_one(id));
-        let reject = |reason: RejectReason, retry_after: Duration| {
-            inner.metrics.rejected(kind, reason).inc();
-            Rejected {
-                kind,
-                reason,
-                retry_after,
-            }
-        };
+/// Why the tables refused an attempt, and when to come back.
+pub(crate) struct Refused {
+    pub reason: RejectReason,
+    pub retry_after: Duration,
+}
 
-        let mut storm = None;
-        let verdict = {
-            let mut t = inner.lock_tables();
-            // Periodic; a full table also makes room when a new source or
-            // identity comes (Tables::source).
-            if now.saturating_sub(t.last_retain_ns) >= duration_ns(limits.source_idle_ttl) / 4 {
-                t.retain(now, limits);
-            }
-            let open_total = t.open_total;
-            let s = t.source(source, limits, now);
+/// One attempt as the tables saw it: the verdict, and the storm it
+/// completed, if any, acted on after the lock.
+pub(crate) struct Attempt {
+    pub verdict: Result<(), Refused>,
+    pub storm: Option<StormSeen>,
+}
 
-            // Every attempt counts toward a storm, refused ones included:
-            // a client hammering on its 429s is the storm.
-            let window = duration_ns(limits.storm_window);
-            if now.saturating_sub(s.storm_start_ns) >= window {
-                s.storm_start_ns = now;
-                s.storm_attempts = 0;
-            }
-            s.storm_attempts = s.storm_attempts.saturating_add(1);
-            if s.storm_attempts == limits.storm_threshold {
-                storm = Some(StormSeen {
-                    attempts: s.storm_attempts,
-                });
-            }
-
-            if s.open >= limits.per_ip_max_connections {
-                Err(reject(RejectReason::PerIpCap, limits.retry_after_cap))
-            } else if t.aggregates.get(&aggregate).copied().unwrap_or(0) >= aggregate_cap {
-                Err(reject(RejectReason::PerPrefixCap, limits.retry_after_cap))
-            } else if identity.is_some_and(|id| {
-                t.identities
-                    .get(&id)
-                    .is_some_and(|e| e.open >= limits.per_identity_max_connections)
-            }) {
-                Err(reject(RejectReason::PerIdentityCap, limits.retry_after_cap))
-            } else if open_total >= limits.max_connections {
-                let base = limits.retry_after_global;
-                Err(reject(RejectReason::GlobalCap, base + super::jitter(base)))
-            } else {
-                // Rates are charged last so that refused attempts do not
-                // also use up the budget of the next, admissible one.
-                let s = t.source(source, limits, now);
-                let (rate, burst) = (limits.per_ip_connect_rate, limits.per_ip_connect_burst);
-                if !s.bucket.try_take(now, rate, burst) {
-                    let wait = until_next_token(&s.bucket, rate, limits.retry_after_cap);
-                    Err(reject(RejectReason::PerIpRate, wait))
-                } else if let Some(id) = identity {
-                    let (rate, burst) = (
-                        limits.per_identity_connect_rate,
-                        limits.per_identity_connect_burst,
-                    );
-                    let e = t.identity(id, limits, now);
-                    if e.bucket.try_take(now, rate, burst) {
-                        e.open += 1;
-                        Ok(())
-                    } else {
-                        let wait = until_next_token(&e.bucket, rate, limits.retry_after_cap);
-                        // The source's token was spent on an attempt that
-                        // failed for the identity's sake; give it back.
-                        let s = t.source(source, limits, now);
-                        s.bucket.tokens = s.bucket.tokens.saturating_add(NANO_TOKENS);
-                        Err(reject(RejectReason::PerIdentityRate, wait))
-                    }
-                } else {
-                    Ok(())
-                }
-                .map(|()| {
-                    let s = t.source(source, limits, now);
-                    s.open += 1;
-                    *t.aggregates.entry(aggregate).or_insert(0) += 1;
-                    t.open_total += 1;
-                })
-            }
-        };
-
-        if let Some(storm) = storm {
-            inner.metrics.storms.inc();
-            let (code, what) = match kind {
-                ConnKind::Sse => (reason::RECONNECT_STORM, "reconnect storm"),
-                ConnKind::WebSocket => (reason::CONNECTION_FLOOD, "connection flood"),
-            };
-            log::warn!(
-                "{what} from {peer}: {} {} attempts within {:?}",
-                storm.attempts,
-                kind.label(),
-                limits.storm_window
-            );
-            self.report_source(
-                peer.ip(),
-                code,
-                format!(
-                    "{} {} connection attempts within {:?}",
-                    storm.attempts,
-                    kind.label(),
-                    limits.storm_window
-                ),
-            );
-        }
-
-        verdict?;
-        inner.metrics.admitted(kind).inc();
-        inner.metrics.open(kind).inc();
-        Ok(Permit {
-            guard: self.clone(),
-            kind,
-            peer: peer.clone(),
-            source,
-            aggregate,
-            identity,
-            close_reason: CloseReason::Normal,
-        })
-    }
-
-    /// Records that `peer` misbehaved badly enough to be closed, and reports
-    /// its address when the abuse is the address's: always without an
-    /// identity, and with identities once enough distinct ones from the same
-    /// source misbehaved.
-    pub(crate) fn offense(&self, peer: &Peer, code: u32, detail: String) {
-        let Some(id) = peer.identity() else {
-            self.report_source(peer.ip(), code, detail);
-            return;
-        };
-        let inner = &self.inner;
-        let limits = &inner.limits;
-        let id = inner.hasher.hash_one(id);
-        let now = self.now_ns();
-        let source = Prefix::of(peer.ip(), limits.source_prefix_v4, limits.source_prefix_v6);
-        let offenders = {
-            let mut t = inner.lock_tables();
-            let s = t.source(source, limits, now);
-            if now.saturating_sub(s.offenders_start_ns) >= duration_ns(limits.source_idle_ttl) {
-                s.offenders.clear();
-                s.offenders_start_ns = now;
-            }
-            if !s.offenders.contains(&id) {
-                s.offenders.push(id);
-            }
-            let n = s.offenders.len();
-            if n >= limits.identity_offenders_to_report as usize {
-                s.offenders.clear();
-                s.offenders_start_ns = now;
-            }
-            n
-        };
-        if offenders >= limits.identity_offenders_to_report as usize {
-            self.report_source(
-                peer.ip(),
-                code,
-                format!("{offenders} distinct identities misbehaved; last: {detail}"),
-            );
-        } else {
-            log::info!(
-                "not reporting {}: only identity {:?} misbehaved ({offenders} of {} needed)",
-                peer.ip(),
-                peer.identity().unwrap_or_default(),
-                limits.identity_offenders_to_report
-            );
-        }
-    }
-
-    /// Sources and identities currently tracked (bounded; see
-    /// [`Limits::max_tracked_sources`]).
-    pub fn tracked_sources(&self) -> usize {
-        let t = self.inner.lock_tables();
-        t.sources.len() + t.identities.len()
-    }
-
-    /// Open guarded connections, all kinds.
-    pub fn open_connections(&self) -> u32 {
-        self.inner.lock_tables().open_total
-    }
-
-    /// Open guarded connections of one source address.
-    pub fn open_connections_from(&self, ip: IpAddr) -> u32 {
-        let limits = &self.inner.limits;
-        let key = Prefix::of(ip, limits.source_prefix_v4, limits.source_prefix_v6);
-        self.inner
-            .lock_tables()
-            .sources
-            .get(&key)
-            .map_or(0, |s| s.open)
-    }
-
-    /// Forgets idle sources now instead of at the next admission.
-    pub fn retain_recent(&self) {
-        let limits = &self.inner.limits;
-        let now = self.now_ns();
-        self.inner.lock_tables().retain(now, limits);
-    }
+/// The attempt that brought its source to `storm_threshold`.
+pub(crate) struct StormSeen {
+    pub attempts: u32,
 }
 
 /// The socket address of a request, or a rejection with [`UnknownPeer`].
@@ -595,6 +521,8 @@ pub(crate) fn require_remote(
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     #[test]

@@ -1,6 +1,5 @@
 //! Every limit of the warp side, with its default, in one place.
 
-use std::prelude::rust_2021::*;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;

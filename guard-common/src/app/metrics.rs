@@ -2,7 +2,6 @@
 //! dashboard; change them only together with it.
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use std::prelude::rust_2021::*;
 
 use super::GuardError;
 

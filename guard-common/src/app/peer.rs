@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::prelude::rust_2021::*;
 use std::sync::Arc;
 
 use warp::http::HeaderMap;

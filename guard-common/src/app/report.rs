@@ -3,7 +3,6 @@
 //! never blocks; whatever it cannot deliver is counted, not retried here.
 
 use std::net::IpAddr;
-use std::prelude::rust_2021::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
@@ -12,7 +11,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::IntCounter;
 
-use super::{Guard, GuardError};
+use super::{GuardError, Limits};
 use crate::addr::Prefix;
 use crate::client::{AgentClient, BlockReport};
 use crate::state::reason;
@@ -91,31 +90,16 @@ pub(crate) struct Reporter {
     pub refusing: AtomicBool,
 }
 
-impl Guard {
-    /// Whether `ip` may never be reported: loopback, a trusted proxy (it
-    /// speaks for many clients) or an allow-listed prefix.
-    pub fn is_exempt(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_loopback()
-            || ip.is_unspecified()
-            || self.inner.proxy.is_trusted(ip)
-            || self.inner.reporter.allowlist.iter().any(|p| p.contains(ip))
-    }
-
-    /// Asks the agent to block the source `ip` belongs to. Never waits;
-    /// the detection time is now.
-    pub(crate) fn report_source(&self, ip: IpAddr, code: u32, detail: String) {
-        let inner = &self.inner;
+impl Reporter {
+    /// Hands the agent client a block of the source `ip` belongs to, as
+    /// wide as `limits` key sources. Never waits; the detection time is
+    /// now. Exemptions are the caller's to check first.
+    pub fn report(&self, ip: IpAddr, code: u32, detail: String, limits: &Limits) {
         let why = reason::name(code);
-        if self.is_exempt(ip) {
-            log::info!("not reporting {ip} ({why}): loopback, trusted proxy or allow-listed");
-            return;
-        }
-        let Some(client) = &inner.reporter.client else {
+        let Some(client) = &self.client else {
             log::info!("would report {ip} ({why}: {detail}) but no agent is configured");
             return;
         };
-        let limits = &inner.limits;
         let report = BlockReport {
             prefix: Prefix::of(ip, limits.source_prefix_v4, limits.source_prefix_v6),
             ttl: limits.report_ttl,
@@ -126,25 +110,15 @@ impl Guard {
         log::warn!("reporting {} to the agent: {why}", report.prefix);
         match client.report(report) {
             Ok(()) => {
-                if inner.reporter.refusing.swap(false, Ordering::Relaxed) {
+                if self.refusing.swap(false, Ordering::Relaxed) {
                     log::info!("the agent client accepts reports again");
                 }
             }
             Err(e) => {
-                if !inner.reporter.refusing.swap(true, Ordering::Relaxed) {
+                if !self.refusing.swap(true, Ordering::Relaxed) {
                     log::warn!("{e}; the app keeps serving and counts it in guard_app_reports_failed_total");
                 }
             }
         }
-    }
-
-    /// Reports the agent answered so far (0 without an agent).
-    pub fn reports_sent(&self) -> u64 {
-        self.inner.report_counters.sent()
-    }
-
-    /// Reports that could not be delivered so far.
-    pub fn reports_failed(&self) -> u64 {
-        self.inner.report_counters.failed()
     }
 }

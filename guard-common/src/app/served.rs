@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::prelude::rust_2021::*;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hyper::upgrade::OnUpgrade;

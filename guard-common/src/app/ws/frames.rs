@@ -9,7 +9,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::prelude::rust_2021::*;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};

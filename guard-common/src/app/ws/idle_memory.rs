@@ -19,7 +19,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::prelude::rust_2021::*;
 use std::time::Duration;
 
 use futures_util::StreamExt;

@@ -7,7 +7,6 @@
 use std::error::Error as _;
 use std::fmt;
 use std::pin::Pin;
-use std::prelude::rust_2021::*;
 use std::task::{Context, Poll};
 
 use futures_util::{Sink, Stream};

@@ -3,7 +3,6 @@
 //! hand.
 
 use std::net::SocketAddr;
-use std::prelude::rust_2021::*;
 use std::time::Duration;
 
 use futures_util::StreamExt;
