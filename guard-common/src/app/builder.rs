@@ -12,7 +12,7 @@ use super::admission::Tables;
 use super::guard::Inner;
 use super::metrics::Metrics;
 use super::peer::ProxyConfig;
-use super::report::{ReportCollector, ReportCounters, Reporter};
+use super::report::{ReportCollector, ReportCounters, ReportLog, Reporter};
 use super::server::ServerShared;
 use super::{Guard, Limits, ProxyHeader, ServerLimits};
 use crate::addr::Prefix;
@@ -112,6 +112,7 @@ impl GuardBuilder {
                     client: self.agent,
                     allowlist: self.allowlist,
                     refusing: AtomicBool::new(false),
+                    log: ReportLog::default(),
                 },
                 report_counters,
                 server,
@@ -167,6 +168,7 @@ mod tests {
             "guard_app_server_fd_headroom",
             "guard_app_server_accept_errors_total",
             "guard_app_server_tls_handshake_failures_total",
+            "guard_app_server_streams_handed_off_total",
         ] {
             assert!(
                 names.iter().any(|n| n == expected),

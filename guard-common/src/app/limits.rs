@@ -103,7 +103,10 @@ pub struct Limits {
     /// The most the outbound buffer may hold while the socket refuses
     /// writes (the bounded queue in front of it holds the rest). A single
     /// outbound message bigger than this fails the connection. Must exceed
-    /// `ws_write_buffer_size`. Default 4 MiB.
+    /// `ws_write_buffer_size`. Default 4 MiB. Below the codec, guard's frame
+    /// meter gathers up to 64 KiB more for one write (freed once the socket
+    /// has taken it), so a peer that stops reading holds at most this plus
+    /// 64 KiB of a connection's memory before its send queue starts filling.
     pub ws_max_write_buffer_size: usize,
 
     // --- WebSocket messages ---

@@ -87,7 +87,7 @@ impl fmt::Display for Peer {
 
 /// A trusted proxy's header does not name the client: the hop it vouches
 /// for is not an address. [`super::recover`] answers 400; see
-/// [`ProxyConfig::resolve`] for why the proxy is not taken for the client.
+/// `ProxyConfig::resolve` for why the proxy is not taken for the client.
 #[derive(Debug)]
 pub struct UnreadableProxyHeader;
 

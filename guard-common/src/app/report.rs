@@ -3,9 +3,9 @@
 //! never blocks; whatever it cannot deliver is counted, not retried here.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -88,6 +88,52 @@ pub(crate) struct Reporter {
     pub allowlist: Vec<Prefix>,
     /// Set while reports are being refused, so an outage logs once.
     pub refusing: AtomicBool,
+    pub log: ReportLog,
+}
+
+/// At most one line per this long about reports, so an attack from many
+/// sources (a report each) does not flood the app's log; the next line
+/// counts the ones in between. The metrics count every report.
+const REPORT_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// When the last line about a report was logged, and how many reports have
+/// gone unlogged since.
+#[derive(Default)]
+pub(crate) struct ReportLog {
+    last_ms: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl ReportLog {
+    /// Whether a report at `now` may be logged, and how many went unlogged
+    /// before it.
+    fn slot(&self, now: SystemTime) -> Option<u64> {
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let every = REPORT_LOG_EVERY.as_millis() as u64;
+        let due = last == 0 || now_ms.saturating_sub(last) >= every;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// " (and N more since the last line)" when N is not 0.
+fn and_more(unlogged: u64) -> String {
+    if unlogged == 0 {
+        String::new()
+    } else {
+        format!(" (and {unlogged} more since the last line)")
+    }
 }
 
 impl Reporter {
@@ -96,18 +142,30 @@ impl Reporter {
     /// now. Exemptions are the caller's to check first.
     pub fn report(&self, ip: IpAddr, code: u32, detail: String, limits: &Limits) {
         let why = reason::name(code);
+        let now = SystemTime::now();
         let Some(client) = &self.client else {
-            log::info!("would report {ip} ({why}: {detail}) but no agent is configured");
+            if let Some(unlogged) = self.log.slot(now) {
+                log::info!(
+                    "would report {ip} ({why}: {detail}) but no agent is configured{}",
+                    and_more(unlogged)
+                );
+            }
             return;
         };
         let report = BlockReport {
             prefix: Prefix::of(ip, limits.source_prefix_v4, limits.source_prefix_v6),
             ttl: limits.report_ttl,
             reason: code,
-            detected_at: SystemTime::now(),
+            detected_at: now,
             detail,
         };
-        log::warn!("reporting {} to the agent: {why}", report.prefix);
+        if let Some(unlogged) = self.log.slot(now) {
+            log::warn!(
+                "reporting {} to the agent: {why}{}",
+                report.prefix,
+                and_more(unlogged)
+            );
+        }
         match client.report(report) {
             Ok(()) => {
                 if self.refusing.swap(false, Ordering::Relaxed) {
@@ -120,5 +178,24 @@ impl Reporter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lines_are_one_per_second_and_count_the_rest() {
+        let log = ReportLog::default();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(log.slot(t0), Some(0));
+        for ms in [1, 200, 999] {
+            assert_eq!(log.slot(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(log.slot(t0 + Duration::from_millis(1000)), Some(3));
+        assert_eq!(log.slot(t0 + Duration::from_millis(1001)), None);
+        assert_eq!(and_more(0), "");
+        assert_eq!(and_more(3), " (and 3 more since the last line)");
     }
 }

@@ -1,8 +1,6 @@
 //! The accept loop, what it does when `accept` fails, and the sweeper it
 //! runs beside it.
 
-use std::boxed::Box;
-use std::format;
 use std::io;
 use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};

@@ -1,7 +1,6 @@
 //! One accepted connection's task: hyper's settings, serving it, a
 //! graceful end, and the hand-off of an event stream.
 
-use std::boxed::Box;
 use std::future::Future;
 use std::pin::Pin;
 #[cfg(feature = "tls")]

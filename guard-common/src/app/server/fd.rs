@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io;
-use std::prelude::rust_2021::*;
 use std::sync::OnceLock;
 
 /// Raises the soft open-files limit to the hard one, once per process, and

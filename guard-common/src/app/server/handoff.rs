@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::vec::Vec;
 
 use bytes::Buf;
 use http_body::Body;
@@ -329,7 +328,6 @@ fn chunk(data: &mut impl Buf) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::prelude::rust_2021::*;
 
     fn reply(content_type: &str) -> warp::reply::Response {
         let mut r = warp::reply::Reply::into_response(warp::reply());

@@ -1,6 +1,5 @@
 //! Every knob of guard's server, with its default and why, in one place.
 
-use std::prelude::rust_2021::*;
 use std::time::Duration;
 
 use super::super::GuardError;

@@ -1,8 +1,6 @@
 //! The server's metrics (`guard_app_server_*`). Names and labels are a
 //! contract with the alerts in `guard-user/deploy/alerts.yml`.
 
-use std::prelude::rust_2021::*;
-
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use super::super::GuardError;

@@ -40,11 +40,6 @@ mod waiting;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-// Not the std prelude: its `panic` would be ambiguous with core's inside
-// tokio::select! in this no_std crate.
-use std::boxed::Box;
-#[cfg(feature = "tls")]
-use std::string::String;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -202,7 +197,6 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::prelude::rust_2021::*;
 
     #[test]
     fn the_builder_refuses_bad_server_limits() {

@@ -1,7 +1,6 @@
 //! One request handed to the app, and the body hyper writes for its
 //! response.
 
-use std::boxed::Box;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -160,7 +159,6 @@ pub(super) fn closes_after(version: Version, headers: &hyper::HeaderMap) -> bool
 mod tests {
     use super::*;
     use hyper::header::{HeaderValue, CONNECTION};
-    use std::prelude::rust_2021::*;
 
     fn headers(connection: Option<&'static str>) -> hyper::HeaderMap {
         let mut h = hyper::HeaderMap::new();

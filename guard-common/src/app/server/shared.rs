@@ -1,12 +1,10 @@
 //! The state one [`Guard`] shares between all its servers: the waiting
 //! budget, the offenders, the descriptor count.
 
-use std::format;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use std::vec::Vec;
 
 use prometheus::Registry;
 use tokio::sync::Notify;

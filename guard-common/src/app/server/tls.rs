@@ -1,7 +1,6 @@
 //! TLS for guard's server, through rustls with the ring provider.
 
 use std::path::Path;
-use std::prelude::rust_2021::*;
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::prelude::rust_2021::*;
 
 use crate::addr::Prefix;
 
