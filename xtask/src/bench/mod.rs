@@ -83,7 +83,7 @@ pub struct BenchArgs {
 
 #[cfg(not(feature = "lab"))]
 pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
-    crate::exec_with_lab_feature("sudo -E cargo xtask bench")
+    xtask::exec_with_lab_feature("sudo -E cargo xtask bench")
 }
 
 #[cfg(feature = "lab")]
