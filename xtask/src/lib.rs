@@ -13,16 +13,12 @@ use anyhow::{bail, Context as _, Result};
 
 /// Whether this process runs as root, which the privileged tests and the lab need.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-/// The cargo that runs this xtask (so `cargo +toolchain xtask` keeps its toolchain).
+/// The cargo that launched this xtask (cargo passes itself in `CARGO`), so nested builds use
+/// the same toolchain; outside cargo, the one on PATH.
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
