@@ -20,7 +20,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use crate::{cargo, run, workspace_root};
+use xtask::{cargo, run, workspace_root};
 
 #[derive(clap::Args)]
 pub struct DistArgs {

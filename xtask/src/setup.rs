@@ -44,8 +44,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
 ];
 
-/// The bpf-linker release and LLVM major that work with this machine's
-/// nightly (shared/TOOLCHAIN.md).
+/// The bpf-linker release, and the LLVM major of the nightly's own libLLVM that it is built
+/// against (see `bpf_linker`): a nightly on another LLVM major needs another feature here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 

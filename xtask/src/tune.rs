@@ -60,9 +60,9 @@ fn newest_agent() -> Option<RunningAgent> {
 }
 
 pub fn main(args: Vec<String>) -> Result<()> {
-    crate::setup::setup()?;
-    let root = crate::workspace_root();
-    let status = crate::cargo()
+    xtask::setup::setup()?;
+    let root = xtask::workspace_root();
+    let status = xtask::cargo()
         .current_dir(&root)
         .args(["build", "-q", "-p", "guard-user", "--bin", "guard"])
         .status()

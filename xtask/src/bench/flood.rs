@@ -2,8 +2,8 @@
 //! nftables meter, iptables hashlimit and guard (XDP native, XDP generic, tc), each with the
 //! same per-source limit (20 new connections/s, burst 40).
 //!
-//! Three offered loads: a fixed rate the way shared/LAB.md measured it (trafgen `-b`, which
-//! sends each second's budget in one burst at its full speed), the same rate evenly paced
+//! Three offered loads: a fixed rate sent by trafgen `-b` (each second's budget in one burst
+//! at the tool's full speed), the same rate evenly paced
 //! (`lab-client syn-flood`, see `guard_tests::paced_syn`) — at both, the server-core CPU of
 //! the modes compares at equal work — and the flood tool's maximum (hping3 `--flood`), which
 //! finds the ceilings. Modes alternate within the run: every cycle runs each mode once, odd
@@ -41,8 +41,8 @@ const GOAL_NONE_LOSES: f64 = 10.0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Load {
-    /// trafgen `-b`, shared/LAB.md's method: each second's SYNs leave in one burst at the
-    /// tool's full speed (see `guard_tests::paced_syn`).
+    /// trafgen `-b`: each second's SYNs leave in one burst at the tool's full speed (see
+    /// `guard_tests::paced_syn`).
     Fixed,
     /// The same rate evenly paced (`lab-client syn-flood`): one SYN every 1/rate s.
     Paced,
@@ -382,8 +382,8 @@ impl FloodReport {
             (
                 Load::Fixed,
                 format!(
-                    "fixed offered rate, {rate} SYN/s, shared/LAB.md's method (trafgen -b: each \
-                     second's SYNs in one burst at full speed)"
+                    "fixed offered rate, {rate} SYN/s (trafgen -b: each second's SYNs in one \
+                     burst at full speed)"
                 ),
             ),
             (
@@ -470,7 +470,7 @@ impl FloodReport {
     pub fn goals(&self) -> Vec<Goal> {
         let mut goals = Vec::new();
         for (load, name) in [
-            (Load::Fixed, "fixed rate (LAB.md's trafgen -b)"),
+            (Load::Fixed, "fixed rate (trafgen -b)"),
             (Load::Paced, "fixed rate, evenly paced"),
         ] {
             let (Some(xdp), Some(nft)) = (

@@ -7,9 +7,10 @@
 //!   kernel-helper cookie responder) and gated on the ratio to them, and the kernel memory one
 //!   tracked source costs;
 //! - `--flood`: one SYN flood against no protection, an nftables meter, iptables hashlimit and
-//!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned as in
-//!   shared/LAB.md, at a fixed offered rate (sent as LAB.md did, and evenly paced) and at the
-//!   flood tool's maximum; frames reach the
+//!   guard (XDP native, XDP generic, tc), modes alternating within the run, CPU-pinned (the
+//!   server side on one core, the attack tools on the other: `guard_tests::rig`), at a fixed
+//!   offered rate (in one burst a second by trafgen -b, and evenly paced) and at the flood
+//!   tool's maximum; frames reach the
 //!   server as from a NIC unless `--veth-raw` (see `guard_tests::rig::Rig::new`);
 //! - `--global`: a random-source flood while returning ("known good") clients keep
 //!   connecting, with and without the global new-connection budget;
@@ -61,7 +62,7 @@ pub struct BenchArgs {
     modes: Vec<String>,
     /// Give the server's NAPI thread real-time priority, as softirq has on a lightly loaded
     /// host, so it preempts everything else on the server core. Default: normal priority, as
-    /// shared/LAB.md measured and as a kernel under a flood ends up running receive work
+    /// a kernel under a flood ends up running receive work
     /// (deferred to ksoftirqd, a normal thread): it then shares the core with the server and
     /// the clients, its ring overflows when it has to wait, and an unprotected server loses
     /// legitimate SYNs — which the lost-SYN goal needs to be decided at all.
@@ -73,9 +74,9 @@ pub struct BenchArgs {
     /// coalescing; see `Rig::new` in tests/src/rig/mod.rs.
     #[arg(long)]
     veth_raw: bool,
-    /// The flood's fixed offered rate in SYNs per second from one source, sent both as
-    /// shared/LAB.md did (trafgen -b) and evenly paced. The
-    /// default is about what shared/LAB.md's hping3 reached, and large enough that the
+    /// The flood's fixed offered rate in SYNs per second from one source, sent both in one
+    /// burst a second (trafgen -b) and evenly paced. The default is about what hping3 --flood
+    /// reaches from one core of a two-core machine, and large enough that the
     /// filters' shares of the core stand well clear of the idle core's noise.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1_000..=2_000_000))]
     rate: u32,
@@ -83,7 +84,7 @@ pub struct BenchArgs {
 
 #[cfg(not(feature = "lab"))]
 pub fn main(_args: BenchArgs) -> anyhow::Result<()> {
-    crate::exec_with_lab_feature("sudo -E cargo xtask bench")
+    xtask::exec_with_lab_feature("sudo -E cargo xtask bench")
 }
 
 #[cfg(feature = "lab")]

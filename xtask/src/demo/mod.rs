@@ -47,7 +47,7 @@ pub struct DemoArgs {
 
 #[cfg(not(feature = "lab"))]
 pub fn main(_args: DemoArgs) -> anyhow::Result<()> {
-    crate::exec_with_lab_feature("sudo -E cargo xtask demo")
+    xtask::exec_with_lab_feature("sudo -E cargo xtask demo")
 }
 
 #[cfg(feature = "lab")]

@@ -60,7 +60,8 @@ impl Scenario {
 }
 
 pub(super) const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 7);
-/// The floods' fixed offered rates (shared/LAB.md: measure cost at a fixed rate): high
+/// The floods' fixed offered rates (CPU cost compares between runs only at equal offered
+/// work, which a flood tool's maximum rate is not): high
 /// enough to load the server core without guard, low enough that a shared attacker core
 /// sustains them.
 pub(super) const ONE_SOURCE_PPS: u32 = 50_000;

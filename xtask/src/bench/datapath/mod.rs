@@ -286,8 +286,8 @@ pub(super) enum Family {
 }
 
 impl Family {
-    /// The `i`-th spoofed source: 198.19.0.0/16 for IPv4 (the flood range of shared/LAB.md),
-    /// past the population's range in 2001:2::/48 for IPv6.
+    /// The `i`-th spoofed source: 198.19.0.0/16 for IPv4 (the lab's spoofed range,
+    /// `guard_tests::lab::SPOOF_NET`), past the population's range in 2001:2::/48 for IPv6.
     fn source(self, i: u32) -> IpAddr {
         match self {
             Family::V4 => v4(198, 19, (i >> 8) as u8, i as u8),
