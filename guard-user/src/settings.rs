@@ -250,6 +250,21 @@ pub struct ControlSettings {
     pub operator_slots: usize,
 }
 
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            operator_group: None,
+            operator_uids: Vec::new(),
+            reporter_uids: Vec::new(),
+            widest_report: Widest::REPORT,
+            widest_block: Widest::BLOCK,
+            idle_timeout: Duration::from_secs(30),
+            max_sessions_per_uid: crate::control::DEFAULT_SESSIONS_PER_UID,
+            operator_slots: crate::control::DEFAULT_OPERATOR_SLOTS,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EscalationSettings {
     pub enabled: bool,
@@ -451,25 +466,24 @@ impl Settings {
             bail!("blocks: reporter_rate and reporter_burst must be at least 1 (set reporter_share_percent = 0 to refuse every report)");
         }
         let c = &file.control;
+        let d = ControlSettings::default();
         let control = ControlSettings {
             operator_group: c.operator_group.clone(),
             operator_uids: c.operator_uids.clone(),
             reporter_uids: c.reporter_uids.clone(),
             widest_report: Widest {
-                v4: c.widest_report_v4.unwrap_or(Widest::REPORT.v4),
-                v6: c.widest_report_v6.unwrap_or(Widest::REPORT.v6),
+                v4: c.widest_report_v4.unwrap_or(d.widest_report.v4),
+                v6: c.widest_report_v6.unwrap_or(d.widest_report.v6),
             },
             widest_block: Widest {
-                v4: c.widest_block_v4.unwrap_or(Widest::BLOCK.v4),
-                v6: c.widest_block_v6.unwrap_or(Widest::BLOCK.v6),
+                v4: c.widest_block_v4.unwrap_or(d.widest_block.v4),
+                v6: c.widest_block_v6.unwrap_or(d.widest_block.v6),
             },
-            idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(30)),
-            max_sessions_per_uid: c
-                .max_sessions_per_uid
-                .unwrap_or(crate::control::DEFAULT_SESSIONS_PER_UID),
-            operator_slots: c
-                .operator_slots
-                .unwrap_or(crate::control::DEFAULT_OPERATOR_SLOTS),
+            idle_timeout: c
+                .idle_timeout_secs
+                .map_or(d.idle_timeout, Duration::from_secs),
+            max_sessions_per_uid: c.max_sessions_per_uid.unwrap_or(d.max_sessions_per_uid),
+            operator_slots: c.operator_slots.unwrap_or(d.operator_slots),
         };
         if control.max_sessions_per_uid == 0 {
             bail!("control: max_sessions_per_uid must be at least 1");

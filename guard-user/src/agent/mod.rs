@@ -15,6 +15,7 @@ mod blocklist;
 mod blocks;
 mod config;
 mod control_handler;
+mod error;
 mod fleet_apply;
 mod rules;
 mod run;
@@ -29,19 +30,22 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use guard_common::{
-    addr::Prefix,
-    proto::{ErrorCode, Response},
-};
+use guard_common::addr::Prefix;
 use log::warn;
 
 use self::blocks::Offender;
+use self::error::AgentError;
 use self::rules::{Blocklist, RuleMetrics};
 use crate::{
     audit::AuditLog, control::ControlStats, datapath::GuardMaps, metrics::Metrics,
     settings::Settings,
 };
 
+/// Lock order: `blocks`, then `settings`, then `maps`, then `adaptive` or `cookie_keys`;
+/// `offenders` and `control_stats` are never held with another. A method holding one of
+/// these takes only those after it: deciding a block holds `blocks` while the config is
+/// refreshed (`settings`, then `maps`), a config change holds `settings` while it writes
+/// `maps`, and `maps` is held while `adaptive` or `cookie_keys` is read.
 pub struct Agent {
     maps: Mutex<GuardMaps>,
     settings: Mutex<Settings>,
@@ -165,11 +169,9 @@ impl Agent {
         self.metrics.render()
     }
 
-    pub(super) fn stats_counters(&self) -> Response {
-        let totals = match self.maps().stat_totals() {
-            Ok(t) => t,
-            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
-        };
+    /// The kernel's counters by name, and the blocklist's size.
+    fn stats_counters(&self) -> Result<Vec<(String, u64)>, AgentError> {
+        let totals = self.maps().stat_totals()?;
         let mut counters: Vec<(String, u64)> = guard_common::stats::Stat::ALL
             .iter()
             .map(|s| (s.name().to_string(), totals[s.index() as usize]))
@@ -178,6 +180,6 @@ impl Agent {
             "blocklist_entries".into(),
             self.blocks.lock().expect("blocks lock").len() as u64,
         ));
-        Response::Stats { counters }
+        Ok(counters)
     }
 }
