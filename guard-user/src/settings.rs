@@ -235,6 +235,30 @@ pub const DEFAULT_RESERVED_PERCENT: u32 = 10;
 /// Default of `[blocks] max_skew_secs`.
 pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(30);
 
+/// The control socket's file and who may connect to it (the top-level `control_socket`,
+/// `control_group`, `allowed_uids` and `allowed_gids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSocket {
+    pub path: PathBuf,
+    /// Group of the socket file, by name or number; `None` keeps the agent's.
+    pub group: Option<String>,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+}
+
+impl ControlSocket {
+    /// A socket at `path` that root, the agent's own uid and the socket file's group may
+    /// use, nobody else.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
 /// The control socket's roles and session limits (`[control]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlSettings {
@@ -285,10 +309,7 @@ pub struct Settings {
     pub allow: Vec<Prefix>,
     pub trusted_proxies: Vec<Prefix>,
     pub metrics_addr: SocketAddr,
-    pub control_socket: PathBuf,
-    pub control_group: Option<String>,
-    pub allowed_uids: Vec<u32>,
-    pub allowed_gids: Vec<u32>,
+    pub control_socket: ControlSocket,
     pub control: ControlSettings,
     pub pin_root: PathBuf,
     pub audit_log: Option<PathBuf>,
@@ -554,14 +575,16 @@ impl Settings {
             allow,
             trusted_proxies,
             metrics_addr,
-            control_socket: args
-                .control_socket
-                .clone()
-                .or(file.control_socket)
-                .unwrap_or_else(|| paths::DEFAULT_CONTROL_SOCKET.into()),
-            control_group: args.control_group.clone().or(file.control_group),
-            allowed_uids: file.allowed_uids,
-            allowed_gids: file.allowed_gids,
+            control_socket: ControlSocket {
+                path: args
+                    .control_socket
+                    .clone()
+                    .or(file.control_socket)
+                    .unwrap_or_else(|| paths::DEFAULT_CONTROL_SOCKET.into()),
+                group: args.control_group.clone().or(file.control_group),
+                allowed_uids: file.allowed_uids,
+                allowed_gids: file.allowed_gids,
+            },
             control,
             pin_root: args
                 .pin_dir

@@ -621,41 +621,29 @@ mod tests {
     #[test]
     fn an_order_from_any_origin_meets_the_width_limit_and_the_allow_list() {
         let r = rules(1000);
-        for order in orders_from_every_origin("0.0.0.0/2") {
-            let owner = order.by.owner();
+        let refusals = |prefix: &str| -> Vec<(Owner, Result<Duration, Refusal>)> {
+            orders_from_every_origin(prefix)
+                .iter()
+                .map(|order| {
+                    let owner = order.by.owner();
+                    let mut list = Blocklist::default();
+                    let result = admit(&r, &order.proposal(&owner), &mut list, NOW, UNIX);
+                    (owner, result)
+                })
+                .collect()
+        };
+        for (owner, result) in refusals("0.0.0.0/2") {
             // A reporter is told its own, narrower limit.
             let widest = if matches!(owner, Owner::Reporter(_)) {
                 Widest::REPORT
             } else {
                 Widest::BLOCK
             };
-            assert_eq!(
-                admit(
-                    &r,
-                    &order.proposal(&owner),
-                    &mut Blocklist::default(),
-                    NOW,
-                    UNIX
-                ),
-                Err(Refusal::TooWide(widest)),
-                "{:?}",
-                order.by
-            );
+            assert_eq!(result, Err(Refusal::TooWide(widest)), "{owner:?}");
         }
-        for order in orders_from_every_origin("198.18.0.254/32") {
-            let owner = order.by.owner();
-            assert_eq!(
-                admit(
-                    &r,
-                    &order.proposal(&owner),
-                    &mut Blocklist::default(),
-                    NOW,
-                    UNIX
-                ),
-                Err(Refusal::Allowlisted(p("198.18.0.254/32"))),
-                "{:?}",
-                order.by
-            );
+        for (owner, result) in refusals("198.18.0.254/32") {
+            let allowed = p("198.18.0.254/32");
+            assert_eq!(result, Err(Refusal::Allowlisted(allowed)), "{owner:?}");
         }
     }
 

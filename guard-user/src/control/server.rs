@@ -13,19 +13,15 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::settings::ControlSettings;
+use crate::settings::{ControlSettings, ControlSocket};
 
 /// Where and how the agent listens.
 #[derive(Debug, Clone)]
 pub struct ControlServerConfig {
-    pub path: PathBuf,
+    /// The socket file and who may connect.
+    pub socket: ControlSocket,
     /// Permissions of the socket file.
     pub mode: u32,
-    /// Group of the socket file, by name or number; `None` keeps the
-    /// agent's.
-    pub group: Option<String>,
-    pub allowed_uids: Vec<u32>,
-    pub allowed_gids: Vec<u32>,
     /// Roles, widths and session limits (`[control]`).
     pub control: ControlSettings,
     /// Connections served at once; more are answered `Busy` and closed.
@@ -42,11 +38,8 @@ pub struct ControlServerConfig {
 impl ControlServerConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
-            path: path.into(),
+            socket: ControlSocket::at(path),
             mode: 0o660,
-            group: None,
-            allowed_uids: Vec::new(),
-            allowed_gids: Vec::new(),
             control: ControlSettings::default(),
             max_connections: MAX_SESSIONS,
             handshake_timeout: Duration::from_secs(5),
@@ -58,11 +51,9 @@ impl ControlServerConfig {
     /// The agent's control socket as its settings describe it.
     pub fn from_settings(s: &crate::settings::Settings) -> Self {
         Self {
-            group: s.control_group.clone(),
-            allowed_uids: s.allowed_uids.clone(),
-            allowed_gids: s.allowed_gids.clone(),
+            socket: s.control_socket.clone(),
             control: s.control.clone(),
-            ..Self::new(&s.control_socket)
+            ..Self::new(&s.control_socket.path)
         }
     }
 }
@@ -82,10 +73,11 @@ impl ControlServer {
     /// Creates the directory, replaces a stale socket (never a live one or a
     /// non-socket), binds, and applies mode and group.
     pub fn bind(cfg: ControlServerConfig) -> Result<Self, ControlError> {
-        let path = cfg.path.clone();
+        let path = cfg.socket.path.clone();
         // Before anything touches the file system, so a typo leaves nothing
         // behind.
         let gid = cfg
+            .socket
             .group
             .as_deref()
             .map(|g| resolve_group(g, "control_group"))
@@ -133,8 +125,8 @@ impl ControlServer {
             // SAFETY: geteuid has no preconditions and cannot fail.
             agent_uid: unsafe { libc::geteuid() },
             socket_gid: Some(meta.gid()),
-            allowed_uids: cfg.allowed_uids.clone(),
-            allowed_gids: cfg.allowed_gids.clone(),
+            allowed_uids: cfg.socket.allowed_uids.clone(),
+            allowed_gids: cfg.socket.allowed_gids.clone(),
             operator_uids: cfg.control.operator_uids.clone(),
             operator_gids: operator_gid.into_iter().collect(),
             reporter_uids: cfg.control.reporter_uids.clone(),
@@ -159,7 +151,7 @@ impl ControlServer {
     }
 
     pub fn path(&self) -> &Path {
-        &self.cfg.path
+        &self.cfg.socket.path
     }
 
     /// Serves until `shutdown` resolves, then closes every connection and
@@ -184,7 +176,10 @@ impl ControlServer {
         );
         let mut conns = JoinSet::new();
         let mut refusals = RefusalLog::default();
-        log::info!("control socket listening at {}", self.cfg.path.display());
+        log::info!(
+            "control socket listening at {}",
+            self.cfg.socket.path.display()
+        );
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -234,13 +229,16 @@ impl ControlServer {
         }
         conns.shutdown().await;
         drop(listener);
-        remove_if_ours(&self.cfg.path, self.file_id);
-        log::info!("control socket at {} closed", self.cfg.path.display());
+        remove_if_ours(&self.cfg.socket.path, self.file_id);
+        log::info!(
+            "control socket at {} closed",
+            self.cfg.socket.path.display()
+        );
         Ok(())
     }
 }
 
-/// Binds `cfg.path` and serves until `shutdown` resolves. Use
+/// Binds `cfg.socket.path` and serves until `shutdown` resolves. Use
 /// [`ControlServer`] directly to read its [`ControlStats`].
 pub async fn serve(
     cfg: ControlServerConfig,

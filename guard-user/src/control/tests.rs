@@ -768,7 +768,7 @@ async fn a_panicking_handler_is_an_internal_error_and_the_session_goes_on() {
 async fn bind_sets_mode_and_group_and_shutdown_removes_the_socket() {
     let srv = Running::start(|c| {
         c.mode = 0o660;
-        c.group = Some("65534".into());
+        c.socket.group = Some("65534".into());
     });
     let meta = std::fs::metadata(&srv.path).unwrap();
     assert!(meta.file_type().is_socket());
@@ -821,7 +821,7 @@ fn groups_resolve_by_name_or_number() {
 async fn an_unknown_group_fails_bind_with_a_hint() {
     let dir = TestDir::new("control");
     let mut cfg = ControlServerConfig::new(sock(&dir));
-    cfg.group = Some("no-such-group-guard-test".into());
+    cfg.socket.group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
     assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(!sock(&dir).exists(), "no socket is left behind");
@@ -914,7 +914,7 @@ async fn run_as_nobody(test: &'static str, path: &Path) -> bool {
 async fn a_permitted_peer_that_is_no_operator_is_a_reporter() {
     let srv = Running::start(|c| {
         c.mode = 0o666;
-        c.allowed_uids = vec![65534];
+        c.socket.allowed_uids = vec![65534];
     });
     std::fs::set_permissions(srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     if !run_as_nobody("control::tests::reporter_child", &srv.path).await {
@@ -988,9 +988,14 @@ fn the_settings_reach_the_server_config() {
     .unwrap();
     let s = crate::settings::Settings::merge(&Default::default(), file).unwrap();
     let c = ControlServerConfig::from_settings(&s);
-    assert_eq!(c.path, Path::new("/run/x/c.sock"));
-    assert_eq!(c.group.as_deref(), Some("guard"));
-    assert_eq!((c.allowed_uids, c.allowed_gids), (vec![998], vec![997]));
+    assert_eq!(c.socket, s.control_socket);
+    let socket = c.socket;
+    assert_eq!(socket.path, Path::new("/run/x/c.sock"));
+    assert_eq!(socket.group.as_deref(), Some("guard"));
+    assert_eq!(
+        (socket.allowed_uids, socket.allowed_gids),
+        (vec![998], vec![997])
+    );
     assert_eq!(c.control, s.control);
     let c = c.control;
     assert_eq!(c.operator_group.as_deref(), Some("ops"));
