@@ -19,8 +19,8 @@ use log::{error, info, warn};
 
 use super::{
     blocks::{
-        decide_block, expires_unix_ms, is_expired, offender_admitted, remaining_secs,
-        BlockDecision, BlockMeta, BlockOrder, Blocked, DecidedBy, SourceCounts, Standing, Streak,
+        decide_block, expires_unix_ms, is_expired, remaining_secs, BlockDecision, BlockMeta,
+        BlockOrder, Blocked, DecidedBy, SourceCounts, Standing, Streak,
     },
     error::AgentError,
     rules::{admit, Blocklist, FleetLimits, Owner, Refusal, Rules},
@@ -302,10 +302,7 @@ impl Agent {
                 "",
             );
         }
-        // Offenders that went quiet long ago are forgotten, keeping the
-        // table bounded by the sources actually over their cap.
-        let mut offenders = self.offenders.lock().expect("offenders lock");
-        offenders.retain(|_, o| o.is_recent(now));
+        self.offenders.forget_quiet(now);
     }
 
     /// One over-cap event from the kernel.
@@ -341,19 +338,15 @@ impl Agent {
             admitted: ev.syns.saturating_sub(ev.over_cap),
             completed: u64::from(ev.completed),
         };
-        let streak = {
-            let mut offenders = self.offenders.lock().expect("offenders lock");
-            if !offender_admitted(offenders.len(), offenders.contains_key(&prefix)) {
-                self.metrics
-                    .escalations_skipped
-                    .with_label_values(&["offenders_full"])
-                    .inc();
-                return;
-            }
-            offenders
-                .entry(prefix)
-                .or_default()
-                .over_cap(now, counts, &esc, interval_ns)
+        let Some(streak) = self
+            .offenders
+            .over_cap(prefix, now, counts, &esc, interval_ns)
+        else {
+            self.metrics
+                .escalations_skipped
+                .with_label_values(&["offenders_full"])
+                .inc();
+            return;
         };
         let (ttl, level) = match streak {
             Streak::Watching => return,
@@ -399,15 +392,8 @@ impl Agent {
             .expect("settings lock")
             .live
             .event_interval_ns();
-        let offenders = self.offenders.lock().expect("offenders lock");
-        let o = offenders.get(prefix)?;
         // Event times are the kernel's monotonic clock, as on_event sees them.
-        let now = monotonic_ns();
-        Some(Standing {
-            strikes: o.strikes,
-            // The same gap that on_event takes as the end of a streak.
-            streak_secs: o.streak_secs(now, interval_ns),
-        })
+        self.offenders.standing(prefix, monotonic_ns(), interval_ns)
     }
 
     /// One page of the blocklist, with how many blocks there are in all.

@@ -7,7 +7,10 @@
 //!   width, clock, rates, quotas and shares), and the blocklist's counts,
 //! - `blocklist`: the agent's blocks and over-cap escalation, around that policy,
 //! - `config`: the live config, `guard config set`, the allow-list, reloads,
-//! - `control_handler`: the control socket's requests,
+//! - `offenders`: the sources over their cap that escalation watches,
+//! - `error`: why the agent did not do what it was asked,
+//! - `control_handler`: the control socket's requests, and the one place the
+//!   agent's results and errors become wire replies,
 //! - `fleet_apply`: decisions from other hosts of the fleet,
 //! - `run`: `guard run`, the wiring.
 
@@ -17,24 +20,23 @@ mod config;
 mod control_handler;
 mod error;
 mod fleet_apply;
+mod offenders;
 mod rules;
 mod run;
 
 pub use run::run;
 
 use std::{
-    collections::HashMap,
     sync::atomic::AtomicUsize,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
-use guard_common::addr::Prefix;
 use log::warn;
 
-use self::blocks::Offender;
 use self::error::AgentError;
+use self::offenders::Offenders;
 use self::rules::{Blocklist, RuleMetrics};
 use crate::{
     audit::AuditLog, control::ControlStats, datapath::GuardMaps, metrics::Metrics,
@@ -42,15 +44,15 @@ use crate::{
 };
 
 /// Lock order: `blocks`, then `settings`, then `maps`, then `adaptive` or `cookie_keys`;
-/// `offenders` and `control_stats` are never held with another. A method holding one of
-/// these takes only those after it: deciding a block holds `blocks` while the config is
-/// refreshed (`settings`, then `maps`), a config change holds `settings` while it writes
-/// `maps`, and `maps` is held while `adaptive` or `cookie_keys` is read.
+/// `control_stats` and the lock inside `offenders` are never held with another. A method
+/// holding one of these takes only those after it: deciding a block holds `blocks` while
+/// the config is refreshed (`settings`, then `maps`), a config change holds `settings`
+/// while it writes `maps`, and `maps` is held while `adaptive` or `cookie_keys` is read.
 pub struct Agent {
     maps: Mutex<GuardMaps>,
     settings: Mutex<Settings>,
     blocks: Mutex<Blocklist>,
-    offenders: Mutex<HashMap<Prefix, Offender>>,
+    offenders: Offenders,
     pub metrics: Metrics,
     rule_metrics: RuleMetrics,
     audit: AuditLog,
@@ -96,7 +98,7 @@ impl Agent {
             maps: Mutex::new(maps),
             settings: Mutex::new(settings),
             blocks: Mutex::new(Blocklist::default()),
-            offenders: Mutex::new(HashMap::new()),
+            offenders: Offenders::default(),
             rule_metrics: RuleMetrics::register(&metrics.registry),
             metrics,
             audit,
