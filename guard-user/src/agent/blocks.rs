@@ -108,7 +108,7 @@ pub(super) enum Blocked {
     Added {
         expires_in_secs: u32,
     },
-    /// The prefix was blocked already; its expiry is the later of both.
+    /// The prefix was blocked already; its expiry was kept or extended, never shortened.
     Merged {
         expires_in_secs: u32,
     },
