@@ -18,9 +18,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::addr::Prefix;
 use crate::proto::{
-    BlockOutcome, ErrorCode, FrameDecoder, Message, Request, Response, PROTO_VERSION,
+    BlockOutcome, BlockRequest, ErrorCode, FrameDecoder, Message, Request, Response, PROTO_VERSION,
 };
 
 /// Bound on waits for what should take milliseconds; only a broken client or guard runs
@@ -99,16 +98,6 @@ pub enum Event {
     Hello(String),
     Request(Request),
     Closed,
-}
-
-/// One block request as the agent decoded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blocked {
-    pub prefix: Prefix,
-    pub reason: u32,
-    pub ttl_secs: u32,
-    pub detected_at_unix_ns: u64,
-    pub detail: String,
 }
 
 /// An agent stand-in speaking the real codec over a real Unix socket.
@@ -191,21 +180,9 @@ impl FakeAgent {
     }
 
     /// The next block report; any other request in between fails the test.
-    pub async fn next_block(&mut self) -> Blocked {
+    pub async fn next_block(&mut self) -> BlockRequest {
         match self.next_request().await {
-            Request::Block {
-                prefix,
-                ttl_secs,
-                reason,
-                detected_at_unix_ns,
-                detail,
-            } => Blocked {
-                prefix,
-                reason,
-                ttl_secs,
-                detected_at_unix_ns,
-                detail,
-            },
+            Request::Block(block) => block,
             other => panic!("expected a block report, got {other:?}"),
         }
     }
@@ -242,10 +219,10 @@ async fn serve_fake(mut stream: UnixStream, mode: Mode, tx: mpsc::UnboundedSende
             other => {
                 let answer = match &other {
                     _ if mode == Mode::StallAfterHello => None,
-                    Request::Block { ttl_secs, .. } => Some(Response::BlockResult {
+                    Request::Block(block) => Some(Response::BlockResult {
                         outcome: BlockOutcome::Added,
                         reason_text: "blocked".into(),
-                        expires_in_secs: *ttl_secs,
+                        expires_in_secs: block.ttl_secs,
                     }),
                     Request::Stats => Some(Response::Stats {
                         counters: vec![("packets".into(), 7)],

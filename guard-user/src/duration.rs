@@ -1,6 +1,9 @@
 //! Durations as operators write them: `90s`, `10m`, `1h30m`, `1h 30m`,
 //! `2d`, or a bare number of seconds. One parser for every flag and every
 //! `*_secs` key of guard.toml, so what works in one place works in all.
+//!
+//! Not `humantime`: it takes units in any order or twice (`30m1h`, `1h1h`, refused here as
+//! likely typos), sub-second and month units, and writes `1h 30m`; configs must read the same.
 
 use std::time::Duration;
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use guard_common::{proto::Request, state::reason};
+use guard_common::{
+    proto::{BlockRequest, Request},
+    state::reason,
+};
 use guard_user::agent;
 
 use cli::{
@@ -63,13 +66,13 @@ async fn real_main(cli: Cli) -> Result<ExitCode> {
             let code = reason::from_name(&r).with_context(|| {
                 format!("unknown reason `{r}` (see `guard block --help` for the names)")
             })?;
-            let req = Request::Block {
+            let req = Request::Block(BlockRequest {
                 prefix: prefix(&p)?,
                 ttl_secs,
                 reason: code,
                 detected_at_unix_ns: 0,
                 detail: "guard block".into(),
-            };
+            });
             simple(req, socket).await?;
         }
         Cmd::Unblock { prefix: p, socket } => {

@@ -5,6 +5,9 @@
 //!
 //! Without `$NOTIFY_SOCKET` (a terminal, a container, `Type=simple`) every call is a no-op.
 //! A path starting with `@` names a Linux abstract socket, as systemd documents.
+//!
+//! Not the `sd-notify` crate: it finds `$NOTIFY_SOCKET` again at every send, so a wrong one
+//! shows only at `READY=1` instead of at start, and ends every line with a newline.
 
 use std::os::linux::net::SocketAddrExt as _;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

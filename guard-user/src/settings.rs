@@ -235,6 +235,30 @@ pub const DEFAULT_RESERVED_PERCENT: u32 = 10;
 /// Default of `[blocks] max_skew_secs`.
 pub const DEFAULT_MAX_SKEW: Duration = Duration::from_secs(30);
 
+/// The control socket's file and who may connect to it (the top-level `control_socket`,
+/// `control_group`, `allowed_uids` and `allowed_gids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSocket {
+    pub path: PathBuf,
+    /// Group of the socket file, by name or number; `None` keeps the agent's.
+    pub group: Option<String>,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+}
+
+impl ControlSocket {
+    /// A socket at `path` that root, the agent's own uid and the socket file's group may
+    /// use, nobody else.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
 /// The control socket's roles and session limits (`[control]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlSettings {
@@ -248,6 +272,21 @@ pub struct ControlSettings {
     pub max_sessions_per_uid: usize,
     /// Of the socket's sessions, those only operators may take.
     pub operator_slots: usize,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            operator_group: None,
+            operator_uids: Vec::new(),
+            reporter_uids: Vec::new(),
+            widest_report: Widest::REPORT,
+            widest_block: Widest::BLOCK,
+            idle_timeout: Duration::from_secs(30),
+            max_sessions_per_uid: crate::control::DEFAULT_SESSIONS_PER_UID,
+            operator_slots: crate::control::DEFAULT_OPERATOR_SLOTS,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -270,10 +309,7 @@ pub struct Settings {
     pub allow: Vec<Prefix>,
     pub trusted_proxies: Vec<Prefix>,
     pub metrics_addr: SocketAddr,
-    pub control_socket: PathBuf,
-    pub control_group: Option<String>,
-    pub allowed_uids: Vec<u32>,
-    pub allowed_gids: Vec<u32>,
+    pub control_socket: ControlSocket,
     pub control: ControlSettings,
     pub pin_root: PathBuf,
     pub audit_log: Option<PathBuf>,
@@ -451,25 +487,24 @@ impl Settings {
             bail!("blocks: reporter_rate and reporter_burst must be at least 1 (set reporter_share_percent = 0 to refuse every report)");
         }
         let c = &file.control;
+        let d = ControlSettings::default();
         let control = ControlSettings {
             operator_group: c.operator_group.clone(),
             operator_uids: c.operator_uids.clone(),
             reporter_uids: c.reporter_uids.clone(),
             widest_report: Widest {
-                v4: c.widest_report_v4.unwrap_or(Widest::REPORT.v4),
-                v6: c.widest_report_v6.unwrap_or(Widest::REPORT.v6),
+                v4: c.widest_report_v4.unwrap_or(d.widest_report.v4),
+                v6: c.widest_report_v6.unwrap_or(d.widest_report.v6),
             },
             widest_block: Widest {
-                v4: c.widest_block_v4.unwrap_or(Widest::BLOCK.v4),
-                v6: c.widest_block_v6.unwrap_or(Widest::BLOCK.v6),
+                v4: c.widest_block_v4.unwrap_or(d.widest_block.v4),
+                v6: c.widest_block_v6.unwrap_or(d.widest_block.v6),
             },
-            idle_timeout: Duration::from_secs(c.idle_timeout_secs.unwrap_or(30)),
-            max_sessions_per_uid: c
-                .max_sessions_per_uid
-                .unwrap_or(crate::control::DEFAULT_SESSIONS_PER_UID),
-            operator_slots: c
-                .operator_slots
-                .unwrap_or(crate::control::DEFAULT_OPERATOR_SLOTS),
+            idle_timeout: c
+                .idle_timeout_secs
+                .map_or(d.idle_timeout, Duration::from_secs),
+            max_sessions_per_uid: c.max_sessions_per_uid.unwrap_or(d.max_sessions_per_uid),
+            operator_slots: c.operator_slots.unwrap_or(d.operator_slots),
         };
         if control.max_sessions_per_uid == 0 {
             bail!("control: max_sessions_per_uid must be at least 1");
@@ -540,14 +575,16 @@ impl Settings {
             allow,
             trusted_proxies,
             metrics_addr,
-            control_socket: args
-                .control_socket
-                .clone()
-                .or(file.control_socket)
-                .unwrap_or_else(|| paths::DEFAULT_CONTROL_SOCKET.into()),
-            control_group: args.control_group.clone().or(file.control_group),
-            allowed_uids: file.allowed_uids,
-            allowed_gids: file.allowed_gids,
+            control_socket: ControlSocket {
+                path: args
+                    .control_socket
+                    .clone()
+                    .or(file.control_socket)
+                    .unwrap_or_else(|| paths::DEFAULT_CONTROL_SOCKET.into()),
+                group: args.control_group.clone().or(file.control_group),
+                allowed_uids: file.allowed_uids,
+                allowed_gids: file.allowed_gids,
+            },
             control,
             pin_root: args
                 .pin_dir

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use guard_common::client::Connection;
-use guard_common::proto::{Request, Response};
+use guard_common::proto::{BlockRequest, Request, Response};
 
 use crate::agent::{block_on, wait_for, Agent, AgentHome, RunOpts};
 use crate::lab::ROLE_IF;
@@ -441,13 +441,13 @@ pub fn block_all(
                     .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
                 for p in part {
                     let resp = conn
-                        .call(Request::Block {
+                        .call(Request::Block(BlockRequest {
                             prefix: p.parse().map_err(|e| anyhow::anyhow!("{p}: {e:?}"))?,
                             ttl_secs,
                             reason: guard_common::state::reason::OPERATOR,
                             detected_at_unix_ns: 0,
                             detail: "fleet test".into(),
-                        })
+                        }))
                         .await
                         .map_err(|e| anyhow::anyhow!("block {p}: {e}"))?;
                     ensure!(
@@ -512,7 +512,7 @@ fn app_report(home: &AgentHome, prefix: &str) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
         let resp = conn
-            .call(Request::Block {
+            .call(Request::Block(BlockRequest {
                 prefix: prefix
                     .parse()
                     .map_err(|e| anyhow::anyhow!("{prefix}: {e:?}"))?,
@@ -520,7 +520,7 @@ fn app_report(home: &AgentHome, prefix: &str) -> Result<()> {
                 reason: guard_common::state::reason::MESSAGE_FLOOD,
                 detected_at_unix_ns: 0,
                 detail: "fleet demo: message flood".into(),
-            })
+            }))
             .await
             .map_err(|e| anyhow::anyhow!("block {prefix}: {e}"))?;
         ensure!(matches!(resp, Response::BlockResult { .. }), "{resp:?}");

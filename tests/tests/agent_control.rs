@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use guard_common::client::{ClientError, Connection};
 use guard_common::proto::{
-    decode_frame, BytesMut, ErrorCode, Message, Request, Response, PROTO_VERSION,
+    decode_frame, BlockRequest, BytesMut, ErrorCode, Message, Request, Response, PROTO_VERSION,
 };
 use guard_tests::agent::{block_on, solo_netns, AgentHome, RunOpts, Scrape};
 use guard_tests::lab::ROLE_IF;
@@ -273,14 +273,16 @@ fn a_reporter_cannot_fill_the_blocklist_and_the_operator_still_blocks() {
     // As many /24s as the blocklist holds, a day each (held to max_ttl), from 100.64.0.0/10:
     // map entries only, no traffic goes anywhere.
     let reports: Vec<Request> = (0..CAPACITY)
-        .map(|i| Request::Block {
-            prefix: format!("100.{}.{}.0/24", 64 + i / 256, i % 256)
-                .parse()
-                .expect("a /24"),
-            ttl_secs: 86_400,
-            reason: guard_common::state::reason::MESSAGE_FLOOD,
-            detected_at_unix_ns: 0,
-            detail: "hostile reporter".into(),
+        .map(|i| {
+            Request::Block(BlockRequest {
+                prefix: format!("100.{}.{}.0/24", 64 + i / 256, i % 256)
+                    .parse()
+                    .expect("a /24"),
+                ttl_secs: 86_400,
+                reason: guard_common::state::reason::MESSAGE_FLOOD,
+                detected_at_unix_ns: 0,
+                detail: "hostile reporter".into(),
+            })
         })
         .collect();
     let replies = requests_as(NOBODY, &home.socket(), &reports).expect("report as nobody");

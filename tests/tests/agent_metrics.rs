@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use guard_common::addr::Prefix;
 use guard_common::client::Connection;
-use guard_common::proto::{BlockOutcome, Request, Response};
+use guard_common::proto::{BlockOutcome, BlockRequest, Request, Response};
 use guard_common::state::reason;
 use guard_common::stats::Stat;
 use guard_tests::agent::{
@@ -69,13 +69,13 @@ fn metrics_pass_promtool_and_count_exactly_what_was_sent() {
 
     // Blocked: every SYN is a blocked drop, and a blocked SYN is not counted as seen.
     let resp = home
-        .call(Request::Block {
+        .call(Request::Block(BlockRequest {
             prefix: Prefix::host(ATTACKER_V4.into()),
             ttl_secs: 600,
             reason: reason::OPERATOR,
             detected_at_unix_ns: 0,
             detail: "metrics test".into(),
-        })
+        }))
         .expect("block");
     assert!(
         matches!(
@@ -273,15 +273,17 @@ fn measure_agent_memory_scrape_and_block_latency() {
             .unwrap()
             .as_nanos() as u64
     };
-    let block = |i: u32, detected: u64| Request::Block {
-        // Lab addresses only (2001:2::/48), one /128 each.
-        prefix: Prefix::host(IpAddr::V6(Ipv6Addr::from(
-            0x2001_0002_0000_0000_0000_0000_0000_0000u128 + u128::from(i),
-        ))),
-        ttl_secs: 3600,
-        reason: reason::OPERATOR,
-        detected_at_unix_ns: detected,
-        detail: String::new(),
+    let block = |i: u32, detected: u64| {
+        Request::Block(BlockRequest {
+            // Lab addresses only (2001:2::/48), one /128 each.
+            prefix: Prefix::host(IpAddr::V6(Ipv6Addr::from(
+                0x2001_0002_0000_0000_0000_0000_0000_0000u128 + u128::from(i),
+            ))),
+            ttl_secs: 3600,
+            reason: reason::OPERATOR,
+            detected_at_unix_ns: detected,
+            detail: String::new(),
+        })
     };
     let (rtts, inserted, insert_time) = block_on(async {
         let mut conn = Connection::connect(&sock, "measure").await.unwrap();

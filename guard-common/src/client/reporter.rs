@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::task::run;
 use super::ClientError;
 use crate::addr::Prefix;
-use crate::proto::{cap_str, Request, MAX_DETAIL_LEN};
+use crate::proto::{cap_str, BlockRequest, Request, MAX_DETAIL_LEN};
 
 /// How an [`AgentClient`] reaches the agent.
 #[derive(Debug, Clone)]
@@ -85,13 +85,13 @@ impl BlockReport {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        Request::Block {
+        Request::Block(BlockRequest {
             prefix: self.prefix,
             ttl_secs,
             reason: self.reason,
             detected_at_unix_ns,
             detail: cap_str(&self.detail, MAX_DETAIL_LEN).to_string(),
-        }
+        })
     }
 
     /// Folds a duplicate into this report: the longest TTL (zero, the
@@ -341,13 +341,12 @@ mod tests {
             let mut r = BlockReport::new(p, ttl, reason::OPERATOR, "");
             r.detected_at = UNIX_EPOCH - Duration::from_secs(1);
             match r.to_request() {
-                Request::Block {
-                    ttl_secs,
-                    detected_at_unix_ns,
-                    ..
-                } => {
-                    assert_eq!(detected_at_unix_ns, 0, "before the epoch reads as unknown");
-                    ttl_secs
+                Request::Block(block) => {
+                    assert_eq!(
+                        block.detected_at_unix_ns, 0,
+                        "before the epoch reads as unknown"
+                    );
+                    block.ttl_secs
                 }
                 other => panic!("{other:?}"),
             }

@@ -8,7 +8,7 @@ use std::{format, vec};
 use super::reporter::MAX_ATTEMPTS;
 use super::*;
 use crate::addr::Prefix;
-use crate::proto::{ErrorCode, Request, Response, MAX_DETAIL_LEN, PROTO_VERSION};
+use crate::proto::{BlockRequest, ErrorCode, Request, Response, MAX_DETAIL_LEN, PROTO_VERSION};
 use crate::state::reason;
 use crate::test_support::{wait_until, within, Event, FakeAgent, Mode, TestDir};
 
@@ -31,7 +31,7 @@ fn report(prefix: &str, ttl_secs: u64) -> BlockReport {
 
 fn block_prefix(r: &Request) -> Prefix {
     match r {
-        Request::Block { prefix, .. } => *prefix,
+        Request::Block(block) => block.prefix,
         other => panic!("expected a block request, got {other:?}"),
     }
 }
@@ -52,8 +52,8 @@ async fn reports_arrive_with_their_fields() {
 
     assert_eq!(agent.next_event().await, Event::Hello("test-app".into()));
     assert_eq!(
-        agent.next_request().await,
-        Request::Block {
+        agent.next_block().await,
+        BlockRequest {
             prefix: "198.18.0.1".parse().unwrap(),
             ttl_secs: 2,
             reason: reason::MESSAGE_FLOOD,
@@ -251,19 +251,13 @@ async fn duplicates_merge_while_queued() {
     assert_eq!((stats.merged, stats.queued), (2, 1));
 
     let mut agent = FakeAgent::start(&dir.sock(), Mode::Answer);
-    match agent.next_request().await {
-        Request::Block {
-            ttl_secs,
-            detected_at_unix_ns,
-            detail,
-            ..
-        } => {
-            assert_eq!(ttl_secs, 60, "the longest TTL wins");
-            assert_eq!(detected_at_unix_ns, 1_700_000_000 * 1_000_000_000);
-            assert_eq!(detail, "flood from 198.18.0.9", "the first detail stays");
-        }
-        other => panic!("expected a block, got {other:?}"),
-    }
+    let merged = agent.next_block().await;
+    assert_eq!(merged.ttl_secs, 60, "the longest TTL wins");
+    assert_eq!(merged.detected_at_unix_ns, 1_700_000_000 * 1_000_000_000);
+    assert_eq!(
+        merged.detail, "flood from 198.18.0.9",
+        "the first detail stays"
+    );
     // Nothing else was queued for that prefix: the next request is the next
     // report.
     client.report(report("198.18.0.10", 60)).unwrap();
@@ -282,13 +276,9 @@ async fn a_long_detail_is_cut_to_the_protocol_limit() {
     let mut r = report("198.18.0.1", 60);
     r.detail = "ü".repeat(MAX_DETAIL_LEN);
     client.report(r).unwrap();
-    match agent.next_request().await {
-        Request::Block { detail, .. } => {
-            assert_eq!(detail.len(), MAX_DETAIL_LEN);
-            assert!(detail.chars().all(|c| c == 'ü'));
-        }
-        other => panic!("expected a block, got {other:?}"),
-    }
+    let detail = agent.next_block().await.detail;
+    assert_eq!(detail.len(), MAX_DETAIL_LEN);
+    assert!(detail.chars().all(|c| c == 'ü'));
     agent.stop().await;
 }
 

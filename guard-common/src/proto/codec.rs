@@ -5,7 +5,9 @@ use std::vec::Vec;
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use super::message::{ty, BlockInfo, BlockOutcome, ErrorCode, Message, Request, Response};
+use super::message::{
+    ty, BlockInfo, BlockOutcome, BlockRequest, ErrorCode, Message, Request, Response,
+};
 use super::{ProtoError, HEADER_LEN, MAX_DETAIL_LEN, MAX_FRAME, MAX_NAME_LEN, MAX_ORIGIN_LEN};
 use crate::addr::{mask, Prefix, MAX_PREFIX_LEN};
 
@@ -59,18 +61,12 @@ fn encode_request(r: &Request, dst: &mut BytesMut, start: usize) -> Result<(), P
             dst.put_u16(*version);
             put_str(dst, "client_name", client_name, MAX_NAME_LEN)?;
         }
-        Request::Block {
-            prefix,
-            ttl_secs,
-            reason,
-            detected_at_unix_ns,
-            detail,
-        } => {
-            put_prefix(dst, prefix);
-            dst.put_u32(*ttl_secs);
-            dst.put_u32(*reason);
-            dst.put_u64(*detected_at_unix_ns);
-            put_str(dst, "detail", detail, MAX_DETAIL_LEN)?;
+        Request::Block(block) => {
+            put_prefix(dst, &block.prefix);
+            dst.put_u32(block.ttl_secs);
+            dst.put_u32(block.reason);
+            dst.put_u64(block.detected_at_unix_ns);
+            put_str(dst, "detail", &block.detail, MAX_DETAIL_LEN)?;
         }
         Request::Unblock { prefix }
         | Request::Allow { prefix }
@@ -346,13 +342,13 @@ fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
         }
         ty::BLOCK => {
             r.what = "block request";
-            Message::Request(Request::Block {
+            Message::Request(Request::Block(BlockRequest {
                 prefix: r.prefix("prefix")?,
                 ttl_secs: r.u32("ttl_secs")?,
                 reason: r.u32("reason")?,
                 detected_at_unix_ns: r.u64("detected_at_unix_ns")?,
                 detail: r.string("detail", MAX_DETAIL_LEN)?,
-            })
+            }))
         }
         ty::UNBLOCK => {
             r.what = "unblock request";

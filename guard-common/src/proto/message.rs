@@ -6,6 +6,27 @@ use std::vec::Vec;
 
 use crate::addr::Prefix;
 
+/// A block someone asks the agent for: what a `Block` request carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub prefix: Prefix,
+    /// 0 = the agent's default TTL.
+    pub ttl_secs: u32,
+    /// A code from [`crate::state::reason`].
+    pub reason: u32,
+    /// When the client saw the abuse; 0 = unknown.
+    pub detected_at_unix_ns: u64,
+    /// Free text for the audit log, at most
+    /// [`super::MAX_DETAIL_LEN`] bytes.
+    pub detail: String,
+}
+
+impl From<BlockRequest> for Request {
+    fn from(block: BlockRequest) -> Self {
+        Self::Block(block)
+    }
+}
+
 /// What a client asks the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -15,18 +36,7 @@ pub enum Request {
         client_name: String,
     },
     /// Block a prefix.
-    Block {
-        prefix: Prefix,
-        /// 0 = the agent's default TTL.
-        ttl_secs: u32,
-        /// A code from [`crate::state::reason`].
-        reason: u32,
-        /// When the client saw the abuse; 0 = unknown.
-        detected_at_unix_ns: u64,
-        /// Free text for the audit log, at most
-        /// [`super::MAX_DETAIL_LEN`] bytes.
-        detail: String,
-    },
+    Block(BlockRequest),
     Unblock {
         prefix: Prefix,
     },
@@ -335,7 +345,7 @@ impl Request {
     pub(crate) const fn type_byte(&self) -> u8 {
         match self {
             Self::Hello { .. } => ty::HELLO,
-            Self::Block { .. } => ty::BLOCK,
+            Self::Block(_) => ty::BLOCK,
             Self::Unblock { .. } => ty::UNBLOCK,
             Self::ListBlocks { .. } => ty::LIST_BLOCKS,
             Self::Allow { .. } => ty::ALLOW,

@@ -32,7 +32,7 @@ mod tests;
 // own `bytes` to the same version.
 pub use bytes::BytesMut;
 pub use codec::{decode_frame, encode, FrameDecoder};
-pub use message::{BlockInfo, BlockOutcome, ErrorCode, Message, Request, Response};
+pub use message::{BlockInfo, BlockOutcome, BlockRequest, ErrorCode, Message, Request, Response};
 
 use std::string::String;
 use std::vec::Vec;

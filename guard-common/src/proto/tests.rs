@@ -23,20 +23,20 @@ fn requests() -> Vec<Request> {
             version: u16::MAX,
             client_name: String::new(),
         },
-        Request::Block {
+        Request::Block(BlockRequest {
             prefix: p("198.18.0.0/24"),
             ttl_secs: 600,
             reason: reason::MESSAGE_FLOOD,
             detected_at_unix_ns: 1_700_000_000_123_456_789,
             detail: "412 msgs/s on /ws/chat — über the cap".into(),
-        },
-        Request::Block {
+        }),
+        Request::Block(BlockRequest {
             prefix: p("2001:2::/48"),
             ttl_secs: 0,
             reason: reason::OTHER,
             detected_at_unix_ns: 0,
             detail: "x".repeat(MAX_DETAIL_LEN),
-        },
+        }),
         Request::Unblock {
             prefix: p("198.18.0.7"),
         },
@@ -291,13 +291,13 @@ fn encoding_too_much_fails_and_leaves_the_buffer_alone() {
     assert!(matches!(err, ProtoError::FrameTooLarge { .. }), "{err}");
     assert_eq!(&buf[..], b"keep");
 
-    let long = Request::Block {
+    let long = Request::Block(BlockRequest {
         prefix: p("198.18.0.1"),
         ttl_secs: 0,
         reason: 0,
         detected_at_unix_ns: 0,
         detail: "x".repeat(MAX_DETAIL_LEN + 1),
-    };
+    });
     assert!(matches!(
         long.encode(&mut buf),
         Err(ProtoError::StringTooLong {
@@ -495,14 +495,16 @@ fn arb_message() -> impl Strategy<Value = Message> {
             arb_text(MAX_DETAIL_LEN)
         )
             .prop_map(|(prefix, ttl_secs, reason, detected_at_unix_ns, detail)| {
-                Request::Block {
-                    prefix,
-                    ttl_secs,
-                    reason,
-                    detected_at_unix_ns,
-                    detail,
-                }
-                .into()
+                Message::Request(
+                    BlockRequest {
+                        prefix,
+                        ttl_secs,
+                        reason,
+                        detected_at_unix_ns,
+                        detail,
+                    }
+                    .into(),
+                )
             }),
         pairs().prop_map(|changes| Request::SetConfig { changes }.into()),
         arb_prefix().prop_map(|prefix| Request::Escalation { prefix }.into()),

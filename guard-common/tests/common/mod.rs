@@ -21,7 +21,7 @@ use warp::Filter;
 
 // Each test crate uses a different part of these.
 #[allow(unused_imports)]
-pub use guard_common::test_support::{within, Blocked, FakeAgent, Mode, TestDir, PATIENCE};
+pub use guard_common::test_support::{within, FakeAgent, Mode, TestDir, PATIENCE};
 
 /// Polls `cond` until it holds (the guard updates counters from other
 /// tasks).

@@ -11,9 +11,7 @@ use anyhow::{Context as _, Result};
 use guard_common::{
     addr::{Prefix, MAX_PREFIX_LEN},
     event::{EVENT_AGGREGATE_OVER_CAP, EVENT_CONN_LIMIT, EVENT_SOURCE_OVER_CAP},
-    proto::{
-        cap_str, BlockInfo, BlockOutcome, ErrorCode, Response, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN,
-    },
+    proto::{cap_str, BlockInfo, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN},
     state::reason,
     BlockEntry, OverCapEvent,
 };
@@ -21,10 +19,11 @@ use log::{error, info, warn};
 
 use super::{
     blocks::{
-        decide_block, expires_unix_ms, is_expired, offender_admitted, remaining_secs,
-        BlockDecision, BlockMeta, DecidedBy, SourceCounts, Streak,
+        decide_block, expires_unix_ms, is_expired, remaining_secs, BlockDecision, BlockMeta,
+        BlockOrder, Blocked, DecidedBy, SourceCounts, Standing, Streak,
     },
-    rules::{admit, Blocklist, FleetLimits, Owner, Proposal, Refusal, Rules},
+    error::AgentError,
+    rules::{admit, Blocklist, FleetLimits, Owner, Refusal, Rules},
     unix_now_ns, Agent,
 };
 use crate::datapath::monotonic_ns;
@@ -65,30 +64,6 @@ impl Agent {
         }
     }
 
-    /// Adds or extends a block a peer of the control socket asked for.
-    /// `detected_at_unix_ns` feeds the latency histogram.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn block(
-        &self,
-        prefix: Prefix,
-        ttl: Option<Duration>,
-        reason_code: u32,
-        origin: &str,
-        detected_at_unix_ns: u64,
-        detail: &str,
-        owner: Owner,
-    ) -> Response {
-        self.block_decided(
-            prefix,
-            ttl,
-            reason_code,
-            origin,
-            detected_at_unix_ns,
-            detail,
-            DecidedBy::Peer { owner },
-        )
-    }
-
     /// The rules' settings as they stand (they reload with the config).
     pub(super) fn rules(&self) -> Rules {
         let s = self.settings.lock().expect("settings lock");
@@ -110,13 +85,12 @@ impl Agent {
     fn refused(
         &self,
         mut blocks: std::sync::MutexGuard<'_, Blocklist>,
-        prefix: &Prefix,
-        owner: &Owner,
-        refusal: &Refusal,
-        origin: &str,
+        order: &BlockOrder,
+        owner: Owner,
+        refusal: Refusal,
         now_ns: u64,
-    ) -> String {
-        let message = refusal.message(prefix, owner);
+    ) -> AgentError {
+        let prefix = order.prefix;
         self.metrics
             .block_reports
             .with_label_values(&["refused"])
@@ -125,25 +99,31 @@ impl Agent {
             .refusals
             .with_label_values(&[owner.class(), refusal.label()])
             .inc();
-        let due = blocks.audit_due(owner, refusal.label(), now_ns);
+        let due = blocks.audit_due(&owner, refusal.label(), now_ns);
         drop(blocks);
+        let label = refusal.label();
+        let error = AgentError::Refused {
+            prefix,
+            owner,
+            refusal,
+        };
         if let Some(skipped) = due {
             let detail = if skipped > 0 {
-                format!("{message} ({skipped} more refused alike since the last record)")
+                format!("{error} ({skipped} more refused alike since the last record)")
             } else {
-                message.clone()
+                error.to_string()
             };
             self.audit.record(
                 "refuse",
-                Some(prefix),
+                Some(&prefix),
                 None,
-                Some(refusal.label()),
-                origin,
+                Some(label),
+                &order.origin,
                 None,
                 &detail,
             );
         }
-        message
+        error
     }
 
     /// Tells the fleet, if linked, what this host decided.
@@ -153,78 +133,18 @@ impl Agent {
         }
     }
 
-    /// Decides a block by the rules every block meets, and writes it.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn block_decided(
-        &self,
-        prefix: Prefix,
-        ttl: Option<Duration>,
-        reason_code: u32,
-        origin: &str,
-        detected_at_unix_ns: u64,
-        detail: &str,
-        by: DecidedBy,
-    ) -> Response {
-        self.block_ruled(
-            prefix,
-            ttl,
-            reason_code,
-            origin,
-            detected_at_unix_ns,
-            detail,
-            by,
-        )
-        .unwrap_or_else(|(_, message)| Response::BlockResult {
-            outcome: BlockOutcome::Refused,
-            reason_text: message,
-            expires_in_secs: 0,
-        })
-    }
-
-    /// `block_decided`, with the rule that refused it (and what its decider is told).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn block_ruled(
-        &self,
-        prefix: Prefix,
-        ttl: Option<Duration>,
-        reason_code: u32,
-        origin: &str,
-        detected_at_unix_ns: u64,
-        detail: &str,
-        by: DecidedBy,
-    ) -> Result<Response, (Refusal, String)> {
-        let result = |outcome: BlockOutcome, text: String, expires: u32| Response::BlockResult {
-            outcome,
-            reason_text: text,
-            expires_in_secs: expires,
-        };
+    /// Decides a block by the rules every block meets, whatever its origin, and writes it.
+    pub(super) fn block(&self, order: BlockOrder) -> Result<Blocked, AgentError> {
         let rules = self.rules();
-        let owner = by.owner();
+        let owner = order.by.owner();
         let now = monotonic_ns();
         let now_unix = unix_now_ns();
-        let (dated_unix_ns, rated) = match &by {
-            DecidedBy::Fleet {
-                decided_unix_ns,
-                live,
-                ..
-            } => (*decided_unix_ns, *live),
-            _ => (detected_at_unix_ns, true),
-        };
         let mut blocks = self.blocks.lock().expect("blocks lock");
-        let proposal = Proposal {
-            prefix,
-            owner: &owner,
-            ttl,
-            dated_unix_ns,
-            rated,
-        };
-        let ttl = match admit(&rules, &proposal, &mut blocks, now, now_unix) {
+        let ttl = match admit(&rules, &order.proposal(&owner), &mut blocks, now, now_unix) {
             Ok(ttl) => ttl,
-            Err(refusal) => {
-                let message = self.refused(blocks, &prefix, &owner, &refusal, origin, now);
-                return Err((refusal, message));
-            }
+            Err(refusal) => return Err(self.refused(blocks, &order, owner, refusal, now)),
         };
+        let prefix = order.prefix;
         let BlockDecision {
             expires_ns,
             reason: entry_reason,
@@ -233,14 +153,9 @@ impl Agent {
         } = decide_block(
             blocks.get(&prefix),
             now + ttl.as_nanos() as u64,
-            reason_code,
+            order.reason,
         );
-        let decided_unix_ns = match &by {
-            DecidedBy::Fleet {
-                decided_unix_ns, ..
-            } => *decided_unix_ns,
-            _ => now_unix,
-        };
+        let decided_unix_ns = order.decided_unix_ns(now_unix);
         let entry = BlockEntry {
             expires_ns,
             reason: entry_reason,
@@ -254,33 +169,23 @@ impl Agent {
         }
         if let Err(e) = self.maps().insert_block(&prefix, &entry) {
             error!("block {prefix}: {e}");
-            return Ok(Response::error(
-                ErrorCode::Internal,
-                format!("kernel map update failed: {e}"),
-            ));
+            return Err(AgentError::BlockWrite(e));
         }
-        if detected_at_unix_ns != 0 {
-            let latency = unix_now_ns().saturating_sub(detected_at_unix_ns);
+        if order.detected_at_unix_ns != 0 {
+            let latency = unix_now_ns().saturating_sub(order.detected_at_unix_ns);
             self.metrics.block_latency.observe(latency as f64 / 1e9);
         }
-        let remaining = remaining_secs(expires_ns, now);
-        let detected = (detected_at_unix_ns != 0)
-            .then(|| UNIX_EPOCH + Duration::from_nanos(detected_at_unix_ns));
-        let level = match &by {
-            DecidedBy::Here { level } => Some(*level),
-            DecidedBy::Peer { .. } => Some(0),
-            DecidedBy::Fleet { .. } => None,
-        };
-        if let (Some(level), true) = (level, extended) {
+        let expires_in_secs = remaining_secs(expires_ns, now);
+        if let (Some(level), true) = (order.shared_level(), extended) {
             self.share(crate::fleet::Decision {
                 action: crate::fleet::Action::Block,
                 prefix: prefix.to_string(),
                 expires_unix_ms: expires_unix_ms(expires_ns, now, decided_unix_ns),
                 decided_unix_ms: decided_unix_ns / 1_000_000,
                 reason: reason::name(entry.reason).to_string(),
-                origin: origin.to_string(),
+                origin: order.origin.clone(),
                 level,
-                detail: cap_str(detail, 200).to_string(),
+                detail: cap_str(&order.detail, 200).to_string(),
             });
         }
         if merged {
@@ -290,86 +195,82 @@ impl Agent {
                 .block_reports
                 .with_label_values(&["merged"])
                 .inc();
-            Ok(result(
-                BlockOutcome::Merged,
-                format!("{prefix} was already blocked; expiry extended"),
-                remaining,
-            ))
-        } else {
-            blocks.insert(
-                prefix,
-                BlockMeta {
-                    expires_ns,
-                    reason: reason_code,
-                    origin: origin.to_string(),
-                    decided_unix_ns,
-                    owner,
-                },
-            );
-            self.metrics.blocklist_entries.set(blocks.len() as i64);
-            self.blocks_len.store(blocks.len(), Ordering::SeqCst);
-            self.metrics
-                .block_reports
-                .with_label_values(&["added"])
-                .inc();
-            drop(blocks);
-            self.audit.record(
-                if reason_code == reason::ESCALATED_OVER_CAP {
-                    "escalate"
-                } else {
-                    "block"
-                },
-                Some(&prefix),
-                Some(ttl.as_secs()),
-                Some(reason::name(reason_code)),
-                origin,
-                detected,
-                detail,
-            );
-            Ok(result(
-                BlockOutcome::Added,
-                format!("{prefix} blocked"),
-                remaining,
-            ))
+            return Ok(Blocked::Merged { expires_in_secs });
         }
+        blocks.insert(
+            prefix,
+            BlockMeta {
+                expires_ns,
+                reason: order.reason,
+                origin: order.origin.clone(),
+                decided_unix_ns,
+                owner,
+            },
+        );
+        self.metrics.blocklist_entries.set(blocks.len() as i64);
+        self.blocks_len.store(blocks.len(), Ordering::SeqCst);
+        self.metrics
+            .block_reports
+            .with_label_values(&["added"])
+            .inc();
+        drop(blocks);
+        let detected = (order.detected_at_unix_ns != 0)
+            .then(|| UNIX_EPOCH + Duration::from_nanos(order.detected_at_unix_ns));
+        self.audit.record(
+            if order.reason == reason::ESCALATED_OVER_CAP {
+                "escalate"
+            } else {
+                "block"
+            },
+            Some(&prefix),
+            Some(ttl.as_secs()),
+            Some(reason::name(order.reason)),
+            &order.origin,
+            detected,
+            &order.detail,
+        );
+        Ok(Blocked::Added { expires_in_secs })
     }
 
-    pub fn unblock(&self, prefix: &Prefix, origin: &str) -> Response {
-        let resp = self.unblock_entry(prefix, origin);
-        if matches!(resp, Response::Ok) {
-            self.share(crate::fleet::Decision {
-                action: crate::fleet::Action::Unblock,
-                prefix: prefix.to_string(),
-                expires_unix_ms: 0,
-                decided_unix_ms: unix_now_ns() / 1_000_000,
-                reason: String::new(),
-                origin: origin.to_string(),
-                level: 0,
-                detail: String::new(),
-            });
-        }
-        resp
+    /// Lifts a block here, and tells the fleet.
+    pub(super) fn unblock(&self, prefix: &Prefix, origin: &str) -> Result<(), AgentError> {
+        self.unblock_entry(prefix, origin)?;
+        self.share(crate::fleet::Decision {
+            action: crate::fleet::Action::Unblock,
+            prefix: prefix.to_string(),
+            expires_unix_ms: 0,
+            decided_unix_ms: unix_now_ns() / 1_000_000,
+            reason: String::new(),
+            origin: origin.to_string(),
+            level: 0,
+            detail: String::new(),
+        });
+        Ok(())
     }
 
-    pub(super) fn unblock_entry(&self, prefix: &Prefix, origin: &str) -> Response {
-        let existed = match self.maps().remove_block(prefix) {
-            Ok(existed) => existed,
-            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
-        };
+    /// Lifts a block here only (the fleet's own unblocks end here).
+    pub(super) fn unblock_entry(&self, prefix: &Prefix, origin: &str) -> Result<(), AgentError> {
+        let existed = self.maps().remove_block(prefix)?;
+        let known = self.forget_block(prefix).is_some();
+        if !(existed || known) {
+            return Err(AgentError::NotBlocked(*prefix));
+        }
+        self.metrics.unblocks.inc();
+        self.audit
+            .record("unblock", Some(prefix), None, None, origin, None, "");
+        Ok(())
+    }
+
+    /// Drops the agent's record of a block the kernel no longer holds, keeping the counts
+    /// in step.
+    fn forget_block(&self, prefix: &Prefix) -> Option<BlockMeta> {
         let mut blocks = self.blocks.lock().expect("blocks lock");
-        let known = blocks.remove(prefix).is_some();
+        let meta = blocks.remove(prefix);
         self.metrics.blocklist_entries.set(blocks.len() as i64);
         let len = blocks.len();
         drop(blocks);
         self.blocks_changed(len);
-        if existed || known {
-            self.metrics.unblocks.inc();
-            self.audit
-                .record("unblock", Some(prefix), None, None, origin, None, "");
-            Response::Ok
-        } else {
-            Response::error(ErrorCode::NotFound, format!("{prefix} is not blocked"))
-        }
+        meta
     }
 
     /// Removes blocks whose time is up. The kernel already ignores them;
@@ -389,12 +290,7 @@ impl Agent {
                 warn!("expire {prefix}: {e}");
                 continue;
             }
-            let mut blocks = self.blocks.lock().expect("blocks lock");
-            blocks.remove(&prefix);
-            self.metrics.blocklist_entries.set(blocks.len() as i64);
-            let len = blocks.len();
-            drop(blocks);
-            self.blocks_changed(len);
+            self.forget_block(&prefix);
             self.metrics.blocks_expired.inc();
             self.audit.record(
                 "expire",
@@ -406,10 +302,7 @@ impl Agent {
                 "",
             );
         }
-        // Offenders that went quiet long ago are forgotten, keeping the
-        // table bounded by the sources actually over their cap.
-        let mut offenders = self.offenders.lock().expect("offenders lock");
-        offenders.retain(|_, o| o.is_recent(now));
+        self.offenders.forget_quiet(now);
     }
 
     /// One over-cap event from the kernel.
@@ -445,19 +338,15 @@ impl Agent {
             admitted: ev.syns.saturating_sub(ev.over_cap),
             completed: u64::from(ev.completed),
         };
-        let streak = {
-            let mut offenders = self.offenders.lock().expect("offenders lock");
-            if !offender_admitted(offenders.len(), offenders.contains_key(&prefix)) {
-                self.metrics
-                    .escalations_skipped
-                    .with_label_values(&["offenders_full"])
-                    .inc();
-                return;
-            }
-            offenders
-                .entry(prefix)
-                .or_default()
-                .over_cap(now, counts, &esc, interval_ns)
+        let Some(streak) = self
+            .offenders
+            .over_cap(prefix, now, counts, &esc, interval_ns)
+        else {
+            self.metrics
+                .escalations_skipped
+                .with_label_values(&["offenders_full"])
+                .inc();
+            return;
         };
         let (ttl, level) = match streak {
             Streak::Watching => return,
@@ -470,27 +359,21 @@ impl Agent {
             }
             Streak::Escalate(ttl, level) => (ttl, level),
         };
-        let resp = self.block_decided(
+        let order = BlockOrder {
             prefix,
-            Some(ttl),
-            reason::ESCALATED_OVER_CAP,
-            "kernel:over_cap",
-            0,
-            &format!(
+            ttl: Some(ttl),
+            reason: reason::ESCALATED_OVER_CAP,
+            detected_at_unix_ns: 0,
+            detail: format!(
                 "over its SYN cap for {}s ({} SYNs, {} over)",
                 esc.over_cap_for.as_secs(),
                 ev.syns,
                 ev.over_cap
             ),
-            DecidedBy::Here { level },
-        );
-        if matches!(
-            resp,
-            Response::BlockResult {
-                outcome: BlockOutcome::Added,
-                ..
-            }
-        ) {
+            origin: "kernel:over_cap".into(),
+            by: DecidedBy::Here { level },
+        };
+        if let Ok(Blocked::Added { .. }) = self.block(order) {
             self.metrics.escalations.inc();
             warn!(
                 "escalated {prefix} to the blocklist for {}s: over its SYN cap for {}s",
@@ -500,33 +383,21 @@ impl Agent {
         }
     }
 
-    /// Where `prefix` stands toward escalation (for `guard explain`).
-    pub(super) fn escalation(&self, prefix: &Prefix) -> Response {
+    /// Where `prefix` stands toward escalation (for `guard explain`); `None` when it is
+    /// not watched.
+    pub(super) fn escalation(&self, prefix: &Prefix) -> Option<Standing> {
         let interval_ns = self
             .settings
             .lock()
             .expect("settings lock")
             .live
             .event_interval_ns();
-        let offenders = self.offenders.lock().expect("offenders lock");
-        let Some(o) = offenders.get(prefix) else {
-            return Response::Escalation {
-                tracked: false,
-                strikes: 0,
-                streak_secs: 0,
-            };
-        };
         // Event times are the kernel's monotonic clock, as on_event sees them.
-        let now = monotonic_ns();
-        Response::Escalation {
-            tracked: true,
-            strikes: o.strikes,
-            // The same gap that on_event takes as the end of a streak.
-            streak_secs: o.streak_secs(now, interval_ns),
-        }
+        self.offenders.standing(prefix, monotonic_ns(), interval_ns)
     }
 
-    pub(super) fn list_blocks(&self, offset: u32, limit: u32) -> Response {
+    /// One page of the blocklist, with how many blocks there are in all.
+    pub(super) fn list_blocks(&self, offset: u32, limit: u32) -> (u64, Vec<BlockInfo>) {
         let now = monotonic_ns();
         // Only the keys are copied under the lock (reports wait on it); the
         // page is picked outside it, and its origins looked up after.
@@ -555,6 +426,6 @@ impl Agent {
                 origin: cap_str(&m.origin, MAX_ORIGIN_LEN).to_string(),
             })
             .collect();
-        Response::Blocks { total, entries }
+        (total, entries)
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use guard_common::addr::Prefix;
 
-use super::rules::Owner;
+use super::rules::{Owner, Proposal};
 use crate::settings::{BlockSettings, EscalationSettings};
 
 /// What the agent remembers about a block beyond the kernel entry.
@@ -39,6 +39,87 @@ pub(super) enum DecidedBy {
         own: bool,
         live: bool,
     },
+}
+
+/// One block to decide, whatever its origin: what was asked, who asked (`origin`, for the
+/// audit log and the fleet) and who decided it.
+#[derive(Clone, Debug)]
+pub(super) struct BlockOrder {
+    pub(super) prefix: Prefix,
+    /// None or zero: the default TTL.
+    pub(super) ttl: Option<Duration>,
+    /// A code from `guard_common::state::reason`.
+    pub(super) reason: u32,
+    /// When the decider saw the abuse (Unix ns; 0 when it does not say): feeds the
+    /// latency histogram and the audit line.
+    pub(super) detected_at_unix_ns: u64,
+    pub(super) detail: String,
+    pub(super) origin: String,
+    pub(super) by: DecidedBy,
+}
+
+impl BlockOrder {
+    /// What the rules are asked to admit for this order, with `owner` from
+    /// [`DecidedBy::owner`]. A fleet decision is dated by its host and rated only
+    /// while live; any other by its detection time, and always rated.
+    pub(super) fn proposal<'a>(&self, owner: &'a Owner) -> Proposal<'a> {
+        let (dated_unix_ns, rated) = match &self.by {
+            DecidedBy::Fleet {
+                decided_unix_ns,
+                live,
+                ..
+            } => (*decided_unix_ns, *live),
+            _ => (self.detected_at_unix_ns, true),
+        };
+        Proposal {
+            prefix: self.prefix,
+            owner,
+            ttl: self.ttl,
+            dated_unix_ns,
+            rated,
+        }
+    }
+
+    /// When the block counts as decided (Unix ns): a fleet decision when its host
+    /// decided it, any other now.
+    pub(super) fn decided_unix_ns(&self, now_unix_ns: u64) -> u64 {
+        match &self.by {
+            DecidedBy::Fleet {
+                decided_unix_ns, ..
+            } => *decided_unix_ns,
+            _ => now_unix_ns,
+        }
+    }
+
+    /// The escalation level the fleet hears with this host's own decision; `None` for a
+    /// decision from the fleet, which is never sent back.
+    pub(super) fn shared_level(&self) -> Option<u32> {
+        match &self.by {
+            DecidedBy::Here { level } => Some(*level),
+            DecidedBy::Peer { .. } => Some(0),
+            DecidedBy::Fleet { .. } => None,
+        }
+    }
+}
+
+/// What a block order did to the blocklist, with the seconds left on the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Blocked {
+    Added {
+        expires_in_secs: u32,
+    },
+    /// The prefix was blocked already; its expiry was kept or extended, never shortened.
+    Merged {
+        expires_in_secs: u32,
+    },
+}
+
+/// Where a watched source stands toward escalation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Standing {
+    pub(super) strikes: u32,
+    /// How long its current over-cap streak has lasted, in whole seconds.
+    pub(super) streak_secs: u32,
 }
 
 impl DecidedBy {

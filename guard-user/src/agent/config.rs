@@ -8,13 +8,11 @@ use anyhow::{Context as _, Result};
 use guard_common::{
     addr::Prefix,
     config::{FLAG_ALLOW_EMPTY, FLAG_BLOCK_EMPTY},
-    config_kv,
-    proto::{ErrorCode, Response},
-    LiveConfig,
+    config_kv, LiveConfig,
 };
 use log::{error, info, warn};
 
-use super::Agent;
+use super::{error::AgentError, Agent};
 use crate::settings::{RunArgs, Settings};
 
 /// What goes into the kernel's allowlist: loopback never reaches an
@@ -154,7 +152,12 @@ impl Agent {
     /// `guard config set`: the kernel first, then the agent's view (see
     /// [`change_live`]); the settings lock is held throughout, so changes
     /// do not interleave.
-    pub(super) fn set_config(&self, changes: &[(String, String)], origin: &str) -> Response {
+    /// Returns the operator's config as it now stands.
+    pub(super) fn set_config(
+        &self,
+        changes: &[(String, String)],
+        origin: &str,
+    ) -> Result<LiveConfig, AgentError> {
         let mut s = self.settings.lock().expect("settings lock");
         let changed = change_live(
             &s.live,
@@ -165,22 +168,22 @@ impl Agent {
                 self.maps().set_config(&effective).map(|()| effective)
             },
         );
-        let (new, effective) = match changed {
-            Ok(c) => c,
-            Err(refused) => return refused,
-        };
+        let (new, effective) = changed?;
         s.live = new;
         self.metrics.sync_config(&effective);
         drop(s);
         let detail: Vec<String> = changes.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.audit
             .record("config", None, None, None, origin, None, &detail.join(" "));
-        Response::Config {
-            entries: config_entries(&new),
-        }
+        Ok(new)
     }
 
-    pub(super) fn set_allow(&self, prefix: Prefix, allow: bool, origin: &str) -> Response {
+    pub(super) fn set_allow(
+        &self,
+        prefix: Prefix,
+        allow: bool,
+        origin: &str,
+    ) -> Result<(), AgentError> {
         let mut s = self.settings.lock().expect("settings lock");
         let is_loopback = crate::settings::loopback().contains(&prefix);
         if allow {
@@ -191,35 +194,19 @@ impl Agent {
                 // Clear "allowlist empty" before the entry lands.
                 let cfg = self.effective(&s);
                 let mut maps = self.maps();
-                if let Err(e) = maps
-                    .set_config(&cfg)
-                    .and_then(|()| maps.insert_allow(&prefix))
-                {
-                    return Response::error(ErrorCode::Internal, e.to_string());
-                }
+                maps.set_config(&cfg)?;
+                maps.insert_allow(&prefix)?;
             }
         } else {
             if is_loopback || s.trusted_proxies.contains(&prefix) {
-                return Response::error(
-                    ErrorCode::Invalid,
-                    format!("{prefix} is loopback or a trusted proxy and stays allowed"),
-                );
+                return Err(AgentError::StaysAllowed(prefix));
             }
-            match self.maps().remove_allow(&prefix) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Response::error(
-                        ErrorCode::NotFound,
-                        format!("{prefix} is not allow-listed"),
-                    )
-                }
-                Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+            if !self.maps().remove_allow(&prefix)? {
+                return Err(AgentError::NotAllowed(prefix));
             }
             s.allow.retain(|p| *p != prefix);
             let cfg = self.effective(&s);
-            if let Err(e) = self.maps().set_config(&cfg) {
-                return Response::error(ErrorCode::Internal, e.to_string());
-            }
+            self.maps().set_config(&cfg)?;
         }
         self.metrics.allowlist_entries.set(s.allow.len() as i64);
         drop(s);
@@ -232,7 +219,7 @@ impl Agent {
             None,
             "",
         );
-        Response::Ok
+        Ok(())
     }
 
     /// SIGHUP: re-read the config file, apply it live, reopen the audit log.
@@ -307,24 +294,21 @@ impl Agent {
 /// cannot do them); then `write` puts it in the kernel. The caller commits
 /// the returned config (with what `write` returned) only on `Ok`, so a
 /// refusal or a failed write leaves the agent's view as it was. A refusal
-/// is `Invalid`; a failed write is the agent's failure (`Internal`), as the
-/// request itself was fine.
+/// is the request's fault; a failed write is the agent's, as the request
+/// itself was fine.
 pub(super) fn change_live<W, E: std::fmt::Display>(
     current: &LiveConfig,
     changes: &[(String, String)],
     check: impl FnOnce(&LiveConfig) -> Result<(), &'static str>,
     write: impl FnOnce(&LiveConfig) -> Result<W, E>,
-) -> Result<(LiveConfig, W), Response> {
+) -> Result<(LiveConfig, W), AgentError> {
     // apply_config_changes validates the whole result.
     let new = config_kv::apply_config_changes(current, changes)
-        .map_err(|e| Response::error(ErrorCode::Invalid, e.to_string()))?;
-    check(&new).map_err(|why| Response::error(ErrorCode::Invalid, why))?;
+        .map_err(|e| AgentError::InvalidConfig(e.to_string()))?;
+    check(&new).map_err(|why| AgentError::InvalidConfig(why.to_string()))?;
     let written = write(&new).map_err(|e| {
         error!("config set: write the live config: {e}");
-        Response::error(
-            ErrorCode::Internal,
-            format!("writing the live config to the kernel failed ({e}); the running config is unchanged, retry"),
-        )
+        AgentError::ConfigWrite(e.to_string())
     })?;
     Ok((new, written))
 }
@@ -357,6 +341,8 @@ pub(super) fn config_entries(c: &LiveConfig) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::control_handler::error_reply;
+    use guard_common::proto::{ErrorCode, Response};
 
     fn changes(kv: &[(&str, &str)]) -> Vec<(String, String)> {
         kv.iter()
@@ -364,9 +350,10 @@ mod tests {
             .collect()
     }
 
-    fn code(r: &Response) -> ErrorCode {
-        match r {
-            Response::Error { code, .. } => *code,
+    /// The control socket's reply to a refused change: what these tests pin down.
+    fn code(e: &AgentError) -> ErrorCode {
+        match error_reply(e) {
+            Response::Error { code, .. } => code,
             other => panic!("expected an error, got {other:?}"),
         }
     }
@@ -377,7 +364,7 @@ mod tests {
         kv: &[(&str, &str)],
         check: impl FnOnce(&LiveConfig) -> Result<(), &'static str>,
         write: impl FnOnce(&LiveConfig) -> Result<(), String>,
-    ) -> Result<(), Response> {
+    ) -> Result<(), AgentError> {
         let (new, ()) = change_live(live, &changes(kv), check, write)?;
         *live = new;
         Ok(())
@@ -419,7 +406,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(code(&err), ErrorCode::Internal);
-        let Response::Error { message, .. } = &err else {
+        let Response::Error { message, .. } = error_reply(&err) else {
             unreachable!()
         };
         assert!(message.contains("EPERM"), "{message}");
@@ -459,7 +446,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err,
+            error_reply(&err),
             Response::error(ErrorCode::Invalid, "cookies cannot work here")
         );
         assert_eq!(checked, Some(50), "the check saw the new config");

@@ -1,12 +1,20 @@
-//! The control socket's requests, answered: `impl ControlHandler for Agent`.
+//! The control socket's requests, answered: `impl ControlHandler for Agent`. The one place
+//! where the agent's results and errors become wire replies.
 
 use std::time::Duration;
 
 use guard_common::proto::{
-    cap_str, ErrorCode, Request, Response, MAX_LIST_ENTRIES, MAX_ORIGIN_LEN,
+    cap_str, BlockOutcome, BlockRequest, ErrorCode, Request, Response, MAX_LIST_ENTRIES,
+    MAX_ORIGIN_LEN,
 };
 
-use super::{config::config_entries, rules::Owner, Agent};
+use super::{
+    blocks::{BlockOrder, Blocked, DecidedBy},
+    config::config_entries,
+    error::AgentError,
+    rules::Owner,
+    Agent,
+};
 use crate::control::{ControlHandler, PeerInfo, Role};
 
 fn origin_of(peer: &PeerInfo) -> String {
@@ -20,33 +28,89 @@ fn origin_of(peer: &PeerInfo) -> String {
     cap_str(&text, MAX_ORIGIN_LEN).to_string()
 }
 
+/// A peer's block request as the agent decides it: the peer's role is whose block it is.
+fn order_of(block: BlockRequest, peer: &PeerInfo, origin: String) -> BlockOrder {
+    let owner = match peer.role {
+        Role::Operator => Owner::Operator,
+        Role::Reporter => Owner::Reporter(peer.uid),
+    };
+    BlockOrder {
+        prefix: block.prefix,
+        ttl: (block.ttl_secs != 0).then(|| Duration::from_secs(u64::from(block.ttl_secs))),
+        reason: block.reason,
+        detected_at_unix_ns: block.detected_at_unix_ns,
+        detail: block.detail,
+        origin,
+        by: DecidedBy::Peer { owner },
+    }
+}
+
+/// What the peer is told when the agent did not do what it asked.
+pub(super) fn error_reply(e: &AgentError) -> Response {
+    let code = match e {
+        AgentError::Refused { .. } => {
+            return Response::BlockResult {
+                outcome: BlockOutcome::Refused,
+                reason_text: e.to_string(),
+                expires_in_secs: 0,
+            }
+        }
+        AgentError::NotBlocked(_) | AgentError::NotAllowed(_) => ErrorCode::NotFound,
+        AgentError::StaysAllowed(_) | AgentError::InvalidConfig(_) => ErrorCode::Invalid,
+        AgentError::ConfigWrite(_) | AgentError::BlockWrite(_) | AgentError::Kernel(_) => {
+            ErrorCode::Internal
+        }
+    };
+    Response::error(code, e.to_string())
+}
+
+fn block_reply(prefix: guard_common::addr::Prefix, blocked: Blocked) -> Response {
+    let (outcome, reason_text, expires_in_secs) = match blocked {
+        Blocked::Added { expires_in_secs } => (
+            BlockOutcome::Added,
+            format!("{prefix} blocked"),
+            expires_in_secs,
+        ),
+        Blocked::Merged { expires_in_secs } => (
+            BlockOutcome::Merged,
+            format!("{prefix} was already blocked; expiry extended"),
+            expires_in_secs,
+        ),
+    };
+    Response::BlockResult {
+        outcome,
+        reason_text,
+        expires_in_secs,
+    }
+}
+
+/// The reply to a request the agent carried out (`Ok`) or did not (`Err`).
+fn reply<T>(result: Result<T, AgentError>, answer: impl FnOnce(T) -> Response) -> Response {
+    result.map_or_else(|e| error_reply(&e), answer)
+}
+
 impl ControlHandler for Agent {
     fn handle(&self, peer: &PeerInfo, req: Request) -> Response {
         let origin = origin_of(peer);
         match req {
             Request::Hello { .. } => Response::error(ErrorCode::Unexpected, "already greeted"),
-            Request::Block {
-                prefix,
-                ttl_secs,
-                reason,
-                detected_at_unix_ns,
-                detail,
-            } => self.block(
-                prefix,
-                (ttl_secs != 0).then(|| Duration::from_secs(ttl_secs as u64)),
-                reason,
-                &origin,
-                detected_at_unix_ns,
-                &detail,
-                match peer.role {
-                    Role::Operator => Owner::Operator,
-                    Role::Reporter => Owner::Reporter(peer.uid),
-                },
-            ),
-            Request::Unblock { prefix } => self.unblock(&prefix, &origin),
-            Request::ListBlocks { offset, limit } => self.list_blocks(offset, limit),
-            Request::Allow { prefix } => self.set_allow(prefix, true, &origin),
-            Request::Disallow { prefix } => self.set_allow(prefix, false, &origin),
+            Request::Block(block) => {
+                let prefix = block.prefix;
+                reply(self.block(order_of(block, peer, origin)), |blocked| {
+                    block_reply(prefix, blocked)
+                })
+            }
+            Request::Unblock { prefix } => reply(self.unblock(&prefix, &origin), |()| Response::Ok),
+            Request::ListBlocks { offset, limit } => {
+                let (total, entries) = self.list_blocks(offset, limit);
+                Response::Blocks { total, entries }
+            }
+            Request::Allow { prefix } => {
+                reply(self.set_allow(prefix, true, &origin), |()| Response::Ok)
+            }
+            Request::Disallow { prefix } => {
+                reply(self.set_allow(prefix, false, &origin), |()| Response::Ok)
+            }
             Request::ListAllows => {
                 let s = self.settings.lock().expect("settings lock");
                 Response::Allows {
@@ -58,11 +122,17 @@ impl ControlHandler for Agent {
                         .collect(),
                 }
             }
-            Request::Stats => self.stats_counters(),
+            Request::Stats => reply(self.stats_counters(), |counters| Response::Stats {
+                counters,
+            }),
             Request::GetConfig => Response::Config {
                 entries: config_entries(&self.settings.lock().expect("settings lock").live),
             },
-            Request::SetConfig { changes } => self.set_config(&changes, &origin),
+            Request::SetConfig { changes } => reply(self.set_config(&changes, &origin), |live| {
+                Response::Config {
+                    entries: config_entries(&live),
+                }
+            }),
             Request::History {
                 since_unix_secs,
                 prefix,
@@ -75,7 +145,14 @@ impl ControlHandler for Agent {
                 Ok(lines) => Response::History { lines },
                 Err(e) => Response::error(ErrorCode::Internal, format!("read the audit log: {e}")),
             },
-            Request::Escalation { prefix } => self.escalation(&prefix),
+            Request::Escalation { prefix } => {
+                let standing = self.escalation(&prefix);
+                Response::Escalation {
+                    tracked: standing.is_some(),
+                    strikes: standing.map_or(0, |s| s.strikes),
+                    streak_secs: standing.map_or(0, |s| s.streak_secs),
+                }
+            }
         }
     }
 }

@@ -4,12 +4,13 @@
 
 use guard_common::{
     addr::Prefix,
-    proto::{cap_str, BlockOutcome, Response, MAX_ORIGIN_LEN},
+    proto::{cap_str, MAX_ORIGIN_LEN},
     state::reason,
 };
 
 use super::{
-    blocks::{remote_block_ttl, DecidedBy},
+    blocks::{remote_block_ttl, BlockOrder, Blocked, DecidedBy},
+    error::AgentError,
     rules::Owner,
     unix_now_ns, Agent,
 };
@@ -40,31 +41,24 @@ impl crate::fleet::Applier for Agent {
                     .expect("blocks lock")
                     .get(&prefix)
                     .map(|m| m.expires_ns);
-                let reason_code = reason::from_name(&d.reason).unwrap_or(reason::OTHER);
                 let detail = format!("{} on {host}: {}", d.origin, d.detail);
-                let by = DecidedBy::Fleet {
-                    decided_unix_ns,
-                    host: host.to_string(),
-                    own: from.own,
-                    live: from.live,
-                };
-                match self.block_ruled(
+                let order = BlockOrder {
                     prefix,
-                    Some(ttl),
-                    reason_code,
-                    &origin,
-                    0,
-                    cap_str(&detail, 240),
-                    by,
-                ) {
-                    Ok(Response::BlockResult {
-                        outcome: BlockOutcome::Added,
-                        ..
-                    }) => Applied::Changed,
-                    Ok(Response::BlockResult {
-                        outcome: BlockOutcome::Merged,
-                        ..
-                    }) => {
+                    ttl: Some(ttl),
+                    reason: reason::from_name(&d.reason).unwrap_or(reason::OTHER),
+                    detected_at_unix_ns: 0,
+                    detail: cap_str(&detail, 240).to_string(),
+                    origin,
+                    by: DecidedBy::Fleet {
+                        decided_unix_ns,
+                        host: host.to_string(),
+                        own: from.own,
+                        live: from.live,
+                    },
+                };
+                match self.block(order) {
+                    Ok(Blocked::Added { .. }) => Applied::Changed,
+                    Ok(Blocked::Merged { .. }) => {
                         let after = self
                             .blocks
                             .lock()
@@ -77,8 +71,8 @@ impl crate::fleet::Applier for Agent {
                             Applied::Unchanged
                         }
                     }
-                    Err((refusal, _)) => Applied::Dropped(refusal.label()),
-                    Ok(_) => Applied::Dropped("kernel_error"),
+                    Err(AgentError::Refused { refusal, .. }) => Applied::Dropped(refusal.label()),
+                    Err(_) => Applied::Dropped("kernel_error"),
                 }
             }
             Action::Unblock => {
@@ -113,8 +107,8 @@ impl crate::fleet::Applier for Agent {
                         Applied::Dropped("local_block")
                     }
                     Some((false, _)) => match self.unblock_entry(&prefix, &origin) {
-                        Response::Ok => Applied::Changed,
-                        _ => Applied::Unchanged,
+                        Ok(()) => Applied::Changed,
+                        Err(_) => Applied::Unchanged,
                     },
                 }
             }

@@ -7,7 +7,10 @@
 //!   width, clock, rates, quotas and shares), and the blocklist's counts,
 //! - `blocklist`: the agent's blocks and over-cap escalation, around that policy,
 //! - `config`: the live config, `guard config set`, the allow-list, reloads,
-//! - `control_handler`: the control socket's requests,
+//! - `offenders`: the sources over their cap that escalation watches,
+//! - `error`: why the agent did not do what it was asked,
+//! - `control_handler`: the control socket's requests, and the one place the
+//!   agent's results and errors become wire replies,
 //! - `fleet_apply`: decisions from other hosts of the fleet,
 //! - `run`: `guard run`, the wiring.
 
@@ -15,38 +18,41 @@ mod blocklist;
 mod blocks;
 mod config;
 mod control_handler;
+mod error;
 mod fleet_apply;
+mod offenders;
 mod rules;
 mod run;
 
 pub use run::run;
 
 use std::{
-    collections::HashMap,
     sync::atomic::AtomicUsize,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
-use guard_common::{
-    addr::Prefix,
-    proto::{ErrorCode, Response},
-};
 use log::warn;
 
-use self::blocks::Offender;
+use self::error::AgentError;
+use self::offenders::Offenders;
 use self::rules::{Blocklist, RuleMetrics};
 use crate::{
     audit::AuditLog, control::ControlStats, datapath::GuardMaps, metrics::Metrics,
     settings::Settings,
 };
 
+/// Lock order: `blocks`, then `settings`, then `maps`, then `adaptive` or `cookie_keys`;
+/// `control_stats` and the lock inside `offenders` are never held with another. A method
+/// holding one of these takes only those after it: deciding a block holds `blocks` while
+/// the config is refreshed (`settings`, then `maps`), a config change holds `settings`
+/// while it writes `maps`, and `maps` is held while `adaptive` or `cookie_keys` is read.
 pub struct Agent {
     maps: Mutex<GuardMaps>,
     settings: Mutex<Settings>,
     blocks: Mutex<Blocklist>,
-    offenders: Mutex<HashMap<Prefix, Offender>>,
+    offenders: Offenders,
     pub metrics: Metrics,
     rule_metrics: RuleMetrics,
     audit: AuditLog,
@@ -92,7 +98,7 @@ impl Agent {
             maps: Mutex::new(maps),
             settings: Mutex::new(settings),
             blocks: Mutex::new(Blocklist::default()),
-            offenders: Mutex::new(HashMap::new()),
+            offenders: Offenders::default(),
             rule_metrics: RuleMetrics::register(&metrics.registry),
             metrics,
             audit,
@@ -165,11 +171,9 @@ impl Agent {
         self.metrics.render()
     }
 
-    pub(super) fn stats_counters(&self) -> Response {
-        let totals = match self.maps().stat_totals() {
-            Ok(t) => t,
-            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
-        };
+    /// The kernel's counters by name, and the blocklist's size.
+    fn stats_counters(&self) -> Result<Vec<(String, u64)>, AgentError> {
+        let totals = self.maps().stat_totals()?;
         let mut counters: Vec<(String, u64)> = guard_common::stats::Stat::ALL
             .iter()
             .map(|s| (s.name().to_string(), totals[s.index() as usize]))
@@ -178,6 +182,6 @@ impl Agent {
             "blocklist_entries".into(),
             self.blocks.lock().expect("blocks lock").len() as u64,
         ));
-        Response::Stats { counters }
+        Ok(counters)
     }
 }

@@ -464,6 +464,7 @@ impl RuleMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::blocks::{BlockOrder, DecidedBy};
     use crate::settings::{ReporterLimits, DEFAULT_MAX_SKEW};
 
     const NOW: u64 = 1_000 * SEC_NS;
@@ -584,6 +585,78 @@ mod tests {
             UNIX
         )
         .is_ok());
+    }
+
+    /// One order from each place a block comes from, as that place builds it.
+    fn orders_from_every_origin(prefix: &str) -> Vec<BlockOrder> {
+        let order = |by: DecidedBy| BlockOrder {
+            prefix: p(prefix),
+            ttl: None,
+            reason: 0,
+            detected_at_unix_ns: UNIX,
+            detail: String::new(),
+            origin: "test".into(),
+            by,
+        };
+        let fleet = |own: bool, live: bool| DecidedBy::Fleet {
+            decided_unix_ns: UNIX,
+            host: "host-b".into(),
+            own,
+            live,
+        };
+        vec![
+            order(DecidedBy::Peer {
+                owner: Owner::Operator,
+            }),
+            order(DecidedBy::Peer {
+                owner: Owner::Reporter(998),
+            }),
+            order(DecidedBy::Here { level: 1 }),
+            order(fleet(false, true)),
+            order(fleet(false, false)),
+            order(fleet(true, false)),
+        ]
+    }
+
+    #[test]
+    fn an_order_from_any_origin_meets_the_width_limit_and_the_allow_list() {
+        let r = rules(1000);
+        let refusals = |prefix: &str| -> Vec<(Owner, Result<Duration, Refusal>)> {
+            orders_from_every_origin(prefix)
+                .iter()
+                .map(|order| {
+                    let owner = order.by.owner();
+                    let mut list = Blocklist::default();
+                    let result = admit(&r, &order.proposal(&owner), &mut list, NOW, UNIX);
+                    (owner, result)
+                })
+                .collect()
+        };
+        for (owner, result) in refusals("0.0.0.0/2") {
+            // A reporter is told its own, narrower limit.
+            let widest = if matches!(owner, Owner::Reporter(_)) {
+                Widest::REPORT
+            } else {
+                Widest::BLOCK
+            };
+            assert_eq!(result, Err(Refusal::TooWide(widest)), "{owner:?}");
+        }
+        for (owner, result) in refusals("198.18.0.254/32") {
+            let allowed = p("198.18.0.254/32");
+            assert_eq!(result, Err(Refusal::Allowlisted(allowed)), "{owner:?}");
+        }
+    }
+
+    #[test]
+    fn an_order_is_dated_and_rated_as_its_origin_says() {
+        for order in orders_from_every_origin("203.0.113.7/32") {
+            let owner = order.by.owner();
+            let proposal = order.proposal(&owner);
+            let replayed = matches!(order.by, DecidedBy::Fleet { live: false, .. });
+            assert_eq!(proposal.rated, !replayed, "{:?}", order.by);
+            assert_eq!(proposal.dated_unix_ns, UNIX, "{:?}", order.by);
+            assert_eq!(proposal.prefix, order.prefix);
+        }
     }
 
     #[test]

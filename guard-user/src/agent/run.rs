@@ -177,7 +177,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         settings.interfaces,
         settings.ports,
         settings.metrics_addr,
-        settings.control_socket.display()
+        settings.control_socket.path.display()
     );
     // Only now: the program is attached, the control socket and metrics listen, so whatever
     // systemd starts after guard (the app) can report at once.

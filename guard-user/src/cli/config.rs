@@ -53,7 +53,7 @@ pub(crate) fn config_check(file: Option<PathBuf>, mut run: RunArgs, out: Output)
         allow: s.allow.iter().map(ToString::to_string).collect(),
         trusted_proxies: s.trusted_proxies.iter().map(ToString::to_string).collect(),
         metrics_addr: s.metrics_addr.to_string(),
-        control_socket: s.control_socket.display().to_string(),
+        control_socket: s.control_socket.path.display().to_string(),
         pin_dir: s.pin_root.display().to_string(),
         audit_log: s.audit_log.as_ref().map(|p| p.display().to_string()),
         log_level: s.log_level.clone(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use guard_common::{
-    proto::{Request, Response},
+    proto::{BlockRequest, Request, Response},
     state::reason,
 };
 use guard_user::{datapath, paths::PinLayout, tune};
@@ -42,13 +42,13 @@ pub(crate) async fn tune_cmd(a: TuneArgs, out: Output) -> Result<()> {
         acted = true;
     }
     for p in &block {
-        let req = Request::Block {
+        let req = Request::Block(BlockRequest {
             prefix: prefix(p)?,
             ttl_secs: 0,
             reason: reason::OPERATOR,
             detected_at_unix_ns: 0,
             detail: "guard tune --block".into(),
-        };
+        });
         print_response(&call(&socket, req).await?, out)?;
         acted = true;
     }

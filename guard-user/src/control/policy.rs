@@ -2,7 +2,7 @@
 //! prefixes a reporter may name, and the per-request check.
 
 use guard_common::addr::{v4_mapped, Prefix, V4_MAPPED_BITS};
-use guard_common::proto::{ErrorCode, Request, Response};
+use guard_common::proto::{BlockRequest, ErrorCode, Request, Response};
 use guard_common::state::reason;
 
 /// Who is on the other end of a control connection.
@@ -132,7 +132,7 @@ pub fn role_of(peer: &PeerInfo, policy: &Policy) -> Role {
 pub fn authorize(peer: &PeerInfo, req: &Request, policy: &Policy) -> Result<(), Response> {
     let refuse = |message: String| Err(Response::error(ErrorCode::NotPermitted, message));
     match (peer.role, req) {
-        (Role::Reporter, Request::Block { prefix, reason, .. }) => {
+        (Role::Reporter, Request::Block(BlockRequest { prefix, reason, .. })) => {
             if !(policy.widest_report.admits(prefix) && policy.widest_block.admits(prefix)) {
                 refuse(format!(
                     "{prefix} is wider than a report may name ({}); report the sources \
@@ -149,7 +149,9 @@ pub fn authorize(peer: &PeerInfo, req: &Request, policy: &Policy) -> Result<(), 
                 Ok(())
             }
         }
-        (Role::Operator, Request::Block { prefix, .. }) if !policy.widest_block.admits(prefix) => {
+        (Role::Operator, Request::Block(BlockRequest { prefix, .. }))
+            if !policy.widest_block.admits(prefix) =>
+        {
             refuse(format!(
                 "{prefix} is wider than any block may be ({}); raise [control] \
                  widest_block_v4/widest_block_v6 in guard.toml to allow it",

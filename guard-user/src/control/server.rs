@@ -13,40 +13,24 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::*;
+use crate::settings::{ControlSettings, ControlSocket};
 
 /// Where and how the agent listens.
 #[derive(Debug, Clone)]
 pub struct ControlServerConfig {
-    pub path: PathBuf,
+    /// The socket file and who may connect.
+    pub socket: ControlSocket,
     /// Permissions of the socket file.
     pub mode: u32,
-    /// Group of the socket file, by name or number; `None` keeps the
-    /// agent's.
-    pub group: Option<String>,
-    pub allowed_uids: Vec<u32>,
-    pub allowed_gids: Vec<u32>,
-    /// Group whose members are operators, by name or number.
-    pub operator_group: Option<String>,
-    pub operator_uids: Vec<u32>,
-    pub reporter_uids: Vec<u32>,
-    pub widest_report: Widest,
-    pub widest_block: Widest,
+    /// Roles, widths and session limits (`[control]`).
+    pub control: ControlSettings,
     /// Connections served at once; more are answered `Busy` and closed.
     pub max_connections: usize,
-    /// Connections one uid may hold at once.
-    pub max_sessions_per_uid: usize,
-    /// Of `max_connections`, those only operators may take.
-    pub operator_slots: usize,
     /// From accepting a connection to receiving its complete `Hello`.
     pub handshake_timeout: Duration,
     /// Once a frame starts arriving, the rest must follow within this;
     /// also the limit on writing one reply.
     pub frame_timeout: Duration,
-    /// Longest quiet time between requests (after the handshake); a
-    /// session quiet for longer is closed, so idle sessions cannot hold
-    /// every slot. The app's client reconnects when it next has a report.
-    /// `None` keeps idle sessions open.
-    pub idle_timeout: Option<Duration>,
     /// Sent to clients in `HelloOk`.
     pub agent_version: String,
 }
@@ -54,43 +38,23 @@ pub struct ControlServerConfig {
 impl ControlServerConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
-            path: path.into(),
+            socket: ControlSocket::at(path),
             mode: 0o660,
-            group: None,
-            allowed_uids: Vec::new(),
-            allowed_gids: Vec::new(),
-            operator_group: None,
-            operator_uids: Vec::new(),
-            reporter_uids: Vec::new(),
-            widest_report: Widest::REPORT,
-            widest_block: Widest::BLOCK,
+            control: ControlSettings::default(),
             max_connections: MAX_SESSIONS,
-            max_sessions_per_uid: DEFAULT_SESSIONS_PER_UID,
-            operator_slots: DEFAULT_OPERATOR_SLOTS,
             handshake_timeout: Duration::from_secs(5),
             frame_timeout: Duration::from_secs(5),
-            idle_timeout: Some(Duration::from_secs(30)),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
-}
 
-impl ControlServerConfig {
     /// The agent's control socket as its settings describe it.
     pub fn from_settings(s: &crate::settings::Settings) -> Self {
-        let mut cfg = Self::new(&s.control_socket);
-        cfg.group = s.control_group.clone();
-        cfg.allowed_uids = s.allowed_uids.clone();
-        cfg.allowed_gids = s.allowed_gids.clone();
-        cfg.operator_group = s.control.operator_group.clone();
-        cfg.operator_uids = s.control.operator_uids.clone();
-        cfg.reporter_uids = s.control.reporter_uids.clone();
-        cfg.widest_report = s.control.widest_report;
-        cfg.widest_block = s.control.widest_block;
-        cfg.idle_timeout = Some(s.control.idle_timeout);
-        cfg.max_sessions_per_uid = s.control.max_sessions_per_uid;
-        cfg.operator_slots = s.control.operator_slots;
-        cfg
+        Self {
+            socket: s.control_socket.clone(),
+            control: s.control.clone(),
+            ..Self::new(&s.control_socket.path)
+        }
     }
 }
 
@@ -109,15 +73,17 @@ impl ControlServer {
     /// Creates the directory, replaces a stale socket (never a live one or a
     /// non-socket), binds, and applies mode and group.
     pub fn bind(cfg: ControlServerConfig) -> Result<Self, ControlError> {
-        let path = cfg.path.clone();
+        let path = cfg.socket.path.clone();
         // Before anything touches the file system, so a typo leaves nothing
         // behind.
         let gid = cfg
+            .socket
             .group
             .as_deref()
             .map(|g| resolve_group(g, "control_group"))
             .transpose()?;
         let operator_gid = cfg
+            .control
             .operator_group
             .as_deref()
             .map(|g| resolve_group(g, "[control] operator_group"))
@@ -159,13 +125,13 @@ impl ControlServer {
             // SAFETY: geteuid has no preconditions and cannot fail.
             agent_uid: unsafe { libc::geteuid() },
             socket_gid: Some(meta.gid()),
-            allowed_uids: cfg.allowed_uids.clone(),
-            allowed_gids: cfg.allowed_gids.clone(),
-            operator_uids: cfg.operator_uids.clone(),
+            allowed_uids: cfg.socket.allowed_uids.clone(),
+            allowed_gids: cfg.socket.allowed_gids.clone(),
+            operator_uids: cfg.control.operator_uids.clone(),
             operator_gids: operator_gid.into_iter().collect(),
-            reporter_uids: cfg.reporter_uids.clone(),
-            widest_report: cfg.widest_report,
-            widest_block: cfg.widest_block,
+            reporter_uids: cfg.control.reporter_uids.clone(),
+            widest_report: cfg.control.widest_report,
+            widest_block: cfg.control.widest_block,
         };
         Ok(Self {
             listener,
@@ -185,7 +151,7 @@ impl ControlServer {
     }
 
     pub fn path(&self) -> &Path {
-        &self.cfg.path
+        &self.cfg.socket.path
     }
 
     /// Serves until `shutdown` resolves, then closes every connection and
@@ -199,18 +165,21 @@ impl ControlServer {
         let limits = Arc::new(Limits {
             handshake_timeout: self.cfg.handshake_timeout,
             frame_timeout: self.cfg.frame_timeout,
-            idle_timeout: self.cfg.idle_timeout,
+            idle_timeout: Some(self.cfg.control.idle_timeout),
             agent_version: self.cfg.agent_version.clone(),
             reads: Semaphore::new(1),
         });
         let slots = Slots::new(
             self.cfg.max_connections,
-            self.cfg.operator_slots,
-            self.cfg.max_sessions_per_uid,
+            self.cfg.control.operator_slots,
+            self.cfg.control.max_sessions_per_uid,
         );
         let mut conns = JoinSet::new();
         let mut refusals = RefusalLog::default();
-        log::info!("control socket listening at {}", self.cfg.path.display());
+        log::info!(
+            "control socket listening at {}",
+            self.cfg.socket.path.display()
+        );
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -260,13 +229,16 @@ impl ControlServer {
         }
         conns.shutdown().await;
         drop(listener);
-        remove_if_ours(&self.cfg.path, self.file_id);
-        log::info!("control socket at {} closed", self.cfg.path.display());
+        remove_if_ours(&self.cfg.socket.path, self.file_id);
+        log::info!(
+            "control socket at {} closed",
+            self.cfg.socket.path.display()
+        );
         Ok(())
     }
 }
 
-/// Binds `cfg.path` and serves until `shutdown` resolves. Use
+/// Binds `cfg.socket.path` and serves until `shutdown` resolves. Use
 /// [`ControlServer`] directly to read its [`ControlStats`].
 pub async fn serve(
     cfg: ControlServerConfig,

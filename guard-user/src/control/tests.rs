@@ -9,8 +9,8 @@ use std::time::Duration;
 use guard_common::addr::Prefix;
 use guard_common::client::{ClientError, Connection};
 use guard_common::proto::{
-    BlockOutcome, BytesMut, ErrorCode, FrameDecoder, Message, MAX_FRAME, MAX_LIST_ENTRIES,
-    PROTO_VERSION,
+    BlockOutcome, BlockRequest, BytesMut, ErrorCode, FrameDecoder, Message, MAX_FRAME,
+    MAX_LIST_ENTRIES, PROTO_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -46,10 +46,10 @@ impl ControlHandler for Mock {
             Request::Stats => Response::Stats {
                 counters: vec![("packets".into(), 42)],
             },
-            Request::Block { ttl_secs, .. } => Response::BlockResult {
+            Request::Block(block) => Response::BlockResult {
                 outcome: BlockOutcome::Added,
                 reason_text: "blocked".into(),
-                expires_in_secs: ttl_secs,
+                expires_in_secs: block.ttl_secs,
             },
             Request::Unblock { .. } => Response::error(ErrorCode::NotFound, "not blocked"),
             Request::ListAllows => panic!("the mock handler fails on list_allows"),
@@ -213,13 +213,13 @@ fn prefix(s: &str) -> Prefix {
 }
 
 fn block(p: &str) -> Request {
-    Request::Block {
+    Request::Block(BlockRequest {
         prefix: prefix(p),
         ttl_secs: 86_400,
         reason: guard_common::state::reason::MESSAGE_FLOOD,
         detected_at_unix_ns: 0,
         detail: String::new(),
-    }
+    })
 }
 
 /// Every request kind but `Hello`, with the operator-only ones marked.
@@ -393,13 +393,13 @@ fn reports_may_not_claim_the_operators_or_the_kernels_reasons() {
         guard_common::state::reason::OPERATOR,
         guard_common::state::reason::ESCALATED_OVER_CAP,
     ] {
-        let req = Request::Block {
+        let req = Request::Block(BlockRequest {
             prefix: prefix("198.18.0.3"),
             ttl_secs: 0,
             reason: code,
             detected_at_unix_ns: 0,
             detail: String::new(),
-        };
+        });
         assert!(matches!(
             authorize(&reporter, &req, &p),
             Err(Response::Error {
@@ -413,7 +413,7 @@ fn reports_may_not_claim_the_operators_or_the_kernels_reasons() {
 /// The uid this test process runs as, configured as the app's.
 fn as_the_app(c: &mut ControlServerConfig) {
     // SAFETY: no preconditions.
-    c.reporter_uids = vec![unsafe { libc::geteuid() }];
+    c.control.reporter_uids = vec![unsafe { libc::geteuid() }];
 }
 
 fn not_permitted(r: Result<Response, ClientError>) -> String {
@@ -693,14 +693,14 @@ async fn a_quiet_session_stays_open_until_its_idle_timeout() {
 #[test]
 fn sessions_idle_out_by_default() {
     let cfg = ControlServerConfig::new("/run/guard/control.sock");
-    assert_eq!(cfg.idle_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(cfg.control.idle_timeout, Duration::from_secs(30));
 }
 
 #[tokio::test]
 async fn an_idle_session_is_closed_and_its_slot_freed() {
     let srv = Running::start(|c| {
         c.max_connections = 1;
-        c.idle_timeout = Some(Duration::from_millis(50));
+        c.control.idle_timeout = Duration::from_millis(50);
     });
     let mut idle = raw_session(&srv.path).await;
     // Holding the only slot: the next one is told busy.
@@ -768,7 +768,7 @@ async fn a_panicking_handler_is_an_internal_error_and_the_session_goes_on() {
 async fn bind_sets_mode_and_group_and_shutdown_removes_the_socket() {
     let srv = Running::start(|c| {
         c.mode = 0o660;
-        c.group = Some("65534".into());
+        c.socket.group = Some("65534".into());
     });
     let meta = std::fs::metadata(&srv.path).unwrap();
     assert!(meta.file_type().is_socket());
@@ -821,7 +821,7 @@ fn groups_resolve_by_name_or_number() {
 async fn an_unknown_group_fails_bind_with_a_hint() {
     let dir = TestDir::new("control");
     let mut cfg = ControlServerConfig::new(sock(&dir));
-    cfg.group = Some("no-such-group-guard-test".into());
+    cfg.socket.group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
     assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(!sock(&dir).exists(), "no socket is left behind");
@@ -914,7 +914,7 @@ async fn run_as_nobody(test: &'static str, path: &Path) -> bool {
 async fn a_permitted_peer_that_is_no_operator_is_a_reporter() {
     let srv = Running::start(|c| {
         c.mode = 0o666;
-        c.allowed_uids = vec![65534];
+        c.socket.allowed_uids = vec![65534];
     });
     std::fs::set_permissions(srv.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     if !run_as_nobody("control::tests::reporter_child", &srv.path).await {
@@ -988,21 +988,28 @@ fn the_settings_reach_the_server_config() {
     .unwrap();
     let s = crate::settings::Settings::merge(&Default::default(), file).unwrap();
     let c = ControlServerConfig::from_settings(&s);
-    assert_eq!(c.path, Path::new("/run/x/c.sock"));
-    assert_eq!(c.group.as_deref(), Some("guard"));
-    assert_eq!((c.allowed_uids, c.allowed_gids), (vec![998], vec![997]));
+    assert_eq!(c.socket, s.control_socket);
+    let socket = c.socket;
+    assert_eq!(socket.path, Path::new("/run/x/c.sock"));
+    assert_eq!(socket.group.as_deref(), Some("guard"));
+    assert_eq!(
+        (socket.allowed_uids, socket.allowed_gids),
+        (vec![998], vec![997])
+    );
+    assert_eq!(c.control, s.control);
+    let c = c.control;
     assert_eq!(c.operator_group.as_deref(), Some("ops"));
     assert_eq!((c.operator_uids, c.reporter_uids), (vec![1001], vec![998]));
     assert_eq!(c.widest_report, Widest { v4: 28, v6: 56 });
     assert_eq!(c.widest_block, Widest { v4: 16, v6: 40 });
-    assert_eq!(c.idle_timeout, Some(Duration::from_secs(7)));
+    assert_eq!(c.idle_timeout, Duration::from_secs(7));
 }
 
 #[tokio::test]
 async fn an_unknown_operator_group_fails_bind_with_a_hint() {
     let dir = TestDir::new("control");
     let mut cfg = ControlServerConfig::new(sock(&dir));
-    cfg.operator_group = Some("no-such-group-guard-test".into());
+    cfg.control.operator_group = Some("no-such-group-guard-test".into());
     let err = ControlServer::bind(cfg).err().unwrap();
     assert!(matches!(err, ControlError::UnknownGroup { .. }), "{err}");
     assert!(err.to_string().contains("operator_group"), "{err}");

@@ -41,6 +41,19 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// A removal's result as whether the entry existed: the kernel reports a missing key
+/// either way, depending on the map type and version.
+fn existed(removed: Result<(), MapError>, name: &'static str) -> Result<bool, DatapathError> {
+    match removed {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(source) => Err(DatapathError::Map { name, source }),
+    }
+}
+
 fn key_of(prefix: &Prefix) -> Key<Addr> {
     Key::new(prefix.prefix_len(), prefix.addr())
 }
@@ -210,17 +223,7 @@ impl GuardMaps {
 
     /// Whether an entry existed.
     pub fn remove_block(&mut self, prefix: &Prefix) -> Result<bool, DatapathError> {
-        match self.block.remove(&key_of(prefix)) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                name: names::BLOCK,
-                source,
-            }),
-        }
+        existed(self.block.remove(&key_of(prefix)), names::BLOCK)
     }
 
     pub fn get_block(&self, prefix: &Prefix) -> Option<BlockEntry> {
@@ -249,18 +252,9 @@ impl GuardMaps {
             .map_err(map_err(names::ALLOW))
     }
 
+    /// Whether an entry existed.
     pub fn remove_allow(&mut self, prefix: &Prefix) -> Result<bool, DatapathError> {
-        match self.allow.remove(&key_of(prefix)) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                name: names::ALLOW,
-                source,
-            }),
-        }
+        existed(self.allow.remove(&key_of(prefix)), names::ALLOW)
     }
 
     pub fn allows(&self) -> Result<Vec<Prefix>, DatapathError> {
