@@ -103,8 +103,19 @@ impl Dp {
     /// Runs `frame` and returns the verdict and the single verdict counter
     /// that moved.
     pub fn verdict(&self, frame: &[u8]) -> (V, Stat) {
+        self.counting(|| self.run(frame))
+    }
+
+    /// As [`Dp::verdict`], with what the XDP program did, TX frames included.
+    pub fn xdp_verdict(&self, frame: &[u8]) -> (XdpOutcome, Stat) {
+        self.counting(|| self.run_xdp(frame))
+    }
+
+    /// Runs one packet through `run`; its result and the single verdict
+    /// counter that moved.
+    fn counting<T>(&self, run: impl FnOnce() -> T) -> (T, Stat) {
         let before = self.stats();
-        let v = self.run(frame);
+        let outcome = run();
         let after = self.stats();
         let moved: Vec<Stat> = Stat::ALL
             .into_iter()
@@ -120,7 +131,7 @@ impl Dp {
             after[Stat::Packets.index() as usize],
             before[Stat::Packets.index() as usize] + 1
         );
-        (v, moved[0])
+        (outcome, moved[0])
     }
 
     pub fn block(&mut self, prefix: &str, expires_ns: u64) {

@@ -19,13 +19,17 @@
 
 use std::net::IpAddr;
 
+use aya::{
+    maps::{HashMap, MapData},
+    Pod,
+};
 use guard_common::{
     addr::{AddrWords, Prefix},
     config::{FLAG_ALLOW_EMPTY, FLAG_BLOCK_EMPTY, FLAG_DRY_RUN},
     state::{in_flight_slot, reason, synack_slot, InFlight},
     stats::Stat,
     syncookie::{MODE_ALWAYS, MODE_OFF, MODE_UNDER_ATTACK},
-    BlockEntry, LiveConfig, SourceState, TokenBucket,
+    Addr, BlockEntry, LiveConfig, SourceState, TokenBucket,
 };
 use guard_tests::{
     frames::{v4, v6, Frame},
@@ -240,26 +244,20 @@ fn set_up(dp: &mut Dp, case: &Case, cfg: &LiveConfig, ports_protected: &mut bool
     } else {
         maps.remove_block(&host).expect("unblock");
     }
-    let _ = maps.conns.remove(&key);
-    if case.at_conn_limit {
-        maps.conns
-            .insert(key, u64::from(CONN_LIMIT), 0)
-            .expect("open connections");
-    }
-    let _ = maps.in_flight.remove(&key);
-    if case.in_flight_at_limit {
+    replace(
+        &mut maps.conns,
+        key,
+        case.at_conn_limit.then_some(u64::from(CONN_LIMIT)),
+    );
+    let in_flight = case.in_flight_at_limit.then(|| {
         let slot = in_flight_slot(now, cfg.handshake_timeout_s);
         let mut in_flight = InFlight::default();
         in_flight.counts[InFlight::index(slot)] = u64::from(CONN_LIMIT);
         in_flight.slots[InFlight::index(slot)] = slot;
-        maps.in_flight
-            .insert(key, in_flight, 0)
-            .expect("handshakes in flight");
-    }
-    let _ = maps.known_good.remove(&key);
-    if case.known_good {
-        maps.known_good.insert(key, now, 0).expect("known good");
-    }
+        in_flight
+    });
+    replace(&mut maps.in_flight, key, in_flight);
+    replace(&mut maps.known_good, key, case.known_good.then_some(now));
     // A never-used slot (all zero) holds a full share.
     let synack = if case.synack_share_used {
         dry
@@ -269,22 +267,27 @@ fn set_up(dp: &mut Dp, case: &Case, cfg: &LiveConfig, ports_protected: &mut bool
     maps.synack_dests
         .set(synack_slot(&AddrWords::from_addr(&key)), synack, 0)
         .expect("SYN-ACK share");
-    let _ = maps.aggregates.remove(&aggregate);
-    if case.aggregate_dry {
-        maps.aggregates
-            .insert(aggregate, dry_state, 0)
-            .expect("aggregate");
-    }
-    let _ = maps.sources.remove(&key);
-    if case.source_dry {
-        maps.sources.insert(key, dry_state, 0).expect("source");
-    }
+    replace(
+        &mut maps.aggregates,
+        aggregate,
+        case.aggregate_dry.then_some(dry_state),
+    );
+    replace(&mut maps.sources, key, case.source_dry.then_some(dry_state));
     let global = if case.global_dry {
         dry
     } else {
         TokenBucket::full(BURST, now)
     };
     maps.global.set(0, global, 0).expect("global budget");
+}
+
+/// Makes `map` hold `value` at `key`, or nothing.
+fn replace<V: Pod>(map: &mut HashMap<MapData, Addr, V>, key: Addr, value: Option<V>) {
+    // Absent already is fine.
+    let _ = map.remove(&key);
+    if let Some(value) = value {
+        map.insert(key, value, 0).expect("write the case's entry");
+    }
 }
 
 /// The decided action and the deciding rule, as the program counted them.
@@ -309,17 +312,7 @@ fn counted(stat: Stat) -> (Action, Cause) {
 /// (decided, effective, cause) as the program reached them for the case's
 /// SYN: its counters say which rule decided, its action what happened.
 fn program_verdict(dp: &Dp, frame: &[u8]) -> (Action, Action, Cause) {
-    let before = dp.stats();
-    let outcome = dp.run_xdp(frame);
-    let after = dp.stats();
-    let moved: Vec<Stat> = Stat::ALL
-        .into_iter()
-        .filter(|s| s.labels().is_some())
-        .filter(|s| after[s.index() as usize] != before[s.index() as usize])
-        .collect();
-    let [stat] = moved[..] else {
-        panic!("one verdict counter per packet, got {moved:?}");
-    };
+    let (outcome, stat) = dp.xdp_verdict(frame);
     let (decided, cause) = counted(stat);
     let effective = match outcome {
         XdpOutcome::Pass => Action::Pass,
