@@ -31,8 +31,8 @@ pub enum TestRunError {
 /// than the SYN it answers).
 const GROWTH_ROOM: usize = 256;
 
-/// The frame sizes the kernel test-runs: an Ethernet header up to a page
-/// less the room it keeps around the frame.
+/// The frame sizes the kernel test-runs: from a whole Ethernet header up
+/// to about a page, less the head and tail room it keeps around the frame.
 const RUNNABLE_FRAME_LEN: std::ops::RangeInclusive<usize> = 14..=3500;
 
 /// Runs `program` once per `repeat` on a copy of `frame`.
