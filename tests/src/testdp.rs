@@ -68,7 +68,7 @@ impl Dp {
     }
 
     pub fn run(&self, frame: &[u8]) -> V {
-        let xdp = test_run(self.dp.program_fd(AttachKind::XdpNative), frame, 1)
+        let xdp = test_run(self.dp.program(AttachKind::XdpNative), frame, 1)
             .expect("test-run the XDP program");
         match xdp.retval {
             XDP_PASS => V::Pass,
@@ -78,7 +78,7 @@ impl Dp {
     }
 
     pub fn run_tc(&self, frame: &[u8]) -> V {
-        let tc = test_run(self.dp.program_fd(AttachKind::Tc), frame, 1)
+        let tc = test_run(self.dp.program(AttachKind::Tc), frame, 1)
             .unwrap_or_else(|e| panic!("test-run the tc program on {} bytes: {e}", frame.len()));
         match tc.retval {
             TC_ACT_OK => V::Pass,
@@ -88,7 +88,7 @@ impl Dp {
     }
 
     pub fn try_run_tc(&self, frame: &[u8]) -> Option<V> {
-        let tc = test_run(self.dp.program_fd(AttachKind::Tc), frame, 1).ok()?;
+        let tc = test_run(self.dp.program(AttachKind::Tc), frame, 1).ok()?;
         Some(if tc.retval == TC_ACT_SHOT {
             V::Drop
         } else {
@@ -103,8 +103,19 @@ impl Dp {
     /// Runs `frame` and returns the verdict and the single verdict counter
     /// that moved.
     pub fn verdict(&self, frame: &[u8]) -> (V, Stat) {
+        self.counting(|| self.run(frame))
+    }
+
+    /// As [`Dp::verdict`], with what the XDP program did, TX frames included.
+    pub fn xdp_verdict(&self, frame: &[u8]) -> (XdpOutcome, Stat) {
+        self.counting(|| self.run_xdp(frame))
+    }
+
+    /// Runs one packet through `run`; its result and the single verdict
+    /// counter that moved.
+    fn counting<T>(&self, run: impl FnOnce() -> T) -> (T, Stat) {
         let before = self.stats();
-        let v = self.run(frame);
+        let outcome = run();
         let after = self.stats();
         let moved: Vec<Stat> = Stat::ALL
             .into_iter()
@@ -120,7 +131,7 @@ impl Dp {
             after[Stat::Packets.index() as usize],
             before[Stat::Packets.index() as usize] + 1
         );
-        (v, moved[0])
+        (outcome, moved[0])
     }
 
     pub fn block(&mut self, prefix: &str, expires_ns: u64) {
@@ -214,7 +225,7 @@ pub enum XdpOutcome {
 impl Dp {
     /// Runs the XDP program and returns what it did, TX frames included.
     pub fn run_xdp(&self, frame: &[u8]) -> XdpOutcome {
-        let (run, out) = test_run_frame(self.dp.program_fd(AttachKind::XdpNative), frame, 1)
+        let (run, out) = test_run_frame(self.dp.program(AttachKind::XdpNative), frame, 1)
             .expect("test-run the XDP program");
         match run.retval {
             XDP_PASS => XdpOutcome::Pass,
@@ -226,7 +237,7 @@ impl Dp {
 
     /// Runs the tc program: its action and the frame it left.
     pub fn run_tc_frame(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let (run, out) = test_run_frame(self.dp.program_fd(AttachKind::Tc), frame, 1)
+        let (run, out) = test_run_frame(self.dp.program(AttachKind::Tc), frame, 1)
             .expect("test-run the tc program");
         (run.retval, out)
     }
@@ -234,7 +245,7 @@ impl Dp {
     /// As [`Dp::run_tc_frame`], `None` when the kernel refuses to test-run the frame (it
     /// builds an skb only from frames whose IP header is there).
     pub fn try_run_tc_frame(&self, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
-        let (run, out) = test_run_frame(self.dp.program_fd(AttachKind::Tc), frame, 1).ok()?;
+        let (run, out) = test_run_frame(self.dp.program(AttachKind::Tc), frame, 1).ok()?;
         Some((run.retval, out))
     }
 
@@ -246,7 +257,7 @@ impl Dp {
 
     /// As [`Dp::run_cookie_ack`], `None` when the kernel refuses to test-run the frame.
     pub fn try_run_cookie_ack(&self, frame: &[u8]) -> Option<u32> {
-        test_run(self.dp.cookie_ack_fd(), frame, 1)
+        test_run(self.dp.cookie_ack_program(), frame, 1)
             .ok()
             .map(|r| r.retval)
     }

@@ -270,7 +270,7 @@ fn truncated_frames_never_crash_and_never_count_as_syns() {
     );
     // Shorter than an Ethernet header: the kernel refuses to test-run it
     // (and no driver delivers one); say so rather than skip silently.
-    assert!(test_run(dp.dp.program_fd(AttachKind::XdpNative), &[0u8; 13], 1).is_err());
+    assert!(test_run(dp.dp.program(AttachKind::XdpNative), &[0u8; 13], 1).is_err());
 }
 
 #[test]

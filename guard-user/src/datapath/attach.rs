@@ -144,11 +144,7 @@ impl Datapath {
                     let fd_link: FdLink = pinned.into();
                     match kind {
                         AttachKind::XdpNative | AttachKind::XdpGeneric => {
-                            let link =
-                                XdpLink::try_from(fd_link).map_err(|e| DatapathError::Io {
-                                    action: format!("adopt link {}", path.display()),
-                                    source: io::Error::other(e.to_string()),
-                                })?;
+                            let link = XdpLink::try_from(fd_link).map_err(adopt_err(path))?;
                             let prog: &mut Xdp =
                                 self.program_mut(kind).try_into().map_err(attach_err)?;
                             let id = prog.attach_to_link(link).map_err(attach_err)?;
@@ -158,12 +154,8 @@ impl Datapath {
                             drop(link);
                         }
                         AttachKind::Tc => {
-                            let link = SchedClassifierLink::try_from(fd_link).map_err(|e| {
-                                DatapathError::Io {
-                                    action: format!("adopt link {}", path.display()),
-                                    source: io::Error::other(e.to_string()),
-                                }
-                            })?;
+                            let link =
+                                SchedClassifierLink::try_from(fd_link).map_err(adopt_err(path))?;
                             let prog: &mut SchedClassifier =
                                 self.program_mut(kind).try_into().map_err(attach_err)?;
                             let id = prog.attach_to_link(link).map_err(attach_err)?;
@@ -208,10 +200,7 @@ impl Datapath {
                 prog.take_link(id)
                     .map_err(attach_err)?
                     .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
-                        action: format!("pin the XDP link on {iface} (the kernel attached it through netlink, which cannot be pinned)"),
-                        source: io::Error::other(e.to_string()),
-                    })?
+                    .map_err(link_err(format!("pin the XDP link on {iface} (the kernel attached it through netlink, which cannot be pinned)")))?
             }
             AttachKind::Tc => {
                 let prog: &mut SchedClassifier =
@@ -222,20 +211,16 @@ impl Datapath {
                 if layout.is_none() {
                     return Ok(kind);
                 }
-                prog.take_link(id).map_err(attach_err)?.try_into().map_err(
-                    |e: aya::programs::links::LinkError| DatapathError::Io {
-                        action: format!("pin the tc link on {iface} (needs tcx, Linux >= 6.6)"),
-                        source: io::Error::other(e.to_string()),
-                    },
-                )?
+                prog.take_link(id)
+                    .map_err(attach_err)?
+                    .try_into()
+                    .map_err(link_err(format!(
+                        "pin the tc link on {iface} (needs tcx, Linux >= 6.6)"
+                    )))?
             }
         };
         if let Some(layout) = layout {
-            let path = layout.link(kind, iface);
-            fd_link.pin(&path).map_err(|e| DatapathError::Io {
-                action: format!("pin link at {}", path.display()),
-                source: io::Error::other(e.to_string()),
-            })?;
+            pin_link(fd_link, &layout.link(kind, iface))?;
         }
         info!("{iface}: attached ({})", kind.pin_tag());
         Ok(kind)
@@ -258,13 +243,8 @@ impl Datapath {
         if let Some(path) = path.as_ref().filter(|p| p.exists()) {
             match PinnedLink::from_pin(path) {
                 Ok(pinned) => {
-                    let link =
-                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
-                            DatapathError::Io {
-                                action: format!("adopt link {}", path.display()),
-                                source: io::Error::other(e.to_string()),
-                            }
-                        })?;
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(adopt_err(path))?;
                     let id = prog.attach_to_link(link).map_err(attach_err)?;
                     drop(prog.take_link(id).map_err(attach_err)?);
                     return Ok(());
@@ -290,18 +270,14 @@ impl Datapath {
             )
             .map_err(attach_err)?;
         if let Some(path) = path {
-            let fd_link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(
-                |e: aya::programs::links::LinkError| DatapathError::Io {
-                    action: format!(
+            let fd_link: FdLink =
+                prog.take_link(id)
+                    .map_err(attach_err)?
+                    .try_into()
+                    .map_err(link_err(format!(
                         "pin the cookie-reply link on {iface} (needs tcx, Linux >= 6.6)"
-                    ),
-                    source: io::Error::other(e.to_string()),
-                },
-            )?;
-            fd_link.pin(&path).map_err(|e| DatapathError::Io {
-                action: format!("pin link at {}", path.display()),
-                source: io::Error::other(e.to_string()),
-            })?;
+                    )))?;
+            pin_link(fd_link, &path)?;
         }
         info!("{iface}: SYN cookie replies checked at tc ingress");
         Ok(())
@@ -374,17 +350,10 @@ impl Datapath {
             let link = sockops
                 .take_link(id)
                 .map_err(|e| classify_attach_error(&cgroup.display().to_string(), e))?;
-            let fd_link: FdLink =
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
-                        action: "pin the sockops link (needs Linux >= 5.7)".into(),
-                        source: io::Error::other(e.to_string()),
-                    })?;
-            let path = layout.sockops_link();
-            fd_link.pin(&path).map_err(|e| DatapathError::Io {
-                action: format!("pin link at {}", path.display()),
-                source: io::Error::other(e.to_string()),
-            })?;
+            let fd_link: FdLink = link
+                .try_into()
+                .map_err(link_err("pin the sockops link (needs Linux >= 5.7)"))?;
+            pin_link(fd_link, &layout.sockops_link())?;
         }
         info!(
             "{}: connection tracking attached (sockops)",
@@ -392,6 +361,28 @@ impl Datapath {
         );
         Ok(())
     }
+}
+
+/// A link that could not be adopted, converted or pinned, with what was
+/// being done (aya's link errors carry no path or interface of their own).
+fn link_err<E: std::fmt::Display>(action: impl Into<String>) -> impl FnOnce(E) -> DatapathError {
+    let action = action.into();
+    move |e| DatapathError::Io {
+        action,
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Taking over the link an earlier run pinned at `path`.
+fn adopt_err<E: std::fmt::Display>(path: &Path) -> impl FnOnce(E) -> DatapathError {
+    link_err(format!("adopt link {}", path.display()))
+}
+
+/// Pins `link` at `path`, where the next run finds it.
+fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    link.pin(path)
+        .map_err(link_err(format!("pin link at {}", path.display())))?;
+    Ok(())
 }
 
 fn classify_attach_error(iface: &str, source: ProgramError) -> DatapathError {

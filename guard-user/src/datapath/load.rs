@@ -1,13 +1,10 @@
 //! Loading the embedded object, pinning and adopting maps and links, and unloading.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, BorrowedFd},
-};
+use std::io;
 
 use aya::{
     maps::{MapData, RingBuf},
-    programs::{ProgramError, SchedClassifier, SockOps, Xdp},
+    programs::{Program, ProgramError},
     Ebpf, EbpfLoader,
 };
 use guard_common::{maps as names, LiveConfig};
@@ -54,55 +51,16 @@ impl Datapath {
             .ok()
             .and_then(|btf| crate::kfunc::assign_reqsk_id(&btf));
         let object = crate::kfunc::resolve(EBPF_OBJECT, kfunc_id);
-        let mut ebpf = loader.load(object.bytes()).map_err(|e| {
-            if is_eperm(&e) {
-                DatapathError::NotPermitted {
-                    action: "create BPF maps".into(),
-                }
-            } else {
-                DatapathError::Load(Box::new(e))
-            }
-        })?;
-        let load_err = |e: ProgramError| {
-            if is_eperm(&e) {
-                DatapathError::NotPermitted {
-                    action: "load BPF programs".into(),
-                }
-            } else {
-                DatapathError::Load(Box::new(e))
-            }
-        };
-        {
-            let xdp: &mut Xdp = ebpf
-                .program_mut(names::PROG_XDP)
-                .expect("object has the XDP program")
-                .try_into()
-                .map_err(load_err)?;
-            xdp.load().map_err(load_err)?;
-        }
-        {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(names::PROG_TC)
-                .expect("object has the tc program")
-                .try_into()
-                .map_err(load_err)?;
-            tc.load().map_err(load_err)?;
-        }
-        {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(names::PROG_COOKIE_ACK)
-                .expect("object has the cookie-reply program")
-                .try_into()
-                .map_err(load_err)?;
-            tc.load().map_err(load_err)?;
-        }
-        {
-            let sockops: &mut SockOps = ebpf
-                .program_mut(names::PROG_SOCKOPS)
-                .expect("object has the sockops program")
-                .try_into()
-                .map_err(load_err)?;
-            sockops.load().map_err(load_err)?;
+        let mut ebpf = loader
+            .load(object.bytes())
+            .map_err(|e| refused("create BPF maps", e))?;
+        for name in [
+            names::PROG_XDP,
+            names::PROG_TC,
+            names::PROG_COOKIE_ACK,
+            names::PROG_SOCKOPS,
+        ] {
+            load_program(&mut ebpf, name)?;
         }
         let maps = GuardMaps {
             config: take(&mut ebpf, names::CONFIG)?,
@@ -177,33 +135,59 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    pub(super) fn program_mut(&mut self, kind: AttachKind) -> &mut aya::programs::Program {
-        let name = if kind.is_xdp() {
-            names::PROG_XDP
-        } else {
-            names::PROG_TC
-        };
-        self.ebpf.program_mut(name).expect("program exists")
+    pub(super) fn program_mut(&mut self, kind: AttachKind) -> &mut Program {
+        self.ebpf
+            .program_mut(program_name(kind))
+            .expect("program exists")
     }
 
-    /// The cookie-reply check's fd (for `BPF_PROG_TEST_RUN`).
-    pub fn cookie_ack_fd(&self) -> BorrowedFd<'_> {
-        let prog = self
-            .ebpf
+    /// The loaded program for `kind` (to drive it through `BPF_PROG_TEST_RUN`).
+    pub fn program(&self, kind: AttachKind) -> &Program {
+        self.ebpf
+            .program(program_name(kind))
+            .expect("program exists")
+    }
+
+    /// The loaded cookie-reply check (to drive it through `BPF_PROG_TEST_RUN`).
+    pub fn cookie_ack_program(&self) -> &Program {
+        self.ebpf
             .program(names::PROG_COOKIE_ACK)
-            .expect("program exists");
-        prog.fd().expect("program is loaded").as_fd()
+            .expect("program exists")
     }
+}
 
-    /// The loaded program's fd (for `BPF_PROG_TEST_RUN`).
-    pub fn program_fd(&self, kind: AttachKind) -> BorrowedFd<'_> {
-        let name = if kind.is_xdp() {
-            names::PROG_XDP
-        } else {
-            names::PROG_TC
-        };
-        let prog = self.ebpf.program(name).expect("program exists");
-        prog.fd().expect("program is loaded").as_fd()
+/// The object's program behind an attach kind: one XDP program serves both
+/// XDP modes.
+fn program_name(kind: AttachKind) -> &'static str {
+    if kind.is_xdp() {
+        names::PROG_XDP
+    } else {
+        names::PROG_TC
+    }
+}
+
+/// Loads (verifies) one of the object's programs.
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<(), DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("the object has no {name} program"));
+    let loaded = match program {
+        Program::Xdp(xdp) => xdp.load(),
+        Program::SchedClassifier(tc) => tc.load(),
+        Program::SockOps(sockops) => sockops.load(),
+        _ => Err(ProgramError::UnexpectedProgramType),
+    };
+    loaded.map_err(|e| refused("load BPF programs", e))
+}
+
+/// A refused load: a missing privilege to `action`, or what the kernel said.
+fn refused(action: &str, err: impl std::error::Error + Send + Sync + 'static) -> DatapathError {
+    if is_eperm(&err) {
+        DatapathError::NotPermitted {
+            action: action.into(),
+        }
+    } else {
+        DatapathError::Load(Box::new(err))
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use guard_common::addr::Prefix;
 use serde::Serialize;
 
-pub use read::{explain, BlockMeta};
+pub use read::{explain, next_syn_with_ports, BlockMeta};
 pub use render::{render_text, summary};
 pub use verdict::{next_syn, Action, Cause, Inputs, NextSyn};
 

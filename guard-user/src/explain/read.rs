@@ -3,13 +3,13 @@
 
 use std::{net::IpAddr, time::SystemTime};
 
-use guard_common::{addr::Prefix, state::reason, syncookie, SourceState};
+use guard_common::{addr::Prefix, state::reason, syncookie, LiveConfig, SourceState};
 
 use super::{
     next_syn, summary, verdict::tokens_now, BlockHit, BucketState, Connections, Explanation,
-    Inputs, Instant, KnownGood,
+    Inputs, Instant, KnownGood, NextSyn,
 };
-use crate::datapath::{monotonic_ns, DatapathError, GuardMaps};
+use crate::datapath::{monotonic_ns, DatapathError, GuardMaps, PointState};
 
 fn bucket(
     enabled: bool,
@@ -41,6 +41,8 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
     let now_ns = monotonic_ns();
     let now_unix = SystemTime::now();
     let p = maps.point(ip, &cfg);
+    let inputs = inputs(&cfg, &p, !ports.is_empty(), now_ns);
+    let (known_good, in_flight) = (inputs.known_good, inputs.in_flight);
     // The trie says whether something matches; the listing says what.
     let allowlisted_by = if p.allowed {
         maps.allows()?
@@ -70,28 +72,6 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
         since: None,
         detail: None,
     });
-    let known_good = p
-        .last_handshake_ns
-        .is_some_and(|t| now_ns.saturating_sub(t) < cfg.known_good_ttl_ns());
-    let in_flight = p.in_flight.map_or(0, |f| {
-        f.live(guard_common::state::in_flight_slot(
-            now_ns,
-            cfg.handshake_timeout_s,
-        ))
-    });
-    let inputs = Inputs {
-        any_port_protected: !ports.is_empty(),
-        allowed: p.allowed,
-        blocked: p.block.is_some_and(|b| b.is_active(now_ns)),
-        open_connections: p.open_connections,
-        in_flight,
-        synack_dest: p.synack_dest,
-        known_good,
-        source: p.source.map(|s| s.bucket),
-        aggregate: p.aggregate.map(|s| s.bucket),
-        global: p.global,
-        now_ns,
-    };
     let next = next_syn(&cfg, &inputs);
     let global_state = p.global.map(|bucket| SourceState {
         bucket,
@@ -164,6 +144,47 @@ pub fn explain(maps: &GuardMaps, ip: IpAddr) -> Result<Explanation, DatapathErro
     };
     e.summary = summary(&e);
     Ok(e)
+}
+
+/// The verdict inputs in what the maps hold for one address at `now_ns`.
+fn inputs(cfg: &LiveConfig, p: &PointState, any_port_protected: bool, now_ns: u64) -> Inputs {
+    Inputs {
+        any_port_protected,
+        allowed: p.allowed,
+        blocked: p.block.is_some_and(|b| b.is_active(now_ns)),
+        open_connections: p.open_connections,
+        in_flight: p.in_flight.map_or(0, |f| {
+            f.live(guard_common::state::in_flight_slot(
+                now_ns,
+                cfg.handshake_timeout_s,
+            ))
+        }),
+        synack_dest: p.synack_dest,
+        known_good: p
+            .last_handshake_ns
+            .is_some_and(|t| now_ns.saturating_sub(t) < cfg.known_good_ttl_ns()),
+        source: p.source.map(|s| s.bucket),
+        aggregate: p.aggregate.map(|s| s.bucket),
+        global: p.global,
+        now_ns,
+    }
+}
+
+/// The next SYN's verdict as [`explain`] reaches it, from the same reads
+/// except the protected ports (whether there are any is given): listing
+/// them reads all 65536 slots, too slow to repeat for thousands of states.
+pub fn next_syn_with_ports(
+    maps: &GuardMaps,
+    ip: IpAddr,
+    any_port_protected: bool,
+) -> Result<NextSyn, DatapathError> {
+    let cfg = maps.config()?;
+    let now_ns = monotonic_ns();
+    let p = maps.point(ip, &cfg);
+    Ok(next_syn(
+        &cfg,
+        &inputs(&cfg, &p, any_port_protected, now_ns),
+    ))
 }
 
 /// Who blocked a prefix and when, from the audit log.

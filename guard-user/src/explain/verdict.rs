@@ -2,8 +2,24 @@
 //! `decide` in guard-ebpf/src/main.rs consults them (allowlist, blocklist,
 //! connection cap counting handshakes in flight, cookies for unknown
 //! sources within their destination's SYN-ACK share, aggregate then
-//! per-source bucket, global budget with the known-good exemption). Keep the two in
-//! step: a reordering there is a reordering here.
+//! per-source bucket, global budget with the known-good exemption).
+//!
+//! The two orders are held together by a test, not derived from one
+//! description: tests/tests/verdict_order.rs writes every combination of
+//! the conditions that make a rule fire into the real program's maps and
+//! compares what this function says with what the program does to a SYN
+//! (`BPF_PROG_TEST_RUN`). A shared description was weighed and left: in
+//! the program the order is interleaved with what deciding costs and
+//! changes (the clock read once, buckets created full and charged, a
+//! retransmitted SYN spared the cap, the global budget peeked before the
+//! caps and taken after them, the SYN-ACK built in place), all under the
+//! verifier's stack and instruction limits, while this side must only read.
+//! A rule table interpreted by both would put a loop and indirect state on
+//! the per-packet path; generating both from one source would hide the
+//! program's order from its readers. The pure pieces both sides can share
+//! (bucket refill, prefix keys, slots) already come from guard-common; the
+//! test also catches a drift in those reads (map keys, slots, expiry), which
+//! a shared order alone would not.
 
 use guard_common::{syncookie, LiveConfig, TokenBucket};
 use serde::Serialize;

@@ -26,8 +26,8 @@ impl Loaded {
         Ok(Self { dp, tracked: 0 })
     }
 
-    pub(super) fn fd(&self, hook: Hook) -> BorrowedFd<'_> {
-        self.dp.program_fd(hook.kind())
+    pub(super) fn program(&self, hook: Hook) -> &LoadedProgram {
+        self.dp.program(hook.kind())
     }
 
     pub(super) fn stats(&self) -> Result<[u64; STAT_SLOTS as usize]> {
@@ -50,7 +50,7 @@ impl Loaded {
     pub(super) fn time_path(&self, path: &PathDef, hook: Hook, repeat: u32) -> Result<Sample> {
         check_interrupted()?;
         let before = self.stat(path.stat)?;
-        let run = test_run(self.fd(hook), &path.frame, repeat)
+        let run = test_run(self.program(hook), &path.frame, repeat)
             .with_context(|| format!("test-run {} on {hook:?}", path.key))?;
         let moved = self.stat(path.stat)? - before;
         ensure!(
@@ -79,7 +79,9 @@ impl Loaded {
     /// One SYN from population source `i`, run once.
     pub(super) fn syn_once(&self, hook: Hook, i: u32) -> Result<f64> {
         let frame = Frame::syn(population_ip(i), PORT).bytes();
-        Ok(f64::from(test_run(self.fd(hook), &frame, 1)?.duration_ns))
+        Ok(f64::from(
+            test_run(self.program(hook), &frame, 1)?.duration_ns,
+        ))
     }
 
     pub(super) fn insert_from_user(&mut self, range: std::ops::Range<u32>) -> Result<()> {
@@ -159,22 +161,22 @@ impl Loaded {
         let sent_before = self.stat(Stat::CookieSent)?;
         let created_before = self.stat(Stat::SourcesCreated)?;
         let programs = [
-            (Program::Guard, self.fd(Hook::Xdp), XDP_TX),
+            (Program::Guard, self.program(Hook::Xdp), XDP_TX),
             (
                 Program::KernelCookie,
-                refs.fd(Hook::Xdp, Ref::KernelCookie)?,
+                refs.program(Hook::Xdp, Ref::KernelCookie)?,
                 XDP_TX,
             ),
             (
                 Program::GuardCookie,
-                refs.fd(Hook::Xdp, Ref::GuardCookie)?,
+                refs.program(Hook::Xdp, Ref::GuardCookie)?,
                 XDP_TX,
             ),
-            (Program::GuardDryRun, dry.fd(Hook::Xdp), XDP_PASS),
-            (Program::Tx, refs.fd(Hook::Xdp, Ref::Tx)?, XDP_TX),
+            (Program::GuardDryRun, dry.program(Hook::Xdp), XDP_PASS),
+            (Program::Tx, refs.program(Hook::Xdp, Ref::Tx)?, XDP_TX),
             (
                 Program::Empty,
-                refs.fd(Hook::Xdp, Ref::Empty(Verdict::Pass))?,
+                refs.program(Hook::Xdp, Ref::Empty(Verdict::Pass))?,
                 XDP_PASS,
             ),
         ];
@@ -193,8 +195,8 @@ impl Loaded {
                 // Each program goes first as often as the others.
                 for k in 0..programs.len() {
                     let at = (k + i as usize) % programs.len();
-                    let (program, fd, want) = programs[at];
-                    let run = test_run(fd, &frame, 1)?;
+                    let (program, loaded, want) = programs[at];
+                    let run = test_run(loaded, &frame, 1)?;
                     ensure!(
                         run.retval == want,
                         "cookie flood: {program:?} answered {family:?} source #{i} with XDP \
@@ -248,7 +250,7 @@ pub(super) fn cookie_calc(refs: &Refs, repeat: u32, runs: usize) -> Result<Vec<C
             .bytes();
         for (program, r) in programs {
             time_program(
-                refs.fd(Hook::Xdp, r)?,
+                refs.program(Hook::Xdp, r)?,
                 program,
                 &frame,
                 Hook::Xdp,
@@ -261,8 +263,8 @@ pub(super) fn cookie_calc(refs: &Refs, repeat: u32, runs: usize) -> Result<Vec<C
             for k in 0..programs.len() {
                 let at = (k + round) % programs.len();
                 let (program, r) = programs[at];
-                let fd = refs.fd(Hook::Xdp, r)?;
-                let sample = time_program(fd, program, &frame, Hook::Xdp, XDP_PASS, repeat)?;
+                let loaded = refs.program(Hook::Xdp, r)?;
+                let sample = time_program(loaded, program, &frame, Hook::Xdp, XDP_PASS, repeat)?;
                 ns[at].push(f64::from(sample.ns));
             }
         }
@@ -280,9 +282,9 @@ pub(super) fn cookie_calc(refs: &Refs, repeat: u32, runs: usize) -> Result<Vec<C
     Ok(out)
 }
 
-/// One reference run: `repeat` runs of `frame` through `fd`, which must answer `want`.
+/// One reference run: `repeat` runs of `frame` through `loaded`, which must answer `want`.
 pub(super) fn time_program(
-    fd: BorrowedFd<'_>,
+    loaded: &LoadedProgram,
     program: Program,
     frame: &[u8],
     hook: Hook,
@@ -290,7 +292,7 @@ pub(super) fn time_program(
     repeat: u32,
 ) -> Result<Sample> {
     check_interrupted()?;
-    let run = test_run(fd, frame, repeat).with_context(|| format!("test-run {program:?}"))?;
+    let run = test_run(loaded, frame, repeat).with_context(|| format!("test-run {program:?}"))?;
     ensure!(
         run.retval == want,
         "{program:?} on {hook:?}: verdict {} instead of {want}",
@@ -328,7 +330,7 @@ pub(super) fn measure_paths(
                 0 => few.time_path(path, hook, n),
                 1 => many.time_path(path, hook, n),
                 2 => time_program(
-                    refs.fd(hook, path.reference)?,
+                    refs.program(hook, path.reference)?,
                     Program::Reference,
                     &path.frame,
                     hook,
@@ -336,14 +338,14 @@ pub(super) fn measure_paths(
                     n,
                 ),
                 3 => time_program(
-                    refs.fd(hook, Ref::Empty(path.verdict))?,
+                    refs.program(hook, Ref::Empty(path.verdict))?,
                     Program::Empty,
                     &path.frame,
                     hook,
                     want,
                     n,
                 ),
-                _ => time_program(peer.fd(), Program::Peer, &path.frame, hook, want, n),
+                _ => time_program(peer.program(), Program::Peer, &path.frame, hook, want, n),
             }
         };
         let count = |hook: Hook| if with_peer(hook) { 5 } else { 4 };
@@ -351,7 +353,7 @@ pub(super) fn measure_paths(
         // steady state.
         for hook in Hook::BOTH {
             for t in [&*few, &*many] {
-                test_run(t.fd(hook), &path.frame, 1_000)?;
+                test_run(t.program(hook), &path.frame, 1_000)?;
             }
             for which in 2..count(hook) {
                 call(hook, which, 1_000)?;

@@ -47,10 +47,10 @@ mod paths;
 mod refs;
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use anyhow::{ensure, Context as _, Result};
+use aya::programs::Program as LoadedProgram;
 use guard_common::addr::{from_ip, Prefix};
 use guard_common::config::{FLAG_ALLOW_EMPTY, FLAG_DRY_RUN};
 use guard_common::maps as names;
@@ -422,7 +422,7 @@ pub fn run(quick: bool) -> Result<DatapathReport> {
     let floor = {
         let udp = Frame::syn(v4(198, 18, 0, 2), PORT).udp(PORT).bytes();
         let ns: Vec<f64> = (0..2_000)
-            .map(|_| test_run(few.fd(Hook::Xdp), &udp, 1).map(|r| f64::from(r.duration_ns)))
+            .map(|_| test_run(few.program(Hook::Xdp), &udp, 1).map(|r| f64::from(r.duration_ns)))
             .collect::<Result<_, _>>()?;
         median(&ns)
     };

@@ -2,10 +2,9 @@
 //! see its file for what each does and why) and xdp-filter from xdp-tools, the peer a user
 //! would pick to drop a blocked source.
 
-use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::PathBuf;
 
-use aya::programs::{ProgramFd, SchedClassifier, Xdp};
+use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
 use guard_tests::netns::Netns;
 
@@ -123,13 +122,11 @@ impl Refs {
         })
     }
 
-    pub(super) fn fd(&self, hook: Hook, r: Ref) -> Result<BorrowedFd<'_>> {
+    pub(super) fn program(&self, hook: Hook, r: Ref) -> Result<&LoadedProgram> {
         let name = Self::name(hook, r)?;
-        let prog = self
-            .ebpf
+        self.ebpf
             .program(name)
-            .with_context(|| format!("no reference program {name} in the object"))?;
-        Ok(prog.fd().context("reference program not loaded")?.as_fd())
+            .with_context(|| format!("no reference program {name} in the object"))
     }
 }
 
@@ -141,7 +138,7 @@ const REF_DROP_MARK: u32 = 1;
 /// in a folder of ours under bpffs (`LIBXDP_BPFFS`), never in the shared default.
 pub(super) struct XdpFilter {
     // Declared first so the fd closes before the setup below unloads the program.
-    prog: ProgramFd,
+    prog: LoadedProgram,
     /// The program's name as the kernel knows it (which of xdp-filter's objects runs).
     pub(super) name: String,
     _setup: XdpFilterSetup,
@@ -195,13 +192,12 @@ impl XdpFilter {
             .filter_map(Result::ok)
             .find(|p| p.id() == id)
             .with_context(|| format!("xdp-filter's program #{id} is not loaded"))?;
-        let prog = info
-            .fd()
-            .with_context(|| format!("open xdp-filter's program #{id}"))?;
         let name = format!(
             "xdp-filter ({}, -f {XF_FEATURES})",
             info.name_as_str().unwrap_or("?")
         );
+        let prog = guard_user::testrun::foreign_xdp(info, &name)
+            .with_context(|| format!("open xdp-filter's program #{id}"))?;
         Ok(Self {
             prog,
             name,
@@ -209,8 +205,8 @@ impl XdpFilter {
         })
     }
 
-    pub(super) fn fd(&self) -> BorrowedFd<'_> {
-        self.prog.as_fd()
+    pub(super) fn program(&self) -> &LoadedProgram {
+        &self.prog
     }
 }
 
