@@ -358,7 +358,13 @@ fn log_level_changes_on_sighup() {
     std::fs::write(home.dir().join("guard.toml"), "log_level = \"debug\"\n").unwrap();
     agent.hup().expect("SIGHUP");
     wait_for("the reload", Duration::from_secs(10), || {
-        Ok(agent.log().contains("log level: debug").then_some(()))
+        // The level is applied first; the reload's metrics are set
+        // when it is done, just before this line.
+        let log = agent.log();
+        Ok(
+            (log.contains("log level: debug") && log.contains("configuration reloaded"))
+                .then_some(()),
+        )
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", agent.log()));
     assert_eq!(value("guard_config_last_reload_successful"), 1.0);

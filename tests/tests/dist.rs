@@ -172,6 +172,10 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
         "LICENSE-MIT",
         "LICENSE-APACHE",
         "README.md",
+        "guard-user/README.md",
+        "guard-common/README.md",
+        "guard-ebpf/README.md",
+        "tests/README.md",
     ]
     .map(String::from)
     .to_vec();
@@ -224,6 +228,7 @@ fn the_dist_tarball_alone_installs_an_agent_that_protects_a_server() {
         "./lib/systemd/system/guard.service",
         "./etc/logrotate.d/guard",
         "./usr/share/doc/guard/RUNBOOK.md",
+        "./usr/share/doc/guard/guard-user/README.md",
         "./usr/share/doc/guard/copyright",
         "./usr/share/man/man1/guard.1.gz",
         "./usr/share/bash-completion/completions/guard",

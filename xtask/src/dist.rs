@@ -5,7 +5,8 @@
 //!
 //! Writes into the output folder (default target/dist):
 //! - `guard-<version>-<arch>-linux.tar.gz`: bin/guard, man/man1, completions, deploy/ (every
-//!   file of guard-user/deploy), README.md and the license files, under one top folder;
+//!   file of guard-user/deploy), README.md and the guides, and the license files, under one top
+//!   folder;
 //! - `guard_<version>_<debarch>.deb`: the same laid out for Debian, built by `dpkg-deb`;
 //! - `Dockerfile`, next to the tarball, so that folder is a complete `docker build` context;
 //! - `SHA256SUMS` of the tarball and the .deb.
@@ -263,7 +264,23 @@ fn stage_tarball(root: &Path, bin: &Path, docs: &Docs, top: &Path) -> Result<()>
     for f in license_files(root) {
         put(&f, &top.join(file_name(&f)?), 0o644)?;
     }
-    put(&root.join("README.md"), &top.join("README.md"), 0o644)
+    put_guides(root, top)
+}
+
+/// The README (the map) and the guide of each audience, at the paths the map links to.
+const GUIDES: [&str; 5] = [
+    "README.md",
+    "guard-user/README.md",
+    "guard-common/README.md",
+    "guard-ebpf/README.md",
+    "tests/README.md",
+];
+
+fn put_guides(root: &Path, to: &Path) -> Result<()> {
+    for guide in GUIDES {
+        put(&root.join(guide), &to.join(guide), 0o644)?;
+    }
+    Ok(())
 }
 
 /// tar + gzip with fixed metadata, so the same inputs give the same bytes.
@@ -370,7 +387,7 @@ fn stage_deb(
     )?;
     let doc = deb.join("usr/share/doc/guard");
     put(&deploy.join("RUNBOOK.md"), &doc.join("RUNBOOK.md"), 0o644)?;
-    put(&root.join("README.md"), &doc.join("README.md"), 0o644)?;
+    put_guides(root, &doc)?;
     for f in license_files(root) {
         put(&f, &doc.join(file_name(&f)?), 0o644)?;
     }

@@ -230,8 +230,9 @@ impl Agent {
         let new = match Settings::load(args) {
             Ok(s) => s,
             Err(e) => {
-                error!("reload refused, keeping the running config: {e:#}");
+                // The gauge first: whoever reads the log line finds it set.
                 self.metrics.reload_success.set(0);
+                error!("reload refused, keeping the running config: {e:#}");
                 return;
             }
         };
