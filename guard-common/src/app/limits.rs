@@ -92,9 +92,12 @@ pub struct Limits {
     /// What tungstenite allocates up front for reading, for the life of the
     /// connection; longer messages are read in pieces of this size into a
     /// buffer that grows to the message. Default 4 KiB: an idle connection
-    /// holds it forever, and at `byte_rate` a connection needs at most ~64
-    /// reads of it a second (tungstenite's own default, 128 KiB, made an
-    /// idle WebSocket cost 138 KiB).
+    /// holds it forever (tungstenite's own default, 128 KiB, made an idle
+    /// WebSocket cost 138 KiB). While a peer keeps the socket full, guard's
+    /// frame meter below the codec reads 64 KiB at a time and hands it out
+    /// in these pieces, so a busy connection costs no more reads of the
+    /// socket than with a large buffer; that buffer is freed as soon as the
+    /// socket runs dry.
     pub ws_read_buffer_size: usize,
     /// Outbound frames gather up to this much before they are written (a
     /// flush writes them anyway); the buffer keeps what it grew to. Default

@@ -83,6 +83,8 @@
 mod admission;
 mod builder;
 mod guard;
+#[cfg(test)]
+mod idle_memory;
 mod limits;
 mod metrics;
 mod peer;

@@ -122,15 +122,29 @@ pub fn run(quick: bool) -> Result<AppReport> {
     }
     print_idle(&idle);
 
-    // Quick: fewer and shorter rounds; the comparison is the same.
-    let (rounds, round_bytes): (u32, usize) = if quick { (5, 16 << 20) } else { (15, 64 << 20) };
+    // Quick: fewer and shorter rounds; the comparison is the same. The
+    // least messages per round keeps a round of 16 KiB echoes as long as
+    // one of 64 B (~0.3 s here): by bytes alone it is 4 096 of them, ~45 ms,
+    // short enough for a scheduler's hiccup to decide the round.
+    let (rounds, round_bytes, min_messages): (u32, usize, usize) = if quick {
+        (5, 16 << 20, 10_000)
+    } else {
+        (15, 64 << 20, 30_000)
+    };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (server_cpu, client_cpu) = if cpus >= 2 {
         (Some(0), Some(1))
     } else {
         (None, None)
     };
-    let run = echo(&exe, rounds, round_bytes, server_cpu, client_cpu)?;
+    let run = echo(
+        &exe,
+        rounds,
+        round_bytes,
+        min_messages,
+        server_cpu,
+        client_cpu,
+    )?;
     let echo: Vec<EchoSize> = run.sizes.into_iter().map(summarize).collect();
     print_echo(&echo, rounds, run.server_cpu, run.client_cpu);
     Ok(AppReport {
@@ -208,6 +222,7 @@ fn echo(
     exe: &Path,
     rounds: u32,
     round_bytes: usize,
+    min_messages: usize,
     server_cpu: Option<usize>,
     client_cpu: Option<usize>,
 ) -> Result<EchoRun> {
@@ -217,6 +232,8 @@ fn echo(
         rounds.to_string(),
         "--round-bytes".into(),
         round_bytes.to_string(),
+        "--min-messages".into(),
+        min_messages.to_string(),
     ];
     for size in ECHO_SIZES {
         args.extend(["--size".into(), size.to_string()]);
@@ -310,7 +327,7 @@ fn print_idle(idle: &[Idle]) {
     for (kind, name) in [
         ("ws", "WebSocket"),
         ("sse", "SSE subscriber"),
-        ("stream", "endless silent body (floor)"),
+        ("stream", "silent event stream (floor)"),
     ] {
         t.row(vec![
             name.into(),

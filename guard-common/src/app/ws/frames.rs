@@ -29,6 +29,17 @@ pub(super) const FRAMES_PER_YIELD: u32 = 64;
 /// (64-byte echoes ran at about half of warp's rate).
 const WRITE_GATHER: usize = 64 * 1024;
 
+/// Inbound bytes read at once while a peer keeps the socket full. The
+/// codec reads in pieces of `Limits::ws_read_buffer_size` (small, because
+/// it holds that for the connection's life): a 16 KiB message would be
+/// four reads of the socket, and a stream of them ran at about 0.8 of
+/// warp's rate, whose codec reads 128 KiB at a time. So once a read fills
+/// the codec's piece (more is likely waiting), the meter reads this much
+/// and hands it out piece by piece; a read that does not fill it ends that,
+/// and the buffer is given back as soon as the codec has taken it all, so
+/// a quiet connection holds none of it.
+const READ_AHEAD: usize = 64 * 1024;
+
 /// What arrived since the counts were last taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Arrived {
@@ -132,6 +143,14 @@ pub(crate) struct Metered<S> {
     paused: bool,
     /// Written by the codec, not yet by the socket (see [`WRITE_GATHER`]).
     gathered: Vec<u8>,
+    /// Read from the socket, not yet by the codec (see [`READ_AHEAD`]):
+    /// `ahead[taken..filled]` is still to hand out. Kept between fills
+    /// while the socket keeps filling it, given back otherwise.
+    ahead: Vec<u8>,
+    taken: usize,
+    filled: usize,
+    /// The last read of the socket filled what it was given.
+    busy: bool,
 }
 
 impl<S> Metered<S> {
@@ -142,6 +161,24 @@ impl<S> Metered<S> {
             since_yield: 0,
             paused: false,
             gathered: Vec::new(),
+            ahead: Vec::new(),
+            taken: 0,
+            filled: 0,
+            busy: false,
+        }
+    }
+
+    /// Moves what was read ahead into `buf`; once all of it is taken, the
+    /// buffer is given back unless the socket is still busy.
+    fn hand_out(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = buf.remaining().min(self.filled - self.taken);
+        buf.put_slice(&self.ahead[self.taken..self.taken + n]);
+        self.taken += n;
+        if self.taken == self.filled {
+            (self.taken, self.filled) = (0, 0);
+            if !self.busy {
+                self.ahead = Vec::new();
+            }
         }
     }
 
@@ -204,7 +241,30 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         }
         let before = buf.filled().len();
         let frames_before = this.meter.arrived.frames;
-        let res = Pin::new(&mut this.io).poll_read(cx, buf);
+        let res = if this.taken < this.filled {
+            this.hand_out(buf);
+            Poll::Ready(Ok(()))
+        } else if this.busy {
+            if this.ahead.is_empty() {
+                this.ahead = vec![0; READ_AHEAD];
+            }
+            let mut into = ReadBuf::new(&mut this.ahead);
+            let res = Pin::new(&mut this.io).poll_read(cx, &mut into);
+            if let Poll::Ready(Ok(())) = res {
+                this.filled = into.filled().len();
+                this.busy = this.filled == READ_AHEAD;
+                this.hand_out(buf);
+            } else {
+                // Drained (or failed): a connection that waits holds none of it.
+                this.busy = false;
+                this.ahead = Vec::new();
+            }
+            res
+        } else {
+            let res = Pin::new(&mut this.io).poll_read(cx, buf);
+            this.busy = buf.remaining() == 0 && buf.filled().len() > before;
+            res
+        };
         if let Poll::Ready(Ok(())) = res {
             this.meter.feed(&buf.filled()[before..]);
             let counted = this.meter.arrived.frames.wrapping_sub(frames_before);
@@ -415,6 +475,87 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A socket holding `data`, giving as much as each read asks for; EOF
+    /// once it is all read.
+    struct Holding {
+        data: Vec<u8>,
+        at: usize,
+        reads: usize,
+    }
+
+    impl AsyncRead for Holding {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            let n = buf.remaining().min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads `m` to its end in pieces of `piece` bytes, as the codec does;
+    /// returns what was read and how many pieces it took.
+    async fn read_in_pieces(m: &mut Metered<Holding>, piece: usize) -> (Vec<u8>, usize) {
+        use tokio::io::AsyncReadExt as _;
+        let (mut got, mut pieces) = (Vec::new(), 0);
+        let mut buf = vec![0; piece];
+        loop {
+            let n = m.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (got, pieces);
+            }
+            pieces += 1;
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_read_ahead_and_the_buffer_given_back() {
+        let frame = client_frame(true, 2, &[7; 16 * 1024]);
+        let wire: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 40)
+            .collect();
+        let mut m = Metered::new(Holding {
+            data: wire.clone(),
+            at: 0,
+            reads: 0,
+        });
+        let (got, pieces) = read_in_pieces(&mut m, 4096).await;
+        assert_eq!(got, wire, "every byte, in order");
+        assert_eq!(m.take().frames, 40, "every frame charged");
+        // One read filled the codec's piece; then 64 KiB at a time, and
+        // the EOF.
+        let expected_reads = 1 + (wire.len() - 4096).div_ceil(READ_AHEAD) + 1;
+        assert_eq!(m.io.reads, expected_reads, "{pieces} pieces");
+        assert!(pieces > 4 * m.io.reads);
+        assert_eq!(m.ahead.capacity(), 0, "a drained read-ahead is given back");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_fills_a_piece_is_read_straight() {
+        use tokio::io::AsyncReadExt as _;
+        let frame = client_frame(true, 1, b"hello");
+        let mut m = Metered::new(Holding {
+            data: frame.clone(),
+            at: 0,
+            reads: 0,
+        });
+        let mut buf = [0; 4096];
+        assert_eq!(m.read(&mut buf).await.unwrap(), frame.len());
+        assert_eq!(m.ahead.capacity(), 0);
+        assert!(!m.busy);
+        assert_eq!(m.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(m.io.reads, 2);
     }
 
     #[tokio::test]

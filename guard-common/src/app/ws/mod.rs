@@ -12,8 +12,6 @@
 
 mod frames;
 mod guarded;
-#[cfg(test)]
-mod idle_memory;
 mod inbound;
 mod outbound;
 mod socket;

@@ -20,7 +20,7 @@ use super::frames::client_frame;
 use crate::test_support::{within, FakeAgent, Mode, TestDir};
 
 /// Serves `filter` with `guard`'s server on an ephemeral loopback port.
-pub(super) async fn serve_guarded<F, R>(guard: &Guard, filter: F) -> SocketAddr
+pub(crate) async fn serve_guarded<F, R>(guard: &Guard, filter: F) -> SocketAddr
 where
     F: Filter<Extract = (R,), Error = Rejection> + Clone + Send + Sync + 'static,
     R: Reply,
@@ -36,7 +36,7 @@ where
 
 /// A guard that believes loopback's `X-Forwarded-For`, reporting to
 /// `agent` if given.
-pub(super) fn guard(limits: Limits, registry: &Registry, agent: Option<ClientConfig>) -> Guard {
+pub(crate) fn guard(limits: Limits, registry: &Registry, agent: Option<ClientConfig>) -> Guard {
     let mut b = Guard::builder()
         .limits(limits)
         .registry(registry)
