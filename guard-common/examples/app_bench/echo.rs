@@ -16,8 +16,15 @@
 //! The server runtime (one worker) and the client (a current-thread runtime
 //! on this thread) can be pinned to different CPUs, so neither side steals
 //! the other's core.
+//!
+//! Beside the rates, each round records the CPU time the server runtime's
+//! threads spent on it (their `schedstat`, user and kernel), per message.
+//! On a shared machine the rates of two rounds differ by a third while the
+//! CPU each message cost the server barely moves: that is the figure to
+//! compare servers by.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -89,6 +96,25 @@ impl Arm {
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// The server runtime's threads, as the kernel numbers them.
+static SERVER_THREADS: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
+
+/// Nanoseconds the server runtime's threads have run so far.
+fn server_cpu_ns() -> Result<u64> {
+    let threads = SERVER_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut total = 0;
+    for tid in threads.iter() {
+        let path = format!("/proc/self/task/{tid}/schedstat");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .with_context(|| format!("{path} says {text:?}"))?;
+    }
+    Ok(total)
+}
+
 pub fn run(args: &EchoArgs) -> Result<()> {
     let mut arms = vec![Arm::BareWarp, Arm::GuardedOnWarp];
     let mut buffers = args.guard_read_buffers.clone();
@@ -106,6 +132,12 @@ pub fn run(args: &EchoArgs) -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .on_thread_start(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            SERVER_THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tid);
             if let Some(cpu) = server_cpu {
                 // A thread that cannot be pinned still serves; the pinning
                 // of the main thread below reports the error.
@@ -138,15 +170,19 @@ pub fn run(args: &EchoArgs) -> Result<()> {
         for &arm in &arms {
             addrs.push(server_rt.block_on(serve(arm, size, messages, args.guard_write_buffer))?);
         }
-        let rates = client_rt.block_on(measure(&addrs, size, messages, args.rounds as usize))?;
-        let per_arm: Vec<String> = arms
-            .iter()
-            .zip(&rates)
-            .map(|(arm, r)| format!("\"{}\":{}", arm.name(), crate::json_numbers(r)))
-            .collect();
+        let measured = client_rt.block_on(measure(&addrs, size, messages, args.rounds as usize))?;
+        let per_arm = |of: &[Vec<f64>]| -> String {
+            arms.iter()
+                .zip(of)
+                .map(|(arm, r)| format!("\"{}\":{}", arm.name(), crate::json_numbers(r)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         sizes_json.push(format!(
-            "{{\"size\":{size},\"messages\":{messages},\"messages_per_s\":{{{}}}}}",
-            per_arm.join(",")
+            "{{\"size\":{size},\"messages\":{messages},\"messages_per_s\":{{{}}},\
+             \"server_cpu_ns_per_message\":{{{}}}}}",
+            per_arm(&measured.rates),
+            per_arm(&measured.server_ns)
         ));
     }
     println!(
@@ -248,13 +284,20 @@ where
     Ok(addr)
 }
 
-/// Messages per second of every arm in every round (`[arm][round]`).
+/// What every arm did in every round (`[arm][round]`).
+struct Measured {
+    /// Messages per second.
+    rates: Vec<Vec<f64>>,
+    /// Nanoseconds of the server's CPU per message.
+    server_ns: Vec<Vec<f64>>,
+}
+
 async fn measure(
     addrs: &[SocketAddr],
     size: usize,
     messages: usize,
     rounds: usize,
-) -> Result<Vec<Vec<f64>>> {
+) -> Result<Measured> {
     let mut clients = Vec::new();
     for addr in addrs {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
@@ -269,16 +312,18 @@ async fn measure(
         round(tx, rx, &payload, messages).await?;
     }
     let mut rates = vec![Vec::with_capacity(rounds); addrs.len()];
+    let mut server_ns = rates.clone();
     for r in 0..rounds {
         for k in 0..addrs.len() {
             let arm = (r + k) % addrs.len();
             let (tx, rx) = &mut clients[arm];
-            let start = Instant::now();
+            let (start, cpu_start) = (Instant::now(), server_cpu_ns()?);
             round(tx, rx, &payload, messages).await?;
             rates[arm].push(messages as f64 / start.elapsed().as_secs_f64());
+            server_ns[arm].push((server_cpu_ns()? - cpu_start) as f64 / messages as f64);
         }
     }
-    Ok(rates)
+    Ok(Measured { rates, server_ns })
 }
 
 /// Sends `messages` texts pipelined and reads every echo back.
