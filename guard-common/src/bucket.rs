@@ -87,6 +87,15 @@ impl TokenBucket {
         }
     }
 
+    /// Takes up to `n` tokens (without refilling) and says how many it
+    /// took: what `n` calls of [`Self::take`] would do, in one step.
+    #[inline(always)]
+    pub fn take_up_to(&mut self, n: u64) -> u64 {
+        let taken = self.available().min(n);
+        self.tokens -= taken * NANO_TOKENS;
+        taken
+    }
+
     /// Whole tokens available now (without refilling).
     #[inline(always)]
     pub const fn available(&self) -> u64 {
@@ -107,6 +116,29 @@ mod tests {
             assert!(n <= burst + 1, "never more than the burst at one instant");
         }
         n
+    }
+
+    #[test]
+    fn taking_many_at_once_is_taking_them_one_by_one() {
+        for (start, n) in [
+            (0u64, 0u64),
+            (0, 4),
+            (3, 2),
+            (3, 3),
+            (3, 7),
+            (4_000_000_000, 5),
+        ] {
+            // Whole tokens and a fraction, which neither way may take.
+            let bucket = TokenBucket {
+                tokens: start * NANO_TOKENS + 400,
+                last_ns: 0,
+            };
+            let (mut many, mut one_by_one) = (bucket, bucket);
+            let taken = many.take_up_to(n);
+            let singly = (0..n).filter(|_| one_by_one.take()).count() as u64;
+            assert_eq!(taken, singly, "{start} tokens, {n} asked");
+            assert_eq!(many, one_by_one);
+        }
     }
 
     #[test]

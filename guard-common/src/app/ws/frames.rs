@@ -100,6 +100,17 @@ impl FrameMeter {
                 data = &data[n..];
                 continue;
             }
+            // A header that arrived whole is read where it lies: small
+            // frames come many to a read, and this is most of what the
+            // meter costs them.
+            if self.have == 0 && data.len() >= 2 {
+                let len = header_len([data[0], data[1]]);
+                if let Some(header) = data.get(..len) {
+                    self.count(header);
+                    data = &data[len..];
+                    continue;
+                }
+            }
             let want = if self.have < 2 {
                 2
             } else {
@@ -112,16 +123,22 @@ impl FrameMeter {
             if self.have < 2 || self.have < header_len([self.header[0], self.header[1]]) {
                 continue;
             }
-            let len = payload_len(&self.header[..self.have]);
-            self.arrived.frames += 1;
-            let (fin, control) = (self.header[0] & 0x80 != 0, self.header[0] & 0x08 != 0);
-            if fin || control {
-                self.arrived.messages += 1;
-            }
-            self.arrived.payload = self.arrived.payload.saturating_add(len);
-            self.skip = len;
+            let header = self.header;
+            self.count(&header[..self.have]);
             self.have = 0;
         }
+    }
+
+    /// Counts the frame `header` (complete) begins.
+    fn count(&mut self, header: &[u8]) {
+        let len = payload_len(header);
+        self.arrived.frames += 1;
+        let (fin, control) = (header[0] & 0x80 != 0, header[0] & 0x08 != 0);
+        if fin || control {
+            self.arrived.messages += 1;
+        }
+        self.arrived.payload = self.arrived.payload.saturating_add(len);
+        self.skip = len;
     }
 
     /// What arrived since the last call.

@@ -422,12 +422,8 @@ impl GuardedWebSocket {
         let (byte_rate, byte_burst) = (limits.byte_rate, limits.byte_burst);
         let warn = limits.violation_policy == ViolationPolicy::Warn;
         self.last_activity_ns = now;
-        let mut over = 0u64;
-        for _ in 0..arrived.frames {
-            if !self.messages.try_take(now, rate, burst) {
-                over += 1;
-            }
-        }
+        self.messages.refill(now, rate, burst);
+        let over = arrived.frames - self.messages.take_up_to(arrived.frames);
         let bytes_over = !take_bytes(&mut self.bytes, now, arrived.payload, byte_rate, byte_burst);
         if !warn {
             let touched = arrived.messages.max(1);
