@@ -89,10 +89,14 @@ fn into_codec(msg: Message) -> WsMessage {
     let data = msg.into_bytes();
     if text {
         // warp built it from a `String`, so the check cannot fail; if it
-        // ever did, the bytes still go out, as binary.
-        return match Utf8Bytes::try_from(data.clone()) {
-            Ok(t) => WsMessage::Text(t),
-            Err(_) => WsMessage::Binary(data),
+        // ever did, the bytes still go out, as binary. Checked in place
+        // rather than by `Utf8Bytes::try_from`, which takes the bytes: a
+        // clone to keep them for that case made every echo allocate.
+        return if std::str::from_utf8(&data).is_ok() {
+            // SAFETY: checked just above.
+            WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(data) })
+        } else {
+            WsMessage::Binary(data)
         };
     }
     if ping {
