@@ -18,7 +18,7 @@
 //!   against normally admitted ones, alternating in one run;
 //! - `--app`: what guard's server costs an app against plain `warp::serve`, same release
 //!   build: resident memory per idle WebSocket and SSE subscriber, and WebSocket echo
-//!   throughput in alternating rounds.
+//!   throughput and the server's CPU per message in alternating rounds.
 //!
 //! Every number printed is measured in this run; the goals are checked against those numbers
 //! and reported as met or not. Machines are shared: read ratios between modes of one run, not
