@@ -78,12 +78,17 @@ pub fn podman_variant(manifest: &str, v: &Variant) -> Result<String> {
         &format!("image: {INIT_IMAGE}\n"),
         &format!("image: {}\n", v.init_image),
     )?;
+    // The init container as podman's "always" type: podman 4.3 removes a finished "once"
+    // init container and, when runc still reports it running, gives up on the whole pod
+    // (eight plays in a row here, on a quiet machine). "always" keeps the finished
+    // container instead; it runs the same, once, before the others.
     out = replace_once(
         &out,
         "      annotations:\n",
         &format!(
             "      annotations:\n        \
-             container.seccomp.security.alpha.kubernetes.io/guard: localhost/{SECCOMP_PROFILE}\n"
+             container.seccomp.security.alpha.kubernetes.io/guard: localhost/{SECCOMP_PROFILE}\n        \
+             io.podman.annotations.init.container.type: always\n"
         ),
     )?;
     out = replace_once(
@@ -457,9 +462,9 @@ impl PodRun {
                 &manifest.to_string_lossy(),
             ])
         };
-        // podman 4.3 sometimes tries to remove a finished "once" init container while runc
-        // still reports it running, and gives up on the whole pod (seen in one play of two
-        // here): start over, up to eight times.
+        // The variant's init container is of the "always" type, which podman does not remove
+        // (see `podman_variant`); should the race it avoids show up anyway, start over, up to
+        // eight times.
         let mut tries = 0;
         loop {
             tries += 1;
@@ -630,6 +635,7 @@ mod tests {
         assert!(out.contains(
             "container.seccomp.security.alpha.kubernetes.io/guard: localhost/guard.json\n"
         ));
+        assert!(out.contains("io.podman.annotations.init.container.type: always\n"));
         assert!(out.contains("  name: gd-deploy-1\n") && out.contains("  replicas: 1\n"));
         assert!(!out.contains("registry.example.com") && !out.contains("busybox"));
     }
