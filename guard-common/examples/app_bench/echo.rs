@@ -70,6 +70,10 @@ pub struct EchoArgs {
     /// CPU for the client (this thread).
     #[arg(long)]
     client_cpu: Option<usize>,
+    /// Run only the arm of this name (repeatable; e.g. `warp-serve`,
+    /// `guard-4096`): one server per process, to profile it alone.
+    #[arg(long = "arm", value_name = "NAME")]
+    only: Vec<String>,
 }
 
 /// One server under test.
@@ -126,6 +130,10 @@ pub fn run(args: &EchoArgs) -> Result<()> {
             .into_iter()
             .map(|read_buffer| Arm::Guard { read_buffer }),
     );
+    if !args.only.is_empty() {
+        arms.retain(|arm| args.only.contains(&arm.name()));
+        ensure!(!arms.is_empty(), "no arm is named {:?}", args.only);
+    }
 
     let server_cpu = args.server_cpu;
     let server_rt = tokio::runtime::Builder::new_multi_thread()

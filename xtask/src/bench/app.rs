@@ -395,53 +395,12 @@ fn print_echo(
         "  (one guarded app on both servers; ratio = guard's server / warp::serve; bare warp = \
          warp's echo without guard's filters, reference only)"
     );
-    let mut t = Table::new(&[
-        "size",
-        "bare warp",
-        "warp::serve",
-        "guard 4 KiB",
-        "ratio",
-        "rounds min/med/max",
-        "guard 8 KiB",
-        "ratio",
-        "rounds min/med/max",
-    ]);
-    for e in echo {
-        let median_of = |arm: &str| {
-            fmt_rate(
-                e.median_messages_per_s
-                    .get(arm)
-                    .copied()
-                    .unwrap_or(f64::NAN),
-            )
-        };
-        let mut row = vec![
-            format!("{} B", e.size),
-            median_of(REFERENCE_ARM),
-            median_of(BASELINE_ARM),
-        ];
-        for b in READ_BUFFERS {
-            let arm = guard_arm(b);
-            row.push(fmt_rate(
-                e.median_messages_per_s
-                    .get(&arm)
-                    .copied()
-                    .unwrap_or(f64::NAN),
-            ));
-            row.push(
-                e.ratio_of_medians
-                    .get(&arm)
-                    .map_or("-".into(), |r| format!("{r:.2}x")),
-            );
-            row.push(
-                e.round_ratios
-                    .get(&arm)
-                    .map_or("-".into(), Spread::fmt_ratio),
-            );
-        }
-        t.row(row);
-    }
-    t.print();
+    echo_table(
+        echo,
+        |e| &e.median_messages_per_s,
+        fmt_rate,
+        |e| (&e.ratio_of_medians, &e.round_ratios),
+    );
 
     println!(
         "\nThe server's CPU per echoed message, ns, median of the same rounds (user and kernel):"
@@ -450,6 +409,22 @@ fn print_echo(
         "  (ratio = warp::serve's / guard's server's: the rate ratio a server-bound echo has \
          without the machine's noise; the goal)"
     );
+    echo_table(
+        echo,
+        |e| &e.median_server_cpu_ns,
+        |ns| format!("{ns:.0}"),
+        |e| (&e.cpu_ratio, &e.cpu_round_ratios),
+    );
+}
+
+/// One row per message size: each arm's median `figure`, and beside each guard arm its
+/// ratio to `warp::serve` and the spread of that ratio over the rounds.
+fn echo_table(
+    echo: &[EchoSize],
+    figure: impl Fn(&EchoSize) -> &BTreeMap<String, f64>,
+    fmt: impl Fn(f64) -> String,
+    ratios: impl Fn(&EchoSize) -> (&BTreeMap<String, f64>, &BTreeMap<String, Spread>),
+) {
     let mut t = Table::new(&[
         "size",
         "bare warp",
@@ -462,29 +437,22 @@ fn print_echo(
         "rounds min/med/max",
     ]);
     for e in echo {
-        let ns_of = |arm: &str| {
-            e.median_server_cpu_ns
-                .get(arm)
-                .map_or("-".into(), |ns| format!("{ns:.0}"))
-        };
+        let median_of = |arm: &str| fmt(figure(e).get(arm).copied().unwrap_or(f64::NAN));
+        let (of_medians, rounds) = ratios(e);
         let mut row = vec![
             format!("{} B", e.size),
-            ns_of(REFERENCE_ARM),
-            ns_of(BASELINE_ARM),
+            median_of(REFERENCE_ARM),
+            median_of(BASELINE_ARM),
         ];
         for b in READ_BUFFERS {
             let arm = guard_arm(b);
-            row.push(ns_of(&arm));
+            row.push(median_of(&arm));
             row.push(
-                e.cpu_ratio
+                of_medians
                     .get(&arm)
                     .map_or("-".into(), |r| format!("{r:.2}x")),
             );
-            row.push(
-                e.cpu_round_ratios
-                    .get(&arm)
-                    .map_or("-".into(), Spread::fmt_ratio),
-            );
+            row.push(rounds.get(&arm).map_or("-".into(), Spread::fmt_ratio));
         }
         t.row(row);
     }

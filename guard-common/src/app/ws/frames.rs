@@ -502,6 +502,16 @@ mod tests {
         reads: usize,
     }
 
+    impl Holding {
+        fn new(data: Vec<u8>) -> Self {
+            Self {
+                data,
+                at: 0,
+                reads: 0,
+            }
+        }
+    }
+
     impl AsyncRead for Holding {
         fn poll_read(
             mut self: Pin<&mut Self>,
@@ -542,11 +552,7 @@ mod tests {
             .cycle()
             .take(frame.len() * 40)
             .collect();
-        let mut m = Metered::new(Holding {
-            data: wire.clone(),
-            at: 0,
-            reads: 0,
-        });
+        let mut m = Metered::new(Holding::new(wire.clone()));
         let (got, pieces) = read_in_pieces(&mut m, 4096).await;
         assert_eq!(got, wire, "every byte, in order");
         assert_eq!(m.take().frames, 40, "every frame charged");
@@ -562,11 +568,7 @@ mod tests {
     async fn a_peer_that_never_fills_a_piece_is_read_straight() {
         use tokio::io::AsyncReadExt as _;
         let frame = client_frame(true, 1, b"hello");
-        let mut m = Metered::new(Holding {
-            data: frame.clone(),
-            at: 0,
-            reads: 0,
-        });
+        let mut m = Metered::new(Holding::new(frame.clone()));
         let mut buf = [0; 4096];
         assert_eq!(m.read(&mut buf).await.unwrap(), frame.len());
         assert_eq!(m.ahead.capacity(), 0);
